@@ -1,0 +1,120 @@
+"""Device mesh, logical-axis rules and sharding helpers.
+
+One mesh with axes ``('data', 'fsdp', 'tensor')`` shards the sampler and the train step alike.
+Model code names *logical* axes on parameters and activations; the single table ``LOGICAL_RULES``
+maps them onto mesh axes (MaxText's scheme). Batch-like leading dimensions are split over
+``('data', 'fsdp')``; parameters are split over ``fsdp`` (their ``embed`` dimension) and ``tensor``
+(heads, mlp, vocab).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis -> mesh axis (or None = replicated). Flax applies the first rule whose mesh axis is
+# still free in the spec, so an activation [batch, length, embed] keeps batch on ('data','fsdp')
+# and leaves embed replicated, while a kernel [embed, mlp] shards embed over fsdp.
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("length", None),
+    ("layers", None),
+    ("embed", "fsdp"),
+    ("embed", None),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("codebook", "tensor"),
+)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds the ``('data', 'fsdp', 'tensor')`` mesh. One size may be -1 (= the devices left).
+
+  Raises:
+    ValueError: the sizes do not multiply to the device count, naming the sizes.
+  """
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = [data, fsdp, tensor]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"mesh: sizes must be positive or -1, got data={data} fsdp={fsdp} tensor={tensor}")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"mesh: {len(devices)} devices do not divide by fsdp*tensor*... = {known}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if int(np.prod(sizes)) != len(devices):
+    raise ValueError(f"mesh: data*fsdp*tensor = {sizes} needs {int(np.prod(sizes))} devices, "
+                     f"{len(devices)} are available")
+  return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices)
+
+
+def single_device_mesh() -> Mesh:
+  return make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
+def logical_to_sharding(logical_specs: Any, mesh: Mesh,
+                        rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> Any:
+  """Maps a pytree of logical ``PartitionSpec``s (e.g. from ``nn.get_partition_spec``) to
+  ``NamedSharding``s on ``mesh``."""
+  return nn.logical_to_mesh_sharding(logical_specs, mesh, list(rules))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+  """Leading (batch) dimension over ``('data', 'fsdp')``, the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_shardings(tree: Any, mesh: Mesh) -> Any:
+  """A ``batch_sharding`` per leaf (scalars replicated), for ``in_shardings`` of batch pytrees."""
+  return jax.tree.map(
+      lambda x: batch_sharding(mesh, np.ndim(x)) if np.ndim(x) else replicated(mesh), tree)
+
+
+def batch_size_divisor(mesh: Mesh) -> int:
+  """Batch sizes must be multiples of this (the product of the batch mesh axes)."""
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def shard_batch(tree: Any, mesh: Mesh) -> Any:
+  """Places a host batch on the mesh, leading dimension split over ``('data', 'fsdp')``.
+
+  Raises:
+    ValueError: a leaf's leading dimension does not divide by the batch axes, naming the leaf.
+  """
+  div = batch_size_divisor(mesh)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if np.ndim(leaf) and np.shape(leaf)[0] % div:
+      raise ValueError(f"batch leaf {jax.tree_util.keystr(path)} has leading dim "
+                       f"{np.shape(leaf)[0]}, not a multiple of data*fsdp = {div}")
+  return jax.device_put(tree, batch_shardings(tree, mesh))
+
+
+def maybe_initialize_distributed() -> bool:
+  """Calls ``jax.distributed.initialize()`` on multi-host TPU/GPU jobs; a no-op on one host.
+
+  Multi-host is detected from the environment the TPU VM / cluster launcher sets; returns whether
+  initialisation happened.
+  """
+  multi = any(os.environ.get(k) for k in ("TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS",
+                                          "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
+  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  if multi and (not hosts or "," in hosts):
+    jax.distributed.initialize()
+    return True
+  return False
