@@ -57,7 +57,36 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
   if int(np.prod(sizes)) != len(devices):
     raise ValueError(f"mesh: data*fsdp*tensor = {sizes} needs {int(np.prod(sizes))} devices, "
                      f"{len(devices)} are available")
-  return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices)
+  # Auto axes: shardings are propagated by XLA from in/out_shardings and logical constraints
+  # (MaxText's model), not carried in the types as JAX 0.10's default Explicit axes would.
+  return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def auto_mesh(mesh: Mesh) -> Mesh:
+  """The same devices and axis names with every axis in Auto (GSPMD-propagated) mode.
+
+  Under Explicit axes (jax 0.10's ``jax.make_mesh`` default) shardings are part of the types and
+  ordinary model ops (an embedding gather on a batch-sharded index, sorts, ``jnp.repeat``) fail to
+  trace. The sampler and the train step pin only their inputs and outputs and let XLA propagate
+  the rest, so they run on the Auto twin of whatever mesh a caller hands them.
+  """
+  if all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types):
+    return mesh
+  return Mesh(mesh.devices, mesh.axis_names,
+              axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+
+
+def onto_mesh(tree: Any, mesh: Mesh) -> Any:
+  """Relabels arrays laid out on a twin of ``mesh`` (same devices, other axis types) onto it."""
+  def move(x):
+    sh = getattr(x, "sharding", None)
+    if (isinstance(sh, NamedSharding) and sh.mesh is not mesh and sh.mesh != mesh
+        and sh.mesh.axis_names == mesh.axis_names
+        and sh.mesh.devices.shape == mesh.devices.shape and (sh.mesh.devices == mesh.devices).all()):
+      return jax.device_put(x, NamedSharding(mesh, sh.spec))
+    return x
+  return jax.tree.map(move, tree)
 
 
 def single_device_mesh() -> Mesh:

@@ -1,0 +1,146 @@
+"""HT-GRPO train-step throughput beside the machine's dense-matmul FLOP/s, measured in one run.
+
+  python bench/train_step.py            # LLaDA 'shapes' size: d=128, 4 layers, 8x8 slots, C=128, B=64, K=6
+  python bench/train_step.py --quick    # a small smoke run (d=64, 2 layers, B=16, K=3)
+  python bench/train_step.py --estimator=random_remask --beta=0
+
+Prints the compile time of the step, its median wall time (steps/s), the achieved model FLOP/s, the FLOP/s of
+a large fp32 matmul timed in the same run (interleaved repeats, medians), and their ratio.
+
+FLOPs are counted analytically from the model shapes (XLA's cost_analysis counts a scan body once): one
+forward of B sequences of L tokens is F = B * (layers * (8 L D^2 + 4 L^2 D + 6 L D M) + 2 N D C) matmul
+FLOPs; the step runs (D_distinct old passes + D_distinct reference passes when beta > 0) forwards and K
+forward+backward passes (3F each), D_distinct = distinct estimator canvases (2 for 'htgrpo' with the
+structure context, K for the other estimators). Rematerialisation is not counted (model FLOPs).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import linen as nn  # noqa: E402
+
+from htgrpo_jax import parallel, rl  # noqa: E402
+from htgrpo_jax.models.llada import LLaDA, get_config  # noqa: E402
+
+
+def make_policy(args):
+  """LLaDA backbone over [prompt | slots] with the head sliced to the C codebook rows."""
+  text_vocab = 256
+  mask_id, offset = text_vocab, text_vocab + 1
+  cfg = get_config("shapes", d_model=args.d, n_layers=args.layers, n_heads=args.heads, mlp_hidden=args.mlp,
+                   vocab_size=offset + args.codebook, learned_pos_emb=args.prompt_len + args.tokens)
+  model = LLaDA(cfg)
+  select = np.arange(args.prompt_len, args.prompt_len + args.tokens)
+
+  def canvas_logits_fn(params, prompt, canvas):
+    tokens = jnp.concatenate([prompt, jnp.where(canvas == rl.MASK, mask_id, canvas + offset)], axis=1)
+    with nn.logical_axis_rules(parallel.LOGICAL_RULES):
+      return model.apply({"params": params}, tokens, select=select, head_rows=(offset, args.codebook))
+
+  dummy = jnp.zeros((1, args.prompt_len + args.tokens), jnp.int32)
+  params = nn.meta.unbox(model.init(jax.random.key(0), dummy)["params"])
+  return cfg, canvas_logits_fn, params
+
+
+def forward_flops(cfg, b, length, n, c) -> float:
+  d, m = cfg.d_model, cfg.mlp_hidden
+  per_layer = 8 * length * d * d + 4 * length * length * d + 6 * length * d * m
+  return float(b) * (cfg.n_layers * per_layer + 2 * n * d * c)
+
+
+def make_rollout(args, rng):
+  b, n, t = args.batch, args.tokens, args.sampler_steps
+  step = np.stack([rng.permutation(np.arange(n) * t // n) for _ in range(b)])  # each step commits N/T slots
+  return rl.Rollout(
+      prompt_tokens=jnp.asarray(rng.integers(0, 256, (b, args.prompt_len)), jnp.int32),
+      image_tokens=jnp.asarray(rng.integers(0, args.codebook, (b, n)), jnp.int32),
+      commit_step=jnp.asarray(step, jnp.int32),
+      commit_entropy=jnp.asarray(rng.uniform(0, np.log(args.codebook), (b, n)), jnp.float32),
+      commit_logp=jnp.asarray(-rng.uniform(0, 5, (b, n)), jnp.float32),
+      rewards=jnp.asarray(rng.random(b), jnp.float32))
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--quick", action="store_true")
+  ap.add_argument("--estimator", default="htgrpo", choices=rl.ESTIMATORS)
+  ap.add_argument("--beta", type=float, default=0.01)
+  ap.add_argument("--micro_batch_size", type=int, default=0)
+  ap.add_argument("--repeats", type=int, default=None)
+  ap.add_argument("--matmul", type=int, default=None, help="matmul size M (M x M @ M x M, fp32)")
+  args = ap.parse_args()
+  big = dict(d=128, layers=4, heads=4, mlp=512, tokens=64, codebook=128, prompt_len=16, batch=64, group=8,
+             stages=(2, 2, 2), sampler_steps=12, repeats=5, matmul=2048)
+  quick = dict(d=64, layers=2, heads=4, mlp=256, tokens=64, codebook=128, prompt_len=16, batch=16, group=8,
+               stages=(1, 1, 1), sampler_steps=8, repeats=3, matmul=1024)
+  for k, v in (quick if args.quick else big).items():
+    if getattr(args, k, None) is None:
+      setattr(args, k, v)
+
+  config = rl.HTGRPOConfig(group_size=args.group, num_sampler_steps=args.sampler_steps,
+                           n_global=args.stages[0], n_struct=args.stages[1], n_refine=args.stages[2],
+                           estimator=args.estimator, beta=args.beta,
+                           micro_batch_size=args.micro_batch_size or None)
+  model_cfg, fn, params = make_policy(args)
+  opt = rl.make_optimizer(1e-4, clip_norm=1.0, weight_decay=0.01)
+  step = rl.make_train_step(fn, opt, config)
+  rollout = make_rollout(args, np.random.default_rng(0))
+  state = rl.TrainState.create(params, opt, with_reference=args.beta > 0)
+  key = jax.random.key(0)
+
+  t0 = time.perf_counter()
+  compiled = step.lower(state, rollout, key).compile()
+  compile_s = time.perf_counter() - t0
+  state, _ = compiled(state, rollout, key)  # warm-up
+  jax.block_until_ready(state)
+
+  m = args.matmul
+  a = jax.random.normal(jax.random.key(1), (m, m), jnp.float32)
+  bmat = jax.random.normal(jax.random.key(2), (m, m), jnp.float32)
+  matmul = jax.jit(lambda x, y: x @ y)
+  jax.block_until_ready(matmul(a, bmat))
+
+  step_times, mm_times = [], []
+  for _ in range(args.repeats):  # interleaved so both see the same machine load
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, rollout, key)
+    jax.block_until_ready(state)
+    step_times.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    jax.block_until_ready(matmul(a, bmat))
+    mm_times.append(time.perf_counter() - t0)
+
+  n_distinct = max(rl.canvas_groups(config)) + 1
+  length = args.prompt_len + args.tokens
+  f = forward_flops(model_cfg, args.batch, length, args.tokens, args.codebook)
+  passes = n_distinct * (2 if args.beta > 0 else 1) + 3 * config.num_iterations
+  step_flops = passes * f
+  step_s, mm_s = statistics.median(step_times), statistics.median(mm_times)
+  step_fps, mm_fps = step_flops / step_s, 2.0 * m ** 3 / mm_s
+
+  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  backend={jax.default_backend()}")
+  print(f"model: d={model_cfg.d_model} layers={model_cfg.n_layers} heads={model_cfg.n_heads} "
+        f"mlp={model_cfg.mlp_hidden} L={length} N={args.tokens} C={args.codebook} B={args.batch}")
+  print(f"config: estimator={config.estimator} K={config.num_iterations} stages={args.stages} beta={config.beta} "
+        f"micro_batch={config.micro_batch_size} distinct_canvases={n_distinct} forward_passes={passes} "
+        f"(3 per inner update)")
+  print(f"compile_s            {compile_s:.2f}")
+  print(f"step_s (median/{args.repeats})   {step_s:.4f}   steps/s {1.0 / step_s:.3f}   "
+        f"(min {min(step_times):.4f}, max {max(step_times):.4f})")
+  print(f"step GFLOP (analytic) {step_flops / 1e9:.3f}   achieved GFLOP/s {step_fps / 1e9:.2f}")
+  print(f"matmul {m}x{m} fp32 GFLOP/s (median) {mm_fps / 1e9:.2f}")
+  print(f"ratio step/matmul FLOP/s {step_fps / mm_fps:.3f}")
+  print(f"final loss {float(metrics['total']['loss']):.4f}  skipped {int(metrics['skipped'])}")
+
+
+if __name__ == "__main__":
+  main()

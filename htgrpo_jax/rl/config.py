@@ -1,0 +1,176 @@
+"""HT-GRPO configuration: one frozen dataclass, validated on construction, plus baseline presets.
+
+Every choice the paper leaves open (DESIGN.md "HT-GRPO, as this project defines it") is a field here so
+it can be ablated. The presets reproduce the baselines through the same code path:
+
+* ``htgrpo``    sketch-then-paint stages, entropy partition, two-level credit, fully-masked estimator.
+* ``maskgrpo``  MaskGRPO: one global stage, uniform credit, i.i.d. re-masking with the ramp
+                r_k = min(m + (1 - m)(k + 1)/K, 0.999), loss on the re-masked tokens.
+* ``tracegrpo`` TraceGRPO: one global stage, uniform credit, the recorded partial canvas before a
+                sampled commit step, loss on the tokens committed at that step.
+* ``uni``       UniGRPO: one global stage, uniform credit, random start mask ratio rising to 1.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+ESTIMATORS = ("htgrpo", "random_remask", "trajectory", "uni")
+PARTITION_MODES = ("entropy", "step", "random")
+REFINE_CONTEXTS = ("structure", "none")
+UPDATE_SCHEDULES = ("constant", "ramp")
+
+STAGE_GLOBAL, STAGE_STRUCT, STAGE_REFINE = 0, 1, 2
+STAGE_NAMES = ("global", "struct", "refine")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HTGRPOConfig:
+  """Hyper-parameters of one HT-GRPO update (K inner iterations on one rollout batch).
+
+  Attributes:
+    group_size: G images per prompt (contiguous in the batch); >= 2 (the group std needs two).
+    num_sampler_steps: T, the rollout sampler's step count (commit_step lies in [0, T)).
+    n_global, n_struct, n_refine: iterations of each stage; K is their sum.
+    num_iterations: K; None means n_global + n_struct + n_refine, otherwise must equal it.
+    sketch_fraction: the sketch phase is the first ceil(sketch_fraction * T) sampler steps; only
+      tokens committed then are structure candidates. In (0, 1].
+    structure_ratio: |S| = ceil(structure_ratio * N) per image (fewer if fewer candidates). In (0, 1].
+    partition_mode: 'entropy' (highest commit entropy first), 'step' (earliest first, entropy breaks
+      ties) or 'random' (ablation).
+    structure_weight, refine_weight: credit weight of S and R tokens (>= 0, not both 0).
+    normalize_credit: rescale weights to mean 1 per image so the step size is unchanged.
+    estimator: 'htgrpo' | 'random_remask' | 'trajectory' | 'uni' (see estimators.py).
+    refine_context: 'structure' reveals S in refine-stage canvases ('htgrpo' estimator), 'none' reveals nothing.
+    update_schedule: 'constant' draws update_fraction of the stage's candidates each iteration; 'ramp'
+      draws r_k = min(m + (1 - m)(k + 1)/K, 0.999) (MaskGRPO's ramp over the global iteration index k).
+    update_fraction: the constant fraction, in (0, 1].
+    min_mask_rate: m of the ramp, in [0, 1).
+    trajectory_group: 'trajectory' estimator: consecutive sampler steps merged into one replay group
+      (TraceRL's shrink), >= 1.
+    clip_eps: PPO clip epsilon, > 0.
+    beta: weight of the k3-KL to the reference policy, >= 0 (0 skips the reference pass).
+    adv_eps: added to the group std, > 0.
+    adv_std_ddof: 1 = unbiased group std (MaskGRPO, Tunix), 0 = population std.
+    micro_batch_size: rows per gradient micro-batch; 0/None = whole batch. Must divide the batch.
+  """
+  group_size: int = 8
+  num_sampler_steps: int = 12
+  n_global: int = 2
+  n_struct: int = 2
+  n_refine: int = 2
+  num_iterations: int | None = None
+  sketch_fraction: float = 0.5
+  structure_ratio: float = 0.25
+  partition_mode: str = "entropy"
+  structure_weight: float = 2.0
+  refine_weight: float = 1.0
+  normalize_credit: bool = True
+  estimator: str = "htgrpo"
+  refine_context: str = "structure"
+  update_schedule: str = "ramp"
+  update_fraction: float = 1.0
+  min_mask_rate: float = 0.6
+  trajectory_group: int = 1
+  clip_eps: float = 0.2
+  beta: float = 0.01
+  adv_eps: float = 1e-5
+  adv_std_ddof: int = 1
+  micro_batch_size: int | None = None
+
+  def __post_init__(self):
+    def bad(field, constraint):
+      raise ValueError(f"HTGRPOConfig.{field}={getattr(self, field)!r} {constraint}")
+
+    for f in ("group_size", "num_sampler_steps", "n_global", "n_struct", "n_refine", "trajectory_group",
+              "adv_std_ddof"):
+      if not isinstance(getattr(self, f), int) or isinstance(getattr(self, f), bool):
+        bad(f, "must be an int")
+    if self.group_size < 2:
+      bad("group_size", "must be >= 2 (the group std needs two samples)")
+    if self.num_sampler_steps < 1:
+      bad("num_sampler_steps", "must be >= 1")
+    for f in ("n_global", "n_struct", "n_refine"):
+      if getattr(self, f) < 0:
+        bad(f, "must be >= 0")
+    total = self.n_global + self.n_struct + self.n_refine
+    if total < 1:
+      bad("n_global", f"+n_struct+n_refine={total} must be >= 1")
+    if self.num_iterations is None:
+      object.__setattr__(self, "num_iterations", total)
+    elif self.num_iterations != total:
+      bad("num_iterations", f"must equal n_global+n_struct+n_refine={total}")
+    for f in ("sketch_fraction", "structure_ratio", "update_fraction"):
+      v = getattr(self, f)
+      if not 0.0 < v <= 1.0:
+        bad(f, "must lie in (0, 1]")
+    if not 0.0 <= self.min_mask_rate < 1.0:
+      bad("min_mask_rate", "must lie in [0, 1)")
+    for f, allowed in (("partition_mode", PARTITION_MODES), ("estimator", ESTIMATORS),
+                       ("refine_context", REFINE_CONTEXTS), ("update_schedule", UPDATE_SCHEDULES)):
+      if getattr(self, f) not in allowed:
+        bad(f, f"must be one of {allowed}")
+    for f in ("structure_weight", "refine_weight"):
+      if not getattr(self, f) >= 0.0:
+        bad(f, "must be >= 0")
+    if self.structure_weight + self.refine_weight <= 0.0:
+      bad("structure_weight", "and refine_weight must not both be 0")
+    if self.trajectory_group < 1:
+      bad("trajectory_group", "must be >= 1")
+    if not self.clip_eps > 0.0:
+      bad("clip_eps", "must be > 0")
+    if not self.beta >= 0.0:
+      bad("beta", "must be >= 0")
+    if not self.adv_eps > 0.0:
+      bad("adv_eps", "must be > 0")
+    if self.adv_std_ddof not in (0, 1):
+      bad("adv_std_ddof", "must be 0 or 1")
+    if self.micro_batch_size is not None and (not isinstance(self.micro_batch_size, int)
+                                              or self.micro_batch_size < 0):
+      bad("micro_batch_size", "must be None or an int >= 0")
+
+  # ----- derived, static quantities (Python ints/floats, safe inside jit) -----
+  @property
+  def sketch_steps(self) -> int:
+    """Number of sampler steps in the sketch phase: ceil(sketch_fraction * T), at least 1."""
+    return max(1, math.ceil(self.sketch_fraction * self.num_sampler_steps - 1e-9))
+
+  def num_structure(self, num_tokens: int) -> int:
+    """|S| target per image: ceil(structure_ratio * N), at least 1."""
+    return max(1, math.ceil(self.structure_ratio * num_tokens - 1e-9))
+
+  def validate_batch(self, batch_size: int) -> None:
+    """Raises ValueError unless group_size and micro_batch_size divide ``batch_size``."""
+    if batch_size % self.group_size:
+      raise ValueError(f"HTGRPOConfig.group_size={self.group_size} must divide the batch size {batch_size}")
+    mb = self.micro_batch_size
+    if mb and batch_size % mb:
+      raise ValueError(f"HTGRPOConfig.micro_batch_size={mb} must divide the batch size {batch_size}")
+
+  def micro_batches(self, batch_size: int) -> int:
+    self.validate_batch(batch_size)
+    return batch_size // self.micro_batch_size if self.micro_batch_size else 1
+
+
+_UNIFORM = dict(structure_weight=1.0, refine_weight=1.0)
+
+PRESETS: dict[str, dict] = {
+    "htgrpo": dict(),
+    "maskgrpo": dict(n_global=6, n_struct=0, n_refine=0, estimator="random_remask", update_schedule="ramp",
+                     min_mask_rate=0.6, clip_eps=0.2, beta=0.01, **_UNIFORM),
+    "tracegrpo": dict(n_global=6, n_struct=0, n_refine=0, estimator="trajectory", update_schedule="constant",
+                      update_fraction=1.0, clip_eps=0.2, beta=0.01, **_UNIFORM),
+    "uni": dict(n_global=6, n_struct=0, n_refine=0, estimator="uni", update_schedule="constant",
+                update_fraction=1.0, clip_eps=0.2, beta=0.01, **_UNIFORM),
+}
+
+
+def preset(name: str = "htgrpo", **overrides) -> HTGRPOConfig:
+  """A validated config for a named preset with keyword overrides.
+
+  Raises:
+    ValueError: unknown preset name, or an override that breaks a constraint.
+  """
+  if name not in PRESETS:
+    raise ValueError(f"preset name={name!r} must be one of {tuple(PRESETS)}")
+  return HTGRPOConfig(**{**PRESETS[name], **overrides})

@@ -1,0 +1,106 @@
+"""Importance-ratio estimators: the canvas each inner iteration scores, and the tokens that enter its loss.
+
+For inner iteration k every estimator returns ``(canvas int32[B, N], loss_mask bool[B, N])``: the canvas
+holds the rollout's codes where revealed and ``MASK`` elsewhere; ``loss_mask`` marks the tokens whose
+log pi(token | prompt, canvas) enters the loss. All randomness of iteration k comes from
+``key_k = fold_in(step_key, k)`` so the old, reference and current passes see the same canvas. The loss set
+always lies inside the stage's candidate set (all tokens / S / R).
+
+* ``htgrpo``: global and struct stages score an all-mask canvas (one forward gives log pi(x_i | prompt) for
+  every i, independent of the unmasking order); the refine stage reveals S (``refine_context='structure'``)
+  or nothing. Loss set: a random subset of the stage's candidates (``update_fractions``).
+* ``random_remask`` (MaskGRPO): each candidate is masked i.i.d. with probability r_k (``update_fractions``;
+  the ramp by default); the loss set is the masked tokens.
+* ``trajectory`` (TraceGRPO): per image, a recorded step group s (of ``trajectory_group`` consecutive steps)
+  is drawn uniformly among the groups that committed a candidate; canvas = tokens committed before group s,
+  loss set = candidates committed in group s.
+* ``uni`` (UniGRPO): per image a start ratio u ~ U(0, 1) drawn once per step; iteration k masks candidates
+  i.i.d. with ratio u + (1 - u) k / (K - 1), rising to 1 at the last iteration.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from htgrpo_jax.rl import hierarchy
+from htgrpo_jax.rl.config import STAGE_REFINE, HTGRPOConfig
+from htgrpo_jax.rl.rollout import MASK
+
+_UNI_START_SALT = 0x7FFF_FFF0  # fold_in salt of the per-step UniGRPO start ratio (never a valid k)
+
+
+def canvas_groups(config: HTGRPOConfig) -> tuple[int, ...]:
+  """Static index of the distinct canvas each iteration uses (numbered by first appearance).
+
+  Iterations whose canvases the estimator makes identical share an index, so the old/reference passes run
+  once per distinct canvas: for 'htgrpo' every global/struct iteration scores the same all-mask canvas and
+  every refine iteration the same S-revealed canvas (two forwards instead of K). Other estimators draw a
+  fresh canvas per iteration.
+  """
+  sched = hierarchy.stage_schedule(config.n_global, config.n_struct, config.n_refine)
+  if config.estimator != "htgrpo":
+    return tuple(range(len(sched)))
+  kinds = ["refine" if (s == STAGE_REFINE and config.refine_context == "structure") else "all_mask"
+           for s in sched]
+  first = {}
+  for kind in kinds:
+    first.setdefault(kind, len(first))
+  return tuple(first[kind] for kind in kinds)
+
+
+def iteration_canvas(config: HTGRPOConfig, k: int, step_key: jax.Array, image_tokens: jax.Array,
+                     commit_step: jax.Array, is_structure: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Canvas and loss set of inner iteration ``k`` (static int).
+
+  Args:
+    config: the HT-GRPO config (estimator, stages, fractions).
+    k: inner iteration, 0 <= k < K.
+    step_key: the step's key, fold_in(run_key, step); iteration k uses fold_in(step_key, k).
+    image_tokens: int32[B, N] rollout codes.
+    commit_step: int32[B, N] sampler step that fixed each token.
+    is_structure: bool[B, N] the partition (True on S).
+
+  Returns:
+    (canvas int32[B, N], loss_mask bool[B, N]).
+  """
+  sched = hierarchy.stage_schedule(config.n_global, config.n_struct, config.n_refine)
+  stage = sched[k]
+  frac = hierarchy.update_fractions(config)[k]
+  key_k = jax.random.fold_in(step_key, k)
+  k_sel, k_mask = jax.random.split(key_k)
+  cand = hierarchy.stage_candidates(stage, is_structure)
+  mask_all = jnp.full_like(image_tokens, MASK)
+
+  if config.estimator == "htgrpo":
+    loss = hierarchy.sample_update_set(k_sel, cand, frac)
+    if stage == STAGE_REFINE and config.refine_context == "structure":
+      return jnp.where(is_structure, image_tokens, MASK), loss
+    return mask_all, loss
+
+  if config.estimator in ("random_remask", "uni"):
+    if config.estimator == "random_remask":
+      ratio = jnp.float32(frac)
+    else:
+      u = jax.random.uniform(jax.random.fold_in(step_key, _UNI_START_SALT), (image_tokens.shape[0], 1))
+      k_total = config.num_iterations
+      ratio = u + (1.0 - u) * (k / (k_total - 1) if k_total > 1 else 1.0)
+    masked = cand & (jax.random.uniform(k_mask, image_tokens.shape) < ratio)
+    return jnp.where(masked, MASK, image_tokens), masked
+
+  # trajectory
+  g = config.trajectory_group
+  n_groups = -(-config.num_sampler_steps // g)
+  grp = jnp.clip(commit_step // g, 0, n_groups - 1)
+  has = (jax.nn.one_hot(grp, n_groups, dtype=jnp.float32) * cand[..., None]).sum(axis=1) > 0  # [B, G]
+  scores = jnp.where(has, jax.random.gumbel(k_mask, has.shape), -jnp.inf)
+  s = jnp.argmax(scores, axis=-1)[:, None]  # uniform over groups with candidates
+  loss = hierarchy.sample_update_set(k_sel, cand & (grp == s), frac)
+  return jnp.where(grp < s, image_tokens, MASK), loss
+
+
+def all_canvases(config: HTGRPOConfig, step_key: jax.Array, image_tokens: jax.Array,
+                 commit_step: jax.Array, is_structure: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Stacked canvases and loss sets of all K iterations: (int32[K, B, N], bool[K, B, N])."""
+  outs = [iteration_canvas(config, k, step_key, image_tokens, commit_step, is_structure)
+          for k in range(config.num_iterations)]
+  return jnp.stack([c for c, _ in outs]), jnp.stack([m for _, m in outs])

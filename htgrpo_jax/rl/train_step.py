@@ -1,0 +1,264 @@
+"""One compiled HT-GRPO update: K inner policy-gradient iterations on one rollout batch.
+
+``make_train_step`` returns ``step(state, rollout, key) -> (state, metrics)``, a single jitted function:
+
+1. group advantages, the sketch/paint partition, per-token credit;
+2. the K canvases and loss sets (``estimators``), then old and reference log-probs once per *distinct*
+   canvas (stop-gradient; old = params at the start of the step, so the ratio is exactly 1 at k = 0);
+3. ``lax.scan`` over the K updates; inside, ``lax.scan`` over micro-batches accumulates gradients of the
+   unreduced loss sums divided by the iteration's total token count (exact token mean);
+4. a non-finite loss or gradient skips that update: params and optimizer state stay as they were and
+   ``state.skipped`` counts it.
+
+Iteration k of step ``state.step`` draws everything from ``fold_in(fold_in(key, state.step), k)``.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding
+
+from htgrpo_jax import parallel
+from htgrpo_jax.rl import estimators, hierarchy
+from htgrpo_jax.rl.advantages import group_advantages
+from htgrpo_jax.rl.config import STAGE_NAMES, HTGRPOConfig
+from htgrpo_jax.rl.loss import combine_metrics, finalize_metrics, ht_grpo_loss, token_logp_entropy
+from htgrpo_jax.rl.rollout import CanvasLogitsFn, Rollout
+
+_PARTITION_SALT = 0x7FFF_FFF1  # fold_in salt of the 'random' partition (never a valid k)
+
+
+@struct.dataclass
+class TrainState:
+  """Learner state (a pytree; donated to the step).
+
+  Attributes:
+    step: int32[] number of completed steps (rollout batches).
+    params: policy parameters (any pytree the canvas_logits_fn takes).
+    opt_state: the optax state of ``params``.
+    ref_params: frozen reference policy (same structure as params), or None when beta == 0.
+    skipped: int32[] inner updates skipped so far because of a non-finite loss or gradient.
+  """
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ref_params: Any
+  skipped: jax.Array
+
+  @classmethod
+  def create(cls, params: Any, optimizer: optax.GradientTransformation, *, ref_params: Any = None,
+             with_reference: bool = True) -> "TrainState":
+    """Fresh state; the reference defaults to a copy of ``params`` (a copy so donation cannot alias)."""
+    if with_reference and ref_params is None:
+      ref_params = jax.tree.map(jnp.copy, params)
+    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+               ref_params=ref_params if with_reference else None, skipped=jnp.zeros((), jnp.int32))
+
+
+def make_optimizer(learning_rate: float | optax.Schedule, *, clip_norm: float | None = 1.0,
+                   weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,
+                   eps: float = 1e-8) -> optax.GradientTransformation:
+  """clip_by_global_norm (when ``clip_norm``) then AdamW; the schedule counts inner updates."""
+  adamw = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+  return optax.chain(optax.clip_by_global_norm(clip_norm), adamw) if clip_norm else adamw
+
+
+def rollout_shardings(mesh: Mesh) -> Rollout:
+  """Batch-dim shardings of a Rollout on ``mesh`` (for ``in_shardings``)."""
+  b = functools.partial(parallel.batch_sharding, mesh)
+  return Rollout(prompt_tokens=b(2), image_tokens=b(2), commit_step=b(2), commit_entropy=b(2),
+                 commit_logp=b(2), rewards=b(1))
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _split_mb(x: jax.Array | None, nmb: int):
+  """[B, ...] -> [nmb, B / nmb, ...] (None passes through)."""
+  return None if x is None else x.reshape((nmb, x.shape[0] // nmb) + x.shape[1:])
+
+
+
+
+def _retarget(shardings: Any, mesh: Mesh) -> Any:
+  """NamedShardings of a pytree (or prefix) moved onto ``mesh`` (same specs)."""
+  return jax.tree.map(lambda s: NamedSharding(mesh, s.spec) if isinstance(s, NamedSharding) else s,
+                      shardings, is_leaf=lambda s: isinstance(s, NamedSharding))
+
+
+
+
+class TrainStep:
+  """The jitted step plus host-side input checks that run before anything compiles.
+
+  Call it as ``state, metrics = step(state, rollout, key)``; ``step.jitted`` is the raw ``jax.jit``
+  object (``.lower(...)`` for AOT compilation).
+  """
+
+  def __init__(self, jitted, config: HTGRPOConfig, mesh: Mesh | None = None):
+    self.jitted = jitted
+    self.config = config
+    self.mesh = mesh  # the Auto-axis mesh the step is compiled for (None: unsharded jit)
+
+  def _prepare(self, state, rollout):
+    self.check(state, rollout)
+    if self.mesh is not None:
+      state, rollout = parallel.onto_mesh((state, rollout), self.mesh)
+    return state, rollout
+
+  def check(self, state: TrainState, rollout: Rollout) -> None:
+    rollout.validate()
+    self.config.validate_batch(rollout.batch_size)
+    if self.config.beta > 0 and state.ref_params is None:
+      raise ValueError(f"TrainState.ref_params is None but HTGRPOConfig.beta={self.config.beta} > 0")
+
+  def __call__(self, state: TrainState, rollout: Rollout, key: jax.Array):
+    state, rollout = self._prepare(state, rollout)
+    return self.jitted(state, rollout, key)
+
+  def lower(self, state: TrainState, rollout: Rollout, key: jax.Array):
+    state, rollout = self._prepare(state, rollout)
+    return self.jitted.lower(state, rollout, key)
+
+
+def make_train_step(canvas_logits_fn: CanvasLogitsFn, optimizer: optax.GradientTransformation,
+                    config: HTGRPOConfig, *, mesh: Mesh | None = None, state_shardings: Any = None,
+                    donate: bool = True) -> TrainStep:
+  """Builds the compiled HT-GRPO update.
+
+  Args:
+    canvas_logits_fn: ``(params, prompt_tokens int32[B, Lp], canvas int32[B, N]) -> float[B, N, C]``.
+    optimizer: an optax transformation (e.g. ``make_optimizer``), applied once per inner iteration.
+    config: a validated ``HTGRPOConfig``.
+    mesh: when given, the step is jitted with explicit shardings: the rollout split over the batch axes
+      ('data', 'fsdp'), the key and metrics replicated, the state on ``state_shardings`` (replicated when
+      None). An Explicit-axis mesh (``jax.make_mesh``'s default) is used through its Auto twin; inputs
+      placed on either are accepted.
+    state_shardings: a pytree (or prefix) of shardings matching ``TrainState``.
+    donate: donate the input state's buffers.
+
+  Returns:
+    A ``TrainStep``: ``(state, rollout, key) -> (state, metrics)``. ``metrics`` holds, for 'total' and
+    each stage present ('global', 'struct', 'refine'), token means of loss, pg_loss, kl (to the
+    reference), clip_frac, approx_kl (old vs new), ratio_mean/min/max, entropy, advantage, tokens and
+    grad_norm (mean over the stage's iterations); per-iteration arrays under 'iter'; reward/advantage
+    statistics; 'skipped' (this step) and 'skipped_total'.
+  """
+  if not isinstance(config, HTGRPOConfig):
+    raise ValueError(f"config must be an HTGRPOConfig, got {type(config).__name__}")
+  sched = hierarchy.stage_schedule(config.n_global, config.n_struct, config.n_refine)
+  groups = estimators.canvas_groups(config)
+  n_distinct = max(groups) + 1
+  representative = tuple(groups.index(d) for d in range(n_distinct))
+  use_ref = config.beta > 0
+
+  def logp_passes(params, prompts_mb, tokens_mb, canvases, nmb):
+    """Stop-gradient log-probs of the rollout tokens on each canvas: [D, B, N] from canvases [D, B, N]."""
+    def one(canvas):
+      def mb(xs):
+        p, c, t = xs
+        return token_logp_entropy(canvas_logits_fn(params, p, c), t)[0]
+      out = jax.lax.map(mb, (prompts_mb, _split_mb(canvas, nmb), tokens_mb))
+      return out.reshape(canvas.shape)
+    return jax.lax.stop_gradient(jax.lax.map(one, canvases))
+
+  def step_fn(state: TrainState, rollout: Rollout, key: jax.Array):
+    bsz, _ = rollout.image_tokens.shape
+    nmb = config.micro_batches(bsz)
+    tokens = rollout.image_tokens
+    adv = group_advantages(rollout.rewards, config.group_size, config.adv_eps, config.adv_std_ddof)
+    step_key = jax.random.fold_in(key, state.step)
+    is_s = hierarchy.partition_tokens(
+        rollout.commit_step, rollout.commit_entropy, num_steps=config.num_sampler_steps,
+        sketch_fraction=config.sketch_fraction, structure_ratio=config.structure_ratio,
+        mode=config.partition_mode, key=jax.random.fold_in(step_key, _PARTITION_SALT))
+    w = hierarchy.credit_weights(is_s, structure_weight=config.structure_weight,
+                                 refine_weight=config.refine_weight, normalize=config.normalize_credit)
+    token_adv = adv[:, None] * w
+    canvases, loss_masks = estimators.all_canvases(config, step_key, tokens, rollout.commit_step, is_s)
+
+    # Old/ref passes once per distinct canvas: for 'htgrpo' the global and struct iterations all score the
+    # same all-mask canvas (and refine iterations the same S-revealed one), so this is 1-2 forwards, not K.
+    prompts_mb, tokens_mb = _split_mb(rollout.prompt_tokens, nmb), _split_mb(tokens, nmb)
+    distinct = canvases[jnp.asarray(representative)]
+    gather = jnp.asarray(groups)
+    old = logp_passes(state.params, prompts_mb, tokens_mb, distinct, nmb)[gather]
+    ref = logp_passes(state.ref_params, prompts_mb, tokens_mb, distinct, nmb)[gather] if use_ref else None
+    counts = loss_masks.sum(axis=(1, 2)).astype(jnp.float32)
+
+    def inner(carry, xs):
+      params, opt_state, skipped = carry
+      canvas, lmask, old_k, ref_k, count = xs
+      denom = jnp.maximum(count, 1.0)
+
+      def mb_grad(mxs):
+        p, c, t, lm, o, r, a = mxs
+        def loss_fn(prm):
+          logp, ent = token_logp_entropy(canvas_logits_fn(prm, p, c), t)
+          lsum, _, met = ht_grpo_loss(logp, o, r, a, lm, clip_eps=config.clip_eps, beta=config.beta,
+                                      entropy=ent)
+          return lsum / denom, met
+        return jax.grad(loss_fn, has_aux=True)(params)
+
+      mxs = (prompts_mb, _split_mb(canvas, nmb), tokens_mb, _split_mb(lmask, nmb), _split_mb(old_k, nmb),
+             _split_mb(ref_k, nmb), _split_mb(token_adv, nmb))
+      first = jax.tree.map(lambda x: x[0], mxs)
+      grads, met = mb_grad(first)
+      if nmb > 1:
+        def acc(c, mx):
+          g, m = mb_grad(mx)
+          return (jax.tree.map(jnp.add, c[0], g), combine_metrics(c[1], m)), None
+        (grads, met), _ = jax.lax.scan(acc, (grads, met), jax.tree.map(lambda x: x[1:], mxs))
+
+      grad_norm = optax.tree.norm(grads)
+      ok = jnp.isfinite(met["loss"]) & _all_finite(grads)
+      updates, new_opt = optimizer.update(grads, opt_state, params)
+      new_params = optax.apply_updates(params, updates)
+      keep = lambda new, old_: jax.tree.map(lambda n, o_: jnp.where(ok, n, o_), new, old_)
+      params, opt_state = keep(new_params, params), keep(new_opt, opt_state)
+      met = dict(met, grad_norm=grad_norm, skipped=(~ok).astype(jnp.int32))
+      return (params, opt_state, skipped + (~ok).astype(jnp.int32)), met
+
+    (params, opt_state, skipped), per_iter = jax.lax.scan(
+        inner, (state.params, state.opt_state, state.skipped), (canvases, loss_masks, old, ref, counts))
+
+    metrics = {}
+    for name, ks in [("total", tuple(range(len(sched))))] + [
+        (STAGE_NAMES[s], tuple(k for k, st in enumerate(sched) if st == s)) for s in sorted(set(sched))]:
+      idx = jnp.asarray(ks)
+      sums = {k: v[idx].sum() for k, v in per_iter.items() if k not in ("ratio_min", "ratio_max")}
+      sums["ratio_min"], sums["ratio_max"] = per_iter["ratio_min"][idx].min(), per_iter["ratio_max"][idx].max()
+      m = finalize_metrics(sums, counts[idx].sum())
+      m["grad_norm"] = per_iter["grad_norm"][idx].mean()
+      m["skipped"] = per_iter["skipped"][idx].sum()
+      metrics[name] = m
+    metrics["iter"] = {"ratio_min": per_iter["ratio_min"], "ratio_max": per_iter["ratio_max"],
+                       "loss": per_iter["loss"] / jnp.maximum(counts, 1.0),
+                       "kl": per_iter["kl"] / jnp.maximum(counts, 1.0), "tokens": counts,
+                       "grad_norm": per_iter["grad_norm"], "skipped": per_iter["skipped"]}
+    metrics["reward_mean"] = rollout.rewards.mean()
+    metrics["reward_std"] = rollout.rewards.std()
+    metrics["adv_abs_mean"] = jnp.abs(adv).mean()
+    metrics["structure_frac"] = is_s.astype(jnp.float32).mean()
+    metrics["skipped"] = metrics["total"]["skipped"]
+    metrics["skipped_total"] = skipped
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, skipped=skipped)
+    return new_state, metrics
+
+  donate_argnums = (0,) if donate else ()
+  if mesh is None:
+    jitted = jax.jit(step_fn, donate_argnums=donate_argnums)
+  else:
+    mesh = parallel.auto_mesh(mesh)
+    rep = parallel.replicated(mesh)
+    st = _retarget(state_shardings, mesh) if state_shardings is not None else rep
+    jitted = jax.jit(step_fn, in_shardings=(st, rollout_shardings(mesh), rep), out_shardings=(st, rep),
+                     donate_argnums=donate_argnums)
+  return TrainStep(jitted, config, mesh)

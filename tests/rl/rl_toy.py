@@ -1,0 +1,104 @@
+"""A tiny masked-canvas policy and a trajectory-recording sampler, for the rl tests only.
+
+The sampler is deliberately simple (not htgrpo_jax.sampling): every step it draws a token for every slot
+from softmax(logits) and commits the ``per_step`` still-masked slots of highest ``priority`` (ties by index),
+recording commit step, entropy and log-prob, as the rollout contract asks.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax import nnx
+
+from htgrpo_jax.rl.rollout import MASK, Rollout
+
+
+class ToyPolicy(nn.Module):
+  """Embeds prompt + canvas, mixes positions through one dense layer, per-slot codebook logits."""
+  num_codes: int
+  num_tokens: int
+  vocab: int = 16
+  dim: int = 16
+
+  @nn.compact
+  def __call__(self, prompt_tokens, canvas):
+    b = canvas.shape[0]
+    c = jnp.where(canvas < 0, self.num_codes, canvas)
+    h = nn.Embed(self.num_codes + 1, self.dim, name="code_embed")(c)
+    h = h + self.param("pos", nn.initializers.normal(0.5), (self.num_tokens, self.dim))
+    h = h + nn.Embed(self.vocab, self.dim, name="prompt_embed")(prompt_tokens).mean(1, keepdims=True)
+    ctx = nn.Dense(self.dim, name="mix")(h.reshape(b, -1))
+    h = nn.gelu(nn.Dense(self.dim, name="hidden")(h + ctx[:, None]))
+    return nn.Dense(self.num_codes, name="head")(h)
+
+
+class NNXToyPolicy(nnx.Module):
+  """The same computation as ToyPolicy, written in NNX."""
+
+  def __init__(self, num_codes, num_tokens, *, vocab=16, dim=16, rngs: nnx.Rngs):
+    self.num_codes, self.num_tokens, self.dim = num_codes, num_tokens, dim
+    self.code_embed = nnx.Embed(num_codes + 1, dim, rngs=rngs)
+    self.pos = nnx.Param(jax.random.normal(rngs.params(), (num_tokens, dim)) * 0.5)
+    self.prompt_embed = nnx.Embed(vocab, dim, rngs=rngs)
+    self.mix = nnx.Linear(num_tokens * dim, dim, rngs=rngs)
+    self.hidden = nnx.Linear(dim, dim, rngs=rngs)
+    self.head = nnx.Linear(dim, num_codes, rngs=rngs)
+
+  def __call__(self, prompt_tokens, canvas):
+    b = canvas.shape[0]
+    h = self.code_embed(jnp.where(canvas < 0, self.num_codes, canvas)) + self.pos[...]
+    h = h + self.prompt_embed(prompt_tokens).mean(1, keepdims=True)
+    ctx = self.mix(h.reshape(b, -1))
+    return self.head(nnx.gelu(self.hidden(h + ctx[:, None])))
+
+
+def linen_logits_fn(model: nn.Module):
+  return lambda params, prompt, canvas: model.apply({"params": params}, prompt, canvas)
+
+
+@functools.partial(jax.jit, static_argnames=("logits_fn", "num_steps"))
+def sample(logits_fn, params, prompt_tokens, priority, key, *, num_steps):
+  """Samples canvases and records the trajectory.
+
+  Args:
+    priority: float32[B, N]; higher commits earlier. N must be a multiple of num_steps.
+
+  Returns:
+    (image_tokens, commit_step, commit_entropy, commit_logp), [B, N] each.
+  """
+  b, n = priority.shape
+  per_step = n // num_steps
+  canvas = jnp.full((b, n), MASK, jnp.int32)
+  step_rec = jnp.full((b, n), -1, jnp.int32)
+  ent_rec = jnp.zeros((b, n), jnp.float32)
+  lp_rec = jnp.zeros((b, n), jnp.float32)
+  for s in range(num_steps):
+    logits = logits_fn(params, prompt_tokens, canvas).astype(jnp.float32)
+    logp_all = jax.nn.log_softmax(logits)
+    draw = jax.random.categorical(jax.random.fold_in(key, s), logits).astype(jnp.int32)
+    ent = -(jnp.exp(logp_all) * logp_all).sum(-1)
+    lp = jnp.take_along_axis(logp_all, draw[..., None], -1)[..., 0]
+    score = jnp.where(canvas == MASK, priority, -jnp.inf)
+    order = jnp.argsort(-score, axis=-1, stable=True)
+    rank = jnp.argsort(order, axis=-1)
+    commit = (rank < per_step) & (canvas == MASK)
+    canvas = jnp.where(commit, draw, canvas)
+    step_rec = jnp.where(commit, s, step_rec)
+    ent_rec = jnp.where(commit, ent, ent_rec)
+    lp_rec = jnp.where(commit, lp, lp_rec)
+  return canvas, step_rec, ent_rec, lp_rec
+
+
+def random_rollout(rng: np.random.Generator, b: int, n: int, c: int, t: int, lp: int = 3) -> Rollout:
+  """A Rollout with random (but contract-valid) contents."""
+  return Rollout(
+      prompt_tokens=jnp.asarray(rng.integers(0, 16, (b, lp)), jnp.int32),
+      image_tokens=jnp.asarray(rng.integers(0, c, (b, n)), jnp.int32),
+      commit_step=jnp.asarray(rng.integers(0, t, (b, n)), jnp.int32),
+      commit_entropy=jnp.asarray(rng.uniform(0, np.log(c), (b, n)), jnp.float32),
+      commit_logp=jnp.asarray(-rng.uniform(0, 3, (b, n)), jnp.float32),
+      rewards=jnp.asarray(rng.normal(size=(b,)), jnp.float32))
