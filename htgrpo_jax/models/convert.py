@@ -1,0 +1,260 @@
+"""HF LLaDA safetensors (MMaDA-8B, Lumina-DiMOO) -> sharded params pytree -> Orbax checkpoint.
+
+Checkpoint keys (dmllm_models.md §1.3; torch Linear weights are [out, in]):
+
+  model.transformer.wte.weight                [V, D]    -> wte                      (as is)
+  model.transformer.blocks.{i}.attn_norm.weight [D]     -> attn_norm.scale
+  model.transformer.blocks.{i}.{q,k,v}_proj.weight [D, D] -> {q,k,v}_proj.kernel [D, H, Dh] (W.T)
+  model.transformer.blocks.{i}.attn_out.weight [D, D]   -> attn_out.kernel [H, Dh, D]  (W.T)
+  model.transformer.blocks.{i}.ff_norm.weight  [D]      -> ff_norm.scale
+  model.transformer.blocks.{i}.{ff_proj,up_proj}.weight [M, D] -> kernel [D, M]      (W.T)
+  model.transformer.blocks.{i}.ff_out.weight   [D, M]   -> ff_out.kernel [M, D]      (W.T)
+  model.transformer.ln_f.weight                [D]      -> ln_f.scale
+  model.transformer.ff_out.weight              [V, D]   -> lm_head [D, V]            (W.T)
+
+Every key and shape is checked against the preset before any tensor is read. Tensors are read one
+at a time (``safe_open``); each is transformed, cast to ``param_dtype`` and only the slices this
+host's devices own are kept, so no host ever holds the whole model.
+"""
+from __future__ import annotations
+
+import json
+import os
+from contextlib import ExitStack
+from typing import Any, Callable
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import traverse_util
+from jax.sharding import SingleDeviceSharding
+
+from htgrpo_jax.models.llada import LLaDAConfig
+
+PREFIX = "model.transformer."
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def _block_map(c: LLaDAConfig) -> dict[tuple[str, ...], tuple[str, tuple[int, ...], Callable]]:
+  """Our per-block param path -> (HF name, HF shape, transform HF array -> our array)."""
+  d, h, dh, m = c.d_model, c.n_heads, c.head_dim, c.mlp_hidden
+  ident = lambda w: w
+  qkv = lambda w: w.T.reshape(d, h, dh)
+  return {
+      ("attn_norm", "scale"): ("attn_norm.weight", (d,), ident),
+      ("q_proj",): ("q_proj.weight", (d, d), qkv),
+      ("k_proj",): ("k_proj.weight", (d, d), qkv),
+      ("v_proj",): ("v_proj.weight", (d, d), qkv),
+      ("attn_out",): ("attn_out.weight", (d, d), lambda w: w.T.reshape(h, dh, d)),
+      ("ff_norm", "scale"): ("ff_norm.weight", (d,), ident),
+      ("ff_proj",): ("ff_proj.weight", (m, d), lambda w: w.T),
+      ("up_proj",): ("up_proj.weight", (m, d), lambda w: w.T),
+      ("ff_out",): ("ff_out.weight", (d, m), lambda w: w.T),
+  }
+
+
+def param_map(c: LLaDAConfig) -> dict[tuple[str, ...], tuple[list[str], tuple[int, ...], Callable]]:
+  """Our flat param path -> (HF key per stacked layer (1 if unstacked), HF shape, transform).
+
+  Raises:
+    ValueError: the config has parameters LLaDA checkpoints lack (``learned_pos_emb``).
+  """
+  if c.learned_pos_emb:
+    raise ValueError("LLaDA checkpoints have no learned position table; set learned_pos_emb=0")
+  v, d = c.vocab_size, c.d_model
+  out = {
+      ("wte",): ([PREFIX + "wte.weight"], (v, d), lambda w: w),
+      ("ln_f", "scale"): ([PREFIX + "ln_f.weight"], (d,), lambda w: w),
+      ("lm_head",): ([PREFIX + "ff_out.weight"], (v, d), lambda w: w.T),
+  }
+  for path, (name, shape, fn) in _block_map(c).items():
+    keys = [f"{PREFIX}blocks.{i}.{name}" for i in range(c.n_layers)]
+    if c.scan_layers:
+      out[("blocks",) + path] = (keys, shape, fn)
+    else:
+      for i, key in enumerate(keys):
+        out[(f"block_{i}",) + path] = ([key], shape, fn)
+  return out
+
+
+def read_index(ckpt_dir: str) -> dict[str, str]:
+  """HF key -> shard file path, from ``model.safetensors.index.json`` (or a single file)."""
+  index = os.path.join(ckpt_dir, INDEX_FILE)
+  if os.path.exists(index):
+    with open(index) as f:
+      weight_map = json.load(f).get("weight_map")
+    if not isinstance(weight_map, dict):
+      raise ValueError(f"{index} has no 'weight_map' object")
+    return {k: os.path.join(ckpt_dir, v) for k, v in weight_map.items()}
+  single = os.path.join(ckpt_dir, SINGLE_FILE)
+  if os.path.exists(single):
+    from safetensors import safe_open
+    with safe_open(single, "pt") as f:
+      return {k: single for k in f.keys()}
+  raise ValueError(f"{ckpt_dir!r} has neither {INDEX_FILE} nor {SINGLE_FILE}")
+
+
+def check_hf_config(ckpt_dir: str, c: LLaDAConfig) -> None:
+  """Compares ``config.json`` (when present) with the preset; raises ValueError naming the key."""
+  path = os.path.join(ckpt_dir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    hf = json.load(f)
+  hf = {**hf, **hf.get("llm_config", {})}
+  want = {"d_model": c.d_model, "n_layers": c.n_layers, "n_heads": c.n_heads,
+          "mlp_hidden_size": c.mlp_hidden, "rope_theta": c.rope_theta, "activation_type": "silu",
+          "weight_tying": False, "rms_norm_eps": c.norm_eps}
+  # Vocabulary sizes are checked on the tensors themselves (config.json's fields vary by repo).
+  for key, val in want.items():
+    if key in hf and hf[key] != val and not (isinstance(val, float) and np.isclose(hf[key], val)):
+      raise ValueError(f"config.json {key}={hf[key]!r} does not match the preset ({val!r})")
+
+
+class _Reader:
+  """Opens each shard once; ``get(key)`` returns a numpy array (bf16 via ml_dtypes)."""
+
+  def __init__(self, files: dict[str, str], stack: ExitStack):
+    from safetensors import safe_open  # torch framework: numpy's cannot read bf16
+    self._files, self._open, self._stack, self._safe_open = files, {}, stack, safe_open
+
+  def _handle(self, key):
+    path = self._files[key]
+    if path not in self._open:
+      if not os.path.exists(path):
+        raise ValueError(f"tensor {key}: shard file {path} does not exist")
+      self._open[path] = self._stack.enter_context(self._safe_open(path, "pt"))
+    handle = self._open[path]
+    if key not in handle.keys():
+      raise ValueError(f"tensor {key}: not found in its shard {path}")
+    return handle
+
+  def shape(self, key) -> tuple[int, ...]:
+    return tuple(self._handle(key).get_slice(key).get_shape())
+
+  def get(self, key) -> np.ndarray:
+    import torch
+    t = self._handle(key).get_tensor(key)
+    if t.dtype == torch.bfloat16:
+      return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def _place(reader: _Reader, keys: list[str], fn: Callable, shape: tuple[int, ...], dtype,
+           sharding, stacked: bool) -> jax.Array:
+  """Builds one param (layer-stacked along axis 0 when ``stacked``) keeping only local shards.
+
+  HF tensors are read one at a time; each device's slice is copied out of it at once, so host
+  memory peaks at one HF tensor plus this host's shards of the param.
+  """
+  idx_map = sharding.addressable_devices_indices_map(shape)
+  bufs = {dev: np.empty(_sliced_shape(shape, idx), dtype) for dev, idx in idx_map.items()}
+  for layer, key in enumerate(keys):
+    full = np.asarray(fn(reader.get(key))).astype(dtype)
+    for dev, idx in idx_map.items():
+      if stacked:
+        start, stop, _ = idx[0].indices(shape[0])
+        if start <= layer < stop:
+          bufs[dev][layer - start] = full[tuple(idx[1:])]
+      else:
+        bufs[dev][...] = full[tuple(idx)]
+    del full
+  arrays = [jax.device_put(bufs[dev], dev) for dev in idx_map]
+  return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
+def _sliced_shape(shape, idx) -> tuple[int, ...]:
+  return tuple(len(range(*s.indices(n))) for s, n in zip(idx, shape))
+
+
+def load_llada_params(ckpt_dir: str, config: LLaDAConfig, shardings: Any | None = None,
+                      progress: bool = False) -> Any:
+  """Reads an HF LLaDA checkpoint into our (unboxed) params pytree.
+
+  Args:
+    ckpt_dir: directory with ``model.safetensors.index.json`` + shards (or ``model.safetensors``).
+    config: the preset to convert to (sizes, ``scan_layers``, ``param_dtype``).
+    shardings: pytree of ``NamedSharding`` matching the params (``policy.param_shardings``); None
+      places everything on the first local device.
+    progress: show a tqdm bar over tensors.
+
+  Returns:
+    params pytree of ``jax.Array`` in ``config.param_dtype``.
+
+  Raises:
+    ValueError: missing, extra or mis-shaped tensors (named), unreadable shards, config mismatch.
+  """
+  check_hf_config(ckpt_dir, config)
+  files = read_index(ckpt_dir)
+  pmap = param_map(config)
+  expected = {k: shape for keys, shape, _ in pmap.values() for k in keys}
+  missing = sorted(set(expected) - set(files))
+  if missing:
+    raise ValueError(f"checkpoint {ckpt_dir} is missing tensor(s): {missing[:8]}"
+                     + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
+  extra = sorted(set(files) - set(expected))
+  if extra:
+    raise ValueError(f"checkpoint {ckpt_dir} has unexpected tensor(s): {extra[:8]}"
+                     + (f" (+{len(extra) - 8} more)" if len(extra) > 8 else ""))
+  flat_shardings = (traverse_util.flatten_dict(shardings) if shardings is not None else {})
+  dtype = np.dtype(config.param_dtype)
+  out = {}
+  with ExitStack() as stack:
+    reader = _Reader(files, stack)
+    for key, shape in expected.items():  # every header first: fail before reading any data
+      got = reader.shape(key)
+      if got != shape:
+        raise ValueError(f"tensor {key} has shape {got}, the preset expects {shape}")
+    bar = None
+    if progress:
+      from tqdm import tqdm
+      bar = tqdm(total=len(expected), desc="convert", unit="tensor")
+    for path, (keys, hf_shape, fn) in pmap.items():
+      one = fn(np.empty(hf_shape, np.bool_)).shape  # target shape (np.empty: pages never touched)
+      stacked = path[0] == "blocks"
+      shape = (len(keys),) + one if stacked else one
+      sharding = flat_shardings.get(path) or SingleDeviceSharding(jax.local_devices()[0])
+      out[path] = _place(reader, keys, fn, shape, dtype, sharding, stacked)
+      if bar is not None:
+        bar.update(len(keys))
+    if bar is not None:
+      bar.close()
+  return traverse_util.unflatten_dict(out)
+
+
+def save_params(params: Any, out_dir: str) -> None:
+  """Writes the params pytree as an Orbax ``StandardSave`` checkpoint at ``out_dir`` (must not exist).
+
+  Restore with ``restore_params(out_dir, abstract)``, ``abstract`` from ``policy.abstract_params``.
+  """
+  import orbax.checkpoint as ocp
+  with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+    ckptr.save(os.path.abspath(out_dir), args=ocp.args.StandardSave(params))
+
+
+def restore_params(ckpt_dir: str, abstract: Any) -> Any:
+  """Restores a ``save_params`` checkpoint into the shapes/dtypes/shardings of ``abstract``."""
+  import orbax.checkpoint as ocp
+  with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+    return ckptr.restore(os.path.abspath(ckpt_dir), args=ocp.args.StandardRestore(abstract))
+
+
+def convert_checkpoint(ckpt_dir: str, out_dir: str, config: LLaDAConfig, mesh=None,
+                       progress: bool = False) -> Any:
+  """HF checkpoint dir -> Orbax params checkpoint at ``out_dir``; returns the params.
+
+  With ``mesh`` each tensor goes straight into its sharding (``parallel.LOGICAL_RULES``).
+  """
+  shardings = None
+  if mesh is not None:
+    from flax import linen as nn
+    from htgrpo_jax import parallel
+    from htgrpo_jax.models.llada import LLaDA
+    import jax.numpy as jnp
+    boxed = jax.eval_shape(lambda k: LLaDA(config).init(k, jnp.zeros((1, 4), jnp.int32))["params"],
+                           jax.random.key(0))
+    shardings = parallel.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
+  params = load_llada_params(ckpt_dir, config, shardings, progress=progress)
+  save_params(params, out_dir)
+  return params

@@ -1,0 +1,136 @@
+"""The policy as the algorithm sees it: a LLaDA backbone + a layout -> codebook logits at the slots.
+
+``make_logits_fn`` implements DESIGN's model contract
+``logits_fn(params, tokens int32[B, L]) -> float32[B, N, C]`` (image slots only, LM head sliced to
+the codebook rows before the matmul); ``make_canvas_logits_fn`` composes it with the layout into the
+``CanvasLogitsFn`` of rl/rollout.py. Params are the plain (unboxed) ``params`` collection; their
+shardings come from the modules' logical axis names through ``parallel.LOGICAL_RULES``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from jax.sharding import Mesh, PartitionSpec as P
+
+from htgrpo_jax import parallel
+from htgrpo_jax.models.layouts import Layout
+from htgrpo_jax.models.llada import LLaDA, LLaDAConfig
+from htgrpo_jax.rl.rollout import CanvasLogitsFn
+
+LogitsFn = Callable[[Any, jax.Array], jax.Array]
+
+
+def check_compatible(config: LLaDAConfig, layout: Layout) -> None:
+  """Raises ValueError when the model cannot serve the layout (vocab, pad mask, position table)."""
+  if config.vocab_size < layout.vocab_size:
+    raise ValueError(f"model vocab_size={config.vocab_size} < layout vocab_size={layout.vocab_size}")
+  if layout.pad_id is not None and not config.use_pad_mask:
+    raise ValueError(f"layout pads prompts with id {layout.pad_id} but the model has use_pad_mask=False")
+  if config.use_pad_mask and config.pad_id != layout.pad_id:
+    raise ValueError(f"model pad_id={config.pad_id} != layout pad_id={layout.pad_id}")
+  if config.learned_pos_emb and config.learned_pos_emb < layout.seq_len:
+    raise ValueError(f"model learned_pos_emb={config.learned_pos_emb} < layout seq_len={layout.seq_len}")
+
+
+def _run_auto(fn: Callable, params: Any, *args: jax.Array) -> jax.Array:
+  """Calls ``fn(params, *args)`` under the logical rules, in GSPMD (Auto) mode.
+
+  Under an Explicit-axes mesh (``jax.set_mesh(parallel.make_mesh(...))``, or inputs typed with
+  one) the model runs inside ``jax.sharding.auto_axes``: Linen logical constraints and the
+  embedding gather / layout scatter are GSPMD annotations and ops (MaxText's mode).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:  # no jax.set_mesh: take the mesh the params are typed with, if any
+    mesh = getattr(jax.typeof(jax.tree.leaves(params)[0]).sharding, "mesh", mesh)
+  with nn.logical_axis_rules(parallel.LOGICAL_RULES), jax.sharding.use_abstract_mesh(mesh):
+    if not mesh.empty and mesh.explicit_axes:
+      # Codebook replicated: consumers (log-softmax, gathers of chosen codes) then need no
+      # explicit-sharding annotations; the [B, N, C] logits are small next to the weights.
+      out = P(parallel.BATCH_AXES, None, None)
+      return jax.sharding.auto_axes(fn, axes=mesh.explicit_axes, out_sharding=out)(params, *args)
+    return fn(params, *args)
+
+
+def make_logits_fn(config: LLaDAConfig, layout: Layout) -> LogitsFn:
+  """Returns ``logits_fn(params, tokens int32[B, L]) -> float32[B, N, C]`` (pure, jit-able).
+
+  Raises:
+    ValueError: the model does not fit the layout; at trace time, tokens of the wrong length.
+  """
+  check_compatible(config, layout)
+  model = LLaDA(config)
+  select = np.asarray(layout.image_positions)
+  head_rows = (layout.image_offset, layout.codebook_size)
+  apply = lambda p, t: model.apply({"params": p}, t, select=select, head_rows=head_rows)
+
+  def logits_fn(params, tokens):
+    if tokens.ndim != 2 or tokens.shape[1] != layout.seq_len:
+      raise ValueError(f"logits_fn tokens shape {tokens.shape}, expected [B, {layout.seq_len}]")
+    return _run_auto(apply, params, tokens)
+
+  return logits_fn
+
+
+def make_canvas_logits_fn(config: LLaDAConfig, layout: Layout) -> CanvasLogitsFn:
+  """``(params, prompt_tokens int32[B, Lp], canvas int32[B, N]) -> float32[B, N, C]``."""
+  logits_fn = make_logits_fn(config, layout)
+  # assemble runs inside the same Auto region (its scatter needs GSPMD under Explicit meshes).
+  fn = lambda p, prompt, canvas: logits_fn(p, layout.assemble(prompt, canvas))
+  return lambda params, prompt_tokens, canvas: _run_auto(fn, params, prompt_tokens, canvas)
+
+
+def _boxed_init(config: LLaDAConfig, layout: Layout) -> Callable[[jax.Array], Any]:
+  check_compatible(config, layout)
+  model = LLaDA(config)
+  # Parameter shapes do not depend on the sequence length; a short dummy keeps init cheap.
+  dummy = jnp.zeros((1, min(layout.seq_len, 8)), jnp.int32)
+  return lambda key: model.init(key, dummy)["params"]
+
+
+def param_logical_specs(config: LLaDAConfig, layout: Layout) -> Any:
+  """Pytree of logical ``PartitionSpec``s matching the params (no allocation)."""
+  boxed = jax.eval_shape(_boxed_init(config, layout), jax.random.key(0))
+  return nn.get_partition_spec(boxed)
+
+
+def abstract_params(config: LLaDAConfig, layout: Layout, mesh: Mesh | None = None) -> Any:
+  """``jax.ShapeDtypeStruct`` params (with shardings when ``mesh`` is given); nothing allocated."""
+  shapes = nn.meta.unbox(jax.eval_shape(_boxed_init(config, layout), jax.random.key(0)))
+  if mesh is None:
+    return shapes
+  shardings = param_shardings(config, layout, mesh)
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def param_shardings(config: LLaDAConfig, layout: Layout, mesh: Mesh) -> Any:
+  """Pytree of ``NamedSharding`` for the params on ``mesh``.
+
+  Raises:
+    ValueError: a parameter dimension does not divide by its mesh axes (names the param; round
+      e.g. ``vocab_size`` up to a multiple of the ``tensor`` size).
+  """
+  boxed = jax.eval_shape(_boxed_init(config, layout), jax.random.key(0))
+  shardings = parallel.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
+  leaves = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(boxed))[0]
+  for (path, leaf), sharding in zip(leaves, jax.tree.leaves(shardings)):
+    spec = tuple(sharding.spec) + (None,) * (len(leaf.shape) - len(sharding.spec))
+    for dim, axes in zip(leaf.shape, spec):
+      names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      ways = int(np.prod([mesh.shape[a] for a in names]))
+      if dim % ways:
+        raise ValueError(f"param {jax.tree_util.keystr(path)} shape {leaf.shape}: dim {dim} does not "
+                         f"divide by mesh axes {names} ({ways}); round the model size up")
+  return shardings
+
+
+def init_params(config: LLaDAConfig, layout: Layout, key: jax.Array, mesh: Mesh | None = None) -> Any:
+  """Random params (unboxed pytree). With ``mesh`` they are created directly sharded by a jitted
+  init whose ``out_shardings`` are the param shardings (never whole on one device)."""
+  init = lambda k: nn.meta.unbox(_boxed_init(config, layout)(k))
+  if mesh is None:
+    return jax.jit(init)(key)
+  return jax.jit(init, out_shardings=param_shardings(config, layout, mesh))(key)
