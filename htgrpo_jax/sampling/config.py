@@ -1,0 +1,138 @@
+"""``SamplerConfig``: the static description of a sketch/paint sampler, validated on construction.
+
+Everything here is static (hashable, known at trace time): it fixes the number of loop steps,
+the per-step commit counts and temperature tables, and whether the unconditional CFG half runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+from htgrpo_jax.sampling import schedules
+
+RULES = ("maskgit", "emerge")
+TEMPERATURE_MODES = ("mmada_annealed", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+  """Static sampler settings.
+
+  Attributes:
+    num_steps: T, the number of unmasking steps (>= 1).
+    sketch_steps: steps [0, sketch_steps) form the sketch phase, [sketch_steps, T) the paint
+      phase; 0 < sketch_steps <= T (== T makes ``paint`` a no-op that only packs the record).
+    rule: ``'maskgit'`` (sample every masked slot, keep the most confident; exact counts per step)
+      or ``'emerge'`` (MaskGRPO / MDLM: each masked slot unmasks independently with probability
+      (g_s - g_{s+1}) / g_s, in random order).
+    schedule: mask schedule name (see ``schedules.get_schedule``).
+    cfg_scale: s in logits = (1 + s) * cond - s * uncond (>= 0; 0 skips the unconditional pass).
+    temperature: >= 0. ``'constant'`` (Lumina-DiMOO): tokens are drawn from
+      softmax(logits / temperature) and the MaskGIT remasking noise is temperature * Gumbel; it
+      must then be > 0. ``'mmada_annealed'`` (MMaDA): tokens are drawn from softmax(logits) and
+      the remasking noise scale decays cumulatively, tau_s = temperature * prod_{j<=s}(1-(j+1)/T)
+      (MMaDA's in-loop ``temperature *= 1 - ratio``); with ``'emerge'`` the temperature then has no
+      effect, as in MaskGRPO, whose emerge sampler ignores it.
+    temperature_mode: ``'constant'`` or ``'mmada_annealed'``.
+  """
+  num_steps: int = 12
+  sketch_steps: int = 4
+  rule: str = "maskgit"
+  schedule: str = "cosine"
+  cfg_scale: float = 0.0
+  temperature: float = 1.0
+  temperature_mode: str = "constant"
+
+  def __post_init__(self):
+    def fail(field, msg):
+      raise ValueError(f"SamplerConfig.{field}: {msg}")
+
+    for f in ("num_steps", "sketch_steps"):
+      v = getattr(self, f)
+      if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        fail(f, f"must be an int, got {v!r}")
+    if self.num_steps < 1:
+      fail("num_steps", f"must be >= 1, got {self.num_steps}")
+    if not 0 < self.sketch_steps <= self.num_steps:
+      fail("sketch_steps", f"must satisfy 0 < sketch_steps <= num_steps = {self.num_steps}, "
+           f"got {self.sketch_steps}")
+    if self.rule not in RULES:
+      fail("rule", f"unknown {self.rule!r}; choose from {RULES}")
+    if self.temperature_mode not in TEMPERATURE_MODES:
+      fail("temperature_mode", f"unknown {self.temperature_mode!r}; choose from {TEMPERATURE_MODES}")
+    for f in ("cfg_scale", "temperature"):
+      v = getattr(self, f)
+      if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
+        fail(f, f"must be a number, got {v!r}")
+      if not (math.isfinite(v) and v >= 0):
+        fail(f, f"must be finite and >= 0, got {v}")
+    if self.temperature_mode == "constant" and self.temperature <= 0:
+      fail("temperature", "must be > 0 with temperature_mode='constant' (tokens are drawn from "
+           "softmax(logits / temperature))")
+    if not isinstance(self.schedule, str):
+      fail("schedule", f"must be a string, got {self.schedule!r}")
+    g = schedules.masked_fractions(self.schedule, self.num_steps)  # raises on unknown names
+    if np.any(np.diff(g) > 1e-12) or np.any(g < 0) or np.any(g > 1):
+      fail("schedule", f"{self.schedule!r} is not non-increasing within [0, 1]")
+    # Normalise numeric types so equal configs hash equally (they key jit caches).
+    object.__setattr__(self, "num_steps", int(self.num_steps))
+    object.__setattr__(self, "sketch_steps", int(self.sketch_steps))
+    object.__setattr__(self, "cfg_scale", float(self.cfg_scale))
+    object.__setattr__(self, "temperature", float(self.temperature))
+
+  @classmethod
+  def from_mapping(cls, m: Mapping[str, Any], ignore: tuple[str, ...] = ("share_sketch",)
+                   ) -> "SamplerConfig":
+    """Builds a config from a dict / ConfigDict; unknown keys (other than ``ignore``) raise."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(m) - names - set(ignore))
+    if unknown:
+      raise ValueError(f"SamplerConfig: unknown keys {unknown}; valid keys {sorted(names)}")
+    return cls(**{k: m[k] for k in m if k in names})
+
+  # ---- static per-step tables (host numpy; closed over as constants by the jitted loops) ----
+
+  @property
+  def use_cfg(self) -> bool:
+    return self.cfg_scale != 0.0
+
+  @property
+  def sample_temperature(self) -> float:
+    """Temperature applied to the (CFG'd) logits of the distribution tokens are drawn from."""
+    return self.temperature if self.temperature_mode == "constant" else 1.0
+
+  def masked_after(self, num_tokens: int) -> np.ndarray:
+    """int32[T]: MaskGIT's count of tokens still masked after step s, for N = num_tokens.
+
+    m_s = clip(floor(N * g((s + 1) / T)), 1, m_{s-1} - 1) as MMaDA's ``mask_len`` (at least one
+    commit per step while possible, one slot kept masked until the end), and m_{T-1} = 0: the last
+    step commits everything (MMaDA returns the last step's samples, which is the same thing).
+    """
+    g = schedules.masked_fractions(self.schedule, self.num_steps)
+    out = np.zeros(self.num_steps, np.int32)
+    prev = num_tokens
+    for s in range(self.num_steps - 1):
+      # 1e-9 keeps exact products (e.g. linear 0.75 * 64) from flooring one below on round-off.
+      m = min(max(int(math.floor(num_tokens * g[s + 1] + 1e-9)), 1), prev - 1)
+      out[s] = prev = max(m, 0)
+    return out
+
+  def noise_scales(self) -> np.ndarray:
+    """float32[T]: scale of the Gumbel noise added to log-confidence when choosing commits."""
+    t = self.num_steps
+    if self.temperature_mode == "constant":
+      return np.full(t, self.temperature, np.float32)
+    ratio = (np.arange(t) + 1.0) / t
+    return (self.temperature * np.cumprod(1.0 - ratio)).astype(np.float32)
+
+  def unmask_probs(self) -> np.ndarray:
+    """float32[T]: emerge's per-step probability that a still-masked token unmasks (last = 1)."""
+    g = schedules.masked_fractions(self.schedule, self.num_steps)
+    a_t, a_s = g[:-1], g[1:]
+    # A schedule that reaches 0 early (g_t = 0) has nothing left to unmask: probability 1 is safe.
+    p = np.where(a_t > 0, (a_t - a_s) / np.where(a_t > 0, a_t, 1.0), 1.0)
+    p[-1] = 1.0
+    return np.clip(p, 0.0, 1.0).astype(np.float32)
