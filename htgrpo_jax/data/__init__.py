@@ -1,0 +1,1 @@
+"""ShapeEval world (scenes, VQ tokenizer, prompt grammar, text tokenizer) and prompt datasets."""

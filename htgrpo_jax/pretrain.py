@@ -1,0 +1,202 @@
+"""Masked-diffusion pretraining of the ShapeEval base policy on (caption, image tokens) pairs.
+
+Objective (MaskGIT / LLaDA-style): per example draw t ~ U(0, 1], mask ceil(t * N) of the N image
+slots at random, and minimise the cross-entropy over the C codebook entries at the masked slots
+(token mean over the batch). With probability ``p_uncond`` an example's prompt is replaced by the
+layout's unconditional prompt, so the same network serves classifier-free guidance.
+
+``make_train_step`` is one jitted, donated AdamW step; ``pretrain`` is the loop used by
+``launch/pretrain.py`` (world assets -> model -> steps -> Orbax checkpoint).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import struct
+
+from htgrpo_jax.data import dataset as world_data
+from htgrpo_jax.data.shapeworld import WorldConfig
+from htgrpo_jax.models import layouts, llada, policy
+from htgrpo_jax.rl.rollout import MASK, CanvasLogitsFn
+
+
+@struct.dataclass
+class TrainState:
+  params: Any
+  opt_state: Any
+  step: jax.Array  # int32[]
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  """AdamW with linear warmup + cosine decay and global-norm clipping."""
+  if total_steps < 1 or cfg.warmup_steps < 0 or cfg.learning_rate <= 0:
+    raise ValueError(f"optim: need total_steps >= 1, warmup_steps >= 0, learning_rate > 0; got "
+                     f"{total_steps}, {cfg.warmup_steps}, {cfg.learning_rate}")
+  sched = optax.warmup_cosine_decay_schedule(
+      0.0, cfg.learning_rate, min(cfg.warmup_steps, total_steps - 1) if total_steps > 1 else 0,
+      total_steps, end_value=cfg.learning_rate * cfg.final_lr_fraction)
+  return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
+                     optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
+
+
+def mask_canvas(codes: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Masks ceil(t * N) random slots per row, t ~ U(0, 1] per row.
+
+  Args:
+    codes: int32[B, N] clean codes.
+    key: PRNG key.
+
+  Returns:
+    (canvas int32[B, N] with MASK at masked slots, masked bool[B, N]); every row masks >= 1 slot.
+  """
+  b, n = codes.shape
+  k_t, k_order = jax.random.split(key)
+  t = 1.0 - jax.random.uniform(k_t, (b, 1))  # (0, 1]
+  num = jnp.clip(jnp.ceil(t * n), 1, n)
+  # Rank of each slot in a random order: the ``num`` lowest-ranked slots are masked.
+  rank = jnp.argsort(jnp.argsort(jax.random.uniform(k_order, (b, n)), axis=1), axis=1)
+  masked = rank < num
+  return jnp.where(masked, MASK, codes), masked
+
+
+def masked_diffusion_loss(params: Any, canvas_logits_fn: CanvasLogitsFn, prompt_tokens: jax.Array,
+                          uncond_tokens: jax.Array, codes: jax.Array, key: jax.Array,
+                          p_uncond: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Cross-entropy at masked slots.
+
+  Args:
+    params: policy params.
+    canvas_logits_fn: (params, int32[B, Lp], int32[B, N]) -> float32[B, N, C].
+    prompt_tokens: int32[B, Lp]; uncond_tokens: int32[B, Lp] (the CFG prompt).
+    codes: int32[B, N] target codes.
+    key: PRNG key (mask and prompt dropout).
+    p_uncond: probability of training a row unconditionally.
+
+  Returns:
+    (scalar loss, metrics {'loss', 'accuracy', 'mask_fraction'}).
+  """
+  k_mask, k_drop = jax.random.split(key)
+  canvas, masked = mask_canvas(codes, k_mask)
+  drop = jax.random.bernoulli(k_drop, p_uncond, (codes.shape[0], 1))
+  prompts = jnp.where(drop, uncond_tokens, prompt_tokens)
+  logits = canvas_logits_fn(params, prompts, canvas).astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, codes)
+  w = masked.astype(jnp.float32)
+  loss = jnp.sum(ce * w) / jnp.sum(w)
+  acc = jnp.sum((jnp.argmax(logits, -1) == codes) * w) / jnp.sum(w)
+  return loss, {"loss": loss, "accuracy": acc, "mask_fraction": jnp.mean(w)}
+
+
+def make_train_step(canvas_logits_fn: CanvasLogitsFn, optimizer: optax.GradientTransformation,
+                    p_uncond: float) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+  """``step(state, prompt_tokens, uncond_tokens, codes, key) -> (state, metrics)``, jitted with
+  the state donated. A non-finite loss or gradient skips the update (counted in ``skipped``)."""
+  if not 0.0 <= p_uncond < 1.0:
+    raise ValueError(f"p_uncond={p_uncond} must be in [0, 1)")
+
+  def step(state, prompt_tokens, uncond_tokens, codes, key):
+    (loss, metrics), grads = jax.value_and_grad(masked_diffusion_loss, has_aux=True)(
+        state.params, canvas_logits_fn, prompt_tokens, uncond_tokens, codes, key, p_uncond)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ok = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads), skipped=1 - ok.astype(jnp.int32))
+    return TrainState(keep(params, state.params), keep(opt_state, state.opt_state),
+                      state.step + 1), metrics
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def build_policy(cfg: ml_collections.ConfigDict, assets: world_data.WorldAssets
+                 ) -> tuple[llada.LLaDAConfig, layouts.EmbeddedLayout]:
+  """The model config and layout for the world (vocab and pad id come from the layout)."""
+  world = world_config(cfg)
+  layout = layouts.EmbeddedLayout(assets.tokenizer, grid=(world.grid, world.grid),
+                                  codebook_size=int(assets.codebook.shape[0]),
+                                  prompt_length=cfg.model.prompt_length)
+  overrides = dict(cfg.model.overrides) if "overrides" in cfg.model else {}
+  model_cfg = llada.get_config(cfg.model.preset, use_pad_mask=True, pad_id=layout.pad_id,
+                               **overrides)
+  return model_cfg, layout
+
+
+def world_config(cfg: ml_collections.ConfigDict) -> WorldConfig:
+  return WorldConfig(canvas=cfg.world.canvas, patch=cfg.world.patch, snap=cfg.world.snap)
+
+
+def save_params(path: str | os.PathLike, params: Any) -> str:
+  """Writes params with Orbax (StandardCheckpointer) to an absolute ``path``; returns it."""
+  path = os.path.abspath(os.fspath(path))
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(path, params, force=True)
+  ckpt.wait_until_finished()
+  return path
+
+
+def load_params(path: str | os.PathLike, abstract: Any) -> Any:
+  """Reads params saved by ``save_params`` into the structure of ``abstract`` (ShapeDtypeStructs)."""
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.isdir(path):
+    raise ValueError(f"checkpoint {path!r} does not exist")
+  return ocp.StandardCheckpointer().restore(path, abstract)
+
+
+def pretrain(cfg: ml_collections.ConfigDict, progress: Callable[[Iterator[int]], Iterator[int]] =
+             lambda it: it, log: Callable[[int, dict[str, float]], None] = lambda s, m: None
+             ) -> dict[str, Any]:
+  """Runs pretraining.
+
+  Args:
+    cfg: a ``configs/pretrain_shapes.py`` config.
+    progress: wraps the step iterator (e.g. ``tqdm``).
+    log: called every ``cfg.log_every`` steps with host metrics.
+
+  Returns:
+    dict with params, model_cfg, layout, assets, history (list of metric dicts with 'step'),
+    steps_done, seconds, checkpoint (path or None).
+  """
+  if cfg.batch_size < 1 or cfg.num_steps < 1:
+    raise ValueError(f"batch_size={cfg.batch_size} and num_steps={cfg.num_steps} must be >= 1")
+  assets = world_data.build_world(cfg.world.data_dir, world_config(cfg), seed=cfg.seed,
+                                  num_codes=cfg.world.num_codes, num_train=cfg.world.num_train,
+                                  num_eval=cfg.world.num_eval)
+  model_cfg, layout = build_policy(cfg, assets)
+  logits_fn = policy.make_canvas_logits_fn(model_cfg, layout)
+  key = jax.random.PRNGKey(cfg.seed)
+  params = policy.init_params(model_cfg, layout, jax.random.fold_in(key, 0))
+  opt = make_optimizer(cfg.optim, cfg.num_steps)
+  state = TrainState(params, opt.init(params), jnp.zeros((), jnp.int32))
+  step_fn = make_train_step(logits_fn, opt, cfg.p_uncond)
+  ds = world_data.make_dataset(assets, "train", cfg.batch_size, seed=cfg.seed,
+                               encode_prompts=layout.encode_prompts)
+  it = iter(ds)
+  uncond = jnp.asarray(layout.unconditional_prompts(cfg.batch_size))
+  history, t0, done = [], time.time(), 0
+  budget = cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf
+  for s in progress(iter(range(cfg.num_steps))):
+    batch = next(it)
+    state, m = step_fn(state, jnp.asarray(batch["prompt_tokens"]), uncond,
+                       jnp.asarray(batch["codes"]), jax.random.fold_in(key, s + 1))
+    done = s + 1
+    if done % cfg.log_every == 0 or done == cfg.num_steps:
+      host = {k: float(v) for k, v in m.items()}
+      history.append(dict(host, step=done, seconds=time.time() - t0))
+      log(done, host)
+    if time.time() - t0 > budget:
+      break  # the wall-clock budget ends training early; the schedule does not adapt
+  params = jax.block_until_ready(state.params)
+  seconds = time.time() - t0
+  ckpt = save_params(os.path.join(cfg.workdir, "params"), params) if cfg.workdir else None
+  return dict(params=params, model_cfg=model_cfg, layout=layout, assets=assets, history=history,
+              steps_done=done, seconds=seconds, checkpoint=ckpt)

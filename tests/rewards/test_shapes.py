@@ -1,0 +1,168 @@
+"""The ShapeEval verifier: detection from pixels, GenEval-style scoring, bad prompts."""
+import collections
+
+import jax
+import numpy as np
+import pytest
+
+from htgrpo_jax.data import prompts as G
+from htgrpo_jax.data import shapeworld as W
+from htgrpo_jax.data import vq
+from htgrpo_jax.rewards import shapes as S
+from htgrpo_jax.rewards.base import validate_rewards
+
+CFG = W.WorldConfig()
+O = W.ShapeObject
+
+
+def _img(*objs, cfg=CFG):
+  return W.render(W.Scene(tuple(objs)), cfg)
+
+
+def _strict(text, *imgs):
+  return S.ShapeEvalReward(mode="strict")([text] * len(imgs), np.stack(imgs))
+
+
+def test_detects_shapes_colours_and_centroids_at_every_size():
+  for size in CFG.sizes:
+    for shape in W.SHAPES:
+      for color in CFG.color_names[:3]:
+        (d,) = S.detect(_img(O(shape, color, 8, 12, size)))
+        assert (d.shape, d.color) == (shape, color)
+        assert abs(d.cx - (8 + size / 2)) < 0.01  # symmetric left-right
+        assert 12 < d.cy < 12 + size
+
+
+def test_ground_truth_after_vq_round_trip_is_perfect_per_tag():
+  rng = np.random.default_rng(0)
+  train = W.render_batch([W.sample_scene(rng, [(None, None)] * int(rng.integers(1, 5)))
+                          for _ in range(300)])
+  cb = vq.fit_codebook(train, 128, jax.random.PRNGKey(0))
+  ps = G.balanced_prompts("eval", 180, seed=4) + G.balanced_prompts("train", 150, seed=4)
+  imgs = W.render_batch([G.scene_for(p.meta, rng) for p in ps])
+  dec = np.asarray(vq.decode(cb, vq.encode(cb, imgs)))
+  scores = S.ShapeEvalReward(mode="strict")([p.text for p in ps], dec)
+  by_tag = collections.defaultdict(list)
+  for p, s in zip(ps, scores):
+    by_tag[p.meta.tag].append(s)
+  assert {t: float(np.mean(v)) for t, v in by_tag.items()} == {t: 1.0 for t in G.TAGS}
+  # The same images under a prompt of the same tag asking for something else fail.
+  wrong = [_different(p, rng) for p in ps]
+  assert S.ShapeEvalReward(mode="strict")([q.text for q in wrong], dec).mean() < 0.05
+
+
+def _different(p, rng):
+  """A prompt of p's tag that asks for a different set of objects (order aside)."""
+  key = lambda m: sorted(map(str, m.objects))
+  while True:
+    q = _BY_TAG[p.meta.tag][rng.integers(len(_BY_TAG[p.meta.tag]))]
+    if key(q.meta) != key(p.meta):
+      return q
+
+
+_BY_TAG = collections.defaultdict(list)
+for _p in G.all_prompts():
+  _BY_TAG[_p.meta.tag].append(_p)
+
+
+def test_touching_objects_of_different_colours_are_separate():
+  img = _img(O("square", "red", 4, 4, 8), O("circle", "blue", 12, 4, 8),
+             O("triangle", "green", 4, 12, 8))
+  dets = S.detect(img)
+  assert sorted((d.shape, d.color) for d in dets) == [
+      ("circle", "blue"), ("square", "red"), ("triangle", "green")]
+  assert _strict("a photo of a red square left of a blue circle", img) == 1.0
+
+
+def test_same_colour_objects_count_when_apart_and_merge_when_touching():
+  apart = _img(O("square", "red", 0, 0, 8), O("square", "red", 16, 0, 8))
+  touching = _img(O("square", "red", 0, 0, 8), O("square", "red", 8, 0, 8))
+  assert _strict("a photo of two squares", apart) == 1.0
+  # One 16x8 red blob: a colour-segmentation detector sees one object of no known shape.
+  (d,) = S.detect(touching)
+  assert d.shape is None and d.area == 128
+  assert _strict("a photo of two squares", touching) == 0.0
+  assert _strict("a photo of a square", touching) == 0.0
+
+
+def test_counting_fails_on_extra_instances():
+  three = _img(O("circle", "red", 0, 0, 8), O("circle", "blue", 12, 0, 8),
+               O("circle", "green", 24, 0, 8))
+  assert _strict("a photo of three circles", three) == 1.0
+  assert _strict("a photo of two circles", three) == 0.0
+  assert _strict("a photo of four circles", three) == 0.0
+
+
+def test_borderline_positions_use_the_margin():
+  # Margin 0.1 * 32 = 3.2 px between centroids; circles are symmetric, so the centroid is exact.
+  base = O("circle", "red", 0, 0, 8)
+  near = _img(base, O("circle", "blue", 3, 12, 8))   # dx = 3 px: not left of
+  far = _img(base, O("circle", "blue", 4, 12, 8))    # dx = 4 px: left of
+  text = "a photo of a red circle left of a blue circle"
+  assert _strict(text, near) == 0.0 and _strict(text, far) == 1.0
+  assert _strict("a photo of a red circle above a blue circle", near) == 1.0
+  assert _strict("a photo of a blue circle left of a red circle", far) == 0.0
+
+
+def test_stray_pixels_and_noise_do_not_change_shapes():
+  rng = np.random.default_rng(0)
+  for shape in W.SHAPES:
+    img = _img(O(shape, "purple", 8, 8, 12))
+    img[7, 14] = W.COLORS["purple"]  # a stray pixel attached above the box
+    img[20, 20] = W.COLORS["purple"]  # one attached below-right
+    for y, x in rng.integers(0, 32, (6, 2)):  # isolated specks of other colours
+      if (img[y, x] == W.BACKGROUND).all():
+        img[y, x] = W.COLORS["orange"]
+    img[0:2, 0:2] = (128, 128, 128)  # an off-palette (blended) patch: no colour
+    dets = S.detect(img)
+    assert [(d.shape, d.color) for d in dets] == [(shape, "purple")], shape
+
+
+def test_dense_is_partial_and_one_exactly_when_strict():
+  rng = np.random.default_rng(1)
+  ps = G.balanced_prompts("train", 100, seed=0)
+  imgs = W.render_batch([G.scene_for(p.meta, rng) for p in ps])
+  texts = [p.text for p in ps]
+  texts = texts[50:] + texts[:50]  # half the pairs no longer match
+  strict = S.ShapeEvalReward(mode="strict")(texts, imgs)
+  dense = S.ShapeEvalReward(mode="dense")(texts, imgs)
+  assert dense.dtype == np.float32 and ((0 <= dense) & (dense <= 1)).all()
+  np.testing.assert_array_equal(dense == 1.0, strict == 1.0)
+  assert ((dense > 0) & (dense < 1)).any()  # partial credit exists
+  # A right shape in the wrong colour earns part of "a red circle".
+  blue = _img(O("circle", "blue", 8, 8, 8))
+  assert S.ShapeEvalReward(mode="dense")(["a photo of a red circle"], blue[None])[0] == 0.5
+
+
+def test_blank_image_scores_zero_everywhere():
+  blank = np.zeros((len(G.TAGS), 32, 32, 3), np.uint8) + np.array(W.BACKGROUND, np.uint8)
+  ps = G.balanced_prompts("eval", len(G.TAGS))
+  r = S.ShapeEvalReward(mode="dense")([p.text for p in ps], blank)
+  validate_rewards("dense", r, len(ps))
+  assert (r == 0).all()
+
+
+def test_bad_prompts_raise_or_score_zero():
+  img = _img(O("circle", "red", 8, 8, 8))[None]
+  strict = S.ShapeEvalReward(mode="strict")
+  for text, word in [("a photo of a pink circle", "pink"), ("", "empty"),
+                     ("a photo of a hexagon", "hexagon"), ("circle a photo of", "grammar")]:
+    with pytest.raises(ValueError, match=word):
+      strict([text], img)
+  lenient = S.ShapeEvalReward(mode="dense", on_invalid="zero")
+  imgs = np.concatenate([img, img])
+  np.testing.assert_array_equal(lenient(["a photo of a pink circle", "a photo of a red circle"],
+                                        imgs), [0.0, 1.0])
+  with pytest.raises(ValueError, match="2 images but 1 prompts"):
+    strict(["a photo of a circle"], imgs)
+  with pytest.raises(ValueError, match="canvas"):
+    strict(["a photo of a circle"], np.zeros((1, 16, 16, 3), np.uint8))
+  with pytest.raises(ValueError, match="mode"):
+    S.ShapeEvalReward(mode="soft")
+
+
+def test_details_report_detections():
+  img = _img(O("triangle", "green", 0, 0, 8), O("square", "yellow", 20, 20, 12))
+  (r,) = S.ShapeEvalReward().details(["a photo of a triangle and a square"], img[None])
+  assert r["strict"] == 1.0 and len(r["detections"]) == 2
+  assert r["meta"].tag == "two_object"
