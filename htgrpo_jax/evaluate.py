@@ -1,8 +1,9 @@
 """GenEval-style reporting: per-tag accuracy tables (Markdown) and captioned image grids (PNG)."""
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -108,53 +109,111 @@ def group_outcomes(strict: Sequence[float], group_size: int) -> dict[str, float]
           "all_pass": float(np.mean(g.all(1)))}
 
 
-def generate_images(sampler: Any, params: Any, layout: Any, codebook: Any,
-                    captions: Sequence[str], key: jax.Array, batch_size: int = 64) -> np.ndarray:
-  """Samples one image per caption with a ``sampling.Sampler`` and VQ-decodes it.
+@dataclasses.dataclass(frozen=True)
+class EvalPrompt:
+  """A held-out prompt: its caption, GenEval tag and metadata (JSON string) for the scorer."""
+  text: str
+  tag: str
+  meta: str
 
-  The last batch is padded to ``batch_size`` (one compiled shape for every call).
+
+def generate_images(sampler: Any, params: Any, layout: Any, decode: Callable[[jax.Array], jax.Array],
+                    captions: Sequence[str], key: jax.Array, batch_size: int = 64) -> np.ndarray:
+  """Samples one image per caption with a ``sampling.Sampler`` and decodes it on device.
+
+  The last batch is padded to ``batch_size`` (one compiled shape for every call). Batch ``i``
+  uses ``fold_in(key, i)``, so the same key gives the same images.
 
   Args:
     sampler: ``make_sampler(...)`` result (``sample(params, prompt, uncond, key) -> record``).
     params: policy params.
     layout: the model's layout (``encode_prompts``, ``unconditional_prompts``).
-    codebook: float32[K, p*p*3] VQ codebook.
-    captions: B prompts.
-    key: PRNG key (folded with the batch index).
+    decode: codes int32[B, N] -> uint8[B, H, W, 3] (the task's VQ decoder).
+    captions: prompts.
+    key: PRNG key.
     batch_size: sampler batch.
 
   Returns:
-    uint8[B, H, W, 3].
+    uint8[len(captions), H, W, 3].
   """
-  from htgrpo_jax.data import vq  # local: keeps table/grid helpers free of the JAX data stack
+  from htgrpo_jax import parallel
+  mesh = getattr(sampler, "mesh", None)
+  put = jnp.asarray if mesh is None else (lambda x: parallel.global_batch(x, mesh))
   out = []
+  uncond = put(layout.unconditional_prompts(batch_size))
   for i in range(0, len(captions), batch_size):
     part = list(captions[i:i + batch_size])
     padded = part + [part[-1]] * (batch_size - len(part))
-    rec = sampler.sample(params, jnp.asarray(layout.encode_prompts(padded)),
-                         jnp.asarray(layout.unconditional_prompts(batch_size)),
+    rec = sampler.sample(params, put(layout.encode_prompts(padded)), uncond,
                          jax.random.fold_in(key, i))
-    out.append(np.asarray(vq.decode(codebook, rec.image_tokens))[:len(part)])
+    out.append(parallel.to_host(decode(rec.image_tokens))[:len(part)])
   return np.concatenate(out)
 
 
-def evaluate_policy(sampler: Any, params: Any, layout: Any, codebook: Any, prompts: Sequence[Any],
-                    key: jax.Array, samples_per_prompt: int = 1, batch_size: int = 64,
-                    reward: Any = None) -> dict[str, Any]:
-  """Samples ``samples_per_prompt`` images per ``data.prompts.Prompt`` and scores them.
+def evaluate_policy(sampler: Any, params: Any, layout: Any, decode: Callable[[jax.Array], jax.Array],
+                    prompts: Sequence[EvalPrompt], key: jax.Array,
+                    score: Callable[..., np.ndarray], samples_per_prompt: int = 1,
+                    batch_size: int = 64) -> dict[str, Any]:
+  """Samples ``samples_per_prompt`` images per prompt and scores them GenEval-style.
+
+  Args:
+    score: ``(captions, images, meta=[json, ...]) -> float32[B]`` strict 0/1 scores.
 
   Returns:
     dict with ``images`` uint8[P*G, H, W, 3] (each prompt's G samples contiguous), ``captions``,
-    ``tags``, ``strict`` and ``dense`` float32[P*G], and ``scores`` (per-tag strict + overall).
+    ``tags``, ``strict`` float32[P*G] and ``scores`` (per-tag strict accuracy + overall).
   """
-  from htgrpo_jax.rewards.shapes import ShapeEvalReward
-  reward = reward or ShapeEvalReward()
   rep = [p for p in prompts for _ in range(samples_per_prompt)]
   captions = [p.text for p in rep]
-  images = generate_images(sampler, params, layout, codebook, captions, key, batch_size)
-  details = reward.details(captions, images, meta=[p.meta for p in rep])
-  strict = np.array([d["strict"] for d in details], np.float32)
-  tags = [p.meta.tag for p in rep]
+  images = generate_images(sampler, params, layout, decode, captions, key, batch_size)
+  strict = np.asarray(score(captions, images, [p.meta for p in rep]), np.float32)
+  tags = [p.tag for p in rep]
   return dict(images=images, captions=captions, tags=tags, strict=strict,
-              dense=np.array([d["dense"] for d in details], np.float32),
               scores=tag_scores(tags, strict))
+
+
+def comparison_table(columns: dict[str, dict[str, float]], title: str = "ShapeEval held-out") -> str:
+  """Markdown table of per-tag scores side by side, e.g. ``{'base': {...}, 'HT-GRPO': {...}}``;
+  the last column also shows its change from the first."""
+  names = list(columns)
+  tags = [t for t in columns[names[0]] if t != "overall"] + ["overall"]
+  head = f"| {title} | " + " | ".join(names) + (" | change |" if len(names) > 1 else " |")
+  lines = [head, "|---|" + "---:|" * (len(names) + (len(names) > 1))]
+  for t in tags:
+    vals = [columns[n].get(t, float("nan")) for n in names]
+    cells = [f"{v:.3f}" for v in vals]
+    if len(names) > 1:
+      cells.append(f"{vals[-1] - vals[0]:+.3f}")
+    name = f"**{t}**" if t == "overall" else t
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def plot_curves(path: str | os.PathLike, train: Sequence[tuple[int, float]],
+                evals: Sequence[tuple[int, float]] = (), title: str = "HT-GRPO") -> None:
+  """Writes a PNG of the training reward per step (and its running mean) and the held-out strict
+  accuracy at each evaluation."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+  if train:
+    x, y = np.asarray(train, np.float64).T
+    ax.plot(x, y, color="tab:blue", alpha=0.3, lw=1, label="train reward (batch mean)")
+    w = max(1, min(10, len(y) // 5))
+    ax.plot(x[w - 1:], np.convolve(y, np.ones(w) / w, "valid"), color="tab:blue", lw=2,
+            label=f"train reward ({w}-step mean)")
+  if evals:
+    x, y = np.asarray(evals, np.float64).T
+    ax.plot(x, y, "o-", color="tab:red", lw=2, label="held-out strict overall")
+  ax.set_xlabel("RL step")
+  ax.set_ylabel("score")
+  ax.set_ylim(0, 1)
+  ax.grid(alpha=0.3)
+  ax.set_title(title)
+  ax.legend(loc="lower right", fontsize=8)
+  fig.tight_layout()
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path)
+  plt.close(fig)

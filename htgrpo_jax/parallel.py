@@ -37,13 +37,22 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+              devices: Sequence[jax.Device] | None = None, num_devices: int = 0) -> Mesh:
   """Builds the ``('data', 'fsdp', 'tensor')`` mesh. One size may be -1 (= the devices left).
+
+  Args:
+    data, fsdp, tensor: axis sizes; one may be -1.
+    devices: the devices to use (default: all of ``jax.devices()``).
+    num_devices: when > 0, only the first ``num_devices`` of them (e.g. one CPU of many).
 
   Raises:
     ValueError: the sizes do not multiply to the device count, naming the sizes.
   """
   devices = list(devices if devices is not None else jax.devices())
+  if num_devices:
+    if not 0 < num_devices <= len(devices):
+      raise ValueError(f"mesh: num_devices={num_devices} but {len(devices)} devices are available")
+    devices = devices[:num_devices]
   sizes = [data, fsdp, tensor]
   if sizes.count(-1) > 1:
     raise ValueError(f"mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
@@ -132,6 +141,26 @@ def shard_batch(tree: Any, mesh: Mesh) -> Any:
       raise ValueError(f"batch leaf {jax.tree_util.keystr(path)} has leading dim "
                        f"{np.shape(leaf)[0]}, not a multiple of data*fsdp = {div}")
   return jax.device_put(tree, batch_shardings(tree, mesh))
+
+
+def global_batch(x: Any, mesh: Mesh) -> jax.Array:
+  """A host array holding the *whole* batch (identical on every process) as a global jax.Array
+  split over ``('data', 'fsdp')``; each process supplies only the rows its devices own.
+  Works unchanged on one host and on a multi-host slice."""
+  x = np.asarray(x)
+  if x.ndim and x.shape[0] % batch_size_divisor(mesh):
+    raise ValueError(f"batch of shape {x.shape}: leading dim is not a multiple of data*fsdp = "
+                     f"{batch_size_divisor(mesh)}")
+  sharding = batch_sharding(mesh, x.ndim) if x.ndim else replicated(mesh)
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """The whole of a (possibly multi-host) global array as numpy on every process."""
+  if jax.process_count() == 1 or x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def maybe_initialize_distributed() -> bool:

@@ -109,9 +109,9 @@ def make_train_step(canvas_logits_fn: CanvasLogitsFn, optimizer: optax.GradientT
         state.params, canvas_logits_fn, prompt_tokens, uncond_tokens, codes, key, p_uncond)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ok = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+    ok = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads), skipped=1 - ok.astype(jnp.int32))
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), skipped=1 - ok.astype(jnp.int32))
     return TrainState(keep(params, state.params), keep(opt_state, state.opt_state),
                       state.step + 1), metrics
 

@@ -15,13 +15,15 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import app, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from htgrpo_jax import evaluate, pretrain  # noqa: E402
 from htgrpo_jax.data import prompts as grammar  # noqa: E402
+from htgrpo_jax.data import vq  # noqa: E402
 from htgrpo_jax.models import policy  # noqa: E402
+from htgrpo_jax.rewards.shapes import ShapeEvalReward  # noqa: E402
 from htgrpo_jax.sampling import SamplerConfig, make_sampler  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain_shapes.py",
@@ -32,18 +34,26 @@ def run_eval(cfg, out) -> dict:
   """Held-out table, grid and mixed-outcome fraction for a pretrained policy."""
   layout, model_cfg, params = out["layout"], out["model_cfg"], out["params"]
   scfg = SamplerConfig(num_steps=cfg.eval.num_steps, sketch_steps=max(1, cfg.eval.num_steps // 3),
-                       cfg_scale=cfg.eval.cfg_scale, temperature=cfg.eval.temperature)
+                       rule=cfg.eval.rule, cfg_scale=cfg.eval.cfg_scale,
+                       temperature=cfg.eval.temperature)
   sampler = make_sampler(policy.make_canvas_logits_fn(model_cfg, layout), scfg,
                          num_tokens=layout.num_image_tokens)
   world = pretrain.world_config(cfg)
+  codebook = out["assets"].codebook
+  decode = lambda codes: vq.decode(codebook, codes)
+  strict = ShapeEvalReward(world, mode="strict")
+  score = lambda captions, images, meta: strict(captions, images, meta=meta)
+  as_eval = lambda ps: [evaluate.EvalPrompt(p.text, p.meta.tag, p.meta.to_json()) for p in ps]
   key = jax.random.PRNGKey(cfg.seed + 1)
-  ps = grammar.balanced_prompts("eval", cfg.eval.num_prompts, seed=cfg.seed, cfg=world)
-  res = evaluate.evaluate_policy(sampler, params, layout, out["assets"].codebook, ps, key,
+  ps = as_eval(grammar.balanced_prompts("eval", cfg.eval.num_prompts, seed=cfg.seed, cfg=world))
+  res = evaluate.evaluate_policy(sampler, params, layout, decode, ps, key, score=score,
                                  batch_size=cfg.eval.batch_size)
   table = evaluate.tag_table(res["tags"], res["strict"], title="ShapeEval held-out")
-  groups = grammar.balanced_prompts("eval", cfg.eval.group_prompts, seed=cfg.seed + 1, cfg=world)
-  gres = evaluate.evaluate_policy(sampler, params, layout, out["assets"].codebook, groups,
-                                  jax.random.fold_in(key, 1), samples_per_prompt=cfg.eval.group_size,
+  groups = as_eval(grammar.balanced_prompts("eval", cfg.eval.group_prompts, seed=cfg.seed + 1,
+                                            cfg=world))
+  gres = evaluate.evaluate_policy(sampler, params, layout, decode, groups,
+                                  jax.random.fold_in(key, 1), score=score,
+                                  samples_per_prompt=cfg.eval.group_size,
                                   batch_size=cfg.eval.batch_size)
   outcomes = evaluate.group_outcomes(gres["strict"], cfg.eval.group_size)
   n = min(cfg.eval.grid_size, len(ps))
@@ -52,8 +62,7 @@ def run_eval(cfg, out) -> dict:
   evaluate.image_grid(res["images"][:n], caps, os.path.join(cfg.workdir, "eval_grid.png"))
   with open(os.path.join(cfg.workdir, "eval_table.md"), "w") as f:
     f.write(table)
-  summary = dict(scores=res["scores"], dense_mean=float(res["dense"].mean()),
-                 group_outcomes=outcomes, group_size=cfg.eval.group_size,
+  summary = dict(scores=res["scores"], group_outcomes=outcomes, group_size=cfg.eval.group_size,
                  group_prompts=cfg.eval.group_prompts, sampler=str(scfg))
   with open(os.path.join(cfg.workdir, "eval.json"), "w") as f:
     json.dump(summary, f, indent=2)

@@ -1,0 +1,115 @@
+"""HT-GRPO on the embedded ShapeEval world (the default; runs on a laptop CPU with no downloads).
+
+  python launch/train.py --config=configs/geneval.py                 # HT-GRPO
+  python launch/train.py --config=configs/geneval.py:maskgrpo        # a baseline in the same trainer
+  python launch/train.py --config=configs/geneval.py:htgrpo,tiny     # a 1-minute smoke run
+  python launch/train.py --config=configs/geneval.py --config.total_steps=20 --config.workdir=/tmp/run
+
+The argument after ':' is ``preset[,tiny]``: the RL preset (htgrpo (default), maskgrpo, tracegrpo,
+uni) and optionally ``tiny`` (a small model, world and run for tests, Colab and smoke checks).
+Any ``HTGRPOConfig`` field can be overridden under ``rl``, e.g. ``--config.rl.beta=0.0``.
+"""
+import ml_collections
+
+RL_PRESETS = ("htgrpo", "maskgrpo", "tracegrpo", "uni")
+# HTGRPOConfig fields settable here; None keeps the preset's value.
+RL_FIELDS = ("n_global", "n_struct", "n_refine", "sketch_fraction", "structure_ratio",
+             "partition_mode", "structure_weight", "refine_weight", "normalize_credit", "estimator",
+             "refine_context", "update_schedule", "update_fraction", "min_mask_rate",
+             "trajectory_group", "clip_eps", "beta", "adv_eps", "adv_std_ddof", "micro_batch_size")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  parts = [a for a in (arg or "htgrpo").split(",") if a]
+  preset = parts[0] if parts and parts[0] != "tiny" else "htgrpo"
+  tiny = "tiny" in parts
+  unknown = [a for a in parts if a not in RL_PRESETS + ("tiny",)]
+  if unknown:
+    raise ValueError(f"configs/geneval.py: unknown argument(s) {unknown}; use "
+                     f"'<preset>[,tiny]' with a preset from {RL_PRESETS}")
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.workdir = f"runs/geneval_{preset}" + ("_tiny" if tiny else "")
+
+  # The world: what the prompts, tokens, pixels and rewards are.
+  c.world = ml_collections.ConfigDict()
+  c.world.kind = "shapes"
+  c.world.data_dir = "runs/shapeworld"        # world assets (codebook, tokenizer, prompt records), built once
+  c.world.reward_mode = "dense"               # RL reward: dense partial score; eval is always strict 0/1
+  c.world.canvas = 32                         # px per side; 8x8 tokens of 4x4 px
+  c.world.patch = 4
+  c.world.snap = True                         # objects on the patch grid (False: the harder variant)
+  c.world.num_codes = 128
+  c.world.num_train = 10000
+  c.world.num_eval = 1000
+
+  # The policy.
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = "shapes"
+  c.model.checkpoint = "runs/shapes_base"     # base policy (Orbax params under {checkpoint}/params)
+  c.model.pretrain_if_missing = True          # pretrain it first (launch/pretrain.py's job) when missing
+  c.model.pretrain_config = "configs/pretrain_shapes.py"
+  # Pretraining settings (None keeps configs/pretrain_shapes.py's value).
+  c.model.pretrain = ml_collections.ConfigDict(dict(num_steps=None, max_minutes=None,
+                                                    batch_size=None))
+
+  # Rollouts.
+  c.sampler = ml_collections.ConfigDict()
+  c.sampler.num_steps = 12
+  c.sampler.sketch_steps = 0                  # 0: ceil(rl.sketch_fraction * num_steps), the algorithm's sketch phase
+  c.sampler.rule = "emerge"                   # MaskGRPO's random-order unmasking (maskgit: confidence order)
+  c.sampler.schedule = "cosine"
+  c.sampler.cfg_scale = 0.0
+  c.sampler.temperature = 1.0
+  c.sampler.temperature_mode = "constant"
+  c.sampler.share_sketch = False              # True: G paints branch from one sketch per prompt
+
+  # The algorithm: htgrpo_jax.rl.preset(rl.preset) with every non-None field below overriding it.
+  c.rl = ml_collections.ConfigDict()
+  c.rl.preset = preset
+  c.rl.group_size = 8
+  for field in RL_FIELDS:
+    c.rl[field] = None
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 1e-4
+  c.optim.warmup_steps = 2                    # RL steps (each K inner updates)
+  c.optim.max_grad_norm = 1.0
+  c.optim.weight_decay = 0.0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.99
+
+  c.prompts_per_step = 8                      # x group_size images per step
+  c.total_steps = 60
+  # ('data', 'fsdp', 'tensor') sizes, one may be -1; num_devices > 0 uses only the first ones.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0))
+
+  c.log_every = 1
+  c.eval_every = 20
+  c.save_every = 10
+  c.keep_checkpoints = 2
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_prompts = 192                    # held-out prompts, balanced over the six tags
+  c.eval.batch_size = 64
+  c.eval.grid_size = 32
+  c.eval.at_start = True                      # score the base policy first (the table's baseline column)
+  c.progress = True
+
+  if tiny:
+    c.world.data_dir = "runs/shapeworld_tiny"
+    c.world.num_train, c.world.num_eval = 512, 64
+    c.model.checkpoint = "runs/shapes_base_tiny"
+    c.model.overrides = ml_collections.ConfigDict(dict(d_model=32, n_layers=1, n_heads=2,
+                                                       mlp_hidden=64))
+    c.model.pretrain = ml_collections.ConfigDict(dict(num_steps=30, max_minutes=None, batch_size=16))
+    c.sampler.num_steps = 4
+    c.rl.group_size = 4
+    c.rl.n_global, c.rl.n_struct, c.rl.n_refine = 1, 1, 1
+    c.prompts_per_step = 4
+    c.total_steps = 4
+    c.eval_every = 2
+    c.save_every = 2
+    c.eval.num_prompts = 16
+    c.eval.batch_size = 16
+    c.eval.grid_size = 8
+  return c

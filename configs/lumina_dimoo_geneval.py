@@ -1,0 +1,32 @@
+"""HT-GRPO for Lumina-DiMOO (8B) on GenEval prompts (TPU pod slice).
+
+  python launch/convert_checkpoint.py --model=lumina_dimoo_8b --hf_dir=/ckpt/Lumina-DiMOO \
+      --out=/ckpt/dimoo_orbax
+  python launch/train.py --config=configs/lumina_dimoo_geneval.py \
+      --config.world.reward_url=http://reward-host:8000/score
+
+As ``configs/mmada_geneval.py`` with DiMOO's layout (system prompt, rows ending in a newline
+token, ``<uncondition>`` CFG branch), its aMUSEd VQ-GAN decoder and its sampler (64 steps, CFG 4,
+constant temperature). 512x512 keeps rollouts affordable; any multiple of 16 works.
+"""
+import ml_collections
+
+from configs import mmada_geneval
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = mmada_geneval.get_config(arg)
+  c.workdir = "gs://YOUR_BUCKET/htgrpo/lumina_dimoo_geneval"
+  c.model.preset = "lumina_dimoo_8b"
+  c.model.layout = "dimoo"
+  c.model.image_size = 512                    # 32 rows x 32 codes (+ a newline per row)
+  c.model.tokenizer = "/ckpt/Lumina-DiMOO"
+  c.model.checkpoint = "/ckpt/dimoo_orbax"
+  c.model.vq_kind = "vqgan"
+  c.model.vq_checkpoint = "/ckpt/Lumina-DiMOO/vqvae"
+  c.sampler.num_steps = 64
+  c.sampler.rule = "maskgit"
+  c.sampler.cfg_scale = 4.0
+  c.sampler.temperature = 1.0
+  c.sampler.temperature_mode = "constant"
+  return c

@@ -1,0 +1,63 @@
+"""HT-GRPO for MMaDA-8B on GenEval prompts (TPU pod slice; the paper's MMaDA setting).
+
+  python launch/convert_checkpoint.py --model=mmada_8b --hf_dir=/ckpt/MMaDA-8B-Base --out=/ckpt/mmada_orbax
+  python launch/train.py --config=configs/mmada_geneval.py \
+      --config.world.reward_url=http://reward-host:8000/score
+
+Everything is read from local paths (no hub downloads on the workers): the converted Orbax
+backbone, the MMaDA tokenizer folder, the MAGVIT-v2 decoder safetensors, and GenEval-format JSONL
+prompt files. Rewards come from a reward server (``htgrpo_jax.rewards.remote``): a GenEval
+detector on a GPU box. On a multi-host slice every worker runs the same command
+(``launch/tpu_vm.sh train``); ``jax.distributed.initialize()`` is called automatically.
+
+Per-device memory of these settings is checked without a TPU by ``launch/aot_compile.py``.
+"""
+import ml_collections
+
+from configs import geneval  # noqa: F401  (same RL/optim/eval keys as the default config)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = geneval.get_config(arg)
+  c.workdir = "gs://YOUR_BUCKET/htgrpo/mmada_geneval"
+
+  c.world = ml_collections.ConfigDict()
+  c.world.kind = "t2i"
+  c.world.train_prompts = "/data/geneval/train_prompts.jsonl"     # {"prompt": ..., "tag": ..., ...}
+  c.world.eval_prompts = "/data/geneval/evaluation_metadata.jsonl"
+  c.world.reward_url = ""                     # dense GenEval-style reward for RL (required)
+  c.world.score_url = ""                      # strict 0/1 scorer for evaluation ("" = reward_url)
+  c.world.reward_timeout = 120.0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = "mmada_8b"
+  c.model.layout = "mmada"                    # 512x512 -> 1024 MAGVIT-v2 codes, sequence 1539
+  c.model.image_size = 512
+  c.model.tokenizer = "/ckpt/MMaDA-8B-Base"   # local folder with tokenizer.json
+  c.model.checkpoint = "/ckpt/mmada_orbax"    # launch/convert_checkpoint.py output
+  c.model.vq_kind = "magvit2"
+  c.model.vq_checkpoint = "/ckpt/magvitv2"    # folder with the decoder safetensors
+  c.model.overrides = ml_collections.ConfigDict(dict(remat="full"))
+
+  # MMaDA's T2I sampler: MaskGIT, cosine, CFG 3.5, annealed temperature (dmllm_models.md section 5).
+  c.sampler.num_steps = 15
+  c.sampler.rule = "maskgit"
+  c.sampler.cfg_scale = 3.5
+  c.sampler.temperature = 1.0
+  c.sampler.temperature_mode = "mmada_annealed"
+
+  c.rl.group_size = 8
+  c.rl.micro_batch_size = 8                   # rows per gradient micro-batch (memory, not maths)
+  c.optim.learning_rate = 1e-6
+  c.optim.warmup_steps = 5
+  c.prompts_per_step = 16                     # 128 images per step
+  c.total_steps = 1000
+  c.eval_every = 100
+  c.save_every = 50
+  c.keep_checkpoints = 3
+  c.eval.num_prompts = 553                    # GenEval's evaluation set
+  c.eval.batch_size = 64
+  c.eval.at_start = False
+
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=4, num_devices=0))
+  return c

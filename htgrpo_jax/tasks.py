@@ -1,0 +1,236 @@
+"""Tasks: everything the trainer needs from a world, behind one small interface.
+
+A ``Task`` bundles the policy's config and layout, the base params, a grain dataset of training
+prompts, the held-out evaluation prompts, the VQ decoder (codes -> pixels, on device) and the
+rewards. ``build_task(config)`` picks it from ``config.world.kind``:
+
+* ``shapes``  the embedded ShapeEval world: built under ``world.data_dir`` on first use, its base
+  policy pretrained into ``model.checkpoint`` when missing (``model.pretrain_if_missing``).
+* ``t2i``     a real dMLLM (MMaDA / Lumina-DiMOO): prompts from JSONL files, the model's tokenizer
+  and converted Orbax checkpoint from local paths, its VQ decoder, and a remote reward server.
+
+Every path is checked here, before anything is compiled, and errors name the config key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+from typing import Any, Callable
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from htgrpo_jax.evaluate import EvalPrompt
+from htgrpo_jax.models import layouts, llada, policy
+
+
+@dataclasses.dataclass
+class Task:
+  """What the trainer consumes.
+
+  Attributes:
+    name: for logs.
+    model_cfg: the policy's ``LLaDAConfig``.
+    layout: the sequence layout (prompt encoding, image slots, CFG branch).
+    load_base_params: ``abstract params -> params`` laid out on the abstract leaves' shardings.
+    train_dataset: ``(batch_size, seed) -> grain.IterDataset`` of dicts with ``caption`` str[P],
+      ``prompt_tokens`` int32[P, Lp] and ``meta`` str[P] (JSON).
+    eval_prompts: the held-out prompts, balanced over tags.
+    decode: ``codes int32[B, N] -> uint8[B, H, W, 3]``, jittable (runs on the accelerator).
+    reward: the RL reward ``(prompts, images, meta=[...]) -> float32[B]``.
+    score: the evaluation scorer ``(prompts, images, meta) -> strict float32[B]`` (GenEval 0/1).
+  """
+  name: str
+  model_cfg: llada.LLaDAConfig
+  layout: layouts.Layout
+  load_base_params: Callable[[Any], Any]
+  train_dataset: Callable[[int, int], grain.IterDataset]
+  eval_prompts: list[EvalPrompt]
+  decode: Callable[[jax.Array], jax.Array]
+  reward: Callable[..., np.ndarray]
+  score: Callable[..., np.ndarray]
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """``get_config([arg])`` of a ``configs/*.py`` file (big_vision style), by path; a relative
+  path missing from the working directory is looked up in the source checkout."""
+  if not os.path.isfile(path) and not os.path.isabs(path):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isfile(os.path.join(repo, path)):
+      path = os.path.join(repo, path)
+  if not os.path.isfile(path):
+    raise ValueError(f"config file {path!r} does not exist")
+  spec = importlib.util.spec_from_file_location("_htgrpo_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config() if arg is None else module.get_config(arg)
+
+
+# ------------------------------------------------------------------------------------------------
+# ShapeEval
+# ------------------------------------------------------------------------------------------------
+
+def pretrain_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The pretraining config for the base policy of a ShapeEval training ``config``: the file at
+  ``model.pretrain_config`` with the training config's world, model (preset and overrides), seed
+  and checkpoint folder, and the non-None ``model.pretrain`` settings."""
+  p = load_config_file(config.model.pretrain_config)
+  p.workdir = config.model.checkpoint
+  p.seed = config.seed
+  for k in ("data_dir", "canvas", "patch", "snap", "num_codes", "num_train", "num_eval"):
+    p.world[k] = config.world[k]
+  p.model.preset = config.model.preset
+  p.model.overrides = ml_collections.ConfigDict(dict(config.model.get("overrides") or {}))
+  for k, v in (config.model.get("pretrain") or {}).items():
+    if k not in p:
+      raise ValueError(f"model.pretrain.{k}: not a setting of {config.model.pretrain_config}")
+    if v is not None:
+      p[k] = v
+  return p
+
+
+def base_params_path(config: ml_collections.ConfigDict) -> str:
+  return os.path.abspath(os.path.join(config.model.checkpoint, "params"))
+
+
+def build_shapes_task(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = print
+                      ) -> Task:
+  from htgrpo_jax import pretrain
+  from htgrpo_jax.data import dataset as world_data
+  from htgrpo_jax.data import prompts as grammar
+  from htgrpo_jax.data import vq
+  from htgrpo_jax.rewards.shapes import ShapeEvalReward
+
+  if config.world.reward_mode not in ("dense", "strict"):
+    raise ValueError(f"world.reward_mode={config.world.reward_mode!r} must be 'dense' or 'strict'")
+  pcfg = pretrain_config(config)
+  world = pretrain.world_config(pcfg)
+  ckpt = base_params_path(config)
+  if not os.path.isdir(ckpt):
+    if not config.model.pretrain_if_missing:
+      raise ValueError(f"model.checkpoint: no base policy at {ckpt} and model.pretrain_if_missing "
+                       "is False; run launch/pretrain.py or set it True")
+    log(f"No base policy at {ckpt}: pretraining it first ({pcfg.num_steps} steps, at most "
+        f"{pcfg.max_minutes:g} min; python launch/pretrain.py does this alone).")
+    from tqdm import tqdm
+    bar = {}
+
+    def progress(it):
+      bar["t"] = tqdm(it, total=pcfg.num_steps, desc="pretrain base", dynamic_ncols=True)
+      return bar["t"]
+
+    out = pretrain.pretrain(pcfg, progress=progress,
+                            log=lambda s, m: bar["t"].set_postfix(loss=f"{m['loss']:.3f}"))
+    bar["t"].close()
+    log(f"Base policy: {out['steps_done']} steps in {out['seconds']:.0f} s -> {out['checkpoint']}")
+  assets = world_data.build_world(config.world.data_dir, world, seed=config.seed,
+                                  num_codes=config.world.num_codes,
+                                  num_train=config.world.num_train, num_eval=config.world.num_eval)
+  model_cfg, layout = pretrain.build_policy(pcfg, assets)
+  codebook = assets.codebook
+
+  def train_dataset(batch_size: int, seed: int) -> grain.IterDataset:
+    return world_data.make_dataset(assets, "train", batch_size, seed=seed,
+                                   encode_prompts=layout.encode_prompts)
+
+  evals = grammar.balanced_prompts("eval", config.eval.num_prompts, seed=config.seed, cfg=world)
+  strict = ShapeEvalReward(world, mode="strict")
+  return Task(
+      name="shapes", model_cfg=model_cfg, layout=layout,
+      load_base_params=lambda abstract: pretrain.load_params(ckpt, abstract),
+      train_dataset=train_dataset,
+      eval_prompts=[EvalPrompt(p.text, p.meta.tag, p.meta.to_json()) for p in evals],
+      decode=lambda codes: vq.decode(codebook, codes),
+      reward=ShapeEvalReward(world, mode=config.world.reward_mode),
+      score=lambda prompts, images, meta: strict(prompts, images, meta=meta))
+
+
+# ------------------------------------------------------------------------------------------------
+# Real dMLLMs (MMaDA / Lumina-DiMOO)
+# ------------------------------------------------------------------------------------------------
+
+def read_prompt_file(path: str, key: str) -> list[EvalPrompt]:
+  """Prompts from JSONL, one object per line with ``prompt`` and optionally ``tag`` (GenEval's
+  ``evaluation_metadata.jsonl`` format); the whole object is passed on as metadata."""
+  if not path or not os.path.isfile(path):
+    raise ValueError(f"{key}: prompt file {path!r} does not exist")
+  out = []
+  with open(path) as f:
+    for i, line in enumerate(f):
+      if not line.strip():
+        continue
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{key}: {path} line {i + 1} is not JSON ({e})") from None
+      if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"]:
+        raise ValueError(f"{key}: {path} line {i + 1} needs a non-empty string 'prompt'")
+      out.append(EvalPrompt(rec["prompt"], str(rec.get("tag", "all")), json.dumps(rec)))
+  if not out:
+    raise ValueError(f"{key}: {path} holds no prompts")
+  return out
+
+
+def build_layout(config: ml_collections.ConfigDict) -> layouts.Layout:
+  """The model's layout from ``model.layout`` and the local tokenizer at ``model.tokenizer``."""
+  tok = config.model.tokenizer
+  if not tok or not os.path.isdir(tok):
+    raise ValueError(f"model.tokenizer: tokenizer directory {tok!r} does not exist")
+  kind = config.model.layout
+  if kind == "mmada":
+    return layouts.MMaDALayout(tok)
+  if kind == "dimoo":
+    return layouts.DiMOOLayout(tok, height=config.model.image_size, width=config.model.image_size)
+  raise ValueError(f"model.layout={kind!r} must be 'mmada' or 'dimoo'")
+
+
+def build_t2i_task(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = print) -> Task:
+  from htgrpo_jax.models import convert
+  from htgrpo_jax.models.vq import build_decoder
+  from htgrpo_jax.rewards.remote import RemoteReward
+
+  train = read_prompt_file(config.world.train_prompts, "world.train_prompts")
+  evals = read_prompt_file(config.world.eval_prompts, "world.eval_prompts")
+  layout = build_layout(config)
+  overrides = dict(config.model.get("overrides") or {})
+  model_cfg = llada.get_config(config.model.preset, **overrides)
+  policy.check_compatible(model_cfg, layout)
+  ckpt = os.path.abspath(config.model.checkpoint or "")
+  if not config.model.checkpoint or not os.path.isdir(ckpt):
+    raise ValueError(f"model.checkpoint: converted Orbax checkpoint {ckpt!r} does not exist "
+                     "(python launch/convert_checkpoint.py writes it)")
+  decode = build_decoder(config.model.vq_kind, config.model.vq_checkpoint, layout,
+                         key="model.vq_checkpoint")
+  if not config.world.reward_url:
+    raise ValueError("world.reward_url: the t2i world needs a reward server URL")
+  reward = RemoteReward(config.world.reward_url, name="remote", timeout=config.world.reward_timeout,
+                        metadata_keys=("meta",))
+  # Evaluation asks the server's strict (GenEval 0/1) endpoint, by default the same URL.
+  strict = RemoteReward(config.world.score_url or config.world.reward_url, name="remote_strict",
+                        timeout=config.world.reward_timeout, metadata_keys=("meta",))
+  encoded = layout.encode_prompts([p.text for p in train])  # fails here on a bad prompt
+
+  def train_dataset(batch_size: int, seed: int) -> grain.IterDataset:
+    records = [{"caption": p.text, "prompt_tokens": encoded[i], "meta": p.meta}
+               for i, p in enumerate(train)]
+    ds = grain.MapDataset.source(records).seed(seed).shuffle().repeat(None)
+    return ds.batch(batch_size, drop_remainder=True).to_iter_dataset()
+
+  return Task(
+      name=config.model.preset, model_cfg=model_cfg, layout=layout,
+      load_base_params=lambda abstract: convert.restore_params(ckpt, abstract),
+      train_dataset=train_dataset, eval_prompts=evals, decode=decode, reward=reward,
+      score=lambda prompts, images, meta: strict(prompts, images, meta=meta))
+
+
+def build_task(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = print) -> Task:
+  kind = config.world.kind
+  if kind == "shapes":
+    return build_shapes_task(config, log=log)
+  if kind == "t2i":
+    return build_t2i_task(config, log=log)
+  raise ValueError(f"world.kind={kind!r} must be 'shapes' or 't2i'")

@@ -1,0 +1,37 @@
+"""GenEval-style per-tag table of a policy on the held-out prompts of a training config's task.
+
+  python launch/evaluate.py --config=configs/geneval.py                 # the run's latest checkpoint
+  python launch/evaluate.py --config=configs/geneval.py --which=base    # the base policy
+  python launch/evaluate.py --config=configs/geneval.py --which=40 --samples_per_prompt=4 \
+      --config.sampler.cfg_scale=1.0
+
+Writes eval_<which>.md (the table), grid_<which>.png and eval_<which>.json to --out_dir
+(default: the config's workdir) and prints the table.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/geneval.py", "Training config: path.py[:preset].", lock_config=True)
+_WHICH = flags.DEFINE_string("which", "latest", "'base', 'latest' or a checkpoint step.")
+_SAMPLES = flags.DEFINE_integer("samples_per_prompt", 1, "Images per prompt.")
+_OUT = flags.DEFINE_string("out_dir", None, "Output folder (default: the config's workdir).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  from htgrpo_jax import trainer
+  out = trainer.evaluate_checkpoint(_CONFIG.value, which=_WHICH.value,
+                                    samples_per_prompt=_SAMPLES.value, out_dir=_OUT.value)
+  print(out["table"])
+
+
+if __name__ == "__main__":
+  app.run(main)

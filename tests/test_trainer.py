@@ -1,0 +1,163 @@
+"""The trainer end to end on the tiny ShapeEval config: outputs, resume, device-count changes,
+config errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from htgrpo_jax import checkpoint, pretrain, tasks, trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(root, name, **over):
+  cfg = tasks.load_config_file(os.path.join(REPO, "configs", "geneval.py"), "htgrpo,tiny")
+  cfg.world.data_dir = str(root / "world")
+  cfg.model.checkpoint = str(root / "base")
+  cfg.workdir = str(root / name)
+  cfg.progress = False
+  for k, v in over.items():
+    node = cfg
+    *path, last = k.split(".")
+    for part in path:
+      node = node[part]
+    node[last] = v
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+  return tmp_path_factory.mktemp("trainer")
+
+
+@pytest.fixture(scope="module")
+def full_run(root):
+  """An uninterrupted 4-step run on the 8-device fake mesh (pretrains the tiny base first)."""
+  return trainer.train(tiny_config(root, "full"), log=lambda s: None)
+
+
+def _prompt_log(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [(r["step"], r["prompts"]) for r in map(json.loads, f)]
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_default_flow_writes_reports_and_learns_something(full_run, root):
+  wd = full_run["workdir"]
+  assert full_run["step"] == 4 and sorted(full_run["evals"]) == [0, 2, 4]
+  for name in ("results.md", "reward_curve.png", "grid_step00000.png", "grid_step00004.png",
+               "eval_step00004.md", "config.json"):
+    assert os.path.getsize(os.path.join(wd, name)) > 0, name
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(wd, "tb")))
+  table = open(os.path.join(wd, "results.md")).read()
+  assert "| **overall** |" in table and "| base | step 4 |" in table
+  log = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+  assert [r["step"] for r in log] == [1, 2, 3, 4]
+  for r in log:
+    assert 0.0 <= r["reward_mean"] <= 1.0 and np.isfinite(r["total/loss"]) and r["skipped"] == 0
+    assert len(r["prompts"]) == 4
+  # The update moved the policy away from the pretrained base, and nothing became NaN.
+  base = pretrain.load_params(str(root / "base" / "params"),
+                              checkpoint.abstract_like(full_run["params"]))
+  moved = [np.abs(a - b).max() for a, b in zip(_leaves(full_run["params"]), _leaves(base))]
+  assert max(moved) > 0 and all(np.isfinite(a).all() for a in _leaves(full_run["params"]))
+
+
+def test_stopped_and_resumed_run_matches_uninterrupted(full_run, root):
+  cfg = tiny_config(root, "resumed")
+  first = trainer.train(cfg, log=lambda s: None, stop_after=3)  # checkpoints at 2 and 3
+  assert first["step"] == 3
+  second = trainer.train(cfg, log=lambda s: None)
+  assert second["step"] == 4
+  for a, b in zip(_leaves(full_run["params"]), _leaves(second["params"])):
+    np.testing.assert_array_equal(a, b)
+  assert _prompt_log(full_run["workdir"]) == _prompt_log(second["workdir"])
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_restart_resumes(full_run, root):
+  """A real ``kill -9`` of launch/train.py between checkpoints; the restart finishes the run."""
+  wd = root / "killed"
+  args = [sys.executable, os.path.join(REPO, "launch", "train.py"),
+          "--config=" + os.path.join(REPO, "configs", "geneval.py") + ":htgrpo,tiny",
+          f"--config.world.data_dir={root / 'world'}", f"--config.model.checkpoint={root / 'base'}",
+          f"--config.workdir={wd}", "--config.progress=False"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpts = wd / "checkpoints"
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if ckpts.is_dir() and any(p.name == "2" for p in ckpts.iterdir()):
+      break
+    time.sleep(0.2)
+  assert proc.poll() is None, "the run finished before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  saved = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+  assert saved and max(saved) < 4
+  out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "Resumed" in out.stdout + out.stderr
+  assert _prompt_log(full_run["workdir"]) == _prompt_log(str(wd))
+  restored = checkpoint.RunCheckpointer(ckpts).restore(checkpoint.abstract_like(full_run["state"]),
+                                                      step=4)[0]
+  for a, b in zip(_leaves(full_run["params"]), _leaves(restored.params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_checkpoint_from_8_devices_restores_on_1(full_run, root):
+  assert len(jax.devices()) == 8
+  cfg = tiny_config(root, "one_device", **{"mesh.num_devices": 1, "eval.at_start": False})
+  # Seed the new run's checkpoint folder with the 8-device run's latest checkpoint.
+  src = os.path.join(full_run["workdir"], "checkpoints")
+  os.makedirs(cfg.workdir)
+  subprocess.run(["cp", "-r", src, cfg.workdir], check=True)
+  cfg.total_steps = 5
+  out = trainer.train(cfg, log=lambda s: None)
+  assert out["step"] == 5
+  leaf = jax.tree.leaves(out["params"])[0]
+  assert len(leaf.sharding.device_set) == 1
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("rl.group_size", 3, "group_size"),
+    ("rl.n_global", -1, "HTGRPOConfig.n_global"),
+    ("rl.estimator", "bogus", "estimator"),
+    ("sampler.rule", "nope", "sampler"),
+    ("prompts_per_step", 0, "prompts_per_step"),
+    ("optim.learning_rate", -1.0, "optim.learning_rate"),
+])
+def test_bad_config_values_fail_before_compiling(root, key, value, match):
+  cfg = tiny_config(root, "bad", **{key: value})
+  with pytest.raises(ValueError, match=match):
+    trainer.train(cfg, log=lambda s: None)
+  assert not os.path.exists(os.path.join(cfg.workdir, "checkpoints"))
+
+
+def test_missing_base_checkpoint_is_named(root):
+  cfg = tiny_config(root, "nobase", **{"model.checkpoint": str(root / "absent"),
+                                       "model.pretrain_if_missing": False})
+  with pytest.raises(ValueError, match="model.checkpoint: no base policy at .*absent"):
+    trainer.train(cfg, log=lambda s: None)
+
+
+def test_mesh_that_does_not_divide_the_batch_is_named(root):
+  cfg = tiny_config(root, "badmesh", **{"eval.batch_size": 12})
+  with pytest.raises(ValueError, match="eval.batch_size=12 is not a multiple"):
+    trainer.train(cfg, log=lambda s: None)
+
+
+def test_unknown_key_on_the_command_line_is_named():
+  out = subprocess.run([sys.executable, os.path.join(REPO, "launch", "train.py"),
+                        "--config=" + os.path.join(REPO, "configs", "geneval.py"),
+                        "--config.rl.no_such_field=1"], capture_output=True, text=True, timeout=120)
+  assert out.returncode != 0 and "no_such_field" in out.stderr
