@@ -78,21 +78,23 @@ def param_map(c: LLaDAConfig) -> dict[tuple[str, ...], tuple[list[str], tuple[in
   return out
 
 
-def read_index(ckpt_dir: str) -> dict[str, str]:
-  """HF key -> shard file path, from ``model.safetensors.index.json`` (or a single file)."""
-  index = os.path.join(ckpt_dir, INDEX_FILE)
+def read_index(ckpt_dir: str, index_file: str = INDEX_FILE, single_file: str = SINGLE_FILE
+               ) -> dict[str, str]:
+  """HF key -> shard file path, from ``index_file`` (``weight_map``) or a single ``single_file``
+  in ``ckpt_dir`` (defaults: transformers' names; diffusers' names for VQ decoders)."""
+  index = os.path.join(ckpt_dir, index_file)
   if os.path.exists(index):
     with open(index) as f:
       weight_map = json.load(f).get("weight_map")
     if not isinstance(weight_map, dict):
       raise ValueError(f"{index} has no 'weight_map' object")
     return {k: os.path.join(ckpt_dir, v) for k, v in weight_map.items()}
-  single = os.path.join(ckpt_dir, SINGLE_FILE)
+  single = os.path.join(ckpt_dir, single_file)
   if os.path.exists(single):
     from safetensors import safe_open
     with safe_open(single, "pt") as f:
       return {k: single for k in f.keys()}
-  raise ValueError(f"{ckpt_dir!r} has neither {INDEX_FILE} nor {SINGLE_FILE}")
+  raise ValueError(f"{ckpt_dir!r} has neither {index_file} nor {single_file}")
 
 
 def check_hf_config(ckpt_dir: str, c: LLaDAConfig) -> None:
