@@ -49,7 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.group_prompts = 48             # prompts sampled group_size times
   c.eval.num_steps = 12
   c.eval.rule = "emerge"                # as configs/geneval.py's rollouts
-  c.eval.cfg_scale = 0.0
+  c.eval.cfg_scale = 2.0                # as configs/geneval.py's rollouts
   c.eval.temperature = 1.0
   c.eval.batch_size = 64
   c.eval.grid_size = 32

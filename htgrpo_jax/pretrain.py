@@ -10,7 +10,6 @@ layout's unconditional prompt, so the same network serves classifier-free guidan
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import time
@@ -19,7 +18,6 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import struct
@@ -37,16 +35,28 @@ class TrainState:
   step: jax.Array  # int32[]
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-  """AdamW with linear warmup + cosine decay and global-norm clipping."""
-  if total_steps < 1 or cfg.warmup_steps < 0 or cfg.learning_rate <= 0:
-    raise ValueError(f"optim: need total_steps >= 1, warmup_steps >= 0, learning_rate > 0; got "
-                     f"{total_steps}, {cfg.warmup_steps}, {cfg.learning_rate}")
-  sched = optax.warmup_cosine_decay_schedule(
-      0.0, cfg.learning_rate, min(cfg.warmup_steps, total_steps - 1) if total_steps > 1 else 0,
-      total_steps, end_value=cfg.learning_rate * cfg.final_lr_fraction)
+def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Global-norm clipping + AdamW at the peak learning rate; ``lr_scale`` (see ``make_train_step``)
+  applies the schedule, which ``pretrain`` computes on the host."""
+  if cfg.warmup_steps < 0 or cfg.learning_rate <= 0 or not 0.0 <= cfg.final_lr_fraction <= 1.0:
+    raise ValueError(f"optim: need warmup_steps >= 0, learning_rate > 0, 0 <= final_lr_fraction "
+                     f"<= 1; got {cfg.warmup_steps}, {cfg.learning_rate}, {cfg.final_lr_fraction}")
   return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
-                     optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
+                     optax.adamw(cfg.learning_rate, b1=cfg.b1, b2=cfg.b2,
+                                 weight_decay=cfg.weight_decay))
+
+
+def lr_scale(step: int, progress: float, warmup_steps: int, final_fraction: float) -> float:
+  """Multiplier of the peak learning rate: linear warmup over ``warmup_steps``, then cosine decay
+  to ``final_fraction`` as ``progress`` goes 0 -> 1.
+
+  ``pretrain`` passes progress = max(step / num_steps, elapsed / time budget), so a run cut short
+  by its wall-clock budget still anneals fully instead of stopping at the peak rate (on a slow
+  machine that is the difference between a usable base policy and a noisy one).
+  """
+  warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+  cos = 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+  return warm * (final_fraction + (1.0 - final_fraction) * cos)
 
 
 def mask_canvas(codes: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -99,15 +109,18 @@ def masked_diffusion_loss(params: Any, canvas_logits_fn: CanvasLogitsFn, prompt_
 
 def make_train_step(canvas_logits_fn: CanvasLogitsFn, optimizer: optax.GradientTransformation,
                     p_uncond: float) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
-  """``step(state, prompt_tokens, uncond_tokens, codes, key) -> (state, metrics)``, jitted with
-  the state donated. A non-finite loss or gradient skips the update (counted in ``skipped``)."""
+  """``step(state, prompt_tokens, uncond_tokens, codes, key, lr_scale) -> (state, metrics)``,
+  jitted with the state donated; ``lr_scale`` (float32 scalar) multiplies the optimizer's update,
+  which for AdamW is exactly a learning rate of ``lr_scale * learning_rate`` (decay included).
+  A non-finite loss or gradient skips the update (counted in ``skipped``)."""
   if not 0.0 <= p_uncond < 1.0:
     raise ValueError(f"p_uncond={p_uncond} must be in [0, 1)")
 
-  def step(state, prompt_tokens, uncond_tokens, codes, key):
+  def step(state, prompt_tokens, uncond_tokens, codes, key, lr_scale=1.0):
     (loss, metrics), grads = jax.value_and_grad(masked_diffusion_loss, has_aux=True)(
         state.params, canvas_logits_fn, prompt_tokens, uncond_tokens, codes, key, p_uncond)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    updates = jax.tree.map(lambda u: (u * lr_scale).astype(u.dtype), updates)
     params = optax.apply_updates(state.params, updates)
     ok = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
@@ -152,6 +165,18 @@ def load_params(path: str | os.PathLike, abstract: Any) -> Any:
   return ocp.StandardCheckpointer().restore(path, abstract)
 
 
+def load_pretrained(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The world assets, model config, layout and saved params of a finished pretraining run
+  (``{workdir}/params``), in the shape ``pretrain`` returns them (no history)."""
+  assets = world_data.build_world(cfg.world.data_dir, world_config(cfg), seed=cfg.seed,
+                                  num_codes=cfg.world.num_codes, num_train=cfg.world.num_train,
+                                  num_eval=cfg.world.num_eval)
+  model_cfg, layout = build_policy(cfg, assets)
+  path = os.path.join(cfg.workdir, "params")
+  params = load_params(path, policy.abstract_params(model_cfg, layout))
+  return dict(params=params, model_cfg=model_cfg, layout=layout, assets=assets, checkpoint=path)
+
+
 def pretrain(cfg: ml_collections.ConfigDict, progress: Callable[[Iterator[int]], Iterator[int]] =
              lambda it: it, log: Callable[[int, dict[str, float]], None] = lambda s, m: None
              ) -> dict[str, Any]:
@@ -175,7 +200,7 @@ def pretrain(cfg: ml_collections.ConfigDict, progress: Callable[[Iterator[int]],
   logits_fn = policy.make_canvas_logits_fn(model_cfg, layout)
   key = jax.random.PRNGKey(cfg.seed)
   params = policy.init_params(model_cfg, layout, jax.random.fold_in(key, 0))
-  opt = make_optimizer(cfg.optim, cfg.num_steps)
+  opt = make_optimizer(cfg.optim)
   state = TrainState(params, opt.init(params), jnp.zeros((), jnp.int32))
   step_fn = make_train_step(logits_fn, opt, cfg.p_uncond)
   ds = world_data.make_dataset(assets, "train", cfg.batch_size, seed=cfg.seed,
@@ -186,15 +211,18 @@ def pretrain(cfg: ml_collections.ConfigDict, progress: Callable[[Iterator[int]],
   budget = cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf
   for s in progress(iter(range(cfg.num_steps))):
     batch = next(it)
+    scale = lr_scale(s, max(s / cfg.num_steps, (time.time() - t0) / budget), cfg.optim.warmup_steps,
+                     cfg.optim.final_lr_fraction)
     state, m = step_fn(state, jnp.asarray(batch["prompt_tokens"]), uncond,
-                       jnp.asarray(batch["codes"]), jax.random.fold_in(key, s + 1))
+                       jnp.asarray(batch["codes"]), jax.random.fold_in(key, s + 1),
+                       jnp.float32(scale))
     done = s + 1
     if done % cfg.log_every == 0 or done == cfg.num_steps:
       host = {k: float(v) for k, v in m.items()}
-      history.append(dict(host, step=done, seconds=time.time() - t0))
+      history.append(dict(host, step=done, seconds=time.time() - t0, lr=scale * cfg.optim.learning_rate))
       log(done, host)
     if time.time() - t0 > budget:
-      break  # the wall-clock budget ends training early; the schedule does not adapt
+      break  # the budget is spent; the schedule above has already annealed to its final rate
   params = jax.block_until_ready(state.params)
   seconds = time.time() - t0
   ckpt = save_params(os.path.join(cfg.workdir, "params"), params) if cfg.workdir else None

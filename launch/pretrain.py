@@ -3,6 +3,7 @@
   python launch/pretrain.py --config=configs/pretrain_shapes.py
   python launch/pretrain.py --config=configs/pretrain_shapes.py --config.num_steps=100 \
       --config.workdir=/tmp/base
+  python launch/pretrain.py --config=configs/pretrain_shapes.py --eval_only   # re-evaluate a saved one
 
 Writes {workdir}/params (Orbax), {workdir}/history.json, {workdir}/eval_table.md (per-tag
 strict accuracy, GenEval's overall), {workdir}/eval_grid.png and {workdir}/eval.json (scores and
@@ -15,7 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-from absl import app, logging  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -28,6 +29,8 @@ from htgrpo_jax.sampling import SamplerConfig, make_sampler  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain_shapes.py",
                                           "pretraining config")
+_EVAL_ONLY = flags.DEFINE_boolean("eval_only", False, "Only evaluate the policy already saved in "
+                                  "{workdir}/params (table, grid, mixed-outcome fraction).")
 
 
 def run_eval(cfg, out) -> dict:
@@ -72,6 +75,11 @@ def run_eval(cfg, out) -> dict:
 def main(argv):
   del argv
   cfg = _CONFIG.value
+  if _EVAL_ONLY.value:
+    summary = run_eval(cfg, pretrain.load_pretrained(cfg))
+    print(summary["table"])
+    print("group outcomes at G=%d: %s" % (cfg.eval.group_size, summary["group_outcomes"]))
+    return
   bar = {}
 
   def progress(it):

@@ -1,0 +1,80 @@
+"""Base-policy pretraining: the host-side learning-rate schedule and the jitted masked-diffusion step."""
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from htgrpo_jax import pretrain
+
+C, N, LP = 5, 6, 3
+
+
+def optim_cfg(**over):
+  c = ml_collections.ConfigDict(dict(learning_rate=1e-2, warmup_steps=4, final_lr_fraction=0.1,
+                                     weight_decay=0.01, b1=0.9, b2=0.99, max_grad_norm=1e9))
+  c.update(over)
+  return c
+
+
+def test_lr_scale_warms_up_then_anneals_to_the_final_fraction():
+  assert pretrain.lr_scale(0, 0.0, 4, 0.1) == pytest.approx(0.25)
+  assert pretrain.lr_scale(3, 0.0, 4, 0.1) == pytest.approx(1.0)
+  assert pretrain.lr_scale(50, 0.5, 4, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+  assert pretrain.lr_scale(50, 1.0, 4, 0.1) == pytest.approx(0.1)
+  assert pretrain.lr_scale(50, 7.0, 4, 0.1) == pytest.approx(0.1)  # past the budget: stays final
+  assert pretrain.lr_scale(0, 0.0, 0, 0.1) == pytest.approx(1.0)
+  xs = [pretrain.lr_scale(10, p, 4, 0.1) for p in np.linspace(0, 1, 11)]
+  assert all(a >= b for a, b in zip(xs, xs[1:]))
+
+
+def _toy_logits(params, prompt_tokens, canvas):
+  # A per-slot table plus a prompt-dependent bias: enough to give every param a gradient.
+  b = prompt_tokens.shape[0]
+  bias = params["p"][prompt_tokens].sum(1)[:, None, :]
+  return jnp.broadcast_to(params["slot"][None], (b, N, C)) + bias
+
+
+def _params():
+  r = np.random.default_rng(0)
+  return {"slot": jnp.asarray(r.normal(size=(N, C)), jnp.float32),
+          "p": jnp.asarray(r.normal(size=(4, C)), jnp.float32)}
+
+
+def _batch():
+  r = np.random.default_rng(1)
+  return (jnp.asarray(r.integers(1, 4, (8, LP)), jnp.int32), jnp.zeros((8, LP), jnp.int32),
+          jnp.asarray(r.integers(0, C, (8, N)), jnp.int32))
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.37, 1.0])
+def test_lr_scale_is_exactly_adamw_at_the_scaled_rate(scale):
+  cfg = optim_cfg()
+  step = pretrain.make_train_step(_toy_logits, pretrain.make_optimizer(cfg), p_uncond=0.0)
+  params = _params()
+  opt = pretrain.make_optimizer(cfg)
+  state = pretrain.TrainState(params, opt.init(params), jnp.zeros((), jnp.int32))
+  prompts, uncond, codes = _batch()
+  key = jax.random.PRNGKey(3)
+  new, metrics = step(state, prompts, uncond, codes, key, jnp.float32(scale))
+
+  # Reference: the same loss and gradient, then optax's AdamW built at lr = scale * peak.
+  params = _params()
+  grads = jax.grad(lambda p: pretrain.masked_diffusion_loss(p, _toy_logits, prompts, uncond, codes,
+                                                            key, 0.0)[0])(params)
+  ref_opt = optax.adamw(scale * cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+  upd, _ = ref_opt.update(grads, ref_opt.init(params), params)
+  want = optax.apply_updates(params, upd)
+  for k in want:
+    np.testing.assert_allclose(np.asarray(new.params[k]), np.asarray(want[k]), rtol=1e-6, atol=1e-7)
+  assert int(metrics["skipped"]) == 0 and math.isfinite(float(metrics["loss"]))
+
+
+def test_bad_optimizer_settings_are_named():
+  with pytest.raises(ValueError, match="final_lr_fraction"):
+    pretrain.make_optimizer(optim_cfg(final_lr_fraction=1.5))
+  with pytest.raises(ValueError, match="learning_rate"):
+    pretrain.make_optimizer(optim_cfg(learning_rate=0.0))
