@@ -1,7 +1,7 @@
 """HT-GRPO for Lumina-DiMOO (8B) on GenEval prompts (TPU pod slice).
 
-  python launch/convert_checkpoint.py --model=lumina_dimoo_8b --hf_dir=/ckpt/Lumina-DiMOO \
-      --out=/ckpt/dimoo_orbax
+  python launch/convert_checkpoint.py --preset=lumina_dimoo_8b --hf_dir=/ckpt/Lumina-DiMOO \
+      --out_dir=/ckpt/dimoo_orbax
   python launch/train.py --config=configs/lumina_dimoo_geneval.py \
       --config.world.reward_url=http://reward-host:8000/score
 
@@ -9,14 +9,19 @@ As ``configs/mmada_geneval.py`` with DiMOO's layout (system prompt, rows ending 
 token, ``<uncondition>`` CFG branch), its aMUSEd VQ-GAN decoder and its sampler (64 steps, CFG 4,
 constant temperature). 512x512 keeps rollouts affordable; any multiple of 16 works.
 """
-import ml_collections
+import importlib.util
+import os
 
-from configs import mmada_geneval
+import ml_collections
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  c = mmada_geneval.get_config(arg)
-  c.workdir = "gs://YOUR_BUCKET/htgrpo/lumina_dimoo_geneval"
+  path = os.path.join(os.path.dirname(__file__), "mmada_geneval.py")
+  spec = importlib.util.spec_from_file_location("mmada_geneval", path)
+  mmada = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mmada)
+  c = mmada.get_config(arg)
+  c.workdir = "runs/lumina_dimoo_geneval"
   c.model.preset = "lumina_dimoo_8b"
   c.model.layout = "dimoo"
   c.model.image_size = 512                    # 32 rows x 32 codes (+ a newline per row)

@@ -1,6 +1,6 @@
 """HT-GRPO for MMaDA-8B on GenEval prompts (TPU pod slice; the paper's MMaDA setting).
 
-  python launch/convert_checkpoint.py --model=mmada_8b --hf_dir=/ckpt/MMaDA-8B-Base --out=/ckpt/mmada_orbax
+  python launch/convert_checkpoint.py --preset=mmada_8b --hf_dir=/ckpt/MMaDA-8B-Base --out_dir=/ckpt/mmada_orbax
   python launch/train.py --config=configs/mmada_geneval.py \
       --config.world.reward_url=http://reward-host:8000/score
 
@@ -12,14 +12,23 @@ detector on a GPU box. On a multi-host slice every worker runs the same command
 
 Per-device memory of these settings is checked without a TPU by ``launch/aot_compile.py``.
 """
+import importlib.util
+import os
+
 import ml_collections
 
-from configs import geneval  # noqa: F401  (same RL/optim/eval keys as the default config)
+
+def _sibling(name):
+  """A config module next to this file (config files are loaded by path, not as a package)."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), name + ".py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  c = geneval.get_config(arg)
-  c.workdir = "gs://YOUR_BUCKET/htgrpo/mmada_geneval"
+  c = _sibling("geneval").get_config(arg)  # same RL / optim / eval keys as the default config
+  c.workdir = "runs/mmada_geneval"            # multi-host: a folder every worker shares (e.g. gcsfuse)
 
   c.world = ml_collections.ConfigDict()
   c.world.kind = "t2i"
@@ -37,6 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.checkpoint = "/ckpt/mmada_orbax"    # launch/convert_checkpoint.py output
   c.model.vq_kind = "magvit2"
   c.model.vq_checkpoint = "/ckpt/magvitv2"    # folder with the decoder safetensors
+  c.model.vq_preset = ""                      # "" = the released decoder's sizes ("tiny": tests)
   c.model.overrides = ml_collections.ConfigDict(dict(remat="full"))
 
   # MMaDA's T2I sampler: MaskGIT, cosine, CFG 3.5, annealed temperature (dmllm_models.md section 5).
@@ -47,7 +57,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sampler.temperature_mode = "mmada_annealed"
 
   c.rl.group_size = 8
-  c.rl.micro_batch_size = 8                   # rows per gradient micro-batch (memory, not maths)
+  c.rl.micro_batch_size = 32                  # rows per gradient micro-batch (memory, not maths):
+                                              # 2 per chip on a v5p-128 (fsdp 16), a multiple of data*fsdp
   c.optim.learning_rate = 1e-6
   c.optim.warmup_steps = 5
   c.prompts_per_step = 16                     # 128 images per step

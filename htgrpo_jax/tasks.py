@@ -40,7 +40,10 @@ class Task:
     train_dataset: ``(batch_size, seed) -> grain.IterDataset`` of dicts with ``caption`` str[P],
       ``prompt_tokens`` int32[P, Lp] and ``meta`` str[P] (JSON).
     eval_prompts: the held-out prompts, balanced over tags.
-    decode: ``codes int32[B, N] -> uint8[B, H, W, 3]``, jittable (runs on the accelerator).
+    decode: ``(decode_params, codes int32[B, N]) -> uint8[B, H, W, 3]``, jittable (runs on the
+      accelerator); the params are an argument, not a closure, so a 40-90M-parameter VQ decoder is
+      not baked into the compiled program as constants.
+    decode_params: the decoder's params pytree (the ShapeEval codebook, or VQ-GAN/MAGVIT-v2 weights).
     reward: the RL reward ``(prompts, images, meta=[...]) -> float32[B]``.
     score: the evaluation scorer ``(prompts, images, meta) -> strict float32[B]`` (GenEval 0/1).
   """
@@ -50,7 +53,8 @@ class Task:
   load_base_params: Callable[[Any], Any]
   train_dataset: Callable[[int, int], grain.IterDataset]
   eval_prompts: list[EvalPrompt]
-  decode: Callable[[jax.Array], jax.Array]
+  decode: Callable[[Any, jax.Array], jax.Array]
+  decode_params: Any
   reward: Callable[..., np.ndarray]
   score: Callable[..., np.ndarray]
 
@@ -144,7 +148,7 @@ def build_shapes_task(config: ml_collections.ConfigDict, *, log: Callable[[str],
       load_base_params=lambda abstract: pretrain.load_params(ckpt, abstract),
       train_dataset=train_dataset,
       eval_prompts=[EvalPrompt(p.text, p.meta.tag, p.meta.to_json()) for p in evals],
-      decode=lambda codes: vq.decode(codebook, codes),
+      decode=vq.decode, decode_params=codebook,
       reward=ShapeEvalReward(world, mode=config.world.reward_mode),
       score=lambda prompts, images, meta: strict(prompts, images, meta=meta))
 
@@ -190,7 +194,6 @@ def build_layout(config: ml_collections.ConfigDict) -> layouts.Layout:
 
 def build_t2i_task(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = print) -> Task:
   from htgrpo_jax.models import convert
-  from htgrpo_jax.models.vq import build_decoder
   from htgrpo_jax.rewards.remote import RemoteReward
 
   train = read_prompt_file(config.world.train_prompts, "world.train_prompts")
@@ -203,8 +206,10 @@ def build_t2i_task(config: ml_collections.ConfigDict, *, log: Callable[[str], No
   if not config.model.checkpoint or not os.path.isdir(ckpt):
     raise ValueError(f"model.checkpoint: converted Orbax checkpoint {ckpt!r} does not exist "
                      "(python launch/convert_checkpoint.py writes it)")
-  decode = build_decoder(config.model.vq_kind, config.model.vq_checkpoint, layout,
-                         key="model.vq_checkpoint")
+  from htgrpo_jax.models.vq import build_decoder
+  decode, decode_params = build_decoder(config.model.vq_kind, config.model.vq_checkpoint,
+                                        layout.grid, key="model.vq_checkpoint",
+                                        preset=config.model.get("vq_preset") or None)
   if not config.world.reward_url:
     raise ValueError("world.reward_url: the t2i world needs a reward server URL")
   reward = RemoteReward(config.world.reward_url, name="remote", timeout=config.world.reward_timeout,
@@ -223,7 +228,8 @@ def build_t2i_task(config: ml_collections.ConfigDict, *, log: Callable[[str], No
   return Task(
       name=config.model.preset, model_cfg=model_cfg, layout=layout,
       load_base_params=lambda abstract: convert.restore_params(ckpt, abstract),
-      train_dataset=train_dataset, eval_prompts=evals, decode=decode, reward=reward,
+      train_dataset=train_dataset, eval_prompts=evals, decode=decode,
+      decode_params=decode_params, reward=reward,
       score=lambda prompts, images, meta: strict(prompts, images, meta=meta))
 
 

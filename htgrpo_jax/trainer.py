@@ -20,6 +20,7 @@ exactly what an uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -47,6 +48,7 @@ class Plan:
   prompts_per_step: int
   batch_size: int
   eval_batch_size: int
+  share_sketch: bool = False
 
 
 def plan(config: ml_collections.ConfigDict) -> Plan:
@@ -91,7 +93,7 @@ def plan(config: ml_collections.ConfigDict) -> Plan:
   except ValueError as e:
     raise ValueError(f"rl.micro_batch_size / prompts_per_step: {e}") from None
   return Plan(rl=rl_cfg, sampler=s_cfg, prompts_per_step=config.prompts_per_step,
-              batch_size=batch, eval_batch_size=config.eval.batch_size)
+              batch_size=batch, eval_batch_size=config.eval.batch_size, share_sketch=bool(share))
 
 
 def config_get(config: ml_collections.ConfigDict, dotted: str) -> Any:
@@ -106,6 +108,14 @@ def check_mesh(p: Plan, mesh: jax.sharding.Mesh) -> None:
   if p.batch_size % div:
     raise ValueError(f"prompts_per_step * rl.group_size = {p.batch_size} is not a multiple of the "
                      f"mesh's data*fsdp = {div} (mesh={dict(mesh.shape)})")
+  if p.share_sketch and p.prompts_per_step % div:
+    # One sketch per prompt: the sketch batch is prompts_per_step rows, sharded like any batch.
+    raise ValueError(f"prompts_per_step={p.prompts_per_step} is not a multiple of the mesh's "
+                     f"data*fsdp = {div}, which sampler.share_sketch=True needs")
+  mb = p.rl.micro_batch_size
+  if mb and mb % div:
+    raise ValueError(f"rl.micro_batch_size={mb} is not a multiple of the mesh's data*fsdp = {div} "
+                     f"(each micro-batch is split over the batch axes)")
   if p.eval_batch_size % div:
     raise ValueError(f"eval.batch_size={p.eval_batch_size} is not a multiple of the mesh's "
                      f"data*fsdp = {div}")
@@ -131,6 +141,32 @@ def state_shardings(abstract_state: rl.TrainState, param_shardings: Any, optimiz
   return rl.TrainState(step=rep, params=param_shardings, opt_state=opt,
                        ref_params=None if abstract_state.ref_params is None else param_shardings,
                        skipped=rep)
+
+
+def abstract_train_state(task: tasks.Task, p: Plan, optimizer, mesh: jax.sharding.Mesh
+                         ) -> tuple[rl.TrainState, rl.TrainState, Any]:
+  """(abstract state with target shardings, its shardings, abstract params); nothing allocated."""
+  pshard = policy.param_shardings(task.model_cfg, task.layout, mesh)
+  abstract_params = policy.abstract_params(task.model_cfg, task.layout, mesh)
+  abstract = jax.eval_shape(
+      lambda prm: rl.TrainState.create(prm, optimizer, with_reference=p.rl.beta > 0),
+      abstract_params)
+  shardings = state_shardings(abstract, pshard, optimizer, mesh)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  return abstract, shardings, abstract_params
+
+
+def write_eval(out_dir: str, name: str, res: dict[str, Any], title: str, grid_size: int) -> str:
+  """Writes ``eval_{name}.md`` (per-tag table) and ``grid_{name}.png``; returns the table."""
+  table = evaluate.tag_table(res["tags"], res["strict"], title=title)
+  with open(os.path.join(out_dir, f"eval_{name}.md"), "w") as f:
+    f.write(table)
+  n = min(grid_size, len(res["captions"]))
+  if n:
+    caps = [f"{c}\n{'PASS' if s else 'fail'}" for c, s in zip(res["captions"][:n], res["strict"][:n])]
+    evaluate.image_grid(res["images"][:n], caps, os.path.join(out_dir, f"grid_{name}.png"))
+  return table
 
 
 class RunLog:
@@ -169,6 +205,15 @@ def _flat_scalars(metrics: dict[str, Any]) -> dict[str, float]:
     elif np.ndim(v) == 0:
       out[k] = float(v)
   return out
+
+
+def jit_decode(task: tasks.Task, mesh: jax.sharding.Mesh) -> Callable[[jax.Array], jax.Array]:
+  """``codes int32[B, N] -> uint8[B, H, W, 3]`` on device: decoder params replicated (placed once),
+  batch split over ``('data', 'fsdp')``."""
+  rep = parallel.replicated(mesh)
+  fn = jax.jit(task.decode, in_shardings=(rep, parallel.batch_sharding(mesh, 2)),
+               out_shardings=parallel.batch_sharding(mesh, 4))
+  return functools.partial(fn, jax.device_put(task.decode_params, rep))
 
 
 def shared_rewards(reward: Callable[..., Any], captions: list[str], images: np.ndarray,
@@ -212,14 +257,7 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = pri
   layout, g = task.layout, p.rl.group_size
   optimizer = make_optimizer(config, p)
   logits_fn = policy.make_canvas_logits_fn(task.model_cfg, layout)
-  pshard = policy.param_shardings(task.model_cfg, layout, mesh)
-  abstract_params = policy.abstract_params(task.model_cfg, layout, mesh)
-  with_ref = p.rl.beta > 0
-  abstract_state = jax.eval_shape(
-      lambda prm: rl.TrainState.create(prm, optimizer, with_reference=with_ref), abstract_params)
-  shardings = state_shardings(abstract_state, pshard, optimizer, mesh)
-  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                abstract_state, shardings)
+  abstract_state, shardings, abstract_params = abstract_train_state(task, p, optimizer, mesh)
 
   ckpt = RunCheckpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
   data = iter(task.train_dataset(p.prompts_per_step, config.seed))
@@ -229,21 +267,22 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = pri
     log(f"Resumed {workdir} at step {loop['step']}.")
   else:
     params = task.load_base_params(abstract_params)
-    create = jax.jit(lambda prm: rl.TrainState.create(prm, optimizer, with_reference=with_ref),
-                     out_shardings=shardings)
+    create = jax.jit(
+        lambda prm: rl.TrainState.create(prm, optimizer, with_reference=p.rl.beta > 0),
+        out_shardings=shardings)
     state = create(params)
     del params
     loop = dict(step=0, seed=config.seed, history=[], evals={})
   start = int(loop["step"])
 
   sampler = make_sampler(logits_fn, p.sampler, num_tokens=layout.num_image_tokens, mesh=mesh,
-                         params_sharding=pshard)
+                         params_sharding=shardings.params)
   step_fn = rl.make_train_step(logits_fn, optimizer, p.rl, mesh=mesh, state_shardings=shardings)
-  decode = jax.jit(task.decode, in_shardings=parallel.batch_sharding(mesh, 2),
-                   out_shardings=parallel.batch_sharding(mesh, 4))
+  decode = jit_decode(task, mesh)
   root = jax.random.PRNGKey(config.seed)
   eval_key = jax.random.fold_in(root, _EVAL_SALT)
-  uncond_p = parallel.global_batch(layout.unconditional_prompts(p.prompts_per_step), mesh)
+  uncond_p = (parallel.global_batch(layout.unconditional_prompts(p.prompts_per_step), mesh)
+              if p.share_sketch else None)
   uncond_b = parallel.global_batch(layout.unconditional_prompts(p.batch_size), mesh)
   runlog = RunLog(workdir, start)
 
@@ -251,13 +290,8 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = pri
     res = evaluate.evaluate_policy(sampler, params, layout, decode, task.eval_prompts, eval_key,
                                    score=task.score, batch_size=p.eval_batch_size)
     label = "base" if step == 0 else f"step {step}"
-    table = evaluate.tag_table(res["tags"], res["strict"], title=f"held-out, {label}")
-    with open(os.path.join(workdir, f"eval_step{step:05d}.md"), "w") as f:
-      f.write(table)
-    n = min(config.eval.grid_size, len(res["captions"]))
-    if n:
-      caps = [f"{c}\n{'PASS' if s else 'fail'}" for c, s in zip(res["captions"][:n], res["strict"][:n])]
-      evaluate.image_grid(res["images"][:n], caps, os.path.join(workdir, f"grid_step{step:05d}.png"))
+    write_eval(workdir, f"step{step:05d}", res, f"{task.name} held-out, {label}",
+               config.eval.grid_size)
     for k, v in res["scores"].items():
       runlog.tb.add_scalar(f"eval/{k}", v, step)
     return res["scores"]
@@ -291,7 +325,7 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = pri
     k_roll, k_step = jax.random.split(jax.random.fold_in(root, step))
     prompts_np = np.asarray(batch["prompt_tokens"], np.int32)
     prompts_b = parallel.global_batch(np.repeat(prompts_np, g, axis=0), mesh)
-    if config.sampler.share_sketch:
+    if p.share_sketch:
       k_sketch, k_paint = jax.random.split(k_roll)
       sketch = sampler.sketch(state.params, parallel.global_batch(prompts_np, mesh), uncond_p,
                               k_sketch)
@@ -353,7 +387,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, *, which: str = "late
   check_mesh(p, mesh)
   task = tasks.build_task(config, log=log)
   layout = task.layout
-  abstract_params = policy.abstract_params(task.model_cfg, layout, mesh)
+  abstract_state, _, abstract_params = abstract_train_state(task, p, make_optimizer(config, p), mesh)
   if which == "base":
     params = task.load_base_params(abstract_params)
   else:
@@ -361,33 +395,19 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, *, which: str = "late
     step = None if which == "latest" else int(which)
     if ckpt.latest_step() is None:
       raise ValueError(f"no run checkpoint under {ckpt.directory}; use which='base'")
-    optimizer = make_optimizer(config, p)
-    abstract_state = jax.eval_shape(
-        lambda prm: rl.TrainState.create(prm, optimizer, with_reference=p.rl.beta > 0),
-        abstract_params)
-    pshard = policy.param_shardings(task.model_cfg, layout, mesh)
-    shardings = state_shardings(abstract_state, pshard, optimizer, mesh)
-    abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  abstract_state, shardings)
     state, _, loop = ckpt.restore(abstract_state, step=step)
     ckpt.close()
     params, which = state.params, f"step{loop['step']}"
   logits_fn = policy.make_canvas_logits_fn(task.model_cfg, layout)
   sampler = make_sampler(logits_fn, p.sampler, num_tokens=layout.num_image_tokens, mesh=mesh)
-  decode = jax.jit(task.decode)
+  decode = jit_decode(task, mesh)
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), _EVAL_SALT)
   res = evaluate.evaluate_policy(sampler, params, layout, decode, task.eval_prompts, key,
                                  score=task.score, samples_per_prompt=samples_per_prompt,
                                  batch_size=p.eval_batch_size)
-  table = evaluate.tag_table(res["tags"], res["strict"], title=f"{task.name} held-out, {which}")
   out_dir = os.path.abspath(out_dir or config.workdir)
   os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, f"eval_{which}.md"), "w") as f:
-    f.write(table)
-  n = min(config.eval.grid_size, len(res["captions"]))
-  if n:
-    caps = [f"{c}\n{'PASS' if s else 'fail'}" for c, s in zip(res["captions"][:n], res["strict"][:n])]
-    evaluate.image_grid(res["images"][:n], caps, os.path.join(out_dir, f"grid_{which}.png"))
+  table = write_eval(out_dir, which, res, f"{task.name} held-out, {which}", config.eval.grid_size)
   with open(os.path.join(out_dir, f"eval_{which}.json"), "w") as f:
     json.dump(dict(scores=res["scores"], sampler=str(p.sampler),
                    samples_per_prompt=samples_per_prompt), f, indent=2)

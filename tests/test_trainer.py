@@ -150,10 +150,16 @@ def test_missing_base_checkpoint_is_named(root):
     trainer.train(cfg, log=lambda s: None)
 
 
-def test_mesh_that_does_not_divide_the_batch_is_named(root):
-  cfg = tiny_config(root, "badmesh", **{"eval.batch_size": 12})
-  with pytest.raises(ValueError, match="eval.batch_size=12 is not a multiple"):
+@pytest.mark.parametrize("key,value,match", [
+    ("eval.batch_size", 12, "eval.batch_size=12 is not a multiple"),
+    ("rl.micro_batch_size", 4, r"rl.micro_batch_size=4 is not a multiple of the mesh's data\*fsdp = 8"),
+    ("sampler.share_sketch", True, r"prompts_per_step=4 .* sampler.share_sketch=True"),
+])
+def test_mesh_that_does_not_divide_a_batch_is_named(root, key, value, match):
+  cfg = tiny_config(root, "badmesh", **{key: value})  # 8 fake devices, prompts_per_step 4, G 4
+  with pytest.raises(ValueError, match=match):
     trainer.train(cfg, log=lambda s: None)
+  assert not os.path.exists(os.path.join(cfg.workdir, "checkpoints"))
 
 
 def test_unknown_key_on_the_command_line_is_named():
@@ -161,3 +167,18 @@ def test_unknown_key_on_the_command_line_is_named():
                         "--config=" + os.path.join(REPO, "configs", "geneval.py"),
                         "--config.rl.no_such_field=1"], capture_output=True, text=True, timeout=120)
   assert out.returncode != 0 and "no_such_field" in out.stderr
+
+
+@pytest.mark.parametrize("name", ["mmada_geneval.py", "lumina_dimoo_geneval.py"])
+def test_8b_configs_name_missing_paths_before_compiling(tmp_path, name):
+  cfg = tasks.load_config_file(os.path.join(REPO, "configs", name))
+  cfg.workdir = str(tmp_path / "run")
+  with pytest.raises(ValueError, match="world.train_prompts: prompt file"):
+    trainer.train(cfg, log=lambda s: None)
+  for split in ("train", "eval"):
+    path = tmp_path / f"{split}.jsonl"
+    path.write_text('{"prompt": "a photo of a cat", "tag": "single_object"}\n')
+    cfg.world[f"{split}_prompts"] = str(path)
+  cfg.model.tokenizer = str(tmp_path / "no_tokenizer")
+  with pytest.raises(ValueError, match="model.tokenizer: tokenizer directory .*no_tokenizer"):
+    trainer.train(cfg, log=lambda s: None)

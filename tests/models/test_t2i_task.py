@@ -1,0 +1,129 @@
+"""The 8B path end to end at toy size: configs/lumina_dimoo_geneval.py with a tiny DiMOO-layout
+backbone (Orbax params), a tiny VQ-GAN in the HF key layout, a local tokenizer, JSONL prompt files and
+a reward server on 127.0.0.1. Sampled codes decode on device to the pixels the reward client sends."""
+import http.server
+import json
+import os
+import threading
+
+import jax
+import numpy as np
+import pytest
+
+from htgrpo_jax import parallel, tasks, trainer
+from htgrpo_jax.models import convert, llada, policy
+from htgrpo_jax.models.vq import vqgan
+from htgrpo_jax.rewards import remote
+
+from torch_vq_reference import TVQGAN, VQG, randomize, write_ckpt  # tests/models/
+
+TINY = dict(d_model=32, n_layers=1, n_heads=2, mlp_hidden=64, dtype="float32")
+PROMPTS = [("a red circle", "single_object"), ("two blue square", "counting"),
+           ("a green triangle left of a red square", "position"), ("a blue circle", "colors")]
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+  """A reward server: records every request, scores an image by its mean brightness in [0, 1]."""
+
+  def do_POST(self):  # noqa: N802
+    body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+    images = [remote.decode_png(s) for s in body["images"]]
+    self.server.requests.append((self.path, body, images))
+    out = json.dumps({"scores": [float(im.mean() / 255.0) for im in images]}).encode()
+    self.send_response(200)
+    self.send_header("Content-Type", "application/json")
+    self.send_header("Content-Length", str(len(out)))
+    self.end_headers()
+    self.wfile.write(out)
+
+  def log_message(self, *args):
+    pass
+
+
+@pytest.fixture(scope="module")
+def server():
+  srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+  srv.requests = []
+  threading.Thread(target=srv.serve_forever, daemon=True).start()
+  yield srv
+  srv.shutdown()
+  srv.server_close()
+
+
+@pytest.fixture(scope="module")
+def dimoo_config(tmp_path_factory, word_tokenizer_dir, server):
+  root = tmp_path_factory.mktemp("t2i")
+  for name in ("train", "eval"):
+    with open(root / f"{name}.jsonl", "w") as f:
+      for text, tag in PROMPTS:
+        f.write(json.dumps({"prompt": text, "tag": tag}) + "\n")
+  write_ckpt(root / "vqvae.safetensors", randomize(TVQGAN(VQG), seed=7))
+  c = tasks.load_config_file("configs/lumina_dimoo_geneval.py")
+  c.workdir = str(root / "run")
+  c.world.train_prompts, c.world.eval_prompts = str(root / "train.jsonl"), str(root / "eval.jsonl")
+  url = f"http://127.0.0.1:{server.server_address[1]}"
+  c.world.reward_url, c.world.score_url = url + "/reward", url + "/strict"
+  c.model.tokenizer = word_tokenizer_dir
+  c.model.image_size = 32                      # 2 x 2 codes, a newline after each row
+  c.model.overrides = dict(TINY)
+  c.model.checkpoint = str(root / "policy")
+  c.model.vq_checkpoint = str(root / "vqvae.safetensors")
+  c.model.vq_preset = "tiny"
+  c.mesh.update(data=-1, fsdp=1, tensor=1)
+  c.sampler.num_steps, c.sampler.cfg_scale = 4, 2.0
+  c.rl.group_size = 2
+  c.rl.n_global, c.rl.n_struct, c.rl.n_refine = 1, 1, 1
+  c.rl.micro_batch_size = None
+  c.prompts_per_step, c.total_steps = 4, 2
+  c.eval_every = c.save_every = 2
+  c.eval.num_prompts, c.eval.batch_size, c.eval.grid_size = 4, 8, 4
+  c.progress = False
+  # The converted backbone: random tiny params written as launch/convert_checkpoint.py writes them.
+  layout = tasks.build_layout(c)
+  model_cfg = llada.get_config(c.model.preset, **TINY)
+  convert.save_params(policy.init_params(model_cfg, layout, jax.random.PRNGKey(0)), c.model.checkpoint)
+  return c
+
+
+def test_rollout_codes_decode_to_the_pixels_the_reward_server_receives(dimoo_config, server):
+  task = tasks.build_task(dimoo_config)
+  p = trainer.plan(dimoo_config)
+  mesh = parallel.make_mesh(**dict(dimoo_config.mesh))
+  params = task.load_base_params(policy.abstract_params(task.model_cfg, task.layout, mesh))
+  sampler = trainer.make_sampler(policy.make_canvas_logits_fn(task.model_cfg, task.layout), p.sampler,
+                                 num_tokens=task.layout.num_image_tokens, mesh=mesh)
+  prompts = parallel.global_batch(task.layout.encode_prompts([t for t, _ in PROMPTS] * 2), mesh)
+  uncond = parallel.global_batch(task.layout.unconditional_prompts(8), mesh)
+  record = sampler.sample(params, prompts, uncond, jax.random.PRNGKey(1))
+  codes = np.asarray(record.image_tokens)
+  assert codes.shape == (8, 4) and codes.min() >= 0 and codes.max() < task.layout.codebook_size
+  images = parallel.to_host(trainer.jit_decode(task, mesh)(record.image_tokens))
+  assert images.shape == (8, 8, 8, 3) and images.dtype == np.uint8  # tiny VQ-GAN: 4 px per code
+
+  # The same pixels, by the model's own route: the DiMOO sequence with its newline rows -> codes
+  # (clipped to the tiny decoder's 64 codes, as the decoder clips the layout's 8192).
+  seq = np.asarray(task.layout.assemble(prompts, np.minimum(codes, VQG.num_vq_embeddings - 1)))
+  start = task.layout.image_positions[0]
+  grid = vqgan.strip_newlines(seq[:, start:start + 2 * 3], 2, 2, VQG)
+  np.testing.assert_array_equal(images, np.asarray(vqgan.decode(task.decode_params, grid, VQG)))
+
+  before = len(server.requests)
+  captions = [t for t, _ in PROMPTS] * 2
+  scores = task.reward(captions, images, meta=["{}"] * 8)
+  path, body, got = server.requests[before]
+  assert path == "/reward" and body["prompts"] == captions
+  np.testing.assert_array_equal(np.stack(got), images)  # PNG is lossless: exactly these pixels
+  np.testing.assert_allclose(scores, images.reshape(8, -1).mean(-1) / 255.0, rtol=1e-6)
+
+
+def test_dimoo_config_trains_two_steps_and_scores_with_the_strict_endpoint(dimoo_config, server):
+  out = trainer.train(dimoo_config, log=lambda s: None)
+  assert out["step"] == 2 and len(out["history"]) == 2
+  paths = [r[0] for r in server.requests]
+  assert paths.count("/reward") >= 2 and "/strict" in paths
+  assert all(np.isfinite(v).all() for v in jax.tree.leaves(jax.device_get(out["params"])))
+  for name in ("results.md", "reward_curve.png", "eval_step00002.md", "metrics.jsonl"):
+    assert os.path.exists(os.path.join(dimoo_config.workdir, name)), name
+  # Images reached the server at the tiny decoder's size, B = prompts_per_step x G per RL step.
+  rl_batches = [imgs for path, _, imgs in server.requests if path == "/reward"]
+  assert {len(b) for b in rl_batches[-2:]} == {8} and rl_batches[-1][0].shape == (8, 8, 3)
