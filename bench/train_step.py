@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 from htgrpo_jax import parallel, rl  # noqa: E402
+from htgrpo_jax.aot import matmul_flops  # noqa: E402
 from htgrpo_jax.models.llada import LLaDA, get_config  # noqa: E402
 
 
@@ -49,12 +50,6 @@ def make_policy(args):
   dummy = jnp.zeros((1, args.prompt_len + args.tokens), jnp.int32)
   params = nn.meta.unbox(model.init(jax.random.key(0), dummy)["params"])
   return cfg, canvas_logits_fn, params
-
-
-def forward_flops(cfg, b, length, n, c) -> float:
-  d, m = cfg.d_model, cfg.mlp_hidden
-  per_layer = 8 * length * d * d + 4 * length * length * d + 6 * length * d * m
-  return float(b) * (cfg.n_layers * per_layer + 2 * n * d * c)
 
 
 def make_rollout(args, rng):
@@ -121,7 +116,7 @@ def main():
 
   n_distinct = max(rl.canvas_groups(config)) + 1
   length = args.prompt_len + args.tokens
-  f = forward_flops(model_cfg, args.batch, length, args.tokens, args.codebook)
+  f = matmul_flops(model_cfg, args.batch, length, args.tokens, args.codebook)
   passes = n_distinct * (2 if args.beta > 0 else 1) + 3 * config.num_iterations
   step_flops = passes * f
   step_s, mm_s = statistics.median(step_times), statistics.median(mm_times)

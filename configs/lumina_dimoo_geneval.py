@@ -9,18 +9,15 @@ As ``configs/mmada_geneval.py`` with DiMOO's layout (system prompt, rows ending 
 token, ``<uncondition>`` CFG branch), its aMUSEd VQ-GAN decoder and its sampler (64 steps, CFG 4,
 constant temperature). 512x512 keeps rollouts affordable; any multiple of 16 works.
 """
-import importlib.util
 import os
 
 import ml_collections
 
+from htgrpo_jax.tasks import load_config_file  # config files load by path, not as a package
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  path = os.path.join(os.path.dirname(__file__), "mmada_geneval.py")
-  spec = importlib.util.spec_from_file_location("mmada_geneval", path)
-  mmada = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mmada)
-  c = mmada.get_config(arg)
+  c = load_config_file(os.path.join(os.path.dirname(__file__), "mmada_geneval.py"), arg)
   c.workdir = "runs/lumina_dimoo_geneval"
   c.model.preset = "lumina_dimoo_8b"
   c.model.layout = "dimoo"

@@ -12,22 +12,16 @@ detector on a GPU box. On a multi-host slice every worker runs the same command
 
 Per-device memory of these settings is checked without a TPU by ``launch/aot_compile.py``.
 """
-import importlib.util
 import os
 
 import ml_collections
 
-
-def _sibling(name):
-  """A config module next to this file (config files are loaded by path, not as a package)."""
-  spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), name + ".py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from htgrpo_jax.tasks import load_config_file  # config files load by path, not as a package
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  c = _sibling("geneval").get_config(arg)  # same RL / optim / eval keys as the default config
+  # Same RL / optim / eval keys as the default config.
+  c = load_config_file(os.path.join(os.path.dirname(__file__), "geneval.py"), arg)
   c.workdir = "runs/mmada_geneval"            # multi-host: a folder every worker shares (e.g. gcsfuse)
 
   c.world = ml_collections.ConfigDict()

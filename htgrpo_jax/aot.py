@@ -306,11 +306,8 @@ def abstract_train_state(setup: Setup, mesh: Mesh, optimizer: optax.GradientTran
     ref = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(setup.ref_dtype)),
                        state.ref_params)
     state = state.replace(ref_params=ref)
-  rep = parallel.replicated(mesh)
-  opt = optax.tree_map_params(optimizer, lambda _, s: s, state.opt_state, pshard,
-                              transform_non_params=lambda _: rep)
-  shardings = rl.TrainState(step=rep, params=pshard, opt_state=opt,
-                            ref_params=pshard if use_ref else None, skipped=rep)
+  from htgrpo_jax.trainer import state_shardings  # the trainer's own layout of the state
+  shardings = state_shardings(state, pshard, optimizer, mesh)
   return _with_sharding(state, shardings), shardings
 
 
@@ -336,13 +333,17 @@ def abstract_key(mesh: Mesh) -> jax.ShapeDtypeStruct:
 # Analytic FLOPs.
 
 
-def forward_flops(cfg: llada.LLaDAConfig, layout: layouts.Layout, rows: int) -> float:
-  """Matmul FLOPs of one forward of ``rows`` sequences (bench/train_step.py's count):
-  rows * (layers * (8 L D^2 + 4 L^2 D + 6 L D M) + 2 N D C)."""
-  d, m, length = cfg.d_model, cfg.mlp_hidden, layout.seq_len
+def matmul_flops(cfg: llada.LLaDAConfig, rows: int, length: int, slots: int, codebook: int) -> float:
+  """Matmul FLOPs of one forward of ``rows`` sequences of ``length`` tokens with the LM head on
+  ``slots`` positions x ``codebook`` rows: rows * (layers * (8 L D^2 + 4 L^2 D + 6 L D M) + 2 N D C)."""
+  d, m = cfg.d_model, cfg.mlp_hidden
   per_layer = 8 * length * d * d + 4 * length * length * d + 6 * length * d * m
-  return float(rows) * (cfg.n_layers * per_layer
-                        + 2 * layout.num_image_tokens * d * layout.codebook_size)
+  return float(rows) * (cfg.n_layers * per_layer + 2 * slots * d * codebook)
+
+
+def forward_flops(cfg: llada.LLaDAConfig, layout: layouts.Layout, rows: int) -> float:
+  """``matmul_flops`` of one forward of ``rows`` sequences of ``layout``."""
+  return matmul_flops(cfg, rows, layout.seq_len, layout.num_image_tokens, layout.codebook_size)
 
 
 def program_model_flops(setup: Setup, program: str, rows: int) -> float:

@@ -143,14 +143,17 @@ def state_shardings(abstract_state: rl.TrainState, param_shardings: Any, optimiz
                        skipped=rep)
 
 
+def new_state(optimizer: optax.GradientTransformation, p: Plan) -> Callable[[Any], rl.TrainState]:
+  """``params -> TrainState`` (with a frozen reference copy when the KL term is on)."""
+  return functools.partial(rl.TrainState.create, optimizer=optimizer, with_reference=p.rl.beta > 0)
+
+
 def abstract_train_state(task: tasks.Task, p: Plan, optimizer, mesh: jax.sharding.Mesh
                          ) -> tuple[rl.TrainState, rl.TrainState, Any]:
   """(abstract state with target shardings, its shardings, abstract params); nothing allocated."""
   pshard = policy.param_shardings(task.model_cfg, task.layout, mesh)
   abstract_params = policy.abstract_params(task.model_cfg, task.layout, mesh)
-  abstract = jax.eval_shape(
-      lambda prm: rl.TrainState.create(prm, optimizer, with_reference=p.rl.beta > 0),
-      abstract_params)
+  abstract = jax.eval_shape(new_state(optimizer, p), abstract_params)
   shardings = state_shardings(abstract, pshard, optimizer, mesh)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
@@ -267,10 +270,7 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = pri
     log(f"Resumed {workdir} at step {loop['step']}.")
   else:
     params = task.load_base_params(abstract_params)
-    create = jax.jit(
-        lambda prm: rl.TrainState.create(prm, optimizer, with_reference=p.rl.beta > 0),
-        out_shardings=shardings)
-    state = create(params)
+    state = jax.jit(new_state(optimizer, p), out_shardings=shardings)(params)
     del params
     loop = dict(step=0, seed=config.seed, history=[], evals={})
   start = int(loop["step"])

@@ -1,5 +1,8 @@
 """The AOT pre-flight compiles the sampler and the train step for a TPU topology description on CPU."""
 import dataclasses
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -7,6 +10,8 @@ pytest.importorskip("libtpu")
 
 from htgrpo_jax import aot, rl  # noqa: E402
 from htgrpo_jax.sampling import SamplerConfig  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +90,9 @@ def test_unknown_program_and_model_raise():
 
 def test_cli_reads_the_training_config_and_prints_the_table():
   """launch/aot_compile.py --config: the tiny ShapeEval run's own batch, G, K and sampler."""
-  import os
-  import subprocess
-  import sys
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   out = subprocess.run(
-      [sys.executable, os.path.join(repo, "launch", "aot_compile.py"),
-       "--config=" + os.path.join(repo, "configs", "geneval.py") + ":htgrpo,tiny",
+      [sys.executable, os.path.join(REPO, "launch", "aot_compile.py"),
+       "--config=" + os.path.join(REPO, "configs", "geneval.py") + ":htgrpo,tiny",
        "--topology=v5e:2x2", "--mesh=1,2,2", "--what=train_step"],
       capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -102,10 +103,6 @@ def test_cli_reads_the_training_config_and_prints_the_table():
 
 
 def test_cli_names_a_mesh_that_does_not_fit_the_slice():
-  import os
-  import subprocess
-  import sys
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run([sys.executable, os.path.join(repo, "launch", "aot_compile.py"), "--model=tiny",
+  out = subprocess.run([sys.executable, os.path.join(REPO, "launch", "aot_compile.py"), "--model=tiny",
                         "--topology=v5e:2x2", "--mesh=1,4,2"], capture_output=True, text=True, timeout=300)
   assert out.returncode != 0 and "mesh_shape=(1, 4, 2)" in out.stderr
