@@ -7,16 +7,38 @@
 
 The argument after ':' is ``preset[,tiny]``: the RL preset (htgrpo (default), maskgrpo, tracegrpo,
 uni) and optionally ``tiny`` (a small model, world and run for tests, Colab and smoke checks).
-Any ``HTGRPOConfig`` field can be overridden under ``rl``, e.g. ``--config.rl.beta=0.0``.
+Any ``HTGRPOConfig`` field can be overridden under ``rl``, e.g. ``--config.rl.beta=0.0``
+(the fields are read from the dataclass, typed, so the flag parser knows each one's type).
 """
+import dataclasses
+import importlib.util
+import os
+import sys
+
 import ml_collections
+from ml_collections import config_dict
 
 RL_PRESETS = ("htgrpo", "maskgrpo", "tracegrpo", "uni")
-# HTGRPOConfig fields settable here; None keeps the preset's value.
-RL_FIELDS = ("n_global", "n_struct", "n_refine", "sketch_fraction", "structure_ratio",
-             "partition_mode", "structure_weight", "refine_weight", "normalize_credit", "estimator",
-             "refine_context", "update_schedule", "update_fraction", "min_mask_rate",
-             "trajectory_group", "clip_eps", "beta", "adv_eps", "adv_std_ddof", "micro_batch_size")
+# Set by the trainer (rl.group_size is its own key; T is sampler.num_steps; K is derived).
+_RL_DERIVED = ("group_size", "num_sampler_steps", "num_iterations")
+
+
+def rl_fields() -> dict[str, type]:
+  """Every overridable ``HTGRPOConfig`` field and its type, read from the dataclass itself (so a new
+  field is settable as ``--config.rl.<field>=...`` with no list to update). The module is loaded by
+  path: parsing a config must not import JAX."""
+  spec = importlib.util.find_spec("htgrpo_jax")
+  path = os.path.join(spec.submodule_search_locations[0], "rl", "config.py")
+  mod_spec = importlib.util.spec_from_file_location("_htgrpo_rl_config", path)
+  mod = importlib.util.module_from_spec(mod_spec)
+  sys.modules[mod_spec.name] = mod  # dataclasses looks its module up while building the class
+  mod_spec.loader.exec_module(mod)
+  types = {"int": int, "float": float, "str": str, "bool": bool}
+  out = {}
+  for f in dataclasses.fields(mod.HTGRPOConfig):
+    if f.name not in _RL_DERIVED:
+      out[f.name] = types[str(f.type).replace(" | None", "").strip()]
+  return out
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -64,12 +86,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sampler.temperature_mode = "constant"
   c.sampler.share_sketch = False              # True: G paints branch from one sketch per prompt
 
-  # The algorithm: htgrpo_jax.rl.preset(rl.preset) with every non-None field below overriding it.
+  # The algorithm: htgrpo_jax.rl.preset(rl.preset) with every field set below overriding it. Unset
+  # fields are typed placeholders (None until given), so --config.rl.beta=0 parses as a float.
   c.rl = ml_collections.ConfigDict()
   c.rl.preset = preset
   c.rl.group_size = 8
-  for field in RL_FIELDS:
-    c.rl[field] = None
+  for field, kind in rl_fields().items():
+    c.rl[field] = config_dict.placeholder(kind)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 1e-4

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from typing import Any, Callable, Iterator
 
 import jax
@@ -26,6 +27,8 @@ from htgrpo_jax.data import dataset as world_data
 from htgrpo_jax.data.shapeworld import WorldConfig
 from htgrpo_jax.models import layouts, llada, policy
 from htgrpo_jax.rl.rollout import MASK, CanvasLogitsFn
+
+_now = time.monotonic  # the safety cap's clock (a module attribute so tests can slow it down)
 
 
 @struct.dataclass
@@ -50,9 +53,8 @@ def lr_scale(step: int, progress: float, warmup_steps: int, final_fraction: floa
   """Multiplier of the peak learning rate: linear warmup over ``warmup_steps``, then cosine decay
   to ``final_fraction`` as ``progress`` goes 0 -> 1.
 
-  ``pretrain`` passes progress = max(step / num_steps, elapsed / time budget), so a run cut short
-  by its wall-clock budget still anneals fully instead of stopping at the peak rate (on a slow
-  machine that is the difference between a usable base policy and a noisy one).
+  ``pretrain`` passes progress = step / num_steps: the schedule depends on the step count alone,
+  so the same seed and software give the same base policy on any machine, however loaded.
   """
   warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
   cos = 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
@@ -207,24 +209,30 @@ def pretrain(cfg: ml_collections.ConfigDict, progress: Callable[[Iterator[int]],
                                encode_prompts=layout.encode_prompts)
   it = iter(ds)
   uncond = jnp.asarray(layout.unconditional_prompts(cfg.batch_size))
-  history, t0, done = [], time.time(), 0
+  history, t0, done, cut_short = [], _now(), 0, False
+  # The wall clock is only a safety cap: the schedule and the stopping point are step counts, so the
+  # base policy is reproducible. Hitting the cap is reported loudly (and recorded), never silent.
   budget = cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf
   for s in progress(iter(range(cfg.num_steps))):
     batch = next(it)
-    scale = lr_scale(s, max(s / cfg.num_steps, (time.time() - t0) / budget), cfg.optim.warmup_steps,
-                     cfg.optim.final_lr_fraction)
+    scale = lr_scale(s, s / cfg.num_steps, cfg.optim.warmup_steps, cfg.optim.final_lr_fraction)
     state, m = step_fn(state, jnp.asarray(batch["prompt_tokens"]), uncond,
                        jnp.asarray(batch["codes"]), jax.random.fold_in(key, s + 1),
                        jnp.float32(scale))
     done = s + 1
     if done % cfg.log_every == 0 or done == cfg.num_steps:
       host = {k: float(v) for k, v in m.items()}
-      history.append(dict(host, step=done, seconds=time.time() - t0, lr=scale * cfg.optim.learning_rate))
+      history.append(dict(host, step=done, seconds=_now() - t0, lr=scale * cfg.optim.learning_rate))
       log(done, host)
-    if time.time() - t0 > budget:
-      break  # the budget is spent; the schedule above has already annealed to its final rate
+    if done < cfg.num_steps and _now() - t0 > budget:
+      cut_short = True
+      warnings.warn(f"pretraining hit its safety cap max_minutes={cfg.max_minutes:g} after {done} of "
+                    f"{cfg.num_steps} steps: this base policy is NOT the reproducible one (its "
+                    "learning rate never annealed). Raise max_minutes (<= 0 disables the cap).",
+                    stacklevel=2)
+      break
   params = jax.block_until_ready(state.params)
-  seconds = time.time() - t0
+  seconds = _now() - t0
   ckpt = save_params(os.path.join(cfg.workdir, "params"), params) if cfg.workdir else None
   return dict(params=params, model_cfg=model_cfg, layout=layout, assets=assets, history=history,
-              steps_done=done, seconds=seconds, checkpoint=ckpt)
+              steps_done=done, seconds=seconds, checkpoint=ckpt, cut_short=cut_short)

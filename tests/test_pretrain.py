@@ -78,3 +78,40 @@ def test_bad_optimizer_settings_are_named():
     pretrain.make_optimizer(optim_cfg(final_lr_fraction=1.5))
   with pytest.raises(ValueError, match="learning_rate"):
     pretrain.make_optimizer(optim_cfg(learning_rate=0.0))
+
+
+def _tiny_pretrain_cfg(tmp_path, workdir):
+  from htgrpo_jax.tasks import load_config_file
+  cfg = load_config_file("configs/pretrain_shapes.py")
+  cfg.workdir = str(tmp_path / workdir)
+  cfg.world.data_dir = str(tmp_path / "world")
+  cfg.world.num_train, cfg.world.num_eval = 128, 16
+  cfg.model.overrides = ml_collections.ConfigDict(dict(d_model=32, n_layers=1, n_heads=2,
+                                                       mlp_hidden=64))
+  cfg.batch_size, cfg.num_steps, cfg.optim.warmup_steps = 8, 6, 2
+  return cfg
+
+
+def test_pretraining_is_reproducible_whatever_the_machine_load(tmp_path, monkeypatch):
+  """The base policy every study arm starts from is a function of the seed and software only:
+  the learning-rate schedule and the stopping point are step counts, not wall-clock readings.
+  A slow machine (the clock below jumps 100 s per reading) must give bit-identical params."""
+  a = pretrain.pretrain(_tiny_pretrain_cfg(tmp_path, "a"))
+  clock = iter(range(0, 10**6, 100))
+  monkeypatch.setattr(pretrain, "_now", lambda: float(next(clock)))
+  cfg = _tiny_pretrain_cfg(tmp_path, "b")
+  cfg.max_minutes = 12.0  # 720 s: the slow run ends near the cap, but within it
+  b = pretrain.pretrain(cfg)
+  assert a["steps_done"] == b["steps_done"] == 6 and not a["cut_short"] and not b["cut_short"]
+  for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"])):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_the_safety_cap_stops_loudly(tmp_path, monkeypatch):
+  clock = iter(range(0, 10**6, 100))
+  monkeypatch.setattr(pretrain, "_now", lambda: float(next(clock)))
+  cfg = _tiny_pretrain_cfg(tmp_path, "c")
+  cfg.max_minutes = 3.0  # 180 s: two 100 s readings in
+  with pytest.warns(UserWarning, match="safety cap"):
+    out = pretrain.pretrain(cfg)
+  assert out["cut_short"] and out["steps_done"] < cfg.num_steps
