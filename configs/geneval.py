@@ -113,6 +113,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.eval = ml_collections.ConfigDict()
   c.eval.num_prompts = 192                    # held-out prompts, balanced over the six tags
+  c.eval.samples_per_prompt = 1               # images per prompt at the periodic evaluations
+  c.eval.final_samples_per_prompt = 4         # ... at the base and final ones (GenEval uses 4)
+  c.eval.seed = 0                             # one eval key for every run: arms and seeds are paired
   c.eval.batch_size = 64
   c.eval.grid_size = 32
   c.eval.at_start = True                      # score the base policy first (the table's baseline column)
@@ -133,6 +136,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_every = 2
     c.save_every = 2
     c.eval.num_prompts = 16
+    c.eval.final_samples_per_prompt = 2
     c.eval.batch_size = 16
     c.eval.grid_size = 8
   return c

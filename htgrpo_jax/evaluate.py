@@ -32,13 +32,64 @@ def tag_scores(tags: Sequence[str], scores: Sequence[float]) -> dict[str, float]
   return out
 
 
-def tag_table(tags: Sequence[str], strict_scores: Sequence[float], title: str = "ShapeEval") -> str:
-  """A Markdown table: one row per tag (accuracy and sample count) and the overall row."""
+def _tag_order(tags: Sequence[str]) -> list[str]:
+  return [t for t in TAGS if t in set(tags)] + sorted(set(tags) - set(TAGS))
+
+
+def bootstrap_draws(tags: Sequence[str], clusters: Sequence[int], scores: Sequence[Sequence[float]],
+                    n_boot: int = 2000, seed: int = 0) -> dict[str, np.ndarray]:
+  """Cluster-bootstrap draws of per-tag and overall accuracy for several score arrays at once.
+
+  A cluster is one prompt with all its samples (GenEval draws several images per prompt; they are
+  not independent). Clusters are resampled with replacement within each tag, and the SAME draw is
+  applied to every array in ``scores``, so differences between arrays scored on the same prompts
+  (base vs trained) get a paired interval.
+
+  Args:
+    tags: [S] tag of each sample.
+    clusters: [S] int, the prompt a sample belongs to (samples of one prompt share one id).
+    scores: A arrays of [S] scores (0/1 strict accuracy) in the same sample order.
+    n_boot: bootstrap draws.
+    seed: numpy seed of the draws.
+
+  Returns:
+    {tag or 'overall': float64[A, n_boot]}, 'overall' the mean over tags (GenEval's overall).
+  """
+  tags, clusters = np.asarray(tags), np.asarray(clusters)
+  scores = np.asarray(scores, np.float64).reshape(-1, len(tags))
+  rng = np.random.default_rng(seed)
+  out = {}
+  for t in _tag_order(list(tags)):
+    sel = tags == t
+    ids, inv = np.unique(clusters[sel], return_inverse=True)
+    sums = np.stack([np.bincount(inv, weights=a[sel], minlength=len(ids)) for a in scores])
+    counts = np.bincount(inv, minlength=len(ids)).astype(np.float64)
+    draw = rng.integers(0, len(ids), (n_boot, len(ids)))
+    out[t] = sums[:, draw].sum(-1) / counts[draw].sum(-1)  # [A, n_boot]
+  out["overall"] = np.mean([out[t] for t in out], axis=0)
+  return out
+
+
+def interval(draws: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+  """The central ``level`` percentile interval of bootstrap draws."""
+  lo, hi = np.percentile(draws, [50 * (1 - level), 50 * (1 + level)])
+  return float(lo), float(hi)
+
+
+def tag_table(tags: Sequence[str], strict_scores: Sequence[float], title: str = "ShapeEval",
+              clusters: Sequence[int] | None = None) -> str:
+  """A Markdown table: one row per tag (accuracy, sample count, and with ``clusters`` (the prompt
+  id of each sample) a 95 % cluster-bootstrap interval) and the overall row."""
   acc = tag_scores(tags, strict_scores)
   counts = {t: int(np.sum(np.asarray(tags) == t)) for t in acc if t != "overall"}
-  lines = [f"| {title} | strict accuracy | n |", "|---|---:|---:|"]
-  lines += [f"| {t} | {acc[t]:.3f} | {counts[t]} |" for t in counts]
-  lines.append(f"| **overall** (mean over tags) | **{acc['overall']:.3f}** | {len(tags)} |")
+  ci = ({t: interval(d[0]) for t, d in bootstrap_draws(tags, clusters, [strict_scores]).items()}
+        if clusters is not None else None)
+  cell = lambda t: f" {ci[t][0]:.3f}-{ci[t][1]:.3f} |" if ci else ""
+  lines = [f"| {title} | strict accuracy |{' 95 % CI |' if ci else ''} n |",
+           "|---|---:|" + ("---:|" if ci else "") + "---:|"]
+  lines += [f"| {t} | {acc[t]:.3f} |{cell(t)} {counts[t]} |" for t in counts]
+  lines.append(f"| **overall** (mean over tags) | **{acc['overall']:.3f}** |{cell('overall')} "
+               f"{len(tags)} |")
   return "\n".join(lines) + "\n"
 
 
@@ -153,37 +204,102 @@ def generate_images(sampler: Any, params: Any, layout: Any, decode: Callable[[ja
 def evaluate_policy(sampler: Any, params: Any, layout: Any, decode: Callable[[jax.Array], jax.Array],
                     prompts: Sequence[EvalPrompt], key: jax.Array,
                     score: Callable[..., np.ndarray], samples_per_prompt: int = 1,
-                    batch_size: int = 64) -> dict[str, Any]:
+                    batch_size: int = 64,
+                    judge: Callable[..., list[dict[str, Any]]] | None = None) -> dict[str, Any]:
   """Samples ``samples_per_prompt`` images per prompt and scores them GenEval-style.
 
   Args:
     score: ``(captions, images, meta=[json, ...]) -> float32[B]`` strict 0/1 scores.
+    judge: optional ``(captions, images, meta) -> [dict]`` with per-image ``strict`` and, where the
+      judge knows them, ``reason`` and ``malformed`` (components that are no well-formed object);
+      used instead of ``score`` when given, so each verdict comes with its reason.
 
   Returns:
     dict with ``images`` uint8[P*G, H, W, 3] (each prompt's G samples contiguous), ``captions``,
-    ``tags``, ``strict`` float32[P*G] and ``scores`` (per-tag strict accuracy + overall).
+    ``tags``, ``metas``, ``prompt_index`` int[P*G] (the cluster of each sample), ``strict``
+    float32[P*G], ``reasons`` (str per sample, '' when unknown), ``malformed`` int[P*G] (-1 when
+    unknown) and ``scores`` (per-tag strict accuracy + overall).
   """
+  if samples_per_prompt < 1:
+    raise ValueError(f"samples_per_prompt={samples_per_prompt} must be >= 1")
   rep = [p for p in prompts for _ in range(samples_per_prompt)]
   captions = [p.text for p in rep]
+  metas = [p.meta for p in rep]
   images = generate_images(sampler, params, layout, decode, captions, key, batch_size)
-  strict = np.asarray(score(captions, images, [p.meta for p in rep]), np.float32)
+  if judge is not None:
+    verdicts = judge(captions, images, metas)
+    strict = np.asarray([float(v["strict"]) for v in verdicts], np.float32)
+    reasons = [str(v.get("reason", "")) for v in verdicts]
+    malformed = np.asarray([int(v.get("malformed", -1)) for v in verdicts], np.int64)
+  else:
+    strict = np.asarray(score(captions, images, metas), np.float32)
+    reasons, malformed = [""] * len(rep), np.full(len(rep), -1, np.int64)
   tags = [p.tag for p in rep]
-  return dict(images=images, captions=captions, tags=tags, strict=strict,
-              scores=tag_scores(tags, strict))
+  return dict(images=images, captions=captions, tags=tags, metas=metas, strict=strict,
+              prompt_index=np.repeat(np.arange(len(prompts)), samples_per_prompt),
+              reasons=reasons, malformed=malformed, scores=tag_scores(tags, strict))
 
 
-def comparison_table(columns: dict[str, dict[str, float]], title: str = "ShapeEval held-out") -> str:
+def hacking_watch(res: dict[str, Any]) -> dict[str, float]:
+  """Signs of a policy gaming its judge, from an ``evaluate_policy`` result: the share of images
+  holding components that are no well-formed object (fragments, blobs, single patches), overall
+  and among the images the judge accepted (0 for a judge that rejects them, by construction)."""
+  m = np.asarray(res["malformed"])
+  if m.size == 0 or (m < 0).all():
+    return {}
+  ok = np.asarray(res["strict"]) > 0.5
+  return {"malformed_share": float(np.mean(m > 0)),
+          "malformed_share_accepted": float(np.mean(m[ok] > 0)) if ok.any() else 0.0}
+
+
+def write_samples(out_dir: str | os.PathLike, res: dict[str, Any]) -> str:
+  """Every evaluated sample as GenEval writes its results: ``images/<prompt>_<k>.png`` plus one
+  ``samples.jsonl`` line per image (prompt, tag, metadata, image file, verdict, reason), so the
+  same images can be re-scored by another checker. Returns the JSONL path."""
+  import json
+  out_dir = os.fspath(out_dir)
+  os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+  seen: dict[int, int] = {}
+  lines = []
+  for i, img in enumerate(res["images"]):
+    p = int(res["prompt_index"][i])
+    k = seen[p] = seen.get(p, -1) + 1
+    name = os.path.join("images", f"{p:05d}_{k}.png")
+    Image.fromarray(np.asarray(img)).save(os.path.join(out_dir, name))
+    meta = res["metas"][i]
+    try:
+      meta = json.loads(meta)
+    except (TypeError, ValueError):
+      pass
+    lines.append(json.dumps(dict(prompt=res["captions"][i], tag=res["tags"][i], metadata=meta,
+                                 prompt_index=p, sample=k, filename=name,
+                                 correct=bool(res["strict"][i] > 0.5), reason=res["reasons"][i],
+                                 malformed=int(res["malformed"][i]))))
+  path = os.path.join(out_dir, "samples.jsonl")
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
+  os.replace(path + ".tmp", path)
+  return path
+
+
+def comparison_table(columns: dict[str, dict[str, float]], title: str = "ShapeEval held-out",
+                     intervals: dict[str, dict[str, tuple[float, float]]] | None = None,
+                     change_intervals: dict[str, tuple[float, float]] | None = None) -> str:
   """Markdown table of per-tag scores side by side, e.g. ``{'base': {...}, 'HT-GRPO': {...}}``;
-  the last column also shows its change from the first."""
+  the last column also shows its change from the first. ``intervals`` ({column: {tag: (lo, hi)}})
+  and ``change_intervals`` ({tag: (lo, hi)}, a paired interval of the change) add 95 % CIs."""
   names = list(columns)
   tags = [t for t in columns[names[0]] if t != "overall"] + ["overall"]
   head = f"| {title} | " + " | ".join(names) + (" | change |" if len(names) > 1 else " |")
   lines = [head, "|---|" + "---:|" * (len(names) + (len(names) > 1))]
+  ci = lambda lo_hi: f" [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]"
   for t in tags:
     vals = [columns[n].get(t, float("nan")) for n in names]
-    cells = [f"{v:.3f}" for v in vals]
+    cells = [f"{v:.3f}" + (ci(intervals[n][t]) if intervals and t in intervals.get(n, {}) else "")
+             for n, v in zip(names, vals)]
     if len(names) > 1:
-      cells.append(f"{vals[-1] - vals[0]:+.3f}")
+      cells.append(f"{vals[-1] - vals[0]:+.3f}" +
+                   (ci(change_intervals[t]) if change_intervals and t in change_intervals else ""))
     name = f"**{t}**" if t == "overall" else t
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"

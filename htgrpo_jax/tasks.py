@@ -46,6 +46,8 @@ class Task:
     decode_params: the decoder's params pytree (the ShapeEval codebook, or VQ-GAN/MAGVIT-v2 weights).
     reward: the RL reward ``(prompts, images, meta=[...]) -> float32[B]``.
     score: the evaluation scorer ``(prompts, images, meta) -> strict float32[B]`` (GenEval 0/1).
+    judge: optional ``(prompts, images, meta) -> [dict]`` giving each image's ``strict`` verdict
+      with its ``reason`` (and ``malformed`` components) for the per-sample evaluation records.
   """
   name: str
   model_cfg: llada.LLaDAConfig
@@ -57,6 +59,7 @@ class Task:
   decode_params: Any
   reward: Callable[..., np.ndarray]
   score: Callable[..., np.ndarray]
+  judge: Callable[..., list[dict[str, Any]]] | None = None
 
 
 def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -141,7 +144,9 @@ def build_shapes_task(config: ml_collections.ConfigDict, *, log: Callable[[str],
     return world_data.make_dataset(assets, "train", batch_size, seed=seed,
                                    encode_prompts=layout.encode_prompts)
 
-  evals = grammar.balanced_prompts("eval", config.eval.num_prompts, seed=config.seed, cfg=world)
+  eval_seed = config.eval.get("seed")  # one held-out list for every run, whatever its seed
+  evals = grammar.balanced_prompts("eval", config.eval.num_prompts,
+                                   seed=config.seed if eval_seed is None else eval_seed, cfg=world)
   strict = ShapeEvalReward(world, mode="strict")
   return Task(
       name="shapes", model_cfg=model_cfg, layout=layout,
@@ -150,7 +155,8 @@ def build_shapes_task(config: ml_collections.ConfigDict, *, log: Callable[[str],
       eval_prompts=[EvalPrompt(p.text, p.meta.tag, p.meta.to_json()) for p in evals],
       decode=vq.decode, decode_params=codebook,
       reward=ShapeEvalReward(world, mode=config.world.reward_mode),
-      score=lambda prompts, images, meta: strict(prompts, images, meta=meta))
+      score=lambda prompts, images, meta: strict(prompts, images, meta=meta),
+      judge=lambda prompts, images, meta: strict.details(prompts, images, meta))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -161,15 +161,57 @@ def abstract_train_state(task: tasks.Task, p: Plan, optimizer, mesh: jax.shardin
 
 
 def write_eval(out_dir: str, name: str, res: dict[str, Any], title: str, grid_size: int) -> str:
-  """Writes ``eval_{name}.md`` (per-tag table) and ``grid_{name}.png``; returns the table."""
-  table = evaluate.tag_table(res["tags"], res["strict"], title=title)
+  """Writes ``eval_{name}.md`` (per-tag table with 95 % intervals), ``grid_{name}.png`` and every
+  sample with its verdict under ``evals/{name}/`` (``samples.jsonl`` + PNGs); returns the table."""
+  table = evaluate.tag_table(res["tags"], res["strict"], title=title, clusters=res["prompt_index"])
+  watch = evaluate.hacking_watch(res)
+  if watch:
+    table += "\n" + ", ".join(f"{k} {v:.3f}" for k, v in watch.items()) + "\n"
   with open(os.path.join(out_dir, f"eval_{name}.md"), "w") as f:
     f.write(table)
+  evaluate.write_samples(os.path.join(out_dir, "evals", name), res)
   n = min(grid_size, len(res["captions"]))
   if n:
     caps = [f"{c}\n{'PASS' if s else 'fail'}" for c, s in zip(res["captions"][:n], res["strict"][:n])]
     evaluate.image_grid(res["images"][:n], caps, os.path.join(out_dir, f"grid_{name}.png"))
   return table
+
+
+def eval_key(config: ml_collections.ConfigDict) -> jax.Array:
+  """The evaluation's PRNG key: from ``eval.seed``, not the run's seed, so every run (arm, seed) is
+  judged on the same prompts with the same sampling noise and differences between runs are paired."""
+  seed = config.eval.get("seed")
+  return jax.random.fold_in(jax.random.PRNGKey(config.seed if seed is None else seed), _EVAL_SALT)
+
+
+def load_eval_samples(out_dir: str, name: str) -> dict[str, np.ndarray] | None:
+  """``tags``, ``prompt_index`` and ``strict`` of an evaluation written by ``write_eval``."""
+  path = os.path.join(out_dir, "evals", name, "samples.jsonl")
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    recs = [json.loads(line) for line in f if line.strip()]
+  return dict(tags=np.asarray([r["tag"] for r in recs]),
+              prompt_index=np.asarray([r["prompt_index"] for r in recs]),
+              strict=np.asarray([float(r["correct"]) for r in recs]))
+
+
+def results_table(out_dir: str, first: int, last: int, evals: dict[int, dict[str, float]],
+                  title: str) -> str:
+  """Base (``first``) vs final (``last``) per-tag table with 95 % cluster-bootstrap intervals and a
+  paired interval of the change, when both evaluations sampled the same prompts the same way."""
+  name = lambda s: f"step{s:05d}"
+  label = lambda s: "base" if s == 0 else f"step {s}"
+  cols = {label(s): evals[s] for s in (first, last)}
+  a, b = load_eval_samples(out_dir, name(first)), load_eval_samples(out_dir, name(last))
+  if a is None or b is None or len(a["strict"]) != len(b["strict"]) or \
+     not np.array_equal(a["prompt_index"], b["prompt_index"]):
+    return evaluate.comparison_table(cols, title=title)
+  draws = evaluate.bootstrap_draws(a["tags"], a["prompt_index"], [a["strict"], b["strict"]])
+  intervals = {label(s): {t: evaluate.interval(d[i]) for t, d in draws.items()}
+               for i, s in enumerate((first, last))}
+  change = {t: evaluate.interval(d[1] - d[0]) for t, d in draws.items()}
+  return evaluate.comparison_table(cols, title=title, intervals=intervals, change_intervals=change)
 
 
 class RunLog:
@@ -280,21 +322,26 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = pri
   step_fn = rl.make_train_step(logits_fn, optimizer, p.rl, mesh=mesh, state_shardings=shardings)
   decode = jit_decode(task, mesh)
   root = jax.random.PRNGKey(config.seed)
-  eval_key = jax.random.fold_in(root, _EVAL_SALT)
+  ekey = eval_key(config)
   uncond_p = (parallel.global_batch(layout.unconditional_prompts(p.prompts_per_step), mesh)
               if p.share_sketch else None)
   uncond_b = parallel.global_batch(layout.unconditional_prompts(p.batch_size), mesh)
   runlog = RunLog(workdir, start)
 
   def run_eval(step: int, params) -> dict[str, float]:
-    res = evaluate.evaluate_policy(sampler, params, layout, decode, task.eval_prompts, eval_key,
-                                   score=task.score, batch_size=p.eval_batch_size)
+    # The base and the final policy (results.md's two columns) get more samples per prompt.
+    final = step == 0 or step == config.total_steps
+    n = config.eval.get("final_samples_per_prompt", 1) if final else \
+        config.eval.get("samples_per_prompt", 1)
+    res = evaluate.evaluate_policy(sampler, params, layout, decode, task.eval_prompts, ekey,
+                                   score=task.score, samples_per_prompt=n,
+                                   batch_size=p.eval_batch_size, judge=task.judge)
     label = "base" if step == 0 else f"step {step}"
     write_eval(workdir, f"step{step:05d}", res, f"{task.name} held-out, {label}",
                config.eval.grid_size)
-    for k, v in res["scores"].items():
+    for k, v in {**res["scores"], **evaluate.hacking_watch(res)}.items():
       runlog.tb.add_scalar(f"eval/{k}", v, step)
-    return res["scores"]
+    return dict(res["scores"], **evaluate.hacking_watch(res))
 
   def report():
     evals = {int(k): v for k, v in loop["evals"].items()}
@@ -304,8 +351,8 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = pri
                          title=f"{config.rl.preset} on {task.name}")
     if evals:
       steps = sorted(evals)
-      cols = {"base" if s == 0 else f"step {s}": evals[s] for s in steps if s in (steps[0], steps[-1])}
-      table = evaluate.comparison_table(cols, title=f"{task.name} held-out ({config.rl.preset})")
+      table = results_table(workdir, steps[0], steps[-1], evals,
+                            title=f"{task.name} held-out ({config.rl.preset})")
       with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(table)
       return table
@@ -401,10 +448,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, *, which: str = "late
   logits_fn = policy.make_canvas_logits_fn(task.model_cfg, layout)
   sampler = make_sampler(logits_fn, p.sampler, num_tokens=layout.num_image_tokens, mesh=mesh)
   decode = jit_decode(task, mesh)
-  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), _EVAL_SALT)
-  res = evaluate.evaluate_policy(sampler, params, layout, decode, task.eval_prompts, key,
-                                 score=task.score, samples_per_prompt=samples_per_prompt,
-                                 batch_size=p.eval_batch_size)
+  res = evaluate.evaluate_policy(sampler, params, layout, decode, task.eval_prompts,
+                                 eval_key(config), score=task.score,
+                                 samples_per_prompt=samples_per_prompt,
+                                 batch_size=p.eval_batch_size, judge=task.judge)
   out_dir = os.path.abspath(out_dir or config.workdir)
   os.makedirs(out_dir, exist_ok=True)
   table = write_eval(out_dir, which, res, f"{task.name} held-out, {which}", config.eval.grid_size)

@@ -40,3 +40,48 @@ def test_image_grid_writes_a_png(tmp_path):
   np.testing.assert_array_equal(back[2:66, 2:66], np.repeat(np.repeat(imgs[0], 2, 0), 2, 1))
   with pytest.raises(ValueError, match="captions"):
     E.image_grid(imgs, ["x"], path)
+
+
+def test_cluster_bootstrap_treats_a_prompts_samples_as_one_draw():
+  """Four samples of one prompt that always agree carry one prompt's worth of information: the
+  cluster interval must be about twice as wide as the naive one that counts them as four."""
+  r = np.random.default_rng(0)
+  per_prompt = (r.random(60) < 0.4).astype(float)
+  scores = np.repeat(per_prompt, 4)
+  tags = ["colors"] * 240
+  clustered = E.interval(E.bootstrap_draws(tags, np.repeat(np.arange(60), 4), [scores])["overall"][0])
+  naive = E.interval(E.bootstrap_draws(tags, np.arange(240), [scores])["overall"][0])
+  ratio = (clustered[1] - clustered[0]) / (naive[1] - naive[0])
+  assert 1.6 < ratio < 2.4, ratio
+  assert clustered[0] < scores.mean() < clustered[1]
+
+
+def test_paired_change_interval_is_tighter_than_the_two_intervals():
+  r = np.random.default_rng(1)
+  base = (r.random(600) < 0.3).astype(float)
+  after = np.where(r.random(600) < 0.1, 1.0, base)  # the same prompts, a few more passes
+  tags = np.repeat(E._tag_order(["colors", "position", "counting"]), 200)
+  d = E.bootstrap_draws(tags, np.arange(600), [base, after])
+  lo, hi = E.interval(d["overall"][1] - d["overall"][0])
+  assert 0 < lo < hi  # a consistent gain of ~0.07 is resolved when paired
+  a, b = E.interval(d["overall"][0]), E.interval(d["overall"][1])
+  assert b[0] < a[1]  # ... while the two unpaired intervals overlap
+  assert set(d) == {"counting", "colors", "position", "overall"} and d["overall"].shape == (2, 2000)
+
+
+def test_write_samples_records_every_image_with_its_verdict(tmp_path):
+  import json
+  imgs = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+  res = dict(images=imgs, captions=[f"p{i // 2}" for i in range(6)], tags=["colors"] * 6,
+             metas=['{"tag": "colors"}'] * 6, prompt_index=np.repeat(np.arange(3), 2),
+             strict=np.array([1, 0, 0, 0, 1, 1], np.float32), reasons=["ok"] * 6,
+             malformed=np.array([0, 2, 0, 0, 0, 1]))
+  path = E.write_samples(tmp_path, res)
+  recs = [json.loads(line) for line in open(path)]
+  assert [r["filename"] for r in recs[:2]] == ["images/00000_0.png", "images/00000_1.png"]
+  assert [r["correct"] for r in recs] == [True, False, False, False, True, True]
+  assert recs[0]["metadata"] == {"tag": "colors"} and recs[1]["malformed"] == 2
+  for r, img in zip(recs, imgs):
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / r["filename"])), img)
+  assert E.hacking_watch(res) == {"malformed_share": pytest.approx(2 / 6),
+                                  "malformed_share_accepted": pytest.approx(1 / 3)}
