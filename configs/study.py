@@ -1,0 +1,56 @@
+"""The ShapeEval efficacy study: HT-GRPO against MaskGRPO, TraceGRPO and UniGRPO, plus ablations.
+
+  python launch/study.py --config=configs/study.py                      # everything, resumable
+  python launch/study.py --config=configs/study.py --config.main_arms=htgrpo,maskgrpo \
+      --config.ablation_arms= --config.main_seeds=3
+  python launch/study.py --config=configs/study.py:tiny                  # a 2-minute smoke study
+
+Every run starts from one frozen base policy and trains the same number of steps of the same
+prompts x G, so arms see equal rollout budgets; see htgrpo_jax/study.py.
+"""
+import ml_collections
+
+# arm -> (RL preset, overrides "dotted.key=value; ..." applied to the training config)
+ARMS = {
+    "htgrpo": ("htgrpo", ""),
+    "maskgrpo": ("maskgrpo", ""),
+    "tracegrpo": ("tracegrpo", ""),
+    "uni": ("uni", ""),
+    # HT-GRPO ablations, one knob each from the htgrpo default.
+    "ht_partition_step": ("htgrpo", "rl.partition_mode=step"),
+    "ht_partition_random": ("htgrpo", "rl.partition_mode=random"),
+    "ht_structure_weight1": ("htgrpo", "rl.structure_weight=1.0"),
+    "ht_structure_weight3": ("htgrpo", "rl.structure_weight=3.0"),
+    "ht_global_only": ("htgrpo", "rl.n_global=6; rl.n_struct=0; rl.n_refine=0"),
+    "ht_refine_context_none": ("htgrpo", "rl.refine_context=none"),
+    "ht_ramp": ("htgrpo", "rl.update_schedule=ramp"),
+}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  tiny = arg == "tiny"
+  c = ml_collections.ConfigDict()
+  c.title = "ShapeEval efficacy study"
+  c.workdir = "runs/study" + ("_tiny" if tiny else "")
+  c.train_config = "configs/geneval.py"
+  c.train_variant = ""                 # appended to each arm's preset: "tiny" -> "htgrpo,tiny"
+  c.base_seed = 0                      # the frozen base policy's pretraining seed
+  # Overrides every run shares ("key=value; ..."): the budget and the evaluation.
+  c.shared = "total_steps=60; eval_every=20"
+  c.arms = ml_collections.ConfigDict(
+      {name: dict(preset=p, overrides=o) for name, (p, o) in ARMS.items()})
+  c.main_arms = "htgrpo,maskgrpo,tracegrpo,uni"
+  c.main_seeds = 3
+  c.ablation_arms = ",".join(a for a in ARMS if a.startswith("ht_"))
+  c.ablation_seeds = 1
+  c.results_md = "docs/results.md"
+  c.curves_png = "docs/results_curves.png"
+  c.progress = True
+  if tiny:
+    c.train_variant = "tiny"
+    c.shared = "total_steps=2; eval_every=1; save_every=1; eval.grid_size=0"
+    c.main_arms, c.main_seeds = "htgrpo,maskgrpo", 2
+    c.ablation_arms, c.ablation_seeds = "ht_partition_random", 1
+    c.results_md = c.workdir + "/results.md"
+    c.curves_png = c.workdir + "/results_curves.png"
+  return c

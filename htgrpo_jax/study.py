@@ -1,0 +1,287 @@
+"""Efficacy studies: RL arms x seeds from one frozen base policy, at equal rollout budgets.
+
+A study is a config (``configs/study.py``) naming a training config, a set of arms (an RL preset
+plus dotted config overrides) and the seeds of each. ``run_study`` then
+
+  1. pretrains the base policy once (``base_seed``) and scores it on the held-out prompts with the
+     final evaluation's sample count: every arm's "base" column is this one evaluation;
+  2. trains every (arm, seed) run to the same step count, so every arm sees the same number of
+     rollout images (``prompts_per_step x group_size x total_steps``), each run resumable (the
+     trainer's own checkpoints) and skipped when already finished;
+  3. after each run rewrites the report: a Markdown table (``results_md``) with per-tag and overall
+     held-out accuracy, 95 % intervals from a bootstrap over seeds and prompts, the paired change
+     from the base, and PNG curves of held-out accuracy against rollout images and wall time.
+
+Every run is judged with one evaluation key and one prompt list (``eval.seed``), so arms are
+compared on the same prompts with the same sampling noise; intervals resample prompts (clusters of
+a prompt's samples) and seeds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable
+
+import ml_collections
+import numpy as np
+
+from htgrpo_jax import evaluate
+from htgrpo_jax.tasks import load_config_file
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  arm: str
+  seed: int
+  workdir: str
+
+
+def _set(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+  node, *path = [config, *dotted.split(".")]
+  for part in path[:-1]:
+    node = node[part]
+  if path[-1] not in node:
+    raise ValueError(f"study override {dotted!r}: no such key in the training config")
+  node[path[-1]] = value
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+  """``"rl.beta=0.0; sampler.cfg_scale=1"`` -> {'rl.beta': 0.0, 'sampler.cfg_scale': 1}; values are
+  Python literals (a bare word is a string)."""
+  import ast
+  out = {}
+  for item in [x.strip() for x in (text or "").split(";") if x.strip()]:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"study override {item!r} is not 'key=value'")
+    try:
+      out[key.strip()] = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+      out[key.strip()] = value.strip()
+  return out
+
+
+def arm_table(cfg: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
+  """{arm: {'preset', 'overrides': {dotted key: value}, 'group'}} of the arms the study runs."""
+  out = {}
+  for group in ("main", "ablation"):
+    for name in [a for a in cfg[f"{group}_arms"].split(",") if a]:
+      if name not in cfg.arms:
+        raise ValueError(f"{group}_arms: unknown arm {name!r}; defined arms: {sorted(cfg.arms)}")
+      spec = cfg.arms[name]
+      out[name] = dict(preset=spec.preset, overrides=parse_overrides(spec.get("overrides", "")),
+                       group=group)
+  return out
+
+
+def plan_runs(cfg: ml_collections.ConfigDict) -> list[Run]:
+  """Seed-major order, so a study stopped part-way has every arm at the same number of seeds."""
+  arms = arm_table(cfg)
+  seeds = {a: cfg.main_seeds if s["group"] == "main" else cfg.ablation_seeds
+           for a, s in arms.items()}
+  return [Run(a, k, os.path.join(cfg.workdir, a, f"seed{k}"))
+          for k in range(max(seeds.values(), default=0)) for a in arms if k < seeds[a]]
+
+
+def train_config(cfg: ml_collections.ConfigDict, arm: str | None, seed: int,
+                 workdir: str) -> ml_collections.ConfigDict:
+  """The training config of one run: the study's training file with its shared overrides, the
+  frozen base checkpoint, the run's seed and the arm's preset and overrides."""
+  spec = arm_table(cfg)[arm] if arm is not None else dict(preset="htgrpo", overrides={})
+  c = load_config_file(cfg.train_config, spec["preset"] + (f",{cfg.train_variant}"
+                                                          if cfg.get("train_variant") else ""))
+  for k, v in {**parse_overrides(cfg.shared), **spec["overrides"]}.items():
+    _set(c, k, v)
+  c.seed = seed
+  c.workdir = workdir
+  c.model.checkpoint = os.path.join(cfg.workdir, "base")
+  c.eval.at_start = False  # the base is scored once for the whole study
+  return c
+
+
+def _final_step(c: ml_collections.ConfigDict) -> str:
+  return f"step{c.total_steps:05d}"
+
+
+def run_study(cfg: ml_collections.ConfigDict, *, log: Callable[[str], None] = print,
+              max_runs: int | None = None) -> str:
+  """Runs (or resumes) a study and writes its report; returns the report's Markdown."""
+  from tqdm import tqdm
+  from htgrpo_jax import trainer
+
+  base_dir = os.path.join(cfg.workdir, "base_eval")
+  base_cfg = train_config(cfg, None, cfg.base_seed, base_dir)
+  if trainer.load_eval_samples(base_dir, "base") is None:
+    log("Scoring the frozen base policy (pretraining it first when missing)...")
+    trainer.evaluate_checkpoint(base_cfg, which="base", out_dir=base_dir,
+                                samples_per_prompt=base_cfg.eval.final_samples_per_prompt, log=log)
+  runs = plan_runs(cfg)
+  todo = [r for r in runs if trainer.load_eval_samples(
+      r.workdir, _final_step(train_config(cfg, r.arm, r.seed, r.workdir))) is None]
+  log(f"{len(runs) - len(todo)} of {len(runs)} runs already finished.")
+  report = write_report(cfg)
+  for r in tqdm(todo[:max_runs], desc="study runs", dynamic_ncols=True):
+    c = train_config(cfg, r.arm, r.seed, r.workdir)
+    c.progress = cfg.get("progress", True)
+    t0 = time.time()
+    trainer.train(c, log=log)
+    with open(os.path.join(r.workdir, "wall.json"), "w") as f:  # this call's wall time
+      json.dump(dict(seconds=time.time() - t0), f)
+    report = write_report(cfg)
+  return report
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------
+
+def _eval_curve(workdir: str) -> list[tuple[int, dict[str, np.ndarray]]]:
+  from htgrpo_jax import trainer
+  out = []
+  if os.path.isdir(os.path.join(workdir, "evals")):
+    for name in sorted(os.listdir(os.path.join(workdir, "evals"))):
+      if name.startswith("step"):
+        s = trainer.load_eval_samples(workdir, name)
+        if s is not None:
+          out.append((int(name[4:]), s))
+  return out
+
+
+def _step_seconds(workdir: str) -> dict[int, float]:
+  """Cumulative training seconds (rollouts + updates, evaluations excluded) at each step."""
+  path, out, total = os.path.join(workdir, "metrics.jsonl"), {}, 0.0
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        if line.strip():
+          m = json.loads(line)
+          total += float(m.get("time/step_s", 0.0))
+          out[int(m["step"])] = total
+  return out
+
+
+def collect(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Finished runs' final evaluations, the base evaluation and every run's curve."""
+  from htgrpo_jax import trainer
+  base = trainer.load_eval_samples(os.path.join(cfg.workdir, "base_eval"), "base")
+  finals: dict[str, dict[int, dict[str, np.ndarray]]] = {}
+  curves: dict[str, dict[int, list]] = {}
+  for r in plan_runs(cfg):
+    c = train_config(cfg, r.arm, r.seed, r.workdir)
+    f = trainer.load_eval_samples(r.workdir, _final_step(c))
+    curve = _eval_curve(r.workdir)
+    if curve:
+      curves.setdefault(r.arm, {})[r.seed] = (curve, _step_seconds(r.workdir),
+                                             c.prompts_per_step * c.rl.group_size)
+    if f is not None:
+      finals.setdefault(r.arm, {})[r.seed] = f
+  return dict(base=base, finals=finals, curves=curves)
+
+
+def seed_prompt_bootstrap(base: dict[str, np.ndarray], finals: dict[str, dict[int, dict]],
+                          n_boot: int = 2000, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+  """Bootstrap draws of each arm's seed-mean accuracy (per tag and overall) and of its change
+  from the base, resampling prompts (one draw shared by every array: paired) and then seeds.
+
+  Returns:
+    {arm: {tag: float64[n_boot]}, ...} and {arm + ':change': {tag: float64[n_boot]}}.
+  """
+  keys = [(a, k) for a in finals for k in sorted(finals[a])]
+  for a, k in keys:
+    if not np.array_equal(finals[a][k]["prompt_index"], base["prompt_index"]):
+      raise ValueError(f"study: run {a}/seed{k} was evaluated on other prompts than the base")
+  draws = evaluate.bootstrap_draws(base["tags"], base["prompt_index"],
+                                   [base["strict"]] + [finals[a][k]["strict"] for a, k in keys],
+                                   n_boot=n_boot, seed=seed)
+  rng = np.random.default_rng(seed + 1)
+  out = {}
+  for a in finals:
+    rows = [1 + i for i, (aa, _) in enumerate(keys) if aa == a]
+    pick = np.asarray(rows)[rng.integers(0, len(rows), (n_boot, len(rows)))]  # seeds, resampled
+    cols = np.arange(n_boot)[:, None]
+    out[a] = {t: d[pick, cols].mean(1) for t, d in draws.items()}
+    out[a + ":change"] = {t: out[a][t] - d[0] for t, d in draws.items()}
+  return out
+
+
+def write_report(cfg: ml_collections.ConfigDict) -> str:
+  """Writes the study's Markdown table and PNG curves; returns the Markdown."""
+  data = collect(cfg)
+  base, finals = data["base"], data["finals"]
+  if base is None:
+    return ""
+  tags = [t for t in evaluate.tag_scores(base["tags"], base["strict"]) if t != "overall"]
+  base_acc = evaluate.tag_scores(base["tags"], base["strict"])
+  boot = seed_prompt_bootstrap(base, finals) if finals else {}
+  fmt = lambda v, d: f"{v:.3f} [{evaluate.interval(d)[0]:.3f}, {evaluate.interval(d)[1]:.3f}]"
+  arms = arm_table(cfg)
+  c0 = train_config(cfg, None, cfg.base_seed, "")
+  images = c0.total_steps * c0.prompts_per_step * c0.rl.group_size
+  lines = [f"# {cfg.title}", "",
+           f"Every arm starts from one frozen base policy (`{cfg.workdir}/base`) and trains "
+           f"{c0.total_steps} RL steps of {c0.prompts_per_step} prompts x G = {c0.rl.group_size} "
+           f"images ({images} rollout images per run). Held-out strict accuracy over "
+           f"{len(set(base['prompt_index'].tolist()))} prompts x "
+           f"{len(base['strict']) // max(1, len(set(base['prompt_index'].tolist())))} samples, "
+           "one evaluation key for every run. Brackets: 95 % bootstrap intervals over prompts "
+           "and seeds; the change is paired with the base on the same prompts.", "",
+           "| arm | seeds | base overall | final overall | change | " +
+           " | ".join(tags) + " |",
+           "|---|---:|---:|---:|---:|" + "---:|" * len(tags)]
+  for a in [a for a in arms if a in finals]:
+    f = [finals[a][k] for k in sorted(finals[a])]
+    acc = {t: float(np.mean([evaluate.tag_scores(x["tags"], x["strict"])[t] for x in f]))
+           for t in tags + ["overall"]}
+    lines.append(f"| {a} | {len(f)} | {base_acc['overall']:.3f} | "
+                 f"{fmt(acc['overall'], boot[a]['overall'])} | "
+                 f"{fmt(acc['overall'] - base_acc['overall'], boot[a + ':change']['overall'])} | " +
+                 " | ".join(f"{acc[t]:.3f}" for t in tags) + " |")
+  lines += ["", "| base | " + " | ".join(f"{t} {base_acc[t]:.3f}" for t in tags + ["overall"]) +
+            " |", "", f"Arms: " + "; ".join(
+                f"`{a}` = preset {s['preset']}" + (f" with {s['overrides']}" if s["overrides"]
+                                                    else "") for a, s in arms.items()), "",
+            f"![held-out accuracy vs rollout images and wall time]({os.path.basename(cfg.curves_png)})",
+            ""]
+  md = "\n".join(lines)
+  os.makedirs(os.path.dirname(os.path.abspath(cfg.results_md)), exist_ok=True)
+  with open(cfg.results_md, "w") as fh:
+    fh.write(md)
+  plot_study(data, base_acc["overall"], cfg.curves_png)
+  return md
+
+
+def plot_study(data: dict[str, Any], base_overall: float, path: str) -> None:
+  """Held-out overall vs rollout images and vs training wall time: a line per arm (seed mean),
+  the band spanning the seeds."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+  for i, (arm, runs) in enumerate(sorted(data["curves"].items())):
+    color = f"C{i % 10}"
+    per_seed = []
+    for curve, secs, per_step in runs.values():
+      pts = [(0, 0.0, base_overall)] + [
+          (s * per_step, secs.get(s, np.nan) / 60, evaluate.tag_scores(e["tags"], e["strict"])["overall"])
+          for s, e in curve]
+      per_seed.append(np.asarray(pts, np.float64))
+    n = min(len(p) for p in per_seed)
+    stack = np.stack([p[:n] for p in per_seed])
+    for ax, xi in zip(axes, (0, 1)):
+      x = np.nanmean(stack[:, :, xi], 0)
+      ax.plot(x, stack[:, :, 2].mean(0), "o-", color=color, lw=2,
+              label=f"{arm} ({len(per_seed)} seed{'s' if len(per_seed) > 1 else ''})")
+      if len(per_seed) > 1:
+        ax.fill_between(x, stack[:, :, 2].min(0), stack[:, :, 2].max(0), color=color, alpha=0.15)
+  for ax, label in zip(axes, ("rollout images", "training wall time (min, evaluations excluded)")):
+    ax.axhline(base_overall, color="gray", ls="--", lw=1, label="base")
+    ax.set_xlabel(label)
+    ax.set_ylabel("held-out strict overall")
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=7, loc="best")
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path)
+  plt.close(fig)
