@@ -10,10 +10,17 @@ TFDS 4.9.10 needs no TensorFlow for this path: ``GeneratorBasedBuilder`` with
   shape_eval/...    the TFDS dataset: 'train' (train-split prompts) and 'eval' (held-out prompts)
 Later calls reuse what exists. Each record: caption (str), codes (int32[N]) and meta (PromptMeta
 JSON). Train examples are balanced over the tags of the split, each paired with a fresh scene.
+
+Records depend on the scene generator, so the builder's version and config name change whenever
+it does: ``GENERATOR_REVISION`` is bumped by hand with the generator (2: position scenes satisfy
+GenEval's rule, see ``shapeworld.relation_holds``) and the name also carries a digest of the
+world's geometry, so a data_dir built by an older generator or another world is rebuilt next to
+the old records instead of being silently reused.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from typing import Any, Callable
 
@@ -28,6 +35,14 @@ from htgrpo_jax.data.shapeworld import WorldConfig
 
 CODEBOOK_FILE = "vq.npz"
 TOKENIZER_DIR = "tokenizer"
+# Revision of the scene generator that wrote the records (1: single-axis relations).
+GENERATOR_REVISION = 2
+
+
+def world_digest(world: WorldConfig) -> str:
+  """8 hex digits identifying the world's geometry and the generator revision."""
+  key = repr((GENERATOR_REVISION, dataclasses.astuple(world)))
+  return hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +57,11 @@ class WorldAssets:
 class ShapeEval(tfds.core.GeneratorBasedBuilder):
   """(caption, codes, meta) pairs of the ShapeEval world tokenised by the world's codebook."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Initial records.",
+      "2.0.0": "Position scenes satisfy GenEval's relative-position rule with a margin.",
+  }
   # No checksums file ships with this generated dataset; without this TFDS resolves the module's
   # resource path through ``importlib_resources``, which is not installed (and not needed).
   code_path = None
@@ -55,7 +74,7 @@ class ShapeEval(tfds.core.GeneratorBasedBuilder):
     self._seed, self._codebook = seed, codebook
     config = tfds.core.BuilderConfig(
         name=f"c{world.canvas}p{world.patch}{'s' if world.snap else 'u'}_n{num_train}_{num_eval}"
-             f"_seed{seed}")
+             f"_seed{seed}_g{GENERATOR_REVISION}w{world_digest(world)}")
     super().__init__(config=config, file_format="array_record", **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:

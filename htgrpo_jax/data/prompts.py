@@ -1,7 +1,8 @@
 """The ShapeEval prompt grammar: GenEval's six tags over shapes, colours and relations.
 
 Every prompt carries ``PromptMeta`` (tag, required objects with shape / colour / count, relation)
-which the verifier scores against and from which ground-truth scenes are drawn (``scene_for``).
+which the verifier scores against and from which ground-truth scenes are drawn (``scene_for``);
+``geneval_metadata`` writes it as GenEval's metadata record, the form ``rewards.geneval`` judges.
 
 Phrasing follows GenEval ("a photo of ..."):
   single_object  a photo of a circle
@@ -150,9 +151,33 @@ def balanced_prompts(split: str, n: int, seed: int = 0,
   return out
 
 
+def geneval_metadata(meta: PromptMeta) -> dict:
+  """GenEval's metadata record of a prompt (the input of ``rewards.geneval.evaluate``).
+
+  Shapes are the classes. Counting is include N + exclude N+1 (exactly N); a position prompt
+  "A rel B" lists B first and puts ``position: [rel, 0]`` on A, as GenEval's own records do.
+  """
+  def clause(o: ObjectReq) -> dict:
+    return {"class": o.shape, "count": o.count, **({"color": o.color} if o.color else {})}
+
+  rec: dict = {"tag": meta.tag, "include": [clause(o) for o in meta.objects], "exclude": [],
+               "prompt": describe(meta)}
+  if meta.tag == "counting":
+    o = meta.objects[0]
+    rec["exclude"] = [{"class": o.shape, "count": o.count + 1}]
+  if meta.relation is not None:
+    a, b = (clause(o) for o in meta.objects[:2])
+    rec["include"] = [b, {**a, "position": [meta.relation, 0]}] + rec["include"][2:]
+  return rec
+
+
 def scene_for(meta: PromptMeta, rng: np.random.Generator,
               cfg: WorldConfig = WorldConfig()) -> Scene:
-  """A ground-truth scene satisfying ``meta`` (unspecified colours drawn at random)."""
+  """A ground-truth scene satisfying ``meta`` (unspecified colours drawn at random).
+
+  Position scenes satisfy GenEval's rule with ``cfg.relation_margin`` to spare
+  (``shapeworld.relation_holds``).
+  """
   spec = [(o.shape, o.color) for o in meta.objects for _ in range(o.count)]
   return shapeworld.sample_scene(rng, spec, cfg, relation=meta.relation)
 

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from htgrpo_jax.data import dataset as D
+from htgrpo_jax.data import shapeworld as W
 from htgrpo_jax.data import text_tokenizer as T
 from htgrpo_jax.data import vq
 from htgrpo_jax.rewards.shapes import ShapeEvalReward
@@ -48,3 +49,20 @@ def test_rebuild_reuses_the_cache(assets):
     D.build_world(assets.data_dir, num_codes=64)
   with pytest.raises(ValueError, match="split"):
     D.make_dataset(assets, "test", 8)
+
+
+def test_a_generator_or_world_change_rebuilds_instead_of_reusing(assets, monkeypatch):
+  # Records written by an older scene generator (single-axis relations) must not be reused.
+  b = assets.builder
+  assert str(b.version) == "2.0.0"
+  digest = D.world_digest(W.WorldConfig())
+  assert b.builder_config.name.endswith(f"_g{D.GENERATOR_REVISION}w{digest}")
+  tfds_dir = assets.data_dir + "/tfds"
+  same = D.ShapeEval(num_train=256, num_eval=96, codebook=assets.codebook, data_dir=tfds_dir)
+  assert same.data_dir == b.data_dir
+  assert D.world_digest(W.WorldConfig(relation_margin=0.2)) != D.world_digest(W.WorldConfig())
+  other_world = D.ShapeEval(world=W.WorldConfig(min_gap=8), num_train=256, num_eval=96,
+                            codebook=assets.codebook, data_dir=tfds_dir)
+  monkeypatch.setattr(D, "GENERATOR_REVISION", D.GENERATOR_REVISION + 1)
+  newer = D.ShapeEval(num_train=256, num_eval=96, codebook=assets.codebook, data_dir=tfds_dir)
+  assert len({b.data_dir, other_world.data_dir, newer.data_dir}) == 3

@@ -61,3 +61,23 @@ def test_scene_for_satisfies_its_prompt():
   ps = G.balanced_prompts("eval", 120, seed=1) + G.balanced_prompts("train", 100, seed=1)
   imgs = np.stack([render(G.scene_for(p.meta, rng)) for p in ps])
   assert rew([p.text for p in ps], imgs).min() == 1.0
+
+
+def test_geneval_metadata_records():
+  meta = {p.text: p.meta for p in G.all_prompts()}
+  assert G.geneval_metadata(meta["a photo of three triangles"]) == {
+      "tag": "counting", "include": [{"class": "triangle", "count": 3}],
+      "exclude": [{"class": "triangle", "count": 4}], "prompt": "a photo of three triangles"}
+  # GenEval lists the target first and puts the relation on the object related to it.
+  text = "a photo of a blue circle left of a green triangle"
+  assert G.geneval_metadata(meta[text]) == {
+      "tag": "position", "exclude": [], "prompt": text,
+      "include": [{"class": "triangle", "count": 1, "color": "green"},
+                  {"class": "circle", "count": 1, "color": "blue", "position": ["left of", 0]}]}
+  text = "a photo of a red circle and a blue square"
+  assert G.geneval_metadata(meta[text])["include"] == [
+      {"class": "circle", "count": 1, "color": "red"}, {"class": "square", "count": 1,
+                                                        "color": "blue"}]
+  assert G.geneval_metadata(meta["a photo of a circle"]) == {
+      "tag": "single_object", "include": [{"class": "circle", "count": 1}], "exclude": [],
+      "prompt": "a photo of a circle"}

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from htgrpo_jax.data import shapeworld as W
+from htgrpo_jax.rewards import geneval
 
 
 def test_render_draws_exact_colours_and_footprints():
@@ -37,12 +38,53 @@ def test_sample_scene_respects_spec_grid_gap_and_relation():
     s = W.sample_scene(rng, spec, cfg, relation=rel)
     assert [o.shape for o in s.objects[:2]] == ["circle", "square"]
     assert s.objects[0].color == "red"
-    assert W.relation_holds(s.objects[0], s.objects[1], rel, cfg.relation_offset)
+    a, b = s.objects[:2]
+    assert W.relation_holds(a, b, rel, cfg.relation_margin)
+    # GenEval's own rule on the boxes a detector sees, with the margin to spare.
+    assert rel in geneval.relative_position(a.footprint_box, b.footprint_box)
+    assert geneval.relation_strength(a.footprint_box, b.footprint_box, rel) >= 0.6
     for k, o in enumerate(s.objects):
       assert o.x % cfg.patch == 0 and o.y % cfg.patch == 0 and o.size in cfg.sizes
       assert o.x + o.size <= cfg.canvas and o.y + o.size <= cfg.canvas
       for p in s.objects[k + 1:]:
         assert W._boxes_clear(o, p, cfg.min_gap)
+
+
+def test_position_scenes_pass_genevals_rule_which_the_old_sampler_missed():
+  # The old sampler asked for an 8 px centre offset along the relation's axis only; GenEval also
+  # looks at the other axis, and rejected ~21 % of its scenes. Every new scene passes.
+  cfg, rng = W.WorldConfig(), np.random.default_rng(3)
+  for i in range(1000):
+    rel = W.RELATIONS[i % 4]
+    a, b = W.sample_scene(rng, [(None, None), (None, None)], cfg, relation=rel).objects
+    assert rel in geneval.relative_position(a.footprint_box, b.footprint_box), (a, b, rel)
+    assert geneval.relation_strength(a.box, b.box, rel) >= 0.5 + cfg.relation_margin
+  # The old acceptance rule on unconstrained scenes: GenEval rejects a good share of them.
+  old_ok = old_rejected = 0
+  for i in range(2000):
+    rel = W.RELATIONS[i % 4]
+    a, b = W.sample_scene(rng, [(None, None), (None, None)], cfg).objects
+    (ax, ay), (bx, by) = a.center, b.center
+    if {"left of": bx - ax, "right of": ax - bx, "above": by - ay, "below": ay - by}[rel] >= 8:
+      old_ok += 1
+      old_rejected += rel not in geneval.relative_position(a.footprint_box, b.footprint_box)
+  print(f"old single-axis rule: GenEval rejects {old_rejected}/{old_ok} of the scenes it accepts")
+  assert old_rejected > 0.1 * old_ok
+  # And the margin-free check is GenEval's rule itself: 4 px higher but 16 px aside is not above.
+  a, b = W.ShapeObject("circle", "red", 0, 0, 8), W.ShapeObject("circle", "blue", 16, 4, 8)
+  assert not W.relation_holds(a, b, "above") and W.relation_holds(a, b, "left of")
+  assert W.relation_holds(a, b, "left of", 0.1) and not W.relation_holds(a, b, "left of", 0.45)
+
+
+def test_footprint_boxes_are_the_drawn_pixels():
+  for shape in W.SHAPES:
+    for size in (8, 12):
+      o = W.ShapeObject(shape, "red", 4, 8, size)
+      img = W.render(W.Scene((o,)))
+      ys, xs = np.nonzero((img != np.array(W.BACKGROUND, np.uint8)).any(-1))
+      assert o.footprint_box == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+  assert W.ShapeObject("triangle", "red", 0, 0, 8).footprint_box == (0, 1, 8, 8)  # empty apex row
+  assert W.ShapeObject("circle", "red", 0, 0, 8).box == (0, 0, 8, 8)
 
 
 def test_four_objects_always_fit():
@@ -59,7 +101,8 @@ def test_unaligned_variant_places_objects_off_grid():
 
 
 @pytest.mark.parametrize("kwargs, word", [
-    (dict(canvas=30), "canvas"), (dict(sizes=(6,)), "sizes"), (dict(shapes=("star",)), "shapes")])
+    (dict(canvas=30), "canvas"), (dict(sizes=(6,)), "sizes"), (dict(shapes=("star",)), "shapes"),
+    (dict(relation_margin=0.5), "relation_margin")])
 def test_bad_world_config_names_the_field(kwargs, word):
   with pytest.raises(ValueError, match=word):
     W.WorldConfig(**kwargs)

@@ -67,6 +67,18 @@ for _p in G.all_prompts():
   _BY_TAG[_p.meta.tag].append(_p)
 
 
+def test_unaligned_world_renders_are_judged_exactly():
+  # Off-grid objects, other sizes: the templates come from the world, so ground truth passes.
+  cfg = W.unaligned_config(48)
+  rng = np.random.default_rng(2)
+  ps = G.balanced_prompts("eval", 60, seed=2, cfg=cfg) + G.balanced_prompts("train", 60, seed=2,
+                                                                             cfg=cfg)
+  imgs = W.render_batch([G.scene_for(p.meta, rng, cfg) for p in ps], cfg)
+  reward = S.ShapeEvalReward(cfg, mode="strict")
+  assert reward([p.text for p in ps], imgs).min() == 1.0
+  assert reward([_different(p, rng).text for p in ps], imgs).mean() < 0.05
+
+
 def test_touching_objects_of_different_colours_are_separate():
   img = _img(O("square", "red", 4, 4, 8), O("circle", "blue", 12, 4, 8),
              O("triangle", "green", 4, 12, 8))
@@ -95,29 +107,49 @@ def test_counting_fails_on_extra_instances():
   assert _strict("a photo of four circles", three) == 0.0
 
 
-def test_borderline_positions_use_the_margin():
-  # Margin 0.1 * 32 = 3.2 px between centroids; circles are symmetric, so the centroid is exact.
+def test_borderline_positions_follow_genevals_rule():
+  # GenEval: revised offset = |offset| - 0.1 * (w_A + w_B) per axis, normalised by |offset|;
+  # "left of" needs dx < -0.5. Two 8 px circles 12 px apart vertically: left of needs a horizontal
+  # offset > 9.14 px, so x = 9 is not left of and x = 10 is (both are "above", dy < -0.5).
   base = O("circle", "red", 0, 0, 8)
-  near = _img(base, O("circle", "blue", 3, 12, 8))   # dx = 3 px: not left of
-  far = _img(base, O("circle", "blue", 4, 12, 8))    # dx = 4 px: left of
+  near = _img(base, O("circle", "blue", 9, 12, 8))
+  far = _img(base, O("circle", "blue", 10, 12, 8))
   text = "a photo of a red circle left of a blue circle"
   assert _strict(text, near) == 0.0 and _strict(text, far) == 1.0
-  assert _strict("a photo of a red circle above a blue circle", near) == 1.0
+  assert _strict("a photo of a red circle above a blue circle", near, far).tolist() == [1.0, 1.0]
   assert _strict("a photo of a blue circle left of a red circle", far) == 0.0
+  # The old single-axis rule's 4 px (> 3.2 px) here is now what GenEval calls it: above only.
+  old = _img(base, O("circle", "blue", 4, 12, 8))
+  assert _strict(text, old) == 0.0
+  (r,) = S.ShapeEvalReward().details([text], old[None])
+  assert "expected circle left of target, found above target" in r["reason"]
 
 
-def test_stray_pixels_and_noise_do_not_change_shapes():
+def test_specks_are_ignored_and_attached_pixels_make_objects_malformed():
   rng = np.random.default_rng(0)
   for shape in W.SHAPES:
-    img = _img(O(shape, "purple", 8, 8, 12))
-    img[7, 14] = W.COLORS["purple"]  # a stray pixel attached above the box
-    img[20, 20] = W.COLORS["purple"]  # one attached below-right
-    for y, x in rng.integers(0, 32, (6, 2)):  # isolated specks of other colours
-      if (img[y, x] == W.BACKGROUND).all():
+    clean = _img(O(shape, "purple", 8, 8, 12))
+    img = clean.copy()
+    for y, x in rng.integers(0, 32, (6, 2)):  # isolated one-pixel specks of another colour
+      if (img[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2] == W.BACKGROUND).all():
         img[y, x] = W.COLORS["orange"]
-    img[0:2, 0:2] = (128, 128, 128)  # an off-palette (blended) patch: no colour
+    img[0:1, 0:3] = (128, 128, 128)  # 3 off-palette px: below the 4 px noise area
     dets = S.detect(img)
     assert [(d.shape, d.color) for d in dets] == [(shape, "purple")], shape
+    text = f"a photo of a purple {shape}"
+    assert _strict(text, img) == 1.0
+    # A stray pixel attached to the object: the footprint is no world shape any more. (The old
+    # verifier trimmed such pixels off, which is also what let blobs pass as shapes.)
+    stray = clean.copy()
+    stray[O(shape, "purple", 8, 8, 12).footprint_box[1] - 1, 14] = W.COLORS["purple"]
+    (d,) = S.detect(stray)
+    assert d.malformed and d.area == W.shape_mask(shape, 12).sum() + 1
+    assert _strict(text, stray) == 0.0
+    # 4 off-palette px (a blended patch corner) are noticeable: malformed.
+    grey = clean.copy()
+    grey[0:2, 0:2] = (128, 128, 128)
+    assert [d.malformed for d in S.detect(grey)] == [False, True]
+    assert _strict(text, grey) == 0.0
 
 
 def test_dense_is_partial_and_one_exactly_when_strict():
@@ -163,8 +195,16 @@ def test_bad_prompts_raise_or_score_zero():
     S.ShapeEvalReward(mode="soft")
 
 
-def test_details_report_detections():
+def test_details_report_detections_and_the_hacking_watch():
   img = _img(O("triangle", "green", 0, 0, 8), O("square", "yellow", 20, 20, 12))
   (r,) = S.ShapeEvalReward().details(["a photo of a triangle and a square"], img[None])
   assert r["strict"] == 1.0 and len(r["detections"]) == 2
   assert r["meta"].tag == "two_object"
+  assert r["malformed"] == 0 and r["malformed_area"] == 0 and r["reason"] == ""
+  assert r["verdict"].correct
+  img[0:4, 28:32] = W.COLORS["red"]  # one loose patch
+  (r,) = S.ShapeEvalReward().details(["a photo of a triangle and a square"], img[None])
+  assert r["strict"] == 0.0 and r["malformed"] == 1 and r["malformed_area"] == 16
+  assert r["verdict"].correct  # GenEval alone would pass it; the junk makes it fail
+  assert "malformed: red component of 16 px, 4x4 px at (x=28, y=0)" in r["reason"]
+  assert r["dense"] == pytest.approx(0.5 ** 0.5)  # 16 px of junk, half-life 32 px
