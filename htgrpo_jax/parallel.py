@@ -163,16 +163,77 @@ def to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def maybe_initialize_distributed() -> bool:
-  """Calls ``jax.distributed.initialize()`` on multi-host TPU/GPU jobs; a no-op on one host.
+def initialize_distributed(mode: str = "auto", coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None) -> bool:
+  """Starts JAX's multi-process runtime where the job has several processes; call it first thing,
+  before anything touches a device. Idempotent; returns whether JAX runs multi-process.
 
-  Multi-host is detected from the environment the TPU VM / cluster launcher sets; returns whether
-  initialisation happened.
+  Args:
+    mode: 'auto' lets JAX's own cluster detection decide: a Cloud TPU VM slice (found through the
+      TPU metadata server, with no environment variable to set), GKE, SLURM, Open MPI, or an
+      explicit coordinator below / in ``JAX_COORDINATOR_ADDRESS``; where it finds none the run is
+      one process. 'off' never initialises; 'explicit' requires the three values below.
+    coordinator_address: 'host:port' of process 0's coordinator (other clusters, and the tests'
+      several processes on one machine); env ``JAX_COORDINATOR_ADDRESS``.
+    num_processes, process_id: env ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` when None.
+
+  Raises:
+    ValueError: an unknown mode, or an explicit setup with a value missing (named).
   """
-  multi = any(os.environ.get(k) for k in ("TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS",
-                                          "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
-  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  if multi and (not hosts or "," in hosts):
-    jax.distributed.initialize()
+  if mode not in ("auto", "off", "explicit"):
+    raise ValueError(f"distributed.mode={mode!r} must be 'auto', 'off' or 'explicit'")
+  if mode == "off":
+    return False
+  if jax.distributed.is_initialized():
     return True
-  return False
+  env = lambda k: os.environ.get(k) or None
+  coordinator_address = coordinator_address or env("JAX_COORDINATOR_ADDRESS")
+  num_processes = num_processes if num_processes is not None else env("JAX_NUM_PROCESSES")
+  process_id = process_id if process_id is not None else env("JAX_PROCESS_ID")
+  given = dict(coordinator_address=coordinator_address, num_processes=num_processes,
+               process_id=process_id)
+  if mode == "explicit" or any(v is not None for v in given.values()):
+    missing = [k for k, v in given.items() if v is None]
+    if missing and mode == "explicit":
+      raise ValueError(f"distributed.mode='explicit' needs distributed.{missing[0]} "
+                       f"(or its JAX_ environment variable); missing: {missing}")
+    if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
+      # Several CPU processes (this machine's tests) need a cross-process collectives backend.
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=None if num_processes is None else int(num_processes),
+        process_id=None if process_id is None else int(process_id))
+    return True
+  try:
+    jax.distributed.initialize()
+  except ValueError as e:
+    if "coordinator_address should be defined" in str(e):
+      return False  # JAX found no cluster around this process: a single-process run
+    raise
+  return True
+
+
+def check_same_everywhere(name: str, text: str) -> None:
+  """Raises ValueError naming ``name`` unless every process holds the same ``text`` (e.g. the run's
+  config): processes that disagree would otherwise compile different programs and hang."""
+  if jax.process_count() == 1:
+    return
+  import hashlib
+  from jax.experimental import multihost_utils
+  digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint8)
+  everyone = np.asarray(multihost_utils.process_allgather(digest))
+  bad = [i for i, d in enumerate(everyone.reshape(jax.process_count(), -1)) if (d != digest).any()]
+  if bad:
+    raise ValueError(f"{name} differs between processes: process {jax.process_index()} disagrees with "
+                     f"process(es) {bad}; every host must run the same command and files")
+
+
+def is_primary() -> bool:
+  """Whether this process writes the run's host-side files, logs and progress (process 0)."""
+  return jax.process_index() == 0
+
+
+def maybe_initialize_distributed() -> bool:
+  """``initialize_distributed('auto')`` (kept for callers without a config)."""
+  return initialize_distributed("auto")

@@ -1,0 +1,1 @@
+"""Shared test helpers (no test module imports another test module)."""
