@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.world.num_eval = 1000
 
   c.model = ml_collections.ConfigDict()
-  c.model.preset = "shapes"             # d=128, 4 layers, 4 heads (DESIGN feasibility figures)
+  c.model.preset = "shapes"             # d=128, 4 layers, 4 heads (docs/architecture.md, ShapeEval)
   c.model.prompt_length = 16
   c.model.overrides = ml_collections.ConfigDict()  # any LLaDAConfig field
 

@@ -4,7 +4,7 @@
 # when it sees a multi-host slice).
 #
 #   launch/tpu_vm.sh create  NAME           # TPU VM / pod slice ($ACCELERATOR, $ZONE, $RUNTIME)
-#   launch/tpu_vm.sh install NAME           # copy this checkout to every worker, pip install -e ".[tpu]"
+#   launch/tpu_vm.sh install NAME           # copy this checkout to every worker, pip install -e ".[train,tpu]"
 #   launch/tpu_vm.sh train   NAME [FLAGS]   # python launch/train.py $CONFIG FLAGS on every worker
 #   launch/tpu_vm.sh aot     [FLAGS]        # pre-flight here, before renting: launch/aot_compile.py
 #   launch/tpu_vm.sh ssh     NAME [CMD]     # run CMD (default: a shell) on worker 0
@@ -53,7 +53,7 @@ case "$cmd" in
     run gcloud compute tpus tpu-vm scp "$tarball" "$1":htgrpo_jax.tar.gz --worker=all --zone="$ZONE" "${project_flag[@]}"
     run gcloud compute tpus tpu-vm ssh "$1" --worker=all --zone="$ZONE" "${project_flag[@]}" --command="\
 mkdir -p $REMOTE_DIR && tar -xzf htgrpo_jax.tar.gz -C $REMOTE_DIR && cd $REMOTE_DIR && \
-python3 -m pip install -U pip && python3 -m pip install -e '.[tpu]'"
+python3 -m pip install -U pip && python3 -m pip install -e '.[train,tpu]'"
     ;;
   train)
     need_name "${1:-}"; name=$1; shift

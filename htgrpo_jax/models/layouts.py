@@ -5,7 +5,7 @@ int32[B, L] and back. The canvas holds codes in [0, C) or ``MASK = -1`` (rl/roll
 sequence a code c becomes ``c + image_offset`` and MASK becomes ``mask_id``. Conditional and
 unconditional (CFG) prompts always have the same length Lp, so CFG is one batched forward of 2B rows.
 
-Layouts (reference: dmllm_models.md §2):
+Layouts (docs/models.md, token layouts):
 - ``MMaDALayout``: ``[iPAD]* <|t2i|> <bos> text <eos> | <|soi|> | N slots | <|eoi|>``, the prompt
   left-padded to ``max_text_len`` (513) -> L = 1539 for 1024 slots; pads are masked in attention.
 - ``DiMOOLayout``: ``system/user prompt | <answer> <boi> | rows of (W/16 slots, newline) | <eoi> </answer>``.

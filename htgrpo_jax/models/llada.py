@@ -1,7 +1,7 @@
 """The bidirectional LLaDA transformer (MMaDA-8B and Lumina-DiMOO backbone) in Flax Linen.
 
 One module serves every model family; only sizes, vocabulary and the pad-mask setting differ
-(reference: dmllm_models.md §1). The maths, matching LLaDA's OLMo-derived code:
+(docs/models.md, the shared backbone). The maths, matching LLaDA's OLMo-derived code:
 
   x = wte[tokens] (+ wpe[pos] when ``learned_pos_emb``; never on the 8B presets)
   per block: h = RMSNorm(x); q, k, v = h W_q, h W_k, h W_v; RoPE(q, k) in fp32 at physical positions
@@ -110,7 +110,7 @@ PRESETS: dict[str, LLaDAConfig] = {
     # Unit tests: everything small, fp32 so parity checks are tight.
     "tiny": LLaDAConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, mlp_hidden=128,
                         dtype=jnp.float32),
-    # The embedded ShapeEval world (DESIGN: d=128, 4 layers, 4 heads); vocab comes from the layout.
+    # The embedded ShapeEval world (docs/architecture.md: d=128, 4 layers, 4 heads); vocab comes from the layout.
     # The learned table gives every image slot its own embedding, which helps a small model learn
     # the 2-D layout quickly (the prototype used row+column positions).
     "shapes": LLaDAConfig(vocab_size=512, d_model=128, n_layers=4, n_heads=4, mlp_hidden=512,

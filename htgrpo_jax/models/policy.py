@@ -1,6 +1,6 @@
 """The policy as the algorithm sees it: a LLaDA backbone + a layout -> codebook logits at the slots.
 
-``make_logits_fn`` implements DESIGN's model contract
+``make_logits_fn`` implements the model contract of docs/architecture.md
 ``logits_fn(params, tokens int32[B, L]) -> float32[B, N, C]`` (image slots only, LM head sliced to
 the codebook rows before the matmul); ``make_canvas_logits_fn`` composes it with the layout into the
 ``CanvasLogitsFn`` of rl/rollout.py. Params are the plain (unboxed) ``params`` collection; their

@@ -1,4 +1,4 @@
-"""Independent PyTorch VQ decoders (NCHW, written from dmllm_models.md section 3) whose attribute
+"""Independent PyTorch VQ decoders (NCHW, written from docs/models.md, VQ decoders) whose attribute
 names give the HF state-dict keys, and a writer of their checkpoints; shared by the VQ tests."""
 
 import numpy as np
@@ -14,7 +14,7 @@ VQG = vqgan.PRESETS["tiny"]
 
 
 # ------------------------------------------------------------------------------------------------
-# Independent torch decoders, written from dmllm_models.md §3 in NCHW; attribute names give the HF
+# Independent torch decoders, written from docs/models.md (VQ decoders) in NCHW; attribute names give the HF
 # state-dict keys.
 
 

@@ -1,6 +1,6 @@
 """MAGVIT-v2 decoder (MMaDA's ``showlab/magvitv2`` image tokenizer) in Flax Linen, NHWC.
 
-Decode path (dmllm_models.md §3.1), codes ``[B, h, w]`` -> pixels ``[B, 16h, 16w, 3]``:
+Decode path (docs/models.md, MAGVIT-v2), codes ``[B, h, w]`` -> pixels ``[B, 16h, 16w, 3]``:
 
   z = bits(code, 13, MSB first) * 2 - 1                 [B, h, w, 13]   (lookup-free, no params)
   z = post_quant_conv(z)                                1x1, 13 -> 13

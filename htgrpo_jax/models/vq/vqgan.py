@@ -3,7 +3,7 @@
 Also holds the taming-VQGAN building blocks (GroupNorm-SiLU-conv resnet, single-head spatial
 attention, nearest-2x upsampler) that MAGVIT-v2's decoder shares (``magvit2.py`` imports them).
 
-Decode path (dmllm_models.md §3.2), codes ``[B, h, w]`` -> pixels ``[B, 16h, 16w, 3]``:
+Decode path (docs/models.md, aMUSEd-style VQ-GAN), codes ``[B, h, w]`` -> pixels ``[B, 16h, 16w, 3]``:
 
   z = codebook[codes]                                   [B, h, w, 64]   (plain embedding lookup)
   z = post_quant_conv(z)                                1x1, 64 -> 64
