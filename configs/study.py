@@ -24,6 +24,15 @@ ARMS = {
     "ht_global_only": ("htgrpo", "rl.n_global=6; rl.n_struct=0; rl.n_refine=0"),
     "ht_refine_context_none": ("htgrpo", "rl.refine_context=none"),
     "ht_ramp": ("htgrpo", "rl.update_schedule=ramp"),
+    "ht_credit_stage": ("htgrpo", "rl.credit_normalization=stage"),
+    "ht_cfg_guided": ("htgrpo", "rl.estimator_guidance=guided"),
+    "ht_cfg_unguided_rollouts": ("htgrpo", "rl.estimator_guidance=unguided_rollouts"),
+    "ht_branch": ("htgrpo", "sampler.share_sketch=True; rl.num_sketches=2"),
+    # Tuning, the same grid for our method and the baseline.
+    "htgrpo_lr3e-4": ("htgrpo", "optim.learning_rate=3e-4"),
+    "maskgrpo_lr3e-4": ("maskgrpo", "optim.learning_rate=3e-4"),
+    "htgrpo_lr1e-3": ("htgrpo", "optim.learning_rate=1e-3"),
+    "maskgrpo_lr1e-3": ("maskgrpo", "optim.learning_rate=1e-3"),
 }
 
 
@@ -41,10 +50,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       {name: dict(preset=p, overrides=o) for name, (p, o) in ARMS.items()})
   c.main_arms = "htgrpo,maskgrpo,tracegrpo,uni"
   c.main_seeds = 3
-  c.ablation_arms = ",".join(a for a in ARMS if a.startswith("ht_"))
+  c.ablation_arms = ",".join(a for a in ARMS if a.startswith("ht_") or "_lr" in a)
   c.ablation_seeds = 1
   c.results_md = "docs/results.md"
   c.curves_png = "docs/results_curves.png"
+  c.readme = "README.md"               # its study block is rewritten from the results ("" = leave it)
   c.progress = True
   if tiny:
     c.train_variant = "tiny"
@@ -53,4 +63,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ablation_arms, c.ablation_seeds = "ht_partition_random", 1
     c.results_md = c.workdir + "/results.md"
     c.curves_png = c.workdir + "/results_curves.png"
+    c.readme = ""
   return c

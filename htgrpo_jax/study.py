@@ -239,7 +239,7 @@ def write_report(cfg: ml_collections.ConfigDict) -> str:
                  f"{fmt(acc['overall'] - base_acc['overall'], boot[a + ':change']['overall'])} | " +
                  " | ".join(f"{acc[t]:.3f}" for t in tags) + " |")
   lines += ["", "| base | " + " | ".join(f"{t} {base_acc[t]:.3f}" for t in tags + ["overall"]) +
-            " |", "", f"Arms: " + "; ".join(
+            " |", "", "Arms: " + "; ".join(
                 f"`{a}` = preset {s['preset']}" + (f" with {s['overrides']}" if s["overrides"]
                                                     else "") for a, s in arms.items()), "",
             f"![held-out accuracy vs rollout images and wall time]({os.path.basename(cfg.curves_png)})",
@@ -249,7 +249,27 @@ def write_report(cfg: ml_collections.ConfigDict) -> str:
   with open(cfg.results_md, "w") as fh:
     fh.write(md)
   plot_study(data, base_acc["overall"], cfg.curves_png)
+  if cfg.get("readme"):
+    table = [l for l in lines if l.startswith("|")][:2 + len([a for a in arms if a in finals])]
+    splice_readme(cfg.readme, "\n".join(table) + f"\n\n{lines[2]}\n\nFull table and curves: "
+                  f"[`{cfg.results_md}`]({cfg.results_md}).\n")
   return md
+
+
+_BEGIN, _END = "<!-- study:begin (written by launch/study.py) -->", "<!-- study:end -->"
+
+
+def splice_readme(path: str, block: str) -> None:
+  """Replaces the text between the study markers of a README (which must hold both markers), so
+  its results table is always the study's, never typed by hand."""
+  with open(path, encoding="utf-8") as fh:
+    text = fh.read()
+  i, j = text.find(_BEGIN), text.find(_END)
+  if i < 0 or j < i:
+    raise ValueError(f"{path}: no '{_BEGIN}' ... '{_END}' block to write the study's table into")
+  with open(path + ".tmp", "w", encoding="utf-8") as fh:
+    fh.write(text[:i + len(_BEGIN)] + "\n" + block + text[j:])
+  os.replace(path + ".tmp", path)
 
 
 def plot_study(data: dict[str, Any], base_overall: float, path: str) -> None:
