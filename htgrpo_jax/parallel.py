@@ -200,6 +200,11 @@ def initialize_distributed(mode: str = "auto", coordinator_address: str | None =
     if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
       # Several CPU processes (this machine's tests) need a cross-process collectives backend.
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    from jax._src import xla_bridge  # no public way to ask whether JAX's backend is already up
+    if xla_bridge.backends_are_initialized():
+      raise ValueError("a multi-process run (distributed.* or JAX_COORDINATOR_ADDRESS / "
+                       "JAX_NUM_PROCESSES / JAX_PROCESS_ID set) must initialise before JAX runs "
+                       "anything in this process; start the trainer in a fresh process")
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
         num_processes=None if num_processes is None else int(num_processes),
@@ -211,6 +216,12 @@ def initialize_distributed(mode: str = "auto", coordinator_address: str | None =
     if "coordinator_address should be defined" in str(e):
       return False  # JAX found no cluster around this process: a single-process run
     raise
+  except RuntimeError as e:
+    if "must be called before" not in str(e):
+      raise
+    # JAX already runs in this process (a library user's program, a test calling train() twice):
+    # whatever it started with stands.
+    return jax.process_count() > 1
   return True
 
 

@@ -77,8 +77,10 @@ def credit_weights(is_structure: jax.Array, *, structure_weight: float, refine_w
                    normalize: bool = True) -> jax.Array:
   """Per-token credit w: ``structure_weight`` on S, ``refine_weight`` on R.
 
-  With ``normalize`` each image's weights are divided by their mean, so the mean is 1 and the overall
-  step size matches uniform credit (an image whose weights are all 0 stays 0).
+  With ``normalize`` each image's weights are divided by their mean over its N tokens (an image whose
+  weights are all 0 stays 0): ``credit_normalization='image'``. Each stage's loss being its own token
+  mean, the struct and refine stages then carry w_S / mean(w) and w_R / mean(w) of the advantage;
+  ``loss_set_credit`` normalises over an iteration's loss set instead ('stage').
 
   Args:
     is_structure: bool[B, N].
@@ -91,6 +93,25 @@ def credit_weights(is_structure: jax.Array, *, structure_weight: float, refine_w
     m = w.mean(axis=-1, keepdims=True)
     w = w / jnp.where(m > 0, m, 1.0)
   return w
+
+
+def loss_set_credit(weights: jax.Array, loss_mask: jax.Array) -> jax.Array:
+  """Credit rescaled to mean 1 over each image's loss set (``credit_normalization='stage'``).
+
+  Every iteration's loss is a token mean over its own loss set, so this is what keeps each stage's
+  step size that of uniform credit. Images with an empty loss set (or zero weight on it) are left as
+  they are; uniform weights come back exactly 1.
+
+  Args:
+    weights: float32[B, N] unnormalised credit (``credit_weights(..., normalize=False)``).
+    loss_mask: bool[B, N] the iteration's loss set.
+
+  Returns:
+    float32[B, N].
+  """
+  m = loss_mask.astype(jnp.float32)
+  mean = (weights * m).sum(axis=-1, keepdims=True) / jnp.maximum(m.sum(axis=-1, keepdims=True), 1.0)
+  return weights / jnp.where(mean > 0, mean, 1.0)
 
 
 def stage_schedule(n_global: int, n_struct: int, n_refine: int) -> tuple[int, ...]:

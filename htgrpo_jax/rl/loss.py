@@ -9,7 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-SUM_METRICS = ("loss", "pg_loss", "kl", "clip_frac", "approx_kl", "ratio_mean", "entropy", "advantage")
+SUM_METRICS = ("loss", "pg_loss", "kl", "clip_frac", "approx_kl", "ratio_mean", "entropy", "advantage",
+               "credit")
 
 
 def token_logp_entropy(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -30,7 +31,8 @@ def token_logp_entropy(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array,
 
 def ht_grpo_loss(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array | None, token_adv: jax.Array,
                  loss_mask: jax.Array, *, clip_eps: float, beta: float,
-                 entropy: jax.Array | None = None) -> tuple[jax.Array, jax.Array, dict]:
+                 entropy: jax.Array | None = None,
+                 credit: jax.Array | None = None) -> tuple[jax.Array, jax.Array, dict]:
   """Unreduced PPO-clip + k3-KL loss over the loss-mask tokens.
 
   Per token: rho = exp(logp - old_logp); pg = -min(rho * A, clip(rho, 1 - eps, 1 + eps) * A);
@@ -45,6 +47,7 @@ def ht_grpo_loss(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array | Non
     clip_eps: PPO epsilon.
     beta: KL weight.
     entropy: optional float32[B, N] policy entropy per slot (metric only).
+    credit: optional float32[B, N] the credit weight w inside ``token_adv`` (metric only).
 
   Returns:
     (loss_sum float32[], count float32[], metrics): ``metrics`` holds sums over the mask for
@@ -76,6 +79,7 @@ def ht_grpo_loss(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array | Non
       "ratio_mean": s(ratio_sg),
       "entropy": s(jax.lax.stop_gradient(entropy)) if entropy is not None else jnp.float32(0.0),
       "advantage": s(token_adv),
+      "credit": s(credit) if credit is not None else jnp.float32(0.0),
       "ratio_min": jnp.where(loss_mask, ratio_sg, jnp.inf).min(),
       "ratio_max": jnp.where(loss_mask, ratio_sg, -jnp.inf).max(),
   }

@@ -25,7 +25,9 @@ CanvasLogitsFn = Callable[[chex.ArrayTree, jax.Array, jax.Array], jax.Array]
 
 @struct.dataclass
 class Rollout:
-  """One rollout batch. Leading dim B = prompts x G with each prompt's G images contiguous.
+  """One rollout batch. Leading dim B = prompts x G with each prompt's G images contiguous; with
+  ``HTGRPOConfig.num_sketches`` M >= 2 a group is M sketches x G / M paints, each sketch's paints
+  contiguous (rows ordered prompt, sketch, paint).
 
   Attributes:
     prompt_tokens: int32[B, Lp] conditional prompt tokens (the layout's prompt part).

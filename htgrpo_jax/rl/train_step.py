@@ -2,13 +2,18 @@
 
 ``make_train_step`` returns ``step(state, rollout, key) -> (state, metrics)``, a single jitted function:
 
-1. group advantages, the sketch/paint partition, per-token credit;
+1. per-token advantages (flat group advantages, or sketch-/paint-level ones for M sketches x G / M
+   paints per prompt), the sketch/paint partition, credit weights;
 2. the K canvases and loss sets (``estimators``), then old and reference log-probs once per *distinct*
-   canvas (stop-gradient; old = params at the start of the step, so the ratio is exactly 1 at k = 0);
+   canvas (stop-gradient; old = params at the start of the step, so the ratio at k = 0 is 1 up to
+   float round-off: XLA may fuse the stop-gradient pass and the differentiated one differently, so
+   it is bitwise 1 for the tests' toy policies but a few ulp off for the fp32 LLaDA, |rho - 1| <=
+   5e-7 on the tiny ShapeEval model over 8 devices);
 3. ``lax.scan`` over the K updates; inside, ``lax.scan`` over micro-batches accumulates gradients of the
-   unreduced loss sums divided by the iteration's total token count (exact token mean);
-4. a non-finite loss or gradient skips that update: params and optimizer state stay as they were and
-   ``state.skipped`` counts it.
+   unreduced loss sums divided by the iteration's total token count (exact token mean); the credit is
+   normalised per image or per iteration's loss set (``credit_normalization``);
+4. a non-finite loss, gradient, new params or new optimizer state skips that update: params and
+   optimizer state stay as they were and ``state.skipped`` counts it.
 
 Iteration k of step ``state.step`` draws everything from ``fold_in(fold_in(key, state.step), k)``.
 """
@@ -25,10 +30,10 @@ from jax.sharding import Mesh, NamedSharding
 
 from htgrpo_jax import parallel
 from htgrpo_jax.rl import estimators, hierarchy
-from htgrpo_jax.rl.advantages import group_advantages
+from htgrpo_jax.rl.advantages import token_advantages
 from htgrpo_jax.rl.config import STAGE_NAMES, HTGRPOConfig
 from htgrpo_jax.rl.loss import combine_metrics, finalize_metrics, ht_grpo_loss, token_logp_entropy
-from htgrpo_jax.rl.rollout import CanvasLogitsFn, Rollout
+from htgrpo_jax.rl.rollout import MASK, CanvasLogitsFn, Rollout
 
 _PARTITION_SALT = 0x7FFF_FFF1  # fold_in salt of the 'random' partition (never a valid k)
 
@@ -42,7 +47,7 @@ class TrainState:
     params: policy parameters (any pytree the canvas_logits_fn takes).
     opt_state: the optax state of ``params``.
     ref_params: frozen reference policy (same structure as params), or None when beta == 0.
-    skipped: int32[] inner updates skipped so far because of a non-finite loss or gradient.
+    skipped: int32[] inner updates skipped so far because of a non-finite loss, gradient or update.
   """
   step: jax.Array
   params: Any
@@ -85,6 +90,38 @@ def _split_mb(x: jax.Array | None, nmb: int):
   return None if x is None else x.reshape((nmb, x.shape[0] // nmb) + x.shape[1:])
 
 
+
+
+def behaviour_gap(canvases: jax.Array, old_logp: jax.Array, commit_step: jax.Array, commit_logp: jax.Array,
+                  num_steps: int) -> tuple[jax.Array, jax.Array]:
+  """Mean |commit_logp - old_logp| over the tokens whose scored canvas is the one they were drawn on.
+
+  The sampler drew token i at step s_i from the canvas holding exactly the tokens committed before s_i;
+  an estimator canvas is that canvas for token i iff i is masked there, every revealed token has
+  commit_step < s_i and every masked one commit_step >= s_i, i.e. s_i == min(masked commit steps) >
+  max(revealed commit steps). On such tokens the behaviour log-prob (``commit_logp``) and the old
+  policy's log-prob share canvas and token, so their difference is the estimator's off-policyness:
+  CFG and temperature (with ``estimator_guidance='none'``) plus round-off. It reuses the old passes
+  (no extra forward); for 'htgrpo' the comparable tokens are those committed at step 0 (the all-mask
+  canvas), for 'trajectory' with trajectory_group 1 every token committed at the replayed step.
+
+  Args:
+    canvases: int32[D, B, N] the distinct canvases the old passes scored.
+    old_logp: float32[D, B, N] their old log-probs.
+    commit_step: int32[B, N]; commit_logp: float32[B, N] (the rollout record).
+    num_steps: T.
+
+  Returns:
+    (mean absolute gap float32[], number of comparable tokens float32[]).
+  """
+  revealed = canvases != MASK
+  cs = commit_step[None]
+  hi = jnp.where(revealed, cs, -1).max(axis=-1, keepdims=True)
+  lo = jnp.where(revealed, num_steps, cs).min(axis=-1, keepdims=True)
+  comparable = ~revealed & (cs == lo) & (hi < lo)
+  count = comparable.sum().astype(jnp.float32)
+  gap = jnp.where(comparable, jnp.abs(commit_logp[None] - old_logp), 0.0).sum()
+  return gap / jnp.maximum(count, 1.0), count
 
 
 def _retarget(shardings: Any, mesh: Mesh) -> Any:
@@ -134,7 +171,9 @@ def make_train_step(canvas_logits_fn: CanvasLogitsFn, optimizer: optax.GradientT
   """Builds the compiled HT-GRPO update.
 
   Args:
-    canvas_logits_fn: ``(params, prompt_tokens int32[B, Lp], canvas int32[B, N]) -> float[B, N, C]``.
+    canvas_logits_fn: ``(params, prompt_tokens int32[B, Lp], canvas int32[B, N]) -> float[B, N, C]``:
+      the distribution the ratios score (for ``estimator_guidance='guided'`` the caller passes the
+      sampler's guided, tempered logits, e.g. ``sampling.guided_canvas_logits_fn``).
     optimizer: an optax transformation (e.g. ``make_optimizer``), applied once per inner iteration.
     config: a validated ``HTGRPOConfig``.
     mesh: when given, the step is jitted with explicit shardings: the rollout split over the batch axes
@@ -147,9 +186,13 @@ def make_train_step(canvas_logits_fn: CanvasLogitsFn, optimizer: optax.GradientT
   Returns:
     A ``TrainStep``: ``(state, rollout, key) -> (state, metrics)``. ``metrics`` holds, for 'total' and
     each stage present ('global', 'struct', 'refine'), token means of loss, pg_loss, kl (to the
-    reference), clip_frac, approx_kl (old vs new), ratio_mean/min/max, entropy, advantage, tokens and
-    grad_norm (mean over the stage's iterations); per-iteration arrays under 'iter'; reward/advantage
-    statistics; 'skipped' (this step) and 'skipped_total'.
+    reference), clip_frac, approx_kl (old vs new), ratio_mean/min/max, entropy, advantage, credit (mean
+    credit weight on the loss tokens), tokens and grad_norm (mean over the stage's iterations);
+    per-iteration arrays under 'iter'; reward/advantage statistics; the partition's
+    'structure_frac' (|S| / N), 'structure_selectivity' (mean |S| / |sketch-phase candidates|) and
+    'structure_all_candidates_frac' (images whose S is every candidate: no selection);
+    'behaviour_gap' / 'behaviour_gap_tokens' (``behaviour_gap``); 'skipped' (this step) and
+    'skipped_total'.
   """
   if not isinstance(config, HTGRPOConfig):
     raise ValueError(f"config must be an HTGRPOConfig, got {type(config).__name__}")
@@ -173,15 +216,16 @@ def make_train_step(canvas_logits_fn: CanvasLogitsFn, optimizer: optax.GradientT
     bsz, _ = rollout.image_tokens.shape
     nmb = config.micro_batches(bsz)
     tokens = rollout.image_tokens
-    adv = group_advantages(rollout.rewards, config.group_size, config.adv_eps, config.adv_std_ddof)
+    tok_adv = token_advantages(rollout.rewards, rollout.commit_step, config)  # [B, N], before credit
     step_key = jax.random.fold_in(key, state.step)
     is_s = hierarchy.partition_tokens(
         rollout.commit_step, rollout.commit_entropy, num_steps=config.num_sampler_steps,
         sketch_fraction=config.sketch_fraction, structure_ratio=config.structure_ratio,
         mode=config.partition_mode, key=jax.random.fold_in(step_key, _PARTITION_SALT))
+    stage_credit = config.normalize_credit and config.credit_normalization == "stage"
     w = hierarchy.credit_weights(is_s, structure_weight=config.structure_weight,
-                                 refine_weight=config.refine_weight, normalize=config.normalize_credit)
-    token_adv = adv[:, None] * w
+                                 refine_weight=config.refine_weight,
+                                 normalize=config.normalize_credit and not stage_credit)
     canvases, loss_masks = estimators.all_canvases(config, step_key, tokens, rollout.commit_step, is_s)
 
     # Old/ref passes once per distinct canvas: for 'htgrpo' the global and struct iterations all score the
@@ -189,7 +233,8 @@ def make_train_step(canvas_logits_fn: CanvasLogitsFn, optimizer: optax.GradientT
     prompts_mb, tokens_mb = _split_mb(rollout.prompt_tokens, nmb), _split_mb(tokens, nmb)
     distinct = canvases[jnp.asarray(representative)]
     gather = jnp.asarray(groups)
-    old = logp_passes(state.params, prompts_mb, tokens_mb, distinct, nmb)[gather]
+    old_distinct = logp_passes(state.params, prompts_mb, tokens_mb, distinct, nmb)
+    old = old_distinct[gather]
     ref = logp_passes(state.ref_params, prompts_mb, tokens_mb, distinct, nmb)[gather] if use_ref else None
     counts = loss_masks.sum(axis=(1, 2)).astype(jnp.float32)
 
@@ -197,18 +242,20 @@ def make_train_step(canvas_logits_fn: CanvasLogitsFn, optimizer: optax.GradientT
       params, opt_state, skipped = carry
       canvas, lmask, old_k, ref_k, count = xs
       denom = jnp.maximum(count, 1.0)
+      w_k = hierarchy.loss_set_credit(w, lmask) if stage_credit else w
+      token_adv = tok_adv * w_k
 
       def mb_grad(mxs):
-        p, c, t, lm, o, r, a = mxs
+        p, c, t, lm, o, r, a, wk = mxs
         def loss_fn(prm):
           logp, ent = token_logp_entropy(canvas_logits_fn(prm, p, c), t)
           lsum, _, met = ht_grpo_loss(logp, o, r, a, lm, clip_eps=config.clip_eps, beta=config.beta,
-                                      entropy=ent)
+                                      entropy=ent, credit=wk)
           return lsum / denom, met
         return jax.grad(loss_fn, has_aux=True)(params)
 
       mxs = (prompts_mb, _split_mb(canvas, nmb), tokens_mb, _split_mb(lmask, nmb), _split_mb(old_k, nmb),
-             _split_mb(ref_k, nmb), _split_mb(token_adv, nmb))
+             _split_mb(ref_k, nmb), _split_mb(token_adv, nmb), _split_mb(w_k, nmb))
       first = jax.tree.map(lambda x: x[0], mxs)
       grads, met = mb_grad(first)
       if nmb > 1:
@@ -218,9 +265,13 @@ def make_train_step(canvas_logits_fn: CanvasLogitsFn, optimizer: optax.GradientT
         (grads, met), _ = jax.lax.scan(acc, (grads, met), jax.tree.map(lambda x: x[1:], mxs))
 
       grad_norm = optax.tree.norm(grads)
-      ok = jnp.isfinite(met["loss"]) & _all_finite(grads)
       updates, new_opt = optimizer.update(grads, opt_state, params)
       new_params = optax.apply_updates(params, updates)
+      # A finite loss and gradient can still give a non-finite update (an infinite learning rate, a
+      # NaN weight decay, a gradient whose square overflows Adam's second moment); writing it would
+      # poison every later step, so what would be written is checked too.
+      ok = (jnp.isfinite(met["loss"]) & _all_finite(grads) & _all_finite(new_params)
+            & _all_finite(new_opt))
       keep = lambda new, old_: jax.tree.map(lambda n, o_: jnp.where(ok, n, o_), new, old_)
       params, opt_state = keep(new_params, params), keep(new_opt, opt_state)
       met = dict(met, grad_norm=grad_norm, skipped=(~ok).astype(jnp.int32))
@@ -245,8 +296,15 @@ def make_train_step(canvas_logits_fn: CanvasLogitsFn, optimizer: optax.GradientT
                        "grad_norm": per_iter["grad_norm"], "skipped": per_iter["skipped"]}
     metrics["reward_mean"] = rollout.rewards.mean()
     metrics["reward_std"] = rollout.rewards.std()
-    metrics["adv_abs_mean"] = jnp.abs(adv).mean()
+    # M == 1: every row is one advantage; its [B] mean keeps the metric bitwise as before.
+    metrics["adv_abs_mean"] = jnp.abs(tok_adv[:, 0] if config.num_sketches == 1 else tok_adv).mean()
     metrics["structure_frac"] = is_s.astype(jnp.float32).mean()
+    cand = (rollout.commit_step >= 0) & (rollout.commit_step < config.sketch_steps)
+    n_s, n_c = is_s.sum(axis=-1), cand.sum(axis=-1)
+    metrics["structure_selectivity"] = (n_s / jnp.maximum(n_c, 1)).astype(jnp.float32).mean()
+    metrics["structure_all_candidates_frac"] = (n_s == n_c).astype(jnp.float32).mean()
+    metrics["behaviour_gap"], metrics["behaviour_gap_tokens"] = behaviour_gap(
+        distinct, old_distinct, rollout.commit_step, rollout.commit_logp, config.num_sampler_steps)
     metrics["skipped"] = metrics["total"]["skipped"]
     metrics["skipped_total"] = skipped
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, skipped=skipped)

@@ -15,7 +15,11 @@ Step s (0-based):
 
 ``sketch`` runs steps [0, sketch_steps), ``paint`` runs [sketch_steps, T) and ``sample`` runs both;
 step s always uses the key ``fold_in(key, s)``, so ``paint(sketch(x, key), key) == sample(x, key)``.
-``branch`` repeats each sketch G times (contiguous) so a group of G paints shares one layout.
+``branch`` repeats each sketch g times (contiguous) so those g paints share one layout; the trainer
+sketches M = rl.num_sketches times per prompt and branches each into G / M paints (hierarchical
+groups: one shared sketch per group would leave the sketch tokens no group-relative signal).
+``guided_canvas_logits_fn`` turns the sampler's guided, tempered distribution into a policy the RL
+update can score (``rl.estimator_guidance='guided'``).
 """
 from __future__ import annotations
 
@@ -104,6 +108,38 @@ def guided_logits(canvas_logits_fn: CanvasLogitsFn, params: Any, prompt_tokens: 
   both = both.reshape(b, 2, *both.shape[1:])
   cond, uncond = both[:, 0], both[:, 1]
   return (1.0 + cfg_scale) * cond - cfg_scale * uncond
+
+
+def guided_canvas_logits_fn(canvas_logits_fn: CanvasLogitsFn, config: SamplerConfig,
+                            uncond_prompt) -> CanvasLogitsFn:
+  """The logits tokens are drawn from, as a ``CanvasLogitsFn`` for the RL update.
+
+  ``(params, prompt_tokens int32[B, Lp], canvas int32[B, N]) -> float32[B, N, C]``: ``guided_logits``
+  with ``config.cfg_scale`` and the unconditional prompt on every row, divided by
+  ``config.sample_temperature``, so log_softmax of it is exactly the sampler's log q (the recorded
+  ``commit_logp``). This is ``HTGRPOConfig.estimator_guidance='guided'``: old, reference and current
+  passes all score the behaviour distribution (each forward runs 2B rows when CFG is on).
+
+  Args:
+    canvas_logits_fn: the bare conditional policy.
+    config: the sampler config the rollouts were drawn with.
+    uncond_prompt: int[Lp], the unconditional (CFG) prompt row, e.g. ``layout.unconditional_prompts(1)[0]``.
+
+  Raises:
+    ValueError: ``uncond_prompt`` is not one row of integers.
+  """
+  row = np.asarray(uncond_prompt)
+  if row.ndim != 1 or not np.issubdtype(row.dtype, np.integer):
+    raise ValueError(f"uncond_prompt: expected one int row [Lp], got shape {row.shape} dtype {row.dtype}")
+  row = row.astype(np.int32)
+  temp = config.sample_temperature
+
+  def fn(params, prompt_tokens, canvas):
+    uncond = jnp.broadcast_to(jnp.asarray(row), prompt_tokens.shape)
+    logits = guided_logits(canvas_logits_fn, params, prompt_tokens, uncond, canvas, config.cfg_scale)
+    return logits / temp if temp != 1.0 else logits
+
+  return fn
 
 
 def _sampling_log_probs(logits: jax.Array, temperature: float) -> jax.Array:

@@ -60,9 +60,13 @@ def linen_logits_fn(model: nn.Module):
   return lambda params, prompt, canvas: model.apply({"params": params}, prompt, canvas)
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "num_steps"))
-def sample(logits_fn, params, prompt_tokens, priority, key, *, num_steps):
+@functools.partial(jax.jit, static_argnames=("logits_fn", "num_steps", "start", "stop"))
+def sample(logits_fn, params, prompt_tokens, priority, key, *, num_steps, start=0, stop=None, init=None):
   """Samples canvases and records the trajectory.
+
+  Runs steps [start, stop) (default: all T) from ``init`` (an earlier call's output; all-mask when
+  None), so ``sample(stop=s)`` is a sketch and ``sample(start=s, init=repeated sketch)`` its paints.
+  Step s draws with ``fold_in(key, s)``.
 
   Args:
     priority: float32[B, N]; higher commits earlier. N must be a multiple of num_steps.
@@ -72,11 +76,11 @@ def sample(logits_fn, params, prompt_tokens, priority, key, *, num_steps):
   """
   b, n = priority.shape
   per_step = n // num_steps
-  canvas = jnp.full((b, n), MASK, jnp.int32)
-  step_rec = jnp.full((b, n), -1, jnp.int32)
-  ent_rec = jnp.zeros((b, n), jnp.float32)
-  lp_rec = jnp.zeros((b, n), jnp.float32)
-  for s in range(num_steps):
+  if init is None:
+    init = (jnp.full((b, n), MASK, jnp.int32), jnp.full((b, n), -1, jnp.int32),
+            jnp.zeros((b, n), jnp.float32), jnp.zeros((b, n), jnp.float32))
+  canvas, step_rec, ent_rec, lp_rec = init
+  for s in range(start, num_steps if stop is None else stop):
     logits = logits_fn(params, prompt_tokens, canvas).astype(jnp.float32)
     logp_all = jax.nn.log_softmax(logits)
     draw = jax.random.categorical(jax.random.fold_in(key, s), logits).astype(jnp.int32)
@@ -91,6 +95,19 @@ def sample(logits_fn, params, prompt_tokens, priority, key, *, num_steps):
     ent_rec = jnp.where(commit, ent, ent_rec)
     lp_rec = jnp.where(commit, lp, lp_rec)
   return canvas, step_rec, ent_rec, lp_rec
+
+
+def sample_branched(logits_fn, params, prompt_tokens, priority, key, *, num_steps, sketch_steps, paints):
+  """Sketch on B rows (steps [0, sketch_steps)), repeat each sketch ``paints`` times (contiguous), paint.
+
+  ``prompt_tokens``/``priority`` are per sketch row ([B, ...]); the result has B * paints rows, each
+  sketch's paints contiguous (as ``htgrpo_jax.sampling``'s ``branch``).
+  """
+  k_sketch, k_paint = jax.random.split(key)
+  sk = sample(logits_fn, params, prompt_tokens, priority, k_sketch, num_steps=num_steps, stop=sketch_steps)
+  rep = lambda x: jnp.repeat(x, paints, axis=0)
+  return sample(logits_fn, params, rep(prompt_tokens), rep(priority), k_paint, num_steps=num_steps,
+                start=sketch_steps, init=tuple(map(rep, sk)))
 
 
 def random_rollout(rng: np.random.Generator, b: int, n: int, c: int, t: int, lp: int = 3) -> Rollout:
