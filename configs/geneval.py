@@ -58,6 +58,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.world.kind = "shapes"
   c.world.data_dir = "runs/shapeworld"        # world assets (codebook, tokenizer, prompt records), built once
   c.world.reward_mode = "dense"               # RL reward: dense partial score; eval is always strict 0/1
+  c.world.reward_url = ""                     # "": the verifier in-process; else a reward server's
+  c.world.score_url = ""                      #   /dense and /strict (python launch/reward_server.py)
+  c.world.reward_timeout = 30.0
+  c.world.reward_retries = 3
+  c.world.reward_backoff_s = 0.5
   c.world.canvas = 32                         # px per side; 8x8 tokens of 4x4 px
   c.world.patch = 4
   c.world.snap = True                         # objects on the patch grid (False: the harder variant)
@@ -78,13 +83,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Rollouts.
   c.sampler = ml_collections.ConfigDict()
   c.sampler.num_steps = 12
-  c.sampler.sketch_steps = 0                  # 0: ceil(rl.sketch_fraction * num_steps), the algorithm's sketch phase
+  c.sampler.sketch_steps = 0                  # 0: ceil(rl.sketch_fraction * num_steps), the algorithm's sketch phase (any other value must equal it)
   c.sampler.rule = "emerge"                   # MaskGRPO's random-order unmasking (maskgit: confidence order)
   c.sampler.schedule = "cosine"
   c.sampler.cfg_scale = 2.0                   # measured: base held-out 0.13 at 0, 0.23 at 1, 0.27 at 2
   c.sampler.temperature = 1.0
   c.sampler.temperature_mode = "constant"
-  c.sampler.share_sketch = False              # True: G paints branch from one sketch per prompt
+  c.sampler.share_sketch = False              # True: rl.num_sketches (>= 2) sketches per prompt, each branched into G / M paints
 
   # The algorithm: htgrpo_jax.rl.preset(rl.preset) with every field set below overriding it. Unset
   # fields are typed placeholders (None until given), so --config.rl.beta=0 parses as a float.
@@ -111,6 +116,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_every = 20
   c.save_every = 10
   c.keep_checkpoints = 2
+  c.save_every_minutes = 0.0                  # also save when this much wall time passed since the last save (0: off)
+  c.max_consecutive_skips = 20                # stop (NonFiniteUpdateError) after this many non-finite inner updates in a row (0: never)
+  c.allow_config_change = False               # resume even if seed/optim/rl/... changed (recorded in config_history.jsonl)
   c.eval = ml_collections.ConfigDict()
   c.eval.num_prompts = 192                    # held-out prompts, balanced over the six tags
   c.eval.samples_per_prompt = 1               # images per prompt at the periodic evaluations

@@ -31,6 +31,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.world.reward_url = ""                     # dense GenEval-style reward for RL (required)
   c.world.score_url = ""                      # strict 0/1 scorer for evaluation ("" = reward_url)
   c.world.reward_timeout = 120.0
+  c.world.reward_retries = 3                  # retries of a failed reward call (connection, 5xx, 429)
+  c.world.reward_backoff_s = 2.0              # first retry delay, doubled per retry
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = "mmada_8b"
@@ -43,7 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.vq_preset = ""                      # "" = the released decoder's sizes ("tiny": tests)
   c.model.overrides = ml_collections.ConfigDict(dict(remat="full"))
 
-  # MMaDA's T2I sampler: MaskGIT, cosine, CFG 3.5, annealed temperature (dmllm_models.md section 5).
+  # MMaDA's T2I sampler: MaskGIT, cosine, CFG 3.5, annealed temperature (docs/models.md, samplers).
   c.sampler.num_steps = 15
   c.sampler.rule = "maskgit"
   c.sampler.cfg_scale = 3.5
@@ -60,6 +62,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_every = 100
   c.save_every = 50
   c.keep_checkpoints = 3
+  c.save_every_minutes = 30.0                 # and at least every 30 min of wall time (spot/maintenance)
+  c.max_consecutive_skips = 20                # stop after this many non-finite inner updates in a row (0: never)
+  c.allow_config_change = False               # resume even if seed/optim/rl/... changed (recorded)
   c.eval.num_prompts = 553                    # GenEval's evaluation set
   c.eval.batch_size = 64
   c.eval.at_start = False

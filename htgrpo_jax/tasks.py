@@ -148,7 +148,7 @@ def build_shapes_task(config: ml_collections.ConfigDict, *, log: Callable[[str],
   evals = grammar.balanced_prompts("eval", config.eval.num_prompts,
                                    seed=config.seed if eval_seed is None else eval_seed, cfg=world)
   strict = ShapeEvalReward(world, mode="strict")
-  return Task(
+  task = Task(
       name="shapes", model_cfg=model_cfg, layout=layout,
       load_base_params=lambda abstract: pretrain.load_params(ckpt, abstract),
       train_dataset=train_dataset,
@@ -157,6 +157,11 @@ def build_shapes_task(config: ml_collections.ConfigDict, *, log: Callable[[str],
       reward=ShapeEvalReward(world, mode=config.world.reward_mode),
       score=lambda prompts, images, meta: strict(prompts, images, meta=meta),
       judge=lambda prompts, images, meta: strict.details(prompts, images, meta))
+  if config.world.get("reward_url"):  # the same verifier behind a reward server (the 8B path's shape)
+    task.reward, remote_strict = remote_rewards(config)
+    task.score = lambda prompts, images, meta: remote_strict(prompts, images, meta=meta)
+    task.judge = None
+  return task
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,8 +174,15 @@ def read_prompt_file(path: str, key: str) -> list[EvalPrompt]:
   if not path or not os.path.isfile(path):
     raise ValueError(f"{key}: prompt file {path!r} does not exist")
   out = []
-  with open(path) as f:
-    for i, line in enumerate(f):
+  # Bytes, decoded per line as UTF-8 (JSONL's encoding), not the locale's: a C/POSIX locale would
+  # otherwise read every non-ASCII prompt as an error, and a bad byte is named by its line.
+  with open(path, "rb") as f:
+    for i, raw in enumerate(f):
+      try:
+        line = raw.decode("utf-8-sig" if i == 0 else "utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{key}: {path} line {i + 1} is not valid UTF-8 (byte {raw[e.start]:#04x} "
+                         f"at column {e.start + 1})") from None
       if not line.strip():
         continue
       try:
@@ -198,10 +210,45 @@ def build_layout(config: ml_collections.ConfigDict) -> layouts.Layout:
   raise ValueError(f"model.layout={kind!r} must be 'mmada' or 'dimoo'")
 
 
-def build_t2i_task(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = print) -> Task:
-  from htgrpo_jax.models import convert
+def remote_rewards(config: ml_collections.ConfigDict):
+  """(RL reward, strict evaluation scorer) clients from ``world.reward_url`` / ``score_url`` and
+  the ``world.reward_timeout`` / ``reward_retries`` / ``reward_backoff_s`` settings, checked by
+  name."""
   from htgrpo_jax.rewards.remote import RemoteReward
 
+  w = config.world
+  if not w.reward_url:
+    raise ValueError("world.reward_url: the t2i world needs a reward server URL")
+  if w.get("reward_mode") and not w.score_url:
+    raise ValueError("world.score_url: a ShapeEval world served remotely needs the server's strict "
+                     "endpoint too (world.reward_url is its dense one)")
+  timeout, retries = w.reward_timeout, w.get("reward_retries", 3)
+  backoff = w.get("reward_backoff_s", 0.5)
+  num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+  if not (num(timeout) and timeout > 0):
+    raise ValueError(f"world.reward_timeout={timeout!r}: must be a number > 0 (seconds per attempt)")
+  if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+    raise ValueError(f"world.reward_retries={retries!r}: must be an int >= 0")
+  if not (num(backoff) and backoff >= 0):
+    raise ValueError(f"world.reward_backoff_s={backoff!r}: must be a number >= 0")
+  kw = dict(timeout=float(timeout), max_retries=retries, backoff=float(backoff),
+            metadata_keys=("meta",))
+  for key in ("reward_url", "score_url"):
+    url = w.get(key)
+    if url and not (isinstance(url, str) and url.startswith(("http://", "https://"))):
+      raise ValueError(f"world.{key}={url!r}: must start with http:// or https://")
+  reward = RemoteReward(w.reward_url, name="remote", **kw)
+  # Evaluation asks the server's strict (GenEval 0/1) endpoint, by default the same URL.
+  strict = RemoteReward(w.get("score_url") or w.reward_url, name="remote_strict", **kw)
+  return reward, strict
+
+
+def build_t2i_task(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = print) -> Task:
+  from htgrpo_jax.models import convert
+
+  # The reward settings are checked (the clients built) before any file is read; a missing URL is
+  # reported after the files, whose paths a user fills in first.
+  rewards = remote_rewards(config) if config.world.reward_url else None
   train = read_prompt_file(config.world.train_prompts, "world.train_prompts")
   evals = read_prompt_file(config.world.eval_prompts, "world.eval_prompts")
   layout = build_layout(config)
@@ -216,13 +263,9 @@ def build_t2i_task(config: ml_collections.ConfigDict, *, log: Callable[[str], No
   decode, decode_params = build_decoder(config.model.vq_kind, config.model.vq_checkpoint,
                                         layout.grid, key="model.vq_checkpoint",
                                         preset=config.model.get("vq_preset") or None)
-  if not config.world.reward_url:
+  if rewards is None:
     raise ValueError("world.reward_url: the t2i world needs a reward server URL")
-  reward = RemoteReward(config.world.reward_url, name="remote", timeout=config.world.reward_timeout,
-                        metadata_keys=("meta",))
-  # Evaluation asks the server's strict (GenEval 0/1) endpoint, by default the same URL.
-  strict = RemoteReward(config.world.score_url or config.world.reward_url, name="remote_strict",
-                        timeout=config.world.reward_timeout, metadata_keys=("meta",))
+  reward, strict = rewards
   encoded = layout.encode_prompts([p.text for p in train])  # fails here on a bad prompt
 
   def train_dataset(batch_size: int, seed: int) -> grain.IterDataset:

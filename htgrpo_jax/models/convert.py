@@ -1,6 +1,6 @@
 """HF LLaDA safetensors (MMaDA-8B, Lumina-DiMOO) -> sharded params pytree -> Orbax checkpoint.
 
-Checkpoint keys (dmllm_models.md §1.3; torch Linear weights are [out, in]):
+Checkpoint keys (docs/models.md, checkpoint keys; torch Linear weights are [out, in]):
 
   model.transformer.wte.weight                [V, D]    -> wte                      (as is)
   model.transformer.blocks.{i}.attn_norm.weight [D]     -> attn_norm.scale
@@ -14,7 +14,9 @@ Checkpoint keys (dmllm_models.md §1.3; torch Linear weights are [out, in]):
 
 Every key and shape is checked against the preset before any tensor is read. Tensors are read one
 at a time (``safe_open``); each is transformed, cast to ``param_dtype`` and only the slices this
-host's devices own are kept, so no host ever holds the whole model.
+host's devices own are kept, so no host ever holds the whole model. A weight stored as an integer
+or bool tensor, or holding NaN/inf, is refused by name (never silently cast), and an unreadable
+(e.g. truncated) shard is named by file.
 """
 from __future__ import annotations
 
@@ -91,8 +93,7 @@ def read_index(ckpt_dir: str, index_file: str = INDEX_FILE, single_file: str = S
     return {k: os.path.join(ckpt_dir, v) for k, v in weight_map.items()}
   single = os.path.join(ckpt_dir, single_file)
   if os.path.exists(single):
-    from safetensors import safe_open
-    with safe_open(single, "pt") as f:
+    with open_safetensors(single) as f:
       return {k: single for k in f.keys()}
   raise ValueError(f"{ckpt_dir!r} has neither {index_file} nor {single_file}")
 
@@ -114,19 +115,51 @@ def check_hf_config(ckpt_dir: str, c: LLaDAConfig) -> None:
       raise ValueError(f"config.json {key}={hf[key]!r} does not match the preset ({val!r})")
 
 
+def open_safetensors(path: str):
+  """``safe_open(path, "pt")`` (torch framework: numpy's cannot read bf16); a truncated or foreign
+  file raises ValueError naming it instead of safetensors' bare header error."""
+  from safetensors import safe_open
+  try:
+    return safe_open(path, "pt")
+  except Exception as e:  # noqa: BLE001 (SafetensorError, OSError: the file is unusable)
+    raise ValueError(f"safetensors file {path} is unreadable (truncated or not safetensors?): "
+                     f"{type(e).__name__}: {e}") from None
+
+
+def checked_weight(key: str, path: str, raw: np.ndarray, arr: np.ndarray) -> np.ndarray:
+  """``arr`` (``raw`` transformed and cast to the param dtype) after checking that ``raw`` is a
+  floating-point tensor and ``arr`` holds no NaN/inf (a cast can overflow, too).
+
+  Raises:
+    ValueError naming the tensor and its file.
+  """
+  if not jax.numpy.issubdtype(raw.dtype, jax.numpy.floating):
+    raise ValueError(f"tensor {key} in {path}: dtype {raw.dtype} is not a floating-point type; a "
+                     "weight is never cast from it (wrong tensor or a quantized checkpoint?)")
+  finite = np.isfinite(arr)
+  if not finite.all():
+    nan = int(np.isnan(arr).sum())
+    raise ValueError(f"tensor {key} in {path}: non-finite values ({nan} NaN, "
+                     f"{int((~finite).sum()) - nan} inf, as {arr.dtype}; first at index "
+                     f"{np.unravel_index(int(np.argmin(finite)), arr.shape)})")
+  return arr
+
+
 class _Reader:
   """Opens each shard once; ``get(key)`` returns a numpy array (bf16 via ml_dtypes)."""
 
   def __init__(self, files: dict[str, str], stack: ExitStack):
-    from safetensors import safe_open  # torch framework: numpy's cannot read bf16
-    self._files, self._open, self._stack, self._safe_open = files, {}, stack, safe_open
+    self._files, self._open, self._stack = files, {}, stack
+
+  def path(self, key) -> str:
+    return self._files[key]
 
   def _handle(self, key):
     path = self._files[key]
     if path not in self._open:
       if not os.path.exists(path):
         raise ValueError(f"tensor {key}: shard file {path} does not exist")
-      self._open[path] = self._stack.enter_context(self._safe_open(path, "pt"))
+      self._open[path] = self._stack.enter_context(open_safetensors(path))
     handle = self._open[path]
     if key not in handle.keys():
       raise ValueError(f"tensor {key}: not found in its shard {path}")
@@ -137,7 +170,13 @@ class _Reader:
 
   def get(self, key) -> np.ndarray:
     import torch
-    t = self._handle(key).get_tensor(key)
+    try:
+      t = self._handle(key).get_tensor(key)
+    except ValueError:
+      raise
+    except Exception as e:  # noqa: BLE001 (SafetensorError: the shard changed or is damaged)
+      raise ValueError(f"tensor {key}: reading it from {self._files[key]} failed "
+                       f"({type(e).__name__}: {e})") from None
     if t.dtype == torch.bfloat16:
       return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.numpy()
@@ -153,7 +192,8 @@ def _place(reader: _Reader, keys: list[str], fn: Callable, shape: tuple[int, ...
   idx_map = sharding.addressable_devices_indices_map(shape)
   bufs = {dev: np.empty(_sliced_shape(shape, idx), dtype) for dev, idx in idx_map.items()}
   for layer, key in enumerate(keys):
-    full = np.asarray(fn(reader.get(key))).astype(dtype)
+    raw = reader.get(key)
+    full = checked_weight(key, reader.path(key), raw, np.asarray(fn(raw)).astype(dtype))
     for dev, idx in idx_map.items():
       if stacked:
         start, stop, _ = idx[0].indices(shape[0])

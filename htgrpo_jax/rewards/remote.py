@@ -3,26 +3,44 @@
 Wire format (JSON both ways, never pickle):
   POST {url}
   request  {"prompts": [str, ...], "images": [base64 PNG, ...], "metadata": {key: [json, ...]}}
-  response {"scores": [float, ...]}
+  response {"scores": [number, ...]}
 
-Requests time out after ``timeout`` s; connection errors, timeouts and 5xx/429 answers are
-retried up to ``max_retries`` times with exponential backoff; 4xx answers and malformed replies
-raise at once (retrying cannot fix them). Every error names the reward.
+Each attempt has one overall deadline of ``timeout`` s (connect, send, headers and body together:
+a server that drip-feeds bytes cannot hold a call longer) and a reply-size cap. Connection errors,
+timeouts, broken HTTP (bad status line, short body) and 5xx/429 answers are retried up to
+``max_retries`` times with exponential backoff; 4xx answers, oversized or malformed replies and
+scores that are not real numbers raise at once (retrying cannot fix them). Redirects are followed
+only to the same scheme, host and port, and only with 307/308 (which keep the POST); anything else
+is an error naming the location. Every error is a ``RemoteRewardError`` naming the reward and URL.
+
+Plain ``http.client``: no proxy variables are read (reward servers sit next to the trainer).
 """
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
+import socket
+import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
 
 from htgrpo_jax.rewards.base import check_images, validate_rewards
+
+_MAX_REDIRECTS = 3
+
+
+class RemoteRewardError(ValueError):
+  """A reward server call that failed; the message names the reward and the URL."""
+
+
+class _Transient(Exception):
+  """An attempt that may succeed if retried (its message says what happened)."""
 
 
 def encode_png(image: np.ndarray) -> str:
@@ -46,53 +64,177 @@ def _jsonable(v: Any) -> Any:
   return v
 
 
+def _origin(parts: urllib.parse.SplitResult) -> tuple[str, str | None, int]:
+  return parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+
+
 class RemoteReward:
   """A ``RewardFn`` that asks an HTTP server for the scores.
 
   Args:
     url: endpoint accepting the POST described in the module docstring.
     name: reward name used in errors and by ``weighted``.
-    timeout: seconds per request.
+    timeout: overall seconds per attempt (the whole request and reply).
     max_retries: retries after the first attempt on transient failures.
     backoff: first retry delay (s), doubled each retry.
     metadata_keys: which ``**metadata`` lists to forward (others are dropped).
+    max_reply_bytes: replies larger than this are refused.
   """
 
   def __init__(self, url: str, name: str = "remote", timeout: float = 30.0, max_retries: int = 3,
-               backoff: float = 0.5, metadata_keys: Sequence[str] = ()):
-    if not url.startswith(("http://", "https://")):
+               backoff: float = 0.5, metadata_keys: Sequence[str] = (),
+               max_reply_bytes: int = 16 << 20):
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
       raise ValueError(f"reward {name!r}: url {url!r} must start with http:// or https://")
-    if timeout <= 0 or max_retries < 0 or backoff < 0:
-      raise ValueError(f"reward {name!r}: need timeout > 0, max_retries >= 0, backoff >= 0")
-    self.url, self.name, self.timeout = url, name, timeout
-    self.max_retries, self.backoff, self.metadata_keys = max_retries, backoff, tuple(metadata_keys)
+    if not urllib.parse.urlsplit(url).hostname:
+      raise ValueError(f"reward {name!r}: url {url!r} has no host")
+    if (isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0
+        or not timeout > 0 or not backoff >= 0 or not max_reply_bytes > 0
+        or not np.isfinite(timeout) or not np.isfinite(backoff)):
+      raise ValueError(f"reward {name!r}: need timeout > 0, an int max_retries >= 0, backoff >= 0 "
+                       f"(finite) and max_reply_bytes > 0; got timeout={timeout!r}, "
+                       f"max_retries={max_retries!r}, backoff={backoff!r}, "
+                       f"max_reply_bytes={max_reply_bytes!r}")
+    self.url, self.name, self.timeout = url, name, float(timeout)
+    self.max_retries, self.backoff, self.metadata_keys = max_retries, float(backoff), tuple(metadata_keys)
+    self.max_reply_bytes = int(max_reply_bytes)
 
-  def _post(self, body: bytes) -> dict[str, Any]:
+  def _error(self, what: str) -> RemoteRewardError:
+    return RemoteRewardError(f"reward {self.name!r} at {self.url}: {what}")
+
+  # ----------------------------------------------------------------------------------------------
+  # One HTTP exchange
+
+  def _exchange(self, url: str, body: bytes, deadline: float) -> tuple[int, str | None, bytes]:
+    """POSTs ``body`` to ``url`` and reads the whole reply before ``deadline`` (monotonic s).
+
+    Returns:
+      (status, Location header, body bytes).
+
+    Raises:
+      _Transient: connection/timeout/HTTP-protocol failures.
+      RemoteRewardError: a reply over ``max_reply_bytes``.
+    """
+    parts = urllib.parse.urlsplit(url)
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+      raise _Transient(f"deadline of {self.timeout:g} s exceeded")
+    cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = cls(parts.hostname, parts.port, timeout=remaining)
+    expired = threading.Event()
+
+    def abort():
+      # Socket timeouts are per read; this bounds the whole exchange.
+      expired.set()
+      sock = conn.sock
+      if sock is not None:
+        try:
+          sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+          pass
+
+    watchdog = threading.Timer(remaining, abort)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+      path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+      conn.request("POST", path, body=body, headers={
+          "Content-Type": "application/json", "Content-Length": str(len(body)),
+          "Connection": "close"})
+      resp = conn.getresponse()
+      declared = resp.getheader("Content-Length")
+      if declared is not None and declared.strip().isdigit() and int(declared) > self.max_reply_bytes:
+        raise self._error(f"reply of {int(declared)} bytes is larger than "
+                          f"{self.max_reply_bytes} bytes (max_reply_bytes)")
+      chunks, total = [], 0
+      while True:
+        if conn.sock is not None:
+          conn.sock.settimeout(max(deadline - time.monotonic(), 1e-3))
+        chunk = resp.read1(65536)
+        if not chunk:
+          break
+        total += len(chunk)
+        if total > self.max_reply_bytes:
+          raise self._error(f"reply is larger than {self.max_reply_bytes} bytes (max_reply_bytes)")
+        chunks.append(chunk)
+      if expired.is_set():
+        raise _Transient(f"deadline of {self.timeout:g} s exceeded")
+      if declared is not None and declared.strip().isdigit() and total < int(declared):
+        # read1 returns b"" on a closed connection instead of raising like read().
+        raise http.client.IncompleteRead(b"".join(chunks), int(declared) - total)
+      return resp.status, resp.getheader("Location"), b"".join(chunks)
+    except (http.client.HTTPException, OSError) as e:  # OSError: refused, reset, timeout, TLS
+      if expired.is_set() or isinstance(e, TimeoutError):
+        raise _Transient(f"deadline of {self.timeout:g} s exceeded ({type(e).__name__})") from None
+      raise _Transient(f"{type(e).__name__}: {e!r}"[:300]) from None
+    finally:
+      watchdog.cancel()
+      conn.close()
+
+  def _attempt(self, body: bytes) -> bytes:
+    """One attempt (following same-origin 307/308 redirects) -> the 200 reply body."""
+    deadline = time.monotonic() + self.timeout
+    url = self.url
+    for _ in range(_MAX_REDIRECTS + 1):
+      status, location, raw = self._exchange(url, body, deadline)
+      if status in (301, 302, 303, 307, 308):
+        target = urllib.parse.urljoin(url, location or "")
+        same = _origin(urllib.parse.urlsplit(target)) == _origin(urllib.parse.urlsplit(url))
+        if not (location and same and status in (307, 308)):
+          raise self._error(f"server answered a redirect (HTTP {status}) to {target!r}; only "
+                            "307/308 redirects to the same host and port are followed (others "
+                            "would leave the host or turn the POST into a GET): point the URL at "
+                            "the final endpoint")
+        url = target
+        continue
+      if status == 429 or status >= 500:
+        raise _Transient(f"HTTP {status}")
+      if status != 200:
+        raise self._error(f"server answered HTTP {status}: {raw[:200]!r}")
+      return raw
+    raise self._error(f"more than {_MAX_REDIRECTS} redirects")
+
+  def _post(self, body: bytes) -> bytes:
     delay, last = self.backoff, None
     for attempt in range(self.max_retries + 1):
       if attempt:
         time.sleep(delay)
         delay *= 2
-      req = urllib.request.Request(self.url, data=body, method="POST",
-                                   headers={"Content-Type": "application/json"})
       try:
-        with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-          raw = resp.read()
-      except urllib.error.HTTPError as e:
-        if e.code == 429 or e.code >= 500:
-          last = f"HTTP {e.code}"
-          continue
-        raise ValueError(f"reward {self.name!r}: server answered HTTP {e.code}: "
-                         f"{e.read()[:200]!r}") from None
-      except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-        last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-        continue
+        return self._attempt(body)
+      except _Transient as e:
+        last = str(e)
+    raise self._error(f"failed after {self.max_retries + 1} attempts (last: {last})")
+
+  # ----------------------------------------------------------------------------------------------
+
+  def _scores(self, raw: bytes, n: int) -> np.ndarray:
+    """The reply body -> float64[n] after checking it is JSON with a list of real numbers."""
+    try:
+      text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise self._error(f"reply is not UTF-8 ({e}): {raw[:200]!r}") from None
+    try:
+      reply = json.loads(text)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError; ints past the digit limit
+      raise self._error(f"reply is not JSON ({type(e).__name__}: {str(e)[:100]}): "
+                        f"{raw[:200]!r}") from None
+    if not isinstance(reply, dict) or "scores" not in reply:
+      raise self._error(f"reply has no 'scores' field: {text[:200]}")
+    scores = reply["scores"]
+    if not isinstance(scores, list):
+      raise self._error(f"'scores' must be a list of numbers, got {type(scores).__name__}")
+    for i, v in enumerate(scores):
+      # bool is an int subclass and "0.5" converts under np.asarray: neither is a score.
+      if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise self._error(f"'scores' must be a list of numbers; element {i} is {v!r}"[:300])
+    out = np.empty(len(scores), np.float64)
+    for i, v in enumerate(scores):
       try:
-        return json.loads(raw)
-      except json.JSONDecodeError:
-        raise ValueError(f"reward {self.name!r}: reply is not JSON: {raw[:200]!r}") from None
-    raise ValueError(f"reward {self.name!r}: {self.url} failed after {self.max_retries + 1} "
-                     f"attempts (last: {last})")
+        out[i] = float(v)
+      except OverflowError:
+        raise self._error(f"score {i} does not fit a float ({str(v)[:40]}...)") from None
+    return out
 
   def __call__(self, prompts: Sequence[str], images: np.ndarray, **metadata: Any) -> np.ndarray:
     images = check_images(self.name, prompts, images)
@@ -106,11 +248,5 @@ class RemoteReward:
       meta[k] = [_jsonable(v) for v in metadata[k]]
     body = json.dumps({"prompts": list(prompts), "images": [encode_png(im) for im in images],
                        "metadata": meta}).encode()
-    reply = self._post(body)
-    if not isinstance(reply, dict) or "scores" not in reply:
-      raise ValueError(f"reward {self.name!r}: reply has no 'scores' field: {str(reply)[:200]}")
-    try:
-      scores = np.asarray(reply["scores"], np.float64)
-    except (TypeError, ValueError):
-      raise ValueError(f"reward {self.name!r}: 'scores' is not a list of numbers") from None
+    scores = self._scores(self._post(body), len(prompts))
     return validate_rewards(self.name, scores, len(prompts))

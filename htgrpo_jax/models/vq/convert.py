@@ -1,6 +1,6 @@
 """HF VQ checkpoints (MMaDA's MAGVIT-v2, DiMOO's diffusers ``VQModel``) -> Flax decoder params.
 
-torch -> Flax layouts (dmllm_models.md §3): conv ``weight [O, I, kh, kw]`` -> ``kernel [kh, kw, I, O]``
+torch -> Flax layouts (docs/models.md, VQ decoders): conv ``weight [O, I, kh, kw]`` -> ``kernel [kh, kw, I, O]``
 (HWIO, NHWC convs), conv/GroupNorm ``bias [C]`` -> ``bias``, GroupNorm ``weight [C]`` -> ``scale``,
 codebook ``quantize.embedding.weight [K, C]`` -> ``codebook`` (as is).
 
@@ -125,9 +125,8 @@ def vqgan_param_map(c: vqgan.VQGANConfig) -> ParamMap:
 def tensor_files(path: str) -> dict[str, str]:
   """HF key -> safetensors file, for a ``.safetensors`` file or a directory holding
   ``model.safetensors[.index.json]`` or diffusers' ``diffusion_pytorch_model.safetensors[.index.json]``."""
-  from safetensors import safe_open
   if os.path.isfile(path):
-    with safe_open(path, "pt") as f:
+    with llada_convert.open_safetensors(path) as f:
       return {k: path for k in f.keys()}
   for index, single in ((llada_convert.INDEX_FILE, llada_convert.SINGLE_FILE),
                         (DIFFUSERS_INDEX, DIFFUSERS_SINGLE)):
@@ -174,7 +173,8 @@ def _load(path: str, pmap: ParamMap, dtype, mesh, optional=None) -> Any:
       if key in files and not np.array_equal(np.asarray(reader.get(key), np.float64), want):
         raise ValueError(f"tensor {key} differs from the regenerated buffer (bit order or size)")
     for p, (key, _, fn) in pmap.items():
-      arr = np.asarray(fn(reader.get(key))).astype(dtype)
+      raw = reader.get(key)
+      arr = llada_convert.checked_weight(key, reader.path(key), raw, np.asarray(fn(raw)).astype(dtype))
       out[p] = jax.device_put(arr, sharding) if sharding is not None else jnp.asarray(arr)
   return traverse_util.unflatten_dict(out)
 
