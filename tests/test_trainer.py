@@ -14,23 +14,9 @@ import numpy as np
 import pytest
 
 from htgrpo_jax import checkpoint, parallel, pretrain, tasks, trainer
+from tests.helpers.configs import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(root, name, **over):
-  cfg = tasks.load_config_file(os.path.join(REPO, "configs", "geneval.py"), "htgrpo,tiny")
-  cfg.world.data_dir = str(root / "world")
-  cfg.model.checkpoint = str(root / "base")
-  cfg.workdir = str(root / name)
-  cfg.progress = False
-  for k, v in over.items():
-    node = cfg
-    *path, last = k.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = v
-  return cfg
 
 
 @pytest.fixture(scope="module")

@@ -16,24 +16,10 @@ import numpy as np
 import pytest
 
 from htgrpo_jax import parallel, rl, tasks, trainer
+from tests.helpers.configs import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REAL_BUILD = tasks.build_task
-
-
-def tiny_config(root, name, **over):
-  cfg = tasks.load_config_file(os.path.join(REPO, "configs", "geneval.py"), "htgrpo,tiny")
-  cfg.world.data_dir = str(root / "world")
-  cfg.model.checkpoint = str(root / "base")
-  cfg.workdir = str(root / name)
-  cfg.progress = False
-  for k, v in over.items():
-    node = cfg
-    *path, last = k.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = v
-  return cfg
 
 
 def quiet(_):
@@ -107,7 +93,9 @@ def slow_saves(monkeypatch):
 # 1. every exit path finishes the pending save
 
 
-@pytest.mark.parametrize("fault", ["error", "nan_reward", "interrupt"])
+# One fault in the default run; the other two exits share its code path (the try/finally).
+@pytest.mark.parametrize("fault", ["error", pytest.param("nan_reward", marks=pytest.mark.slow),
+                                   pytest.param("interrupt", marks=pytest.mark.slow)])
 def test_fault_while_a_save_is_pending_keeps_that_checkpoint(root, reference, monkeypatch,
                                                              slow_saves, fault):
   # No evaluation between the save of step 2 and step 3 (nor of the base: it is not compared).
@@ -156,6 +144,7 @@ def test_sigterm_saves_the_current_step_and_stops_cleanly(root, reference, monke
   _assert_same(out["params"], reference["params"])
 
 
+@pytest.mark.slow
 def test_save_every_minutes_saves_between_save_every_steps(root):
   cfg = tiny_config(root, "timed", save_every=100, save_every_minutes=1e-6, keep_checkpoints=10,
                     eval_every=100, **{"eval.at_start": False})
