@@ -7,11 +7,12 @@
 Prints the compile time of the step, its median wall time (steps/s), the achieved model FLOP/s, the FLOP/s of
 a large fp32 matmul timed in the same run (interleaved repeats, medians), and their ratio.
 
-FLOPs are counted analytically from the model shapes (XLA's cost_analysis counts a scan body once): one
+FLOPs are counted analytically by ``htgrpo_jax.flops`` (XLA's cost_analysis counts a scan body once): one
 forward of B sequences of L tokens is F = B * (layers * (8 L D^2 + 4 L^2 D + 6 L D M) + 2 N D C) matmul
 FLOPs; the step runs (D_distinct old passes + D_distinct reference passes when beta > 0) forwards and K
 forward+backward passes (3F each), D_distinct = distinct estimator canvases (2 for 'htgrpo' with the
-structure context, K for the other estimators). Rematerialisation is not counted (model FLOPs).
+structure context, K for the other estimators). Rematerialisation is not counted (model FLOPs);
+tests/test_flops.py checks the count against the traced program's matmuls.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import numpy as np  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 from htgrpo_jax import parallel, rl  # noqa: E402
-from htgrpo_jax.aot import matmul_flops  # noqa: E402
+from htgrpo_jax import flops  # noqa: E402
 from htgrpo_jax.models.llada import LLaDA, get_config  # noqa: E402
 
 
@@ -116,8 +117,8 @@ def main():
 
   n_distinct = max(rl.canvas_groups(config)) + 1
   length = args.prompt_len + args.tokens
-  f = matmul_flops(model_cfg, args.batch, length, args.tokens, args.codebook)
-  passes = n_distinct * (2 if args.beta > 0 else 1) + 3 * config.num_iterations
+  f = flops.matmul_flops(model_cfg, args.batch, length, args.tokens, args.codebook)
+  passes = flops.train_step_passes(config)
   step_flops = passes * f
   step_s, mm_s = statistics.median(step_times), statistics.median(mm_times)
   step_fps, mm_fps = step_flops / step_s, 2.0 * m ** 3 / mm_s

@@ -128,6 +128,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.grid_size = 32
   c.eval.at_start = True                      # score the base policy first (the table's baseline column)
   c.progress = True
+  # Process setup (htgrpo_jax/runtime.py) and tracing.
+  c.compilation_cache_dir = ""                # JAX's persistent compilation cache ("": off); relaunches skip compiles
+  c.log_level = "info"                        # absl verbosity of process 0 (debug/info/warning/error); others: warning
+  c.profile_steps = ""                        # "start,stop": jax.profiler trace of RL steps [start, stop)
 
   if tiny:
     c.world.data_dir = "runs/shapeworld_tiny"

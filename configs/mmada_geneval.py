@@ -16,7 +16,7 @@ import os
 
 import ml_collections
 
-from htgrpo_jax.tasks import load_config_file  # config files load by path, not as a package
+from htgrpo_jax.config_util import load_config_file  # config files load by path, not as a package
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

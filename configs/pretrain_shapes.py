@@ -30,6 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_steps = 600                     # the schedule and the end are step counts: reproducible
   c.max_minutes = 40.0                  # safety cap only (~10 min on a quiet 2-core CPU); <= 0 disables
   c.p_uncond = 0.1                      # prompt dropout for classifier-free guidance
+  c.compilation_cache_dir = ""          # JAX's persistent compilation cache ("": off; htgrpo_jax/runtime.py)
+  c.log_level = "info"                  # absl verbosity (debug/info/warning/error)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 2e-3

@@ -33,6 +33,11 @@ ARMS = {
     "maskgrpo_lr3e-4": ("maskgrpo", "optim.learning_rate=3e-4"),
     "htgrpo_lr1e-3": ("htgrpo", "optim.learning_rate=1e-3"),
     "maskgrpo_lr1e-3": ("maskgrpo", "optim.learning_rate=1e-3"),
+    "htgrpo_lr3e-5": ("htgrpo", "optim.learning_rate=3e-5"),
+    "maskgrpo_lr3e-5": ("maskgrpo", "optim.learning_rate=3e-5"),
+    # The RL reward: the strict 0/1 verdict the judge gives instead of the dense partial score.
+    "htgrpo_strict": ("htgrpo", "world.reward_mode=strict"),
+    "maskgrpo_strict": ("maskgrpo", "world.reward_mode=strict"),
 }
 
 
@@ -54,6 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.main_seeds = 3
   c.ablation_arms = ",".join(a for a in ARMS if a.startswith("ht_") or "_lr" in a)
   c.ablation_seeds = 1
+  c.reference_arm = "maskgrpo"         # the table's "vs" column: each arm's paired difference from it
   c.results_md = "docs/results.md"
   c.curves_png = "docs/results_curves.png"
   c.readme = "README.md"               # its study block is rewritten from the results ("" = leave it)

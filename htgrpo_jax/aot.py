@@ -1,20 +1,26 @@
-"""AOT pre-flight for TPU pods: compile the sampler and the HT-GRPO train step for a slice, on a CPU box.
+"""AOT pre-flight for TPU pods: compile a training config's programs for a slice, on a CPU box.
 
 libtpu describes any TPU slice (``jax.experimental.topologies``) without the hardware, so the real
-sharded programs can be lowered and compiled here on abstract inputs (``jax.ShapeDtypeStruct`` with
-``NamedSharding``s; nothing is allocated) and XLA:TPU reports what each chip would hold:
+sharded programs of a training config can be lowered and compiled here on abstract inputs
+(``jax.ShapeDtypeStruct`` with ``NamedSharding``s; nothing is allocated) and XLA:TPU reports what
+each chip would hold:
 
-  report = aot.compile_program(aot.Setup(...), "train_step")
+  target = aot.prepare(config, "v5p:4x4x4")      # the trainer's plan, mesh, optimizer and state
+  report = aot.compile_program(target, "train_step")
   report.total_gib, report.fits, report.model_tflops, report.compile_s
 
-Per-device memory is ``compiled.memory_analysis()``: arguments + outputs - donated aliases + temps +
-generated code (the peak XLA plans for; the runtime adds a little for its own buffers).
+Everything that fixes the programs comes from the training config through the trainer's own
+functions in ``htgrpo_jax.run_config`` (the trainer module itself is not imported): ``plan``
+(batch, micro-batch, RL and sampler settings, validated), ``parallel.make_mesh`` on the
+topology's chips with ``config.mesh``, ``check_mesh``, ``make_optimizer``,
+``abstract_train_state`` / ``state_shardings``. What the trainer gets from files (weights, the
+tokenizer, a built world) is replaced here by shapes: ``build_model`` gives the task's model and
+layout without them (``MODEL_BUILDERS``: one entry per ``world.kind``, as ``tasks.WORLDS``).
 
-FLOPs come in two forms. ``xla_flops`` is ``compiled.cost_analysis()['flops']`` per device, but XLA
-counts a while-loop body ONCE (the scanned layers, the K inner updates, the micro-batch scan and the
-sampler's T steps are all loops), so it under-counts by orders of magnitude on these programs.
-``model_flops`` is the analytic count of bench/train_step.py (matmul FLOPs, rematerialisation not
-counted), per device: the number to plan throughput with.
+Per-device memory is ``compiled.memory_analysis()``: arguments + outputs - donated aliases + temps +
+generated code (the peak XLA plans for; the runtime adds a little for its own buffers). FLOPs:
+``model_flops`` is the analytic count of ``htgrpo_jax.flops`` per device; ``xla_flops`` is
+``cost_analysis()['flops']`` per device, which counts every loop body once (see ``flops``).
 """
 from __future__ import annotations
 
@@ -23,17 +29,21 @@ import math
 import os
 import tempfile
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-import optax
 from jax.sharding import Mesh
 
-from htgrpo_jax import parallel, rl
+from htgrpo_jax import flops, parallel, paths, rl
+from htgrpo_jax.contracts import Registry
 from htgrpo_jax.models import layouts, llada, policy
-from htgrpo_jax.sampling import SamplerConfig, make_sampler
+# The trainer's own validation and state construction, without the trainer module (its loop,
+# writers and checkpointing are no part of a pre-flight).
+from htgrpo_jax.run_config import Plan, abstract_train_state, check_mesh, make_optimizer, plan
+from htgrpo_jax.sampling import guided_canvas_logits_fn, make_sampler
 from htgrpo_jax.sampling.sampler import CanvasState
 
 # HBM per chip in GiB, by ``device_kind`` (the names libtpu's topology descriptions use).
@@ -47,122 +57,31 @@ HBM_GIB: dict[str, float] = {
     "TPU v6e": 32.0,
 }
 
+# 'sampler': the rollout sampler's ``sample``; 'sketch' / 'paint': its two halves (share_sketch).
 PROGRAMS = ("sampler", "sketch", "paint", "train_step")
-LAYOUT_KINDS = ("mmada", "dimoo", "embedded")
-REF_DTYPES = ("float32", "bfloat16")
-
-# Words of the scratch tokenizer: layouts need *a* tokenizer, but program shapes depend only on the
-# layout's sizes (prompt length, slots), never on the vocabulary of the text part.
-_WORDS = "a red blue green circle square above below left of right two".split()
-_DIMOO_SPECIALS = ["<system>", "</system>", "<user>", "</user>", "<uncondition>"]
-
-
-def scratch_tokenizer(path: str | None = None) -> str:
-  """Writes a tiny WordLevel tokenizer ([PAD]=0, [UNK]=1, a few words, DiMOO's specials) to ``path``
-  (a fresh temp dir when None) and returns the directory; layouts load tokenizers from local dirs."""
-  from tokenizers import Tokenizer, models, pre_tokenizers
-  from transformers import PreTrainedTokenizerFast
-
-  path = path or tempfile.mkdtemp(prefix="aot_tok_")
-  vocab = {"[PAD]": 0, "[UNK]": 1}
-  for w in _WORDS + _DIMOO_SPECIALS:
-    vocab.setdefault(w, len(vocab))
-  tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-  tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                          additional_special_tokens=_DIMOO_SPECIALS).save_pretrained(path)
-  return path
-
-
-def default_layout_kind(model: str) -> str:
-  return {"mmada_8b": "mmada", "lumina_dimoo_8b": "dimoo"}.get(model, "embedded")
-
-
-def build_model(model: str, *, layout: str | None = None, tokenizer: str | None = None,
-                image_size: int = 512, embedded_grid: tuple[int, int] = (8, 8),
-                embedded_codebook: int = 128, embedded_prompt_length: int = 16,
-                **overrides) -> tuple[llada.LLaDAConfig, layouts.Layout]:
-  """A LLaDA preset and a layout it serves.
-
-  Args:
-    model: a ``llada.PRESETS`` name ('mmada_8b', 'lumina_dimoo_8b', 'tiny', 'shapes').
-    layout: 'mmada' (L = 1539, 1024 slots), 'dimoo' (``image_size``: 512 -> 1024 slots) or
-      'embedded' (``embedded_*`` sizes); None = the model's own.
-    tokenizer: a local tokenizer dir; None writes a scratch one (shapes do not depend on it).
-    overrides: ``LLaDAConfig`` fields (e.g. remat='full', scan_layers=True).
-
-  Raises:
-    ValueError: unknown model / layout, or a model that cannot serve the layout.
-  """
-  if model not in llada.PRESETS:
-    raise ValueError(f"model={model!r}: unknown preset; choose from {sorted(llada.PRESETS)}")
-  layout = layout or default_layout_kind(model)
-  if layout not in LAYOUT_KINDS:
-    raise ValueError(f"layout={layout!r}: choose from {LAYOUT_KINDS}")
-  tok = tokenizer or scratch_tokenizer()
-  if layout == "mmada":
-    lay = layouts.MMaDALayout(tok)
-  elif layout == "dimoo":
-    lay = layouts.DiMOOLayout(tok, height=image_size, width=image_size)
-  else:
-    lay = layouts.EmbeddedLayout(tok, grid=embedded_grid, codebook_size=embedded_codebook,
-                                 prompt_length=embedded_prompt_length)
-    # The small presets have no pad mask; the embedded layout left-pads, so switch it on.
-    overrides = {"use_pad_mask": True, "pad_id": lay.pad_id, **overrides}
-    base = llada.PRESETS[model]
-    if base.learned_pos_emb and base.learned_pos_emb < lay.seq_len:
-      overrides.setdefault("learned_pos_emb", lay.seq_len)
-  cfg = llada.get_config(model, **overrides)
-  policy.check_compatible(cfg, lay)
-  return cfg, lay
 
 
 @dataclasses.dataclass(frozen=True)
-class Setup:
-  """Everything that fixes the compiled programs' shapes and shardings.
+class Target:
+  """A training config made concrete for one TPU slice: what the trainer would build before its
+  first step, with shapes in place of weights and data.
 
   Attributes:
-    model_cfg: the backbone (remat / scan_layers as configured).
-    layout: the sequence layout (L, N, Lp, C).
-    rl: the HT-GRPO config (K, estimator, beta, group_size; its micro_batch_size is replaced).
-    sampler: the sampler config (T, CFG).
-    topology: a libtpu topology name, e.g. 'v5p:4x4x4' (64 chips), 'v5e:16x16' (256 chips).
-    mesh_shape: (data, fsdp, tensor); the product must equal the topology's chip count.
-    batch: images per RL step, B = prompts x group_size.
-    micro_batch: rows per gradient micro-batch PER DEVICE (0 = the whole batch at once); the
-      global micro-batch is micro_batch * data * fsdp.
-    ref_dtype: storage dtype of the frozen reference params ('float32' as the trainer keeps them,
-      or 'bfloat16': half the memory, the forward computes in bf16 either way).
-    share_sketch: the 'sketch' program runs on B / group_size prompt rows (the trainer's
-      ``sampler.share_sketch``), else on B rows.
-    learning_rate, weight_decay, clip_norm: the AdamW optimizer (shapes only; values irrelevant).
+    topology: the libtpu topology name, e.g. 'v5p:4x4x4'.
+    plan: ``run_config.plan(config)``.
+    model_cfg, layout: the task's backbone and sequence layout (``build_model``).
+    mesh: ``parallel.make_mesh(**config.mesh)`` over the topology's chips.
+    optimizer: ``run_config.make_optimizer(config, plan)``.
+    tokenizer_note: set when the config's tokenizer was not on this machine and a stand-in was
+      used (program shapes do not depend on the text vocabulary).
   """
+  topology: str
+  plan: Plan
   model_cfg: llada.LLaDAConfig
   layout: layouts.Layout
-  rl: rl.HTGRPOConfig
-  sampler: SamplerConfig
-  topology: str
-  mesh_shape: tuple[int, int, int]
-  batch: int
-  micro_batch: int = 0
-  ref_dtype: str = "float32"
-  share_sketch: bool = False
-  learning_rate: float = 1e-6
-  weight_decay: float = 0.0
-  clip_norm: float | None = 1.0
-
-  @property
-  def batch_ways(self) -> int:
-    return int(self.mesh_shape[0] * self.mesh_shape[1])
-
-  @property
-  def global_micro_batch(self) -> int | None:
-    return self.micro_batch * self.batch_ways if self.micro_batch else None
-
-  @property
-  def rl_config(self) -> rl.HTGRPOConfig:
-    """``rl`` with micro_batch_size set from the per-device ``micro_batch``."""
-    return dataclasses.replace(self.rl, micro_batch_size=self.global_micro_batch)
+  mesh: Mesh
+  optimizer: Any
+  tokenizer_note: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,10 +90,10 @@ class ProgramReport:
 
   Attributes:
     program: one of ``PROGRAMS``.
-    rows: batch rows of the program's input (B; prompts for a shared sketch).
+    rows: batch rows of the program's input (B; the sketch rows for a shared sketch).
     argument_bytes, output_bytes, alias_bytes, temp_bytes, code_bytes: ``memory_analysis()``.
-    xla_flops: ``cost_analysis()['flops']`` per device (loop bodies counted once; see module doc).
-    model_flops: analytic matmul FLOPs per device per call.
+    xla_flops: ``cost_analysis()['flops']`` per device (loop bodies counted once).
+    model_flops: analytic matmul FLOPs per device per call (``htgrpo_jax.flops``).
     compile_s: seconds to lower + compile.
     hbm_gib: HBM of one chip (nan when the kind is not in ``HBM_GIB``).
     device_kind: e.g. 'TPU v5'.
@@ -212,14 +131,14 @@ class ProgramReport:
 
 
 # ----------------------------------------------------------------------------------------------
-# Validation and the mesh.
+# The slice, the model and the target.
 
 
 def topology_devices(topology: str) -> np.ndarray:
   """The devices of a libtpu topology description (object array, one per chip).
 
   Raises:
-    ValueError: libtpu is missing or does not know ``topology`` (names the field).
+    ValueError: libtpu is missing or does not know ``topology`` (names the flag).
   """
   # Several AOT processes may share a build box; without this libtpu's lockfile fails the second.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -233,88 +152,127 @@ def topology_devices(topology: str) -> np.ndarray:
                      "use e.g. 'v5p:4x4x4', 'v5e:2x2', 'v5e:16x16', 'v6e:4x4'") from None
 
 
-def validate(setup: Setup, n_chips: int) -> None:
-  """Host checks before anything compiles.
+def stand_in_tokenizer() -> str:
+  """A directory holding the ShapeEval word tokenizer (``data.text_tokenizer``), for layouts whose
+  real tokenizer is not on this machine: the MMaDA / DiMOO layouts' sizes and special ids are
+  fixed, only the text ids of an encoded prompt come from the tokenizer."""
+  from htgrpo_jax.data import text_tokenizer
+
+  path = tempfile.mkdtemp(prefix="aot_tokenizer_")
+  text_tokenizer.save_tokenizer(text_tokenizer.build_tokenizer(), path)
+  return path
+
+
+# ``world.kind`` -> ``(config, *, log) -> (model config, layout, tokenizer note)``: a task's
+# model and layout from its config alone (``tasks.WORLDS`` builds the whole task from files).
+MODEL_BUILDERS: Registry[Callable[..., tuple[llada.LLaDAConfig, layouts.Layout, str | None]]] = \
+    Registry("world.kind")
+
+
+def build_model(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = print
+                ) -> tuple[llada.LLaDAConfig, layouts.Layout, str | None]:
+  """(model config, layout, tokenizer note) of ``config``'s task, without weights or data: the
+  ``MODEL_BUILDERS`` entry of ``world.kind``.
+
+  ``world.kind='shapes'``: ``pretrain.build_policy`` on the world's tokenizer and an abstract
+  codebook of ``world.num_codes`` codes (no world is built, no base policy pretrained).
+  ``world.kind='t2i'``: ``tasks.build_layout`` and ``model.preset`` with ``model.overrides``, as
+  ``tasks.build_t2i_task``; a missing ``model.tokenizer`` directory is replaced by a stand-in
+  (the note says so).
 
   Raises:
-    ValueError: naming the field: mesh_shape (non-positive, product != chip count), batch (not a
-      multiple of data*fsdp or of group_size; sketch prompts not a multiple of data*fsdp),
-      micro_batch (negative, or its global size does not divide the batch), ref_dtype.
+    ValueError: naming the config key (unknown world kind, layout, preset; a model that cannot
+      serve the layout).
   """
-  shape = tuple(setup.mesh_shape)
-  if len(shape) != 3 or any(not isinstance(s, (int, np.integer)) or s < 1 for s in shape):
-    raise ValueError(f"mesh_shape={setup.mesh_shape!r}: expected three positive ints (data, fsdp, tensor)")
-  if int(np.prod(shape)) != n_chips:
-    raise ValueError(f"mesh_shape={shape}: data*fsdp*tensor = {int(np.prod(shape))} but topology "
-                     f"{setup.topology!r} has {n_chips} chips")
-  if setup.batch < 1 or setup.batch % setup.batch_ways:
-    raise ValueError(f"batch={setup.batch}: must be a positive multiple of data*fsdp = {setup.batch_ways}")
-  if setup.batch % setup.rl.group_size:
-    raise ValueError(f"batch={setup.batch}: must be a multiple of rl.group_size = {setup.rl.group_size}")
-  if setup.share_sketch and (setup.batch // setup.rl.group_size) % setup.batch_ways:
-    raise ValueError(f"batch={setup.batch}: with share_sketch the sketch runs on batch / group_size = "
-                     f"{setup.batch // setup.rl.group_size} prompts, not a multiple of data*fsdp = "
-                     f"{setup.batch_ways}")
-  if setup.micro_batch < 0:
-    raise ValueError(f"micro_batch={setup.micro_batch}: must be >= 0 (0 = the whole batch)")
-  if setup.micro_batch and setup.batch % setup.global_micro_batch:
-    raise ValueError(f"micro_batch={setup.micro_batch}: per device x data*fsdp = "
-                     f"{setup.global_micro_batch} rows must divide batch={setup.batch}")
-  if setup.ref_dtype not in REF_DTYPES:
-    raise ValueError(f"ref_dtype={setup.ref_dtype!r}: choose from {REF_DTYPES}")
+  return MODEL_BUILDERS.get(config.world.kind)(config, log=log)
 
 
-def topology_mesh(setup: Setup) -> Mesh:
-  """The validated ``('data', 'fsdp', 'tensor')`` mesh over the topology's chips (Auto axes).
+@MODEL_BUILDERS.register("shapes")
+def _shapes_model(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = print
+                  ) -> tuple[llada.LLaDAConfig, layouts.Layout, None]:
+  from htgrpo_jax import pretrain, tasks
+  from htgrpo_jax.data import dataset as world_data
+  from htgrpo_jax.data import prompts as grammar
+  from htgrpo_jax.data import text_tokenizer
+
+  pcfg = tasks.pretrain_config(config)
+  world = pretrain.world_config(pcfg)
+  codes = jax.ShapeDtypeStruct((config.world.num_codes, world.patch * world.patch * 3), jnp.float32)
+  assets = world_data.WorldAssets(
+      data_dir=config.world.data_dir, codebook=codes, builder=None,
+      tokenizer=text_tokenizer.build_tokenizer(grammar.vocabulary(world)))
+  model_cfg, layout = pretrain.build_policy(pcfg, assets)
+  return model_cfg, layout, None
+
+
+def _tokenizer_present(path: str) -> bool:
+  """Whether the tokenizer folder exists (a URL that cannot be reached from here counts as absent:
+  the pre-flight then uses the stand-in and says so)."""
+  try:
+    return bool(path) and paths.isdir(path)
+  except Exception:  # noqa: BLE001 - e.g. no GCS backend or no credentials on this machine
+    return False
+
+
+@MODEL_BUILDERS.register("t2i")
+def _t2i_model(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = print
+               ) -> tuple[llada.LLaDAConfig, layouts.Layout, str | None]:
+  from htgrpo_jax import tasks
+
+  note = None
+  tok = config.model.tokenizer
+  if not _tokenizer_present(tok):
+    config = config.copy_and_resolve_references()
+    config.model.tokenizer = stand_in_tokenizer()
+    note = (f"model.tokenizer {tok!r} is not on this machine: a stand-in tokenizer (program shapes do "
+            f"not depend on the text vocabulary)")
+    log(f"# {note}")
+  layout = tasks.build_layout(config)
+  try:
+    model_cfg = llada.get_config(config.model.preset, **dict(config.model.get("overrides") or {}))
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"model.preset / model.overrides: {e}") from None
+  try:
+    policy.check_compatible(model_cfg, layout)
+  except ValueError as e:
+    raise ValueError(f"model.preset={config.model.preset!r} with model.layout="
+                     f"{config.model.layout!r}: {e}") from None
+  return model_cfg, layout, note
+
+
+def prepare(config: ml_collections.ConfigDict, topology: str, *,
+            log: Callable[[str], None] = print) -> Target:
+  """Validates ``config`` for ``topology`` and builds its ``Target``; compiles nothing.
 
   Raises:
-    ValueError: see ``topology_devices`` and ``validate``.
+    ValueError: the trainer's own messages for the config (``plan``), the mesh (``make_mesh``,
+      ``check_mesh``) and the optimizer, or a bad topology.
   """
-  devices = topology_devices(setup.topology)
-  validate(setup, devices.size)
-  # Row-major reshape keeps 'tensor' innermost: on TPU the last axis gets the nearest chips.
-  return Mesh(devices.reshape(tuple(setup.mesh_shape)), parallel.MESH_AXES,
-              axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  p = plan(config)
+  devices = topology_devices(topology)
+  mesh = parallel.make_mesh(**dict(config.mesh), devices=list(devices.flat))
+  check_mesh(p, mesh)
+  optimizer = make_optimizer(config, p)
+  model_cfg, layout, note = build_model(config, log=log)
+  return Target(topology=topology, plan=p, model_cfg=model_cfg, layout=layout, mesh=mesh,
+                optimizer=optimizer, tokenizer_note=note)
 
 
 # ----------------------------------------------------------------------------------------------
 # Abstract inputs (nothing allocated).
 
 
-def _with_sharding(tree: Any, shardings: Any) -> Any:
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+def abstract_state(t: Target) -> tuple[rl.TrainState, rl.TrainState]:
+  """(abstract ``TrainState`` with shardings, its shardings): ``run_config.abstract_train_state``
+  (which reads only ``model_cfg`` and ``layout`` of its task argument)."""
+  state, shardings, _ = abstract_train_state(t, t.plan, t.optimizer, t.mesh)
+  return state, shardings
 
 
-def make_optimizer(setup: Setup) -> optax.GradientTransformation:
-  return rl.make_optimizer(setup.learning_rate, clip_norm=setup.clip_norm,
-                           weight_decay=setup.weight_decay)
-
-
-def abstract_train_state(setup: Setup, mesh: Mesh, optimizer: optax.GradientTransformation
-                         ) -> tuple[rl.TrainState, rl.TrainState]:
-  """(abstract ``TrainState`` with shardings, its sharding pytree).
-
-  Params fp32 (the preset's param_dtype) on the logical shardings; AdamW moments follow their
-  params; the reference params (when beta > 0) share the params' shardings in ``ref_dtype``.
-  """
-  cfg, lay = setup.model_cfg, setup.layout
-  pshard = policy.param_shardings(cfg, lay, mesh)
-  params = policy.abstract_params(cfg, lay, mesh)
-  use_ref = setup.rl.beta > 0
-  state = jax.eval_shape(lambda p: rl.TrainState.create(p, optimizer, with_reference=use_ref), params)
-  if use_ref:
-    ref = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(setup.ref_dtype)),
-                       state.ref_params)
-    state = state.replace(ref_params=ref)
-  from htgrpo_jax.trainer import state_shardings  # the trainer's own layout of the state
-  shardings = state_shardings(state, pshard, optimizer, mesh)
-  return _with_sharding(state, shardings), shardings
-
-
-def abstract_rollout(setup: Setup, mesh: Mesh) -> rl.Rollout:
-  """A ``Rollout`` of B rows (int32 codes / steps, fp32 stats) split over ('data', 'fsdp')."""
-  b, n, lp = setup.batch, setup.layout.num_image_tokens, setup.layout.prompt_length
-  s = rl.rollout_shardings(mesh)
+def abstract_rollout(t: Target) -> rl.Rollout:
+  """A ``Rollout`` of the plan's B rows (int32 codes / steps, fp32 stats), batch-sharded."""
+  b, n, lp = t.plan.batch_size, t.layout.num_image_tokens, t.layout.prompt_length
+  s = rl.rollout_shardings(t.mesh)
   sds = lambda shape, dt, sh: jax.ShapeDtypeStruct(shape, dt, sharding=sh)
   return rl.Rollout(prompt_tokens=sds((b, lp), jnp.int32, s.prompt_tokens),
                     image_tokens=sds((b, n), jnp.int32, s.image_tokens),
@@ -325,162 +283,112 @@ def abstract_rollout(setup: Setup, mesh: Mesh) -> rl.Rollout:
 
 
 def abstract_key(mesh: Mesh) -> jax.ShapeDtypeStruct:
-  k = jax.eval_shape(lambda: jax.random.key(0))
+  k = jax.eval_shape(lambda: jax.random.PRNGKey(0))  # the trainer's raw uint32 keys
   return jax.ShapeDtypeStruct(k.shape, k.dtype, sharding=parallel.replicated(mesh))
 
 
-# ----------------------------------------------------------------------------------------------
-# Analytic FLOPs.
-
-
-def matmul_flops(cfg: llada.LLaDAConfig, rows: int, length: int, slots: int, codebook: int) -> float:
-  """Matmul FLOPs of one forward of ``rows`` sequences of ``length`` tokens with the LM head on
-  ``slots`` positions x ``codebook`` rows: rows * (layers * (8 L D^2 + 4 L^2 D + 6 L D M) + 2 N D C)."""
-  d, m = cfg.d_model, cfg.mlp_hidden
-  per_layer = 8 * length * d * d + 4 * length * length * d + 6 * length * d * m
-  return float(rows) * (cfg.n_layers * per_layer + 2 * slots * d * codebook)
-
-
-def forward_flops(cfg: llada.LLaDAConfig, layout: layouts.Layout, rows: int) -> float:
-  """``matmul_flops`` of one forward of ``rows`` sequences of ``layout``."""
-  return matmul_flops(cfg, rows, layout.seq_len, layout.num_image_tokens, layout.codebook_size)
-
-
-def program_model_flops(setup: Setup, program: str, rows: int) -> float:
-  """Whole-program model FLOPs (all chips) of one call; rematerialisation not counted."""
-  cfg, lay = setup.model_cfg, setup.layout
-  cfg_rows = 2 if setup.sampler.use_cfg else 1
-  if program == "train_step":
-    r = setup.rl_config
-    n_distinct = max(rl.canvas_groups(r)) + 1
-    passes = n_distinct * (2 if r.beta > 0 else 1) + 3 * r.num_iterations
-    return passes * forward_flops(cfg, lay, rows)
-  steps = {"sampler": setup.sampler.num_steps, "sketch": setup.sampler.sketch_steps,
-           "paint": setup.sampler.num_steps - setup.sampler.sketch_steps}[program]
-  return steps * forward_flops(cfg, lay, cfg_rows * rows)
+def sampler_rows(t: Target, program: str) -> int:
+  """Rows of a sampler program's input: the sketch batch (prompts x rl.num_sketches) for 'sketch'
+  under ``sampler.share_sketch``, else the step's B images."""
+  return t.plan.sketch_rows if program == "sketch" and t.plan.share_sketch else t.plan.batch_size
 
 
 # ----------------------------------------------------------------------------------------------
 # Compilation.
 
 
-def _report(program: str, rows: int, compiled, seconds: float, model_flops: float, mesh: Mesh
+def _report(t: Target, program: str, rows: int, compiled, seconds: float, model_flops: float
             ) -> ProgramReport:
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
-  kind = mesh.devices.flat[0].device_kind
+  kind = t.mesh.devices.flat[0].device_kind
   return ProgramReport(
       program=program, rows=rows, argument_bytes=int(mem.argument_size_in_bytes),
       output_bytes=int(mem.output_size_in_bytes), alias_bytes=int(mem.alias_size_in_bytes),
       temp_bytes=int(mem.temp_size_in_bytes), code_bytes=int(mem.generated_code_size_in_bytes),
-      xla_flops=float(cost.get("flops", 0.0)), model_flops=model_flops / mesh.devices.size,
+      xla_flops=float(cost.get("flops", 0.0)), model_flops=model_flops / t.mesh.devices.size,
       compile_s=seconds, hbm_gib=HBM_GIB.get(kind, math.nan), device_kind=kind)
 
 
-def compile_train_step(setup: Setup, mesh: Mesh) -> ProgramReport:
-  """AOT-compiles ``rl.make_train_step`` (donated state) on abstract inputs."""
-  optimizer = make_optimizer(setup)
-  state, shardings = abstract_train_state(setup, mesh, optimizer)
-  fn = policy.make_canvas_logits_fn(setup.model_cfg, setup.layout)
-  step = rl.make_train_step(fn, optimizer, setup.rl_config, mesh=mesh, state_shardings=shardings)
-  start = time.perf_counter()
-  compiled = step.lower(state, abstract_rollout(setup, mesh), abstract_key(mesh)).compile()
-  secs = time.perf_counter() - start
-  return _report("train_step", setup.batch, compiled, secs,
-                 program_model_flops(setup, "train_step", setup.batch), mesh)
+def _guided(t: Target) -> bool:
+  return t.plan.rl.estimator_guidance == "guided"
 
 
-def _sampler_rows(setup: Setup, program: str) -> int:
-  if program == "sketch" and setup.share_sketch:
-    return setup.batch // setup.rl.group_size
-  return setup.batch
+def lower_train_step(t: Target):
+  """``rl.make_train_step`` as the trainer builds it (the 'guided' score function when the config
+  asks for it; donated state), lowered on abstract inputs."""
+  state, shardings = abstract_state(t)
+  fn = policy.make_canvas_logits_fn(t.model_cfg, t.layout)
+  if _guided(t):
+    fn = guided_canvas_logits_fn(fn, t.plan.rollout_sampler, t.layout.unconditional_prompts(1)[0])
+  step = rl.make_train_step(fn, t.optimizer, t.plan.rl, mesh=t.mesh, state_shardings=shardings)
+  return step.lower(state, abstract_rollout(t), abstract_key(t.mesh))
 
 
-def compile_sampler(setup: Setup, mesh: Mesh, program: str = "sampler") -> ProgramReport:
-  """AOT-compiles the sampler's ``sample`` ('sampler'), ``sketch`` or ``paint`` with fp32 params on
-  the train state's param shardings (as the trainer calls it with ``state.params``)."""
-  if program not in ("sampler", "sketch", "paint"):
-    raise ValueError(f"program={program!r}: not a sampler program")
-  cfg, lay = setup.model_cfg, setup.layout
-  fn = policy.make_canvas_logits_fn(cfg, lay)
-  pshard = policy.param_shardings(cfg, lay, mesh)
-  params = policy.abstract_params(cfg, lay, mesh)
-  sampler = make_sampler(fn, setup.sampler, num_tokens=lay.num_image_tokens, mesh=mesh,
-                         params_sharding=pshard)
-  rows = _sampler_rows(setup, program)
-  b2 = parallel.batch_sharding(mesh, 2)
-  key = abstract_key(mesh)
+def lower_sampler(t: Target, program: str = "sampler"):
+  """The rollout sampler's ``sample`` ('sampler'), ``sketch`` or ``paint`` with the train state's
+  params and shardings, lowered on abstract inputs."""
+  if program not in flops.SAMPLER_PROGRAMS:
+    raise ValueError(f"program={program!r}: not a sampler program {flops.SAMPLER_PROGRAMS}")
+  state, shardings = abstract_state(t)
+  lay = t.layout
+  fn = policy.make_canvas_logits_fn(t.model_cfg, lay)
+  sampler = make_sampler(fn, t.plan.rollout_sampler, num_tokens=lay.num_image_tokens, mesh=t.mesh,
+                         params_sharding=shardings.params)
+  rows = sampler_rows(t, program)
+  b2 = parallel.batch_sharding(t.mesh, 2)
+  key = abstract_key(t.mesh)
   tokens = lambda n: jax.ShapeDtypeStruct((rows, n), jnp.int32, sharding=b2)
   if program == "paint":
     f32 = lambda: jax.ShapeDtypeStruct((rows, lay.num_image_tokens), jnp.float32, sharding=b2)
-    state = CanvasState(canvas=tokens(lay.num_image_tokens), commit_step=tokens(lay.num_image_tokens),
-                        commit_entropy=f32(), commit_logp=f32(),
-                        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=parallel.replicated(mesh)),
-                        prompt_tokens=tokens(lay.prompt_length), uncond_tokens=tokens(lay.prompt_length))
-    entry, args = sampler.paint, (params, state, key)
+    canvas = CanvasState(
+        canvas=tokens(lay.num_image_tokens), commit_step=tokens(lay.num_image_tokens),
+        commit_entropy=f32(), commit_logp=f32(),
+        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=parallel.replicated(t.mesh)),
+        prompt_tokens=tokens(lay.prompt_length), uncond_tokens=tokens(lay.prompt_length))
+    entry, args = sampler.paint, (state.params, canvas, key)
   else:
     prompts = tokens(lay.prompt_length)
     entry = sampler.sample if program == "sampler" else sampler.sketch
-    args = (params, prompts, prompts, key)
+    args = (state.params, prompts, prompts, key)
   # The Sampler's entry points are host wrappers (argument checks) around jitted functions with
   # the in/out shardings; an outer jit traces through them into one program with those shardings.
-  start = time.perf_counter()
-  compiled = jax.jit(entry).lower(*args).compile()
-  secs = time.perf_counter() - start
-  return _report(program, rows, compiled, secs, program_model_flops(setup, program, rows), mesh)
+  return jax.jit(entry).lower(*args)
 
 
-def compile_program(setup: Setup, program: str, mesh: Mesh | None = None) -> ProgramReport:
-  """Validates ``setup`` and compiles one of ``PROGRAMS``.
+def program_model_flops(t: Target, program: str) -> float:
+  """Whole-program model FLOPs (all chips) of one call of ``program``."""
+  if program == "train_step":
+    guided_rows = 2 if _guided(t) and t.plan.rollout_sampler.use_cfg else 1
+    return flops.train_step_flops(t.model_cfg, t.layout, t.plan.rl, t.plan.batch_size, guided_rows)
+  return flops.sampler_flops(t.model_cfg, t.layout, t.plan.rollout_sampler, sampler_rows(t, program),
+                             program)
+
+
+def compile_program(t: Target, program: str) -> ProgramReport:
+  """Lowers and compiles one of ``PROGRAMS`` for the target's slice.
 
   Raises:
-    ValueError: unknown program, topology or a bad setup field (see ``validate``).
+    ValueError: unknown program.
   """
   if program not in PROGRAMS:
     raise ValueError(f"program={program!r}: choose from {PROGRAMS}")
-  mesh = mesh if mesh is not None else topology_mesh(setup)
-  if program == "train_step":
-    return compile_train_step(setup, mesh)
-  return compile_sampler(setup, mesh, program)
+  start = time.perf_counter()
+  lowered = lower_train_step(t) if program == "train_step" else lower_sampler(t, program)
+  compiled = lowered.compile()
+  secs = time.perf_counter() - start
+  rows = t.plan.batch_size if program == "train_step" else sampler_rows(t, program)
+  return _report(t, program, rows, compiled, secs, program_model_flops(t, program))
 
 
-def compile_all(setup: Setup, programs: Sequence[str] = ("sampler", "train_step")) -> list[ProgramReport]:
-  """Validates once (before compiling anything), then compiles each program in turn."""
+def compile_all(config: ml_collections.ConfigDict, topology: str,
+                programs: Sequence[str] = ("sampler", "train_step"), *,
+                log: Callable[[str], None] = print) -> tuple[Target, list[ProgramReport]]:
+  """Validates everything (programs, config, topology, mesh) before compiling anything, then
+  compiles each program in turn."""
   bad = [p for p in programs if p not in PROGRAMS]
-  if bad:
-    raise ValueError(f"programs={list(programs)}: {bad} not in {PROGRAMS}")
-  mesh = topology_mesh(setup)
-  return [compile_program(setup, p, mesh) for p in programs]
-
-
-# ----------------------------------------------------------------------------------------------
-# Reporting.
-
-TABLE_HEADER = ("| topology | mesh (data,fsdp,tensor) | batch | micro-batch/device | remat | program "
-                "| GiB/device | HBM of the chip | fits | TFLOPs/device (model) | XLA TFLOPs/device "
-                "(loops once) | compile s |\n"
-                "|---|---|---|---|---|---|---|---|---|---|---|---|")
-
-
-def markdown_row(setup: Setup, report: ProgramReport) -> str:
-  """One table row (see ``TABLE_HEADER``); the micro-batch column applies to the train step."""
-  d, f, t = setup.mesh_shape
-  mb = (setup.micro_batch or setup.batch // setup.batch_ways) if report.program == "train_step" else "-"
-  remat = f"{setup.model_cfg.remat}{'+scan' if setup.model_cfg.scan_layers else ''}"
-  return (f"| {setup.topology} | {d},{f},{t} | {report.rows} | {mb} | {remat} | {report.program} | "
-          f"{_num(report.total_gib)} | {report.hbm_gib:g} | {'yes' if report.fits else 'NO'} | "
-          f"{_num(report.model_tflops)} | {_num(report.xla_flops / 1e12)} | {report.compile_s:.0f} |")
-
-
-def _num(x: float) -> str:
-  """Two decimals, or three significant digits for tiny values (the test-sized programs)."""
-  return f"{x:.2f}" if abs(x) >= 0.1 or x == 0 else f"{x:.3g}"
-
-
-def memory_line(report: ProgramReport) -> str:
-  g = lambda b: f"{b / 2**30:.2f}"
-  return (f"{report.program}: arguments {g(report.argument_bytes)} + outputs {g(report.output_bytes)} "
-          f"- aliased {g(report.alias_bytes)} + temps {g(report.temp_bytes)} + code "
-          f"{g(report.code_bytes)} = {report.total_gib:.2f} GiB/device of {report.hbm_gib:g} "
-          f"({report.device_kind})")
+  if bad or not programs:
+    raise ValueError(f"programs={list(programs)}: {bad or 'none given'}; choose from {PROGRAMS}")
+  t = prepare(config, topology, log=log)
+  return t, [compile_program(t, p) for p in programs]

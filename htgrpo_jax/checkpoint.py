@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from typing import Any, Callable
 
@@ -40,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+
+from htgrpo_jax import paths
 
 MANIFEST_VERSION = 1
 _TRASH = "trash"      # keep-N deletions land here (atomic rename), then are removed
@@ -148,7 +149,8 @@ class RunCheckpointer:
   """Keep-N, async, verified checkpoints of a training run under ``directory``.
 
   Args:
-    directory: folder for the checkpoints (created; made absolute).
+    directory: folder for the checkpoints (created; a local path is made absolute, a URL such as
+      ``gs://bucket/run/checkpoints`` is kept as it is; see ``paths``).
     keep: number of most recent steps kept on disk.
     async_save: write in a background thread.
   """
@@ -156,7 +158,7 @@ class RunCheckpointer:
   def __init__(self, directory: str | os.PathLike, keep: int = 2, async_save: bool = True):
     if keep < 1:
       raise ValueError(f"keep_checkpoints={keep} must be >= 1")
-    self.directory = os.path.abspath(os.fspath(directory))
+    self.directory = paths.resolve(directory)
     self.restored_step: int | None = None
     self._cleaned = False
     # No cleanup here: a reader (an evaluation next to a live run) must not delete the writer's
@@ -169,25 +171,25 @@ class RunCheckpointer:
 
   @property
   def corrupt_dir(self) -> str:
-    return os.path.join(self.directory, _CORRUPT)
+    return paths.join(self.directory, _CORRUPT)
 
   def _empty_trash(self) -> None:
     """Removes what keep-N deletion renamed away (only the primary process deletes)."""
-    trash = os.path.join(self.directory, _TRASH)
-    if jax.process_index() == 0 and os.path.isdir(trash):
-      shutil.rmtree(trash, ignore_errors=True)
+    trash = paths.join(self.directory, _TRASH)
+    if jax.process_index() == 0 and paths.isdir(trash):
+      paths.rmtree(trash, ignore_errors=True)
 
   def _clean_uncommitted(self) -> None:
     """Removes what killed runs left: uncommitted ``<step>.orbax-checkpoint-tmp-*`` saves (a
     later save of the same step writes a fresh one) and the trash."""
-    if jax.process_index() == 0 and os.path.isdir(self.directory):
-      for name in os.listdir(self.directory):
+    if jax.process_index() == 0 and paths.isdir(self.directory):
+      for name in paths.listdir(self.directory):
         if ".orbax-checkpoint-tmp" in name:
-          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+          paths.rmtree(paths.join(self.directory, name), ignore_errors=True)
     self._empty_trash()
 
   def _step_dir(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+    return paths.join(self.directory, str(step))
 
   def latest_step(self) -> int | None:
     """The newest complete step on disk (verified only by ``restore``), or None."""
@@ -276,10 +278,10 @@ class RunCheckpointer:
 
   def _quarantine(self, step: int) -> str:
     """Moves a corrupt step into ``corrupt/`` (primary process) and forgets it."""
-    dst = os.path.join(self.corrupt_dir, f"{step}.{time.strftime('%Y%m%dT%H%M%S')}")
-    if jax.process_index() == 0 and os.path.isdir(self._step_dir(step)):
-      os.makedirs(self.corrupt_dir, exist_ok=True)
-      os.rename(self._step_dir(step), dst)
+    dst = paths.join(self.corrupt_dir, f"{step}.{time.strftime('%Y%m%dT%H%M%S')}")
+    if jax.process_index() == 0 and paths.isdir(self._step_dir(step)):
+      paths.makedirs(self.corrupt_dir, exist_ok=True)
+      paths.rename(self._step_dir(step), dst)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f"htgrpo_quarantine_{step}")
@@ -291,9 +293,9 @@ class RunCheckpointer:
 
   def _restore_verified(self, step: int, abstract_state: Any, warn: Callable[[str], None]):
     step_dir = self._step_dir(step)
-    item = lambda name: os.path.join(step_dir, name)
+    item = lambda name: paths.join(step_dir, name)
     manifest = None
-    if os.path.isdir(item("manifest")):
+    if paths.isdir(item("manifest")):
       try:
         manifest = self._restore_item(step, "manifest", ocp.args.JsonRestore())
         leaves, hashes = manifest["leaves"], manifest["json"]
@@ -370,10 +372,10 @@ def step_dirs(directory: str | os.PathLike) -> list[int]:
   """The committed step folders under a checkpoint directory (by name, without starting Orbax;
   uncommitted saves are ``<step>.orbax-checkpoint-tmp-*``, not plain integers)."""
   directory = os.fspath(directory)
-  if not os.path.isdir(directory):
+  if not paths.isdir(directory):
     return []
-  return sorted(int(n) for n in os.listdir(directory)
-                if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+  return sorted(int(n) for n in paths.listdir(directory)
+                if n.isdigit() and paths.isdir(paths.join(directory, n)))
 
 
 def abstract_like(tree: Any, shardings: Any = None) -> Any:

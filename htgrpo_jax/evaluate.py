@@ -1,7 +1,6 @@
 """GenEval-style reporting: per-tag accuracy tables (Markdown) and captioned image grids (PNG)."""
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any, Callable, Sequence
 
@@ -10,8 +9,19 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from htgrpo_jax import paths
+from htgrpo_jax.contracts import EvalPrompt
 from htgrpo_jax.data.prompts import TAGS
 
+
+
+def _save_png(image: Image.Image, path: str) -> None:
+  """``image.save(path)`` for a local path; a URL through ``paths.open`` (PIL writes local files)."""
+  if paths.is_url(path):
+    with paths.open(path, "wb") as f:
+      image.save(f, format="PNG")
+  else:
+    image.save(path)
 
 def tag_scores(tags: Sequence[str], scores: Sequence[float]) -> dict[str, float]:
   """Mean score per tag (tags in GenEval order first) plus 'overall' = mean over tags.
@@ -144,8 +154,8 @@ def image_grid(images: np.ndarray, captions: Sequence[str], path: str | os.PathL
     for j, line in enumerate(lines):
       draw.text((x0, y0 + th + 2 + j * caption_px), line, fill=(0, 0, 0), font=font)
   path = os.fspath(path)
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  grid.save(path)
+  paths.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  _save_png(grid, path)
   return np.asarray(grid)
 
 
@@ -158,14 +168,6 @@ def group_outcomes(strict: Sequence[float], group_size: int) -> dict[str, float]
   g = s.reshape(-1, group_size) > 0.5
   return {"mixed": float(np.mean(g.any(1) & ~g.all(1))), "all_fail": float(np.mean(~g.any(1))),
           "all_pass": float(np.mean(g.all(1)))}
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalPrompt:
-  """A held-out prompt: its caption, GenEval tag and metadata (JSON string) for the scorer."""
-  text: str
-  tag: str
-  meta: str
 
 
 def generate_images(sampler: Any, params: Any, layout: Any, decode: Callable[[jax.Array], jax.Array],
@@ -258,14 +260,14 @@ def write_samples(out_dir: str | os.PathLike, res: dict[str, Any]) -> str:
   same images can be re-scored by another checker. Returns the JSONL path."""
   import json
   out_dir = os.fspath(out_dir)
-  os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+  paths.makedirs(paths.join(out_dir, "images"), exist_ok=True)
   seen: dict[int, int] = {}
   lines = []
   for i, img in enumerate(res["images"]):
     p = int(res["prompt_index"][i])
     k = seen[p] = seen.get(p, -1) + 1
     name = os.path.join("images", f"{p:05d}_{k}.png")
-    Image.fromarray(np.asarray(img)).save(os.path.join(out_dir, name))
+    _save_png(Image.fromarray(np.asarray(img)), paths.join(out_dir, name))
     meta = res["metas"][i]
     try:
       meta = json.loads(meta)
@@ -275,10 +277,8 @@ def write_samples(out_dir: str | os.PathLike, res: dict[str, Any]) -> str:
                                  prompt_index=p, sample=k, filename=name,
                                  correct=bool(res["strict"][i] > 0.5), reason=res["reasons"][i],
                                  malformed=int(res["malformed"][i]))))
-  path = os.path.join(out_dir, "samples.jsonl")
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    f.write("\n".join(lines) + "\n")
-  os.replace(path + ".tmp", path)
+  path = paths.join(out_dir, "samples.jsonl")
+  paths.write_text_atomic(path, "\n".join(lines) + "\n")
   return path
 
 
@@ -330,6 +330,10 @@ def plot_curves(path: str | os.PathLike, train: Sequence[tuple[int, float]],
   ax.legend(loc="lower right", fontsize=8)
   fig.tight_layout()
   path = os.fspath(path)
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path)
+  paths.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  if paths.is_url(path):
+    with paths.open(path, "wb") as f:
+      fig.savefig(f, format=os.path.splitext(path)[1][1:] or "png")
+  else:
+    fig.savefig(path)
   plt.close(fig)

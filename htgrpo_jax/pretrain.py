@@ -21,21 +21,18 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 import orbax.checkpoint as ocp
-from flax import struct
 
+from htgrpo_jax import contracts, paths
+from htgrpo_jax.contracts import MASK, CanvasLogitsFn, TrainState
 from htgrpo_jax.data import dataset as world_data
 from htgrpo_jax.data.shapeworld import WorldConfig
 from htgrpo_jax.models import layouts, llada, policy
-from htgrpo_jax.rl.rollout import MASK, CanvasLogitsFn
 
 _now = time.monotonic  # the safety cap's clock (a module attribute so tests can slow it down)
 
-
-@struct.dataclass
-class TrainState:
-  params: Any
-  opt_state: Any
-  step: jax.Array  # int32[]
+# The learner state is the package's one ``TrainState`` (contracts.py); pretraining keeps no
+# reference policy (``ref_params`` None: ``TrainState.create(params, opt, with_reference=False)``).
+# Only the params are written to disk (``save_params``), so the state's layout is not a file format.
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -44,9 +41,8 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
   if cfg.warmup_steps < 0 or cfg.learning_rate <= 0 or not 0.0 <= cfg.final_lr_fraction <= 1.0:
     raise ValueError(f"optim: need warmup_steps >= 0, learning_rate > 0, 0 <= final_lr_fraction "
                      f"<= 1; got {cfg.warmup_steps}, {cfg.learning_rate}, {cfg.final_lr_fraction}")
-  return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
-                     optax.adamw(cfg.learning_rate, b1=cfg.b1, b2=cfg.b2,
-                                 weight_decay=cfg.weight_decay))
+  return contracts.make_optimizer(cfg.learning_rate, clip_norm=cfg.max_grad_norm or None, b1=cfg.b1,
+                                  b2=cfg.b2, weight_decay=cfg.weight_decay)
 
 
 def lr_scale(step: int, progress: float, warmup_steps: int, final_fraction: float) -> float:
@@ -112,9 +108,10 @@ def masked_diffusion_loss(params: Any, canvas_logits_fn: CanvasLogitsFn, prompt_
 def make_train_step(canvas_logits_fn: CanvasLogitsFn, optimizer: optax.GradientTransformation,
                     p_uncond: float) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
   """``step(state, prompt_tokens, uncond_tokens, codes, key, lr_scale) -> (state, metrics)``,
-  jitted with the state donated; ``lr_scale`` (float32 scalar) multiplies the optimizer's update,
-  which for AdamW is exactly a learning rate of ``lr_scale * learning_rate`` (decay included).
-  A non-finite loss or gradient skips the update (counted in ``skipped``)."""
+  jitted with the state (a ``TrainState`` without reference params) donated; ``lr_scale`` (float32
+  scalar) multiplies the optimizer's update, which for AdamW is exactly a learning rate of
+  ``lr_scale * learning_rate`` (decay included). A non-finite loss or gradient skips the update
+  (``metrics['skipped']`` this step, ``state.skipped`` in total)."""
   if not 0.0 <= p_uncond < 1.0:
     raise ValueError(f"p_uncond={p_uncond} must be in [0, 1)")
 
@@ -126,9 +123,11 @@ def make_train_step(canvas_logits_fn: CanvasLogitsFn, optimizer: optax.GradientT
     params = optax.apply_updates(state.params, updates)
     ok = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), skipped=1 - ok.astype(jnp.int32))
-    return TrainState(keep(params, state.params), keep(opt_state, state.opt_state),
-                      state.step + 1), metrics
+    skipped = 1 - ok.astype(jnp.int32)
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), skipped=skipped)
+    return state.replace(step=state.step + 1, params=keep(params, state.params),
+                         opt_state=keep(opt_state, state.opt_state),
+                         skipped=state.skipped + skipped), metrics
 
   return jax.jit(step, donate_argnums=0)
 
@@ -151,8 +150,9 @@ def world_config(cfg: ml_collections.ConfigDict) -> WorldConfig:
 
 
 def save_params(path: str | os.PathLike, params: Any) -> str:
-  """Writes params with Orbax (StandardCheckpointer) to an absolute ``path``; returns it."""
-  path = os.path.abspath(os.fspath(path))
+  """Writes params with Orbax (StandardCheckpointer) to ``path`` (made absolute; a URL is kept);
+  returns it."""
+  path = paths.resolve(path)
   ckpt = ocp.StandardCheckpointer()
   ckpt.save(path, params, force=True)
   ckpt.wait_until_finished()
@@ -161,8 +161,8 @@ def save_params(path: str | os.PathLike, params: Any) -> str:
 
 def load_params(path: str | os.PathLike, abstract: Any) -> Any:
   """Reads params saved by ``save_params`` into the structure of ``abstract`` (ShapeDtypeStructs)."""
-  path = os.path.abspath(os.fspath(path))
-  if not os.path.isdir(path):
+  path = paths.resolve(path)
+  if not paths.isdir(path):
     raise ValueError(f"checkpoint {path!r} does not exist")
   return ocp.StandardCheckpointer().restore(path, abstract)
 
@@ -174,7 +174,7 @@ def load_pretrained(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
                                   num_codes=cfg.world.num_codes, num_train=cfg.world.num_train,
                                   num_eval=cfg.world.num_eval)
   model_cfg, layout = build_policy(cfg, assets)
-  path = os.path.join(cfg.workdir, "params")
+  path = paths.join(cfg.workdir, "params")
   params = load_params(path, policy.abstract_params(model_cfg, layout))
   return dict(params=params, model_cfg=model_cfg, layout=layout, assets=assets, checkpoint=path)
 
@@ -203,7 +203,7 @@ def pretrain(cfg: ml_collections.ConfigDict, progress: Callable[[Iterator[int]],
   key = jax.random.PRNGKey(cfg.seed)
   params = policy.init_params(model_cfg, layout, jax.random.fold_in(key, 0))
   opt = make_optimizer(cfg.optim)
-  state = TrainState(params, opt.init(params), jnp.zeros((), jnp.int32))
+  state = TrainState.create(params, opt, with_reference=False)
   step_fn = make_train_step(logits_fn, opt, cfg.p_uncond)
   ds = world_data.make_dataset(assets, "train", cfg.batch_size, seed=cfg.seed,
                                encode_prompts=layout.encode_prompts)
@@ -233,6 +233,6 @@ def pretrain(cfg: ml_collections.ConfigDict, progress: Callable[[Iterator[int]],
       break
   params = jax.block_until_ready(state.params)
   seconds = _now() - t0
-  ckpt = save_params(os.path.join(cfg.workdir, "params"), params) if cfg.workdir else None
+  ckpt = save_params(paths.join(cfg.workdir, "params"), params) if cfg.workdir else None
   return dict(params=params, model_cfg=model_cfg, layout=layout, assets=assets, history=history,
               steps_done=done, seconds=seconds, checkpoint=ckpt, cut_short=cut_short)

@@ -15,6 +15,9 @@ plus dotted config overrides) and the seeds of each. ``run_study`` then
 Every run is judged with one evaluation key and one prompt list (``eval.seed``), so arms are
 compared on the same prompts with the same sampling noise; intervals resample prompts (clusters of
 a prompt's samples) and seeds.
+
+The study's workdir and report paths may be URLs (``gs://bucket/study``): every file goes through
+``htgrpo_jax.paths``.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from typing import Any, Callable
 import ml_collections
 import numpy as np
 
-from htgrpo_jax import evaluate
+from htgrpo_jax import evaluate, paths
 from htgrpo_jax.tasks import load_config_file
 
 
@@ -81,7 +84,7 @@ def plan_runs(cfg: ml_collections.ConfigDict) -> list[Run]:
   arms = arm_table(cfg)
   seeds = {a: cfg.main_seeds if s["group"] == "main" else cfg.ablation_seeds
            for a, s in arms.items()}
-  return [Run(a, k, os.path.join(cfg.workdir, a, f"seed{k}"))
+  return [Run(a, k, paths.join(cfg.workdir, a, f"seed{k}"))
           for k in range(max(seeds.values(), default=0)) for a in arms if k < seeds[a]]
 
 
@@ -96,7 +99,7 @@ def train_config(cfg: ml_collections.ConfigDict, arm: str | None, seed: int,
     _set(c, k, v)
   c.seed = seed
   c.workdir = workdir
-  c.model.checkpoint = os.path.join(cfg.workdir, "base")
+  c.model.checkpoint = paths.join(cfg.workdir, "base")
   c.eval.at_start = False  # the base is scored once for the whole study
   return c
 
@@ -111,7 +114,7 @@ def run_study(cfg: ml_collections.ConfigDict, *, log: Callable[[str], None] = pr
   from tqdm import tqdm
   from htgrpo_jax import trainer
 
-  base_dir = os.path.join(cfg.workdir, "base_eval")
+  base_dir = paths.join(cfg.workdir, "base_eval")
   base_cfg = train_config(cfg, None, cfg.base_seed, base_dir)
   if trainer.load_eval_samples(base_dir, "base") is None:
     log("Scoring the frozen base policy (pretraining it first when missing)...")
@@ -127,8 +130,8 @@ def run_study(cfg: ml_collections.ConfigDict, *, log: Callable[[str], None] = pr
     c.progress = cfg.get("progress", True)
     t0 = time.time()
     trainer.train(c, log=log)
-    with open(os.path.join(r.workdir, "wall.json"), "w") as f:  # this call's wall time
-      json.dump(dict(seconds=time.time() - t0), f)
+    paths.write_text_atomic(paths.join(r.workdir, "wall.json"),  # this call's wall time
+                            json.dumps(dict(seconds=time.time() - t0)))
     report = write_report(cfg)
   return report
 
@@ -140,8 +143,8 @@ def run_study(cfg: ml_collections.ConfigDict, *, log: Callable[[str], None] = pr
 def _eval_curve(workdir: str) -> list[tuple[int, dict[str, np.ndarray]]]:
   from htgrpo_jax import trainer
   out = []
-  if os.path.isdir(os.path.join(workdir, "evals")):
-    for name in sorted(os.listdir(os.path.join(workdir, "evals"))):
+  if paths.isdir(paths.join(workdir, "evals")):
+    for name in sorted(paths.listdir(paths.join(workdir, "evals"))):
       if name.startswith("step"):
         s = trainer.load_eval_samples(workdir, name)
         if s is not None:
@@ -151,9 +154,9 @@ def _eval_curve(workdir: str) -> list[tuple[int, dict[str, np.ndarray]]]:
 
 def _step_seconds(workdir: str) -> dict[int, float]:
   """Cumulative training seconds (rollouts + updates, evaluations excluded) at each step."""
-  path, out, total = os.path.join(workdir, "metrics.jsonl"), {}, 0.0
-  if os.path.exists(path):
-    with open(path) as f:
+  path, out, total = paths.join(workdir, "metrics.jsonl"), {}, 0.0
+  if paths.exists(path):
+    with paths.open(path, encoding="utf-8") as f:
       for line in f:
         if line.strip():
           m = json.loads(line)
@@ -165,7 +168,7 @@ def _step_seconds(workdir: str) -> dict[int, float]:
 def collect(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   """Finished runs' final evaluations, the base evaluation and every run's curve."""
   from htgrpo_jax import trainer
-  base = trainer.load_eval_samples(os.path.join(cfg.workdir, "base_eval"), "base")
+  base = trainer.load_eval_samples(paths.join(cfg.workdir, "base_eval"), "base")
   finals: dict[str, dict[int, dict[str, np.ndarray]]] = {}
   curves: dict[str, dict[int, list]] = {}
   for r in plan_runs(cfg):
@@ -217,6 +220,7 @@ def write_report(cfg: ml_collections.ConfigDict) -> str:
   boot = seed_prompt_bootstrap(base, finals) if finals else {}
   fmt = lambda v, d: f"{v:.3f} [{evaluate.interval(d)[0]:.3f}, {evaluate.interval(d)[1]:.3f}]"
   arms = arm_table(cfg)
+  ref = cfg.get("reference_arm", "")
   c0 = train_config(cfg, None, cfg.base_seed, "")
   images = c0.total_steps * c0.prompts_per_step * c0.rl.group_size
   lines = [f"# {cfg.title}", "",
@@ -226,32 +230,44 @@ def write_report(cfg: ml_collections.ConfigDict) -> str:
            f"{len(set(base['prompt_index'].tolist()))} prompts x "
            f"{len(base['strict']) // max(1, len(set(base['prompt_index'].tolist())))} samples, "
            "one evaluation key for every run. Brackets: 95 % bootstrap intervals over prompts "
-           "and seeds; the change is paired with the base on the same prompts.", "",
+           "and seeds; the change is paired with the base on the same prompts"
+           + (f", and `vs {ref}` is the paired difference from the `{ref}` arm (an interval "
+              "that excludes 0 separates the two)." if ref else "."), "",
            "| arm | seeds | base overall | final overall | change | " +
-           " | ".join(tags) + " |",
-           "|---|---:|---:|---:|---:|" + "---:|" * len(tags)]
+           (f"vs {ref} | " if ref else "") + " | ".join(tags) + " |",
+           "|---|---:|---:|---:|---:|" + ("---:|" if ref else "") + "---:|" * len(tags)]
+  acc = {a: {t: float(np.mean([evaluate.tag_scores(x["tags"], x["strict"])[t]
+                               for x in finals[a].values()])) for t in tags + ["overall"]}
+         for a in finals}
   for a in [a for a in arms if a in finals]:
-    f = [finals[a][k] for k in sorted(finals[a])]
-    acc = {t: float(np.mean([evaluate.tag_scores(x["tags"], x["strict"])[t] for x in f]))
-           for t in tags + ["overall"]}
-    lines.append(f"| {a} | {len(f)} | {base_acc['overall']:.3f} | "
-                 f"{fmt(acc['overall'], boot[a]['overall'])} | "
-                 f"{fmt(acc['overall'] - base_acc['overall'], boot[a + ':change']['overall'])} | " +
-                 " | ".join(f"{acc[t]:.3f}" for t in tags) + " |")
+    vs = ""
+    if ref:
+      vs = ("- | " if a == ref or ref not in finals else
+            fmt(acc[a]["overall"] - acc[ref]["overall"],
+                boot[a]["overall"] - boot[ref]["overall"]) + " | ")
+    lines.append(f"| {a} | {len(finals[a])} | {base_acc['overall']:.3f} | "
+                 f"{fmt(acc[a]['overall'], boot[a]['overall'])} | "
+                 f"{fmt(acc[a]['overall'] - base_acc['overall'], boot[a + ':change']['overall'])} | "
+                 + vs + " | ".join(f"{acc[a][t]:.3f}" for t in tags) + " |")
   lines += ["", "| base | " + " | ".join(f"{t} {base_acc[t]:.3f}" for t in tags + ["overall"]) +
             " |", "", "Arms: " + "; ".join(
                 f"`{a}` = preset {s['preset']}" + (f" with {s['overrides']}" if s["overrides"]
                                                     else "") for a, s in arms.items()), "",
             f"![held-out accuracy vs rollout images and wall time]({os.path.basename(cfg.curves_png)})",
             ""]
+  single = [a for a in arms if len(finals.get(a, {})) == 1]
+  if single:  # a bootstrap over one seed cannot see seed-to-seed spread
+    lines[3:3] = ["", f"Arms with a single seed ({', '.join(single)}): their intervals cover "
+                      "prompt and sampling noise only, not the spread between training seeds; read "
+                      "them as screening, not as a comparison."]
   md = "\n".join(lines)
-  os.makedirs(os.path.dirname(os.path.abspath(cfg.results_md)), exist_ok=True)
-  with open(cfg.results_md, "w") as fh:
-    fh.write(md)
+  paths.makedirs(os.path.dirname(paths.resolve(cfg.results_md)))
+  paths.write_text_atomic(cfg.results_md, md)
   plot_study(data, base_acc["overall"], cfg.curves_png)
   if cfg.get("readme"):
     table = [l for l in lines if l.startswith("|")][:2 + len([a for a in arms if a in finals])]
-    splice_readme(cfg.readme, "\n".join(table) + f"\n\n{lines[2]}\n\nFull table and curves: "
+    notes = lines[2] + (f"\n\n{lines[4]}" if single else "")
+    splice_readme(cfg.readme, "\n".join(table) + f"\n\n{notes}\n\nFull table and curves: "
                   f"[`{cfg.results_md}`]({cfg.results_md}).\n")
   return md
 
@@ -262,14 +278,12 @@ _BEGIN, _END = "<!-- study:begin (written by launch/study.py) -->", "<!-- study:
 def splice_readme(path: str, block: str) -> None:
   """Replaces the text between the study markers of a README (which must hold both markers), so
   its results table is always the study's, never typed by hand."""
-  with open(path, encoding="utf-8") as fh:
+  with paths.open(path, encoding="utf-8") as fh:
     text = fh.read()
   i, j = text.find(_BEGIN), text.find(_END)
   if i < 0 or j < i:
     raise ValueError(f"{path}: no '{_BEGIN}' ... '{_END}' block to write the study's table into")
-  with open(path + ".tmp", "w", encoding="utf-8") as fh:
-    fh.write(text[:i + len(_BEGIN)] + "\n" + block + text[j:])
-  os.replace(path + ".tmp", path)
+  paths.write_text_atomic(path, text[:i + len(_BEGIN)] + "\n" + block + text[j:])
 
 
 def plot_study(data: dict[str, Any], base_overall: float, path: str) -> None:
@@ -302,6 +316,8 @@ def plot_study(data: dict[str, Any], base_overall: float, path: str) -> None:
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=7, loc="best")
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path)
+  path = os.fspath(path)
+  paths.makedirs(os.path.dirname(paths.resolve(path)))
+  with paths.open(path, "wb") as f:  # a file object: savefig cannot write a URL itself
+    fig.savefig(f, format=os.path.splitext(path)[1][1:] or "png")
   plt.close(fig)

@@ -9,22 +9,25 @@ rewards. ``build_task(config)`` picks it from ``config.world.kind``:
 * ``t2i``     a real dMLLM (MMaDA / Lumina-DiMOO): prompts from JSONL files, the model's tokenizer
   and converted Orbax checkpoint from local paths, its VQ decoder, and a remote reward server.
 
-Every path is checked here, before anything is compiled, and errors name the config key.
+Each builder registers in ``WORLDS`` under its ``world.kind``; a new world is one more
+``@WORLDS.register('name')`` builder ``(config, *, log) -> Task``.
+
+Every path is checked here, before anything is compiled, and errors name the config key. Any
+path may be a URL (``gs://bucket/...``; ``htgrpo_jax.paths``).
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import os
 from typing import Any, Callable
 
 import grain
-import jax
 import ml_collections
 import numpy as np
 
-from htgrpo_jax.evaluate import EvalPrompt
+from htgrpo_jax import paths
+from htgrpo_jax.config_util import load_config_file  # also re-exported: tasks.load_config_file
+from htgrpo_jax.contracts import DecodeFn, EvalPrompt, Registry, RewardFn
 from htgrpo_jax.models import layouts, llada, policy
 
 
@@ -40,11 +43,11 @@ class Task:
     train_dataset: ``(batch_size, seed) -> grain.IterDataset`` of dicts with ``caption`` str[P],
       ``prompt_tokens`` int32[P, Lp] and ``meta`` str[P] (JSON).
     eval_prompts: the held-out prompts, balanced over tags.
-    decode: ``(decode_params, codes int32[B, N]) -> uint8[B, H, W, 3]``, jittable (runs on the
-      accelerator); the params are an argument, not a closure, so a 40-90M-parameter VQ decoder is
-      not baked into the compiled program as constants.
+    decode: a ``contracts.DecodeFn``, ``(decode_params, codes int32[B, N]) -> uint8[B, H, W, 3]``,
+      jittable (runs on the accelerator); the params are an argument, not a closure, so a
+      40-90M-parameter VQ decoder is not baked into the compiled program as constants.
     decode_params: the decoder's params pytree (the ShapeEval codebook, or VQ-GAN/MAGVIT-v2 weights).
-    reward: the RL reward ``(prompts, images, meta=[...]) -> float32[B]``.
+    reward: the RL reward, a ``contracts.RewardFn``: ``(prompts, images, meta=[...]) -> float32[B]``.
     score: the evaluation scorer ``(prompts, images, meta) -> strict float32[B]`` (GenEval 0/1).
     judge: optional ``(prompts, images, meta) -> [dict]`` giving each image's ``strict`` verdict
       with its ``reason`` (and ``malformed`` components) for the per-sample evaluation records.
@@ -55,26 +58,15 @@ class Task:
   load_base_params: Callable[[Any], Any]
   train_dataset: Callable[[int, int], grain.IterDataset]
   eval_prompts: list[EvalPrompt]
-  decode: Callable[[Any, jax.Array], jax.Array]
+  decode: DecodeFn
   decode_params: Any
-  reward: Callable[..., np.ndarray]
+  reward: RewardFn
   score: Callable[..., np.ndarray]
   judge: Callable[..., list[dict[str, Any]]] | None = None
 
 
-def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  """``get_config([arg])`` of a ``configs/*.py`` file (big_vision style), by path; a relative
-  path missing from the working directory is looked up in the source checkout."""
-  if not os.path.isfile(path) and not os.path.isabs(path):
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if os.path.isfile(os.path.join(repo, path)):
-      path = os.path.join(repo, path)
-  if not os.path.isfile(path):
-    raise ValueError(f"config file {path!r} does not exist")
-  spec = importlib.util.spec_from_file_location("_htgrpo_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config() if arg is None else module.get_config(arg)
+# ``world.kind`` -> ``(config, *, log) -> Task``.
+WORLDS: Registry[Callable[..., Task]] = Registry("world.kind")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -101,9 +93,10 @@ def pretrain_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 
 
 def base_params_path(config: ml_collections.ConfigDict) -> str:
-  return os.path.abspath(os.path.join(config.model.checkpoint, "params"))
+  return paths.resolve(paths.join(config.model.checkpoint, "params"))
 
 
+@WORLDS.register("shapes")
 def build_shapes_task(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = print
                       ) -> Task:
   from htgrpo_jax import pretrain
@@ -117,7 +110,7 @@ def build_shapes_task(config: ml_collections.ConfigDict, *, log: Callable[[str],
   pcfg = pretrain_config(config)
   world = pretrain.world_config(pcfg)
   ckpt = base_params_path(config)
-  if not os.path.isdir(ckpt):
+  if not paths.isdir(ckpt):
     if not config.model.pretrain_if_missing:
       raise ValueError(f"model.checkpoint: no base policy at {ckpt} and model.pretrain_if_missing "
                        "is False; run launch/pretrain.py or set it True")
@@ -171,12 +164,12 @@ def build_shapes_task(config: ml_collections.ConfigDict, *, log: Callable[[str],
 def read_prompt_file(path: str, key: str) -> list[EvalPrompt]:
   """Prompts from JSONL, one object per line with ``prompt`` and optionally ``tag`` (GenEval's
   ``evaluation_metadata.jsonl`` format); the whole object is passed on as metadata."""
-  if not path or not os.path.isfile(path):
+  if not path or not paths.isfile(path):
     raise ValueError(f"{key}: prompt file {path!r} does not exist")
   out = []
   # Bytes, decoded per line as UTF-8 (JSONL's encoding), not the locale's: a C/POSIX locale would
   # otherwise read every non-ASCII prompt as an error, and a bad byte is named by its line.
-  with open(path, "rb") as f:
+  with paths.open(path, "rb") as f:
     for i, raw in enumerate(f):
       try:
         line = raw.decode("utf-8-sig" if i == 0 else "utf-8")
@@ -200,14 +193,10 @@ def read_prompt_file(path: str, key: str) -> list[EvalPrompt]:
 def build_layout(config: ml_collections.ConfigDict) -> layouts.Layout:
   """The model's layout from ``model.layout`` and the local tokenizer at ``model.tokenizer``."""
   tok = config.model.tokenizer
-  if not tok or not os.path.isdir(tok):
+  if not tok or not paths.isdir(tok):
     raise ValueError(f"model.tokenizer: tokenizer directory {tok!r} does not exist")
-  kind = config.model.layout
-  if kind == "mmada":
-    return layouts.MMaDALayout(tok)
-  if kind == "dimoo":
-    return layouts.DiMOOLayout(tok, height=config.model.image_size, width=config.model.image_size)
-  raise ValueError(f"model.layout={kind!r} must be 'mmada' or 'dimoo'")
+  build = layouts.LAYOUTS.get(config.model.layout)
+  return build(tok, config.model)
 
 
 def remote_rewards(config: ml_collections.ConfigDict):
@@ -243,6 +232,7 @@ def remote_rewards(config: ml_collections.ConfigDict):
   return reward, strict
 
 
+@WORLDS.register("t2i")
 def build_t2i_task(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = print) -> Task:
   from htgrpo_jax.models import convert
 
@@ -255,8 +245,8 @@ def build_t2i_task(config: ml_collections.ConfigDict, *, log: Callable[[str], No
   overrides = dict(config.model.get("overrides") or {})
   model_cfg = llada.get_config(config.model.preset, **overrides)
   policy.check_compatible(model_cfg, layout)
-  ckpt = os.path.abspath(config.model.checkpoint or "")
-  if not config.model.checkpoint or not os.path.isdir(ckpt):
+  ckpt = paths.resolve(config.model.checkpoint or "")
+  if not config.model.checkpoint or not paths.isdir(ckpt):
     raise ValueError(f"model.checkpoint: converted Orbax checkpoint {ckpt!r} does not exist "
                      "(python launch/convert_checkpoint.py writes it)")
   from htgrpo_jax.models.vq import build_decoder
@@ -283,9 +273,5 @@ def build_t2i_task(config: ml_collections.ConfigDict, *, log: Callable[[str], No
 
 
 def build_task(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = print) -> Task:
-  kind = config.world.kind
-  if kind == "shapes":
-    return build_shapes_task(config, log=log)
-  if kind == "t2i":
-    return build_t2i_task(config, log=log)
-  raise ValueError(f"world.kind={kind!r} must be 'shapes' or 't2i'")
+  """The ``Task`` of ``config.world.kind`` (a name in ``WORLDS``)."""
+  return WORLDS.get(config.world.kind)(config, log=log)

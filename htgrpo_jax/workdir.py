@@ -4,11 +4,17 @@
                  start time. The kernel drops the lock when its process dies (even by SIGKILL), so
                  a lock left by a dead run never blocks; a second live run is refused, naming the
                  holder. (On a file system without ``flock`` the recorded pid is checked instead.)
+                 A URL workdir (``gs://bucket/run``) cannot be locked at all: an object store has
+                 no ``flock`` and no atomic create-if-absent through ``etils.epath``, so the lock is
+                 skipped with a warning saying so, and keeping one run per bucket folder is left
+                 to the user.
 ``check_config`` compares a resumed run's config with the one its checkpoints were written under
                  (``config.json``): a change to what the run means (seed, optimizer, algorithm,
                  data, model, ...) is refused unless ``allow_config_change=True``; bookkeeping keys
                  (``HARMLESS_KEYS``) and a larger ``total_steps`` pass. Every start appends its
                  config and changes to ``config_history.jsonl``; ``config.json`` is the current one.
+
+Both take local paths or URLs (``htgrpo_jax.paths``).
 """
 from __future__ import annotations
 
@@ -19,6 +25,10 @@ import json
 import os
 import socket
 from typing import Any, Callable
+
+from absl import logging
+
+from htgrpo_jax import paths
 
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.json"
@@ -33,6 +43,7 @@ HARMLESS_KEYS = (
     "world.data_dir", "model.checkpoint", "model.pretrain_if_missing", "model.pretrain_config",
     "model.pretrain.", "world.reward_url", "world.score_url", "world.reward_timeout",
     "world.reward_retries", "world.reward_backoff_s",
+    "profile_steps", "compilation_cache_dir", "log_level",  # what is traced, cached and logged
 )
 
 
@@ -60,12 +71,22 @@ def _pid_alive(pid: int) -> bool:
 
 class WorkdirLock:
   """Exclusive lock of a run directory; ``acquire()`` raises ``WorkdirLockedError`` naming the
-  holder's host and pid. Use as a context manager or call ``release()``."""
+  holder's host and pid. Use as a context manager or call ``release()``.
 
-  def __init__(self, workdir: str):
-    self.workdir = os.path.abspath(workdir)
-    self.path = os.path.join(self.workdir, LOCK_FILE)
+  A URL workdir (``gs://...``) is kept as it is and not locked: ``acquire`` says so through
+  ``log`` (default: an absl warning) and ``locked`` stays False.
+  """
+
+  def __init__(self, workdir: str, *, log: Callable[[str], None] | None = None):
+    self.workdir = paths.resolve(workdir)
+    self.path = paths.join(self.workdir, LOCK_FILE)
     self._fd: int | None = None
+    self._log = log or (lambda msg: logging.warning("%s", msg))
+
+  @property
+  def locked(self) -> bool:
+    """True while this object holds the lock."""
+    return self._fd is not None
 
   def _holder(self, fd: int) -> dict[str, Any]:
     try:
@@ -80,6 +101,12 @@ class WorkdirLock:
         "Stop that run, or use another workdir.")
 
   def acquire(self) -> "WorkdirLock":
+    if paths.is_url(self.workdir):
+      paths.makedirs(self.workdir, exist_ok=True)
+      self._log(f"workdir {self.workdir} is not on a local file system: it is NOT locked (an object "
+                "store has no flock), so nothing stops a second run from writing into it; make sure "
+                "only one run uses this workdir")
+      return self
     os.makedirs(self.workdir, exist_ok=True)
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -191,12 +218,12 @@ def check_config(workdir: str, config_json: str, *, resuming: bool, allow: bool,
   Raises:
     ConfigChangedError: naming each refused key with both values.
   """
-  path = os.path.join(workdir, CONFIG_FILE)
+  path = paths.join(workdir, CONFIG_FILE)
   current = json.loads(config_json)
   changes: dict[str, tuple[Any, Any]] = {}
-  if resuming and os.path.exists(path):
+  if resuming and paths.exists(path):
     try:
-      with open(path, encoding="utf-8") as f:
+      with paths.open(path, encoding="utf-8") as f:
         saved = json.load(f)
     except (OSError, ValueError) as e:
       log(f"WARNING: {path} is unreadable ({e}); the resumed config is not compared with it")
@@ -218,16 +245,13 @@ def check_config(workdir: str, config_json: str, *, resuming: bool, allow: bool,
       if allowed:
         log(f"Resuming with changed settings: {fmt(allowed)}")
   n = 0
-  hist = os.path.join(workdir, HISTORY_FILE)
-  if os.path.exists(hist):
-    with open(hist, encoding="utf-8") as f:
+  hist = paths.join(workdir, HISTORY_FILE)
+  if paths.exists(hist):
+    with paths.open(hist, encoding="utf-8") as f:
       n = sum(1 for line in f if line.strip())
-  with open(hist, "a", encoding="utf-8") as f:
-    f.write(json.dumps(dict(start=n, time=_now(), host=socket.gethostname(), pid=os.getpid(),
-                            resuming=resuming, changed={k: list(v) for k, v in changes.items()},
-                            config=current)) + "\n")
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(json.dumps(current, indent=2))
-  os.replace(tmp, path)  # atomic: a kill mid-write never leaves a truncated config.json
+  paths.append_text(hist, json.dumps(dict(
+      start=n, time=_now(), host=socket.gethostname(), pid=os.getpid(), resuming=resuming,
+      changed={k: list(v) for k, v in changes.items()}, config=current)) + "\n")
+  # Atomic: a kill mid-write never leaves a truncated config.json.
+  paths.write_text_atomic(path, json.dumps(current, indent=2))
   return changes

@@ -4,12 +4,18 @@
       --preset=mmada_8b [--fsdp=16 --tensor=4] [--override=scan_layers=False]
 
 On a TPU pod run it on every host (``jax.distributed`` is initialised when the environment says
-multi-host); each host reads the tensors and keeps only its devices' shards.
+multi-host); each host reads the tensors and keeps only its devices' shards. No torch needed: the
+safetensors shards (BF16 included) are read with numpy and ml_dtypes (``[train]`` extra).
 """
-from absl import app, flags
+import os
+import sys
 
-from htgrpo_jax import parallel
-from htgrpo_jax.models import convert, llada
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+from htgrpo_jax import parallel  # noqa: E402
+from htgrpo_jax.models import convert, llada  # noqa: E402
 
 _HF = flags.DEFINE_string("hf_dir", None, "HF checkpoint dir (model.safetensors.index.json + shards)")
 _OUT = flags.DEFINE_string("out_dir", None, "Orbax checkpoint dir to create")

@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -26,8 +26,8 @@ _OUT = flags.DEFINE_string("out_dir", None, "Output folder (default: the config'
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
-  from htgrpo_jax import trainer
+  from htgrpo_jax import runtime, trainer
+  runtime.setup_runtime(_CONFIG.value)  # multi-process runtime, compilation cache, log level
   out = trainer.evaluate_checkpoint(_CONFIG.value, which=_WHICH.value,
                                     samples_per_prompt=_SAMPLES.value, out_dir=_OUT.value)
   print(out["table"])

@@ -20,7 +20,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from htgrpo_jax import evaluate, pretrain  # noqa: E402
+from htgrpo_jax import evaluate, pretrain, runtime  # noqa: E402
 from htgrpo_jax.data import prompts as grammar  # noqa: E402
 from htgrpo_jax.data import vq  # noqa: E402
 from htgrpo_jax.models import policy  # noqa: E402
@@ -73,8 +73,10 @@ def run_eval(cfg, out) -> dict:
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cfg = _CONFIG.value
+  runtime.setup_runtime(cfg)  # compilation cache and log level (configs/pretrain_shapes.py)
   if _EVAL_ONLY.value:
     summary = run_eval(cfg, pretrain.load_pretrained(cfg))
     print(summary["table"])

@@ -1,15 +1,19 @@
 """Trains a dMLLM policy with HT-GRPO (or a baseline) from an ml_collections config.
 
   python launch/train.py --config=configs/geneval.py [--config.key=value ...]
+  python launch/train.py --config=configs/geneval.py:htgrpo,tiny --config.log_level=warning \
+      --config.compilation_cache_dir=/tmp/jax_cache --config.profile_steps=2,3
 
-On a multi-host TPU slice every worker runs this same command (see launch/tpu_vm.sh).
+On a multi-host TPU slice every worker runs this same command (see launch/tpu_vm.sh); the
+multi-process runtime, the compilation cache and the log level are set up first
+(htgrpo_jax/runtime.py).
 """
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, logging  # noqa: E402
+from absl import app  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -19,8 +23,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)  # Orbax/TFDS info lines would bury the progress bar
-  from htgrpo_jax import trainer  # after flag parsing: a bad --config fails before JAX starts
+  from htgrpo_jax import runtime, trainer  # after flag parsing: a bad --config fails before JAX starts
+  runtime.setup_runtime(_CONFIG.value)
   trainer.train(_CONFIG.value)
 
 

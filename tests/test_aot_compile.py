@@ -1,108 +1,188 @@
-"""The AOT pre-flight compiles the sampler and the train step for a TPU topology description on CPU."""
-import dataclasses
+"""The AOT pre-flight compiles a training config's sampler and train step for a TPU topology
+description on this CPU (libtpu describes the slice; nothing is allocated)."""
+import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 pytest.importorskip("libtpu")
 
-from htgrpo_jax import aot, rl  # noqa: E402
-from htgrpo_jax.sampling import SamplerConfig  # noqa: E402
+from htgrpo_jax import aot, flops, tasks  # noqa: E402
+from tests.helpers.configs import set_keys  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "launch", "aot_compile.py")
+
+
+def tiny_config(**changes):
+  """configs/geneval.py:htgrpo,tiny (4 prompts x G=4 = 16 images, K=3, T=4) on a 1,2,2 mesh; keys
+  as dotted paths, e.g. ``**{"rl.beta": 0.0}``."""
+  config = tasks.load_config_file("configs/geneval.py", "htgrpo,tiny")
+  config.mesh.update(data=1, fsdp=2, tensor=2)
+  return set_keys(config, **changes)
+
+
+def _nbytes(tree) -> int:
+  return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 @pytest.fixture(scope="module")
-def setup():
-  """'tiny' LLaDA on a 4x4-slot embedded layout, v5e 2x2 (4 chips) as data=1, fsdp=2, tensor=2."""
-  cfg, lay = aot.build_model("tiny", embedded_grid=(4, 4), embedded_codebook=16, embedded_prompt_length=4,
-                             remat="full", scan_layers=True)
-  return aot.Setup(
-      model_cfg=cfg, layout=lay,
-      rl=rl.preset("htgrpo", group_size=2, num_sampler_steps=4, n_global=1, n_struct=1, n_refine=1),
-      sampler=SamplerConfig(num_steps=4, sketch_steps=2, cfg_scale=2.0),
-      topology="v5e:2x2", mesh_shape=(1, 2, 2), batch=8, micro_batch=2)
+def compiled():
+  return aot.compile_all(tiny_config(), "v5e:2x2", ("sampler", "train_step"))
 
 
-def _check(report, program, rows):
-  assert report.program == program and report.rows == rows
-  assert report.argument_bytes > 0 and report.temp_bytes > 0 and report.total_bytes > 0
-  assert report.xla_flops > 0 and report.model_flops > 0 and report.compile_s > 0
-  assert report.device_kind == "TPU v5 lite" and report.hbm_gib == 16.0 and report.fits
+def test_train_step_and_sampler_compile_for_the_configs_batch_and_state(compiled):
+  target, (sampler, step) = compiled
+  assert (sampler.program, step.program) == ("sampler", "train_step")
+  assert sampler.rows == step.rows == 16 == target.plan.batch_size
+  for report in (sampler, step):
+    assert report.device_kind == "TPU v5 lite" and report.fits
+    assert report.temp_bytes > 0 and report.xla_flops > 0
+  # The train step takes the whole state (fp32 params, two Adam moments, the fp32 reference, beta > 0)
+  # split over 4 chips, and the rollout; it donates the state, so that much comes back aliased.
+  state, _ = aot.abstract_state(target)
+  state_bytes = _nbytes(state)
+  assert _nbytes(state.params) * 4 <= state_bytes
+  assert state_bytes / 4 <= step.argument_bytes <= state_bytes + _nbytes(aot.abstract_rollout(target))
+  assert state_bytes / 4 <= step.alias_bytes <= step.argument_bytes
+  # The sampler holds the params (not the optimizer state) and returns the B x N record.
+  assert sampler.argument_bytes < step.argument_bytes
+  assert sampler.alias_bytes == 0
 
 
-def test_train_step_and_sampler_compile_with_positive_memory_and_flops(setup):
-  reports = aot.compile_all(setup, ("sampler", "train_step"))
-  _check(reports[0], "sampler", 8)
-  _check(reports[1], "train_step", 8)
-  # The donated state comes back in place: the aliased bytes are the state's (params, Adam, counters).
-  assert reports[1].alias_bytes > 0
-  row = aot.markdown_row(setup, reports[1])
-  assert row.startswith("| v5e:2x2 | 1,2,2 | 8 | 2 | full+scan | train_step |") and "| yes |" in row
-  assert row.count("|") == aot.TABLE_HEADER.splitlines()[0].count("|")
+def test_config_overrides_reach_the_compiled_program(compiled):
+  """beta = 0: no reference params in the state, so each chip's arguments shrink by their share."""
+  target, (_, step) = compiled
+  no_ref = aot.compile_program(aot.prepare(tiny_config(**{"rl.beta": 0.0}), "v5e:2x2"), "train_step")
+  params_share = _nbytes(aot.abstract_state(target)[0].params) / 4
+  assert step.argument_bytes - no_ref.argument_bytes >= 0.9 * params_share
 
 
-def test_shared_sketch_compiles_on_prompt_rows(setup):
-  # batch 8 / G 2 = 4 prompts, a multiple of data*fsdp = 2.
-  report = aot.compile_program(dataclasses.replace(setup, share_sketch=True), "sketch")
-  _check(report, "sketch", 4)
+def test_model_flops_are_the_programs_per_chip(compiled):
+  target, (sampler, step) = compiled
+  p = target.plan
+  assert step.model_flops * 4 == pytest.approx(
+      flops.train_step_flops(target.model_cfg, target.layout, p.rl, p.batch_size))
+  assert sampler.model_flops * 4 == pytest.approx(
+      flops.sampler_flops(target.model_cfg, target.layout, p.rollout_sampler, p.batch_size))
+  # XLA counts each loop body (T sampler steps, K updates) once: it sees fewer FLOPs than run.
+  assert step.xla_flops < step.model_flops and sampler.xla_flops < sampler.model_flops
 
 
-def test_model_flops_count_every_pass(setup):
-  f = aot.forward_flops(setup.model_cfg, setup.layout, setup.batch)
-  # 'htgrpo' with the structure context: 2 distinct canvases x (old + ref) + 3 x K=3 forward-equivalents.
-  assert aot.program_model_flops(setup, "train_step", setup.batch) == pytest.approx((4 + 9) * f)
-  # Sampler: T steps of a CFG forward on 2B rows.
-  assert aot.program_model_flops(setup, "sampler", setup.batch) == pytest.approx(4 * 2 * f)
+def test_shared_sketch_compiles_on_the_sketch_rows():
+  # 4 prompts x rl.num_sketches = 2 sketches = 8 rows, a multiple of data*fsdp = 2.
+  t = aot.prepare(tiny_config(**{"sampler.share_sketch": True, "rl.num_sketches": 2}), "v5e:2x2")
+  report = aot.compile_program(t, "sketch")
+  assert report.program == "sketch" and report.rows == 8 and report.fits
 
 
-@pytest.mark.parametrize("change, field", [
-    (dict(topology="v9z:2x2"), "topology="),
-    (dict(topology="v5e"), "topology="),
-    (dict(mesh_shape=(1, 2, 4)), "mesh_shape="),
-    (dict(mesh_shape=(1, 0, 4)), "mesh_shape="),
-    (dict(batch=5), "batch="),                    # not a multiple of data*fsdp = 2
-    (dict(batch=6, micro_batch=0,                 # a multiple of data*fsdp, not of group_size = 4
-          rl=rl.preset("htgrpo", group_size=4, num_sampler_steps=4, n_global=1, n_struct=1, n_refine=1)),
-     "group_size"),
-    (dict(batch=6), "micro_batch="),              # 2 per device x 2 = 4 rows do not divide 6
-    (dict(micro_batch=3), "micro_batch="),        # 3 x 2 = 6 rows do not divide 8
-    (dict(micro_batch=-1), "micro_batch="),
-    (dict(ref_dtype="float16"), "ref_dtype="),
-    (dict(share_sketch=True, batch=2), "batch="),  # 1 prompt over data*fsdp = 2
+def test_t2i_config_without_its_tokenizer_uses_a_stand_in():
+  """configs/mmada_geneval.py on this machine (no /ckpt): the real MMaDA layout and 8B backbone."""
+  config = tasks.load_config_file("configs/mmada_geneval.py")
+  notes = []
+  t = aot.prepare(config, "v5p:4x4x4", log=notes.append)
+  assert notes and "model.tokenizer" in notes[0] and t.tokenizer_note
+  assert (t.layout.seq_len, t.layout.num_image_tokens, t.layout.codebook_size) == (1539, 1024, 8192)
+  assert t.model_cfg.num_params() > 7e9 and t.model_cfg.remat == "full"
+  assert dict(t.mesh.shape) == {"data": 1, "fsdp": 16, "tensor": 4}
+  assert t.plan.batch_size == 128 and t.plan.rl.micro_batch_size == 32
+
+
+@pytest.mark.parametrize("config, topology, match", [
+    (tiny_config(), "v9z:2x2", "topology="),
+    (tiny_config(), "v5e", "topology="),
+    (tiny_config(**{"mesh.fsdp": 4}), "v5e:2x2", "mesh:"),                # 1 x 4 x 2 = 8 > 4 chips
+    (tiny_config(**{"mesh.fsdp": 4, "mesh.tensor": 1, "rl.group_size": 2, "prompts_per_step": 3}),
+     "v5e:2x2", "prompts_per_step \\* rl.group_size = 6"),                 # 6 rows over data*fsdp = 4
+    (tiny_config(**{"mesh.fsdp": 4, "mesh.tensor": 1, "rl.micro_batch_size": 2}),
+     "v5e:2x2", "rl.micro_batch_size=2"),                                  # 2 rows over 4 chips
+    (tiny_config(**{"rl.micro_batch_size": 3}), "v5e:2x2", "rl.micro_batch_size"),  # 3 does not divide 16
+    (tiny_config(**{"rl.preset": "ppo"}), "v5e:2x2", "rl.preset="),
+    (tiny_config(**{"world.kind": "sdxl"}), "v5e:2x2", "world.kind="),
 ])
-def test_bad_setup_raises_naming_the_field(setup, change, field):
-  bad = dataclasses.replace(setup, **change)
-  with pytest.raises(ValueError, match=field):
-    aot.compile_all(bad)
+def test_bad_config_or_slice_raises_naming_the_key(config, topology, match):
+  with pytest.raises(ValueError, match=match):
+    aot.compile_all(config, topology)
 
 
-def test_unknown_program_and_model_raise():
+def test_unknown_program_raises_before_anything_else():
   with pytest.raises(ValueError, match="programs="):
-    aot.compile_all(None, ("forward",))
-  with pytest.raises(ValueError, match="model="):
-    aot.build_model("gpt9")
-  with pytest.raises(ValueError, match="layout="):
-    aot.build_model("tiny", layout="sdxl")
+    aot.compile_all(None, "v5e:2x2", ("forward",))
 
 
-def test_cli_reads_the_training_config_and_prints_the_table():
-  """launch/aot_compile.py --config: the tiny ShapeEval run's own batch, G, K and sampler."""
-  out = subprocess.run(
-      [sys.executable, os.path.join(REPO, "launch", "aot_compile.py"),
-       "--config=" + os.path.join(REPO, "configs", "geneval.py") + ":htgrpo,tiny",
-       "--topology=v5e:2x2", "--mesh=1,2,2", "--what=train_step"],
-      capture_output=True, text=True, timeout=600)
+def _cli(*args, timeout=600):
+  return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
+                        timeout=timeout, cwd=REPO)
+
+
+def test_cli_compiles_the_training_config_with_its_overrides(tmp_path):
+  """launch/aot_compile.py --config=... --config.key=value: the tiny run's own batch, G, K, sampler."""
+  out_json = tmp_path / "aot.json"
+  out = _cli("--config=configs/geneval.py:htgrpo,tiny", "--topology=v5e:2x2",
+             "--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+             "--config.rl.micro_batch_size=4", "--programs=train_step", f"--output={out_json}")
   assert out.returncode == 0, out.stderr[-3000:]
-  rows = [l for l in out.stdout.splitlines() if l.startswith("| v5e:2x2")]
-  # tiny config: 4 prompts x G=4 = 16 images, whole batch per step -> 16 / (data*fsdp=2) per device.
-  assert len(rows) == 1 and rows[0].startswith("| v5e:2x2 | 1,2,2 | 16 | 8 |") and "| yes |" in rows[0]
-  assert "K=3" in out.stdout
+  rows = [l for l in out.stdout.splitlines() if l.startswith("| shapes | v5e:2x2")]
+  # 4 prompts x G=4 = 16 images; micro-batches of 4 rows over data*fsdp = 2 -> 2 per device.
+  assert len(rows) == 1 and rows[0].startswith("| shapes | v5e:2x2 | 1,2,2 | 16 | 2 | none | train_step |")
+  assert "| yes |" in rows[0] and "K=3" in out.stdout
+  header = [l for l in out.stdout.splitlines() if l.startswith("| model |")]
+  assert len(header) == 1 and header[0].count("|") == rows[0].count("|")
+  saved = json.loads(out_json.read_text())
+  (report,) = saved["reports"]
+  assert report["program"] == "train_step" and report["micro_batch_per_device"] == 2
+  assert report["total_gib"] > 0 and saved["config"]["rl"]["micro_batch_size"] == 4
 
 
 def test_cli_names_a_mesh_that_does_not_fit_the_slice():
-  out = subprocess.run([sys.executable, os.path.join(REPO, "launch", "aot_compile.py"), "--model=tiny",
-                        "--topology=v5e:2x2", "--mesh=1,4,2"], capture_output=True, text=True, timeout=300)
-  assert out.returncode != 0 and "mesh_shape=(1, 4, 2)" in out.stderr
+  out = _cli("--config=configs/geneval.py:htgrpo,tiny", "--topology=v5e:2x2", "--config.mesh.data=1",
+             "--config.mesh.fsdp=4", "--config.mesh.tensor=2", timeout=300)
+  assert out.returncode != 0 and "mesh: data*fsdp*tensor = [1, 4, 2] needs 8 devices" in out.stderr
+  assert "Traceback" not in out.stderr
+
+
+def test_cli_takes_no_shadow_flags():
+  out = _cli("--config=configs/geneval.py:htgrpo,tiny", "--topology=v5e:2x2", "--batch=8", timeout=300)
+  assert out.returncode != 0 and "batch" in out.stderr
+
+
+def _readme_aot_lines() -> list[str]:
+  text = open(os.path.join(REPO, "README.md")).read().replace("\\\n", " ")
+  return sorted({m.group(1).split("#")[0].strip()
+                 for m in re.finditer(r"python launch/aot_compile\.py (--config[^\n`]*)", text)})
+
+
+def parse_cli(argv: list[str]):
+  """(config, topology) that launch/aot_compile.py gets from ``argv``, parsed in-process (config_flags
+  defines the --config.* override flags from the --config file it finds in sys.argv)."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  argv = [SCRIPT, *argv]
+  saved, sys.argv = sys.argv, argv
+  try:
+    fv = flags.FlagValues()
+    holder = config_flags.DEFINE_config_file("config", None, flag_values=fv, lock_config=True)
+    topology = flags.DEFINE_string("topology", None, "", flag_values=fv)
+    flags.DEFINE_list("programs", [], "", flag_values=fv)
+    flags.DEFINE_string("output", None, "", flag_values=fv)
+    fv(argv)
+    return holder.value, topology.value
+  finally:
+    sys.argv = saved
+
+
+@pytest.mark.parametrize("line", _readme_aot_lines())
+def test_documented_aot_command_lines_parse_and_prepare(line, monkeypatch):
+  """Every README `launch/aot_compile.py --config...` line names a config, overrides and a slice the
+  trainer's checks accept (compiling them is the README table's job: minutes each)."""
+  monkeypatch.chdir(REPO)
+  config, topology = parse_cli(shlex.split(line))
+  t = aot.prepare(config, topology, log=lambda _: None)
+  assert t.mesh.devices.size == aot.topology_devices(topology).size

@@ -56,7 +56,7 @@ def test_lr_scale_is_exactly_adamw_at_the_scaled_rate(scale):
   step = pretrain.make_train_step(_toy_logits, pretrain.make_optimizer(cfg), p_uncond=0.0)
   params = _params()
   opt = pretrain.make_optimizer(cfg)
-  state = pretrain.TrainState(params, opt.init(params), jnp.zeros((), jnp.int32))
+  state = pretrain.TrainState.create(params, opt, with_reference=False)
   prompts, uncond, codes = _batch()
   key = jax.random.PRNGKey(3)
   new, metrics = step(state, prompts, uncond, codes, key, jnp.float32(scale))
@@ -71,6 +71,25 @@ def test_lr_scale_is_exactly_adamw_at_the_scaled_rate(scale):
   for k in want:
     np.testing.assert_allclose(np.asarray(new.params[k]), np.asarray(want[k]), rtol=1e-6, atol=1e-7)
   assert int(metrics["skipped"]) == 0 and math.isfinite(float(metrics["loss"]))
+
+
+def test_the_state_is_the_package_train_state_and_counts_skipped_updates():
+  from htgrpo_jax import contracts
+  cfg = optim_cfg()
+  opt = pretrain.make_optimizer(cfg)
+  step = pretrain.make_train_step(_toy_logits, opt, p_uncond=0.0)
+  prompts, uncond, codes = _batch()
+  state = pretrain.TrainState.create(_params(), opt, with_reference=False)
+  assert type(state) is contracts.TrainState and state.ref_params is None
+  state, m = step(state, prompts, uncond, codes, jax.random.PRNGKey(0), jnp.float32(1.0))
+  assert (int(state.step), int(state.skipped), int(m["skipped"])) == (1, 0, 0)
+  # A NaN weight makes the loss non-finite: the update is skipped, counted, and nothing is written.
+  bad = dict(state.params, slot=state.params["slot"].at[0, 0].set(jnp.nan))
+  before = jax.tree.map(lambda x: np.array(x, copy=True), (bad, state.opt_state))
+  state, m = step(state.replace(params=bad), prompts, uncond, codes, jax.random.PRNGKey(1),
+                  jnp.float32(1.0))
+  assert (int(state.step), int(state.skipped), int(m["skipped"])) == (2, 1, 1)
+  jax.tree.map(np.testing.assert_array_equal, before, (state.params, state.opt_state))
 
 
 def test_bad_optimizer_settings_are_named():
@@ -107,6 +126,7 @@ def test_pretraining_is_reproducible_whatever_the_machine_load(tmp_path, monkeyp
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow  # ~25 s; the step-count end it guards is tested by default
 def test_the_safety_cap_stops_loudly(tmp_path, monkeypatch):
   clock = iter(range(0, 10**6, 100))
   monkeypatch.setattr(pretrain, "_now", lambda: float(next(clock)))

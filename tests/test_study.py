@@ -5,8 +5,9 @@ import os
 import numpy as np
 import pytest
 
-from htgrpo_jax import study
+from htgrpo_jax import evaluate, paths, study, writer
 from htgrpo_jax.tasks import load_config_file
+from tests.helpers.gcs import SEEN
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,3 +83,77 @@ def test_tiny_study_end_to_end_resumes_and_reports(tmp_path, monkeypatch):
   assert "| htgrpo | 1 |" in open(cfg.results_md).read()
   md = study.run_study(cfg, log=lambda s: None)  # resumes: only maskgrpo is left
   assert "| htgrpo | 1 |" in md and "| maskgrpo | 1 |" in md and os.path.exists(cfg.curves_png)
+
+
+def _eval_res(acc, n_prompts=6, samples=2, seed=0):
+  """An ``evaluate.evaluate_policy`` result (tiny images) at strict accuracy ~``acc``."""
+  r = np.random.default_rng(seed)
+  n = n_prompts * samples
+  tags = list(np.repeat(["colors", "counting", "position"], n // 3))
+  strict = (r.random(n) < acc).astype(np.float32)
+  return dict(images=r.integers(0, 255, (n, 4, 4, 3), dtype=np.uint8),
+              captions=[f"p{i // samples}" for i in range(n)], tags=tags, metas=["{}"] * n,
+              strict=strict, prompt_index=np.repeat(np.arange(n_prompts), samples),
+              reasons=[""] * n, malformed=np.full(n, -1, np.int64),
+              scores=evaluate.tag_scores(tags, strict))
+
+
+def test_study_report_reads_and_writes_a_url_workdir(bucket):
+  """A study under gs://: run folders, evaluations, metrics, the report, the curves and the README
+  block all go through ``paths`` (the runs' outputs are written as the trainer's writer does)."""
+  cfg = load_config_file(os.path.join(REPO, "configs", "study.py"), "tiny")
+  cfg.train_config = os.path.join(REPO, "configs", "geneval.py")
+  cfg.workdir = "gs://b/study"
+  cfg.results_md, cfg.curves_png = "gs://b/out/results.md", "gs://b/out/curves.png"
+  cfg.main_arms, cfg.main_seeds, cfg.ablation_arms = "htgrpo,maskgrpo", 1, ""
+  runs = study.plan_runs(cfg)
+  assert [r.workdir for r in runs] == ["gs://b/study/htgrpo/seed0", "gs://b/study/maskgrpo/seed0"]
+  c = study.train_config(cfg, "htgrpo", 0, runs[0].workdir)
+  assert (c.workdir, c.model.checkpoint) == ("gs://b/study/htgrpo/seed0", "gs://b/study/base")
+  assert study.write_report(cfg) == ""  # no base evaluation yet
+
+  writer.write_eval(paths.join(cfg.workdir, "base_eval"), "base", _eval_res(0.3), "base", 0)
+  for i, r in enumerate(runs):
+    for step in (1, 2):
+      writer.write_eval(r.workdir, f"step{step:05d}", _eval_res(0.5, seed=10 * i + step), "t", 0)
+    log = writer.RunLog(r.workdir, 0, flush_s=3600.0)
+    for step in (1, 2):
+      log.scalars(step, {"time/step_s": 1.5}, {})
+    log.close()
+  assert study._step_seconds(runs[0].workdir) == {1: 1.5, 2: 3.0}
+  assert [s for s, _ in study._eval_curve(runs[1].workdir)] == [1, 2]
+  (bucket / "b/README.md").write_text(f"intro\n{study._BEGIN}\nold\n{study._END}\nrest\n")
+  cfg.readme = "gs://b/README.md"
+  md = study.write_report(cfg)
+  assert "| htgrpo | 1 |" in md and "| maskgrpo | 1 |" in md and "gs://b/study/base" in md
+  assert (bucket / "b/out/results.md").read_text() == md
+  assert (bucket / "b/out/curves.png").read_bytes()[:4] == b"\x89PNG"
+  readme = (bucket / "b/README.md").read_text()
+  assert readme.startswith(f"intro\n{study._BEGIN}\n| arm |") and "old" not in readme
+  assert readme.endswith(f"{study._END}\nrest\n")
+  assert all(p.startswith("gs://b/") for p in SEEN)
+
+
+def test_report_gives_each_arm_its_paired_difference_from_the_reference_arm(tmp_path):
+  """The ``vs maskgrpo`` column: a clearly better arm's interval lies above 0, one equal to the
+  reference straddles 0, and the reference's own row shows '-'."""
+  cfg = load_config_file(os.path.join(REPO, "configs", "study.py"), "tiny")
+  cfg.train_config = os.path.join(REPO, "configs", "geneval.py")
+  cfg.workdir = str(tmp_path / "study")
+  cfg.results_md, cfg.curves_png = str(tmp_path / "r.md"), str(tmp_path / "c.png")
+  cfg.main_arms, cfg.main_seeds, cfg.ablation_arms = "htgrpo,maskgrpo,uni", 2, ""
+  cfg.reference_arm = "maskgrpo"
+  writer.write_eval(paths.join(cfg.workdir, "base_eval"), "base", _eval_res(0.2, 60, 4), "base", 0)
+  acc = {"htgrpo": 0.8, "maskgrpo": 0.4, "uni": 0.4}
+  for i, r in enumerate(study.plan_runs(cfg)):
+    final = study._final_step(study.train_config(cfg, r.arm, r.seed, r.workdir))
+    writer.write_eval(r.workdir, final, _eval_res(acc[r.arm], 60, 4, seed=100 + i), "t", 0)
+  md = study.write_report(cfg)
+  header = next(ln for ln in md.splitlines() if ln.startswith("| arm |"))
+  col = header.split(" | ").index("vs maskgrpo")
+  row = {ln.split(" | ")[0][2:]: ln.split(" | ") for ln in md.splitlines() if ln.startswith("| ")}
+  lo, hi = (float(x) for x in row["htgrpo"][col].split("[")[1].rstrip("]").split(", "))
+  assert 0.25 < lo < hi < 0.55
+  lo, hi = (float(x) for x in row["uni"][col].split("[")[1].rstrip("]").split(", "))
+  assert lo < 0 < hi
+  assert row["maskgrpo"][col] == "-"

@@ -246,3 +246,66 @@ def test_branched_rollouts_train_and_log_the_behaviour_gap(root, guidance):
   assert rec["skipped"] == 0 and np.isfinite(rec["total/loss"])
   assert 0 < rec["structure_selectivity"] <= 1 and 0 <= rec["structure_all_candidates_frac"] <= 1
   assert rec["behaviour_gap_tokens"] > 0 and rec["behaviour_gap"] < 1e-4, rec["behaviour_gap"]
+
+
+# ---- the loop's bookkeeping: itstime, LoopState, profile_steps ----------------------------------
+
+def test_itstime_every_n_and_the_last_step():
+  assert [s for s in range(1, 8) if trainer.itstime(s, 3, 7)] == [3, 6, 7]
+  assert [s for s in range(1, 8) if trainer.itstime(s, 3, 7, first=True, last=False)] == [1, 3, 6]
+  assert [s for s in range(1, 5) if trainer.itstime(s, 0, 4)] == [4]  # every=0: only the last
+
+
+def test_loop_state_reads_the_json_checkpoints_hold():
+  # What checkpoints written before LoopState hold: string step keys, no skip count at step 0.
+  old = dict(step=3, seed=7, history=[dict(step=1, reward=0.5)], evals={"0": {"overall": 0.1}})
+  loop = trainer.LoopState.from_json(old)
+  assert (loop.step, loop.seed, loop.evals, loop.consecutive_skips) == (3, 7, {0: {"overall": 0.1}}, 0)
+  assert trainer.LoopState.from_json(json.loads(json.dumps(loop.to_json()))) == loop
+  assert loop.to_json()["evals"] == {"0": {"overall": 0.1}}
+
+
+@pytest.mark.parametrize("value,window", [("", None), ("1,3", (1, 3)), ("0,1", (0, 1))])
+def test_profile_steps_window(root, value, window):
+  assert trainer.profile_window(tiny_config(root, "plan", profile_steps=value)) == window
+
+
+@pytest.mark.parametrize("value", ["3,2", "2", "a,b", "-1,2", "1,2,3"])
+def test_bad_profile_steps_fail_in_plan(root, value):
+  with pytest.raises(ValueError, match="profile_steps="):
+    trainer.plan(tiny_config(root, "plan", profile_steps=value))
+
+
+def test_profile_steps_write_a_trace_of_the_window(root):
+  cfg = tiny_config(root, "profiled", profile_steps="1,2", total_steps=2, eval_every=100,
+                    **{"eval.at_start": False, "eval.final_samples_per_prompt": 1})
+  out = trainer.train(cfg, log=lambda s: None)
+  assert out["step"] == 2
+  traces = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(cfg.workdir, "profile"))
+            for f in fs if f.endswith(".xplane.pb")]
+  assert len(traces) == 1 and os.path.getsize(traces[0]) > 0, traces
+
+  # Resuming it with another trace window, log level and compilation cache is the same run
+  # (workdir.HARMLESS_KEYS): accepted, noted, recorded.
+  again = tiny_config(root, "profiled", profile_steps="", total_steps=2, eval_every=100,
+                      log_level="warning", compilation_cache_dir=str(root / "jax_cache"),
+                      **{"eval.at_start": False, "eval.final_samples_per_prompt": 1})
+  lines = []
+  assert trainer.train(again, log=lines.append)["step"] == 2
+  note = [l for l in lines if l.startswith("Resuming with changed settings")]
+  assert len(note) == 1 and all(k in note[0] for k in ("profile_steps: '1,2' -> ''",
+                                                       "log_level: 'info' -> 'warning'",
+                                                       "compilation_cache_dir: '' -> "))
+  with open(os.path.join(cfg.workdir, "config_history.jsonl")) as f:
+    hist = [json.loads(l) for l in f]
+  assert [h["resuming"] for h in hist] == [False, True]
+  assert set(hist[1]["changed"]) == {"profile_steps", "log_level", "compilation_cache_dir"}
+
+
+def test_trace_log_and_cache_settings_are_not_config_changes(root):
+  from htgrpo_jax import workdir
+  saved = json.loads(tiny_config(root, "x").to_json_best_effort())
+  now = json.loads(tiny_config(root, "x", profile_steps="3,5", log_level="debug",
+                               compilation_cache_dir="/tmp/cache").to_json_best_effort())
+  refused, allowed = workdir.compare_configs(saved, now)
+  assert not refused and set(allowed) == {"profile_steps", "log_level", "compilation_cache_dir"}

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
+from htgrpo_jax import paths
 from htgrpo_jax.data import prompts as grammar
 from htgrpo_jax.data import shapeworld, text_tokenizer, vq
 from htgrpo_jax.data.shapeworld import WorldConfig
@@ -120,26 +121,30 @@ def _fit_world_codebook(cfg: WorldConfig, seed: int, num_codes: int, num_images:
 
 def build_world(data_dir: str | os.PathLike, cfg: WorldConfig = WorldConfig(), seed: int = 0,
                 num_codes: int = 128, num_train: int = 10000, num_eval: int = 1000) -> WorldAssets:
-  """Builds (or reuses) the codebook, tokenizer and TFDS dataset under ``data_dir``."""
+  """Builds (or reuses) the codebook, tokenizer and TFDS dataset under ``data_dir`` (a local path
+  or a URL)."""
   data_dir = os.fspath(data_dir)
-  os.makedirs(data_dir, exist_ok=True)
-  cb_path = os.path.join(data_dir, CODEBOOK_FILE)
-  if os.path.exists(cb_path):
+  paths.makedirs(data_dir, exist_ok=True)
+  cb_path = paths.join(data_dir, CODEBOOK_FILE)
+  if paths.exists(cb_path):
     codebook = vq.load(cb_path)
     if vq.patch_size(codebook) != cfg.patch or codebook.shape[0] != num_codes:
       raise ValueError(f"{cb_path}: codebook {tuple(codebook.shape)} does not match "
                        f"num_codes={num_codes}, patch={cfg.patch}; use another data_dir")
   else:
     codebook = _fit_world_codebook(cfg, seed, num_codes)
-    tmp = cb_path + ".tmp.npz"
-    vq.save(tmp, codebook)
-    os.replace(tmp, cb_path)  # atomic: a killed build never leaves a half-written codebook
-  tok_dir = os.path.join(data_dir, TOKENIZER_DIR)
-  if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+    if paths.is_url(cb_path):
+      vq.save(cb_path, codebook)  # an object-store write is all-or-nothing
+    else:
+      tmp = cb_path + ".tmp.npz"
+      vq.save(tmp, codebook)
+      os.replace(tmp, cb_path)  # atomic: a killed build never leaves a half-written codebook
+  tok_dir = paths.join(data_dir, TOKENIZER_DIR)
+  if not paths.exists(paths.join(tok_dir, "tokenizer.json")):
     text_tokenizer.save_tokenizer(text_tokenizer.build_tokenizer(grammar.vocabulary(cfg)), tok_dir)
   tokenizer = text_tokenizer.load_tokenizer(tok_dir)
   builder = ShapeEval(world=cfg, num_train=num_train, num_eval=num_eval, seed=seed,
-                      codebook=codebook, data_dir=os.path.join(data_dir, "tfds"))
+                      codebook=codebook, data_dir=paths.join(data_dir, "tfds"))
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       verify_ssl=False, download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
   return WorldAssets(data_dir, codebook, tokenizer, builder)

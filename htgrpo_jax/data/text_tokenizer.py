@@ -11,6 +11,7 @@ silently mapping them to [UNK]; the empty string is allowed only as the uncondit
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Sequence
 
 import numpy as np
@@ -18,6 +19,7 @@ import tokenizers
 import transformers
 from tokenizers import models, pre_tokenizers, processors
 
+from htgrpo_jax import paths
 from htgrpo_jax.data import prompts as grammar
 from htgrpo_jax.data.shapeworld import WorldConfig
 
@@ -42,12 +44,22 @@ def build_tokenizer(words: Sequence[str] | None = None) -> transformers.PreTrain
 
 
 def save_tokenizer(tokenizer: transformers.PreTrainedTokenizerFast, path: str | os.PathLike) -> None:
-  tokenizer.save_pretrained(os.fspath(path))
+  """``save_pretrained`` into a folder; a URL gets the files written locally, then copied up."""
+  path = os.fspath(path)
+  if not paths.is_url(path):
+    tokenizer.save_pretrained(path)
+    return
+  with tempfile.TemporaryDirectory() as tmp:
+    tokenizer.save_pretrained(tmp)
+    paths.makedirs(path)
+    for name in sorted(os.listdir(tmp)):
+      with open(os.path.join(tmp, name), "rb") as src, paths.open(paths.join(path, name), "wb") as dst:
+        dst.write(src.read())
 
 
 def load_tokenizer(path: str | os.PathLike) -> transformers.PreTrainedTokenizerBase:
-  """Loads a saved tokenizer through ``AutoTokenizer``."""
-  return transformers.AutoTokenizer.from_pretrained(os.fspath(path))
+  """Loads a saved tokenizer through ``AutoTokenizer`` (a URL from a local copy)."""
+  return transformers.AutoTokenizer.from_pretrained(paths.local_copy(os.fspath(path)))
 
 
 def encode_prompts(tokenizer: transformers.PreTrainedTokenizerBase, texts: Sequence[str],

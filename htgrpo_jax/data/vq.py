@@ -2,7 +2,7 @@
 
 An image uint8[H, W, 3] is cut into non-overlapping p x p patches (row-major), each replaced by
 the index of its nearest codebook entry: codes int32[B, N] with N = (H/p) * (W/p), the canvas
-layout of ``htgrpo_jax.rl.rollout`` (masked slots there are ``MASK = -1``). Decoding pastes the
+layout of ``htgrpo_jax.contracts`` (masked slots there are ``MASK = -1``). Decoding pastes the
 entries back. In the aligned world (objects snapped to the patch grid) only ~85 distinct patches
 occur, so K = 128 reconstructs rendered scenes exactly.
 
@@ -11,6 +11,7 @@ same objective as on all patches, orders of magnitude fewer points), after a k-m
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 
@@ -18,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from htgrpo_jax.rl.rollout import MASK
+from htgrpo_jax import paths
+from htgrpo_jax.contracts import MASK
 
 MASK_GRAY = 128  # decoded value of masked slots, so partial canvases can be looked at
 
@@ -162,12 +164,20 @@ def decode(codebook: jax.Array, codes: jax.Array) -> jax.Array:
 
 
 def save(path: str | os.PathLike, codebook: jax.Array) -> None:
-  """Writes the codebook to an .npz file."""
-  np.savez(path, codebook=np.asarray(codebook, np.float32), patch=patch_size(codebook))
+  """Writes the codebook to an .npz file (a local path or a URL)."""
+  arrays = dict(codebook=np.asarray(codebook, np.float32), patch=patch_size(codebook))
+  if paths.is_url(path):
+    with paths.open(path, "wb") as f:
+      np.savez(f, **arrays)
+  else:
+    np.savez(path, **arrays)
 
 
 def load(path: str | os.PathLike) -> jax.Array:
-  """Reads a codebook written by ``save``; float32[K, p*p*3]."""
+  """Reads a codebook written by ``save`` (a local path or a URL); float32[K, p*p*3]."""
+  if paths.is_url(path):
+    with paths.open(path, "rb") as f:
+      path = io.BytesIO(f.read())
   with np.load(path) as z:
     if "codebook" not in z:
       raise ValueError(f"{path}: no 'codebook' array")

@@ -15,6 +15,10 @@ Layouts (docs/models.md, token layouts):
   compute only (tests/models/test_llada.py checks the equivalence).
 - ``EmbeddedLayout``: the ShapeEval world: ``pad* prompt | N slots`` with vocab = text vocab + mask
   + C codes; the unconditional prompt is all pads.
+
+``LAYOUTS`` maps ``model.layout`` ('mmada', 'dimoo') to a builder ``(tokenizer_dir, model_config)
+-> Layout`` (``model_config``: the run config's ``model`` section; used by ``tasks.build_layout``);
+a new model family registers its builder next to its class.
 """
 from __future__ import annotations
 
@@ -26,11 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from htgrpo_jax.rl.rollout import MASK
+from htgrpo_jax import paths
+from htgrpo_jax.contracts import MASK, Registry
 
 
 def load_tokenizer(tokenizer: str | os.PathLike | PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-  """A transformers tokenizer from a LOCAL directory (never the hub), or passed through.
+  """A transformers tokenizer from a directory (never the hub), or passed through. A URL
+  (``gs://...``) is copied to a local cache first (``paths.local_copy``): transformers reads
+  local files only.
 
   Raises:
     ValueError: the directory does not exist or holds no loadable tokenizer.
@@ -38,10 +45,10 @@ def load_tokenizer(tokenizer: str | os.PathLike | PreTrainedTokenizerBase) -> Pr
   if isinstance(tokenizer, PreTrainedTokenizerBase):
     return tokenizer
   path = os.fspath(tokenizer)
-  if not os.path.isdir(path):
+  if not paths.isdir(path):
     raise ValueError(f"tokenizer directory {path!r} does not exist")
   try:
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return AutoTokenizer.from_pretrained(paths.local_copy(path), local_files_only=True)
   except Exception as e:  # transformers raises several types; surface one clear error
     raise ValueError(f"tokenizer directory {path!r} holds no loadable tokenizer: {e}") from e
 
@@ -209,6 +216,16 @@ class MMaDALayout(Layout):
     return self._wrap([])
 
 
+# ``model.layout`` -> ``(tokenizer, model_config) -> Layout``: the real dMLLM families.
+LAYOUTS: Registry = Registry("model.layout")
+
+
+@LAYOUTS.register("mmada")
+def mmada_layout(tokenizer, model_config) -> MMaDALayout:
+  """MMaDA's 512 x 512 layout (32 x 32 codes); nothing of ``model_config`` is a knob of it."""
+  return MMaDALayout(tokenizer)
+
+
 DIMOO_SYSTEM = "<system>Generate an image according to the text prompt.</system>"
 
 
@@ -250,6 +267,12 @@ class DiMOOLayout(Layout):
 
   def _uncond_ids(self):
     return self._encode("<uncondition>")
+
+
+@LAYOUTS.register("dimoo")
+def dimoo_layout(tokenizer, model_config) -> DiMOOLayout:
+  """Lumina-DiMOO's layout for a square ``model_config.image_size`` image."""
+  return DiMOOLayout(tokenizer, height=model_config.image_size, width=model_config.image_size)
 
 
 class EmbeddedLayout(Layout):

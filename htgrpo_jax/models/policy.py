@@ -3,7 +3,7 @@
 ``make_logits_fn`` implements the model contract of docs/architecture.md
 ``logits_fn(params, tokens int32[B, L]) -> float32[B, N, C]`` (image slots only, LM head sliced to
 the codebook rows before the matmul); ``make_canvas_logits_fn`` composes it with the layout into the
-``CanvasLogitsFn`` of rl/rollout.py. Params are the plain (unboxed) ``params`` collection; their
+``CanvasLogitsFn`` of contracts.py. Params are the plain (unboxed) ``params`` collection; their
 shardings come from the modules' logical axis names through ``parallel.LOGICAL_RULES``.
 """
 from __future__ import annotations
@@ -17,9 +17,9 @@ from flax import linen as nn
 from jax.sharding import Mesh, PartitionSpec as P
 
 from htgrpo_jax import parallel
+from htgrpo_jax.contracts import CanvasLogitsFn
 from htgrpo_jax.models.layouts import Layout
 from htgrpo_jax.models.llada import LLaDA, LLaDAConfig
-from htgrpo_jax.rl.rollout import CanvasLogitsFn
 
 LogitsFn = Callable[[Any, jax.Array], jax.Array]
 

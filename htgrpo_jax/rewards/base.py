@@ -1,4 +1,4 @@
-"""The reward protocol and its combinators.
+"""The reward protocol (``contracts.RewardFn``, re-exported here) and its combinators.
 
 A reward is any callable
 
@@ -10,15 +10,13 @@ rewards run between the sampler and the update.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from htgrpo_jax.contracts import RewardFn
 
-class RewardFn(Protocol):
-
-  def __call__(self, prompts: Sequence[str], images: np.ndarray, **metadata: Any) -> np.ndarray:
-    ...
+__all__ = ["RewardFn", "check_images", "validate_rewards", "weighted"]
 
 
 def check_images(name: str, prompts: Sequence[str], images: np.ndarray) -> np.ndarray:

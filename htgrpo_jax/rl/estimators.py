@@ -16,17 +16,117 @@ always lies inside the stage's candidate set (all tokens / S / R).
   loss set = candidates committed in group s.
 * ``uni`` (UniGRPO): per image a start ratio u ~ U(0, 1) drawn once per step; iteration k masks candidates
   i.i.d. with ratio u + (1 - u) k / (K - 1), rising to 1 at the last iteration.
+
+Each estimator is an ``Estimator`` registered under its ``HTGRPOConfig.estimator`` name in
+``ESTIMATOR_REGISTRY``; a new one registers here and adds its name to ``rl.config.ESTIMATORS`` (the
+config validates against that tuple; ``tests/test_registry.py`` checks the two agree).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from htgrpo_jax.contracts import MASK, Registry
 from htgrpo_jax.rl import hierarchy
 from htgrpo_jax.rl.config import STAGE_REFINE, HTGRPOConfig
-from htgrpo_jax.rl.rollout import MASK
 
 _UNI_START_SALT = 0x7FFF_FFF0  # fold_in salt of the per-step UniGRPO start ratio (never a valid k)
+
+
+class Iteration(NamedTuple):
+  """What an estimator sees of inner iteration k (all arrays [B, N]; keys derived from the step key)."""
+  k: int  # static inner-iteration index, 0 <= k < K
+  stage: int  # STAGE_GLOBAL / STAGE_STRUCT / STAGE_REFINE
+  fraction: float  # the update-set fraction of iteration k (hierarchy.update_fractions)
+  step_key: jax.Array
+  k_sel: jax.Array  # key of the update-set draw
+  k_mask: jax.Array  # key of the re-masking / replay-group draw
+  candidates: jax.Array  # bool: the stage's candidate set (hierarchy.stage_candidates)
+  image_tokens: jax.Array
+  commit_step: jax.Array
+  is_structure: jax.Array
+
+
+class Estimator:
+  """An importance-ratio estimator: the canvas and loss set of each inner iteration.
+
+  ``canvas(config, it) -> (canvas int32[B, N], loss_mask bool[B, N])``.
+  ``canvas_kind(config, stage)``: iterations whose kinds are equal score the same canvas (the old
+  and reference passes then run once per kind); None (the default) draws a fresh canvas per
+  iteration.
+  """
+
+  @staticmethod
+  def canvas(config: HTGRPOConfig, it: Iteration) -> tuple[jax.Array, jax.Array]:
+    raise NotImplementedError
+
+  @staticmethod
+  def canvas_kind(config: HTGRPOConfig, stage: int) -> str | None:
+    return None
+
+
+ESTIMATOR_REGISTRY: Registry[type[Estimator]] = Registry("HTGRPOConfig.estimator")
+
+
+@ESTIMATOR_REGISTRY.register("htgrpo")
+class FullyMaskedEstimator(Estimator):
+  """Global/struct stages: the all-mask canvas; refine: S revealed (``refine_context='structure'``)."""
+
+  @staticmethod
+  def canvas_kind(config, stage):
+    return "refine" if (stage == STAGE_REFINE and config.refine_context == "structure") else "all_mask"
+
+  @staticmethod
+  def canvas(config, it):
+    loss = hierarchy.sample_update_set(it.k_sel, it.candidates, it.fraction)
+    if it.stage == STAGE_REFINE and config.refine_context == "structure":
+      return jnp.where(it.is_structure, it.image_tokens, MASK), loss
+    return jnp.full_like(it.image_tokens, MASK), loss
+
+
+def _remask(it: Iteration, ratio: jax.Array) -> tuple[jax.Array, jax.Array]:
+  masked = it.candidates & (jax.random.uniform(it.k_mask, it.image_tokens.shape) < ratio)
+  return jnp.where(masked, MASK, it.image_tokens), masked
+
+
+@ESTIMATOR_REGISTRY.register("random_remask")
+class RandomRemaskEstimator(Estimator):
+  """MaskGRPO: candidates re-masked i.i.d. with probability r_k; loss on the re-masked tokens."""
+
+  @staticmethod
+  def canvas(config, it):
+    return _remask(it, jnp.float32(it.fraction))
+
+
+@ESTIMATOR_REGISTRY.register("trajectory")
+class TrajectoryEstimator(Estimator):
+  """TraceGRPO: the recorded canvas before a sampled step group; loss on that group's commits."""
+
+  @staticmethod
+  def canvas(config, it):
+    g = config.trajectory_group
+    n_groups = -(-config.num_sampler_steps // g)
+    cand = it.candidates
+    grp = jnp.clip(it.commit_step // g, 0, n_groups - 1)
+    has = (jax.nn.one_hot(grp, n_groups, dtype=jnp.float32) * cand[..., None]).sum(axis=1) > 0  # [B, G]
+    scores = jnp.where(has, jax.random.gumbel(it.k_mask, has.shape), -jnp.inf)
+    s = jnp.argmax(scores, axis=-1)[:, None]  # uniform over groups with candidates
+    loss = hierarchy.sample_update_set(it.k_sel, cand & (grp == s), it.fraction)
+    return jnp.where(grp < s, it.image_tokens, MASK), loss
+
+
+@ESTIMATOR_REGISTRY.register("uni")
+class UniEstimator(Estimator):
+  """UniGRPO: a per-image start ratio u ~ U(0, 1) per step, rising to 1 at the last iteration."""
+
+  @staticmethod
+  def canvas(config, it):
+    u = jax.random.uniform(jax.random.fold_in(it.step_key, _UNI_START_SALT), (it.image_tokens.shape[0], 1))
+    k_total = config.num_iterations
+    ratio = u + (1.0 - u) * (it.k / (k_total - 1) if k_total > 1 else 1.0)
+    return _remask(it, ratio)
 
 
 def canvas_groups(config: HTGRPOConfig) -> tuple[int, ...]:
@@ -38,10 +138,10 @@ def canvas_groups(config: HTGRPOConfig) -> tuple[int, ...]:
   fresh canvas per iteration.
   """
   sched = hierarchy.stage_schedule(config.n_global, config.n_struct, config.n_refine)
-  if config.estimator != "htgrpo":
+  estimator = ESTIMATOR_REGISTRY.get(config.estimator)
+  kinds = [estimator.canvas_kind(config, s) for s in sched]
+  if any(kind is None for kind in kinds):
     return tuple(range(len(sched)))
-  kinds = ["refine" if (s == STAGE_REFINE and config.refine_context == "structure") else "all_mask"
-           for s in sched]
   first = {}
   for kind in kinds:
     first.setdefault(kind, len(first))
@@ -50,7 +150,7 @@ def canvas_groups(config: HTGRPOConfig) -> tuple[int, ...]:
 
 def iteration_canvas(config: HTGRPOConfig, k: int, step_key: jax.Array, image_tokens: jax.Array,
                      commit_step: jax.Array, is_structure: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Canvas and loss set of inner iteration ``k`` (static int).
+  """Canvas and loss set of inner iteration ``k`` (static int), from the config's estimator.
 
   Args:
     config: the HT-GRPO config (estimator, stages, fractions).
@@ -63,39 +163,16 @@ def iteration_canvas(config: HTGRPOConfig, k: int, step_key: jax.Array, image_to
   Returns:
     (canvas int32[B, N], loss_mask bool[B, N]).
   """
+  estimator = ESTIMATOR_REGISTRY.get(config.estimator)
   sched = hierarchy.stage_schedule(config.n_global, config.n_struct, config.n_refine)
   stage = sched[k]
   frac = hierarchy.update_fractions(config)[k]
   key_k = jax.random.fold_in(step_key, k)
   k_sel, k_mask = jax.random.split(key_k)
   cand = hierarchy.stage_candidates(stage, is_structure)
-  mask_all = jnp.full_like(image_tokens, MASK)
-
-  if config.estimator == "htgrpo":
-    loss = hierarchy.sample_update_set(k_sel, cand, frac)
-    if stage == STAGE_REFINE and config.refine_context == "structure":
-      return jnp.where(is_structure, image_tokens, MASK), loss
-    return mask_all, loss
-
-  if config.estimator in ("random_remask", "uni"):
-    if config.estimator == "random_remask":
-      ratio = jnp.float32(frac)
-    else:
-      u = jax.random.uniform(jax.random.fold_in(step_key, _UNI_START_SALT), (image_tokens.shape[0], 1))
-      k_total = config.num_iterations
-      ratio = u + (1.0 - u) * (k / (k_total - 1) if k_total > 1 else 1.0)
-    masked = cand & (jax.random.uniform(k_mask, image_tokens.shape) < ratio)
-    return jnp.where(masked, MASK, image_tokens), masked
-
-  # trajectory
-  g = config.trajectory_group
-  n_groups = -(-config.num_sampler_steps // g)
-  grp = jnp.clip(commit_step // g, 0, n_groups - 1)
-  has = (jax.nn.one_hot(grp, n_groups, dtype=jnp.float32) * cand[..., None]).sum(axis=1) > 0  # [B, G]
-  scores = jnp.where(has, jax.random.gumbel(k_mask, has.shape), -jnp.inf)
-  s = jnp.argmax(scores, axis=-1)[:, None]  # uniform over groups with candidates
-  loss = hierarchy.sample_update_set(k_sel, cand & (grp == s), frac)
-  return jnp.where(grp < s, image_tokens, MASK), loss
+  return estimator.canvas(config, Iteration(
+      k=k, stage=stage, fraction=frac, step_key=step_key, k_sel=k_sel, k_mask=k_mask,
+      candidates=cand, image_tokens=image_tokens, commit_step=commit_step, is_structure=is_structure))
 
 
 def all_canvases(config: HTGRPOConfig, step_key: jax.Array, image_tokens: jax.Array,

@@ -10,7 +10,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from htgrpo_jax.rl.config import (PARTITION_MODES, STAGE_GLOBAL, STAGE_REFINE, STAGE_STRUCT, HTGRPOConfig)
+from htgrpo_jax.contracts import Registry
+from htgrpo_jax.rl.config import STAGE_GLOBAL, STAGE_REFINE, STAGE_STRUCT, HTGRPOConfig
 
 _COUNT_TOL = 1e-3  # ceil(f * n) tolerant to float32 rounding of f * n (n <= a few thousand tokens)
 
@@ -28,6 +29,26 @@ def _rank(keys: tuple[jax.Array, ...]) -> jax.Array:
 def sketch_steps(num_steps: int, sketch_fraction: float) -> int:
   """The sketch phase is sampler steps [0, ceil(sketch_fraction * T)), at least one step."""
   return max(1, math.ceil(sketch_fraction * num_steps - 1e-9))
+
+
+# ``partition_mode`` -> the sort keys (primary first, all [B, N]) that order an image's candidates;
+# each gets (not_cand int32: 0 on candidates, commit_step, ent: NaN-free entropy, key).
+PARTITION_REGISTRY: Registry = Registry("partition mode")
+
+
+@PARTITION_REGISTRY.register("entropy")
+def _entropy_order(not_cand, commit_step, ent, key):
+  return (not_cand, -ent)  # highest commit entropy first
+
+
+@PARTITION_REGISTRY.register("step")
+def _step_order(not_cand, commit_step, ent, key):
+  return (not_cand, commit_step, -ent)  # earliest commit first, higher entropy breaking ties
+
+
+@PARTITION_REGISTRY.register("random")
+def _random_order(not_cand, commit_step, ent, key):
+  return (not_cand, jax.random.uniform(key, commit_step.shape))  # ablation
 
 
 def partition_tokens(commit_step: jax.Array, commit_entropy: jax.Array, *, num_steps: int,
@@ -52,8 +73,7 @@ def partition_tokens(commit_step: jax.Array, commit_entropy: jax.Array, *, num_s
   Returns:
     bool[B, N], True on S.
   """
-  if mode not in PARTITION_MODES:
-    raise ValueError(f"partition mode={mode!r} must be one of {PARTITION_MODES}")
+  order = PARTITION_REGISTRY.get(mode)
   if mode == "random" and key is None:
     raise ValueError("partition mode='random' needs a key")
   for name, v in (("sketch_fraction", sketch_fraction), ("structure_ratio", structure_ratio)):
@@ -64,12 +84,7 @@ def partition_tokens(commit_step: jax.Array, commit_entropy: jax.Array, *, num_s
   cand = (commit_step >= 0) & (commit_step < sketch_steps(num_steps, sketch_fraction))
   not_cand = (~cand).astype(jnp.int32)  # candidates (0) sort first
   ent = jnp.where(jnp.isnan(commit_entropy), -jnp.inf, commit_entropy.astype(jnp.float32))
-  if mode == "entropy":
-    rank = _rank((not_cand, -ent))
-  elif mode == "step":
-    rank = _rank((not_cand, commit_step, -ent))
-  else:
-    rank = _rank((not_cand, jax.random.uniform(key, commit_step.shape)))
+  rank = _rank(order(not_cand, commit_step, ent, key))
   return cand & (rank < n_struct)
 
 
@@ -127,14 +142,25 @@ def stage_of_iteration(k: int, n_global: int, n_struct: int, n_refine: int) -> i
   return sched[k]
 
 
+# ``HTGRPOConfig.update_schedule`` -> ``config -> (fraction of iteration k for k < K)``.
+UPDATE_SCHEDULE_REGISTRY: Registry = Registry("HTGRPOConfig.update_schedule")
+
+
+@UPDATE_SCHEDULE_REGISTRY.register("constant")
+def _constant_fractions(config: HTGRPOConfig) -> tuple[float, ...]:
+  return (config.update_fraction,) * config.num_iterations
+
+
+@UPDATE_SCHEDULE_REGISTRY.register("ramp")
+def _ramp_fractions(config: HTGRPOConfig) -> tuple[float, ...]:
+  k_total, m = config.num_iterations, config.min_mask_rate
+  return tuple(min(m + (1.0 - m) * (k + 1) / k_total, 0.999) for k in range(k_total))
+
+
 def update_fractions(config: HTGRPOConfig) -> tuple[float, ...]:
   """Static update-set fraction of each inner iteration k: constant, or MaskGRPO's ramp
   r_k = min(m + (1 - m)(k + 1)/K, 0.999)."""
-  k_total = config.num_iterations
-  if config.update_schedule == "constant":
-    return (config.update_fraction,) * k_total
-  m = config.min_mask_rate
-  return tuple(min(m + (1.0 - m) * (k + 1) / k_total, 0.999) for k in range(k_total))
+  return UPDATE_SCHEDULE_REGISTRY.get(config.update_schedule)(config)
 
 
 def stage_candidates(stage: int, is_structure: jax.Array) -> jax.Array:

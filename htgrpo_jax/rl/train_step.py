@@ -25,52 +25,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from flax import struct
 from jax.sharding import Mesh, NamedSharding
 
 from htgrpo_jax import parallel
+from htgrpo_jax.contracts import MASK, CanvasLogitsFn, Rollout, TrainState, make_optimizer  # noqa: F401 (rl.make_optimizer)
 from htgrpo_jax.rl import estimators, hierarchy
 from htgrpo_jax.rl.advantages import token_advantages
 from htgrpo_jax.rl.config import STAGE_NAMES, HTGRPOConfig
 from htgrpo_jax.rl.loss import combine_metrics, finalize_metrics, ht_grpo_loss, token_logp_entropy
-from htgrpo_jax.rl.rollout import MASK, CanvasLogitsFn, Rollout
 
 _PARTITION_SALT = 0x7FFF_FFF1  # fold_in salt of the 'random' partition (never a valid k)
-
-
-@struct.dataclass
-class TrainState:
-  """Learner state (a pytree; donated to the step).
-
-  Attributes:
-    step: int32[] number of completed steps (rollout batches).
-    params: policy parameters (any pytree the canvas_logits_fn takes).
-    opt_state: the optax state of ``params``.
-    ref_params: frozen reference policy (same structure as params), or None when beta == 0.
-    skipped: int32[] inner updates skipped so far because of a non-finite loss, gradient or update.
-  """
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  ref_params: Any
-  skipped: jax.Array
-
-  @classmethod
-  def create(cls, params: Any, optimizer: optax.GradientTransformation, *, ref_params: Any = None,
-             with_reference: bool = True) -> "TrainState":
-    """Fresh state; the reference defaults to a copy of ``params`` (a copy so donation cannot alias)."""
-    if with_reference and ref_params is None:
-      ref_params = jax.tree.map(jnp.copy, params)
-    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-               ref_params=ref_params if with_reference else None, skipped=jnp.zeros((), jnp.int32))
-
-
-def make_optimizer(learning_rate: float | optax.Schedule, *, clip_norm: float | None = 1.0,
-                   weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,
-                   eps: float = 1e-8) -> optax.GradientTransformation:
-  """clip_by_global_norm (when ``clip_norm``) then AdamW; the schedule counts inner updates."""
-  adamw = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
-  return optax.chain(optax.clip_by_global_norm(clip_norm), adamw) if clip_norm else adamw
 
 
 def rollout_shardings(mesh: Mesh) -> Rollout:

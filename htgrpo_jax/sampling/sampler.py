@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +34,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from htgrpo_jax import parallel
-from htgrpo_jax.rl.rollout import MASK, CanvasLogitsFn, Rollout
+from htgrpo_jax.contracts import MASK, CanvasLogitsFn, Registry, Rollout
 from htgrpo_jax.sampling.config import SamplerConfig
 
 UNCOMMITTED = -1  # commit_step of a slot that is still masked
@@ -205,8 +205,62 @@ class Sampler:
   branch: Callable[[CanvasState, int], CanvasState]
 
 
+class RuleInputs(NamedTuple):
+  """What a commit rule sees at sampler step ``s`` (inside the jitted loop).
+
+  Attributes:
+    s: the step index (traced).
+    logits: float32[B, N, C] guided logits.
+    tokens: int32[B, N] the token each slot drew from q.
+    tok_logq: float32[B, N] log q(token).
+    masked: bool[B, N] slots still masked before this step.
+    u_rule: float32[B, N] the rule's uniforms in [0, 1).
+    temperature: the static sampling temperature of q.
+    noise_scales, masked_after, unmask_probs: the config's static per-step tables
+      (``SamplerConfig.noise_scales()``, ``.masked_after(N)``, ``.unmask_probs()``).
+  """
+  s: jax.Array
+  logits: jax.Array
+  tokens: jax.Array
+  tok_logq: jax.Array
+  masked: jax.Array
+  u_rule: jax.Array
+  temperature: float
+  noise_scales: np.ndarray
+  masked_after: np.ndarray
+  unmask_probs: np.ndarray
 
 
+# ``SamplerConfig.rule`` -> ``RuleInputs -> commit bool[B, N]`` (which masked slots commit at step s).
+COMMIT_RULES: Registry[Callable[[RuleInputs], jax.Array]] = Registry("SamplerConfig.rule")
+
+
+def _gumbel_from(u):
+  tiny = jnp.finfo(jnp.float32).tiny
+  return -jnp.log(-jnp.log(jnp.maximum(u, tiny)))
+
+
+@COMMIT_RULES.register("maskgit")
+def maskgit_commit(x: RuleInputs) -> jax.Array:
+  """Keep the ``masked_after[s]`` least confident masked slots masked; commit the rest."""
+  # Confidence is the untempered guided probability of the draw (MMaDA and DiMOO both score
+  # softmax(logits), not the tempered q); annealed or constant Gumbel noise breaks ties.
+  if x.temperature == 1.0:
+    log_conf = x.tok_logq
+  else:
+    log_conf = jnp.take_along_axis(jax.nn.log_softmax(x.logits, -1), x.tokens[..., None], -1)[..., 0]
+  score = log_conf + jnp.asarray(x.noise_scales)[x.s] * _gumbel_from(x.u_rule)
+  # Committed slots rank last (never chosen to stay masked); masked ones by ascending score.
+  score = jnp.where(x.masked, score, jnp.inf)
+  rank = jnp.argsort(jnp.argsort(score, axis=-1, stable=True), axis=-1, stable=True)
+  keep = jnp.minimum(jnp.asarray(x.masked_after)[x.s], jnp.sum(x.masked, -1, dtype=jnp.int32))
+  return x.masked & (rank >= keep[:, None])
+
+
+@COMMIT_RULES.register("emerge")
+def emerge_commit(x: RuleInputs) -> jax.Array:
+  """Commit each masked slot independently with the schedule's probability ``unmask_probs[s]``."""
+  return x.masked & (x.u_rule < jnp.asarray(x.unmask_probs)[x.s])  # u < 1 always: the last step fills all
 
 
 def make_sampler(canvas_logits_fn: CanvasLogitsFn, config: SamplerConfig, *, num_tokens: int,
@@ -239,6 +293,7 @@ def make_sampler(canvas_logits_fn: CanvasLogitsFn, config: SamplerConfig, *, num
   masked_after = cfg.masked_after(num_tokens)
   noise_scales = cfg.noise_scales()
   unmask_probs = cfg.unmask_probs()
+  commit_rule = COMMIT_RULES.get(cfg.rule)
 
   def batch_spec(ndim):
     return NamedSharding(mesh, P(parallel.BATCH_AXES, *([None] * (ndim - 1))))
@@ -252,10 +307,6 @@ def make_sampler(canvas_logits_fn: CanvasLogitsFn, config: SamplerConfig, *, num
     u = jax.random.uniform(jax.random.fold_in(key, s), (int(np.prod(shape)),), jnp.float32)
     u = u.reshape(shape)
     return u if mesh is None else jax.lax.with_sharding_constraint(u, batch_spec(len(shape)))
-
-  def gumbel_from(u):
-    tiny = jnp.finfo(jnp.float32).tiny
-    return -jnp.log(-jnp.log(jnp.maximum(u, tiny)))
 
   def step_fn(params, state: CanvasState, s, key) -> CanvasState:
     canvas = state.canvas
@@ -278,21 +329,10 @@ def make_sampler(canvas_logits_fn: CanvasLogitsFn, config: SamplerConfig, *, num
     tokens = jnp.minimum(jnp.sum(cdf < x, axis=-1, dtype=jnp.int32), c - 1)
     tok_logq = jnp.take_along_axis(logq, tokens[..., None], -1)[..., 0]
 
-    if cfg.rule == "maskgit":
-      # Confidence is the untempered guided probability of the draw (MMaDA and DiMOO both score
-      # softmax(logits), not the tempered q); annealed or constant Gumbel noise breaks ties.
-      if temp == 1.0:
-        log_conf = tok_logq
-      else:
-        log_conf = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tokens[..., None], -1)[..., 0]
-      score = log_conf + jnp.asarray(noise_scales)[s] * gumbel_from(u_rule)
-      # Committed slots rank last (never chosen to stay masked); masked ones by ascending score.
-      score = jnp.where(masked, score, jnp.inf)
-      rank = jnp.argsort(jnp.argsort(score, axis=-1, stable=True), axis=-1, stable=True)
-      keep = jnp.minimum(jnp.asarray(masked_after)[s], jnp.sum(masked, -1, dtype=jnp.int32))
-      commit = masked & (rank >= keep[:, None])
-    else:  # emerge
-      commit = masked & (u_rule < jnp.asarray(unmask_probs)[s])  # u < 1 always: the last step fills all
+    commit = commit_rule(RuleInputs(
+        s=s, logits=logits, tokens=tokens, tok_logq=tok_logq, masked=masked, u_rule=u_rule,
+        temperature=temp, noise_scales=noise_scales, masked_after=masked_after,
+        unmask_probs=unmask_probs))
 
     return state.replace(
         canvas=jnp.where(commit, tokens, canvas),

@@ -8,6 +8,7 @@ after step s; the MDLM "emerge" rule unmasks each masked token at step s with pr
 Names: ``cosine`` (default, MMaDA / DiMOO / MaskGRPO), ``linear``, ``pow<k>`` (1 - r^k, e.g.
 ``pow2``, ``pow0.5``) and ``sigmoid`` (MUSE's sigmoid ramp over [-3, 3]).
 The functions take numpy or JAX arrays; samplers evaluate them on the host into static tables.
+The fixed names are registered in ``SCHEDULE_REGISTRY``; ``pow<k>`` is a family parsed from its name.
 """
 from __future__ import annotations
 
@@ -18,19 +19,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from htgrpo_jax.contracts import Registry
+
 Schedule = Callable[[np.ndarray], np.ndarray]
 
-SCHEDULE_NAMES = ("cosine", "linear", "pow<k>", "sigmoid")
+SCHEDULE_NAMES = ("cosine", "linear", "pow<k>", "sigmoid")  # what errors list; pow<k> is parsed
+
+SCHEDULE_REGISTRY: Registry[Schedule] = Registry("schedule")
 
 
 def _xp(r):
   return jnp if isinstance(r, jax.Array) else np
 
 
+@SCHEDULE_REGISTRY.register("cosine")
 def cosine(r):
   return _xp(r).cos(0.5 * math.pi * r)
 
 
+@SCHEDULE_REGISTRY.register("linear")
 def linear(r):
   return 1.0 - r
 
@@ -42,6 +49,7 @@ def power(exponent: float) -> Schedule:
   return fn
 
 
+@SCHEDULE_REGISTRY.register("sigmoid")
 def sigmoid(r, start: float = -3.0, end: float = 3.0, tau: float = 1.0):
   """A sigmoid ramp rescaled so that gamma(0) = 1 and gamma(1) = 0 exactly."""
   xp = _xp(r)
@@ -57,12 +65,8 @@ def get_schedule(name: str) -> Schedule:
   Raises:
     ValueError: unknown name or a bad ``pow`` exponent, naming the ``schedule`` field.
   """
-  if name == "cosine":
-    return cosine
-  if name == "linear":
-    return linear
-  if name == "sigmoid":
-    return sigmoid
+  if name in SCHEDULE_REGISTRY:
+    return SCHEDULE_REGISTRY.get(name)
   if name.startswith("pow"):
     try:
       k = float(name[3:])

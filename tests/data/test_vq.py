@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from htgrpo_jax.contracts import MASK
 from htgrpo_jax.data import shapeworld as W
 from htgrpo_jax.data import vq
-from htgrpo_jax.rl.rollout import MASK
 
 
 def _scenes(n, seed, cfg=W.WorldConfig()):

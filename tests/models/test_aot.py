@@ -1,9 +1,12 @@
-"""The sharded MMaDA-shaped forward AOT-compiles for a TPU topology description on this CPU box."""
+"""The sharded MMaDA-shaped forward (bench/aot_forward.py) and the MMaDA training config's sampler
+(htgrpo_jax.aot, the launch/aot_compile.py driver) AOT-compile for a TPU topology description on
+this CPU box."""
 import importlib.util
 import os
 
 import pytest
 
+from htgrpo_jax import aot, tasks
 from htgrpo_jax.models import llada
 
 pytest.importorskip("libtpu")
@@ -28,6 +31,21 @@ def test_reduced_depth_mmada_forward_compiles_for_v5p_4x4x4():
   assert 0.9 * per_device_params < mem.argument_size_in_bytes < 1.2 * per_device_params
   # Only the codebook slice of the logits comes out: [16, 1024, 8192] fp32 over 64 devices.
   assert mem.output_size_in_bytes <= 1.1 * 16 * 1024 * 8192 * 4 / 64
+
+
+def test_reduced_depth_mmada_config_sampler_splits_the_params_over_the_slice():
+  """configs/mmada_geneval.py as launch/aot_compile.py takes it (fsdp 16 x tensor 4 on 64 chips, 128
+  images, CFG), at 2 layers: each chip holds 1/64 of the fp32 params, not the whole model."""
+  config = tasks.load_config_file("configs/mmada_geneval.py")
+  config.model.overrides.n_layers = 2
+  t = aot.prepare(config, "v5p:4x4x4", log=lambda _: None)
+  report = aot.compile_program(t, "sampler")
+  per_device_params = t.model_cfg.num_params() * 4 / 64
+  assert 0.9 * per_device_params < report.argument_bytes < 1.2 * per_device_params
+  # Out comes the B x N record (codes, steps, entropies, log-probs; 4 bytes each) split over
+  # data*fsdp = 16 and repeated over tensor, not the [B, N, 8192] logits.
+  assert 128 * 1024 * 4 * 4 / 16 <= report.output_bytes <= 1.1 * 128 * 1024 * 4 * 4 / 16
+  assert report.rows == 128 and report.fits
 
 
 @pytest.mark.slow

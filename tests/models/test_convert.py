@@ -157,3 +157,55 @@ def test_cli_writes_checkpoint(tmp_path):
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), ref)
   restored = convert.restore_params(str(tmp_path / "out"), abstract)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), restored, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64,
+                                   torch.float8_e4m3fn, torch.float8_e5m2, torch.int64, torch.int32,
+                                   torch.int16, torch.int8, torch.uint8, torch.bool])
+def test_safetensors_reader_matches_safetensors_bit_for_bit(tmp_path, dtype):
+  """The torch-free reader gives every tensor's exact bits, as safetensors' torch reader does."""
+  from safetensors import safe_open
+  g = torch.Generator().manual_seed(3)
+  sd = {"a": torch.randn(5, 7, generator=g) * 300, "b": torch.randn(3, generator=g),
+        "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4), "c": torch.randn(2, 3, 4, generator=g)}
+  sd = {k: v.to(dtype).contiguous() for k, v in sd.items()}
+  path = str(tmp_path / "t.safetensors")
+  save_file(sd, path, metadata={"format": "pt"})
+  with convert.open_safetensors(path) as f, safe_open(path, "pt") as ref:
+    assert sorted(f.keys()) == sorted(ref.keys()) and f.metadata == {"format": "pt"}
+    for k in ref.keys():
+      want, got = ref.get_tensor(k), f.get_tensor(k)
+      assert got.shape == tuple(want.shape) and f.shape(k) == tuple(want.shape), k
+      assert got.dtype.itemsize == want.element_size(), k
+      want_bits = want.reshape(-1).view(torch.uint8).numpy() if want.numel() else np.zeros(0, np.uint8)
+      np.testing.assert_array_equal(got.reshape(-1).view(np.uint8), want_bits, err_msg=k)
+  if dtype == torch.bfloat16:  # and the values, through ml_dtypes
+    with convert.open_safetensors(path) as f:
+      np.testing.assert_array_equal(f.get_tensor("a").astype(np.float32), sd["a"].float().numpy())
+
+
+@pytest.mark.parametrize("damage,match", [
+    ("truncate", "truncated"), ("header_len", "header length"), ("json", "not JSON"),
+    ("dtype", "bad header entry"), ("size", "bytes for shape"), ("tiny", "shorter than")])
+def test_safetensors_reader_names_a_damaged_file(tmp_path, damage, match):
+  path = tmp_path / "t.safetensors"
+  save_file({"w": torch.ones(4, 4), "v": torch.ones(8)}, str(path))
+  raw = bytearray(path.read_bytes())
+  n = int.from_bytes(raw[:8], "little")
+  header = json.loads(raw[8:8 + n])
+  if damage == "truncate":
+    raw = raw[:-10]
+  elif damage == "header_len":
+    raw[:8] = (len(raw) + 1).to_bytes(8, "little")
+  elif damage == "json":
+    raw[8] = ord("x")
+  elif damage == "tiny":
+    raw = raw[:5]
+  else:
+    header["w"]["dtype" if damage == "dtype" else "shape"] = "Q7" if damage == "dtype" else [4, 5]
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    assert len(text) == n
+    raw[8:8 + n] = text
+  path.write_bytes(bytes(raw))
+  with pytest.raises(ValueError, match=f"{path}.*unreadable.*{match}"):
+    convert.open_safetensors(str(path))

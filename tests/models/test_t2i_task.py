@@ -15,9 +15,10 @@ from htgrpo_jax.models import convert, llada, policy
 from htgrpo_jax.models.vq import vqgan
 from htgrpo_jax.rewards import remote
 
+from tests.helpers.configs import TINY_LLADA, toy_dimoo_config
 from torch_vq_reference import TVQGAN, VQG, randomize, write_ckpt  # tests/models/
 
-TINY = dict(d_model=32, n_layers=1, n_heads=2, mlp_hidden=64, dtype="float32")
+TINY = TINY_LLADA
 PROMPTS = [("a red circle", "single_object"), ("two blue square", "counting"),
            ("a green triangle left of a red square", "position"), ("a blue circle", "colors")]
 
@@ -58,26 +59,11 @@ def dimoo_config(tmp_path_factory, word_tokenizer_dir, server):
       for text, tag in PROMPTS:
         f.write(json.dumps({"prompt": text, "tag": tag}) + "\n")
   write_ckpt(root / "vqvae.safetensors", randomize(TVQGAN(VQG), seed=7))
-  c = tasks.load_config_file("configs/lumina_dimoo_geneval.py")
-  c.workdir = str(root / "run")
-  c.world.train_prompts, c.world.eval_prompts = str(root / "train.jsonl"), str(root / "eval.jsonl")
   url = f"http://127.0.0.1:{server.server_address[1]}"
-  c.world.reward_url, c.world.score_url = url + "/reward", url + "/strict"
-  c.model.tokenizer = word_tokenizer_dir
-  c.model.image_size = 32                      # 2 x 2 codes, a newline after each row
-  c.model.overrides = dict(TINY)
-  c.model.checkpoint = str(root / "policy")
-  c.model.vq_checkpoint = str(root / "vqvae.safetensors")
-  c.model.vq_preset = "tiny"
-  c.mesh.update(data=-1, fsdp=1, tensor=1)
-  c.sampler.num_steps, c.sampler.cfg_scale = 4, 2.0
-  c.rl.group_size = 2
-  c.rl.n_global, c.rl.n_struct, c.rl.n_refine = 1, 1, 1
-  c.rl.micro_batch_size = None
-  c.prompts_per_step, c.total_steps = 4, 2
-  c.eval_every = c.save_every = 2
-  c.eval.num_prompts, c.eval.batch_size, c.eval.grid_size = 4, 8, 4
-  c.progress = False
+  c = toy_dimoo_config(workdir=str(root / "run"),
+                       prompts=(str(root / "train.jsonl"), str(root / "eval.jsonl")), url=url,
+                       tokenizer=word_tokenizer_dir, checkpoint=str(root / "policy"),
+                       vq=str(root / "vqvae.safetensors"))
   # The converted backbone: random tiny params written as launch/convert_checkpoint.py writes them.
   layout = tasks.build_layout(c)
   model_cfg = llada.get_config(c.model.preset, **TINY)

@@ -16,7 +16,7 @@ import pytest
 from scipy import special, stats
 
 from htgrpo_jax import parallel
-from htgrpo_jax.rl.rollout import MASK
+from htgrpo_jax.contracts import MASK
 from htgrpo_jax.sampling import (CanvasState, SampleRecord, SamplerConfig, make_sampler,
                                  replay_commit_stats, trajectory_canvas)
 

@@ -1,0 +1,259 @@
+"""The package's lowest layer: the types every other part agrees on, and nothing else.
+
+This module imports nothing from ``htgrpo_jax`` (only jax, numpy, chex, flax.struct and the standard
+library), so ``data/``, ``models/``, ``sampling/``, ``rewards/``, ``pretrain.py`` and the algorithm
+package ``rl/`` can all depend on it without depending on each other.
+
+* ``MASK``: the canvas convention. An image canvas is ``int32[B, N]`` holding codebook indices in
+  ``[0, C)`` at committed slots and ``MASK = -1`` at masked slots. The model side turns (prompt
+  tokens, canvas) into its own token sequence through a ``Layout`` (``models/layouts.py``).
+* ``CanvasLogitsFn``: the policy as the algorithm and the samplers see it.
+* ``Rollout``: one batch of sampled images with their trajectory record and rewards; the samplers
+  fill it, the rewards complete it, the RL update consumes it.
+* ``RewardFn``: the host-side reward protocol.
+* ``DecodeFn``: the VQ decoder protocol (codes -> pixels, on device).
+* ``EvalPrompt``: one held-out evaluation prompt.
+* ``TrainState``: the learner state of both the RL update and base-policy pretraining.
+* ``Registry``: a name -> member table for the variants a config string selects (estimators,
+  partition modes, sampler rules, mask schedules, layouts, VQ decoders, worlds). It lives here, not
+  in a module of its own, because ``rl/`` and ``sampling/`` may import only the contracts.
+
+``htgrpo_jax.rl`` (``rl.MASK``, ``rl.Rollout``, ``rl.TrainState``, ...), ``rewards.RewardFn`` and
+``evaluate.EvalPrompt`` re-export these names, so either spelling names the same object.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Generic, Iterator, Protocol, Sequence, TypeVar
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+__all__ = ["MASK", "CanvasLogitsFn", "DecodeFn", "EvalPrompt", "Registry", "Rollout", "RewardFn",
+           "TrainState", "make_optimizer"]
+
+MASK = -1  # masked slot in an image canvas (codes are >= 0)
+
+
+class CanvasLogitsFn(Protocol):
+  """The policy as the algorithm sees it: logits of the N image slots over the C codebook entries.
+
+  ``canvas_logits_fn(params, prompt_tokens, canvas) -> logits``
+
+  Args:
+    params: the policy parameters (any pytree the function takes).
+    prompt_tokens: int32[B, Lp] the prompt part of the model's sequence (a ``Layout`` encodes it).
+    canvas: int32[B, N] codes in [0, C) where revealed, ``MASK`` (-1) where masked.
+
+  Returns:
+    float32[B, N, C] logits (a lower-precision float is accepted; every consumer upcasts). Rows must
+    be independent of each other: the samplers reorder and interleave them for guidance.
+  """
+
+  def __call__(self, params: chex.ArrayTree, prompt_tokens: jax.Array, canvas: jax.Array
+               ) -> jax.Array:
+    ...
+
+
+class DecodeFn(Protocol):
+  """A VQ decoder: ``decode(decode_params, codes) -> pixels``, pure and jittable (runs on device).
+
+  Args:
+    decode_params: the decoder's params pytree (an argument, not a closure, so large decoder
+      weights are not baked into a compiled program as constants).
+    codes: int32[B, N] codes in [0, C), row-major over the layout's code grid.
+
+  Returns:
+    uint8[B, H, W, 3] images.
+  """
+
+  def __call__(self, decode_params: Any, codes: jax.Array) -> jax.Array:
+    ...
+
+
+class RewardFn(Protocol):
+  """A reward: ``reward(prompts, images, **columns) -> scores``, host-side numpy, never jitted.
+
+  Args:
+    prompts: list[str] of length B, one caption per image.
+    images: uint8[B, H, W, 3].
+    **columns: per-prompt metadata lists of length B (e.g. ``meta=[json, ...]``); a reward ignores
+      the keys it does not know.
+
+  Returns:
+    float[B] finite scores (``rewards.validate_rewards`` checks count, dtype and finiteness).
+  """
+
+  def __call__(self, prompts: Sequence[str], images: np.ndarray, **metadata: Any) -> np.ndarray:
+    ...
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalPrompt:
+  """A held-out prompt: its caption, GenEval tag and metadata (JSON string) for the scorer."""
+  text: str
+  tag: str
+  meta: str
+
+
+@struct.dataclass
+class Rollout:
+  """One rollout batch. Leading dim B = prompts x G with each prompt's G images contiguous; with
+  ``HTGRPOConfig.num_sketches`` M >= 2 a group is M sketches x G / M paints, each sketch's paints
+  contiguous (rows ordered prompt, sketch, paint).
+
+  Attributes:
+    prompt_tokens: int32[B, Lp] conditional prompt tokens (the layout's prompt part).
+    image_tokens: int32[B, N] sampled codes in [0, C).
+    commit_step: int32[B, N] sampler step (0-based, < T) at which each token was fixed.
+    commit_entropy: float32[B, N] entropy (nats) of the distribution the token was drawn from.
+    commit_logp: float32[B, N] log-prob of the drawn token under that distribution.
+    rewards: float32[B] scalar reward per image.
+  """
+  prompt_tokens: jax.Array
+  image_tokens: jax.Array
+  commit_step: jax.Array
+  commit_entropy: jax.Array
+  commit_logp: jax.Array
+  rewards: jax.Array
+
+  @property
+  def batch_size(self) -> int:
+    return self.image_tokens.shape[0]
+
+  @property
+  def num_image_tokens(self) -> int:
+    return self.image_tokens.shape[1]
+
+  def validate(self) -> None:
+    """Host-side shape/dtype checks; raises ValueError naming the field at fault."""
+    b, n = self.image_tokens.shape
+    expect = {
+        "prompt_tokens": (jnp.int32, (b, None)),
+        "image_tokens": (jnp.int32, (b, n)),
+        "commit_step": (jnp.int32, (b, n)),
+        "commit_entropy": (jnp.float32, (b, n)),
+        "commit_logp": (jnp.float32, (b, n)),
+        "rewards": (jnp.float32, (b,)),
+    }
+    for name, (dtype, shape) in expect.items():
+      x = getattr(self, name)
+      if x.dtype != dtype:
+        raise ValueError(f"Rollout.{name}: dtype {x.dtype}, expected {jnp.dtype(dtype).name}")
+      if len(x.shape) != len(shape) or any(s is not None and s != t for s, t in zip(shape, x.shape)):
+        raise ValueError(f"Rollout.{name}: shape {tuple(x.shape)}, expected "
+                         f"{tuple('?' if s is None else s for s in shape)}")
+
+
+@struct.dataclass
+class TrainState:
+  """Learner state (a pytree; donated to the step) of the RL update and of pretraining.
+
+  The field order and names are the layout of the RL checkpoints (``checkpoint.RunCheckpointer``
+  saves this pytree); do not reorder them.
+
+  Attributes:
+    step: int32[] number of completed steps (RL: rollout batches; pretraining: batches).
+    params: policy parameters (any pytree the canvas_logits_fn takes).
+    opt_state: the optax state of ``params``.
+    ref_params: frozen reference policy (same structure as params), or None: the RL update without
+      a KL term (beta == 0) and pretraining keep none.
+    skipped: int32[] updates skipped so far because of a non-finite loss, gradient or update.
+  """
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ref_params: Any
+  skipped: jax.Array
+
+  @classmethod
+  def create(cls, params: Any, optimizer: optax.GradientTransformation, *, ref_params: Any = None,
+             with_reference: bool = True) -> "TrainState":
+    """Fresh state; the reference defaults to a copy of ``params`` (a copy so donation cannot alias)."""
+    if with_reference and ref_params is None:
+      ref_params = jax.tree.map(jnp.copy, params)
+    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+               ref_params=ref_params if with_reference else None, skipped=jnp.zeros((), jnp.int32))
+
+
+def make_optimizer(learning_rate: float | optax.Schedule, *, clip_norm: float | None = 1.0,
+                   weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,
+                   eps: float = 1e-8) -> optax.GradientTransformation:
+  """The one optimizer every ``TrainState`` is built with (RL, pretraining, AOT): global-norm
+  clipping (when ``clip_norm``) then AdamW. A schedule counts optimizer updates (RL: inner ones)."""
+  adamw = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+  return optax.chain(optax.clip_by_global_norm(clip_norm), adamw) if clip_norm else adamw
+
+
+_T = TypeVar("_T")
+
+
+class Registry(Generic[_T]):
+  """Named variants selected by a config string (Tunix's ``function_registry`` in miniature).
+
+  Each family owns one registry, and each member registers itself where it is defined::
+
+    ESTIMATORS = Registry("HTGRPOConfig.estimator")
+
+    @ESTIMATORS.register("htgrpo")
+    def htgrpo_canvas(...): ...
+
+    ESTIMATORS.get(config.estimator)  # the member; an unknown name raises naming key and choices
+
+  Names keep their registration order (``names()``), so error messages and enumerations are
+  stable. Registering a name twice is an error (two modules claiming one config value).
+
+  Args:
+    key: the config key whose value selects a member, as errors name it (``'model.layout'``).
+  """
+
+  def __init__(self, key: str):
+    self.key = key
+    self._members: dict[str, _T] = {}
+
+  def register(self, name: str) -> Callable[[_T], _T]:
+    """Decorator: ``@registry.register('name')`` adds the decorated object and returns it as is."""
+    if not isinstance(name, str) or not name:
+      raise ValueError(f"{self.key}: a registered name must be a non-empty string, got {name!r}")
+
+    def add(member: _T) -> _T:
+      if name in self._members:
+        raise ValueError(f"{self.key}={name!r} is already registered ({self._members[name]!r})")
+      self._members[name] = member
+      return member
+
+    return add
+
+  def get(self, name: str) -> _T:
+    """The member called ``name``.
+
+    Raises:
+      ValueError: ``"<key>=<name> must be one of (<names>)"`` for an unknown name.
+    """
+    try:
+      return self._members[name]
+    except (KeyError, TypeError):  # TypeError: an unhashable value from a config
+      raise ValueError(f"{self.key}={name!r} must be one of {self.names()}") from None
+
+  def names(self) -> tuple[str, ...]:
+    """Registered names, in registration order."""
+    return tuple(self._members)
+
+  def __contains__(self, name: object) -> bool:
+    try:
+      return name in self._members
+    except TypeError:
+      return False
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self.names())
+
+  def __len__(self) -> int:
+    return len(self._members)
+
+  def __repr__(self) -> str:
+    return f"Registry({self.key!r}, names={self.names()})"

@@ -1,0 +1,141 @@
+"""Process setup every entry point runs before it builds anything: the multi-process runtime, JAX's
+persistent compilation cache and the log level.
+
+``setup_runtime(config)`` reads three optional config keys (a config without them gets the
+defaults):
+
+``compilation_cache_dir`` ("": off)  JAX's persistent compilation cache. A relaunched run (a spot
+    VM's restart, a resumed run, the next arm of a study) loads its compiled sampler and train step
+    from here instead of compiling them again (minutes for the 8B programs). A local folder is
+    created; a ``gs://`` path is used as is (JAX then needs ``etils``). On a pod slice point every
+    worker at the same bucket path, or at a local folder of its own. The cache is trusted code:
+    never share it with anyone who may write to it. JAX's own thresholds apply (an entry is written
+    when its compile took >= ``jax_persistent_cache_min_compile_time_secs``, default 1 s; the
+    ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` environment variable changes it).
+``log_level`` ("info")  absl logging verbosity of process 0: debug, info, warning, error or fatal.
+    Every other process logs at warning (or at ``log_level`` when that is stricter), so a 64-host
+    slice does not print each line 64 times. At 'info' the libraries' own info chatter (Orbax
+    prints ~40 lines per checkpoint save; TFDS, grain and JAX's internals more) is dropped so the
+    run's lines and progress bar stay readable; 'debug' shows everything.
+``profile_steps`` ("")  not read here: the trainer traces those RL steps with ``jax.profiler``.
+
+The multi-process runtime is initialised first (``parallel.initialize_distributed``, idempotent),
+because asking JAX for the process index starts its backend, after which a slice's processes could
+no longer join one another.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "fatal")
+DEFAULT_LOG_LEVEL = "info"
+# Source folders whose INFO records are dropped at log_level='info' (warnings always pass).
+CHATTY_PACKAGES = ("orbax", "tensorflow_datasets", "grain", "jax", "jaxlib", "absl")
+
+
+class _ChattyInfoFilter:
+  """Drops records below WARNING emitted from a file under one of ``CHATTY_PACKAGES``."""
+
+  def __init__(self):
+    seps = (os.sep, "/")
+    self._marks = tuple(f"{sep}{pkg}{sep}" for pkg in CHATTY_PACKAGES for sep in set(seps))
+
+  def filter(self, record) -> bool:
+    import logging as std_logging
+    if record.levelno >= std_logging.WARNING:
+      return True
+    return not any(mark in (record.pathname or "") for mark in self._marks)
+
+
+_FILTER = _ChattyInfoFilter()
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+  """What ``setup_runtime`` did."""
+  process_index: int
+  process_count: int
+  log_level: str                 # the level this process logs at
+  compilation_cache_dir: str     # "" when the cache is off
+
+
+def _get(config: Any, key: str, default):
+  if config is None:
+    return default
+  value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
+  return default if value is None else value
+
+
+def log_level_for(level: str, process_index: int) -> str:
+  """The absl level a process logs at: ``level`` on process 0, at least 'warning' elsewhere.
+
+  Raises:
+    ValueError: ``level`` is not one of ``LOG_LEVELS`` (naming the key).
+  """
+  if not isinstance(level, str) or level.strip().lower() not in LOG_LEVELS:
+    raise ValueError(f"log_level={level!r}: must be one of {', '.join(LOG_LEVELS)}")
+  level = level.strip().lower()
+  if process_index == 0:
+    return level
+  return max(level, "warning", key=LOG_LEVELS.index)
+
+
+def set_compilation_cache(path: str) -> str:
+  """Points JAX's persistent compilation cache at ``path`` ("" turns it off); returns the path used.
+
+  Call it before the programs it should cover are compiled. JAX opens the cache once, at the
+  first compile after a directory is set, and keeps it: a second call with another directory
+  (a notebook rerun, the next run of a study in one process) would go on writing to the first,
+  so the cache state is reset first (JAX's public ``compilation_cache.reset_cache``).
+  """
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache as cc
+  if not isinstance(path, str):
+    raise ValueError(f"compilation_cache_dir={path!r}: must be a path string ('' = off)")
+  if path and "://" not in path:
+    path = os.path.abspath(os.path.expanduser(path))
+    os.makedirs(path, exist_ok=True)
+  cc.reset_cache()
+  if path:
+    cc.set_cache_dir(path)
+  else:
+    jax.config.update("jax_compilation_cache_dir", None)
+  return path
+
+
+def setup_runtime(config: Any = None, *, initialize_distributed: bool = True) -> Runtime:
+  """Multi-process runtime, compilation cache and log level for this process, from ``config``.
+
+  Args:
+    config: a ``ConfigDict`` (or any mapping) with the optional keys ``compilation_cache_dir``
+      and ``log_level``; None gives the defaults.
+    initialize_distributed: start JAX's multi-process runtime first (auto-detected on a Cloud TPU
+      slice; a no-op on one machine). Turn it off only where the caller already did.
+
+  Raises:
+    ValueError: a bad ``log_level`` or ``compilation_cache_dir``, before anything is set.
+  """
+  level = _get(config, "log_level", DEFAULT_LOG_LEVEL)
+  log_level_for(level, 0)  # validate before touching anything
+  cache = _get(config, "compilation_cache_dir", "")
+  if not isinstance(cache, str):
+    raise ValueError(f"compilation_cache_dir={cache!r}: must be a path string ('' = off)")
+  import jax
+  from absl import logging
+  if initialize_distributed:
+    from htgrpo_jax import parallel
+    parallel.initialize_distributed("auto")
+  index = jax.process_index()  # starts the backend (not a compile: the cache can come after)
+  mine = log_level_for(level, index)
+  logging.set_verbosity(mine)
+  handler = logging.get_absl_handler()
+  handler.removeFilter(_FILTER)
+  if mine == "info":
+    handler.addFilter(_FILTER)
+  cache = set_compilation_cache(cache)
+  if cache:
+    logging.info("persistent compilation cache: %s", cache)
+  return Runtime(process_index=index, process_count=jax.process_count(), log_level=mine,
+                 compilation_cache_dir=cache)
