@@ -97,12 +97,14 @@ def _add(edges: dict, target: str, kind: str) -> None:
 
 def group_of(mod: str) -> str:
   """Package-level node: htgrpo_jax.rl.loss -> rl, htgrpo_jax.models.vq.vqgan -> models.vq,
-  htgrpo_jax.trainer -> trainer."""
+  htgrpo_jax.worlds.shapeeval.task -> worlds.shapeeval, htgrpo_jax.trainer -> trainer."""
   parts = mod.split(".")[1:]
   if not parts:
     return "htgrpo_jax"
   if parts[0] == "models" and len(parts) > 1 and parts[1] == "vq":
     return "models.vq"
+  if parts[0] == "worlds" and len(parts) > 1:
+    return f"worlds.{parts[1]}"
   return parts[0]
 
 

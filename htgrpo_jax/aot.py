@@ -153,10 +153,10 @@ def topology_devices(topology: str) -> np.ndarray:
 
 
 def stand_in_tokenizer() -> str:
-  """A directory holding the ShapeEval word tokenizer (``data.text_tokenizer``), for layouts whose
-  real tokenizer is not on this machine: the MMaDA / DiMOO layouts' sizes and special ids are
-  fixed, only the text ids of an encoded prompt come from the tokenizer."""
-  from htgrpo_jax.data import text_tokenizer
+  """A directory holding the ShapeEval word tokenizer (``worlds.shapeeval.text_tokenizer``), for
+  layouts whose real tokenizer is not on this machine: the MMaDA / DiMOO layouts' sizes and special
+  ids are fixed, only the text ids of an encoded prompt come from the tokenizer."""
+  from htgrpo_jax.worlds.shapeeval import text_tokenizer
 
   path = tempfile.mkdtemp(prefix="aot_tokenizer_")
   text_tokenizer.save_tokenizer(text_tokenizer.build_tokenizer(), path)
@@ -190,12 +190,12 @@ def build_model(config: ml_collections.ConfigDict, *, log: Callable[[str], None]
 @MODEL_BUILDERS.register("shapes")
 def _shapes_model(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = print
                   ) -> tuple[llada.LLaDAConfig, layouts.Layout, None]:
-  from htgrpo_jax import pretrain, tasks
-  from htgrpo_jax.data import dataset as world_data
-  from htgrpo_jax.data import prompts as grammar
-  from htgrpo_jax.data import text_tokenizer
+  from htgrpo_jax import pretrain
+  from htgrpo_jax.worlds.shapeeval import dataset as world_data
+  from htgrpo_jax.worlds.shapeeval import grammar, text_tokenizer
+  from htgrpo_jax.worlds.shapeeval.task import pretrain_config
 
-  pcfg = tasks.pretrain_config(config)
+  pcfg = pretrain_config(config)
   world = pretrain.world_config(pcfg)
   codes = jax.ShapeDtypeStruct((config.world.num_codes, world.patch * world.patch * 3), jnp.float32)
   assets = world_data.WorldAssets(

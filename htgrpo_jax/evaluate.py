@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from htgrpo_jax import paths
 from htgrpo_jax.contracts import EvalPrompt
-from htgrpo_jax.data.prompts import TAGS
+from htgrpo_jax.rewards.geneval import TAGS
 
 
 

@@ -24,9 +24,9 @@ import orbax.checkpoint as ocp
 
 from htgrpo_jax import contracts, paths
 from htgrpo_jax.contracts import MASK, CanvasLogitsFn, TrainState
-from htgrpo_jax.data import dataset as world_data
-from htgrpo_jax.data.shapeworld import WorldConfig
 from htgrpo_jax.models import layouts, llada, policy
+from htgrpo_jax.worlds.shapeeval import dataset as world_data
+from htgrpo_jax.worlds.shapeeval.scenes import WorldConfig
 
 _now = time.monotonic  # the safety cap's clock (a module attribute so tests can slow it down)
 

@@ -4,13 +4,17 @@ A ``Task`` bundles the policy's config and layout, the base params, a grain data
 prompts, the held-out evaluation prompts, the VQ decoder (codes -> pixels, on device) and the
 rewards. ``build_task(config)`` picks it from ``config.world.kind``:
 
-* ``shapes``  the embedded ShapeEval world: built under ``world.data_dir`` on first use, its base
-  policy pretrained into ``model.checkpoint`` when missing (``model.pretrain_if_missing``).
+* ``shapes``  the embedded ShapeEval world (``htgrpo_jax/worlds/shapeeval/task.py``): built under
+  ``world.data_dir`` on first use, its base policy pretrained into ``model.checkpoint`` when
+  missing (``model.pretrain_if_missing``).
 * ``t2i``     a real dMLLM (MMaDA / Lumina-DiMOO): prompts from JSONL files, the model's tokenizer
   and converted Orbax checkpoint from local paths, its VQ decoder, and a remote reward server.
 
 Each builder registers in ``WORLDS`` under its ``world.kind``; a new world is one more
-``@WORLDS.register('name')`` builder ``(config, *, log) -> Task``.
+``@WORLDS.register('name')`` builder ``(config, *, log) -> Task``. A world with its own package
+(``htgrpo_jax/worlds/<name>/``) registers from its ``task`` module, which imports this one;
+``load_worlds`` (called by ``build_task``) imports those modules, so this module imports them only
+inside a function and there is no import cycle at load time.
 
 Every path is checked here, before anything is compiled, and errors name the config key. Any
 path may be a URL (``gs://bucket/...``; ``htgrpo_jax.paths``).
@@ -26,7 +30,7 @@ import ml_collections
 import numpy as np
 
 from htgrpo_jax import paths
-from htgrpo_jax.config_util import load_config_file  # also re-exported: tasks.load_config_file
+from htgrpo_jax.config_util import load_config_file  # noqa: F401  (re-exported: tasks.load_config_file)
 from htgrpo_jax.contracts import DecodeFn, EvalPrompt, Registry, RewardFn
 from htgrpo_jax.models import layouts, llada, policy
 
@@ -65,96 +69,15 @@ class Task:
   judge: Callable[..., list[dict[str, Any]]] | None = None
 
 
-# ``world.kind`` -> ``(config, *, log) -> Task``.
+# ``world.kind`` -> ``(config, *, log) -> Task``; ``load_worlds()`` holds the packaged worlds too.
 WORLDS: Registry[Callable[..., Task]] = Registry("world.kind")
 
 
-# ------------------------------------------------------------------------------------------------
-# ShapeEval
-# ------------------------------------------------------------------------------------------------
-
-def pretrain_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The pretraining config for the base policy of a ShapeEval training ``config``: the file at
-  ``model.pretrain_config`` with the training config's world, model (preset and overrides), seed
-  and checkpoint folder, and the non-None ``model.pretrain`` settings."""
-  p = load_config_file(config.model.pretrain_config)
-  p.workdir = config.model.checkpoint
-  p.seed = config.seed
-  for k in ("data_dir", "canvas", "patch", "snap", "num_codes", "num_train", "num_eval"):
-    p.world[k] = config.world[k]
-  p.model.preset = config.model.preset
-  p.model.overrides = ml_collections.ConfigDict(dict(config.model.get("overrides") or {}))
-  for k, v in (config.model.get("pretrain") or {}).items():
-    if k not in p:
-      raise ValueError(f"model.pretrain.{k}: not a setting of {config.model.pretrain_config}")
-    if v is not None:
-      p[k] = v
-  return p
-
-
-def base_params_path(config: ml_collections.ConfigDict) -> str:
-  return paths.resolve(paths.join(config.model.checkpoint, "params"))
-
-
-@WORLDS.register("shapes")
-def build_shapes_task(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = print
-                      ) -> Task:
-  from htgrpo_jax import pretrain
-  from htgrpo_jax.data import dataset as world_data
-  from htgrpo_jax.data import prompts as grammar
-  from htgrpo_jax.data import vq
-  from htgrpo_jax.rewards.shapes import ShapeEvalReward
-
-  if config.world.reward_mode not in ("dense", "strict"):
-    raise ValueError(f"world.reward_mode={config.world.reward_mode!r} must be 'dense' or 'strict'")
-  pcfg = pretrain_config(config)
-  world = pretrain.world_config(pcfg)
-  ckpt = base_params_path(config)
-  if not paths.isdir(ckpt):
-    if not config.model.pretrain_if_missing:
-      raise ValueError(f"model.checkpoint: no base policy at {ckpt} and model.pretrain_if_missing "
-                       "is False; run launch/pretrain.py or set it True")
-    log(f"No base policy at {ckpt}: pretraining it first ({pcfg.num_steps} steps, at most "
-        f"{pcfg.max_minutes:g} min; python launch/pretrain.py does this alone).")
-    from tqdm import tqdm
-    bar = {}
-
-    def progress(it):
-      bar["t"] = tqdm(it, total=pcfg.num_steps, desc="pretrain base", dynamic_ncols=True)
-      return bar["t"]
-
-    out = pretrain.pretrain(pcfg, progress=progress,
-                            log=lambda s, m: bar["t"].set_postfix(loss=f"{m['loss']:.3f}"))
-    bar["t"].close()
-    log(f"Base policy: {out['steps_done']} steps in {out['seconds']:.0f} s -> {out['checkpoint']}")
-  assets = world_data.build_world(config.world.data_dir, world, seed=config.seed,
-                                  num_codes=config.world.num_codes,
-                                  num_train=config.world.num_train, num_eval=config.world.num_eval)
-  model_cfg, layout = pretrain.build_policy(pcfg, assets)
-  codebook = assets.codebook
-
-  def train_dataset(batch_size: int, seed: int) -> grain.IterDataset:
-    return world_data.make_dataset(assets, "train", batch_size, seed=seed,
-                                   encode_prompts=layout.encode_prompts)
-
-  eval_seed = config.eval.get("seed")  # one held-out list for every run, whatever its seed
-  evals = grammar.balanced_prompts("eval", config.eval.num_prompts,
-                                   seed=config.seed if eval_seed is None else eval_seed, cfg=world)
-  strict = ShapeEvalReward(world, mode="strict")
-  task = Task(
-      name="shapes", model_cfg=model_cfg, layout=layout,
-      load_base_params=lambda abstract: pretrain.load_params(ckpt, abstract),
-      train_dataset=train_dataset,
-      eval_prompts=[EvalPrompt(p.text, p.meta.tag, p.meta.to_json()) for p in evals],
-      decode=vq.decode, decode_params=codebook,
-      reward=ShapeEvalReward(world, mode=config.world.reward_mode),
-      score=lambda prompts, images, meta: strict(prompts, images, meta=meta),
-      judge=lambda prompts, images, meta: strict.details(prompts, images, meta))
-  if config.world.get("reward_url"):  # the same verifier behind a reward server (the 8B path's shape)
-    task.reward, remote_strict = remote_rewards(config)
-    task.score = lambda prompts, images, meta: remote_strict(prompts, images, meta=meta)
-    task.judge = None
-  return task
+def load_worlds() -> Registry[Callable[..., Task]]:
+  """``WORLDS`` with every world registered: imports the task modules of the world packages
+  (``htgrpo_jax/worlds/``), whose import registers their builders."""
+  from htgrpo_jax.worlds.shapeeval import task  # noqa: F401  (registers 'shapes')
+  return WORLDS
 
 
 # ------------------------------------------------------------------------------------------------
@@ -273,5 +196,5 @@ def build_t2i_task(config: ml_collections.ConfigDict, *, log: Callable[[str], No
 
 
 def build_task(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = print) -> Task:
-  """The ``Task`` of ``config.world.kind`` (a name in ``WORLDS``)."""
-  return WORLDS.get(config.world.kind)(config, log=log)
+  """The ``Task`` of ``config.world.kind`` (a name in ``WORLDS``, world packages loaded)."""
+  return load_worlds().get(config.world.kind)(config, log=log)

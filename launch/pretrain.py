@@ -21,11 +21,11 @@ from ml_collections import config_flags  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from htgrpo_jax import evaluate, pretrain, runtime  # noqa: E402
-from htgrpo_jax.data import prompts as grammar  # noqa: E402
-from htgrpo_jax.data import vq  # noqa: E402
 from htgrpo_jax.models import policy  # noqa: E402
-from htgrpo_jax.rewards.shapes import ShapeEvalReward  # noqa: E402
 from htgrpo_jax.sampling import SamplerConfig, make_sampler  # noqa: E402
+from htgrpo_jax.worlds.shapeeval import codebook as patch_vq  # noqa: E402
+from htgrpo_jax.worlds.shapeeval import grammar  # noqa: E402
+from htgrpo_jax.worlds.shapeeval.verifier import ShapeEvalReward  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain_shapes.py",
                                           "pretraining config")
@@ -43,7 +43,7 @@ def run_eval(cfg, out) -> dict:
                          num_tokens=layout.num_image_tokens)
   world = pretrain.world_config(cfg)
   codebook = out["assets"].codebook
-  decode = lambda codes: vq.decode(codebook, codes)
+  decode = lambda codes: patch_vq.decode(codebook, codes)
   strict = ShapeEvalReward(world, mode="strict")
   score = lambda captions, images, meta: strict(captions, images, meta=meta)
   as_eval = lambda ps: [evaluate.EvalPrompt(p.text, p.meta.tag, p.meta.to_json()) for p in ps]

@@ -2,7 +2,7 @@
 
 * ``htgrpo_jax/contracts.py`` is a leaf: it imports nothing from htgrpo_jax and, at run time, only
   jax, numpy, chex, flax.struct and the standard library;
-* data/, models/, sampling/, rewards/, pretrain.py, evaluate.py and tasks.py take the contracts
+* worlds/, models/, sampling/, rewards/, pretrain.py, evaluate.py and tasks.py take the contracts
   from there, not from ``rl/`` (statically, function-level imports included, and in a fresh
   interpreter's ``sys.modules``); tasks.py does not reach into the reporting module for
   ``EvalPrompt``;
@@ -25,7 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(REPO, "htgrpo_jax")
 
 # Modules that sit above the contracts but below the algorithm package.
-BELOW_RL = ("data", "models", "sampling", "rewards", "pretrain.py", "evaluate.py", "tasks.py")
+BELOW_RL = ("worlds", "models", "sampling", "rewards", "pretrain.py", "evaluate.py", "tasks.py")
 CONTRACT_IMPORTS = {"__future__", "dataclasses", "typing", "chex", "jax", "jax.numpy", "numpy", "flax",
                     "optax"}  # optax: the one optimizer factory lives beside TrainState
 
@@ -104,19 +104,22 @@ def test_tasks_does_not_import_the_reporting_module():
 def test_importing_the_lower_layers_leaves_rl_unimported():
   out = _run("""\
       import sys
-      import htgrpo_jax.data, htgrpo_jax.models, htgrpo_jax.sampling, htgrpo_jax.pretrain
-      import htgrpo_jax.data.dataset, htgrpo_jax.data.vq, htgrpo_jax.data.text_tokenizer
+      import htgrpo_jax.worlds, htgrpo_jax.models, htgrpo_jax.sampling, htgrpo_jax.pretrain
+      import htgrpo_jax.worlds.shapeeval.dataset, htgrpo_jax.worlds.shapeeval.codebook
+      import htgrpo_jax.worlds.shapeeval.text_tokenizer, htgrpo_jax.worlds.shapeeval.scenes
+      import htgrpo_jax.worlds.shapeeval.grammar, htgrpo_jax.worlds.shapeeval.verifier
       import htgrpo_jax.models.layouts, htgrpo_jax.models.llada, htgrpo_jax.models.policy
       import htgrpo_jax.models.vq
-      import htgrpo_jax.rewards, htgrpo_jax.rewards.shapes, htgrpo_jax.rewards.remote
-      import htgrpo_jax.evaluate, htgrpo_jax.tasks
+      import htgrpo_jax.rewards, htgrpo_jax.rewards.remote
+      import htgrpo_jax.evaluate, htgrpo_jax.tasks, htgrpo_jax.worlds.shapeeval.task
+      htgrpo_jax.tasks.load_worlds()
       print(sorted(m for m in sys.modules if m.startswith("htgrpo_jax.")))
       """)
   assert out.returncode == 0, out.stderr[-3000:]
   loaded = eval(out.stdout.strip().splitlines()[-1])  # noqa: S307 (our own subprocess's list)
   assert "htgrpo_jax.contracts" in loaded and "htgrpo_jax.pretrain" in loaded, loaded
   leaked = [m for m in loaded if m == "htgrpo_jax.rl" or m.startswith("htgrpo_jax.rl.")]
-  assert not leaked, f"importing data/models/sampling/pretrain/rewards/evaluate/tasks imported {leaked}"
+  assert not leaked, f"importing worlds/models/sampling/pretrain/rewards/evaluate/tasks imported {leaked}"
 
 
 def test_old_names_are_the_contracts():

@@ -11,7 +11,8 @@ import os
 import pytest
 
 from htgrpo_jax import checkpoint, evaluate_run, paths, tasks, trainer, workdir
-from htgrpo_jax.data import vq as world_vq
+from htgrpo_jax.worlds.shapeeval import codebook as patch_vq
+from htgrpo_jax.worlds.shapeeval import task as shapes_task
 from tests.helpers.configs import tiny_config
 
 from tests.helpers.gcs import SEEN
@@ -124,11 +125,11 @@ def test_checkpointer_keeps_a_url_directory(bucket, monkeypatch):
 
 def test_task_paths_keep_urls(bucket, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  c = tasks.pretrain_config.__globals__["ml_collections"].ConfigDict(
+  c = shapes_task.pretrain_config.__globals__["ml_collections"].ConfigDict(
       {"model": {"checkpoint": "gs://b/base"}})
-  assert tasks.base_params_path(c) == "gs://b/base/params"
+  assert shapes_task.base_params_path(c) == "gs://b/base/params"
   c.model.checkpoint = "runs/base"
-  assert tasks.base_params_path(c) == os.path.join(str(tmp_path), "runs", "base", "params")
+  assert shapes_task.base_params_path(c) == os.path.join(str(tmp_path), "runs", "base", "params")
 
   (bucket / "b").mkdir()
   (bucket / "b/prompts.jsonl").write_text('{"prompt": "a red circle", "tag": "single_object"}\n\n'
@@ -143,9 +144,9 @@ def test_world_codebook_round_trips_through_a_url(bucket):
   import jax.numpy as jnp
   cb = jnp.arange(2 * 48, dtype=jnp.float32).reshape(2, 48)  # K = 2 codes of 4 x 4 x 3 patches
   paths.makedirs("gs://b/world")
-  world_vq.save("gs://b/world/codebook.npz", cb)
+  patch_vq.save("gs://b/world/codebook.npz", cb)
   assert (bucket / "b/world/codebook.npz").is_file()
-  assert (world_vq.load("gs://b/world/codebook.npz") == cb).all()
+  assert (patch_vq.load("gs://b/world/codebook.npz") == cb).all()
 
 
 def test_trainer_keeps_a_url_workdir(bucket, tmp_path, monkeypatch):

@@ -54,8 +54,11 @@ def test_each_table_matches_what_its_config_accepts(registry, allowed):
 
 
 def test_other_tables_hold_the_known_variants():
-  assert tasks.WORLDS.names() == ("shapes", "t2i")
-  assert tasks.WORLDS.get("shapes") is tasks.build_shapes_task
+  # The packaged worlds register when tasks.load_worlds (build_task) imports their task modules.
+  from htgrpo_jax.worlds.shapeeval import task as shapes_task
+  assert tasks.load_worlds() is tasks.WORLDS
+  assert tasks.WORLDS.names() == ("t2i", "shapes")
+  assert tasks.WORLDS.get("shapes") is shapes_task.build_shapes_task
   assert layouts.LAYOUTS.names() == ("mmada", "dimoo")
   assert vq_models.KINDS.names() == ("magvit2", "vqgan")
   assert vq_models.KINDS.get("vqgan").module is vq_models.vqgan
@@ -108,7 +111,7 @@ def test_world_and_layout_dispatch_go_through_their_tables(tmp_path, monkeypatch
   with pytest.raises(ValueError, match=r"model\.layout='sdxl' must be one of \('mmada', 'dimoo'\)"):
     tasks.build_layout(c)
   c.world.kind = "sdxl"
-  with pytest.raises(ValueError, match=r"world\.kind='sdxl' must be one of \('shapes', 't2i'\)"):
+  with pytest.raises(ValueError, match=r"world\.kind='sdxl' must be one of \('t2i', 'shapes'\)"):
     tasks.build_task(c)
 
   # A newly registered world or layout is reached by its config string (and nothing else is built).

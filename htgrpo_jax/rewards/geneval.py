@@ -3,7 +3,7 @@
 GenEval (Ghosh et al., 2023) scores a text-to-image model with an object detector (Mask2Former
 there; any detector here: OWLv2, a pixel verifier, ...) and a colour classifier (CLIP there). This
 module is the part after detection, so that "GenEval-style" means one thing in this project: the
-ShapeEval pixel verifier (``rewards/shapes.py``) feeds it exact detections, a real-image reward
+ShapeEval pixel verifier (``worlds/shapeeval/verifier.py``) feeds it exact detections, a real-image reward
 can feed it OWLv2/CLIP outputs.
 
 Inputs

@@ -28,8 +28,8 @@ MAX_REQUEST_BYTES = 256 << 20
 def shapeeval_rewards(canvas: int = 32, patch: int = 4, snap: bool = True
                       ) -> dict[str, Callable[..., np.ndarray]]:
   """{'dense': ..., 'strict': ...}: the ShapeEval verifier of a world."""
-  from htgrpo_jax.data.shapeworld import WorldConfig
-  from htgrpo_jax.rewards.shapes import ShapeEvalReward
+  from htgrpo_jax.worlds.shapeeval.scenes import WorldConfig
+  from htgrpo_jax.worlds.shapeeval.verifier import ShapeEvalReward
   world = WorldConfig(canvas=canvas, patch=patch, snap=snap)
   return {m: ShapeEvalReward(world, mode=m) for m in ("dense", "strict")}
 

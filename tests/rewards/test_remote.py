@@ -6,10 +6,10 @@ import threading
 import numpy as np
 import pytest
 
-from htgrpo_jax.data import prompts as G
-from htgrpo_jax.data import shapeworld as W
 from htgrpo_jax.rewards import remote
-from htgrpo_jax.rewards.shapes import ShapeEvalReward
+from htgrpo_jax.worlds.shapeeval import grammar as G
+from htgrpo_jax.worlds.shapeeval import scenes as W
+from htgrpo_jax.worlds.shapeeval.verifier import ShapeEvalReward
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

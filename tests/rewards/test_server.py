@@ -6,10 +6,10 @@ import urllib.request
 import numpy as np
 import pytest
 
-from htgrpo_jax.data import prompts as G
-from htgrpo_jax.data import shapeworld as W
 from htgrpo_jax.rewards import server
 from htgrpo_jax.rewards.remote import RemoteReward, RemoteRewardError
+from htgrpo_jax.worlds.shapeeval import grammar as G
+from htgrpo_jax.worlds.shapeeval import scenes as W
 
 
 @pytest.fixture

@@ -20,8 +20,8 @@ import transformers
 from tokenizers import models, pre_tokenizers, processors
 
 from htgrpo_jax import paths
-from htgrpo_jax.data import prompts as grammar
-from htgrpo_jax.data.shapeworld import WorldConfig
+from htgrpo_jax.worlds.shapeeval import grammar
+from htgrpo_jax.worlds.shapeeval.scenes import WorldConfig
 
 SPECIALS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]", "[MASK]")
 

@@ -4,9 +4,9 @@ import collections
 import numpy as np
 import pytest
 
-from htgrpo_jax.data import prompts as G
-from htgrpo_jax.data.shapeworld import render
-from htgrpo_jax.rewards.shapes import ShapeEvalReward, parse_prompt
+from htgrpo_jax.worlds.shapeeval import grammar as G
+from htgrpo_jax.worlds.shapeeval.scenes import render
+from htgrpo_jax.worlds.shapeeval.verifier import ShapeEvalReward, parse_prompt
 
 
 def test_splits_are_disjoint_and_cover_the_grammar():

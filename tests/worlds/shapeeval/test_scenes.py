@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from htgrpo_jax.data import shapeworld as W
 from htgrpo_jax.rewards import geneval
+from htgrpo_jax.worlds.shapeeval import scenes as W
 
 
 def test_render_draws_exact_colours_and_footprints():

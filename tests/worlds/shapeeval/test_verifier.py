@@ -5,11 +5,11 @@ import jax
 import numpy as np
 import pytest
 
-from htgrpo_jax.data import prompts as G
-from htgrpo_jax.data import shapeworld as W
-from htgrpo_jax.data import vq
-from htgrpo_jax.rewards import shapes as S
 from htgrpo_jax.rewards.base import validate_rewards
+from htgrpo_jax.worlds.shapeeval import codebook as patch_vq
+from htgrpo_jax.worlds.shapeeval import grammar as G
+from htgrpo_jax.worlds.shapeeval import scenes as W
+from htgrpo_jax.worlds.shapeeval import verifier as S
 
 CFG = W.WorldConfig()
 O = W.ShapeObject
@@ -37,10 +37,10 @@ def test_ground_truth_after_vq_round_trip_is_perfect_per_tag():
   rng = np.random.default_rng(0)
   train = W.render_batch([W.sample_scene(rng, [(None, None)] * int(rng.integers(1, 5)))
                           for _ in range(300)])
-  cb = vq.fit_codebook(train, 128, jax.random.PRNGKey(0))
+  cb = patch_vq.fit_codebook(train, 128, jax.random.PRNGKey(0))
   ps = G.balanced_prompts("eval", 180, seed=4) + G.balanced_prompts("train", 150, seed=4)
   imgs = W.render_batch([G.scene_for(p.meta, rng) for p in ps])
-  dec = np.asarray(vq.decode(cb, vq.encode(cb, imgs)))
+  dec = np.asarray(patch_vq.decode(cb, patch_vq.encode(cb, imgs)))
   scores = S.ShapeEvalReward(mode="strict")([p.text for p in ps], dec)
   by_tag = collections.defaultdict(list)
   for p, s in zip(ps, scores):

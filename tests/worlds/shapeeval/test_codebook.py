@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from htgrpo_jax.contracts import MASK
-from htgrpo_jax.data import shapeworld as W
-from htgrpo_jax.data import vq
+from htgrpo_jax.worlds.shapeeval import codebook as patch_vq
+from htgrpo_jax.worlds.shapeeval import scenes as W
 
 
 def _scenes(n, seed, cfg=W.WorldConfig()):
@@ -17,29 +17,29 @@ def _scenes(n, seed, cfg=W.WorldConfig()):
 
 @pytest.fixture(scope="module")
 def codebook():
-  return vq.fit_codebook(_scenes(400, 0), 128, jax.random.PRNGKey(0))
+  return patch_vq.fit_codebook(_scenes(400, 0), 128, jax.random.PRNGKey(0))
 
 
 def test_aligned_world_round_trips_exactly_on_fresh_scenes(codebook):
   assert codebook.shape == (128, 48) and codebook.dtype == jnp.float32
   imgs = _scenes(300, 1)  # scenes the codebook never saw
-  codes = vq.encode(codebook, imgs)
+  codes = patch_vq.encode(codebook, imgs)
   assert codes.shape == (300, 64) and codes.dtype == jnp.int32
   assert int(codes.min()) >= 0 and int(codes.max()) < 128
-  np.testing.assert_array_equal(np.asarray(vq.decode(codebook, codes)), imgs)
+  np.testing.assert_array_equal(np.asarray(patch_vq.decode(codebook, codes)), imgs)
 
 
 def test_patch_order_is_row_major(codebook):
   img = np.zeros((1, 32, 32, 3), np.uint8) + np.array(W.BACKGROUND, np.uint8)
   img[0, 4:8, 8:12] = W.COLORS["red"]  # token row 1, column 2 -> index 1 * 8 + 2
-  codes = np.asarray(vq.encode(codebook, img))[0]
+  codes = np.asarray(patch_vq.encode(codebook, img))[0]
   assert (codes != codes[0]).sum() == 1 and codes[10] != codes[0]
 
 
 def test_mask_slots_decode_gray(codebook):
-  codes = vq.encode(codebook, _scenes(2, 2)).at[:, :8].set(MASK)
-  out = np.asarray(vq.decode(codebook, codes))
-  assert (out[:, :4] == vq.MASK_GRAY).all() and (out[:, 4:] != vq.MASK_GRAY).any()
+  codes = patch_vq.encode(codebook, _scenes(2, 2)).at[:, :8].set(MASK)
+  out = np.asarray(patch_vq.decode(codebook, codes))
+  assert (out[:, :4] == patch_vq.MASK_GRAY).all() and (out[:, 4:] != patch_vq.MASK_GRAY).any()
 
 
 def test_kmeans_finds_separated_clusters():
@@ -49,7 +49,7 @@ def test_kmeans_finds_separated_clusters():
   lab = rng.integers(4, size=(64, 8, 8))
   imgs = np.clip(base[lab] + rng.normal(0, 3, (64, 8, 8, 3)), 0, 255).astype(np.uint8)
   imgs = np.repeat(np.repeat(imgs, 2, 1), 2, 2)  # 2x2 flat patches
-  cb = np.asarray(vq.fit_codebook(imgs, 4, jax.random.PRNGKey(1), patch=2)).reshape(4, 4, 3)
+  cb = np.asarray(patch_vq.fit_codebook(imgs, 4, jax.random.PRNGKey(1), patch=2)).reshape(4, 4, 3)
   centres = cb.mean(1)
   d = np.linalg.norm(centres[:, None] - base[None], axis=-1)
   assert sorted(d.argmin(1).tolist()) == [0, 1, 2, 3] and d.min(1).max() < 5
@@ -57,26 +57,26 @@ def test_kmeans_finds_separated_clusters():
 
 def test_unaligned_world_is_lossy_but_close():
   cfg = W.unaligned_config(48)
-  cb = vq.fit_codebook(_scenes(150, 3, cfg), 128, jax.random.PRNGKey(0))
+  cb = patch_vq.fit_codebook(_scenes(150, 3, cfg), 128, jax.random.PRNGKey(0))
   imgs = _scenes(20, 4, cfg)
-  rec = np.asarray(vq.decode(cb, vq.encode(cb, imgs))).astype(np.float32)
+  rec = np.asarray(patch_vq.decode(cb, patch_vq.encode(cb, imgs))).astype(np.float32)
   err = np.abs(rec - imgs).mean()
   assert 0 < err < 20
 
 
 def test_save_load_and_jit(codebook, tmp_path):
-  vq.save(tmp_path / "cb.npz", codebook)
-  cb = vq.load(tmp_path / "cb.npz")
+  patch_vq.save(tmp_path / "cb.npz", codebook)
+  cb = patch_vq.load(tmp_path / "cb.npz")
   np.testing.assert_array_equal(np.asarray(cb), np.asarray(codebook))
   imgs = _scenes(4, 5)
-  f = jax.jit(lambda c, x: vq.decode(c, vq.encode(c, x)))
+  f = jax.jit(lambda c, x: patch_vq.decode(c, patch_vq.encode(c, x)))
   np.testing.assert_array_equal(np.asarray(f(cb, imgs)), imgs)
 
 
 def test_bad_inputs():
   with pytest.raises(ValueError, match="uint8"):
-    vq.fit_codebook(np.zeros((2, 8, 8, 3), np.float32))
+    patch_vq.fit_codebook(np.zeros((2, 8, 8, 3), np.float32))
   with pytest.raises(ValueError, match="codebook"):
-    vq.patch_size(np.zeros((4, 10)))
+    patch_vq.patch_size(np.zeros((4, 10)))
   with pytest.raises(ValueError, match="divisible"):
-    vq.encode(jnp.zeros((4, 48)), np.zeros((1, 30, 30, 3), np.uint8))
+    patch_vq.encode(jnp.zeros((4, 48)), np.zeros((1, 30, 30, 3), np.uint8))

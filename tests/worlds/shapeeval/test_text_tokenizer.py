@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import transformers
 
-from htgrpo_jax.data import prompts as G
-from htgrpo_jax.data import text_tokenizer as T
+from htgrpo_jax.worlds.shapeeval import grammar as G
+from htgrpo_jax.worlds.shapeeval import text_tokenizer as T
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,13 @@ Detection sees only the image (never the scene that produced it):
   2. per colour (off-palette pixels form their own group), 8-connected components; components of
      fewer than ``min_area`` px are specks and are ignored (see below);
   3. a component is an OBJECT only when its pixels equal the world's own footprint
-     (``shapeworld.shape_mask``) of one of its shapes at one of ``cfg.sizes``, compared at the
+     (``scenes.shape_mask``) of one of its shapes at one of ``cfg.sizes``, compared at the
      component's tight bounding box, up to ``shape_tolerance`` differing pixels. Everything else
      (fragments, single patches, blobs, touching same-colour objects, shapes at other sizes,
      upside-down triangles, off-palette areas, the all-red canvas) is MALFORMED;
   4. an object's box is the tight box of its pixels, (x0, y0, x1, y1), what a detector reports.
 
-Calibration (measured on the default world, see tests/rewards/test_shapes_adversarial.py):
+Calibration (measured on the default world, see tests/worlds/shapeeval/test_verifier_adversarial.py):
   * ``shape_tolerance = 0``. Ground truth decodes exactly (every aligned patch is a codebook
     entry), so it needs no tolerance, while replacing one patch of a true render by another
     pattern of the world changes as little as 1 px (6 such edits; 84 change 3 px), so any
@@ -72,12 +72,11 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import ndimage
 
-from htgrpo_jax.data import prompts as grammar
-from htgrpo_jax.data import shapeworld
-from htgrpo_jax.data.prompts import PromptMeta
-from htgrpo_jax.data.shapeworld import WorldConfig
 from htgrpo_jax.rewards import geneval
 from htgrpo_jax.rewards.base import check_images
+from htgrpo_jax.worlds.shapeeval import grammar, scenes
+from htgrpo_jax.worlds.shapeeval.grammar import PromptMeta
+from htgrpo_jax.worlds.shapeeval.scenes import WorldConfig
 
 _EIGHT_CONNECTED = np.ones((3, 3), bool)
 
@@ -172,8 +171,8 @@ def _templates(cfg: WorldConfig) -> dict[tuple[int, int], tuple[_Template, ...]]
   out: dict[tuple[int, int], list[_Template]] = {}
   for shape in cfg.shapes:
     for size in cfg.sizes:
-      y0, x0, y1, x1 = shapeworld.footprint_extent(shape, size)
-      m = shapeworld.shape_mask(shape, size)[y0:y1, x0:x1]
+      y0, x0, y1, x1 = scenes.footprint_extent(shape, size)
+      m = scenes.shape_mask(shape, size)[y0:y1, x0:x1]
       out.setdefault(m.shape, []).append(_Template(shape, size, m))
   return {k: tuple(v) for k, v in out.items()}
 
@@ -182,7 +181,7 @@ def _templates(cfg: WorldConfig) -> dict[tuple[int, int], tuple[_Template, ...]]
 def _min_object_area(cfg: WorldConfig, shape: str | None, tolerance: int) -> int:
   """The fewest px an object of ``shape`` (any shape when None) can have."""
   shapes = cfg.shapes if shape is None or shape not in cfg.shapes else (shape,)
-  return min(int(shapeworld.shape_mask(s, z).sum()) for s in shapes for z in cfg.sizes) - tolerance
+  return min(int(scenes.shape_mask(s, z).sum()) for s in shapes for z in cfg.sizes) - tolerance
 
 
 @functools.lru_cache(maxsize=8)
@@ -327,7 +326,7 @@ def parse_prompt(text: str, cfg: WorldConfig = WorldConfig()) -> PromptMeta:
   meta = table.get(" ".join(words))
   if meta is None:
     raise ValueError(f"ShapeEval prompt {text!r} uses known words but is not a sentence of the "
-                     "grammar (see htgrpo_jax.data.prompts)")
+                     "grammar (see htgrpo_jax.worlds.shapeeval.grammar)")
   return meta
 
 

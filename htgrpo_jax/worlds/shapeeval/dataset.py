@@ -13,7 +13,7 @@ JSON). Train examples are balanced over the tags of the split, each paired with 
 
 Records depend on the scene generator, so the builder's version and config name change whenever
 it does: ``GENERATOR_REVISION`` is bumped by hand with the generator (2: position scenes satisfy
-GenEval's rule, see ``shapeworld.relation_holds``) and the name also carries a digest of the
+GenEval's rule, see ``scenes.relation_holds``) and the name also carries a digest of the
 world's geometry, so a data_dir built by an older generator or another world is rebuilt next to
 the old records instead of being silently reused.
 """
@@ -30,9 +30,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from htgrpo_jax import paths
-from htgrpo_jax.data import prompts as grammar
-from htgrpo_jax.data import shapeworld, text_tokenizer, vq
-from htgrpo_jax.data.shapeworld import WorldConfig
+from htgrpo_jax.worlds.shapeeval import codebook as patch_vq
+from htgrpo_jax.worlds.shapeeval import grammar, scenes, text_tokenizer
+from htgrpo_jax.worlds.shapeeval.scenes import WorldConfig
 
 CODEBOOK_FILE = "vq.npz"
 TOKENIZER_DIR = "tokenizer"
@@ -103,9 +103,9 @@ class ShapeEval(tfds.core.GeneratorBasedBuilder):
     chunk = 1024  # encode in batches: one jitted call per chunk
     for s in range(0, len(ps), chunk):
       part = ps[s:s + chunk]
-      imgs = shapeworld.render_batch([grammar.scene_for(p.meta, rng, self._world) for p in part],
+      imgs = scenes.render_batch([grammar.scene_for(p.meta, rng, self._world) for p in part],
                                      self._world)
-      codes = np.asarray(vq.encode(codebook, imgs))
+      codes = np.asarray(patch_vq.encode(codebook, imgs))
       for j, (p, c) in enumerate(zip(part, codes)):
         yield s + j, {"caption": p.text, "codes": c, "meta": p.meta.to_json()}
 
@@ -113,9 +113,9 @@ class ShapeEval(tfds.core.GeneratorBasedBuilder):
 def _fit_world_codebook(cfg: WorldConfig, seed: int, num_codes: int, num_images: int = 1000
                         ) -> jax.Array:
   rng = np.random.default_rng([seed, 7])
-  scenes = [shapeworld.sample_scene(rng, [(None, None)] * int(rng.integers(1, 5)), cfg)
+  sampled = [scenes.sample_scene(rng, [(None, None)] * int(rng.integers(1, 5)), cfg)
             for _ in range(num_images)]
-  return vq.fit_codebook(shapeworld.render_batch(scenes, cfg), num_codes,
+  return patch_vq.fit_codebook(scenes.render_batch(sampled, cfg), num_codes,
                          jax.random.PRNGKey(seed), patch=cfg.patch)
 
 
@@ -127,17 +127,17 @@ def build_world(data_dir: str | os.PathLike, cfg: WorldConfig = WorldConfig(), s
   paths.makedirs(data_dir, exist_ok=True)
   cb_path = paths.join(data_dir, CODEBOOK_FILE)
   if paths.exists(cb_path):
-    codebook = vq.load(cb_path)
-    if vq.patch_size(codebook) != cfg.patch or codebook.shape[0] != num_codes:
+    codebook = patch_vq.load(cb_path)
+    if patch_vq.patch_size(codebook) != cfg.patch or codebook.shape[0] != num_codes:
       raise ValueError(f"{cb_path}: codebook {tuple(codebook.shape)} does not match "
                        f"num_codes={num_codes}, patch={cfg.patch}; use another data_dir")
   else:
     codebook = _fit_world_codebook(cfg, seed, num_codes)
     if paths.is_url(cb_path):
-      vq.save(cb_path, codebook)  # an object-store write is all-or-nothing
+      patch_vq.save(cb_path, codebook)  # an object-store write is all-or-nothing
     else:
       tmp = cb_path + ".tmp.npz"
-      vq.save(tmp, codebook)
+      patch_vq.save(tmp, codebook)
       os.replace(tmp, cb_path)  # atomic: a killed build never leaves a half-written codebook
   tok_dir = paths.join(data_dir, TOKENIZER_DIR)
   if not paths.exists(paths.join(tok_dir, "tokenizer.json")):

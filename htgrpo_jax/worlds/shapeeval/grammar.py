@@ -27,8 +27,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from htgrpo_jax.data import shapeworld
-from htgrpo_jax.data.shapeworld import RELATIONS, Scene, WorldConfig
+from htgrpo_jax.worlds.shapeeval import scenes
+from htgrpo_jax.worlds.shapeeval.scenes import RELATIONS, Scene, WorldConfig
 
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
@@ -176,10 +176,10 @@ def scene_for(meta: PromptMeta, rng: np.random.Generator,
   """A ground-truth scene satisfying ``meta`` (unspecified colours drawn at random).
 
   Position scenes satisfy GenEval's rule with ``cfg.relation_margin`` to spare
-  (``shapeworld.relation_holds``).
+  (``scenes.relation_holds``).
   """
   spec = [(o.shape, o.color) for o in meta.objects for _ in range(o.count)]
-  return shapeworld.sample_scene(rng, spec, cfg, relation=meta.relation)
+  return scenes.sample_scene(rng, spec, cfg, relation=meta.relation)
 
 
 def vocabulary(cfg: WorldConfig = WorldConfig()) -> list[str]:

@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 
-from htgrpo_jax.data import dataset as D
-from htgrpo_jax.data import shapeworld as W
-from htgrpo_jax.data import text_tokenizer as T
-from htgrpo_jax.data import vq
-from htgrpo_jax.rewards.shapes import ShapeEvalReward
+from htgrpo_jax.worlds.shapeeval import codebook as patch_vq
+from htgrpo_jax.worlds.shapeeval import dataset as D
+from htgrpo_jax.worlds.shapeeval import scenes as W
+from htgrpo_jax.worlds.shapeeval import text_tokenizer as T
+from htgrpo_jax.worlds.shapeeval.verifier import ShapeEvalReward
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def test_records_decode_to_scenes_that_match_their_captions(assets):
     batch = next(iter(D.make_dataset(assets, split, 48, seed=1)))
     assert batch["codes"].dtype == np.int32 and batch["codes"].shape == (48, 64)
     assert batch["prompt_tokens"].shape == (48, 16)
-    imgs = np.asarray(vq.decode(assets.codebook, batch["codes"]))
+    imgs = np.asarray(patch_vq.decode(assets.codebook, batch["codes"]))
     scores = rew(list(batch["caption"]), imgs, meta=list(batch["meta"]))
     assert scores.min() == 1.0
     np.testing.assert_array_equal(

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from htgrpo_jax.data import prompts as G
-from htgrpo_jax.data import shapeworld as W
-from htgrpo_jax.data.prompts import ObjectReq, PromptMeta
 from htgrpo_jax.rewards import geneval
-from htgrpo_jax.rewards import shapes as S
+from htgrpo_jax.worlds.shapeeval import grammar as G
+from htgrpo_jax.worlds.shapeeval import scenes as W
+from htgrpo_jax.worlds.shapeeval import verifier as S
+from htgrpo_jax.worlds.shapeeval.grammar import ObjectReq, PromptMeta
 
 CFG = W.WorldConfig()
 O = W.ShapeObject

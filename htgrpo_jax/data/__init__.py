@@ -1,1 +1,0 @@
-"""ShapeEval world (scenes, VQ tokenizer, prompt grammar, text tokenizer) and prompt datasets."""
