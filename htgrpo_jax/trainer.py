@@ -147,6 +147,8 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = pri
   """
   p = plan(config)
   parallel.maybe_initialize_distributed()
+  # Hosts started with different commands or files would compile different programs and hang.
+  parallel.check_same_everywhere("the config", config.to_json_best_effort())
   log = writer.primary_log(log)
   mesh = parallel.make_mesh(**dict(config.mesh))
   check_mesh(p, mesh)
