@@ -57,7 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       {name: dict(preset=p, overrides=o) for name, (p, o) in ARMS.items()})
   c.main_arms = "htgrpo,maskgrpo,tracegrpo,uni"
   c.main_seeds = 3
-  c.ablation_arms = ",".join(a for a in ARMS if a.startswith("ht_") or "_lr" in a)
+  c.ablation_arms = ",".join(a for a in ARMS if a not in c.main_arms.split(","))  # every other arm
   c.ablation_seeds = 1
   c.reference_arm = "maskgrpo"         # the table's "vs" column: each arm's paired difference from it
   c.results_md = "docs/results.md"
