@@ -99,13 +99,16 @@ $VENV/bin/python -c 'import sys, jax, htgrpo_jax; print(sys.version.split()[0], 
     for a in "$@"; do flags+=" $(printf '%q' "$a")"; done  # after the defaults: the user's win
     flags=${flags# }
     # setsid + nohup: the trainer leaves the ssh session's process group, so a dropped connection
-    # (or the ssh returning at once, as here) does not kill it; its pid is its process group.
+    # (or the ssh returning at once, as here) does not kill it; its pid is its process group. The
+    # child calls setsid() only once it runs: wait for that (up to 10 s) before reporting the pid,
+    # so a `stop` right after `train` finds the group it signals.
     on all "$name" "$WORKER_ID; mkdir -p $LOG_DIR && cd $REMOTE_DIR || exit 1; \
 pid=\$(cat $LOG_DIR/worker-\$w.pid 2>/dev/null) && kill -0 \$pid 2>/dev/null && \
 { echo \"worker \$w: already training (pid \$pid); launch/tpu_vm.sh stop first\"; exit 1; }; \
 echo \"=== \$(date -u +%FT%TZ) worker \$w: launch/train.py $flags\" >> $LOG_DIR/worker-\$w.log; \
 setsid nohup $VENV/bin/python launch/train.py $flags >> $LOG_DIR/worker-\$w.log 2>&1 < /dev/null & \
-echo \$! > $LOG_DIR/worker-\$w.pid; echo \"worker \$w: pid \$!, log $LOG_DIR/worker-\$w.log\""
+pid=\$!; for i in \$(seq 100); do [ \"\$(ps -o sid= -p \$pid | tr -d ' ')\" = \$pid ] && break; sleep 0.1; done; \
+echo \$pid > $LOG_DIR/worker-\$w.pid; echo \"worker \$w: pid \$pid, log $LOG_DIR/worker-\$w.log\""
     ;;
   logs)
     need_name "${1:-}"

@@ -62,8 +62,10 @@ def _train_remote(flags):
           "{ echo \"worker $w: already training (pid $pid); launch/tpu_vm.sh stop first\"; exit 1; }; "
           f"echo \"=== $(date -u +%FT%TZ) worker $w: launch/train.py {flags}\" >> ~/htgrpo_logs/worker-$w.log; "
           f"setsid nohup ~/htgrpo_venv/bin/python launch/train.py {flags} >> ~/htgrpo_logs/worker-$w.log "
-          "2>&1 < /dev/null & echo $! > ~/htgrpo_logs/worker-$w.pid; "
-          "echo \"worker $w: pid $!, log ~/htgrpo_logs/worker-$w.log\"")
+          "2>&1 < /dev/null & pid=$!; "
+          "for i in $(seq 100); do [ \"$(ps -o sid= -p $pid | tr -d ' ')\" = $pid ] && break; sleep 0.1; done; "
+          "echo $pid > ~/htgrpo_logs/worker-$w.pid; "
+          "echo \"worker $w: pid $pid, log ~/htgrpo_logs/worker-$w.log\"")
 
 
 def test_train_runs_detached_on_all_workers_with_config_pass_through():
