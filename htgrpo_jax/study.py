@@ -25,7 +25,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import ml_collections
 import numpy as np
@@ -183,6 +183,86 @@ def collect(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   return dict(base=base, finals=finals, curves=curves)
 
 
+def images_to_reach(curve: np.ndarray, target: float) -> float:
+  """Rollout images at which a mean curve first reaches ``target``, linear between evaluations;
+  inf when it never does.
+
+  Args:
+    curve: float64[n, 2] (rollout images, held-out overall), images increasing, from (0, base).
+  """
+  for (x0, y0), (x1, y1) in zip(curve[:-1], curve[1:]):
+    if y1 >= target:
+      return float(x0 if y0 >= target else x0 + (x1 - x0) * (target - y0) / (y1 - y0))
+  return float("inf")
+
+
+def reach_lines(data: dict[str, Any], arms: Sequence[str], ref: str, n_boot: int = 1000,
+                seed: int = 0) -> list[str]:
+  """The sample-efficiency table: for each arm, the rollout images its seed-mean curve needs to
+  reach the reference arm's final seed-mean score, and the reference's budget over that (how many
+  times fewer images), with 95 % intervals from a bootstrap that resamples prompts (one draw for
+  every evaluation: paired) and then seeds within each arm, as the main table does."""
+  base, curves = data["base"], data["curves"]
+  if ref not in curves:
+    return []
+  arms = [a for a in arms if a in curves]
+  # Evaluation steps every seed of an arm has; one score array per (arm, seed, step).
+  steps = {a: sorted(set.intersection(*[{s for s, _ in c} for c, _, _ in curves[a].values()]))
+           for a in arms}
+  # Intermediate evaluations draw fewer samples per prompt than the final one: compare per-prompt
+  # means (each prompt one cluster; with equal samples per prompt the overall is unchanged).
+  ids, first = np.unique(base["prompt_index"], return_index=True)
+  tags = np.asarray(base["tags"])[first]
+
+  def per_prompt(e: dict[str, np.ndarray], name: str) -> np.ndarray:
+    if not np.array_equal(np.unique(e["prompt_index"]), ids):
+      raise ValueError(f"study: {name} was evaluated on other prompts than the base")
+    inv = np.searchsorted(ids, e["prompt_index"])
+    return np.bincount(inv, e["strict"], len(ids)) / np.bincount(inv, minlength=len(ids))
+
+  arrays, where = [per_prompt(base, "the base")], {}
+  for a in arms:
+    for k, (c, _, per_step) in curves[a].items():
+      by_step = dict(c)
+      for st in steps[a]:
+        where[a, k, st] = len(arrays)
+        arrays.append(per_prompt(by_step[st], f"run {a}/seed{k} step {st}"))
+  draws = evaluate.bootstrap_draws(tags, ids, arrays, n_boot=n_boot, seed=seed)["overall"]  # [A, B]
+  rng = np.random.default_rng(seed + 1)
+
+  def mean_curves(a: str, d: np.ndarray) -> np.ndarray:
+    """float64[n_boot, n_steps + 1, 2]: the arm's seed-mean curve in every draw (seeds resampled
+    when d is the bootstrap, the observed seeds when d holds one column)."""
+    seeds = sorted(curves[a])
+    per_step = next(iter(curves[a].values()))[2]
+    ys = np.stack([[d[where[a, k, st]] for st in steps[a]] for k in seeds])  # [seeds, n, B]
+    pick = (rng.integers(0, len(seeds), (d.shape[1], len(seeds))) if d.shape[1] > 1
+            else np.arange(len(seeds))[None])
+    y = ys[pick, :, np.arange(d.shape[1])[:, None]].mean(1)  # [B, n]
+    y = np.concatenate([d[0][:, None], y], 1)
+    x = np.broadcast_to(np.asarray([0] + [st * per_step for st in steps[a]], np.float64), y.shape)
+    return np.stack([x, y], -1)
+
+  observed = np.asarray([[evaluate.tag_scores(tags, a)["overall"]] for a in arrays])  # [A, 1]
+  ref_obs, ref_draw = mean_curves(ref, observed), mean_curves(ref, draws)
+  target_obs, budget = ref_obs[0, -1, 1], ref_obs[0, -1, 0]
+  lines = [f"Rollout images to reach `{ref}`'s final score ({target_obs:.3f}, its seed mean after "
+           f"{budget:.0f} images), linear between evaluations, with 95 % intervals (prompts and "
+           f"seeds resampled, the target with them; 'never' = not reached within the budget):", "",
+           f"| arm | images to reach {ref}'s final | {ref}'s budget / those images |", "|---|---:|---:|"]
+  for a in [a for a in arms if a != ref]:
+    obs = images_to_reach(mean_curves(a, observed)[0], target_obs)
+    cur = mean_curves(a, draws)
+    x = np.asarray([images_to_reach(cur[b], ref_draw[b, -1, 1]) for b in range(n_boot)])
+    lo, hi = np.percentile(x, [2.5, 97.5])
+    ratio = budget / x  # inf images -> 0x
+    rlo, rhi = np.percentile(ratio, [2.5, 97.5])
+    img = lambda v: "never" if not np.isfinite(v) else f"{v:.0f}"
+    lines.append(f"| {a} | {img(obs)} [{img(lo)}, {img(hi)}] | "
+                 f"{budget / obs:.2f}x [{rlo:.2f}x, {rhi:.2f}x] |")
+  return lines + [""]
+
+
 def seed_prompt_bootstrap(base: dict[str, np.ndarray], finals: dict[str, dict[int, dict]],
                           n_boot: int = 2000, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
   """Bootstrap draws of each arm's seed-mean accuracy (per tag and overall) and of its change
@@ -250,7 +330,8 @@ def write_report(cfg: ml_collections.ConfigDict) -> str:
                  f"{fmt(acc[a]['overall'] - base_acc['overall'], boot[a + ':change']['overall'])} | "
                  + vs + " | ".join(f"{acc[a][t]:.3f}" for t in tags) + " |")
   lines += ["", "| base | " + " | ".join(f"{t} {base_acc[t]:.3f}" for t in tags + ["overall"]) +
-            " |", "", "Arms: " + "; ".join(
+            " |", ""] + (reach_lines(data, list(arms), ref) if ref else []) + [
+            "Arms: " + "; ".join(
                 f"`{a}` = preset {s['preset']}" + (f" with {s['overrides']}" if s["overrides"]
                                                     else "") for a, s in arms.items()), "",
             f"![held-out accuracy vs rollout images and wall time]({os.path.basename(cfg.curves_png)})",

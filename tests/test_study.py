@@ -151,9 +151,42 @@ def test_report_gives_each_arm_its_paired_difference_from_the_reference_arm(tmp_
   md = study.write_report(cfg)
   header = next(ln for ln in md.splitlines() if ln.startswith("| arm |"))
   col = header.split(" | ").index("vs maskgrpo")
-  row = {ln.split(" | ")[0][2:]: ln.split(" | ") for ln in md.splitlines() if ln.startswith("| ")}
+  table = md[md.index("| arm |"):].split("\n\n")[0].splitlines()
+  row = {ln.split(" | ")[0][2:]: ln.split(" | ") for ln in table}
   lo, hi = (float(x) for x in row["htgrpo"][col].split("[")[1].rstrip("]").split(", "))
   assert 0.25 < lo < hi < 0.55
   lo, hi = (float(x) for x in row["uni"][col].split("[")[1].rstrip("]").split(", "))
   assert lo < 0 < hi
   assert row["maskgrpo"][col] == "-"
+
+
+def test_images_to_reach_interpolates_between_evaluations_and_reports_never():
+  curve = np.array([[0, 0.1], [1000, 0.2], [2000, 0.4], [3000, 0.3]])
+  assert study.images_to_reach(curve, 0.3) == pytest.approx(1500)
+  assert study.images_to_reach(curve, 0.2) == pytest.approx(1000)
+  assert study.images_to_reach(curve, 0.05) == 0.0
+  assert study.images_to_reach(curve, 0.41) == float("inf")
+
+
+def test_report_says_how_many_rollout_images_each_arm_needs_to_reach_the_reference(tmp_path):
+  """An arm evaluated at the same steps that is ahead at every evaluation reaches the reference's
+  final score earlier, and the table says how many times fewer images it took."""
+  cfg = load_config_file(os.path.join(REPO, "configs", "study.py"), "tiny")
+  cfg.train_config = os.path.join(REPO, "configs", "geneval.py")
+  cfg.workdir = str(tmp_path / "study")
+  cfg.results_md, cfg.curves_png = str(tmp_path / "r.md"), str(tmp_path / "c.png")
+  cfg.main_arms, cfg.main_seeds, cfg.ablation_arms = "htgrpo,maskgrpo", 1, ""
+  cfg.reference_arm = "maskgrpo"
+  writer.write_eval(paths.join(cfg.workdir, "base_eval"), "base", _eval_res(0.0, 60, 4), "base", 0)
+  curve = {"htgrpo": (1.0, 1.0), "maskgrpo": (0.0, 1.0)}  # overall at the two evaluations
+  for r in study.plan_runs(cfg):
+    c = study.train_config(cfg, r.arm, r.seed, r.workdir)
+    for step, acc in zip((c.total_steps // 2, c.total_steps), curve[r.arm]):
+      writer.write_eval(r.workdir, f"step{step:05d}", _eval_res(acc, 60, 4), "t", 0)
+  md = study.write_report(cfg)
+  row = next(ln for ln in md.splitlines() if ln.startswith("| htgrpo | ") and "x [" in ln)
+  c = study.train_config(cfg, "htgrpo", 0, "")
+  per_step = c.prompts_per_step * c.rl.group_size
+  # htgrpo reaches maskgrpo's final 1.0 at its first evaluation, half the budget
+  half = c.total_steps // 2 * per_step
+  assert row.startswith(f"| htgrpo | {half:.0f} [") and row.endswith(" | 2.00x [2.00x, 2.00x] |")
