@@ -69,7 +69,7 @@ def test_url_helpers_go_through_epath(bucket):
   assert not paths.exists("gs://b/run")
 
 
-def test_no_gs_folder_appears_under_the_working_directory(bucket, tmp_path, monkeypatch):
+def test_no_gs_folder_appears_under_the_working_directory(bucket, tmp_path):
   cwd = tmp_path / "cwd"  # the bucket fixture's empty working directory
   workdir.WorkdirLock("gs://b/run", log=lambda m: None).acquire()  # creates the folder, as locally
   changes = workdir.check_config("gs://b/run", json.dumps({"seed": 0}), resuming=False, allow=False)
