@@ -224,3 +224,34 @@ def test_tokenizer_from_local_dir(tmp_path):
     clip.load_tokenizer(str(tmp_path / "nothing"))
   with pytest.raises(ValueError, match="bare string"):
     clip.tokenize(tok, "a dog", 12)
+
+
+def test_loading_and_scoring_need_no_torch(tmp_path):
+  """The converter, the model and the CLIPScore reward run where ``import torch`` fails."""
+  import subprocess
+  import sys
+  import textwrap
+  model = tiny_hf_clip(seed=4, vocab=131, eos=130)  # the tokenizer's size and EOS
+  d = str(tmp_path / "ckpt")
+  model.save_pretrained(d)
+  write_clip_tokenizer(tmp_path)
+  code = textwrap.dedent(f"""
+      import importlib.machinery, sys
+      class NoTorch(importlib.machinery.PathFinder):
+        @classmethod
+        def find_spec(cls, name, path=None, target=None):
+          return None if name == "torch" or name.startswith("torch.") else super().find_spec(name, path, target)
+      sys.meta_path[:] = [NoTorch if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+      import numpy as np
+      from htgrpo_jax.models import clip
+      from htgrpo_jax.rewards import clip as rewards
+      cfg, params = __import__("htgrpo_jax.models.clip_convert", fromlist=["x"]).load_hf_clip({d!r})
+      b = rewards.CLIPBundle(cfg, params, clip.load_tokenizer({str(tmp_path)!r}))
+      s = rewards.CLIPScore(b, weight=1.0).cosine(["a red dog"], np.zeros((1, 40, 40, 3), np.uint8))
+      assert s.shape == (1,) and np.isfinite(s).all()
+      assert "torch" not in sys.modules
+      print("ok")
+      """)
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
