@@ -247,3 +247,38 @@ def load_open_clip(path: str, config: clip.CLIPConfig, mesh=None) -> Any:
   -> params. ``config``: ``clip.from_open_clip_config(model_cfg, quick_gelu)`` or a preset."""
   return load_params(path, open_clip_param_map(config), np.dtype(config.param_dtype), mesh=mesh,
                      what="open_clip checkpoint", single_files=(OPEN_CLIP_SINGLE, llada_convert.SINGLE_FILE))
+
+
+def owl_param_map(c) -> ParamMap:
+  """Our flat path -> (HF key, shape, transform) for ``owl.OwlDetector`` from
+  ``Owlv2ForObjectDetection`` (keys ``owlv2.*``) / ``OwlViTForObjectDetection`` (``owlvit.*``)."""
+  cc = c.clip
+  dv, dt = cc.vision.hidden_size, cc.text.hidden_size
+  m = hf_param_map(cc, prefix=f"{c.kind}.", path=("clip",), pre_ln="pre_layernorm")
+  _add_dense(m, ("class_head", "dense0"), "class_head.dense0", dv, dt)
+  _add_dense(m, ("class_head", "logit_shift"), "class_head.logit_shift", dv, 1)
+  _add_dense(m, ("class_head", "logit_scale"), "class_head.logit_scale", dv, 1)
+  heads = (("box_head", 4),) + ((("objectness_head", 1),) if c.kind == "owlv2" else ())
+  for head, out in heads:
+    _add_dense(m, (head, "dense0"), f"{head}.dense0", dv, dv)
+    _add_dense(m, (head, "dense1"), f"{head}.dense1", dv, dv)
+    _add_dense(m, (head, "dense2"), f"{head}.dense2", dv, out)
+  _add_ln(m, ("layer_norm",), "layer_norm", dv)
+  return m
+
+
+def load_owl(path: str, config=None, mesh=None):
+  """HF ``Owlv2ForObjectDetection`` / ``OwlViTForObjectDetection`` dir (``config.json`` +
+  ``model.safetensors``) or file -> (``owl.OwlConfig``, params). ``config`` None reads
+  ``config.json``; raises ValueError naming the tensor on any mismatch."""
+  from htgrpo_jax.models import owl
+  if config is None:
+    d = path if os.path.isdir(path) else os.path.dirname(path)
+    cfg = os.path.join(d, "config.json")
+    if not os.path.exists(cfg):
+      raise ValueError(f"{path!r}: no config.json next to the weights; pass an OwlConfig")
+    with open(cfg) as f:
+      config = owl.from_hf_config(json.load(f))
+  params = load_params(path, owl_param_map(config), np.dtype(config.clip.param_dtype), mesh=mesh,
+                       what=f"HF {config.kind} checkpoint")
+  return config, params
