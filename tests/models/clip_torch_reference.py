@@ -141,3 +141,37 @@ def geneval_crop(image, box, mask=None, size=224, background="#999"):
   im = im.resize(new, Image.BICUBIC)
   left, top = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
   return np.asarray(im.crop((left, top, left + size, top + size)))
+
+
+def save_tiny_clip_dir(d, seed=3):
+  """A random tiny HF ``CLIPModel`` sized for ``write_clip_tokenizer``'s vocabulary, saved with
+  that tokenizer in ``d``; returns (model, tokenizer)."""
+  from transformers import CLIPConfig, CLIPModel
+  tok = write_clip_tokenizer(d)
+  eos = tok.convert_tokens_to_ids("<|endoftext|>")
+  text = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              intermediate_size=64, max_position_embeddings=16, eos_token_id=eos, bos_token_id=eos - 1,
+              pad_token_id=eos)
+  vision = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=80,
+                patch_size=8, image_size=32)
+  torch.manual_seed(seed)
+  model = randomize(CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)), seed)
+  model.save_pretrained(str(d))
+  return model, tok
+
+
+def save_tiny_owl_dir(d, kind="owlv2", seed=5):
+  """A random tiny HF OWL detector (4 x 4 patches of a 32 px input) sized for
+  ``write_clip_tokenizer``'s vocabulary, saved with that tokenizer in ``d``; returns (model, tokenizer)."""
+  from transformers import OwlViTConfig, OwlViTForObjectDetection, Owlv2Config, Owlv2ForObjectDetection
+  tok = write_clip_tokenizer(d)
+  text = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              intermediate_size=64, max_position_embeddings=16)
+  vision = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=80, image_size=32,
+                patch_size=8)
+  cfg_cls, model_cls = ((Owlv2Config, Owlv2ForObjectDetection) if kind == "owlv2"
+                        else (OwlViTConfig, OwlViTForObjectDetection))
+  torch.manual_seed(seed)
+  model = randomize(model_cls(cfg_cls(text_config=text, vision_config=vision, projection_dim=32)), seed)
+  model.save_pretrained(str(d))
+  return model, tok

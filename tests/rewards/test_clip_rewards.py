@@ -14,7 +14,7 @@ from htgrpo_jax.rewards import clip as clip_rewards
 from htgrpo_jax.rewards.geneval import COLORS
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
-from clip_torch_reference import geneval_crop, randomize, write_clip_tokenizer  # noqa: E402
+from clip_torch_reference import geneval_crop, save_tiny_clip_dir  # noqa: E402
 
 MEAN = np.asarray((0.48145466, 0.4578275, 0.40821073))
 STD = np.asarray((0.26862954, 0.26130258, 0.27577711))
@@ -23,18 +23,8 @@ STD = np.asarray((0.26862954, 0.26130258, 0.27577711))
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
   """A random tiny HF CLIP saved with its tokenizer in one dir, and the loaded bundle."""
-  from transformers import CLIPConfig, CLIPModel
   d = tmp_path_factory.mktemp("clip")
-  tok = write_clip_tokenizer(d)
-  eos = tok.convert_tokens_to_ids("<|endoftext|>")
-  text = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-              intermediate_size=64, max_position_embeddings=16, eos_token_id=eos, bos_token_id=eos - 1,
-              pad_token_id=eos)
-  vision = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=80,
-                patch_size=8, image_size=32)
-  torch.manual_seed(0)
-  model = randomize(CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)), seed=3)
-  model.save_pretrained(str(d))
+  model, tok = save_tiny_clip_dir(d, seed=3)
   return model, tok, clip_rewards.load_clip(str(d))
 
 
