@@ -86,6 +86,32 @@ def _size(config: clip.CLIPConfig) -> int:
   return config.vision.image_size
 
 
+def on_mesh(mesh, *arrays: np.ndarray) -> tuple[Any, ...]:
+  """Host batches -> device arrays: as they are without ``mesh``; with it, the leading dim padded
+  (repeating the last row) to a multiple of data*fsdp and split over ``('data', 'fsdp')``, so the
+  jitted reward programs run data-parallel on the policy's mesh (slice outputs back to the batch).
+  Every process must call with the same batch (``parallel.global_batch``)."""
+  if mesh is None:
+    return tuple(jnp.asarray(a) for a in arrays)
+  from htgrpo_jax import parallel
+  mesh = parallel.auto_mesh(mesh)
+  div = parallel.batch_size_divisor(mesh)
+  out = []
+  for a in arrays:
+    a = np.asarray(a)
+    pad = (-a.shape[0]) % div
+    if pad:
+      a = np.concatenate([a, np.repeat(a[-1:], pad, axis=0)])
+    out.append(parallel.global_batch(a, mesh))
+  return tuple(out)
+
+
+def to_numpy(x: jax.Array, n: int) -> np.ndarray:
+  """The first ``n`` rows of a (possibly sharded) device array, as numpy."""
+  from htgrpo_jax import parallel
+  return np.asarray(parallel.to_host(x) if isinstance(x, jax.Array) else x)[:n]
+
+
 def token_ids(bundle: CLIPBundle, texts: Sequence[str], who: str) -> np.ndarray:
   """``int32[N, max_length]`` ids of ``texts``; raises ValueError naming ``who`` when the tokenizer
   yields ids the model's embedding does not have (a tokenizer of another model: the lookup would
@@ -113,20 +139,22 @@ class CLIPScore:
     bundle: a ``CLIPBundle``.
     weight: Hessel et al.'s w (2.5); 1.0 gives the clipped cosine.
     prefix: prepended to every prompt (Hessel et al. use "A photo depicts "; default none).
+    mesh: run data-parallel over this mesh (``on_mesh``; load the params with ``mesh=`` too).
   """
   name = "clipscore"
 
-  def __init__(self, bundle: CLIPBundle, *, weight: float = 2.5, prefix: str = ""):
+  def __init__(self, bundle: CLIPBundle, *, weight: float = 2.5, prefix: str = "", mesh=None):
     if not np.isfinite(weight) or weight <= 0:
       raise ValueError(f"CLIPScore: weight={weight!r} must be a positive number")
-    self.bundle, self.weight, self.prefix = bundle, float(weight), prefix
+    self.bundle, self.weight, self.prefix, self.mesh = bundle, float(weight), prefix, mesh
 
   def cosine(self, prompts: Sequence[str], images: np.ndarray) -> np.ndarray:
     """``float32[B]`` raw cosine similarities."""
     images = check_images(self.name, prompts, images)
     b = self.bundle
     ids = token_ids(b, [self.prefix + p for p in prompts], f"reward {self.name!r}")
-    return np.asarray(clip_score(b.params, jnp.asarray(images), jnp.asarray(ids), b.config), np.float32)
+    x, t = on_mesh(self.mesh, images, ids)
+    return to_numpy(clip_score(b.params, x, t, b.config), len(prompts)).astype(np.float32)
 
   def __call__(self, prompts: Sequence[str], images: np.ndarray, **columns: Any) -> np.ndarray:
     return (self.weight * np.maximum(self.cosine(prompts, images), 0.0)).astype(np.float32)
@@ -168,13 +196,14 @@ class ColorClassifier:
 
   def __init__(self, bundle: CLIPBundle, *, colors: Sequence[str] = COLORS,
                templates: Sequence[str] = GENEVAL_COLOR_TEMPLATES,
-               background: tuple[int, int, int] = GENEVAL_BACKGROUND):
+               background: tuple[int, int, int] = GENEVAL_BACKGROUND, mesh=None):
     for t in templates:
       if "{color}" not in t:
         raise ValueError(f"ColorClassifier: template {t!r} has no {{color}} field")
     self.bundle, self.colors, self.templates = bundle, tuple(colors), tuple(templates)
     self.background = tuple(int(v) for v in background)
     self._weights: dict[str, np.ndarray] = {}
+    self.mesh = mesh
 
   def class_weights(self, classname: str) -> np.ndarray:
     """``float32[len(colors), P]``: per colour, the normalised mean of the normalised template
@@ -211,10 +240,13 @@ class ColorClassifier:
         raise ValueError(f"ColorClassifier: masks must be bool[{b}, {k}, {h}, {w}], got {list(masks.shape)}")
     weights = np.stack([np.stack([self.class_weights(c) for c in row]) for row in classes]) if k else \
         np.zeros((b, 0, len(self.colors), self.bundle.config.projection_dim), np.float32)
-    out = color_logits(self.bundle.params, jnp.asarray(images), jnp.asarray(boxes),
-                       None if masks is None else jnp.asarray(masks), jnp.asarray(weights),
-                       self.bundle.config, self.background)
-    return np.asarray(out, np.float32)
+    if masks is None:
+      x, bx, wt = on_mesh(self.mesh, images, boxes, weights)
+      m = None
+    else:
+      x, bx, wt, m = on_mesh(self.mesh, images, boxes, weights, masks)
+    out = color_logits(self.bundle.params, x, bx, m, wt, self.bundle.config, self.background)
+    return to_numpy(out, b).astype(np.float32)
 
   def __call__(self, image: np.ndarray, classname: str, boxes: np.ndarray,
                masks: np.ndarray | None = None) -> list[str]:

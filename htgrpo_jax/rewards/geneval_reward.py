@@ -29,7 +29,7 @@ import numpy as np
 from htgrpo_jax.models import clip, owl
 from htgrpo_jax.rewards import geneval
 from htgrpo_jax.rewards.base import check_images
-from htgrpo_jax.rewards.clip import ColorClassifier
+from htgrpo_jax.rewards.clip import ColorClassifier, on_mesh, to_numpy
 
 MODES = ("dense", "strict")
 
@@ -98,12 +98,14 @@ class GenEvalReward:
     box_threshold: detections below this score are dropped before NMS (GenEval's own 0.3 / 0.9
       thresholds are applied by ``evaluate``).
     nms_iou: greedy NMS IoU per class (None: no NMS).
+    mesh: run the detector data-parallel over this mesh (load its params with ``mesh=``; give the
+      colour classifier the mesh too).
   """
   name = "geneval"
 
   def __init__(self, detector: OwlBundle, colors: ColorClassifier | None = None, *, mode: str = "dense",
                variant: str = "geneval", ties: str = "first", query_template: str = "a photo of a {object}",
-               box_threshold: float = 0.1, nms_iou: float | None = 0.5):
+               box_threshold: float = 0.1, nms_iou: float | None = 0.5, mesh=None):
     if mode not in MODES:
       raise ValueError(f"GenEvalReward: mode={mode!r}; expected one of {MODES}")
     if variant not in geneval.VARIANTS or ties not in geneval.TIES:
@@ -115,6 +117,7 @@ class GenEvalReward:
     self.variant, self.ties, self.template = variant, ties, query_template
     self.box_threshold, self.nms_iou = float(box_threshold), nms_iou
     self._queries: dict[str, np.ndarray] = {}
+    self.mesh = mesh
 
   def query(self, classname: str) -> np.ndarray:
     """``float32[P]`` the detector's unit query embedding of ``classname`` (cached)."""
@@ -137,9 +140,9 @@ class GenEvalReward:
     for i, names in enumerate(classes):
       for j, name in enumerate(names):
         queries[i, j], mask[i, j] = self.query(name), True
-    out = detect_images(self.detector.params, jnp.asarray(images), jnp.asarray(queries), jnp.asarray(mask),
-                        self.detector.config)
-    logits, boxes = np.asarray(out["logits"]), np.asarray(out["boxes"])
+    x, qs, m = on_mesh(self.mesh, images, queries, mask)
+    out = detect_images(self.detector.params, x, qs, m, self.detector.config)
+    logits, boxes = to_numpy(out["logits"], b), to_numpy(out["boxes"], b)
     dets = []
     for i, names in enumerate(classes):
       d = owl.detections(logits[i], boxes[i], names, side=max(h, w), threshold=self.box_threshold,

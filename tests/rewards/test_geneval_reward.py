@@ -5,6 +5,7 @@ rules say."""
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -58,7 +59,6 @@ def test_random_models_give_valid_scores(models):
 def _forced(bundle, shift):
   """Every patch detects its best query with score sigmoid(cos + shift); boxes are the patch grid
   (box MLP output 0: the box bias alone, a 1/4-wide box at each patch's grid corner)."""
-  import jax
   p = jax.tree.map(np.array, bundle.params)
   p["class_head"]["logit_shift"]["kernel"][:] = 0
   p["class_head"]["logit_shift"]["bias"][:] = shift
@@ -104,3 +104,35 @@ def test_bad_input_is_named(models):
     reward(["a dog"], _images(1), meta=[{"prompt": "a dog"}])
   with pytest.raises(ValueError, match="mode='soft'"):
     gr.GenEvalReward(owl_bundle, colors, mode="soft")
+
+
+def test_runs_data_parallel_on_a_mesh(models, tmp_path):
+  """On an 8-device mesh (params replicated, a batch of 3 padded to 8) the reward, the colour
+  logits and CLIPScore equal the single-device results."""
+  from htgrpo_jax import parallel
+  owl_bundle, colors = models
+  mesh = parallel.make_mesh(data=-1)
+  save_tiny_owl_dir(tmp_path / "owl")
+  save_tiny_clip_dir(tmp_path / "clip")
+  owl_m = gr.load_owl(str(tmp_path / "owl"), mesh=mesh)
+  clip_m = clip_rewards.load_clip(str(tmp_path / "clip"), mesh=mesh)
+  colors_m = clip_rewards.ColorClassifier(clip_m, mesh=mesh)
+  assert len(jax_devices(owl_m.params)) == 8
+  meta = [_rec("colors", [{"class": "dog", "count": 1, "color": c}]) for c in ("red", "blue", "green")]
+  images = _images(3, seed=5)
+  forced, forced_m = _forced(owl_bundle, 5.0), _forced(owl_m, 5.0)
+  forced_m = gr.OwlBundle(forced_m.config, jax.device_put(forced_m.params, parallel.replicated(
+      parallel.auto_mesh(mesh))), forced_m.tokenizer)
+  single = gr.GenEvalReward(forced, colors)
+  sharded = gr.GenEvalReward(forced_m, colors_m, mesh=mesh)
+  np.testing.assert_array_equal(sharded(["x"] * 3, images, meta=meta), single(["x"] * 3, images, meta=meta))
+  boxes = np.tile(np.asarray([[[2, 2, 20, 30], [10, 0, 32, 12]]], np.float32), (3, 1, 1))
+  np.testing.assert_allclose(colors_m.logits(images, boxes, [["dog", "cat"]] * 3),
+                             colors.logits(images, boxes, [["dog", "cat"]] * 3), atol=1e-4)
+  prompts = ["a red dog", "a cat", "a photo of a bus"]
+  np.testing.assert_allclose(clip_rewards.CLIPScore(clip_m, mesh=mesh, weight=1.0).cosine(prompts, images),
+                             clip_rewards.CLIPScore(colors.bundle, weight=1.0).cosine(prompts, images), atol=1e-5)
+
+
+def jax_devices(tree):
+  return {d for leaf in jax.tree.leaves(tree) for d in leaf.devices()}
