@@ -134,6 +134,10 @@ def test_presets_match_hf_and_open_clip_sizes():
   l14 = dict(embed_dim=768, vision_cfg=dict(image_size=224, layers=24, width=1024, patch_size=14),
              text_cfg=dict(context_length=77, vocab_size=49408, width=768, heads=12, layers=12))
   assert clip.from_open_clip_config(l14, quick_gelu=True) == clip.PRESETS["vit_l14"]
+  b32 = dict(embed_dim=512, vision_cfg=dict(image_size=224, layers=12, width=768, patch_size=32),
+             text_cfg=dict(context_length=77, vocab_size=49408, width=512, heads=8, layers=12))
+  assert clip.from_open_clip_config(b32, quick_gelu=True) == clip.PRESETS["vit_b32"]
+  assert clip.from_open_clip_config(b32).vision.act == "gelu"  # LAION weights: no QuickGELU
   with pytest.raises(ValueError, match="vision_cfg.ls_init_value"):
     clip.from_open_clip_config({**l14, "vision_cfg": {**l14["vision_cfg"], "ls_init_value": 1e-5}})
 

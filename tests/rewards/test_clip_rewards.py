@@ -86,18 +86,21 @@ def test_color_classifier_is_geneval_torch_argmax(tiny):
   assert got.shape == (2, 4, len(COLORS))
   # Reference, written from GenEval's evaluate_images.py + clip_benchmark.
   ref = np.zeros_like(got)
+  weights = {}
+  for name in {n for row in classes for n in row}:
+    w = []
+    for c in COLORS:
+      t = _torch_text_features(model, tok, [f"a photo of a {c} {name}", f"a photo of a {c}-colored {name}",
+                                            f"a photo of a {c} object"])
+      m = t.mean(0)
+      w.append(m / np.linalg.norm(m))
+    weights[name] = np.asarray(w)
   for b in range(2):
     crops = [geneval_crop(images[b], tuple(int(round(v)) for v in boxes[b, k]), masks[b, k], size=32)
              for k in range(4)]
     feats = _torch_image_features(model, crops)
     for k in range(4):
-      w = []
-      for c in COLORS:
-        t = _torch_text_features(model, tok, [f"a photo of a {c} {classes[b][k]}",
-                                              f"a photo of a {c}-colored {classes[b][k]}", f"a photo of a {c} object"])
-        m = t.mean(0)
-        w.append(m / np.linalg.norm(m))
-      ref[b, k] = 100.0 * np.asarray(w) @ feats[k]
+      ref[b, k] = 100.0 * weights[classes[b][k]] @ feats[k]
   err = np.abs(got - ref).max()
   print(f"colour logits vs torch+PIL: max|diff| {err:.2e} (logit range {np.ptp(ref):.2f})")
   assert err < 0.05
@@ -106,11 +109,6 @@ def test_color_classifier_is_geneval_torch_argmax(tiny):
   assert decided.mean() >= 0.75
   np.testing.assert_array_equal(got.argmax(-1)[decided], ref.argmax(-1)[decided])
   assert len(set(ref.argmax(-1).ravel())) > 1  # a constant classifier would fail
-  # GenEval's per-image, per-class call.
-  names = clf(images[0], "dog", boxes[0][:1], masks[0][:1])
-  one = clf.logits(images[:1], boxes[:1, :1], [["dog"]], masks[:1, :1])
-  assert names == [COLORS[int(one[0, 0].argmax())]]
-  assert clf(images[0], "dog", np.zeros((0, 4))) == []
 
 
 def test_color_classifier_masks_and_background(tiny):
@@ -129,6 +127,10 @@ def test_color_classifier_masks_and_background(tiny):
   np.testing.assert_allclose(clf.logits(images, boxes, [["dog"]], part), clf.logits(other, boxes, [["dog"]], part),
                              atol=1e-5)
   assert np.abs(clf.logits(images, boxes, [["dog"]], part) - clf.logits(images, boxes, [["dog"]])).max() > 1e-2
+  # GenEval's per-image, per-class call (``color_classification``): the argmax colour per box.
+  one = clf.logits(images, boxes, [["dog"]], part)
+  assert clf(images[0], "dog", boxes[0], part[0]) == [COLORS[int(one[0, 0].argmax())]]
+  assert clf(images[0], "dog", np.zeros((0, 4))) == []
   grey = np.full((1, 48, 64, 3), 153, np.uint8)
   np.testing.assert_allclose(clf.logits(grey, boxes, [["dog"]]), clf.logits(images, boxes, [["dog"]],
                                                                              np.zeros_like(full)), atol=1e-5)

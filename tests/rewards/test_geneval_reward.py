@@ -106,6 +106,7 @@ def test_bad_input_is_named(models):
     gr.GenEvalReward(owl_bundle, colors, mode="soft")
 
 
+@pytest.mark.slow  # ~45 s: two more model loads and 8-device compiles
 def test_runs_data_parallel_on_a_mesh(models, tmp_path):
   """On an 8-device mesh (params replicated, a batch of 3 padded to 8) the reward, the colour
   logits and CLIPScore equal the single-device results."""
