@@ -259,3 +259,19 @@ def test_loading_and_scoring_need_no_torch(tmp_path):
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                        env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_crop_resize_identities():
+  """A box already of the output size is copied exactly (PIL's resize and centre crop are no-ops
+  then); weights of any box are rows summing to 1 over the pixels inside it."""
+  rng = np.random.default_rng(4)
+  img = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+  # Shortest side already 40: no resize, centre crop of the width at round((50 - 40) / 2) = 5.
+  np.testing.assert_array_equal(np.asarray(clip_image.crop_resize(img, np.array([0, 0, 50, 40.]), 40)),
+                                img[:, 5:45].astype(np.float32))
+  np.testing.assert_array_equal(np.asarray(clip_image.crop_resize(img, np.array([7, 3, 39, 35.]), 32)),
+                                img[3:35, 7:39].astype(np.float32))
+  wy, wx = clip_image.box_weights(jnp.asarray([7.4, 3.0, 20.6, 35.0]), 40, 50, 24)
+  np.testing.assert_allclose(np.asarray(wx).sum(1), 1.0, rtol=1e-6)
+  assert np.abs(np.asarray(wx)[:, :7]).max() == 0 and np.abs(np.asarray(wx)[:, 21:]).max() == 0  # box 7..21
+  assert np.abs(np.asarray(wy)[:, :3]).max() == 0 and np.abs(np.asarray(wy)[:, 35:]).max() == 0
