@@ -74,7 +74,7 @@ def registered_rewards(specs: Sequence[str], defaults: Mapping[str, Mapping[str,
     if name in out:
       raise ValueError(f"--serve={spec!r}: endpoint name {name!r} is served twice")
     options = {**dict((defaults or {}).get(kind, {})), **options}
-    out[name] = build_reward(kind, options, key=f"--serve {name}")
+    out[name] = build_reward(kind, options, key=f"--serve {name}", name=name)
   return out
 
 
