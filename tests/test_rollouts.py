@@ -189,3 +189,19 @@ def test_a_part_that_does_not_fill_the_mesh_is_named(root):
   p = trainer.plan(tiny_config(root, "plan", **{"rollout.chunks": 4}))
   with pytest.raises(ValueError, match=r"rollout\.chunks=4: a part of 1 prompts samples 4 rows"):
     trainer.check_mesh(p, parallel.make_mesh(-1, 1, 1))
+
+
+@pytest.mark.slow
+def test_the_trainer_runs_chunked_weighted_rewards_and_logs_each_component(root):
+  """One tiny RL step: 2 rollout parts scored while sampling, the world's dense reward plus the
+  strict verifier normalised per group, both logged as reward/<name>."""
+  import json
+  import os
+  cfg = tiny_config(root, "weighted", **{"rollout.chunks": 2, "total_steps": 1, "eval.at_start": False})
+  cfg.rewards.world = dict(weight=1.0)
+  cfg.rewards.gt = dict(kind="shapeeval", mode="strict", weight=0.5, group_norm=True)
+  out = trainer.train(cfg, log=lambda s: None)
+  assert out["step"] == 1
+  (rec,) = [json.loads(l) for l in open(os.path.join(out["workdir"], "metrics.jsonl"))]
+  assert 0 <= rec["reward/world"] <= 1 and rec["reward/gt"] in np.arange(17) / 16
+  assert np.isfinite(rec["total/loss"])
