@@ -189,3 +189,23 @@ def test_jpeg_is_what_the_server_decodes():
   img = np.full((16, 16, 3), 128, np.uint8)
   back = np.asarray(Image.open(io.BytesIO(flowgrpo.encode_jpeg(img)), formats=["jpeg"]))
   assert back.shape == (16, 16, 3) and abs(int(back.mean()) - 128) <= 1
+
+
+def test_the_t2i_world_speaks_flowgrpo_when_configured(fake):
+  """``world.reward_protocol='flowgrpo'``: RL asks for the dense ``scores``, evaluation for
+  GenEval's own 0/1 ``rewards`` (with only_strict=False), both from the configured server."""
+  from htgrpo_jax import tasks
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  c = tasks.load_config_file(os.path.join(repo, "configs", "mmada_geneval.py"))
+  srv, url = fake
+  c.world.reward_url, c.world.reward_protocol = url, "flowgrpo"
+  reward, strict = tasks.remote_rewards(c)
+  assert isinstance(reward, FlowGRPOGenEval) and (reward.field, reward.only_strict) == ("scores", True)
+  assert isinstance(strict, FlowGRPOGenEval) and (strict.field, strict.only_strict) == ("rewards", False)
+  prompts, images, metas = _batch(4)
+  np.testing.assert_array_equal(reward(prompts, images, meta=metas),
+                                FlowGRPOGenEval(url)(prompts, images, meta=metas))
+  assert reward.timeout == c.world.reward_timeout
+  c.world.reward_protocol = "grpc"
+  with pytest.raises(ValueError, match=r"world\.reward_protocol='grpc'"):
+    tasks.remote_rewards(c)
