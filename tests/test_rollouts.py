@@ -205,3 +205,38 @@ def test_the_trainer_runs_chunked_weighted_rewards_and_logs_each_component(root)
   (rec,) = [json.loads(l) for l in open(os.path.join(out["workdir"], "metrics.jsonl"))]
   assert 0 <= rec["reward/world"] <= 1 and rec["reward/gt"] in np.arange(17) / 16
   assert np.isfinite(rec["total/loss"])
+
+
+@pytest.mark.slow
+def test_two_processes_score_each_part_once_and_hold_the_same_rewards(tmp_path):
+  """The multi-host path (2 JAX processes x 2 devices): with 2 overlapped parts per step and a
+  reward server among the weighted rewards, the server sees one request per part (process 0's),
+  and both processes end with the same params."""
+  import json
+  import os
+  import urllib.request
+  from htgrpo_jax import tasks
+  from htgrpo_jax.rewards import server
+  from tests.helpers import multiprocess
+  tasks.build_task(tiny_config(tmp_path, "build"), log=lambda s: None)  # world + base, once
+  srv = server.make_server(server.shapeeval_rewards())
+  threading.Thread(target=srv.serve_forever, daemon=True).start()
+  url = f"http://127.0.0.1:{srv.server_address[1]}"
+  try:
+    out = multiprocess.run(
+        ["-m", "tests.helpers.train_process", str(tmp_path), "mh", "total_steps=1", "eval.at_start=False",
+         "rollout.chunks=2", "rollout.max_in_flight=2", "rewards.world={'weight': 1.0}",
+         f"rewards.served={{'kind': 'remote', 'url': '{url}/strict', 'group_norm': True}}"],
+        num_processes=2, devices_per_process=2, timeout=900)
+    health = json.loads(urllib.request.urlopen(f"{url}/health", timeout=30).read())
+  finally:
+    srv.shutdown()
+    srv.server_close()
+  recs = []
+  for code, text in out:
+    assert code == 0, text[-5000:]
+    recs.append(json.loads([l for l in text.splitlines() if l.startswith("RESULT ")][0][7:]))
+  assert recs[0]["step"] == recs[1]["step"] == 1 and recs[0]["checksums"] == recs[1]["checksums"]
+  assert health["requests"]["strict"] == 2 and health["images"]["strict"] == 16  # 2 parts of 8
+  (rec,) = [json.loads(l) for l in open(os.path.join(tmp_path, "mh", "metrics.jsonl"))]
+  assert {"reward/world", "reward/served"} <= set(rec)
