@@ -70,6 +70,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.world.num_train = 10000
   c.world.num_eval = 1000
 
+  # The RL reward: {} is the world's own (above). Otherwise a weighted sum of named rewards, each
+  # {kind, weight, group_norm, **options} (kind 'world' = the world's reward; docs/rewards.md), e.g.
+  # c.rewards.geneval = dict(kind="flowgrpo_geneval", url="http://gpu:18085", weight=1.0, group_norm=True)
+  c.rewards = ml_collections.ConfigDict()
+  # Rollouts are sampled in `chunks` parts of prompts_per_step / chunks prompts; while one part
+  # samples, the previous one is scored on the host (at most `max_in_flight` parts at once; 0:
+  # score each part after it is sampled, no overlap). chunks=1: one part, nothing overlaps.
+  c.rollout = ml_collections.ConfigDict(dict(chunks=1, max_in_flight=2))
+
   # The policy.
   c.model = ml_collections.ConfigDict()
   c.model.preset = "shapes"

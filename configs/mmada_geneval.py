@@ -30,6 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.world.eval_prompts = "/data/geneval/evaluation_metadata.jsonl"
   c.world.reward_url = ""                     # dense GenEval-style reward for RL (required)
   c.world.score_url = ""                      # strict 0/1 scorer for evaluation ("" = reward_url)
+  c.world.reward_protocol = "json"            # 'json': launch/reward_server.py; 'flowgrpo': Flow-GRPO's GenEval server
   c.world.reward_timeout = 120.0
   c.world.reward_retries = 3                  # retries of a failed reward call (connection, 5xx, 429)
   c.world.reward_backoff_s = 2.0              # first retry delay, doubled per retry

@@ -43,6 +43,8 @@ class Plan:
   eval_batch_size: int
   share_sketch: bool = False
   rollout_sampler: SamplerConfig | None = None
+  rollout_chunks: int = 1     # ``rollout.chunks``: the step's prompts sampled in this many parts
+  reward_in_flight: int = 2   # ``rollout.max_in_flight``: parts scored at once (0: no overlap)
 
   def __post_init__(self):
     if self.rollout_sampler is None:
@@ -52,6 +54,11 @@ class Plan:
   def sketch_rows(self) -> int:
     """Rows of the sketch batch with ``share_sketch``: prompts_per_step x rl.num_sketches."""
     return self.prompts_per_step * self.rl.num_sketches
+
+  @property
+  def chunk_prompts(self) -> int:
+    """Prompts per rollout part: prompts_per_step / rollout.chunks."""
+    return self.prompts_per_step // self.rollout_chunks
 
 
 def plan(config: ml_collections.ConfigDict) -> Plan:
@@ -120,12 +127,35 @@ def plan(config: ml_collections.ConfigDict) -> Plan:
     rl_cfg.validate_batch(batch)
   except ValueError as e:
     raise ValueError(f"rl.micro_batch_size / prompts_per_step: {e}") from None
+  chunks, in_flight = rollout_keys(config)
+  if config.prompts_per_step % chunks:
+    raise ValueError(f"rollout.chunks={chunks}: must divide prompts_per_step={config.prompts_per_step} "
+                     "(each part holds whole prompt groups)")
   # 'unguided_rollouts': rollouts from the policy the estimator scores; CFG stays for evaluation.
   roll_cfg = (dataclasses.replace(s_cfg, cfg_scale=0.0)
               if rl_cfg.estimator_guidance == "unguided_rollouts" else s_cfg)
   return Plan(rl=rl_cfg, sampler=s_cfg, prompts_per_step=config.prompts_per_step,
               batch_size=batch, eval_batch_size=config.eval.batch_size, share_sketch=bool(share),
-              rollout_sampler=roll_cfg)
+              rollout_sampler=roll_cfg, rollout_chunks=chunks, reward_in_flight=in_flight)
+
+
+def rollout_keys(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """``rollout.chunks`` (int >= 1, default 1) and ``rollout.max_in_flight`` (int >= 0, default 2)
+  of a config (the block is optional).
+
+  Raises:
+    ValueError: naming the key.
+  """
+  r = config.get("rollout") or {}
+  unknown = sorted(set(r) - {"chunks", "max_in_flight"})
+  if unknown:
+    raise ValueError(f"rollout.{unknown[0]}: not a rollout setting (known: chunks, max_in_flight)")
+  chunks, in_flight = r.get("chunks", 1), r.get("max_in_flight", 2)
+  if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+    raise ValueError(f"rollout.chunks={chunks!r}: must be an int >= 1")
+  if isinstance(in_flight, bool) or not isinstance(in_flight, int) or in_flight < 0:
+    raise ValueError(f"rollout.max_in_flight={in_flight!r}: must be an int >= 0 (0: no overlap)")
+  return chunks, in_flight
 
 
 def config_get(config: ml_collections.ConfigDict, dotted: str) -> Any:
@@ -144,6 +174,11 @@ def check_mesh(p: Plan, mesh: jax.sharding.Mesh) -> None:
     # M sketches per prompt: the sketch batch is prompts_per_step * M rows, sharded like any batch.
     raise ValueError(f"prompts_per_step * rl.num_sketches = {p.sketch_rows} sketch rows is not a multiple "
                      f"of the mesh's data*fsdp = {div}, which sampler.share_sketch=True needs")
+  if p.rollout_chunks > 1:
+    rows = p.chunk_prompts * (p.rl.num_sketches if p.share_sketch else p.rl.group_size)
+    if rows % div:
+      raise ValueError(f"rollout.chunks={p.rollout_chunks}: a part of {p.chunk_prompts} prompts samples "
+                       f"{rows} rows, not a multiple of the mesh's data*fsdp = {div}")
   mb = p.rl.micro_batch_size
   if mb and mb % div:
     raise ValueError(f"rl.micro_batch_size={mb} is not a multiple of the mesh's data*fsdp = {div} "

@@ -125,10 +125,19 @@ def build_layout(config: ml_collections.ConfigDict) -> layouts.Layout:
 def remote_rewards(config: ml_collections.ConfigDict):
   """(RL reward, strict evaluation scorer) clients from ``world.reward_url`` / ``score_url`` and
   the ``world.reward_timeout`` / ``reward_retries`` / ``reward_backoff_s`` settings, checked by
-  name."""
+  name.
+
+  ``world.reward_protocol`` (optional, default 'json'): 'json' is the project's server
+  (``launch/reward_server.py``); 'flowgrpo' is Flow-GRPO's GenEval server (``rewards.flowgrpo``),
+  asked for its dense ``scores`` for RL and GenEval's own 0/1 ``rewards`` for evaluation.
+  """
   from htgrpo_jax.rewards.remote import RemoteReward
 
   w = config.world
+  protocol = w.get("reward_protocol", "json") or "json"
+  if protocol not in ("json", "flowgrpo"):
+    raise ValueError(f"world.reward_protocol={protocol!r}: must be 'json' (launch/reward_server.py) or "
+                     "'flowgrpo' (Flow-GRPO's GenEval reward server)")
   if not w.reward_url:
     raise ValueError("world.reward_url: the t2i world needs a reward server URL")
   if w.get("reward_mode") and not w.score_url:
@@ -149,6 +158,12 @@ def remote_rewards(config: ml_collections.ConfigDict):
     url = w.get(key)
     if url and not (isinstance(url, str) and url.startswith(("http://", "https://"))):
       raise ValueError(f"world.{key}={url!r}: must start with http:// or https://")
+  if protocol == "flowgrpo":
+    from htgrpo_jax.rewards.flowgrpo import FlowGRPOGenEval
+    kw.pop("metadata_keys")
+    return (FlowGRPOGenEval(w.reward_url, name="remote", field="scores", **kw),
+            FlowGRPOGenEval(w.get("score_url") or w.reward_url, name="remote_strict", field="rewards",
+                            only_strict=False, **kw))
   reward = RemoteReward(w.reward_url, name="remote", **kw)
   # Evaluation asks the server's strict (GenEval 0/1) endpoint, by default the same URL.
   strict = RemoteReward(w.get("score_url") or w.reward_url, name="remote_strict", **kw)
@@ -196,5 +211,15 @@ def build_t2i_task(config: ml_collections.ConfigDict, *, log: Callable[[str], No
 
 
 def build_task(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = print) -> Task:
-  """The ``Task`` of ``config.world.kind`` (a name in ``WORLDS``, world packages loaded)."""
-  return load_worlds().get(config.world.kind)(config, log=log)
+  """The ``Task`` of ``config.world.kind`` (a name in ``WORLDS``, world packages loaded).
+
+  A non-empty ``config.rewards`` replaces the RL reward by its weighted sum
+  (``rewards.registry.weighted_from_config``; kind ``'world'`` is the world's own reward); the
+  evaluation scorer stays the world's.
+  """
+  task = load_worlds().get(config.world.kind)(config, log=log)
+  if config.get("rewards"):
+    from htgrpo_jax.rewards.registry import weighted_from_config
+    task.reward = weighted_from_config(config.rewards, world=task.reward,
+                                       group_size=config.rl.group_size)
+  return task

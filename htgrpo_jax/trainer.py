@@ -244,6 +244,7 @@ def _train(config: ml_collections.ConfigDict, p: Plan, mesh: jax.sharding.Mesh, 
       scalars = writer.flat_scalars(jax.device_get(metrics))
       now = time.time()
       scalars["time/step_s"] = (now - t_last) / (done - last_logged)  # since the last log line
+      scalars.update({f"reward/{n}": float(v.mean()) for n, v in info.components.items()})
       t_last, last_logged = now, done
       runlog.scalars(done, scalars, dict(prompts=info.captions))
       bar.set_postfix(reward=f"{info.reward_mean:.3f}", loss=f"{scalars['total/loss']:.4f}",

@@ -44,6 +44,7 @@ HARMLESS_KEYS = (
     "model.pretrain.", "world.reward_url", "world.score_url", "world.reward_timeout",
     "world.reward_retries", "world.reward_backoff_s",
     "profile_steps", "compilation_cache_dir", "log_level",  # what is traced, cached and logged
+    "rollout.max_in_flight",  # how many rollout parts are scored at once: the same rewards
 )
 
 

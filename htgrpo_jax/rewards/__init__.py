@@ -1,4 +1,6 @@
-"""Rewards: the protocol, combinators, a remote client and the ShapeEval verifier."""
-from htgrpo_jax.rewards.base import RewardFn, check_images, validate_rewards, weighted
+"""Rewards: the protocol, combinators, the registry, remote clients and the ShapeEval verifier."""
+from htgrpo_jax.rewards.base import (RewardError, RewardFn, WeightedReward, as_weighted, check_images,
+                                     group_normalize, validate_rewards, weighted)
 
-__all__ = ["RewardFn", "check_images", "validate_rewards", "weighted"]
+__all__ = ["RewardError", "RewardFn", "WeightedReward", "as_weighted", "check_images", "group_normalize",
+           "validate_rewards", "weighted"]

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from htgrpo_jax.rewards.base import check_images, validate_rewards
+from htgrpo_jax.rewards.registry import REWARDS
 
 _MAX_REDIRECTS = 3
 
@@ -71,6 +72,9 @@ def _origin(parts: urllib.parse.SplitResult) -> tuple[str, str | None, int]:
 class RemoteReward:
   """A ``RewardFn`` that asks an HTTP server for the scores.
 
+  The transport (deadlines, retries, redirects, size caps) is shared by every protocol; a protocol
+  is ``content_type``, ``_request_body`` and ``_scores`` (``flowgrpo.FlowGRPOGenEval`` is the other).
+
   Args:
     url: endpoint accepting the POST described in the module docstring.
     name: reward name used in errors and by ``weighted``.
@@ -80,6 +84,8 @@ class RemoteReward:
     metadata_keys: which ``**metadata`` lists to forward (others are dropped).
     max_reply_bytes: replies larger than this are refused.
   """
+
+  content_type = "application/json"
 
   def __init__(self, url: str, name: str = "remote", timeout: float = 30.0, max_retries: int = 3,
                backoff: float = 0.5, metadata_keys: Sequence[str] = (),
@@ -139,7 +145,7 @@ class RemoteReward:
     try:
       path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
       conn.request("POST", path, body=body, headers={
-          "Content-Type": "application/json", "Content-Length": str(len(body)),
+          "Content-Type": self.content_type, "Content-Length": str(len(body)),
           "Connection": "close"})
       resp = conn.getresponse()
       declared = resp.getheader("Content-Length")
@@ -236,17 +242,36 @@ class RemoteReward:
         raise self._error(f"score {i} does not fit a float ({str(v)[:40]}...)") from None
     return out
 
-  def __call__(self, prompts: Sequence[str], images: np.ndarray, **metadata: Any) -> np.ndarray:
-    images = check_images(self.name, prompts, images)
+  def _metadata(self, n: int, metadata: dict[str, Any]) -> dict[str, list[Any]]:
+    """The forwarded ``metadata_keys`` lists, each checked to hold ``n`` entries."""
     meta = {}
     for k in self.metadata_keys:
       if k not in metadata:
         raise ValueError(f"reward {self.name!r}: metadata key {k!r} was not passed")
-      if len(metadata[k]) != len(prompts):
+      if len(metadata[k]) != n:
         raise ValueError(f"reward {self.name!r}: metadata {k!r} has {len(metadata[k])} entries "
-                         f"for {len(prompts)} prompts")
-      meta[k] = [_jsonable(v) for v in metadata[k]]
-    body = json.dumps({"prompts": list(prompts), "images": [encode_png(im) for im in images],
+                         f"for {n} prompts")
+      meta[k] = list(metadata[k])
+    return meta
+
+  def _request_body(self, prompts: Sequence[str], images: np.ndarray,
+                    metadata: dict[str, list[Any]]) -> bytes:
+    """The POST body of one batch (the project's JSON protocol)."""
+    meta = {k: [_jsonable(v) for v in vs] for k, vs in metadata.items()}
+    return json.dumps({"prompts": list(prompts), "images": [encode_png(im) for im in images],
                        "metadata": meta}).encode()
+
+  def __call__(self, prompts: Sequence[str], images: np.ndarray, **metadata: Any) -> np.ndarray:
+    images = check_images(self.name, prompts, images)
+    body = self._request_body(prompts, images, self._metadata(len(prompts), metadata))
     scores = self._scores(self._post(body), len(prompts))
     return validate_rewards(self.name, scores, len(prompts))
+
+
+@REWARDS.register("remote")
+def build_remote(url: str, name: str = "remote", timeout: float = 30.0, max_retries: int = 3,
+                 backoff: float = 0.5, metadata_keys: Sequence[str] = ("meta",)) -> RemoteReward:
+  """A server speaking the project's JSON protocol (``launch/reward_server.py``); ``meta`` (the
+  prompts' metadata JSON) is forwarded by default."""
+  return RemoteReward(url, name=name, timeout=timeout, max_retries=max_retries, backoff=backoff,
+                      metadata_keys=tuple(metadata_keys))

@@ -4,8 +4,10 @@
                  -> {"scores": [float, ...]}       (one call scores one batch)
   GET  /health   -> {"status": "ok", "rewards": [...], "requests": {name: n}, "images": {name: n}}
 
-Any ``RewardFn`` can be served; ``shapeeval_rewards`` gives the ShapeEval verifier's two modes
-(``dense`` for RL, ``strict`` for evaluation). Scores are validated with the reward's name before
+Any ``RewardFn`` can be served; ``registered_rewards`` builds them by name from the reward registry
+(``rewards.registry``: ``'NAME=KIND[,OPTION=VALUE...]'`` per endpoint), ``shapeeval_rewards`` gives
+the ShapeEval verifier's two modes (``dense`` for RL, ``strict`` for evaluation). One POST is one
+batch: the reward sees all its images in one call. Scores are validated with the reward's name before
 they leave (count, finiteness), so a broken reward fails loudly on the server too. A bad request
 is answered 400 with the reason; a batch the reward rejects (ValueError: e.g. a prompt outside its
 grammar) 422, not retried by the client; any other failure of the reward 500 (retried).
@@ -15,7 +17,7 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -25,13 +27,61 @@ from htgrpo_jax.rewards.remote import decode_png
 MAX_REQUEST_BYTES = 256 << 20
 
 
+DEFAULT_SERVE = ("dense=shapeeval,mode=dense", "strict=shapeeval,mode=strict")
+
+
+def parse_serve_spec(spec: str) -> tuple[str, str, dict[str, Any]]:
+  """``'NAME=KIND[,OPTION=VALUE...]'`` -> (endpoint name, registered kind, options).
+
+  Values are read as JSON where they parse (numbers, true/false, lists) and kept as text otherwise:
+  ``'clip=clipscore,checkpoint=/ckpt/clip,scale=2.5'``.
+
+  Raises:
+    ValueError: naming the spec when it is not of that form.
+  """
+  head, *opts = [s.strip() for s in str(spec).split(",")]
+  name, sep, kind = head.partition("=")
+  if not sep or not name.strip() or not kind.strip():
+    raise ValueError(f"--serve={spec!r}: expected NAME=KIND[,OPTION=VALUE...], e.g. "
+                     "'dense=shapeeval,mode=dense'")
+  options: dict[str, Any] = {}
+  for o in opts:
+    k, sep, v = o.partition("=")
+    if not sep or not k.strip():
+      raise ValueError(f"--serve={spec!r}: option {o!r} is not OPTION=VALUE")
+    try:
+      options[k.strip()] = json.loads(v)
+    except ValueError:
+      options[k.strip()] = v
+  return name.strip(), kind.strip(), options
+
+
+def registered_rewards(specs: Sequence[str], defaults: Mapping[str, Mapping[str, Any]] | None = None
+                       ) -> dict[str, Callable[..., np.ndarray]]:
+  """``{endpoint name: reward}`` built from the registry (``parse_serve_spec`` per spec).
+
+  Args:
+    specs: ``'NAME=KIND[,OPTION=VALUE...]'`` strings; names must be unique.
+    defaults: per kind, options used where a spec does not set them (e.g. the ShapeEval canvas).
+
+  Raises:
+    ValueError: a malformed spec, a repeated name, an unknown kind or option (named).
+  """
+  from htgrpo_jax.rewards.registry import build_reward
+  out: dict[str, Callable[..., np.ndarray]] = {}
+  for spec in specs:
+    name, kind, options = parse_serve_spec(spec)
+    if name in out:
+      raise ValueError(f"--serve={spec!r}: endpoint name {name!r} is served twice")
+    options = {**dict((defaults or {}).get(kind, {})), **options}
+    out[name] = build_reward(kind, options, key=f"--serve {name}", name=name)
+  return out
+
+
 def shapeeval_rewards(canvas: int = 32, patch: int = 4, snap: bool = True
                       ) -> dict[str, Callable[..., np.ndarray]]:
   """{'dense': ..., 'strict': ...}: the ShapeEval verifier of a world."""
-  from htgrpo_jax.worlds.shapeeval.scenes import WorldConfig
-  from htgrpo_jax.worlds.shapeeval.verifier import ShapeEvalReward
-  world = WorldConfig(canvas=canvas, patch=patch, snap=snap)
-  return {m: ShapeEvalReward(world, mode=m) for m in ("dense", "strict")}
+  return registered_rewards(DEFAULT_SERVE, {"shapeeval": dict(canvas=canvas, patch=patch, snap=snap)})
 
 
 def make_server(rewards: Mapping[str, Callable[..., np.ndarray]], host: str = "127.0.0.1",
