@@ -3,6 +3,12 @@
   python bench/train_step.py            # LLaDA 'shapes' size: d=128, 4 layers, 8x8 slots, C=128, B=64, K=6
   python bench/train_step.py --quick    # a small smoke run (d=64, 2 layers, B=16, K=3)
   python bench/train_step.py --estimator=random_remask --beta=0
+  python bench/train_step.py --vs_torch --estimator=random_remask   # JAX vs eager PyTorch, same update
+
+With ``--vs_torch`` the same update also runs in eager PyTorch (``bench/torch_reference.py``: same weights,
+canvases, loss, clipping and AdamW) and the two are timed alternately; both use the same intra-op thread
+count (``--threads``, default all CPUs of the process: ``torch.set_num_threads`` and XLA:CPU's
+``intra_op_parallelism_threads`` / Eigen pool, set before JAX starts).
 
 Prints the compile time of the step, its median wall time (steps/s), the achieved model FLOP/s, the FLOP/s of
 a large fp32 matmul timed in the same run (interleaved repeats, medians), and their ratio.
@@ -17,12 +23,29 @@ tests/test_flops.py checks the count against the traced program's matmuls.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _early_threads() -> int | None:
+  """``--threads`` read before JAX starts (XLA reads its flags once, at backend creation)."""
+  for i, a in enumerate(sys.argv):
+    if a.startswith("--threads="):
+      return int(a.split("=", 1)[1])
+    if a == "--threads" and i + 1 < len(sys.argv):
+      return int(sys.argv[i + 1])
+  return None
+
+
+if __name__ == "__main__":
+  _n = _early_threads() or len(os.sched_getaffinity(0))
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={_n}").strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -34,10 +57,12 @@ from htgrpo_jax import flops  # noqa: E402
 from htgrpo_jax.models.llada import LLaDA, get_config  # noqa: E402
 
 
+TEXT_VOCAB = 256  # prompt ids [0, 256); then the mask id, then the C codebook ids
+
+
 def make_policy(args):
   """LLaDA backbone over [prompt | slots] with the head sliced to the C codebook rows."""
-  text_vocab = 256
-  mask_id, offset = text_vocab, text_vocab + 1
+  mask_id, offset = TEXT_VOCAB, TEXT_VOCAB + 1
   cfg = get_config("shapes", d_model=args.d, n_layers=args.layers, n_heads=args.heads, mlp_hidden=args.mlp,
                    vocab_size=offset + args.codebook, learned_pos_emb=args.prompt_len + args.tokens)
   model = LLaDA(cfg)
@@ -65,6 +90,35 @@ def make_rollout(args, rng):
       rewards=jnp.asarray(rng.random(b), jnp.float32))
 
 
+def make_config(args, estimator: str, beta: float) -> rl.HTGRPOConfig:
+  return rl.HTGRPOConfig(group_size=args.group, num_sampler_steps=args.sampler_steps,
+                         n_global=args.stages[0], n_struct=args.stages[1], n_refine=args.stages[2],
+                         estimator=estimator, beta=beta, micro_batch_size=args.micro_batch_size or None)
+
+
+def time_vs_torch(args, config, model_cfg, params, compiled, state, rollout, key):
+  """Median JAX and eager-PyTorch update times, alternating, after one warm-up each: (jax_s, torch_s, lists)."""
+  import torch  # noqa: PLC0415 (bench-only dependency)
+  import torch_reference  # noqa: PLC0415
+
+  threads = args.threads or len(os.sched_getaffinity(0))
+  torch.set_num_threads(threads)
+  inputs = torch_reference.prepare_update(config, rollout, key, step=0)
+  upd = torch_reference.build(model_cfg, params, config, prompt_len=args.prompt_len, mask_id=TEXT_VOCAB,
+                              offset=TEXT_VOCAB + 1, codebook=args.codebook, lr=1e-4)
+  upd.run(inputs)  # warm-up (allocator, kernels)
+  jt, tt = [], []
+  for _ in range(args.repeats):
+    t0 = time.perf_counter()
+    state, _ = compiled(state, rollout, key)
+    jax.block_until_ready(state)
+    jt.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    upd.run(inputs)
+    tt.append(time.perf_counter() - t0)
+  return statistics.median(jt), statistics.median(tt), jt, tt, threads
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--quick", action="store_true")
@@ -73,6 +127,8 @@ def main():
   ap.add_argument("--micro_batch_size", type=int, default=0)
   ap.add_argument("--repeats", type=int, default=None)
   ap.add_argument("--matmul", type=int, default=None, help="matmul size M (M x M @ M x M, fp32)")
+  ap.add_argument("--vs_torch", action="store_true", help="also time bench/torch_reference.py, interleaved")
+  ap.add_argument("--threads", type=int, default=0, help="intra-op threads for XLA and torch (0 = all CPUs)")
   args = ap.parse_args()
   big = dict(d=128, layers=4, heads=4, mlp=512, tokens=64, codebook=128, prompt_len=16, batch=64, group=8,
              stages=(2, 2, 2), sampler_steps=12, repeats=5, matmul=2048)
@@ -82,16 +138,14 @@ def main():
     if getattr(args, k, None) is None:
       setattr(args, k, v)
 
-  config = rl.HTGRPOConfig(group_size=args.group, num_sampler_steps=args.sampler_steps,
-                           n_global=args.stages[0], n_struct=args.stages[1], n_refine=args.stages[2],
-                           estimator=args.estimator, beta=args.beta,
-                           micro_batch_size=args.micro_batch_size or None)
+  config = make_config(args, args.estimator, args.beta)
   model_cfg, fn, params = make_policy(args)
   opt = rl.make_optimizer(1e-4, clip_norm=1.0, weight_decay=0.01)
   step = rl.make_train_step(fn, opt, config)
   rollout = make_rollout(args, np.random.default_rng(0))
   state = rl.TrainState.create(params, opt, with_reference=args.beta > 0)
   key = jax.random.key(0)
+  params_np = jax.tree.map(np.asarray, params)  # the state's buffers are donated below
 
   t0 = time.perf_counter()
   compiled = step.lower(state, rollout, key).compile()
@@ -136,6 +190,13 @@ def main():
   print(f"matmul {m}x{m} fp32 GFLOP/s (median) {mm_fps / 1e9:.2f}")
   print(f"ratio step/matmul FLOP/s {step_fps / mm_fps:.3f}")
   print(f"final loss {float(metrics['total']['loss']):.4f}  skipped {int(metrics['skipped'])}")
+  if args.vs_torch:
+    j_s, t_s, jt, tt, threads = time_vs_torch(args, config, model_cfg, params_np, compiled, state, rollout, key)
+    print(f"vs eager PyTorch ({threads} intra-op threads each, {args.repeats} alternating repeats):")
+    print(f"  jax_update_s   (median) {j_s:.4f}   (min {min(jt):.4f}, max {max(jt):.4f})")
+    print(f"  torch_update_s (median) {t_s:.4f}   (min {min(tt):.4f}, max {max(tt):.4f})")
+    print(f"  speed jax/torch {t_s / j_s:.3f}x   (per-repeat: "
+          f"{', '.join(f'{t / j:.2f}' for j, t in zip(jt, tt))})")
 
 
 if __name__ == "__main__":
