@@ -44,8 +44,8 @@ def _early_threads() -> int | None:
 
 if __name__ == "__main__":
   _n = _early_threads() or len(os.sched_getaffinity(0))
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={_n}").strip()
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_cpu_multi_thread_eigen={str(_n > 1).lower()}"
+                             f" intra_op_parallelism_threads={_n}").strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -129,6 +129,8 @@ def main():
   ap.add_argument("--matmul", type=int, default=None, help="matmul size M (M x M @ M x M, fp32)")
   ap.add_argument("--vs_torch", action="store_true", help="also time bench/torch_reference.py, interleaved")
   ap.add_argument("--threads", type=int, default=0, help="intra-op threads for XLA and torch (0 = all CPUs)")
+  ap.add_argument("--dense", default="flat", choices=("flat", "einsum"),
+                  help="'einsum': the projections as named-axis contractions (before docs/performance.md)")
   args = ap.parse_args()
   big = dict(d=128, layers=4, heads=4, mlp=512, tokens=64, codebook=128, prompt_len=16, batch=64, group=8,
              stages=(2, 2, 2), sampler_steps=12, repeats=5, matmul=2048)
@@ -139,6 +141,9 @@ def main():
       setattr(args, k, v)
 
   config = make_config(args, args.estimator, args.beta)
+  if args.dense == "einsum":  # the pre-flat_matmul form, to measure what it changed
+    from htgrpo_jax.models import llada  # noqa: PLC0415
+    llada.flat_matmul = lambda x, kernel, n_in: jnp.tensordot(x, kernel, axes=n_in)
   model_cfg, fn, params = make_policy(args)
   opt = rl.make_optimizer(1e-4, clip_norm=1.0, weight_decay=0.01)
   step = rl.make_train_step(fn, opt, config)
@@ -180,6 +185,7 @@ def main():
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  backend={jax.default_backend()}")
   print(f"model: d={model_cfg.d_model} layers={model_cfg.n_layers} heads={model_cfg.n_heads} "
         f"mlp={model_cfg.mlp_hidden} L={length} N={args.tokens} C={args.codebook} B={args.batch}")
+  print(f"dense: {args.dense}   threads: {args.threads or len(os.sched_getaffinity(0))}")
   print(f"config: estimator={config.estimator} K={config.num_iterations} stages={args.stages} beta={config.beta} "
         f"micro_batch={config.micro_batch_size} distinct_canvases={n_distinct} forward_passes={passes} "
         f"(3 per inner update)")
