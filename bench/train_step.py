@@ -96,8 +96,12 @@ def make_config(args, estimator: str, beta: float) -> rl.HTGRPOConfig:
                          estimator=estimator, beta=beta, micro_batch_size=args.micro_batch_size or None)
 
 
-def time_vs_torch(args, config, model_cfg, params, compiled, state, rollout, key):
-  """Median JAX and eager-PyTorch update times, alternating, after one warm-up each: (jax_s, torch_s, lists)."""
+def time_vs_torch(args, config, model_cfg, params, compiled, state, rollout, key, einsum=None):
+  """Median JAX and eager-PyTorch update times, alternating, after one warm-up each.
+
+  ``einsum``: an optional second compiled step (the einsum projections) timed in the same rotation.
+  Returns ({name: [seconds per repeat]}, threads).
+  """
   import torch  # noqa: PLC0415 (bench-only dependency)
   import torch_reference  # noqa: PLC0415
 
@@ -107,16 +111,23 @@ def time_vs_torch(args, config, model_cfg, params, compiled, state, rollout, key
   upd = torch_reference.build(model_cfg, params, config, prompt_len=args.prompt_len, mask_id=TEXT_VOCAB,
                               offset=TEXT_VOCAB + 1, codebook=args.codebook, lr=1e-4)
   upd.run(inputs)  # warm-up (allocator, kernels)
-  jt, tt = [], []
+  runs = {"jax": compiled} if einsum is None else {"jax": compiled, "jax_einsum": einsum}
+  states = {name: state for name in runs}
+  if einsum is not None:
+    states["jax_einsum"] = rl.TrainState.create(jax.tree.map(jnp.asarray, params), args.opt,
+                                                with_reference=config.beta > 0)
+    states["jax_einsum"], _ = einsum(states["jax_einsum"], rollout, key)
+  times = {name: [] for name in list(runs) + ["torch"]}
   for _ in range(args.repeats):
-    t0 = time.perf_counter()
-    state, _ = compiled(state, rollout, key)
-    jax.block_until_ready(state)
-    jt.append(time.perf_counter() - t0)
+    for name, fn in runs.items():
+      t0 = time.perf_counter()
+      states[name], _ = fn(states[name], rollout, key)
+      jax.block_until_ready(states[name])
+      times[name].append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     upd.run(inputs)
-    tt.append(time.perf_counter() - t0)
-  return statistics.median(jt), statistics.median(tt), jt, tt, threads
+    times["torch"].append(time.perf_counter() - t0)
+  return times, threads
 
 
 def main():
@@ -129,8 +140,9 @@ def main():
   ap.add_argument("--matmul", type=int, default=None, help="matmul size M (M x M @ M x M, fp32)")
   ap.add_argument("--vs_torch", action="store_true", help="also time bench/torch_reference.py, interleaved")
   ap.add_argument("--threads", type=int, default=0, help="intra-op threads for XLA and torch (0 = all CPUs)")
-  ap.add_argument("--dense", default="flat", choices=("flat", "einsum"),
-                  help="'einsum': the projections as named-axis contractions (before docs/performance.md)")
+  ap.add_argument("--dense", default="flat", choices=("flat", "einsum", "both"),
+                  help="'einsum': the projections as named-axis contractions (before docs/performance.md); "
+                       "'both': with --vs_torch, also time the einsum form in the same rotation")
   args = ap.parse_args()
   big = dict(d=128, layers=4, heads=4, mlp=512, tokens=64, codebook=128, prompt_len=16, batch=64, group=8,
              stages=(2, 2, 2), sampler_steps=12, repeats=5, matmul=2048)
@@ -141,11 +153,13 @@ def main():
       setattr(args, k, v)
 
   config = make_config(args, args.estimator, args.beta)
-  if args.dense == "einsum":  # the pre-flat_matmul form, to measure what it changed
-    from htgrpo_jax.models import llada  # noqa: PLC0415
-    llada.flat_matmul = lambda x, kernel, n_in: jnp.tensordot(x, kernel, axes=n_in)
+  from htgrpo_jax.models import llada  # noqa: PLC0415
+  flat = llada.flat_matmul
+  einsum_form = lambda x, kernel, n_in: jnp.tensordot(x, kernel, axes=n_in)  # the pre-flat_matmul form
+  if args.dense == "einsum":
+    llada.flat_matmul = einsum_form
   model_cfg, fn, params = make_policy(args)
-  opt = rl.make_optimizer(1e-4, clip_norm=1.0, weight_decay=0.01)
+  opt = args.opt = rl.make_optimizer(1e-4, clip_norm=1.0, weight_decay=0.01)
   step = rl.make_train_step(fn, opt, config)
   rollout = make_rollout(args, np.random.default_rng(0))
   state = rl.TrainState.create(params, opt, with_reference=args.beta > 0)
@@ -155,6 +169,11 @@ def main():
   t0 = time.perf_counter()
   compiled = step.lower(state, rollout, key).compile()
   compile_s = time.perf_counter() - t0
+  einsum = None
+  if args.dense == "both" and args.vs_torch:
+    llada.flat_matmul = einsum_form  # traced now: the step's canvas_logits_fn calls the module global
+    einsum = rl.make_train_step(fn, opt, config).lower(state, rollout, key).compile()
+    llada.flat_matmul = flat
   state, _ = compiled(state, rollout, key)  # warm-up
   jax.block_until_ready(state)
 
@@ -197,12 +216,16 @@ def main():
   print(f"ratio step/matmul FLOP/s {step_fps / mm_fps:.3f}")
   print(f"final loss {float(metrics['total']['loss']):.4f}  skipped {int(metrics['skipped'])}")
   if args.vs_torch:
-    j_s, t_s, jt, tt, threads = time_vs_torch(args, config, model_cfg, params_np, compiled, state, rollout, key)
+    times, threads = time_vs_torch(args, config, model_cfg, params_np, compiled, state, rollout, key, einsum)
     print(f"vs eager PyTorch ({threads} intra-op threads each, {args.repeats} alternating repeats):")
-    print(f"  jax_update_s   (median) {j_s:.4f}   (min {min(jt):.4f}, max {max(jt):.4f})")
-    print(f"  torch_update_s (median) {t_s:.4f}   (min {min(tt):.4f}, max {max(tt):.4f})")
-    print(f"  speed jax/torch {t_s / j_s:.3f}x   (per-repeat: "
-          f"{', '.join(f'{t / j:.2f}' for j, t in zip(jt, tt))})")
+    for name, ts_ in times.items():
+      print(f"  {name + '_update_s':22s} (median) {statistics.median(ts_):.4f}   "
+            f"(min {min(ts_):.4f}, max {max(ts_):.4f})")
+    tt = times["torch"]
+    for name in [n for n in times if n != "torch"]:
+      jt = times[name]
+      print(f"  speed {name}/torch {statistics.median(tt) / statistics.median(jt):.3f}x   (per-repeat: "
+            f"{', '.join(f'{t / j:.2f}' for j, t in zip(jt, tt))})")
 
 
 if __name__ == "__main__":
