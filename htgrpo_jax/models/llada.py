@@ -164,8 +164,9 @@ def flat_matmul(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
   The same products and sums as the einsum over the named axes. Written flat because XLA:CPU lowers the
   einsum form's backward to weight-gradient dots whose activation operand (e.g. the MLP's [B*L, mlp]
   gradient) it first writes transposed in a strided fused copy; the flat form keeps every backward dot
-  row-major: the shapes-size update's fwd+bwd went from 0.55x to ~0.9x eager PyTorch on one thread
-  (docs/performance.md). On TPU both forms lower to the same dot.
+  row-major: one fwd+bwd of the shapes-size update went from 0.55-0.78x to 1.1-1.4x eager PyTorch on
+  one thread (docs/performance.md, ``bench/loss_grad.py``). Merging a sharded leading dim (batch, heads)
+  with replicated minor ones keeps the shardings (tests/models/test_aot.py compiles the sharded programs).
   """
   in_shape, out_shape = kernel.shape[:n_in], kernel.shape[n_in:]
   lead = x.shape[:x.ndim - n_in]
