@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if __name__ == "__main__":  # XLA reads its flags once, when the backend starts: set them before importing JAX
   _n = next((int(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--threads=")), 0) or len(
       os.sched_getaffinity(0))
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_cpu_multi_thread_eigen={str(_n > 1).lower()}"
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + f" --xla_cpu_multi_thread_eigen={str(_n > 1).lower()}"
                              f" intra_op_parallelism_threads={_n}").strip()
   if "--profile" in sys.argv:
     os.environ["XLA_FLAGS"] += " --xla_cpu_enable_xprof_traceme=true"
@@ -152,7 +153,8 @@ def main():
   for k, v in med.items():
     print(f"  {k:11s} (median/{args.repeats}) {v:.4f} s")
   print(f"fwd+bwd speed vs torch: flat {med['torch'] / med['jax_flat']:.3f}x   "
-        f"einsum {med['torch'] / med['jax_einsum']:.3f}x   (flat/einsum {med['jax_einsum'] / med['jax_flat']:.3f}x)")
+        f"einsum {med['torch'] / med['jax_einsum']:.3f}x   "
+        f"(flat/einsum {med['jax_einsum'] / med['jax_flat']:.3f}x)")
   print(f"fwd speed vs torch: {med['torch_fwd'] / med['jax_fwd']:.3f}x")
 
 

@@ -80,7 +80,8 @@ class TorchLLaDA(torch.nn.Module):
     super().__init__()
     if cfg.use_pad_mask or not cfg.learned_pos_emb:
       raise ValueError("TorchLLaDA covers the ShapeEval backbone: learned positions, no pad mask")
-    self.cfg, self.prompt_len, self.mask_id, self.offset, self.codebook = cfg, prompt_len, mask_id, offset, codebook
+    self.cfg, self.prompt_len, self.mask_id = cfg, prompt_len, mask_id
+    self.offset, self.codebook = offset, codebook
     d, m = cfg.d_model, cfg.mlp_hidden
     p = lambda *shape: torch.nn.Parameter(torch.zeros(*shape))
     self.wte, self.wpe = p(cfg.vocab_size, d), p(cfg.learned_pos_emb, d)
@@ -101,7 +102,8 @@ class TorchLLaDA(torch.nn.Module):
     qkv = lambda a: np.asarray(a).reshape(d, -1).T
     mat = lambda a: np.asarray(a).T
     return {"attn_norm": ("attn_norm", scale), "ff_norm": ("ff_norm", scale), "q_proj": ("q", qkv),
-            "k_proj": ("k", qkv), "v_proj": ("v", qkv), "attn_out": ("o", lambda a: np.asarray(a).reshape(-1, d).T),
+            "k_proj": ("k", qkv), "v_proj": ("v", qkv),
+            "attn_out": ("o", lambda a: np.asarray(a).reshape(-1, d).T),
             "ff_proj": ("gate", mat), "up_proj": ("up", mat), "ff_out": ("down", mat)}
 
   def load_flax(self, params) -> "TorchLLaDA":

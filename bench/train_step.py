@@ -44,7 +44,8 @@ def _early_threads() -> int | None:
 
 if __name__ == "__main__":
   _n = _early_threads() or len(os.sched_getaffinity(0))
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_cpu_multi_thread_eigen={str(_n > 1).lower()}"
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + f" --xla_cpu_multi_thread_eigen={str(_n > 1).lower()}"
                              f" intra_op_parallelism_threads={_n}").strip()
 
 import jax  # noqa: E402
