@@ -3,6 +3,12 @@
   python bench/train_step.py            # LLaDA 'shapes' size: d=128, 4 layers, 8x8 slots, C=128, B=64, K=6
   python bench/train_step.py --quick    # a small smoke run (d=64, 2 layers, B=16, K=3)
   python bench/train_step.py --estimator=random_remask --beta=0
+  python bench/train_step.py --vs_torch --estimator=random_remask   # JAX vs eager PyTorch, same update
+
+With ``--vs_torch`` the same update also runs in eager PyTorch (``bench/torch_reference.py``: same weights,
+canvases, loss, clipping and AdamW) and the two are timed alternately; both use the same intra-op thread
+count (``--threads``, default all CPUs of the process: ``torch.set_num_threads`` and XLA:CPU's
+``intra_op_parallelism_threads`` / Eigen pool, set before JAX starts).
 
 Prints the compile time of the step, its median wall time (steps/s), the achieved model FLOP/s, the FLOP/s of
 a large fp32 matmul timed in the same run (interleaved repeats, medians), and their ratio.
@@ -17,12 +23,30 @@ tests/test_flops.py checks the count against the traced program's matmuls.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _early_threads() -> int | None:
+  """``--threads`` read before JAX starts (XLA reads its flags once, at backend creation)."""
+  for i, a in enumerate(sys.argv):
+    if a.startswith("--threads="):
+      return int(a.split("=", 1)[1])
+    if a == "--threads" and i + 1 < len(sys.argv):
+      return int(sys.argv[i + 1])
+  return None
+
+
+if __name__ == "__main__":
+  _n = _early_threads() or len(os.sched_getaffinity(0))
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + f" --xla_cpu_multi_thread_eigen={str(_n > 1).lower()}"
+                             f" intra_op_parallelism_threads={_n}").strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -34,10 +58,12 @@ from htgrpo_jax import flops  # noqa: E402
 from htgrpo_jax.models.llada import LLaDA, get_config  # noqa: E402
 
 
+TEXT_VOCAB = 256  # prompt ids [0, 256); then the mask id, then the C codebook ids
+
+
 def make_policy(args):
   """LLaDA backbone over [prompt | slots] with the head sliced to the C codebook rows."""
-  text_vocab = 256
-  mask_id, offset = text_vocab, text_vocab + 1
+  mask_id, offset = TEXT_VOCAB, TEXT_VOCAB + 1
   cfg = get_config("shapes", d_model=args.d, n_layers=args.layers, n_heads=args.heads, mlp_hidden=args.mlp,
                    vocab_size=offset + args.codebook, learned_pos_emb=args.prompt_len + args.tokens)
   model = LLaDA(cfg)
@@ -65,6 +91,46 @@ def make_rollout(args, rng):
       rewards=jnp.asarray(rng.random(b), jnp.float32))
 
 
+def make_config(args, estimator: str, beta: float) -> rl.HTGRPOConfig:
+  return rl.HTGRPOConfig(group_size=args.group, num_sampler_steps=args.sampler_steps,
+                         n_global=args.stages[0], n_struct=args.stages[1], n_refine=args.stages[2],
+                         estimator=estimator, beta=beta, micro_batch_size=args.micro_batch_size or None)
+
+
+def time_vs_torch(args, config, model_cfg, params, compiled, state, rollout, key, einsum=None):
+  """Median JAX and eager-PyTorch update times, alternating, after one warm-up each.
+
+  ``einsum``: an optional second compiled step (the einsum projections) timed in the same rotation.
+  Returns ({name: [seconds per repeat]}, threads).
+  """
+  import torch  # noqa: PLC0415 (bench-only dependency)
+  import torch_reference  # noqa: PLC0415
+
+  threads = args.threads or len(os.sched_getaffinity(0))
+  torch.set_num_threads(threads)
+  inputs = torch_reference.prepare_update(config, rollout, key, step=0)
+  upd = torch_reference.build(model_cfg, params, config, prompt_len=args.prompt_len, mask_id=TEXT_VOCAB,
+                              offset=TEXT_VOCAB + 1, codebook=args.codebook, lr=1e-4)
+  upd.run(inputs)  # warm-up (allocator, kernels)
+  runs = {"jax": compiled} if einsum is None else {"jax": compiled, "jax_einsum": einsum}
+  states = {name: state for name in runs}
+  if einsum is not None:
+    states["jax_einsum"] = rl.TrainState.create(jax.tree.map(jnp.asarray, params), args.opt,
+                                                with_reference=config.beta > 0)
+    states["jax_einsum"], _ = einsum(states["jax_einsum"], rollout, key)
+  times = {name: [] for name in list(runs) + ["torch"]}
+  for _ in range(args.repeats):
+    for name, fn in runs.items():
+      t0 = time.perf_counter()
+      states[name], _ = fn(states[name], rollout, key)
+      jax.block_until_ready(states[name])
+      times[name].append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    upd.run(inputs)
+    times["torch"].append(time.perf_counter() - t0)
+  return times, threads
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--quick", action="store_true")
@@ -73,6 +139,11 @@ def main():
   ap.add_argument("--micro_batch_size", type=int, default=0)
   ap.add_argument("--repeats", type=int, default=None)
   ap.add_argument("--matmul", type=int, default=None, help="matmul size M (M x M @ M x M, fp32)")
+  ap.add_argument("--vs_torch", action="store_true", help="also time bench/torch_reference.py, interleaved")
+  ap.add_argument("--threads", type=int, default=0, help="intra-op threads for XLA and torch (0 = all CPUs)")
+  ap.add_argument("--dense", default="flat", choices=("flat", "einsum", "both"),
+                  help="'einsum': the projections as named-axis contractions (before docs/performance.md); "
+                       "'both': with --vs_torch, also time the einsum form in the same rotation")
   args = ap.parse_args()
   big = dict(d=128, layers=4, heads=4, mlp=512, tokens=64, codebook=128, prompt_len=16, batch=64, group=8,
              stages=(2, 2, 2), sampler_steps=12, repeats=5, matmul=2048)
@@ -82,20 +153,28 @@ def main():
     if getattr(args, k, None) is None:
       setattr(args, k, v)
 
-  config = rl.HTGRPOConfig(group_size=args.group, num_sampler_steps=args.sampler_steps,
-                           n_global=args.stages[0], n_struct=args.stages[1], n_refine=args.stages[2],
-                           estimator=args.estimator, beta=args.beta,
-                           micro_batch_size=args.micro_batch_size or None)
+  config = make_config(args, args.estimator, args.beta)
+  from htgrpo_jax.models import llada  # noqa: PLC0415
+  flat = llada.flat_matmul
+  einsum_form = lambda x, kernel, n_in: jnp.tensordot(x, kernel, axes=n_in)  # the pre-flat_matmul form
+  if args.dense == "einsum":
+    llada.flat_matmul = einsum_form
   model_cfg, fn, params = make_policy(args)
-  opt = rl.make_optimizer(1e-4, clip_norm=1.0, weight_decay=0.01)
+  opt = args.opt = rl.make_optimizer(1e-4, clip_norm=1.0, weight_decay=0.01)
   step = rl.make_train_step(fn, opt, config)
   rollout = make_rollout(args, np.random.default_rng(0))
   state = rl.TrainState.create(params, opt, with_reference=args.beta > 0)
   key = jax.random.key(0)
+  params_np = jax.tree.map(np.asarray, params)  # the state's buffers are donated below
 
   t0 = time.perf_counter()
   compiled = step.lower(state, rollout, key).compile()
   compile_s = time.perf_counter() - t0
+  einsum = None
+  if args.dense == "both" and args.vs_torch:
+    llada.flat_matmul = einsum_form  # traced now: the step's canvas_logits_fn calls the module global
+    einsum = rl.make_train_step(fn, opt, config).lower(state, rollout, key).compile()
+    llada.flat_matmul = flat
   state, _ = compiled(state, rollout, key)  # warm-up
   jax.block_until_ready(state)
 
@@ -126,6 +205,7 @@ def main():
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  backend={jax.default_backend()}")
   print(f"model: d={model_cfg.d_model} layers={model_cfg.n_layers} heads={model_cfg.n_heads} "
         f"mlp={model_cfg.mlp_hidden} L={length} N={args.tokens} C={args.codebook} B={args.batch}")
+  print(f"dense: {args.dense}   threads: {args.threads or len(os.sched_getaffinity(0))}")
   print(f"config: estimator={config.estimator} K={config.num_iterations} stages={args.stages} beta={config.beta} "
         f"micro_batch={config.micro_batch_size} distinct_canvases={n_distinct} forward_passes={passes} "
         f"(3 per inner update)")
@@ -136,6 +216,17 @@ def main():
   print(f"matmul {m}x{m} fp32 GFLOP/s (median) {mm_fps / 1e9:.2f}")
   print(f"ratio step/matmul FLOP/s {step_fps / mm_fps:.3f}")
   print(f"final loss {float(metrics['total']['loss']):.4f}  skipped {int(metrics['skipped'])}")
+  if args.vs_torch:
+    times, threads = time_vs_torch(args, config, model_cfg, params_np, compiled, state, rollout, key, einsum)
+    print(f"vs eager PyTorch ({threads} intra-op threads each, {args.repeats} alternating repeats):")
+    for name, ts_ in times.items():
+      print(f"  {name + '_update_s':22s} (median) {statistics.median(ts_):.4f}   "
+            f"(min {min(ts_):.4f}, max {max(ts_):.4f})")
+    tt = times["torch"]
+    for name in [n for n in times if n != "torch"]:
+      jt = times[name]
+      print(f"  speed {name}/torch {statistics.median(tt) / statistics.median(jt):.3f}x   (per-repeat: "
+            f"{', '.join(f'{t / j:.2f}' for j, t in zip(jt, tt))})")
 
 
 if __name__ == "__main__":
