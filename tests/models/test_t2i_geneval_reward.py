@@ -39,12 +39,13 @@ RECORDS = [
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
   """Tiny random OWLv2 and CLIP dirs (weights + config.json + tokenizer). The OWL class head's shift
-  is raised so that a fair share of the random detector's patch scores straddle GenEval's 0.3 / 0.9
-  thresholds: the dense reward then differs between images (a constant reward trains nothing)."""
+  is set to 2 so that on the toy's decoded images the random detector's scores straddle GenEval's
+  0.9 (counting) and its positions vary: the dense reward then differs between images of one prompt
+  (a constant reward trains nothing)."""
   d_owl, d_clip = tmp_path_factory.mktemp("owl"), tmp_path_factory.mktemp("clip")
   model, _ = save_tiny_owl_dir(d_owl)
   with torch.no_grad():
-    model.class_head.logit_shift.bias.fill_(0.5)
+    model.class_head.logit_shift.bias.fill_(2.0)
   model.save_pretrained(str(d_owl))
   save_tiny_clip_dir(d_clip)
   return str(d_owl), str(d_clip)
@@ -66,8 +67,8 @@ def test_registered_rewards_build_from_config_and_score_the_trainers_columns(mod
   out = reward(prompts, _images(8), meta=meta)
   assert out.shape == (8,) and out.dtype == np.float32 and np.isfinite(out).all()
   comps = {n: reward.specs[n][0](prompts, _images(8), meta=meta) for n in entries}
-  print({n: np.round(v, 3) for n, v in comps.items()})
   assert ((comps["geneval"] >= 0) & (comps["geneval"] <= 1)).all()
+  assert np.ptp(comps["geneval"]) > 0
   assert set(np.unique(comps["strict"])) <= {0.0, 1.0}
   assert ((comps["clip"] >= 0) & (comps["clip"] <= 2.5)).all() and np.ptp(comps["clip"]) > 0
   # The weighted sum is the components' (no group_norm): 1 x geneval + 1 x strict + 0.5 x clip.
@@ -104,13 +105,30 @@ def toy(tmp_path_factory, word_tokenizer_dir):
                          vq=str(root / "vqvae.safetensors"))
     c.world.reward_url = c.world.score_url = ""
     c.rl.beta = 0.0  # the update moves the params only through the rewards' advantages
+    c.rl.group_size = 4  # 16 images a step: groups whose images score differently are likely
     return c
 
   c = make("init")
-  base = policy.init_params(llada.get_config(c.model.preset, **TINY_LLADA), tasks.build_layout(c),
-                            jax.random.PRNGKey(0))
+  layout = tasks.build_layout(c)
+  base = jax.device_get(policy.init_params(llada.get_config(c.model.preset, **TINY_LLADA), layout,
+                                           jax.random.PRNGKey(0)))
+  base = _draws_decodable_codes(base, layout)
   convert.save_params(base, c.model.checkpoint)
-  return make, jax.device_get(base)
+  return make, base
+
+
+def _draws_decodable_codes(params, layout):
+  """The random base policy steered to the tiny VQ-GAN's 64 codes (of DiMOO's 8192; the decoder
+  clips the rest to code 63, so a random policy draws one image over and over, every image of a
+  group scores alike and GRPO has nothing to learn): the mask token's embedding is one large
+  coordinate, so a masked slot's final hidden state is about sqrt(d) e_0, and the head's row 0
+  raises those 64 codes' logits by about 11."""
+  p = jax.tree.map(np.array, params)
+  wte, head = p["wte"], p["lm_head"]  # [V, d], [d, V]
+  wte[layout.mask_id] = 0.0
+  wte[layout.mask_id, 0] = 50.0
+  head[0, layout.image_offset:layout.image_offset + VQG.num_vq_embeddings] += 2.0
+  return p
 
 
 def _check_trained(out, base, workdir, names):
@@ -180,7 +198,7 @@ def test_t2i_toy_trains_against_the_reward_server_serving_geneval_owl(models, to
     _check_trained(out, base, c.workdir, ["g"])
     health = _wait_health(url, proc)
     assert health["requests"]["g"] >= 2 and health["requests"]["strict"] >= 1, health
-    assert health["images"]["g"] >= 16, health  # 2 steps x 4 prompts x G 2
+    assert health["images"]["g"] >= 32, health  # 2 steps x 4 prompts x G 4
   finally:
     proc.terminate()
     proc.wait(timeout=30)
