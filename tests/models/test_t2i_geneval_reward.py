@@ -89,6 +89,35 @@ def test_registered_rewards_build_from_config_and_score_the_trainers_columns(mod
     reward.specs["geneval"][0](prompts[:1], _images(1), meta=['{"prompt": "x"}'])
 
 
+def test_listing_the_rewards_loads_no_model_library():
+  # launch/reward_server.py --list and every config load import the registering modules; the
+  # tokenizer and checkpoint libraries load only when a reward is built.
+  code = ("import sys; from htgrpo_jax.rewards import registry; names = registry.load_rewards().names(); "
+          "print(names, sorted(m for m in ('transformers', 'torch', 'tokenizers', 'safetensors') if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "'clipscore'" in out.stdout and "'geneval_owl'" in out.stdout and out.stdout.strip().endswith("[]"), out.stdout
+
+
+@pytest.mark.parametrize("entry, match", [
+    (dict(kind=""), r"world.score_reward.kind='': must name a registered reward"),
+    (dict(mode="strict"), r"world.score_reward.kind=None: must name a registered reward"),
+    (dict(kind="geneval_owl", weight=1.0), r"world.score_reward.weight: the evaluation scorer is one reward"),
+])
+def test_score_reward_entry_errors_name_the_key(entry, match):
+  c = toy_dimoo_config(workdir="w", prompts=("a", "b"), url="http://h", tokenizer="t", checkpoint="c", vq="v")
+  c.world.score_url = ""
+  c.world.score_reward = entry
+  with pytest.raises(ValueError, match=match):
+    tasks.score_reward_entry(c)
+  c.world.score_reward = dict(kind="geneval_owl", mode="strict")
+  assert tasks.score_reward_entry(c) == ("geneval_owl", {"mode": "strict"})
+  c.world.score_url = "http://h/strict"
+  with pytest.raises(ValueError, match="world.score_reward: set it or world.score_url"):
+    tasks.score_reward_entry(c)
+
+
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory, word_tokenizer_dir):
   """The toy t2i config's files: GenEval-record prompt files, a tiny VQ-GAN and the converted tiny
