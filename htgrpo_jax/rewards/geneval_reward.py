@@ -29,7 +29,8 @@ import numpy as np
 from htgrpo_jax.models import clip, owl
 from htgrpo_jax.rewards import geneval
 from htgrpo_jax.rewards.base import check_images
-from htgrpo_jax.rewards.clip import ColorClassifier, load_clip_options, local_mesh, local_path, on_mesh, to_numpy
+from htgrpo_jax.rewards.clip import (ColorClassifier, load_clip_options, local_mesh, local_path, on_mesh,
+                                     to_numpy)
 from htgrpo_jax.rewards.registry import REWARDS
 
 MODES = ("dense", "strict")
@@ -219,18 +220,19 @@ def build_geneval_owl(detector: str, clip: str, detector_tokenizer: str = "", de
   if detector_tokenizer:
     local_path(detector_tokenizer, "detector_tokenizer")
   if detector_preset and detector_preset not in owl.PRESETS:
-    raise ValueError(f"detector_preset={detector_preset!r}: must be one of {tuple(owl.PRESETS)} ('' = config.json)")
+    raise ValueError(f"detector_preset={detector_preset!r}: must be one of {tuple(owl.PRESETS)} "
+                     "('' = config.json)")
   num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
   if not (num(box_threshold) and 0 <= box_threshold < 1):
     raise ValueError(f"box_threshold={box_threshold!r}: must be a number in [0, 1)")
   if nms_iou is not None and not (num(nms_iou) and 0 < nms_iou <= 1):
     raise ValueError(f"nms_iou={nms_iou!r}: must be a number in (0, 1] or None (no NMS)")
   mesh = local_mesh(data_parallel)
-  colors = ColorClassifier(load_clip_options(clip, clip_tokenizer, clip_layout, clip_preset, mesh,
-                                             names=("clip", "clip_tokenizer", "clip_layout", "clip_preset")),
+  names = ("clip", "clip_tokenizer", "clip_layout", "clip_preset")
+  colors = ColorClassifier(load_clip_options(clip, clip_tokenizer, clip_layout, clip_preset, mesh, names=names),
                            mesh=mesh)
-  reward = GenEvalReward(load_owl(detector, detector_tokenizer or None, config=detector_preset or None, mesh=mesh),
-                         colors, mode=mode, variant=variant, ties=ties, query_template=query_template,
+  owl_bundle = load_owl(detector, detector_tokenizer or None, config=detector_preset or None, mesh=mesh)
+  reward = GenEvalReward(owl_bundle, colors, mode=mode, variant=variant, ties=ties, query_template=query_template,
                          box_threshold=box_threshold, nms_iou=nms_iou, mesh=mesh)
   reward.name = name
   return reward

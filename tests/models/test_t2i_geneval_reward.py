@@ -93,11 +93,13 @@ def test_listing_the_rewards_loads_no_model_library():
   # launch/reward_server.py --list and every config load import the registering modules; the
   # tokenizer and checkpoint libraries load only when a reward is built.
   code = ("import sys; from htgrpo_jax.rewards import registry; names = registry.load_rewards().names(); "
-          "print(names, sorted(m for m in ('transformers', 'torch', 'tokenizers', 'safetensors') if m in sys.modules))")
+          "libs = ('transformers', 'torch', 'tokenizers', 'safetensors'); "
+          "print(names, sorted(m for m in libs if m in sys.modules))")
   out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"))
   assert out.returncode == 0, out.stderr[-2000:]
-  assert "'clipscore'" in out.stdout and "'geneval_owl'" in out.stdout and out.stdout.strip().endswith("[]"), out.stdout
+  assert "'clipscore'" in out.stdout and "'geneval_owl'" in out.stdout, out.stdout
+  assert out.stdout.strip().endswith("[]"), out.stdout
 
 
 @pytest.mark.parametrize("entry, match", [
@@ -129,9 +131,9 @@ def toy(tmp_path_factory, word_tokenizer_dir):
   write_ckpt(root / "vqvae.safetensors", randomize(TVQGAN(VQG), seed=7))
 
   def make(workdir, url=""):
-    c = toy_dimoo_config(workdir=str(root / workdir), prompts=(str(root / "train.jsonl"), str(root / "eval.jsonl")),
-                         url=url, tokenizer=word_tokenizer_dir, checkpoint=str(root / "policy"),
-                         vq=str(root / "vqvae.safetensors"))
+    files = (str(root / "train.jsonl"), str(root / "eval.jsonl"))
+    c = toy_dimoo_config(workdir=str(root / workdir), prompts=files, url=url, tokenizer=word_tokenizer_dir,
+                         checkpoint=str(root / "policy"), vq=str(root / "vqvae.safetensors"))
     c.world.reward_url = c.world.score_url = ""
     c.rl.beta = 0.0  # the update moves the params only through the rewards' advantages
     c.rl.group_size = 4  # 16 images a step: groups whose images score differently are likely
