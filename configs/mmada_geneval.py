@@ -6,9 +6,11 @@
 
 Everything is read from local paths (no hub downloads on the workers): the converted Orbax
 backbone, the MMaDA tokenizer folder, the MAGVIT-v2 decoder safetensors, and GenEval-format JSONL
-prompt files. Rewards come from a reward server (``htgrpo_jax.rewards.remote``): a GenEval
-detector on a GPU box. On a multi-host slice every worker runs the same command
-(``launch/tpu_vm.sh train``); ``jax.distributed.initialize()`` is called automatically.
+prompt files. Rewards come from a reward server (``htgrpo_jax.rewards.remote``: a GenEval
+detector on a GPU box, or Flow-GRPO's with ``world.reward_protocol=flowgrpo``) or run on the
+accelerator next to the policy (``configs/mmada_geneval_owl.py``: OWLv2 + CLIP, CLIPScore). On a
+multi-host slice every worker runs the same command (``launch/tpu_vm.sh train``);
+``jax.distributed.initialize()`` is called automatically.
 
 Per-device memory of these settings is checked without a TPU by ``launch/aot_compile.py``.
 """
@@ -28,8 +30,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.world.kind = "t2i"
   c.world.train_prompts = "/data/geneval/train_prompts.jsonl"     # {"prompt": ..., "tag": ..., ...}
   c.world.eval_prompts = "/data/geneval/evaluation_metadata.jsonl"
-  c.world.reward_url = ""                     # dense GenEval-style reward for RL (required)
+  c.world.reward_url = ""                     # a server's dense reward for RL ("": config.rewards alone)
   c.world.score_url = ""                      # strict 0/1 scorer for evaluation ("" = reward_url)
+  c.world.score_reward = ml_collections.ConfigDict()  # on-device scorer {kind, **options} (mmada_geneval_owl.py)
   c.world.reward_protocol = "json"            # 'json': launch/reward_server.py; 'flowgrpo': Flow-GRPO's GenEval server
   c.world.reward_timeout = 120.0
   c.world.reward_retries = 3                  # retries of a failed reward call (connection, 5xx, 429)

@@ -8,7 +8,9 @@ rewards. ``build_task(config)`` picks it from ``config.world.kind``:
   ``world.data_dir`` on first use, its base policy pretrained into ``model.checkpoint`` when
   missing (``model.pretrain_if_missing``).
 * ``t2i``     a real dMLLM (MMaDA / Lumina-DiMOO): prompts from JSONL files, the model's tokenizer
-  and converted Orbax checkpoint from local paths, its VQ decoder, and a remote reward server.
+  and converted Orbax checkpoint from local paths, its VQ decoder, and rewards from a reward server
+  (``world.reward_url``) or registered rewards run in the trainer (``config.rewards`` for RL,
+  ``world.score_reward`` for evaluation).
 
 Each builder registers in ``WORLDS`` under its ``world.kind``; a new world is one more
 ``@WORLDS.register('name')`` builder ``(config, *, log) -> Task``. A world with its own package
@@ -174,11 +176,14 @@ def remote_rewards(config: ml_collections.ConfigDict):
 def build_t2i_task(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = print) -> Task:
   from htgrpo_jax.models import convert
 
-  # The reward settings are checked (the clients built) before any file is read; a missing URL is
-  # reported after the files, whose paths a user fills in first.
-  rewards = remote_rewards(config) if config.world.reward_url else None
-  train = read_prompt_file(config.world.train_prompts, "world.train_prompts")
-  evals = read_prompt_file(config.world.eval_prompts, "world.eval_prompts")
+  # The reward settings are checked (the clients built) before any file is read; a missing reward
+  # is reported after the files, whose paths a user fills in first. The on-device scorer
+  # (``world.score_reward``) loads its checkpoints, so it is built last.
+  w = config.world
+  rewards = remote_rewards(config) if w.reward_url else None
+  score_entry = score_reward_entry(config)
+  train = read_prompt_file(w.train_prompts, "world.train_prompts")
+  evals = read_prompt_file(w.eval_prompts, "world.eval_prompts")
   layout = build_layout(config)
   overrides = dict(config.model.get("overrides") or {})
   model_cfg = llada.get_config(config.model.preset, **overrides)
@@ -191,9 +196,22 @@ def build_t2i_task(config: ml_collections.ConfigDict, *, log: Callable[[str], No
   decode, decode_params = build_decoder(config.model.vq_kind, config.model.vq_checkpoint,
                                         layout.grid, key="model.vq_checkpoint",
                                         preset=config.model.get("vq_preset") or None)
-  if rewards is None:
-    raise ValueError("world.reward_url: the t2i world needs a reward server URL")
-  reward, strict = rewards
+  if rewards is None and not config.get("rewards"):
+    raise ValueError("world.reward_url: the t2i world needs a reward: a reward server URL, or "
+                     "config.rewards entries (docs/rewards.md)")
+  if rewards is None and score_entry is None:
+    raise ValueError("world.score_reward: with no world.reward_url, evaluation needs a strict scorer: "
+                     "world.score_reward = {kind, **options} (e.g. kind 'geneval_owl' with mode "
+                     "'strict', or kind 'remote' with the server's strict URL)")
+  reward, strict = rewards if rewards is not None else (None, None)
+  judge = None
+  if score_entry is not None:
+    from htgrpo_jax.rewards.registry import build_reward
+    kind, options = score_entry
+    strict = build_reward(kind, options, "world.score_reward", name="score")
+    if callable(getattr(strict, "judge", None)):  # GenEvalReward: each verdict with its reason
+      judge = lambda prompts, images, meta: [dict(strict=v.strict, reason=v.reason)
+                                             for v in strict.judge(prompts, images, meta)]
   encoded = layout.encode_prompts([p.text for p in train])  # fails here on a bad prompt
 
   def train_dataset(batch_size: int, seed: int) -> grain.IterDataset:
@@ -207,7 +225,30 @@ def build_t2i_task(config: ml_collections.ConfigDict, *, log: Callable[[str], No
       load_base_params=lambda abstract: convert.restore_params(ckpt, abstract),
       train_dataset=train_dataset, eval_prompts=evals, decode=decode,
       decode_params=decode_params, reward=reward,
-      score=lambda prompts, images, meta: strict(prompts, images, meta=meta))
+      score=lambda prompts, images, meta: strict(prompts, images, meta=meta), judge=judge)
+
+
+def score_reward_entry(config: ml_collections.ConfigDict) -> tuple[str, dict[str, Any]] | None:
+  """``(kind, options)`` of the t2i world's on-device evaluation scorer ``world.score_reward``
+  (``{kind, **options}``, a registered reward; None when unset or empty), checked by name."""
+  entry = config.world.get("score_reward")
+  if not entry:
+    return None
+  if not hasattr(entry, "items"):
+    raise ValueError(f"world.score_reward={entry!r}: must be a dict {{kind, **options}} of a registered "
+                     "reward (docs/rewards.md)")
+  if config.world.get("score_url"):
+    raise ValueError("world.score_reward: set it or world.score_url (the server's strict scorer), not both")
+  options = dict(entry.items())
+  kind = options.pop("kind", None)
+  if not isinstance(kind, str) or not kind:
+    raise ValueError(f"world.score_reward.kind={kind!r}: must name a registered reward "
+                     "(python launch/reward_server.py --list)")
+  for key in ("weight", "group_norm"):
+    if key in options:
+      raise ValueError(f"world.score_reward.{key}: the evaluation scorer is one reward, not a weighted "
+                       "sum; set the reward's own options only")
+  return kind, options
 
 
 def build_task(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = print) -> Task:

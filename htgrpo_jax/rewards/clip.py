@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, Sequence
 
 import jax
@@ -32,6 +33,7 @@ import numpy as np
 from htgrpo_jax.models import clip, clip_image
 from htgrpo_jax.rewards.base import check_images
 from htgrpo_jax.rewards.geneval import COLORS
+from htgrpo_jax.rewards.registry import REWARDS
 
 GENEVAL_COLOR_TEMPLATES = ("a photo of a {color} {object}", "a photo of a {color}-colored {object}",
                            "a photo of a {color} object")
@@ -257,3 +259,65 @@ class ColorClassifier:
     logits = self.logits(np.asarray(image)[None], boxes[None], [[classname] * len(boxes)],
                          None if masks is None else np.asarray(masks)[None])[0]
     return [self.colors[i] for i in logits.argmax(-1)]
+
+
+def local_mesh(data_parallel: bool):
+  """A mesh whose ``data`` axis is this process's devices (None when not ``data_parallel``).
+
+  A trainer scores on process 0 alone (``rollouts.host_once``) and a reward server is one process,
+  so the registered rewards split their batch over the devices this process owns, never the
+  global mesh (whose other processes are not in the call)."""
+  if not data_parallel:
+    return None
+  from htgrpo_jax import parallel
+  return parallel.make_mesh(data=-1, fsdp=1, tensor=1, devices=jax.local_devices())
+
+
+def local_path(value: str, option: str) -> str:
+  """``value`` when it names an existing local file or dir; else a ValueError naming ``option``."""
+  if not isinstance(value, str) or not value or not os.path.exists(value):
+    raise ValueError(f"{option}={value!r}: no such local file or directory")
+  return value
+
+
+def load_clip_options(checkpoint: str, tokenizer: str, layout: str, preset: str, mesh,
+                      names: Sequence[str] = ("checkpoint", "tokenizer", "layout", "preset")) -> CLIPBundle:
+  """``load_clip`` from a reward's string options ("" = unset), with errors naming the option at
+  fault (``names``: how the reward calls its checkpoint, tokenizer, layout and preset options)."""
+  n_ckpt, n_tok, n_layout, n_preset = names
+  local_path(checkpoint, n_ckpt)
+  if tokenizer:
+    local_path(tokenizer, n_tok)
+  if layout not in LAYOUTS:
+    raise ValueError(f"{n_layout}={layout!r}: must be one of {LAYOUTS}")
+  if preset and preset not in clip.PRESETS:
+    raise ValueError(f"{n_preset}={preset!r}: must be one of {tuple(clip.PRESETS)} ('' = config.json)")
+  if layout == "open_clip" and not (preset and tokenizer):
+    raise ValueError(f"{n_layout}='open_clip' needs {n_preset} (one of {tuple(clip.PRESETS)}) and {n_tok} "
+                     "(a local tokenizer dir)")
+  return load_clip(checkpoint, tokenizer or None, layout=layout, config=preset or None, mesh=mesh)
+
+
+@REWARDS.register("clipscore")
+def build_clipscore(checkpoint: str, tokenizer: str = "", layout: str = "hf", preset: str = "",
+                    scale: float = 2.5, prefix: str = "", data_parallel: bool = True,
+                    name: str = "clipscore") -> CLIPScore:
+  """CLIPScore ``scale * max(cos, 0)`` of a local CLIP checkpoint (``load_clip``).
+
+  Args:
+    checkpoint: an HF ``CLIPModel`` dir (``layout='hf'``) or an open_clip safetensors file / dir.
+    tokenizer: a local tokenizer dir ("" = ``checkpoint``; required for open_clip).
+    layout: 'hf' or 'open_clip'.
+    preset: a ``models.clip.PRESETS`` name ("" = the HF dir's config.json; required for open_clip).
+    scale: Hessel et al.'s w (``CLIPScore``'s weight; ``weight`` in a ``config.rewards`` entry is
+      the weighted sum's).
+    prefix: prepended to every prompt (Hessel et al.: "A photo depicts ").
+    data_parallel: split each batch over this process's devices (``local_mesh``).
+  """
+  if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale) or scale <= 0:
+    raise ValueError(f"scale={scale!r}: must be a positive number")
+  mesh = local_mesh(data_parallel)
+  reward = CLIPScore(load_clip_options(checkpoint, tokenizer, layout, preset, mesh), weight=scale,
+                     prefix=prefix, mesh=mesh)
+  reward.name = name
+  return reward

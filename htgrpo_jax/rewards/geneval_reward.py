@@ -29,7 +29,9 @@ import numpy as np
 from htgrpo_jax.models import clip, owl
 from htgrpo_jax.rewards import geneval
 from htgrpo_jax.rewards.base import check_images
-from htgrpo_jax.rewards.clip import ColorClassifier, on_mesh, to_numpy
+from htgrpo_jax.rewards.clip import (ColorClassifier, load_clip_options, local_mesh, local_path, on_mesh,
+                                     to_numpy)
+from htgrpo_jax.rewards.registry import REWARDS
 
 MODES = ("dense", "strict")
 
@@ -65,14 +67,14 @@ def detect_images(params: Any, images: jax.Array, queries: jax.Array, query_mask
   return owl.detect(params, pixels, queries, query_mask, config)
 
 
-def _record(meta: Any, i: int) -> Mapping[str, Any]:
+def _record(meta: Any, i: int, name: str = "geneval") -> Mapping[str, Any]:
   if isinstance(meta, str):
     try:
       meta = json.loads(meta)
     except json.JSONDecodeError as e:
-      raise ValueError(f"reward 'geneval': meta[{i}] is not JSON ({e})") from None
+      raise ValueError(f"reward {name!r}: meta[{i}] is not JSON ({e})") from None
   if not isinstance(meta, Mapping) or "include" not in meta:
-    raise ValueError(f"reward 'geneval': meta[{i}] must be a GenEval record with 'include', got {meta!r:.200}")
+    raise ValueError(f"reward {name!r}: meta[{i}] must be a GenEval record with 'include', got {meta!r:.200}")
   return meta
 
 
@@ -125,7 +127,7 @@ class GenEvalReward:
       d = self.detector
       ids = clip.tokenize(d.tokenizer, [self.template.format(object=classname)], d.config.clip.text.max_length)
       if ids.max() >= d.config.clip.text.vocab_size:
-        raise ValueError(f"reward 'geneval': the tokenizer gives id {int(ids.max())} but the detector's "
+        raise ValueError(f"reward {self.name!r}: the tokenizer gives id {int(ids.max())} but the detector's "
                          f"vocab_size is {d.config.clip.text.vocab_size}")
       self._queries[classname] = np.asarray(owl.text_queries(d.params, jnp.asarray(ids), d.config))[0]
     return self._queries[classname]
@@ -182,9 +184,9 @@ class GenEvalReward:
     """``geneval.Verdict`` per image."""
     images = check_images(self.name, prompts, images)
     if meta is None or len(meta) != len(prompts):
-      raise ValueError(f"reward 'geneval': needs meta= with one GenEval record per prompt "
+      raise ValueError(f"reward {self.name!r}: needs meta= with one GenEval record per prompt "
                        f"({len(prompts)}), got {None if meta is None else len(meta)}")
-    records = [_record(m, i) for i, m in enumerate(meta)]
+    records = [_record(m, i, self.name) for i, m in enumerate(meta)]
     dets = self.detections(images, records)
     return [geneval.evaluate(d, r, variant=self.variant, ties=self.ties) for d, r in zip(dets, records)]
 
@@ -192,3 +194,45 @@ class GenEvalReward:
                **columns: Any) -> np.ndarray:
     verdicts = self.judge(prompts, images, meta)
     return np.asarray([v.dense if self.mode == "dense" else v.strict for v in verdicts], np.float32)
+
+
+@REWARDS.register("geneval_owl")
+def build_geneval_owl(detector: str, clip: str, detector_tokenizer: str = "", detector_preset: str = "",
+                      clip_tokenizer: str = "", clip_layout: str = "hf", clip_preset: str = "",
+                      mode: str = "dense", variant: str = "geneval", ties: str = "first",
+                      query_template: str = "a photo of a {object}", box_threshold: float = 0.1,
+                      nms_iou: float | None = 0.5, data_parallel: bool = True,
+                      name: str = "geneval_owl") -> GenEvalReward:
+  """The GenEval-style reward of local OWL + CLIP checkpoints (``GenEvalReward``).
+
+  Args:
+    detector: an HF ``Owlv2ForObjectDetection`` / ``OwlViTForObjectDetection`` dir.
+    clip: the CLIP checkpoint of GenEval's colour classifier (GenEval: ViT-L/14, OpenAI weights):
+      an HF ``CLIPModel`` dir, or open_clip safetensors with ``clip_layout='open_clip'``.
+    detector_tokenizer / clip_tokenizer: local tokenizer dirs ("" = the checkpoint dir).
+    detector_preset: a ``models.owl.PRESETS`` name ("" = the dir's config.json).
+    clip_layout / clip_preset: as ``clipscore``'s ``layout`` / ``preset``.
+    mode: 'dense' (partial credit, for RL) or 'strict' (GenEval's 0/1, for evaluation).
+    variant, ties, query_template, box_threshold, nms_iou: ``GenEvalReward``'s.
+    data_parallel: split each batch over this process's devices (``rewards.clip.local_mesh``).
+  """
+  local_path(detector, "detector")
+  if detector_tokenizer:
+    local_path(detector_tokenizer, "detector_tokenizer")
+  if detector_preset and detector_preset not in owl.PRESETS:
+    raise ValueError(f"detector_preset={detector_preset!r}: must be one of {tuple(owl.PRESETS)} "
+                     "('' = config.json)")
+  num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+  if not (num(box_threshold) and 0 <= box_threshold < 1):
+    raise ValueError(f"box_threshold={box_threshold!r}: must be a number in [0, 1)")
+  if nms_iou is not None and not (num(nms_iou) and 0 < nms_iou <= 1):
+    raise ValueError(f"nms_iou={nms_iou!r}: must be a number in (0, 1] or None (no NMS)")
+  mesh = local_mesh(data_parallel)
+  names = ("clip", "clip_tokenizer", "clip_layout", "clip_preset")
+  colors = ColorClassifier(load_clip_options(clip, clip_tokenizer, clip_layout, clip_preset, mesh, names=names),
+                           mesh=mesh)
+  owl_bundle = load_owl(detector, detector_tokenizer or None, config=detector_preset or None, mesh=mesh)
+  reward = GenEvalReward(owl_bundle, colors, mode=mode, variant=variant, ties=ties, query_template=query_template,
+                         box_threshold=box_threshold, nms_iou=nms_iou, mesh=mesh)
+  reward.name = name
+  return reward

@@ -32,6 +32,7 @@ REWARDS: Registry[RewardBuilder] = Registry("reward kind")
 def load_rewards() -> Registry[RewardBuilder]:
   """``REWARDS`` with every family registered (importing a module registers its builders)."""
   from htgrpo_jax.rewards import flowgrpo, remote  # noqa: F401  ('remote', 'flowgrpo_geneval')
+  from htgrpo_jax.rewards import clip, geneval_reward  # noqa: F401  ('clipscore', 'geneval_owl')
   from htgrpo_jax.worlds.shapeeval import reward  # noqa: F401  ('shapeeval')
   return REWARDS
 
