@@ -39,7 +39,7 @@ from jax.sharding import Mesh
 
 from htgrpo_jax import flops, parallel, paths, rl
 from htgrpo_jax.contracts import Registry
-from htgrpo_jax.models import layouts, llada, policy
+from htgrpo_jax.models import layouts, llada, lora, policy
 # The trainer's own validation and state construction, without the trainer module (its loop,
 # writers and checkpointing are no part of a pre-flight).
 from htgrpo_jax.run_config import Plan, abstract_train_state, check_mesh, make_optimizer, plan
@@ -202,7 +202,7 @@ def _shapes_model(config: ml_collections.ConfigDict, *, log: Callable[[str], Non
       data_dir=config.world.data_dir, codebook=codes, builder=None,
       tokenizer=text_tokenizer.build_tokenizer(grammar.vocabulary(world)))
   model_cfg, layout = pretrain.build_policy(pcfg, assets)
-  return model_cfg, layout, None
+  return lora.attach(model_cfg, config.model), layout, None
 
 
 def _tokenizer_present(path: str) -> bool:
@@ -229,7 +229,8 @@ def _t2i_model(config: ml_collections.ConfigDict, *, log: Callable[[str], None] 
     log(f"# {note}")
   layout = tasks.build_layout(config)
   try:
-    model_cfg = llada.get_config(config.model.preset, **dict(config.model.get("overrides") or {}))
+    model_cfg = lora.attach(llada.get_config(config.model.preset, **dict(config.model.get("overrides") or {})),
+                            config.model)
   except (TypeError, ValueError) as e:
     raise ValueError(f"model.preset / model.overrides: {e}") from None
   try:
@@ -335,7 +336,7 @@ def lower_sampler(t: Target, program: str = "sampler"):
   lay = t.layout
   fn = policy.make_canvas_logits_fn(t.model_cfg, lay)
   sampler = make_sampler(fn, t.plan.rollout_sampler, num_tokens=lay.num_image_tokens, mesh=t.mesh,
-                         params_sharding=shardings.params)
+                         params_sharding=shardings.policy_params())
   rows = sampler_rows(t, program)
   b2 = parallel.batch_sharding(t.mesh, 2)
   key = abstract_key(t.mesh)
@@ -347,11 +348,11 @@ def lower_sampler(t: Target, program: str = "sampler"):
         commit_entropy=f32(), commit_logp=f32(),
         step=jax.ShapeDtypeStruct((), jnp.int32, sharding=parallel.replicated(t.mesh)),
         prompt_tokens=tokens(lay.prompt_length), uncond_tokens=tokens(lay.prompt_length))
-    entry, args = sampler.paint, (state.params, canvas, key)
+    entry, args = sampler.paint, (state.policy_params(), canvas, key)
   else:
     prompts = tokens(lay.prompt_length)
     entry = sampler.sample if program == "sampler" else sampler.sketch
-    args = (state.params, prompts, prompts, key)
+    args = (state.policy_params(), prompts, prompts, key)
   # The Sampler's entry points are host wrappers (argument checks) around jitted functions with
   # the in/out shardings; an outer jit traces through them into one program with those shardings.
   return jax.jit(entry).lower(*args)
