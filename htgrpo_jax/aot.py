@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import tempfile
 import time
 from typing import Any, Callable, Sequence
@@ -367,17 +368,39 @@ def program_model_flops(t: Target, program: str) -> float:
                              program)
 
 
+class DoesNotFit(ValueError):
+  """XLA:TPU refused to compile a program: its temporaries alone exceed the chip's HBM.
+
+  Attributes:
+    program: the program; temp_gib: the temporaries XLA asked for (GiB, nan when its message did
+    not say); hbm_gib: the HBM XLA had (GiB).
+  """
+
+  def __init__(self, program: str, message: str):
+    self.program = program
+    nums = [float(x) for x in re.findall(r"\(([0-9.]+)G\)", message)]
+    self.temp_gib = nums[0] if nums else math.nan
+    self.hbm_gib = nums[1] if len(nums) > 1 else math.nan
+    super().__init__(message.strip().splitlines()[0])
+
+
 def compile_program(t: Target, program: str) -> ProgramReport:
   """Lowers and compiles one of ``PROGRAMS`` for the target's slice.
 
   Raises:
     ValueError: unknown program.
+    DoesNotFit: XLA ran out of HBM while compiling it (``RESOURCE_EXHAUSTED``).
   """
   if program not in PROGRAMS:
     raise ValueError(f"program={program!r}: choose from {PROGRAMS}")
   start = time.perf_counter()
   lowered = lower_train_step(t) if program == "train_step" else lower_sampler(t, program)
-  compiled = lowered.compile()
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    raise DoesNotFit(program, str(e)) from None
   secs = time.perf_counter() - start
   rows = t.plan.batch_size if program == "train_step" else sampler_rows(t, program)
   return _report(t, program, rows, compiled, secs, program_model_flops(t, program))
