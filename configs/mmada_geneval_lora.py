@@ -21,7 +21,6 @@ from htgrpo_jax.config_util import load_config_file
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = load_config_file(os.path.join(os.path.dirname(__file__), "mmada_geneval.py"), arg)
   c.workdir = "runs/mmada_geneval_lora"
-  c.model.lora = ml_collections.ConfigDict(dict(rank=128, alpha=64.0, dropout=0.05,
-                                                targets="q_proj|k_proj|v_proj|up_proj"))
+  c.model.lora.update(rank=128, alpha=64.0, dropout=0.05, targets="q_proj|k_proj|v_proj|up_proj")
   c.optim.learning_rate = 1e-5
   return c
