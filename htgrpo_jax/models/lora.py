@@ -5,7 +5,9 @@ A targeted projection ``y = x W`` (W: ``in_shape + feats``) becomes
   y = x W + (alpha / rank) * dropout(x) A B        A: in_shape + (rank,), B: (rank,) + feats
 
 with A drawn like PEFT's default (kaiming-uniform, bound 1 / sqrt(fan_in)) and B zero, so a fresh
-adapter leaves the model exactly as it was. The adapters live in their own Linen collection,
+adapter leaves the model exactly as it was. A's input dims shard like the kernel's (``embed`` ->
+fsdp); B's rank dim (logical ``lora_rank``) shards over fsdp and its output dims like the kernel's,
+so the rank must divide by the mesh's fsdp size (checked, by name, in ``policy.adapter_shardings``). The adapters live in their own Linen collection,
 ``'lora'`` (``{'blocks': {'q_proj_a': ..., 'q_proj_b': ...}}`` with a leading ``layers`` axis under
 ``scan_layers``), next to ``'params'``: applying the model without it is the base model (the KL
 reference, one forward and no second copy of the weights), and the trainable state holds the
@@ -145,7 +147,7 @@ def delta(module: nn.Module, lora: LoraConfig | None, name: str, x: jax.Array, s
       module.make_rng(RNG), shape, param_dtype)
   a = module.variable(COLLECTION, a_name, boxed(a_init, tuple(names[:n_in]) + (None,)),
                       in_shape + (lora.rank,)).value
-  b = module.variable(COLLECTION, b_name, boxed(nn.initializers.zeros, (None,) + tuple(names[n_in:])),
+  b = module.variable(COLLECTION, b_name, boxed(nn.initializers.zeros, ("lora_rank",) + tuple(names[n_in:])),
                       (lora.rank,) + feats).value
   if lora.dropout and module.has_rng("dropout"):
     keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - lora.dropout, x.shape)

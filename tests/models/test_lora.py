@@ -76,10 +76,13 @@ def test_adapters_sit_on_the_targeted_projections_and_shard_like_their_kernels(l
       "q_proj_a": (2, 32, 4), "q_proj_b": (2, 4, 4, 8), "up_proj_a": (2, 32, 4), "up_proj_b": (2, 4, 64)}
   mesh = parallel.make_mesh(data=1, fsdp=2, tensor=4)
   sh = policy.adapter_shardings(cfg, layout, mesh)["blocks"]
-  # A's input dim like the kernel's (embed -> fsdp), B's output dims like the kernel's (-> tensor).
+  # A's input dim like the kernel's (embed -> fsdp), B's output dims like the kernel's (-> tensor)
+  # and its rank over fsdp: no chip holds an adapter whole.
   assert tuple(sh["q_proj_a"].spec) == (None, "fsdp", None)
-  assert tuple(sh["q_proj_b"].spec) == (None, None, "tensor", None)
-  assert tuple(sh["up_proj_b"].spec) == (None, None, "tensor")
+  assert tuple(sh["q_proj_b"].spec) == (None, "fsdp", "tensor", None)
+  assert tuple(sh["up_proj_b"].spec) == (None, "fsdp", "tensor")
+  with pytest.raises(ValueError, match=r"adapter .*q_proj_b.* dim 4 does not divide"):
+    policy.adapter_shardings(cfg, layout, parallel.make_mesh(data=1, fsdp=8, tensor=1))
   placed = policy.init_adapters(cfg, layout, jax.random.key(0), mesh)
   assert placed["blocks"]["q_proj_a"].sharding == sh["q_proj_a"]
   n_base = llada.count_params(policy.abstract_params(cfg, layout))
