@@ -8,8 +8,8 @@ off it is the KL reference (no second copy of the weights).
 
 Everything else is ``configs/mmada_geneval.py``. The run's checkpoints hold the adapters and their
 AdamW moments only; ``launch/export.py`` merges them into the base and writes Hugging Face
-safetensors in MMaDA's own key layout. The learning rate is LoRA's (adapters start at zero and
-move far more than full weights would).
+safetensors in MMaDA's own key layout. The learning rate is 10x the full fine-tuning one, the usual
+LoRA ratio; it is not tuned here.
 """
 import os
 
