@@ -60,3 +60,12 @@ def test_stopped_and_resumed_lora_run_matches_uninterrupted(lora_run, root):
                   jax.tree.leaves((b.params, b.opt_state, b.step))):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert lora_run["history"] == second["history"]
+
+
+def test_evaluating_a_lora_checkpoint_restores_its_adapters_over_the_base(lora_run, root):
+  out = trainer.evaluate_checkpoint(tiny_config(root, "lora", **LORA), which="latest",
+                                    out_dir=str(root / "lora_eval"), log=lambda s: None)
+  assert out["name"] == "step4" and 0.0 <= out["scores"]["overall"] <= 1.0
+  got, want = out["params"], lora_run["state"]
+  for x, y in zip(jax.tree.leaves((got.adapters, got.base)), jax.tree.leaves((want.params, want.frozen))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -15,6 +15,11 @@
 4. a non-finite loss, gradient, new params or new optimizer state skips that update: params and
    optimizer state stay as they were and ``state.skipped`` counts it.
 
+With a frozen base (``state.frozen``, LoRA) ``state.params`` are the adapters: only they are
+differentiated and updated, the policy is scored as ``Adapted(frozen, params)``, the reference as
+``Adapted(frozen, None)`` (the adapters off; no ``ref_params``), and only the gradient passes get a
+dropout key (``fold_in(fold_in(fold_in(step_key, k), salt), micro-batch)``).
+
 Iteration k of step ``state.step`` draws everything from ``fold_in(fold_in(key, state.step), k)``.
 """
 from __future__ import annotations
