@@ -361,6 +361,10 @@ def lower_sampler(t: Target, program: str = "sampler"):
 
 def program_model_flops(t: Target, program: str) -> float:
   """Whole-program model FLOPs (all chips) of one call of ``program``."""
+  if program == "train_step" and t.model_cfg.lora is not None:
+    # flops.py counts full fine-tuning's backward (the base's weight gradients, which a frozen base
+    # skips) and no adapter matmuls: LoRA's step is not modelled, so no figure rather than a wrong one.
+    return math.nan
   if program == "train_step":
     guided_rows = 2 if _guided(t) and t.plan.rollout_sampler.use_cfg else 1
     return flops.train_step_flops(t.model_cfg, t.layout, t.plan.rl, t.plan.batch_size, guided_rows)

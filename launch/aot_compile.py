@@ -45,6 +45,8 @@ TABLE_HEADER = (
 
 def _num(x: float) -> str:
   """Two decimals, or three significant digits for tiny values (the test-sized programs)."""
+  if x != x:  # nan: not modelled (the model FLOPs of a LoRA step)
+    return "-"
   return f"{x:.2f}" if abs(x) >= 0.1 or x == 0 else f"{x:.3g}"
 
 
