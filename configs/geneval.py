@@ -88,6 +88,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Pretraining settings (None keeps configs/pretrain_shapes.py's value).
   c.model.pretrain = ml_collections.ConfigDict(dict(num_steps=None, max_minutes=None,
                                                     batch_size=None))
+  # LoRA (htgrpo_jax/models/lora.py): rank 0 = off (full fine-tuning). On, the state trains the
+  # adapters only, the base is frozen and the KL reference is the base with the adapters off.
+  c.model.lora = ml_collections.ConfigDict(dict(rank=0, alpha=32.0, dropout=0.0,
+                                                targets="q_proj|k_proj|v_proj|up_proj"))
 
   # Rollouts.
   c.sampler = ml_collections.ConfigDict()

@@ -48,6 +48,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.vq_checkpoint = "/ckpt/magvitv2"    # folder with the decoder safetensors
   c.model.vq_preset = ""                      # "" = the released decoder's sizes ("tiny": tests)
   c.model.overrides = ml_collections.ConfigDict(dict(remat="full"))
+  # LoRA: rank 0 = full fine-tuning (configs/mmada_geneval_lora.py: MaskGRPO's r 128 / alpha 64).
+  c.model.lora = ml_collections.ConfigDict(dict(rank=0, alpha=64.0, dropout=0.0,
+                                                targets="q_proj|k_proj|v_proj|up_proj"))
 
   # MMaDA's T2I sampler: MaskGIT, cosine, CFG 3.5, annealed temperature (docs/models.md, samplers).
   c.sampler.num_steps = 15

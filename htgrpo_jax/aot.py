@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import tempfile
 import time
 from typing import Any, Callable, Sequence
@@ -39,7 +40,7 @@ from jax.sharding import Mesh
 
 from htgrpo_jax import flops, parallel, paths, rl
 from htgrpo_jax.contracts import Registry
-from htgrpo_jax.models import layouts, llada, policy
+from htgrpo_jax.models import layouts, llada, lora, policy
 # The trainer's own validation and state construction, without the trainer module (its loop,
 # writers and checkpointing are no part of a pre-flight).
 from htgrpo_jax.run_config import Plan, abstract_train_state, check_mesh, make_optimizer, plan
@@ -202,7 +203,7 @@ def _shapes_model(config: ml_collections.ConfigDict, *, log: Callable[[str], Non
       data_dir=config.world.data_dir, codebook=codes, builder=None,
       tokenizer=text_tokenizer.build_tokenizer(grammar.vocabulary(world)))
   model_cfg, layout = pretrain.build_policy(pcfg, assets)
-  return model_cfg, layout, None
+  return lora.attach(model_cfg, config.model), layout, None
 
 
 def _tokenizer_present(path: str) -> bool:
@@ -229,7 +230,8 @@ def _t2i_model(config: ml_collections.ConfigDict, *, log: Callable[[str], None] 
     log(f"# {note}")
   layout = tasks.build_layout(config)
   try:
-    model_cfg = llada.get_config(config.model.preset, **dict(config.model.get("overrides") or {}))
+    model_cfg = lora.attach(llada.get_config(config.model.preset, **dict(config.model.get("overrides") or {})),
+                            config.model)
   except (TypeError, ValueError) as e:
     raise ValueError(f"model.preset / model.overrides: {e}") from None
   try:
@@ -335,7 +337,7 @@ def lower_sampler(t: Target, program: str = "sampler"):
   lay = t.layout
   fn = policy.make_canvas_logits_fn(t.model_cfg, lay)
   sampler = make_sampler(fn, t.plan.rollout_sampler, num_tokens=lay.num_image_tokens, mesh=t.mesh,
-                         params_sharding=shardings.params)
+                         params_sharding=shardings.policy_params())
   rows = sampler_rows(t, program)
   b2 = parallel.batch_sharding(t.mesh, 2)
   key = abstract_key(t.mesh)
@@ -347,11 +349,11 @@ def lower_sampler(t: Target, program: str = "sampler"):
         commit_entropy=f32(), commit_logp=f32(),
         step=jax.ShapeDtypeStruct((), jnp.int32, sharding=parallel.replicated(t.mesh)),
         prompt_tokens=tokens(lay.prompt_length), uncond_tokens=tokens(lay.prompt_length))
-    entry, args = sampler.paint, (state.params, canvas, key)
+    entry, args = sampler.paint, (state.policy_params(), canvas, key)
   else:
     prompts = tokens(lay.prompt_length)
     entry = sampler.sample if program == "sampler" else sampler.sketch
-    args = (state.params, prompts, prompts, key)
+    args = (state.policy_params(), prompts, prompts, key)
   # The Sampler's entry points are host wrappers (argument checks) around jitted functions with
   # the in/out shardings; an outer jit traces through them into one program with those shardings.
   return jax.jit(entry).lower(*args)
@@ -359,6 +361,10 @@ def lower_sampler(t: Target, program: str = "sampler"):
 
 def program_model_flops(t: Target, program: str) -> float:
   """Whole-program model FLOPs (all chips) of one call of ``program``."""
+  if program == "train_step" and t.model_cfg.lora is not None:
+    # flops.py counts full fine-tuning's backward (the base's weight gradients, which a frozen base
+    # skips) and no adapter matmuls: LoRA's step is not modelled, so no figure rather than a wrong one.
+    return math.nan
   if program == "train_step":
     guided_rows = 2 if _guided(t) and t.plan.rollout_sampler.use_cfg else 1
     return flops.train_step_flops(t.model_cfg, t.layout, t.plan.rl, t.plan.batch_size, guided_rows)
@@ -366,17 +372,39 @@ def program_model_flops(t: Target, program: str) -> float:
                              program)
 
 
+class DoesNotFit(ValueError):
+  """XLA:TPU refused to compile a program: its temporaries alone exceed the chip's HBM.
+
+  Attributes:
+    program: the program; temp_gib: the temporaries XLA asked for (GiB, nan when its message did
+    not say); hbm_gib: the HBM XLA had (GiB).
+  """
+
+  def __init__(self, program: str, message: str):
+    self.program = program
+    nums = [float(x) for x in re.findall(r"\(([0-9.]+)G\)", message)]
+    self.temp_gib = nums[0] if nums else math.nan
+    self.hbm_gib = nums[1] if len(nums) > 1 else math.nan
+    super().__init__(message.strip().splitlines()[0])
+
+
 def compile_program(t: Target, program: str) -> ProgramReport:
   """Lowers and compiles one of ``PROGRAMS`` for the target's slice.
 
   Raises:
     ValueError: unknown program.
+    DoesNotFit: XLA ran out of HBM while compiling it (``RESOURCE_EXHAUSTED``).
   """
   if program not in PROGRAMS:
     raise ValueError(f"program={program!r}: choose from {PROGRAMS}")
   start = time.perf_counter()
   lowered = lower_train_step(t) if program == "train_step" else lower_sampler(t, program)
-  compiled = lowered.compile()
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    raise DoesNotFit(program, str(e)) from None
   secs = time.perf_counter() - start
   rows = t.plan.batch_size if program == "train_step" else sampler_rows(t, program)
   return _report(t, program, rows, compiled, secs, program_model_flops(t, program))

@@ -161,23 +161,65 @@ class TrainState:
     params: policy parameters (any pytree the canvas_logits_fn takes).
     opt_state: the optax state of ``params``.
     ref_params: frozen reference policy (same structure as params), or None: the RL update without
-      a KL term (beta == 0) and pretraining keep none.
+      a KL term (beta == 0), pretraining and adapter training (whose reference is ``frozen`` with
+      the adapters off) keep none.
     skipped: int32[] updates skipped so far because of a non-finite loss, gradient or update.
+    frozen: the frozen base of adapter training (LoRA), or None (full fine-tuning). Then ``params``
+      are the adapters only, the policy's params are ``Adapted(frozen, params)`` and the
+      reference is ``Adapted(frozen, None)``. Held here once, never written to a run checkpoint
+      (``without_frozen``; the base is reloaded from its own checkpoint on resume).
   """
   step: jax.Array
   params: Any
   opt_state: Any
   ref_params: Any
   skipped: jax.Array
+  frozen: Any = None
 
   @classmethod
   def create(cls, params: Any, optimizer: optax.GradientTransformation, *, ref_params: Any = None,
-             with_reference: bool = True) -> "TrainState":
-    """Fresh state; the reference defaults to a copy of ``params`` (a copy so donation cannot alias)."""
+             with_reference: bool = True, frozen: Any = None) -> "TrainState":
+    """Fresh state; the reference defaults to a copy of ``params`` (a copy so donation cannot alias).
+    With a ``frozen`` base, ``params`` are the adapters and no reference copy is kept."""
+    if frozen is not None:
+      with_reference = False
     if with_reference and ref_params is None:
       ref_params = jax.tree.map(jnp.copy, params)
     return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-               ref_params=ref_params if with_reference else None, skipped=jnp.zeros((), jnp.int32))
+               ref_params=ref_params if with_reference else None, skipped=jnp.zeros((), jnp.int32),
+               frozen=frozen)
+
+  def policy_params(self, rng: jax.Array | None = None) -> Any:
+    """What the ``CanvasLogitsFn`` takes: ``params``, or ``Adapted(frozen, params, rng)``."""
+    return policy_params(self.frozen, self.params, rng)
+
+  def reference_params(self) -> Any:
+    """The KL reference: ``ref_params``, or the frozen base with the adapters off."""
+    return self.ref_params if self.frozen is None else Adapted(self.frozen, None)
+
+  def without_frozen(self) -> "TrainState":
+    """The state as a run checkpoint holds it (the frozen base left out)."""
+    return self.replace(frozen=None)
+
+
+@struct.dataclass
+class Adapted:
+  """Params of a policy made of a frozen base and trainable adapters (LoRA); a pytree.
+
+  Attributes:
+    base: the frozen base params.
+    adapters: the adapter params, or None: adapters off (the base policy, the KL reference).
+    rng: the adapters' dropout key (a gradient pass), or None: deterministic (rollouts, the old
+      and reference passes, evaluation).
+  """
+  base: Any
+  adapters: Any = None
+  rng: Any = None
+
+
+def policy_params(frozen: Any, params: Any, rng: jax.Array | None = None) -> Any:
+  """``params`` when there is no frozen base, else ``Adapted(frozen, params, rng)``."""
+  return params if frozen is None else Adapted(frozen, params, rng)
 
 
 def make_optimizer(learning_rate: float | optax.Schedule, *, clip_norm: float | None = 1.0,

@@ -16,6 +16,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from htgrpo_jax import evaluate, parallel, paths, rollouts, tasks, writer
+from htgrpo_jax.contracts import Adapted
 from htgrpo_jax.checkpoint import (CheckpointMismatchError, CorruptCheckpointError, leaf_checksums,
                                    step_dirs)
 from htgrpo_jax.models import policy
@@ -110,11 +111,16 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, *, which: str = "late
   task = tasks.build_task(config, log=log)
   layout = task.layout
   abstract_params = policy.abstract_params(task.model_cfg, layout, mesh)
+  lora = task.model_cfg.lora is not None
   if which == "base":
     params = task.load_base_params(abstract_params)
   else:
+    # A LoRA run's checkpoints hold the adapters; the frozen base comes from its own checkpoint.
+    abstract = policy.abstract_adapters(task.model_cfg, layout, mesh) if lora else abstract_params
     params, step = restore_params(paths.join(paths.resolve(config.workdir), "checkpoints"),
-                                  abstract_params, None if which == "latest" else int(which))
+                                  abstract, None if which == "latest" else int(which))
+    if lora:
+      params = Adapted(task.load_base_params(abstract_params), params)
     which = f"step{step}"
   logits_fn = policy.make_canvas_logits_fn(task.model_cfg, layout)
   sampler = make_sampler(logits_fn, p.sampler, num_tokens=layout.num_image_tokens, mesh=mesh)

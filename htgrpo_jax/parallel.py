@@ -33,6 +33,10 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("codebook", "tensor"),
+    # LoRA's rank dimension: the B matrices' input (their output dims follow their kernels), split
+    # FSDP-style so no chip holds them whole (the rank must divide by fsdp).
+    ("lora_rank", "fsdp"),
+    ("lora_rank", None),
 )
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from htgrpo_jax import parallel, rl
-from htgrpo_jax.models import policy
+from htgrpo_jax.models import lora, policy
 from htgrpo_jax.sampling import SamplerConfig
 
 if TYPE_CHECKING:  # the Task type only (tasks imports the worlds, grain, the models)
@@ -78,6 +78,7 @@ def plan(config: ml_collections.ConfigDict) -> Plan:
   need(config.eval.grid_size >= 0, "eval.grid_size", "must be >= 0")
   validate_optim(config)
   validate_run_keys(config)
+  lora.from_config(config.get("model") or {})  # model.lora.* (named) before anything is built
   need(config.rl.preset in rl.PRESETS, "rl.preset", f"must be one of {tuple(rl.PRESETS)}")
   sampler = dict(config.sampler)
   share = sampler.pop("share_sketch", False)
@@ -277,28 +278,39 @@ def make_optimizer(config: ml_collections.ConfigDict, p: Plan) -> optax.Gradient
 
 
 def state_shardings(abstract_state: rl.TrainState, param_shardings: Any, optimizer,
-                    mesh: jax.sharding.Mesh) -> rl.TrainState:
-  """Shardings of a ``TrainState``: optimizer moments follow their params, counters replicated."""
+                    mesh: jax.sharding.Mesh, frozen_shardings: Any = None) -> rl.TrainState:
+  """Shardings of a ``TrainState``: optimizer moments follow their params, counters replicated;
+  a frozen base (LoRA: ``param_shardings`` are the adapters') on ``frozen_shardings``."""
   rep = parallel.replicated(mesh)
   opt = optax.tree_map_params(optimizer, lambda _, s: s, abstract_state.opt_state, param_shardings,
                               transform_non_params=lambda _: rep)
   return rl.TrainState(step=rep, params=param_shardings, opt_state=opt,
                        ref_params=None if abstract_state.ref_params is None else param_shardings,
-                       skipped=rep)
+                       skipped=rep, frozen=None if abstract_state.frozen is None else frozen_shardings)
 
 
-def new_state(optimizer: optax.GradientTransformation, p: Plan) -> Callable[[Any], rl.TrainState]:
-  """``params -> TrainState`` (with a frozen reference copy when the KL term is on)."""
+def new_state(optimizer: optax.GradientTransformation, p: Plan) -> Callable[..., rl.TrainState]:
+  """``(params, frozen=None) -> TrainState``: full fine-tuning keeps a frozen reference copy when the
+  KL term is on; with a ``frozen`` base (LoRA) ``params`` are the adapters and the reference is the
+  base with them off (no copy)."""
   return functools.partial(rl.TrainState.create, optimizer=optimizer, with_reference=p.rl.beta > 0)
 
 
 def abstract_train_state(task: tasks.Task, p: Plan, optimizer, mesh: jax.sharding.Mesh
                          ) -> tuple[rl.TrainState, rl.TrainState, Any]:
-  """(abstract state with target shardings, its shardings, abstract params); nothing allocated."""
+  """(abstract state with target shardings, its shardings, abstract base params); nothing allocated.
+
+  With ``model_cfg.lora`` the state's params are the adapters and ``frozen`` the base."""
   pshard = policy.param_shardings(task.model_cfg, task.layout, mesh)
   abstract_params = policy.abstract_params(task.model_cfg, task.layout, mesh)
-  abstract = jax.eval_shape(new_state(optimizer, p), abstract_params)
-  shardings = state_shardings(abstract, pshard, optimizer, mesh)
+  if task.model_cfg.lora is None:
+    abstract = jax.eval_shape(new_state(optimizer, p), abstract_params)
+    shardings = state_shardings(abstract, pshard, optimizer, mesh)
+  else:
+    adapters = policy.abstract_adapters(task.model_cfg, task.layout, mesh)
+    abstract = jax.eval_shape(new_state(optimizer, p), adapters, frozen=abstract_params)
+    shardings = state_shardings(abstract, policy.adapter_shardings(task.model_cfg, task.layout, mesh),
+                                optimizer, mesh, frozen_shardings=pshard)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
   return abstract, shardings, abstract_params

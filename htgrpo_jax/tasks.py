@@ -34,7 +34,7 @@ import numpy as np
 from htgrpo_jax import paths
 from htgrpo_jax.config_util import load_config_file  # noqa: F401  (re-exported: tasks.load_config_file)
 from htgrpo_jax.contracts import DecodeFn, EvalPrompt, Registry, RewardFn
-from htgrpo_jax.models import layouts, llada, policy
+from htgrpo_jax.models import layouts, llada, lora, policy
 
 
 @dataclasses.dataclass
@@ -186,7 +186,7 @@ def build_t2i_task(config: ml_collections.ConfigDict, *, log: Callable[[str], No
   evals = read_prompt_file(w.eval_prompts, "world.eval_prompts")
   layout = build_layout(config)
   overrides = dict(config.model.get("overrides") or {})
-  model_cfg = llada.get_config(config.model.preset, **overrides)
+  model_cfg = lora.attach(llada.get_config(config.model.preset, **overrides), config.model)
   policy.check_compatible(model_cfg, layout)
   ckpt = paths.resolve(config.model.checkpoint or "")
   if not config.model.checkpoint or not paths.isdir(ckpt):

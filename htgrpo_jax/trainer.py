@@ -109,12 +109,13 @@ def build_programs(task: tasks.Task, p: Plan, optimizer, shardings: rl.TrainStat
   """The samplers, the train step and the decoder of a run on ``mesh``."""
   layout = task.layout
   logits_fn = policy.make_canvas_logits_fn(task.model_cfg, layout)
+  # The samplers take the policy's params: the params, or (LoRA) the frozen base + the adapters.
   sampler = make_sampler(logits_fn, p.sampler, num_tokens=layout.num_image_tokens, mesh=mesh,
-                         params_sharding=shardings.params)
+                         params_sharding=shardings.policy_params())
   # Training rollouts may drop CFG ('unguided_rollouts'); evaluation keeps the config's sampler.
   roll_sampler = sampler if p.rollout_sampler == p.sampler else make_sampler(
       logits_fn, p.rollout_sampler, num_tokens=layout.num_image_tokens, mesh=mesh,
-      params_sharding=shardings.params)
+      params_sharding=shardings.policy_params())
   # 'guided': the ratios score the guided, tempered distribution the rollouts were drawn from.
   score_fn = (guided_canvas_logits_fn(logits_fn, p.rollout_sampler, layout.unconditional_prompts(1)[0])
               if p.rl.estimator_guidance == "guided" else logits_fn)
@@ -177,14 +178,18 @@ def _train(config: ml_collections.ConfigDict, p: Plan, mesh: jax.sharding.Mesh, 
   ckpt = control.ckpt = RunCheckpointer(paths.join(workdir, "checkpoints"),
                                         keep=config.keep_checkpoints)
   data = iter(task.train_dataset(p.prompts_per_step, config.seed))
+  # A frozen base (LoRA) is never in a run checkpoint: it is read from the base checkpoint.
   if ckpt.latest_step() is not None:
-    state, data_state, loop_json = ckpt.restore(abstract_state, warn=lambda m: log(f"WARNING: {m}"))
+    state, data_state, loop_json = ckpt.restore(abstract_state.without_frozen(),
+                                                warn=lambda m: log(f"WARNING: {m}"))
+    if abstract_state.frozen is not None:
+      state = state.replace(frozen=task.load_base_params(abstract_params))
     data.set_state(data_state)
     loop = LoopState.from_json(loop_json)
     log(f"Resumed {workdir} at step {loop.step}.")
   else:
     params = task.load_base_params(abstract_params)
-    state = jax.jit(new_state(optimizer, p), out_shardings=shardings)(params)
+    state = initial_state(task, p, optimizer, shardings, params, mesh, config.seed)
     del params
     loop = LoopState(seed=config.seed)
   start = loop.step
@@ -197,18 +202,18 @@ def _train(config: ml_collections.ConfigDict, p: Plan, mesh: jax.sharding.Mesh, 
   evaluator = _Evaluator(config, task, p, programs, runlog, workdir)
 
   def save(step: int) -> None:
-    ckpt.save(step, state, data.get_state(), loop.to_json())
+    ckpt.save(step, state.without_frozen(), data.get_state(), loop.to_json())
     control.saved(step)
     runlog.flush()  # a URL workdir's metrics.jsonl then covers every step a checkpoint holds
 
   def evaluate_and_report(step: int) -> None:
-    loop.evals[step] = evaluator(step, state.params)
+    loop.evals[step] = evaluator(step, state.policy_params())
     evaluator.report(loop)
     runlog.flush()
 
   if 0 not in loop.evals and config.eval.at_start:
     log("Evaluating the base policy on the held-out prompts...")
-    loop.evals[0] = evaluator(0, state.params)
+    loop.evals[0] = evaluator(0, state.policy_params())
     runlog.flush()
     log(f"base policy: overall {loop.evals[0]['overall']:.3f}")
   if start and start not in loop.evals and itstime(start, config.eval_every, config.total_steps):
@@ -232,7 +237,7 @@ def _train(config: ml_collections.ConfigDict, p: Plan, mesh: jax.sharding.Mesh, 
     control.profiler.at(step)
     batch = next(data)
     k_roll, k_step = jax.random.split(jax.random.fold_in(root, step))
-    rollout, info = collect_rollouts(programs.rollout_sampler, state.params, batch, k_roll, p=p,
+    rollout, info = collect_rollouts(programs.rollout_sampler, state.policy_params(), batch, k_roll, p=p,
                                      uncond=programs.uncond, decode=programs.decode,
                                      reward=task.reward, mesh=mesh)
     state, metrics = programs.train_step(state, rollout, k_step)
@@ -264,8 +269,25 @@ def _train(config: ml_collections.ConfigDict, p: Plan, mesh: jax.sharding.Mesh, 
   table = evaluator.report(loop)
   if table and loop.step == config.total_steps:
     log(table)
-  return dict(state=state, params=state.params, step=loop.step, history=loop.history,
+  return dict(state=state, params=state.policy_params(), step=loop.step, history=loop.history,
               evals=dict(loop.evals), workdir=workdir, interrupted=control.stop_signal)
+
+
+_ADAPTER_SALT = 0x7FFF_FFF3  # fold_in salt of the adapters' init key (never an RL step)
+
+
+def initial_state(task: tasks.Task, p: Plan, optimizer, shardings: rl.TrainState, params: Any,
+                  mesh: jax.sharding.Mesh, seed: int) -> rl.TrainState:
+  """The state of a fresh run from the base ``params``: full fine-tuning (with a reference copy
+  when the KL term is on), or (``model_cfg.lora``) fresh adapters over ``params`` kept frozen as
+  they are (attached after the jit, so the base is never copied)."""
+  if task.model_cfg.lora is None:
+    return jax.jit(new_state(optimizer, p), out_shardings=shardings)(params)
+  key = jax.random.fold_in(jax.random.PRNGKey(seed), _ADAPTER_SALT)
+  adapters = policy.init_adapters(task.model_cfg, task.layout, key, mesh)
+  create = lambda a: rl.TrainState.create(a, optimizer, with_reference=False)
+  state = jax.jit(create, out_shardings=shardings.without_frozen())(adapters)
+  return state.replace(frozen=params)
 
 
 class _Evaluator:

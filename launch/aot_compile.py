@@ -45,6 +45,8 @@ TABLE_HEADER = (
 
 def _num(x: float) -> str:
   """Two decimals, or three significant digits for tiny values (the test-sized programs)."""
+  if x != x:  # nan: not modelled (the model FLOPs of a LoRA step)
+    return "-"
   return f"{x:.2f}" if abs(x) >= 0.1 or x == 0 else f"{x:.3g}"
 
 
@@ -59,10 +61,26 @@ def markdown_row(t, report) -> str:
   m = t.mesh.shape
   mb = micro_batch_per_device(t) if report.program == "train_step" else "-"
   remat = f"{t.model_cfg.remat}{'+scan' if t.model_cfg.scan_layers else ''}"
-  model = _CONFIG.value.model.preset
+  model = model_label(t)
   return (f"| {model} | {t.topology} | {m['data']},{m['fsdp']},{m['tensor']} | {report.rows} | {mb} | "
           f"{remat} | {report.program} | {_num(report.total_gib)} | {report.hbm_gib:g} | "
           f"{'yes' if report.fits else 'NO'} | {_num(report.model_tflops)} | {report.compile_s:.0f} |")
+
+
+def model_label(t) -> str:
+  """The table's model column: the preset, with the LoRA rank when adapters are trained."""
+  lora = t.model_cfg.lora
+  return _CONFIG.value.model.preset + (f" LoRA r{lora.rank}" if lora else "")
+
+
+def refused_row(t, e) -> str:
+  """A row for a program XLA:TPU refused to compile: its temporaries alone exceed the HBM."""
+  m = t.mesh.shape
+  mb = micro_batch_per_device(t) if e.program == "train_step" else "-"
+  remat = f"{t.model_cfg.remat}{'+scan' if t.model_cfg.scan_layers else ''}"
+  rows = t.plan.batch_size if e.program == "train_step" else aot.sampler_rows(t, e.program)
+  return (f"| {model_label(t)} | {t.topology} | {m['data']},{m['fsdp']},{m['tensor']} | {rows} | {mb} | "
+          f"{remat} | {e.program} | > {_num(e.temp_gib)} (temps) | {e.hbm_gib:g} | NO | - | - |")
 
 
 def memory_line(report) -> str:
@@ -99,10 +117,17 @@ def main(argv):
         f"K={r.num_iterations} ({r.estimator}, guidance {r.estimator_guidance}), beta={r.beta}; "
         f"sampler T={s.num_steps} cfg={s.cfg_scale}" + (f", share_sketch ({p.sketch_rows} sketch rows)"
                                                         if p.share_sketch else ""), flush=True)
-  rows, reports = [], []
+  rows, reports, refused = [], [], []
   for program in _PROGRAMS.value:
     print(f"# compiling {program} ...", flush=True)
-    report = aot.compile_program(t, program)
+    try:
+      report = aot.compile_program(t, program)
+    except aot.DoesNotFit as e:  # XLA:TPU refuses a program whose temporaries exceed HBM
+      print(f"# {program}: does not fit: {e}", flush=True)
+      rows.append(refused_row(t, e))
+      refused.append(dict(program=program, fits=False, temp_gib=e.temp_gib, hbm_gib=e.hbm_gib,
+                          error=str(e)))
+      continue
     print(f"# {memory_line(report)}; compile {report.compile_s:.0f} s", flush=True)
     rows.append(markdown_row(t, report))
     reports.append(report)
@@ -114,7 +139,7 @@ def main(argv):
                reports=[dict(vars(rep), total_gib=rep.total_gib, fits=rep.fits,
                              micro_batch_per_device=(micro_batch_per_device(t)
                                                      if rep.program == "train_step" else None))
-                        for rep in reports])
+                        for rep in reports] + refused)
     with open(_OUTPUT.value, "w") as f:
       json.dump(out, f, indent=1, default=str)
 

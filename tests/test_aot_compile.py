@@ -186,3 +186,25 @@ def test_documented_aot_command_lines_parse_and_prepare(line, monkeypatch):
   config, topology = parse_cli(shlex.split(line))
   t = aot.prepare(config, topology, log=lambda _: None)
   assert t.mesh.devices.size == aot.topology_devices(topology).size
+
+
+def test_lora_train_step_holds_the_adapters_state_and_one_frozen_base(compiled):
+  """LoRA: the state is the adapters + their Adam moments + the frozen base once (no reference
+  copy), so the train step's arguments shrink by about the reference's and the moments' share."""
+  target, (_, full) = compiled
+  lora_t, (lora_step,) = aot.compile_all(tiny_config(**{"model.lora.rank": 4}), "v5e:2x2", ("train_step",))
+  state, _ = aot.abstract_state(lora_t)
+  assert state.ref_params is None and state.frozen is not None
+  n_base, n_adapters = _nbytes(state.frozen), _nbytes(state.params)
+  assert n_adapters < n_base and _nbytes(state.opt_state) <= 2 * n_adapters + 64
+  assert lora_step.fits and lora_step.argument_bytes < full.argument_bytes
+  full_state, _ = aot.abstract_state(target)
+  saved = _nbytes(full_state) - _nbytes(state)  # the reference copy and the moments, minus adapters'
+  assert saved > 2 * n_base
+  print(f"train step arguments/chip: full {full.argument_bytes} B, LoRA r4 {lora_step.argument_bytes} B")
+
+
+def test_a_program_xla_refuses_for_hbm_is_reported_not_raised():
+  e = aot.DoesNotFit("train_step", "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory "
+                     "required for HLO temporaries (24.88G) exceeds available HBM (15.75G).\nmore")
+  assert (e.temp_gib, e.hbm_gib) == (24.88, 15.75) and "\n" not in str(e)

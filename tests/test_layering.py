@@ -162,8 +162,9 @@ def test_train_state_keeps_the_rl_checkpoint_layout():
 
   from htgrpo_jax.contracts import TrainState
 
+  # ``frozen`` (a LoRA run's base) comes last and is never checkpointed (``without_frozen``).
   assert [f.name for f in dataclasses.fields(TrainState)] == [
-      "step", "params", "opt_state", "ref_params", "skipped"]
+      "step", "params", "opt_state", "ref_params", "skipped", "frozen"]
   params = {"w": jnp.ones((2,), jnp.float32)}
   with_ref = TrainState.create(params, optax.sgd(0.1))
   keys = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(with_ref)[0]]
@@ -171,6 +172,10 @@ def test_train_state_keeps_the_rl_checkpoint_layout():
   no_ref = TrainState.create(params, optax.sgd(0.1), with_reference=False)
   assert no_ref.ref_params is None and int(no_ref.step) == 0 and int(no_ref.skipped) == 0
   assert with_ref.ref_params["w"] is not params["w"]  # a copy: donation cannot alias
+  lora = TrainState.create({"a": jnp.zeros((2,), jnp.float32)}, optax.sgd(0.1), frozen=params)
+  assert lora.ref_params is None and lora.frozen is params
+  keys = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(lora.without_frozen())[0]]
+  assert keys == [".step", ".params['a']", ".skipped"], keys
 
 
 CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "configs", "*.py")))

@@ -412,3 +412,95 @@ def convert_checkpoint(ckpt_dir: str, out_dir: str, config: LLaDAConfig, mesh=No
   params = load_llada_params(ckpt_dir, config, shardings, progress=progress)
   save_params(params, out_dir)
   return params
+
+
+# ------------------------------------------------------------------------------------------------
+# The way back: params -> HF safetensors in the checkpoint's own key layout (``launch/export.py``).
+
+# Params stored transposed (torch Linear [out, in] -> our [in, ...out]); the others are as is.
+_TRANSPOSED = {"q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out", "lm_head"}
+_NP_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+def to_hf(path: tuple[str, ...], ours: np.ndarray, hf_shape: tuple[int, ...]) -> np.ndarray:
+  """The HF tensor of our param ``path`` (one layer's slice): the inverse of ``param_map``'s
+  transform (``w.T.reshape(ours)`` undone as ``ours.reshape(hf_shape[::-1]).T``)."""
+  if path[-1] in _TRANSPOSED:
+    return np.ascontiguousarray(ours.reshape(hf_shape[::-1]).T)
+  return ours.reshape(hf_shape)
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None
+                      ) -> None:
+  """Writes ``tensors`` as one ``.safetensors`` file (the format ``SafetensorsFile`` reads; BF16
+  through ``ml_dtypes``), atomically (a temporary file, then renamed)."""
+  header, offset = {}, 0
+  for name, arr in tensors.items():
+    if arr.dtype not in _NP_TO_SAFETENSORS:
+      raise ValueError(f"tensor {name}: dtype {arr.dtype} has no safetensors name")
+    header[name] = {"dtype": _NP_TO_SAFETENSORS[arr.dtype], "shape": list(arr.shape),
+                    "data_offsets": [offset, offset + arr.nbytes]}
+    offset += arr.nbytes
+  if metadata:
+    header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+  raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+  raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(len(raw).to_bytes(8, "little"))
+    f.write(raw)
+    for arr in tensors.values():
+      a = np.ascontiguousarray(arr)
+      if sys.byteorder == "big" and a.dtype.itemsize > 1:
+        a = a.byteswap()
+      f.write(memoryview(a.reshape(-1).view(np.uint8)))
+  os.replace(tmp, path)
+
+
+def save_hf(params: Any, config: LLaDAConfig, out_dir: str, *, dtype: Any = None,
+            max_shard_bytes: int = 5 * 2**30, fetch: Callable[[Any], np.ndarray] | None = None) -> list[str]:
+  """Writes ``params`` as an HF LLaDA checkpoint: ``model-0000i-of-0000n.safetensors`` shards of at
+  most ``max_shard_bytes`` and ``model.safetensors.index.json``, keys and shapes as ``param_map``
+  reads them (``load_llada_params(out_dir, config)`` gives ``params`` back, cast to ``dtype``).
+
+  Args:
+    params: our params pytree (the layout of ``config``).
+    dtype: the tensors' dtype (default ``config.param_dtype``; the 8B checkpoints ship bfloat16).
+    fetch: ``param -> np.ndarray`` on the host (default ``np.asarray``; multi-host: an all-gather).
+
+  Returns:
+    the shard file names. Only call it on one process.
+  """
+  fetch = fetch or np.asarray
+  dtype = np.dtype(dtype or config.param_dtype)
+  flat = traverse_util.flatten_dict(params)
+  pmap = param_map(config)
+  # Plan the shards from the shapes first, so each one is written (and freed) as soon as it is full.
+  plan, size = [[]], 0
+  for keys, hf_shape, _ in pmap.values():
+    nbytes = math.prod(hf_shape) * dtype.itemsize
+    for key in keys:
+      if size and size + nbytes > max_shard_bytes:
+        plan.append([])
+        size = 0
+      plan[-1].append(key)
+      size += nbytes
+  names = [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
+  shard_of = {key: i for i, keys in enumerate(plan) for key in keys}
+  os.makedirs(out_dir, exist_ok=True)
+  pending: dict[int, dict[str, np.ndarray]] = {}
+  total = 0
+  for path, (keys, hf_shape, _) in pmap.items():
+    whole = fetch(flat[path])
+    for layer, key in enumerate(keys):
+      ours = whole[layer] if path[0] == "blocks" else whole
+      i = shard_of[key]
+      pending.setdefault(i, {})[key] = t = to_hf(path, np.asarray(ours), hf_shape).astype(dtype)
+      total += t.nbytes
+      if len(pending[i]) == len(plan[i]):
+        write_safetensors(os.path.join(out_dir, names[i]), pending.pop(i), {"format": "pt"})
+    del whole
+  with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
+    json.dump({"metadata": {"total_size": total},
+               "weight_map": {key: names[i] for key, i in shard_of.items()}}, f, indent=2)
+  return names

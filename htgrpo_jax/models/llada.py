@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from htgrpo_jax.models import lora as lora_lib
+
 REMAT_POLICIES = {
     "none": None,  # no rematerialisation
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -54,6 +56,8 @@ class LLaDAConfig:
     learned_pos_emb: size of an optional learned absolute position table added to the embeddings
       (0 = off, as in LLaDA); sequences may not be longer than the table.
     init_std: std of the normal initialiser of all matrices.
+    lora: ``lora.LoraConfig`` of LoRA adapters on the targeted projections (their own ``'lora'``
+      collection; applying without it is the base model), or None.
   """
   vocab_size: int
   d_model: int
@@ -71,6 +75,7 @@ class LLaDAConfig:
   attention_impl: str | None = None
   learned_pos_emb: int = 0
   init_std: float = 0.02
+  lora: lora_lib.LoraConfig | None = None
 
   def __post_init__(self):
     # Normalise dtypes so configs compare/hash equal however the dtype was spelled.
@@ -209,7 +214,9 @@ class Block(nn.Module):
       in_shape = x.shape[-(len(names) - len(feats)):]
       kernel = self.param(name, nn.with_logical_partitioning(init, names), in_shape + feats,
                           c.param_dtype)
-      return flat_matmul(x, kernel.astype(c.dtype), len(in_shape))  # = jnp.einsum(spec, x, kernel)
+      y = flat_matmul(x, kernel.astype(c.dtype), len(in_shape))  # = jnp.einsum(spec, x, kernel)
+      d = lora_lib.delta(self, c.lora, name, x, spec, in_shape, feats, names, c.dtype, c.param_dtype)
+      return y if d is None else y + d
 
     norm = lambda name: RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name=name)
     heads = (c.n_heads, c.head_dim)
@@ -298,7 +305,8 @@ class LLaDA(nn.Module):
     if c.remat != "none":
       block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
     if c.scan_layers:
-      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+      stack = nn.scan(block, variable_axes={"params": 0, lora_lib.COLLECTION: 0},
+                      split_rngs={"params": True, lora_lib.RNG: True, "dropout": True},
                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.n_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
       x, _ = stack(c, name="blocks")(x, mask, cos, sin)

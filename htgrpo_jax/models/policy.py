@@ -17,7 +17,8 @@ from flax import linen as nn
 from jax.sharding import Mesh, PartitionSpec as P
 
 from htgrpo_jax import parallel
-from htgrpo_jax.contracts import CanvasLogitsFn
+from htgrpo_jax.contracts import Adapted, CanvasLogitsFn
+from htgrpo_jax.models import lora as lora_lib
 from htgrpo_jax.models.layouts import Layout
 from htgrpo_jax.models.llada import LLaDA, LLaDAConfig
 
@@ -45,7 +46,8 @@ def _run_auto(fn: Callable, params: Any, *args: jax.Array) -> jax.Array:
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:  # no jax.set_mesh: take the mesh the params are typed with, if any
-    mesh = getattr(jax.typeof(jax.tree.leaves(params)[0]).sharding, "mesh", mesh)
+    leaf = jax.tree.leaves(params.base if isinstance(params, Adapted) else params)[0]
+    mesh = getattr(jax.typeof(leaf).sharding, "mesh", mesh)
   with nn.logical_axis_rules(parallel.LOGICAL_RULES), jax.sharding.use_abstract_mesh(mesh):
     if not mesh.empty and mesh.explicit_axes:
       # Codebook replicated: consumers (log-softmax, gathers of chosen codes) then need no
@@ -65,7 +67,16 @@ def make_logits_fn(config: LLaDAConfig, layout: Layout) -> LogitsFn:
   model = LLaDA(config)
   select = np.asarray(layout.image_positions)
   head_rows = (layout.image_offset, layout.codebook_size)
-  apply = lambda p, t: model.apply({"params": p}, t, select=select, head_rows=head_rows)
+
+  def apply(p, t):
+    if not isinstance(p, Adapted):
+      return model.apply({"params": p}, t, select=select, head_rows=head_rows)
+    # LoRA: adapters None = the base policy; a dropout rng only in the update's gradient passes.
+    variables = {"params": p.base}
+    if p.adapters is not None:
+      variables[lora_lib.COLLECTION] = p.adapters
+    rngs = None if p.rng is None or p.adapters is None else {"dropout": p.rng}
+    return model.apply(variables, t, select=select, head_rows=head_rows, rngs=rngs)
 
   def logits_fn(params, tokens):
     if tokens.ndim != 2 or tokens.shape[1] != layout.seq_len:
@@ -113,7 +124,10 @@ def param_shardings(config: LLaDAConfig, layout: Layout, mesh: Mesh) -> Any:
     ValueError: a parameter dimension does not divide by its mesh axes (names the param; round
       e.g. ``vocab_size`` up to a multiple of the ``tensor`` size).
   """
-  boxed = jax.eval_shape(_boxed_init(config, layout), jax.random.key(0))
+  return _checked_shardings(jax.eval_shape(_boxed_init(config, layout), jax.random.key(0)), mesh, "param")
+
+
+def _checked_shardings(boxed: Any, mesh: Mesh, what: str) -> Any:
   shardings = parallel.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
   leaves = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(boxed))[0]
   for (path, leaf), sharding in zip(leaves, jax.tree.leaves(shardings)):
@@ -122,7 +136,7 @@ def param_shardings(config: LLaDAConfig, layout: Layout, mesh: Mesh) -> Any:
       names = (axes,) if isinstance(axes, str) else tuple(axes or ())
       ways = int(np.prod([mesh.shape[a] for a in names]))
       if dim % ways:
-        raise ValueError(f"param {jax.tree_util.keystr(path)} shape {leaf.shape}: dim {dim} does not "
+        raise ValueError(f"{what} {jax.tree_util.keystr(path)} shape {leaf.shape}: dim {dim} does not "
                          f"divide by mesh axes {names} ({ways}); round the model size up")
   return shardings
 
@@ -134,3 +148,41 @@ def init_params(config: LLaDAConfig, layout: Layout, key: jax.Array, mesh: Mesh 
   if mesh is None:
     return jax.jit(init)(key)
   return jax.jit(init, out_shardings=param_shardings(config, layout, mesh))(key)
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRA adapters (``config.lora``): their own pytree, trained while the base stays frozen.
+
+
+def _boxed_adapter_init(config: LLaDAConfig, layout: Layout) -> Callable[[jax.Array], Any]:
+  check_compatible(config, layout)
+  if config.lora is None:
+    raise ValueError("model.lora is off (rank 0 or None): the model has no adapters")
+  model = LLaDA(config)
+  dummy = jnp.zeros((1, min(layout.seq_len, 8)), jnp.int32)
+  # The base params this init also draws are dropped (dead code under jit / eval_shape).
+  return lambda key: model.init({"params": key, lora_lib.RNG: key}, dummy)[lora_lib.COLLECTION]
+
+
+def abstract_adapters(config: LLaDAConfig, layout: Layout, mesh: Mesh | None = None) -> Any:
+  """``jax.ShapeDtypeStruct`` adapters (with shardings when ``mesh`` is given); nothing allocated."""
+  shapes = nn.meta.unbox(jax.eval_shape(_boxed_adapter_init(config, layout), jax.random.key(0)))
+  if mesh is None:
+    return shapes
+  shardings = adapter_shardings(config, layout, mesh)
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def adapter_shardings(config: LLaDAConfig, layout: Layout, mesh: Mesh) -> Any:
+  """Pytree of ``NamedSharding`` for the adapters: A like its kernel's input dims, B like its
+  output dims, the rank replicated."""
+  return _checked_shardings(jax.eval_shape(_boxed_adapter_init(config, layout), jax.random.key(0)),
+                            mesh, "adapter")
+
+
+def init_adapters(config: LLaDAConfig, layout: Layout, key: jax.Array, mesh: Mesh | None = None) -> Any:
+  """Fresh adapters (A random, B zero: the policy equals the base), created sharded with ``mesh``."""
+  init = lambda k: nn.meta.unbox(_boxed_adapter_init(config, layout)(k))
+  if mesh is None:
+    return jax.jit(init)(key)
+  return jax.jit(init, out_shardings=adapter_shardings(config, layout, mesh))(key)

@@ -15,6 +15,11 @@
 4. a non-finite loss, gradient, new params or new optimizer state skips that update: params and
    optimizer state stay as they were and ``state.skipped`` counts it.
 
+With a frozen base (``state.frozen``, LoRA) ``state.params`` are the adapters: only they are
+differentiated and updated, the policy is scored as ``Adapted(frozen, params)``, the reference as
+``Adapted(frozen, None)`` (the adapters off; no ``ref_params``), and only the gradient passes get a
+dropout key (``fold_in(fold_in(fold_in(step_key, k), salt), micro-batch)``).
+
 Iteration k of step ``state.step`` draws everything from ``fold_in(fold_in(key, state.step), k)``.
 """
 from __future__ import annotations
@@ -28,13 +33,15 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from htgrpo_jax import parallel
-from htgrpo_jax.contracts import MASK, CanvasLogitsFn, Rollout, TrainState, make_optimizer  # noqa: F401 (rl.make_optimizer)
+from htgrpo_jax.contracts import (MASK, CanvasLogitsFn, Rollout, TrainState,  # noqa: F401 (rl.make_optimizer)
+                                  make_optimizer, policy_params)
 from htgrpo_jax.rl import estimators, hierarchy
 from htgrpo_jax.rl.advantages import token_advantages
 from htgrpo_jax.rl.config import STAGE_NAMES, HTGRPOConfig
 from htgrpo_jax.rl.loss import combine_metrics, finalize_metrics, ht_grpo_loss, token_logp_entropy
 
 _PARTITION_SALT = 0x7FFF_FFF1  # fold_in salt of the 'random' partition (never a valid k)
+_DROPOUT_SALT = 0x7FFF_FFF2  # fold_in salt of the adapters' dropout keys (never a valid k)
 
 
 def rollout_shardings(mesh: Mesh) -> Rollout:
@@ -117,8 +124,9 @@ class TrainStep:
   def check(self, state: TrainState, rollout: Rollout) -> None:
     rollout.validate()
     self.config.validate_batch(rollout.batch_size)
-    if self.config.beta > 0 and state.ref_params is None:
-      raise ValueError(f"TrainState.ref_params is None but HTGRPOConfig.beta={self.config.beta} > 0")
+    if self.config.beta > 0 and state.ref_params is None and state.frozen is None:
+      raise ValueError(f"TrainState.ref_params is None but HTGRPOConfig.beta={self.config.beta} > 0 "
+                       "(and there is no frozen base to serve as the reference)")
 
   def __call__(self, state: TrainState, rollout: Rollout, key: jax.Array):
     state, rollout = self._prepare(state, rollout)
@@ -197,29 +205,36 @@ def make_train_step(canvas_logits_fn: CanvasLogitsFn, optimizer: optax.GradientT
     prompts_mb, tokens_mb = _split_mb(rollout.prompt_tokens, nmb), _split_mb(tokens, nmb)
     distinct = canvases[jnp.asarray(representative)]
     gather = jnp.asarray(groups)
-    old_distinct = logp_passes(state.params, prompts_mb, tokens_mb, distinct, nmb)
+    # Adapter training (state.frozen): the reference is the frozen base with the adapters off,
+    # and neither these passes nor the rollouts see dropout (no rng).
+    old_distinct = logp_passes(state.policy_params(), prompts_mb, tokens_mb, distinct, nmb)
     old = old_distinct[gather]
-    ref = logp_passes(state.ref_params, prompts_mb, tokens_mb, distinct, nmb)[gather] if use_ref else None
+    ref = (logp_passes(state.reference_params(), prompts_mb, tokens_mb, distinct, nmb)[gather]
+           if use_ref else None)
+    frozen = state.frozen
     counts = loss_masks.sum(axis=(1, 2)).astype(jnp.float32)
 
     def inner(carry, xs):
       params, opt_state, skipped = carry
-      canvas, lmask, old_k, ref_k, count = xs
+      canvas, lmask, old_k, ref_k, count, k = xs
+      drop_key = jax.random.fold_in(jax.random.fold_in(step_key, k), _DROPOUT_SALT)
       denom = jnp.maximum(count, 1.0)
       w_k = hierarchy.loss_set_credit(w, lmask) if stage_credit else w
       token_adv = tok_adv * w_k
 
       def mb_grad(mxs):
-        p, c, t, lm, o, r, a, wk = mxs
+        p, c, t, lm, o, r, a, wk, m = mxs
+        rng = None if frozen is None else jax.random.fold_in(drop_key, m)
         def loss_fn(prm):
-          logp, ent = token_logp_entropy(canvas_logits_fn(prm, p, c), t)
+          # Only ``params`` are differentiated: with a frozen base they are the adapters.
+          logp, ent = token_logp_entropy(canvas_logits_fn(policy_params(frozen, prm, rng), p, c), t)
           lsum, _, met = ht_grpo_loss(logp, o, r, a, lm, clip_eps=config.clip_eps, beta=config.beta,
                                       entropy=ent, credit=wk)
           return lsum / denom, met
         return jax.grad(loss_fn, has_aux=True)(params)
 
       mxs = (prompts_mb, _split_mb(canvas, nmb), tokens_mb, _split_mb(lmask, nmb), _split_mb(old_k, nmb),
-             _split_mb(ref_k, nmb), _split_mb(token_adv, nmb), _split_mb(w_k, nmb))
+             _split_mb(ref_k, nmb), _split_mb(token_adv, nmb), _split_mb(w_k, nmb), jnp.arange(nmb))
       first = jax.tree.map(lambda x: x[0], mxs)
       grads, met = mb_grad(first)
       if nmb > 1:
@@ -242,7 +257,8 @@ def make_train_step(canvas_logits_fn: CanvasLogitsFn, optimizer: optax.GradientT
       return (params, opt_state, skipped + (~ok).astype(jnp.int32)), met
 
     (params, opt_state, skipped), per_iter = jax.lax.scan(
-        inner, (state.params, state.opt_state, state.skipped), (canvases, loss_masks, old, ref, counts))
+        inner, (state.params, state.opt_state, state.skipped),
+        (canvases, loss_masks, old, ref, counts, jnp.arange(len(sched))))
 
     metrics = {}
     for name, ks in [("total", tuple(range(len(sched))))] + [

@@ -1,6 +1,7 @@
 """The 8B path end to end at toy size: configs/lumina_dimoo_geneval.py with a tiny DiMOO-layout
 backbone (Orbax params), a tiny VQ-GAN in the HF key layout, a local tokenizer, JSONL prompt files and
 a reward server on 127.0.0.1. Sampled codes decode on device to the pixels the reward client sends."""
+import dataclasses
 import http.server
 import json
 import os
@@ -10,13 +11,15 @@ import jax
 import numpy as np
 import pytest
 
-from htgrpo_jax import parallel, tasks, trainer
-from htgrpo_jax.models import convert, llada, policy
+from htgrpo_jax import export, parallel, tasks, trainer
+from htgrpo_jax.contracts import Adapted
+from htgrpo_jax.models import convert, llada, lora, policy
 from htgrpo_jax.models.vq import vqgan
 from htgrpo_jax.rewards import remote
 
 from tests.helpers.configs import TINY_LLADA, toy_dimoo_config
 from torch_vq_reference import TVQGAN, VQG, randomize, write_ckpt  # tests/models/
+from tests.models.test_convert import write_llada_checkpoint
 
 TINY = TINY_LLADA
 PROMPTS = [("a red circle", "single_object"), ("two blue square", "counting"),
@@ -113,3 +116,37 @@ def test_dimoo_config_trains_two_steps_and_scores_with_the_strict_endpoint(dimoo
   # Images reached the server at the tiny decoder's size, B = prompts_per_step x G per RL step.
   rl_batches = [imgs for path, _, imgs in server.requests if path == "/reward"]
   assert {len(b) for b in rl_batches[-2:]} == {8} and rl_batches[-1][0].shape == (8, 8, 3)
+
+
+def test_lora_round_trip_convert_train_export_convert(dimoo_config, tmp_path):
+  """An HF checkpoint written by torch -> converted -> 2 LoRA RL steps -> launch/export.py's merge and
+  HF write -> converted again: the result computes the trained policy's logits (within 1e-5)."""
+  c = dimoo_config.copy_and_resolve_references()
+  model_cfg = llada.get_config(c.model.preset, **TINY)
+  hf = tmp_path / "hf"
+  write_llada_checkpoint(hf, model_cfg, seed=3)
+  (hf / "config.json").write_text(json.dumps({"architectures": ["LLaDAModelLM"]}))
+  convert.convert_checkpoint(str(hf), str(tmp_path / "orbax"), model_cfg)
+  c.model.checkpoint = str(tmp_path / "orbax")
+  c.workdir = str(tmp_path / "run")
+  c.model.lora.update(rank=4, alpha=8.0, dropout=0.0)
+  c.optim.learning_rate = 0.05  # adapters that move visibly in two steps
+  out = trainer.train(c, log=lambda s: None)
+  trained = out["params"]
+  assert isinstance(trained, Adapted)
+
+  got = export.export_run(c, str(tmp_path / "export"), hf_dir=str(hf), log=lambda s: None)
+  assert got["step"] == 2 and (tmp_path / "export" / "config.json").exists()
+  cfg = dataclasses.replace(model_cfg, lora=None)
+  exported = convert.load_llada_params(str(tmp_path / "export"), cfg)
+
+  layout = tasks.build_layout(c)
+  lora_cfg = llada.get_config(c.model.preset, **TINY, lora=lora.LoraConfig(rank=4, alpha=8.0))
+  fn = jax.jit(policy.make_canvas_logits_fn(lora_cfg, layout))
+  prompts = np.asarray(layout.encode_prompts([t for t, _ in PROMPTS]))
+  canvas = np.array([[-1, -1, -1, -1], [1, -1, 3, -1], [0, 1, 2, 3], [-1, 5, -1, -1]], np.int32)
+  want = np.asarray(fn(jax.device_get(trained), prompts, canvas))
+  base = np.asarray(fn(jax.device_get(trained.base), prompts, canvas))
+  assert np.abs(want - base).max() > 1e-4, "the adapters did not move"
+  have = np.asarray(jax.jit(policy.make_canvas_logits_fn(cfg, layout))(exported, prompts, canvas))
+  np.testing.assert_allclose(have, want, atol=1e-5, rtol=0)

@@ -18,6 +18,7 @@ import ml_collections
 from htgrpo_jax import paths
 from htgrpo_jax.config_util import load_config_file
 from htgrpo_jax.contracts import EvalPrompt
+from htgrpo_jax.models import lora
 from htgrpo_jax.tasks import WORLDS, Task, remote_rewards
 
 
@@ -79,6 +80,7 @@ def build_shapes_task(config: ml_collections.ConfigDict, *, log: Callable[[str],
                                   num_codes=config.world.num_codes,
                                   num_train=config.world.num_train, num_eval=config.world.num_eval)
   model_cfg, layout = pretrain.build_policy(pcfg, assets)
+  model_cfg = lora.attach(model_cfg, config.model)  # the RL run's adapters (the base has none)
   codebook = assets.codebook
 
   def train_dataset(batch_size: int, seed: int) -> grain.IterDataset:
