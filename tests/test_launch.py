@@ -35,6 +35,7 @@ def test_colab_notebook_targets_a_tpu_runtime():
       "commit the notebook without outputs"
 
 
+@pytest.mark.slow
 def test_colab_notebook_runs_top_to_bottom_with_the_tiny_config(tmp_path, monkeypatch):
   nb = _read()
   monkeypatch.setenv("HTGRPO_RUN_DIR", str(tmp_path))

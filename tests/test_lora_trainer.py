@@ -49,6 +49,7 @@ def test_checkpoints_hold_the_adapters_and_their_moments_only(lora_run, root):
         f"disk; the frozen base: {n_base} params, {base_disk} bytes (not written)")
 
 
+@pytest.mark.slow
 def test_stopped_and_resumed_lora_run_matches_uninterrupted(lora_run, root):
   cfg = tiny_config(root, "lora_resumed", **LORA)
   first = trainer.train(cfg, log=lambda s: None, stop_after=3)  # checkpoints at 2 and 3
@@ -62,6 +63,7 @@ def test_stopped_and_resumed_lora_run_matches_uninterrupted(lora_run, root):
   assert lora_run["history"] == second["history"]
 
 
+@pytest.mark.slow
 def test_evaluating_a_lora_checkpoint_restores_its_adapters_over_the_base(lora_run, root):
   out = trainer.evaluate_checkpoint(tiny_config(root, "lora", **LORA), which="latest",
                                     out_dir=str(root / "lora_eval"), log=lambda s: None)

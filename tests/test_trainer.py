@@ -230,7 +230,7 @@ def test_rollout_groups_are_prompt_major_then_sketch_then_paint(root):
 
 
 
-@pytest.mark.parametrize("guidance", ["guided", "unguided_rollouts"])
+@pytest.mark.parametrize("guidance", [pytest.param("guided", marks=pytest.mark.slow), "unguided_rollouts"])
 def test_branched_rollouts_train_and_log_the_behaviour_gap(root, guidance):
   """One tiny step with 2 sketches x 2 paints per prompt runs end to end, the selectivity and
   behaviour-gap metrics are logged, and with either on-policy choice ('guided' CFG-2 scoring, or
@@ -276,6 +276,7 @@ def test_bad_profile_steps_fail_in_plan(root, value):
     trainer.plan(tiny_config(root, "plan", profile_steps=value))
 
 
+@pytest.mark.slow
 def test_profile_steps_write_a_trace_of_the_window(root):
   cfg = tiny_config(root, "profiled", profile_steps="1,2", total_steps=2, eval_every=100,
                     **{"eval.at_start": False, "eval.final_samples_per_prompt": 1})

@@ -45,7 +45,8 @@ def _finite(tree):
              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact))
 
 
-@pytest.mark.parametrize("case", ["lr_inf", "weight_decay_nan", "huge_gradient_no_clip"])
+@pytest.mark.parametrize("case", ["lr_inf", pytest.param("weight_decay_nan", marks=pytest.mark.slow),
+                                  pytest.param("huge_gradient_no_clip", marks=pytest.mark.slow)])
 def test_nonfinite_update_is_skipped_and_counted(case):
   scale = 1e22 if case == "huge_gradient_no_clip" else 1.0
   params, ro, cfg = _setup(scale)

@@ -156,6 +156,7 @@ def test_save_every_minutes_saves_between_save_every_steps(root):
 # 3. skipped updates: counted, never written, and a run of them stops the run by name
 
 
+@pytest.mark.slow
 def test_consecutive_skipped_updates_stop_the_run_by_name(root, monkeypatch):
   monkeypatch.setattr(trainer, "make_optimizer",
                       lambda config, p: rl.make_optimizer(float("inf"), clip_norm=None))
@@ -247,6 +248,7 @@ def test_second_run_on_a_locked_workdir_is_refused_naming_the_holder(root, monke
 # 7. a resumed run keeps its meaning
 
 
+@pytest.mark.slow
 def test_resume_with_another_meaning_is_refused_unless_allowed(root):
   from htgrpo_jax import workdir
   base = dict(eval_every=100, **{"eval.at_start": False})
@@ -284,6 +286,7 @@ def test_resume_with_another_meaning_is_refused_unless_allowed(root):
 # 8. the save of a step comes before its evaluation
 
 
+@pytest.mark.slow
 def test_failing_evaluation_keeps_its_steps_checkpoint(root, reference, monkeypatch):
   cfg = tiny_config(root, "evalfail")
   armed = {}

@@ -33,6 +33,7 @@ def test_reduced_depth_mmada_forward_compiles_for_v5p_4x4x4():
   assert mem.output_size_in_bytes <= 1.1 * 16 * 1024 * 8192 * 4 / 64
 
 
+@pytest.mark.slow
 def test_reduced_depth_mmada_config_sampler_splits_the_params_over_the_slice():
   """configs/mmada_geneval.py as launch/aot_compile.py takes it (fsdp 16 x tensor 4 on 64 chips, 128
   images, CFG), at 2 layers: each chip holds 1/64 of the fp32 params, not the whole model."""

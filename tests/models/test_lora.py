@@ -43,7 +43,7 @@ def _nudged(adapters, seed=1, scale=0.3):
   return jax.tree.unflatten(tree, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
 
 
-@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("scan", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_fresh_adapters_and_adapters_off_give_the_base_logits_to_the_bit(layout, scan):
   cfg = _cfg(layout, scan)
   base = policy.init_params(cfg, layout, jax.random.key(0))
@@ -105,7 +105,7 @@ def test_dropout_only_where_an_rng_is_given(layout):
   np.testing.assert_array_equal(d1, np.asarray(fn(Adapted(base, ad, k1), prompts, canvas)))
 
 
-@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("scan", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_merged_weights_give_the_adapted_logits(layout, scan):
   cfg = _cfg(layout, scan)
   base = policy.init_params(cfg, layout, jax.random.key(0))
@@ -200,6 +200,7 @@ def test_update_trains_the_adapters_alone_with_the_base_as_reference(layout):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_dropout_reaches_the_gradient_pass_only(layout):
   """Rollout, old-policy and reference passes see no dropout: the old log-probs (behaviour gap) and
   the KL reference agree with a dropout-free run, while the gradient pass differs."""

@@ -118,6 +118,7 @@ def test_dimoo_config_trains_two_steps_and_scores_with_the_strict_endpoint(dimoo
   assert {len(b) for b in rl_batches[-2:]} == {8} and rl_batches[-1][0].shape == (8, 8, 3)
 
 
+@pytest.mark.slow
 def test_lora_round_trip_convert_train_export_convert(dimoo_config, tmp_path):
   """An HF checkpoint written by torch -> converted -> 2 LoRA RL steps -> launch/export.py's merge and
   HF write -> converted again: the result computes the trained policy's logits (within 1e-5)."""
