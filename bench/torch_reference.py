@@ -29,8 +29,7 @@ import torch.nn.functional as F
 
 from htgrpo_jax import rl
 from htgrpo_jax.rl import estimators, hierarchy
-from htgrpo_jax.rl.advantages import token_advantages
-from htgrpo_jax.rl.train_step import _PARTITION_SALT
+from htgrpo_jax.rl.train_step import update_sets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,18 +51,10 @@ class UpdateInputs:
 
 def prepare_update(config: rl.HTGRPOConfig, rollout: rl.Rollout, key: jax.Array, step: int = 0) -> UpdateInputs:
   """The canvases, loss sets and token advantages ``rl.make_train_step`` draws at ``state.step == step``."""
-  tok_adv = token_advantages(rollout.rewards, rollout.commit_step, config)
-  step_key = jax.random.fold_in(key, step)
-  is_s = hierarchy.partition_tokens(
-      rollout.commit_step, rollout.commit_entropy, num_steps=config.num_sampler_steps,
-      sketch_fraction=config.sketch_fraction, structure_ratio=config.structure_ratio,
-      mode=config.partition_mode, key=jax.random.fold_in(step_key, _PARTITION_SALT))
-  stage_credit = config.normalize_credit and config.credit_normalization == "stage"
-  w = hierarchy.credit_weights(is_s, structure_weight=config.structure_weight,
-                               refine_weight=config.refine_weight,
-                               normalize=config.normalize_credit and not stage_credit)
-  canvases, masks = estimators.all_canvases(config, step_key, rollout.image_tokens, rollout.commit_step, is_s)
-  adv = jnp.stack([tok_adv * (hierarchy.loss_set_credit(w, m) if stage_credit else w) for m in masks])
+  sets = update_sets(config, rollout, jax.random.fold_in(key, step))
+  canvases, masks = sets.canvases, sets.loss_masks
+  adv = jnp.stack([sets.token_adv * (hierarchy.loss_set_credit(sets.credit, m) if sets.stage_credit
+                                     else sets.credit) for m in masks])
   groups = estimators.canvas_groups(config)
   representative = tuple(groups.index(d) for d in range(max(groups) + 1))
   return UpdateInputs(np.asarray(rollout.prompt_tokens), np.asarray(rollout.image_tokens), np.asarray(canvases),

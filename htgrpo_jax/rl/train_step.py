@@ -25,7 +25,7 @@ Iteration k of step ``state.step`` draws everything from ``fold_in(fold_in(key, 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -137,6 +137,38 @@ class TrainStep:
     return self.jitted.lower(state, rollout, key)
 
 
+class UpdateSets(NamedTuple):
+  """What one RL step draws before its K inner iterations (``update_sets``).
+
+  token_adv: float32[B, N] group advantage per token, before credit; is_structure: bool[B, N] the
+  partition S; credit: float32[B, N] credit weights; stage_credit: credit normalised per loss set
+  (``hierarchy.loss_set_credit``) rather than over all N; canvases: int32[K, B, N] (MASK where
+  masked); loss_masks: bool[K, B, N].
+  """
+  token_adv: jax.Array
+  is_structure: jax.Array
+  credit: jax.Array
+  stage_credit: bool
+  canvases: jax.Array
+  loss_masks: jax.Array
+
+
+def update_sets(config: HTGRPOConfig, rollout: Rollout, step_key: jax.Array) -> UpdateSets:
+  """The partition, credit, canvases and loss sets of one step (``step_key`` = fold_in(key, step)),
+  exactly as ``make_train_step`` draws them; reference implementations of the update use it too."""
+  tok_adv = token_advantages(rollout.rewards, rollout.commit_step, config)
+  is_s = hierarchy.partition_tokens(
+      rollout.commit_step, rollout.commit_entropy, num_steps=config.num_sampler_steps,
+      sketch_fraction=config.sketch_fraction, structure_ratio=config.structure_ratio,
+      mode=config.partition_mode, key=jax.random.fold_in(step_key, _PARTITION_SALT))
+  stage_credit = config.normalize_credit and config.credit_normalization == "stage"
+  w = hierarchy.credit_weights(is_s, structure_weight=config.structure_weight,
+                               refine_weight=config.refine_weight,
+                               normalize=config.normalize_credit and not stage_credit)
+  canvases, masks = estimators.all_canvases(config, step_key, rollout.image_tokens, rollout.commit_step, is_s)
+  return UpdateSets(tok_adv, is_s, w, stage_credit, canvases, masks)
+
+
 def make_train_step(canvas_logits_fn: CanvasLogitsFn, optimizer: optax.GradientTransformation,
                     config: HTGRPOConfig, *, mesh: Mesh | None = None, state_shardings: Any = None,
                     donate: bool = True) -> TrainStep:
@@ -188,17 +220,10 @@ def make_train_step(canvas_logits_fn: CanvasLogitsFn, optimizer: optax.GradientT
     bsz, _ = rollout.image_tokens.shape
     nmb = config.micro_batches(bsz)
     tokens = rollout.image_tokens
-    tok_adv = token_advantages(rollout.rewards, rollout.commit_step, config)  # [B, N], before credit
     step_key = jax.random.fold_in(key, state.step)
-    is_s = hierarchy.partition_tokens(
-        rollout.commit_step, rollout.commit_entropy, num_steps=config.num_sampler_steps,
-        sketch_fraction=config.sketch_fraction, structure_ratio=config.structure_ratio,
-        mode=config.partition_mode, key=jax.random.fold_in(step_key, _PARTITION_SALT))
-    stage_credit = config.normalize_credit and config.credit_normalization == "stage"
-    w = hierarchy.credit_weights(is_s, structure_weight=config.structure_weight,
-                                 refine_weight=config.refine_weight,
-                                 normalize=config.normalize_credit and not stage_credit)
-    canvases, loss_masks = estimators.all_canvases(config, step_key, tokens, rollout.commit_step, is_s)
+    sets = update_sets(config, rollout, step_key)
+    tok_adv, is_s, w, stage_credit = sets.token_adv, sets.is_structure, sets.credit, sets.stage_credit
+    canvases, loss_masks = sets.canvases, sets.loss_masks
 
     # Old/ref passes once per distinct canvas: for 'htgrpo' the global and struct iterations all score the
     # same all-mask canvas (and refine iterations the same S-revealed one), so this is 1-2 forwards, not K.
