@@ -26,10 +26,7 @@ import os
 from contextlib import ExitStack
 from typing import Any, Callable
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from htgrpo_jax.models import clip
 from htgrpo_jax.models import convert as llada_convert
@@ -189,35 +186,16 @@ def load_params(path: str, pmap: ParamMap, dtype, *, mesh=None, what: str = "che
   """
   files = tensor_files(path, single_files)
   expected = {key: shape for key, shape, _ in pmap.values()}
-  missing = sorted(set(expected) - set(files))
-  if missing:
-    raise ValueError(f"{what} {path} is missing tensor(s): {missing[:8]}"
-                     + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
-  extra = sorted(k for k in files if k not in expected and not k.endswith(BUFFER_SUFFIXES)
-                 and not k.startswith(ignore_prefixes))
-  if extra:
-    raise ValueError(f"{what} {path} has unexpected tensor(s): {extra[:8]}"
-                     + (f" (+{len(extra) - 8} more)" if len(extra) > 8 else "")
-                     + " (a different architecture or config?)")
-  sharding = None
-  if mesh is not None:
-    from htgrpo_jax import parallel
-    sharding = parallel.replicated(parallel.auto_mesh(mesh))
-  out = {}
+  llada_convert.check_names(what, path, files, expected,
+                            skip=lambda k: k.endswith(BUFFER_SUFFIXES) or k.startswith(ignore_prefixes),
+                            hint=" (a different architecture or config?)")
   with ExitStack() as stack:
     reader = llada_convert._Reader(files, stack)
     for key, shape in expected.items():
       got = reader.shape(key)
       if got != shape:
         raise ValueError(f"tensor {key} has shape {got}, the config expects {shape}")
-    cache: dict[str, np.ndarray] = {}  # open_clip's in_proj feeds three params
-    for p, (key, _, fn) in pmap.items():
-      if key not in cache:
-        cache = {key: reader.get(key)}
-      raw = cache[key]
-      arr = llada_convert.checked_weight(key, reader.path(key), raw, np.asarray(fn(raw)).astype(dtype))
-      out[p] = jax.device_put(arr, sharding) if sharding is not None else jnp.asarray(arr)
-  return traverse_util.unflatten_dict(out)
+    return llada_convert.read_replicated(reader, pmap, dtype, mesh)
 
 
 def read_hf_config(path: str, **kw) -> clip.CLIPConfig:

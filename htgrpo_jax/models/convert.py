@@ -260,6 +260,38 @@ def checked_weight(key: str, path: str, raw: np.ndarray, arr: np.ndarray) -> np.
   return arr
 
 
+def check_names(what: str, path: str, files: Any, expected: Any, skip: Callable[[str], bool] = lambda k: False,
+                hint: str = "") -> None:
+  """Raises ValueError naming the checkpoint and up to 8 keys when a tensor of ``expected`` is not in
+  ``files`` or ``files`` holds a tensor neither expected nor ``skip``-ped (``hint`` ends that error)."""
+  more = lambda ks: f"{ks[:8]}" + (f" (+{len(ks) - 8} more)" if len(ks) > 8 else "")
+  missing = sorted(set(expected) - set(files))
+  if missing:
+    raise ValueError(f"{what} {path} is missing tensor(s): {more(missing)}")
+  extra = sorted(k for k in files if k not in expected and not skip(k))
+  if extra:
+    raise ValueError(f"{what} {path} has unexpected tensor(s): {more(extra)}{hint}")
+
+
+def read_replicated(reader: "_Reader", pmap: dict[tuple[str, ...], tuple[str, Any, Callable]], dtype: Any,
+                    mesh=None) -> Any:
+  """Params pytree of a small model: each ``path -> (key, shape, transform)`` of ``pmap`` read,
+  transformed, cast to ``dtype``, checked (``checked_weight``) and replicated over ``mesh`` (or one
+  device). Consecutive params of one key (a fused q/k/v) read it once."""
+  sharding = None
+  if mesh is not None:
+    from htgrpo_jax import parallel
+    sharding = parallel.replicated(parallel.auto_mesh(mesh))
+  out, cache = {}, {}
+  for p, (key, _, fn) in pmap.items():
+    if key not in cache:
+      cache = {key: reader.get(key)}
+    raw = cache[key]
+    arr = checked_weight(key, reader.path(key), raw, np.asarray(fn(raw)).astype(dtype))
+    out[p] = jax.device_put(arr, sharding) if sharding is not None else jax.numpy.asarray(arr)
+  return traverse_util.unflatten_dict(out)
+
+
 class _Reader:
   """Opens each shard once; ``get(key)`` returns a numpy array (bf16 via ml_dtypes)."""
 

@@ -7,7 +7,8 @@ A targeted projection ``y = x W`` (W: ``in_shape + feats``) becomes
 with A drawn like PEFT's default (kaiming-uniform, bound 1 / sqrt(fan_in)) and B zero, so a fresh
 adapter leaves the model exactly as it was. A's input dims shard like the kernel's (``embed`` ->
 fsdp); B's rank dim (logical ``lora_rank``) shards over fsdp and its output dims like the kernel's,
-so the rank must divide by the mesh's fsdp size (checked, by name, in ``policy.adapter_shardings``). The adapters live in their own Linen collection,
+so the rank must divide by the mesh's fsdp size (checked, by name, in ``policy.adapter_shardings``).
+The adapters live in their own Linen collection,
 ``'lora'`` (``{'blocks': {'q_proj_a': ..., 'q_proj_b': ...}}`` with a leading ``layers`` axis under
 ``scan_layers``), next to ``'params'``: applying the model without it is the base model (the KL
 reference, one forward and no second copy of the weights), and the trainable state holds the

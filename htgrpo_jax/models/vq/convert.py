@@ -32,10 +32,8 @@ import os
 from contextlib import ExitStack
 from typing import Any, Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from htgrpo_jax.models import convert as llada_convert
 from htgrpo_jax.models.vq import magvit2, vqgan
@@ -138,15 +136,8 @@ def tensor_files(path: str) -> dict[str, str]:
 
 def _check_keys(path: str, files: dict[str, str], expected: dict[str, tuple[int, ...]],
                 optional: dict[str, tuple[int, ...]], reader) -> None:
-  missing = sorted(set(expected) - set(files))
-  if missing:
-    raise ValueError(f"VQ checkpoint {path} is missing tensor(s): {missing[:8]}"
-                     + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
-  extra = sorted(k for k in files if k not in expected and k not in optional
-                 and not k.startswith(ENCODER_PREFIXES))
-  if extra:
-    raise ValueError(f"VQ checkpoint {path} has unexpected tensor(s): {extra[:8]}"
-                     + (f" (+{len(extra) - 8} more)" if len(extra) > 8 else ""))
+  llada_convert.check_names("VQ checkpoint", path, files, expected,
+                            skip=lambda k: k in optional or k.startswith(ENCODER_PREFIXES))
   for key, shape in {**expected, **{k: s for k, s in optional.items() if k in files}}.items():
     got = reader.shape(key)
     if got != shape:
@@ -161,22 +152,13 @@ def _load(path: str, pmap: ParamMap, dtype, mesh, optional=None) -> Any:
   optional = optional or {}
   files = tensor_files(path)
   expected = {key: shape for key, shape, _ in pmap.values()}
-  sharding = None
-  if mesh is not None:
-    from htgrpo_jax import parallel
-    sharding = parallel.replicated(parallel.auto_mesh(mesh))
-  out = {}
   with ExitStack() as stack:
     reader = llada_convert._Reader(files, stack)
     _check_keys(path, files, expected, {k: s for k, (s, _) in optional.items()}, reader)
     for key, (_, want) in optional.items():
       if key in files and not np.array_equal(np.asarray(reader.get(key), np.float64), want):
         raise ValueError(f"tensor {key} differs from the regenerated buffer (bit order or size)")
-    for p, (key, _, fn) in pmap.items():
-      raw = reader.get(key)
-      arr = llada_convert.checked_weight(key, reader.path(key), raw, np.asarray(fn(raw)).astype(dtype))
-      out[p] = jax.device_put(arr, sharding) if sharding is not None else jnp.asarray(arr)
-  return traverse_util.unflatten_dict(out)
+    return llada_convert.read_replicated(reader, pmap, dtype, mesh)
 
 
 def check_vqgan_config(path: str, c: vqgan.VQGANConfig) -> None:
