@@ -202,7 +202,11 @@ def reach_lines(data: dict[str, Any], arms: Sequence[str], ref: str, n_boot: int
   reach the reference arm's final seed-mean score, and the reference's budget over that (how many
   times fewer images), with 95 % intervals from a bootstrap that resamples prompts (one draw for
   every evaluation: paired) and then seeds within each arm, as the main table does."""
-  base, curves = data["base"], data["curves"]
+  base, finals = data["base"], data["finals"]
+  # Finished seeds only (as in the main table): a run still going would cut its arm's curve short.
+  curves = {a: {k: c for k, c in runs.items() if k in finals.get(a, {})}
+            for a, runs in data["curves"].items()}
+  curves = {a: runs for a, runs in curves.items() if runs}
   if ref not in curves:
     return []
   arms = [a for a in arms if a in curves]

@@ -183,6 +183,10 @@ def test_report_says_how_many_rollout_images_each_arm_needs_to_reach_the_referen
     c = study.train_config(cfg, r.arm, r.seed, r.workdir)
     for step, acc in zip((c.total_steps // 2, c.total_steps), curve[r.arm]):
       writer.write_eval(r.workdir, f"step{step:05d}", _eval_res(acc, 60, 4), "t", 0)
+  # A second htgrpo seed still running (no final evaluation) must not cut the arm's curve short.
+  cfg.main_seeds = 2
+  running = [r for r in study.plan_runs(cfg) if r.arm == "htgrpo" and r.seed == 1][0]
+  writer.write_eval(running.workdir, f"step{c.total_steps // 2:05d}", _eval_res(0.0, 60, 4), "t", 0)
   md = study.write_report(cfg)
   row = next(ln for ln in md.splitlines() if ln.startswith("| htgrpo | ") and "x [" in ln)
   c = study.train_config(cfg, "htgrpo", 0, "")
