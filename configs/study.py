@@ -35,6 +35,8 @@ ARMS = {
     "maskgrpo_lr1e-3": ("maskgrpo", "optim.learning_rate=1e-3"),
     "htgrpo_lr3e-5": ("htgrpo", "optim.learning_rate=3e-5"),
     "maskgrpo_lr3e-5": ("maskgrpo", "optim.learning_rate=3e-5"),
+    # LoRA (issue 16) against full fine-tuning at the same budget: adapters on q/k/v/up only.
+    "htgrpo_lora_r32": ("htgrpo", "model.lora.rank=32; model.lora.alpha=64.0; optim.learning_rate=3e-4"),
     # The RL reward: the strict 0/1 verdict the judge gives instead of the dense partial score.
     "htgrpo_strict": ("htgrpo", "world.reward_mode=strict"),
     "maskgrpo_strict": ("maskgrpo", "world.reward_mode=strict"),
