@@ -104,9 +104,10 @@ def _ensure_base(config, workdir: str) -> str | None:
 
   if paths.isdir(base_params_path(config)):
     return None
-  config.model.checkpoint = os.path.join(workdir, "random_base")
+  model_cfg, layout, _ = aot.build_model(config)
+  size = f"d{model_cfg.d_model}_l{model_cfg.n_layers}_h{model_cfg.n_heads}_m{model_cfg.mlp_hidden}"
+  config.model.checkpoint = os.path.join(workdir, f"random_base_{size}")  # one per model size
   if not paths.isdir(base_params_path(config)):
-    model_cfg, layout, _ = aot.build_model(config)
     pretrain.save_params(base_params_path(config),
                          policy.init_params(model_cfg, layout, jax.random.PRNGKey(config.seed)))
   return f"no base checkpoint: random params at {config.model.checkpoint}"
@@ -229,7 +230,8 @@ def measure(config) -> None:
         f"of phased | {b / w:.1f} |")
 
 
-def flops_table() -> None:
+def flops_table(measured=None) -> None:
+  """``measured``: the timed config, put first so its FLOP shares sit beside its time shares."""
   from htgrpo_jax import aot, run_config
   from htgrpo_jax.config_util import load_config_file
 
@@ -237,8 +239,10 @@ def flops_table() -> None:
         "modelled):\n")
   print("| config | model | B | T | CFG | K | sampler TFLOP | update TFLOP | sampler share | update share |")
   print("|---|---|---|---|---|---|---|---|---|---|")
-  for path in _BIG.value:
-    config = load_config_file(path)
+  rows = [(path, load_config_file(path)) for path in _BIG.value]
+  if measured is not None:
+    rows.insert(0, ("(timed above)", measured))
+  for path, config in rows:
     p = run_config.plan(config)
     model_cfg, layout, _ = aot.build_model(config, log=lambda s: None)
     t = types.SimpleNamespace(plan=p, model_cfg=model_cfg, layout=layout)  # what the count reads
@@ -248,7 +252,7 @@ def flops_table() -> None:
     tot = samp + upd
     sc = p.rollout_sampler
     print(f"| {os.path.basename(path)} | {config.model.preset} | {p.batch_size} | {sc.num_steps} | "
-          f"{'on' if sc.use_cfg else 'off'} | {p.rl.num_iterations} | {samp / 1e12:.1f} | {upd / 1e12:.1f} | "
+          f"{'on' if sc.use_cfg else 'off'} | {p.rl.num_iterations} | {samp / 1e12:,.3f} | {upd / 1e12:,.3f} | "
           f"{100 * samp / tot:.1f}% | {100 * upd / tot:.1f}% |")
 
 
@@ -265,7 +269,7 @@ def main(argv):
     if note:
       print(f"# {note}")
     measure(config)
-  flops_table()
+  flops_table(None if _FLOPS_ONLY.value else config)
 
 
 if __name__ == "__main__":
