@@ -40,12 +40,13 @@ import tempfile
 import time
 import types
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/geneval.py",
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(_REPO, "configs", "geneval.py"),
                                           "Training config: path.py[:preset[,tiny]].")
 _VARIANT = flags.DEFINE_enum("variant", "default", ["default", "tiny"],
                              "tiny: configs/geneval.py:<preset>,tiny (with --config left at its default)")
