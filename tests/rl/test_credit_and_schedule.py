@@ -83,6 +83,7 @@ def _recorder() -> optax.GradientTransformation:
       lambda grads, st, params=None: (jax.tree.map(jnp.zeros_like, grads), jax.tree.map(jnp.add, st, grads)))
 
 
+@pytest.mark.slow
 def test_htgrpo_preset_uses_the_full_update_set_and_ramp_only_adds_noise():
   """htgrpo scores every global/struct iteration on one all-mask canvas: the ramp's random update subsets
   leave the expected gradient unchanged and add variance. Measured over step keys on the toy policy."""

@@ -107,6 +107,7 @@ def test_zero_advantage_zero_gradient_and_nonfinite_skip(toy):
   assert max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(s3.params), jax.tree.leaves(params))) > 0
 
 
+@pytest.mark.slow
 def test_linen_and_nnx_models_agree(toy):
   """The same weights as a Linen module and as an NNX module (through nnx.split/merge) give one result."""
   model, params, ro = toy
