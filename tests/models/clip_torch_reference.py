@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from torch_vq_reference import write_ckpt  # tests/models/, on sys.path where this module is
 
 # A CLIP BPE vocabulary just big enough for GenEval's colour prompts (and a few objects).
 WORDS = ("a photo of an the red orange yellow green blue purple pink brown black white - colored "
@@ -102,15 +102,7 @@ def randomize(model, seed=0):
 
 def save_state_dict(path, model, drop=(), add=(), reshape=None):
   """``model.state_dict()`` as one safetensors file, with optional corruption (key lists)."""
-  sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-  for k in drop:
-    del sd[k]
-  for k in add:
-    sd[k] = torch.zeros(3)
-  if reshape:
-    sd[reshape[0]] = torch.zeros(reshape[1])
-  save_file(sd, str(path))
-  return str(path)
+  return write_ckpt(path, model, drop=drop, add=add, reshape=reshape, encoder=False)
 
 
 def random_ids(rng, batch, length, eos, vocab_lo=0, bos=None, pad=None):
