@@ -134,16 +134,23 @@ def test_study_report_reads_and_writes_a_url_workdir(bucket):
   assert all(p.startswith("gs://b/") for p in SEEN)
 
 
-def test_report_gives_each_arm_its_paired_difference_from_the_reference_arm(tmp_path):
-  """The ``vs maskgrpo`` column: a clearly better arm's interval lies above 0, one equal to the
-  reference straddles 0, and the reference's own row shows '-'."""
+def _report_study(tmp_path, arms, seeds, base_acc):
+  """The tiny study config over ``arms`` x ``seeds`` in ``tmp_path``, maskgrpo the reference, with
+  a base evaluation at strict accuracy ~``base_acc`` (60 prompts x 4 samples)."""
   cfg = load_config_file(os.path.join(REPO, "configs", "study.py"), "tiny")
   cfg.train_config = os.path.join(REPO, "configs", "geneval.py")
   cfg.workdir = str(tmp_path / "study")
   cfg.results_md, cfg.curves_png = str(tmp_path / "r.md"), str(tmp_path / "c.png")
-  cfg.main_arms, cfg.main_seeds, cfg.ablation_arms = "htgrpo,maskgrpo,uni", 2, ""
+  cfg.main_arms, cfg.main_seeds, cfg.ablation_arms = arms, seeds, ""
   cfg.reference_arm = "maskgrpo"
-  writer.write_eval(paths.join(cfg.workdir, "base_eval"), "base", _eval_res(0.2, 60, 4), "base", 0)
+  writer.write_eval(paths.join(cfg.workdir, "base_eval"), "base", _eval_res(base_acc, 60, 4), "base", 0)
+  return cfg
+
+
+def test_report_gives_each_arm_its_paired_difference_from_the_reference_arm(tmp_path):
+  """The ``vs maskgrpo`` column: a clearly better arm's interval lies above 0, one equal to the
+  reference straddles 0, and the reference's own row shows '-'."""
+  cfg = _report_study(tmp_path, "htgrpo,maskgrpo,uni", 2, base_acc=0.2)
   acc = {"htgrpo": 0.8, "maskgrpo": 0.4, "uni": 0.4}
   for i, r in enumerate(study.plan_runs(cfg)):
     final = study._final_step(study.train_config(cfg, r.arm, r.seed, r.workdir))
@@ -171,13 +178,7 @@ def test_images_to_reach_interpolates_between_evaluations_and_reports_never():
 def test_report_says_how_many_rollout_images_each_arm_needs_to_reach_the_reference(tmp_path):
   """An arm evaluated at the same steps that is ahead at every evaluation reaches the reference's
   final score earlier, and the table says how many times fewer images it took."""
-  cfg = load_config_file(os.path.join(REPO, "configs", "study.py"), "tiny")
-  cfg.train_config = os.path.join(REPO, "configs", "geneval.py")
-  cfg.workdir = str(tmp_path / "study")
-  cfg.results_md, cfg.curves_png = str(tmp_path / "r.md"), str(tmp_path / "c.png")
-  cfg.main_arms, cfg.main_seeds, cfg.ablation_arms = "htgrpo,maskgrpo", 1, ""
-  cfg.reference_arm = "maskgrpo"
-  writer.write_eval(paths.join(cfg.workdir, "base_eval"), "base", _eval_res(0.0, 60, 4), "base", 0)
+  cfg = _report_study(tmp_path, "htgrpo,maskgrpo", 1, base_acc=0.0)
   curve = {"htgrpo": (1.0, 1.0), "maskgrpo": (0.0, 1.0)}  # overall at the two evaluations
   for r in study.plan_runs(cfg):
     c = study.train_config(cfg, r.arm, r.seed, r.workdir)

@@ -108,13 +108,17 @@ def param_logical_specs(config: LLaDAConfig, layout: Layout) -> Any:
   return nn.get_partition_spec(boxed)
 
 
+def _abstract(boxed_init: Any, shardings: Any) -> Any:
+  """The ``jax.ShapeDtypeStruct`` tree of ``boxed_init(key)``, with ``shardings()`` attached when given."""
+  shapes = nn.meta.unbox(jax.eval_shape(boxed_init, jax.random.key(0)))
+  if not shardings:
+    return shapes
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings())
+
+
 def abstract_params(config: LLaDAConfig, layout: Layout, mesh: Mesh | None = None) -> Any:
   """``jax.ShapeDtypeStruct`` params (with shardings when ``mesh`` is given); nothing allocated."""
-  shapes = nn.meta.unbox(jax.eval_shape(_boxed_init(config, layout), jax.random.key(0)))
-  if mesh is None:
-    return shapes
-  shardings = param_shardings(config, layout, mesh)
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+  return _abstract(_boxed_init(config, layout), mesh and (lambda: param_shardings(config, layout, mesh)))
 
 
 def param_shardings(config: LLaDAConfig, layout: Layout, mesh: Mesh) -> Any:
@@ -166,16 +170,13 @@ def _boxed_adapter_init(config: LLaDAConfig, layout: Layout) -> Callable[[jax.Ar
 
 def abstract_adapters(config: LLaDAConfig, layout: Layout, mesh: Mesh | None = None) -> Any:
   """``jax.ShapeDtypeStruct`` adapters (with shardings when ``mesh`` is given); nothing allocated."""
-  shapes = nn.meta.unbox(jax.eval_shape(_boxed_adapter_init(config, layout), jax.random.key(0)))
-  if mesh is None:
-    return shapes
-  shardings = adapter_shardings(config, layout, mesh)
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+  return _abstract(_boxed_adapter_init(config, layout),
+                   mesh and (lambda: adapter_shardings(config, layout, mesh)))
 
 
 def adapter_shardings(config: LLaDAConfig, layout: Layout, mesh: Mesh) -> Any:
   """Pytree of ``NamedSharding`` for the adapters: A like its kernel's input dims, B like its
-  output dims, the rank replicated."""
+  output dims with its rank dim (logical ``lora_rank``) over fsdp."""
   return _checked_shardings(jax.eval_shape(_boxed_adapter_init(config, layout), jax.random.key(0)),
                             mesh, "adapter")
 
