@@ -4,6 +4,7 @@
   python launch/study.py --config=configs/study.py --config.main_arms=htgrpo,maskgrpo \
       --config.ablation_arms= --config.main_seeds=3
   python launch/study.py --config=configs/study.py:tiny                  # a 2-minute smoke study
+  python launch/study.py --config=configs/study.py:long --workers=9      # 5x the budget (a GPU host)
 
 Every run starts from one frozen base policy and trains the same number of steps of the same
 prompts x G, so arms see equal rollout budgets; see htgrpo_jax/study.py.
@@ -44,13 +45,16 @@ ARMS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  tiny = arg == "tiny"
+  if arg not in (None, "", "tiny", "long"):
+    raise ValueError(f"configs/study.py: unknown argument {arg!r}; use '', 'tiny' or 'long'")
+  tiny, long = arg == "tiny", arg == "long"
   c = ml_collections.ConfigDict()
   c.title = "ShapeEval efficacy study"
   c.workdir = "runs/study" + ("_tiny" if tiny else "")
   c.train_config = "configs/geneval.py"
   c.train_variant = ""                 # appended to each arm's preset: "tiny" -> "htgrpo,tiny"
   c.base_seed = 0                      # the frozen base policy's pretraining seed
+  c.base_checkpoint = ""               # the frozen base ("": {workdir}/base, pretrained when missing)
   # Overrides every run shares ("key=value; ..."): the budget and the evaluation.
   # A longer-pretrained base than the default command's 600 steps: under the strict judge the
   # 600-step base scores ~0.01-0.07 held-out (every sampler setting), too little to compare arms on.
@@ -66,6 +70,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.curves_png = "docs/results_curves.png"
   c.readme = "README.md"               # its study block is rewritten from the results ("" = leave it)
   c.progress = True
+  if long:
+    # The same base and evaluation as the main study, five times its rollout budget (19200 images
+    # per run). About 40 h of the 2-core CPU for the main arms; minutes on one GPU with --workers.
+    c.workdir = "runs/study_long"
+    c.base_checkpoint = "runs/study/base"
+    c.shared = c.shared.replace("total_steps=60; eval_every=20",
+                                "total_steps=300; eval_every=50; save_every=50")
+    c.ablation_arms = "htgrpo_lr3e-4,maskgrpo_lr3e-4,htgrpo_lr3e-5,maskgrpo_lr3e-5"
+    c.results_md = "docs/results_long.md"
+    c.curves_png = "docs/results_long_curves.png"
+    c.readme = ""
   if tiny:
     c.train_variant = "tiny"
     c.shared = "total_steps=2; eval_every=1; save_every=1; eval.grid_size=0"

@@ -99,7 +99,7 @@ def train_config(cfg: ml_collections.ConfigDict, arm: str | None, seed: int,
     _set(c, k, v)
   c.seed = seed
   c.workdir = workdir
-  c.model.checkpoint = paths.join(cfg.workdir, "base")
+  c.model.checkpoint = cfg.get("base_checkpoint") or paths.join(cfg.workdir, "base")
   c.eval.at_start = False  # the base is scored once for the whole study
   return c
 
@@ -109,14 +109,23 @@ def _final_step(c: ml_collections.ConfigDict) -> str:
 
 
 def run_study(cfg: ml_collections.ConfigDict, *, log: Callable[[str], None] = print,
-              max_runs: int | None = None) -> str:
-  """Runs (or resumes) a study and writes its report; returns the report's Markdown."""
+              max_runs: int | None = None, shard: tuple[int, int] = (0, 1),
+              report: bool = True) -> str:
+  """Runs (or resumes) a study and writes its report; returns the report's Markdown.
+
+  ``shard=(i, n)``: run only every n-th unfinished run starting at i (``launch/study.py
+  --workers=n`` starts n such processes after scoring the base, so one accelerator host trains
+  several runs at once); ``report=False`` leaves the report to the caller.
+  """
   from tqdm import tqdm
   from htgrpo_jax import trainer
 
   base_dir = paths.join(cfg.workdir, "base_eval")
   base_cfg = train_config(cfg, None, cfg.base_seed, base_dir)
   if trainer.load_eval_samples(base_dir, "base") is None:
+    if shard != (0, 1):
+      raise RuntimeError(f"study shard {shard}: the base is not scored yet in {base_dir}; score it "
+                         "once (run_study with the default shard) before starting workers")
     log("Scoring the frozen base policy (pretraining it first when missing)...")
     trainer.evaluate_checkpoint(base_cfg, which="base", out_dir=base_dir,
                                 samples_per_prompt=base_cfg.eval.final_samples_per_prompt, log=log)
@@ -124,7 +133,8 @@ def run_study(cfg: ml_collections.ConfigDict, *, log: Callable[[str], None] = pr
   todo = [r for r in runs if trainer.load_eval_samples(
       r.workdir, _final_step(train_config(cfg, r.arm, r.seed, r.workdir))) is None]
   log(f"{len(runs) - len(todo)} of {len(runs)} runs already finished.")
-  report = write_report(cfg)
+  todo = todo[shard[0]::shard[1]]
+  md = write_report(cfg) if report else ""
   for r in tqdm(todo[:max_runs], desc="study runs", dynamic_ncols=True):
     c = train_config(cfg, r.arm, r.seed, r.workdir)
     c.progress = cfg.get("progress", True)
@@ -132,8 +142,8 @@ def run_study(cfg: ml_collections.ConfigDict, *, log: Callable[[str], None] = pr
     trainer.train(c, log=log)
     paths.write_text_atomic(paths.join(r.workdir, "wall.json"),  # this call's wall time
                             json.dumps(dict(seconds=time.time() - t0)))
-    report = write_report(cfg)
-  return report
+    md = write_report(cfg) if report else ""
+  return md
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,11 +1,16 @@
 """Runs (or resumes) an efficacy study: RL arms x seeds from one frozen base, equal rollout budgets.
 
   python launch/study.py --config=configs/study.py [--config.key=value ...] [--max_runs=N]
+  python launch/study.py --config=configs/study.py:long --workers=9    # 9 runs at once (one GPU)
 
 Writes the study's Markdown table with 95 % intervals and its PNG curves (configs/study.py says
-where) after every finished run; a stopped study resumes where it was.
+where) after every finished run; a stopped study resumes where it was. ``--workers=N`` scores the
+base, then trains the unfinished runs in N processes (every N-th run each) and writes the report
+once they end: for an accelerator host whose chip a single small run leaves idle.
 """
 import os
+import signal
+import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -16,6 +21,25 @@ from ml_collections import config_flags  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/study.py", "Study config: path.py[:tiny].", lock_config=True)
 _MAX_RUNS = flags.DEFINE_integer("max_runs", None, "Stop after this many runs (resumable).")
+_WORKERS = flags.DEFINE_integer("workers", 1, "Train the runs in this many processes at once.")
+_SHARD = flags.DEFINE_string("shard", "", "i/n: this process trains every n-th unfinished run "
+                             "from i, writes no report (what --workers starts).")
+
+
+def _run_workers(n: int) -> int:
+  """Starts n shard processes with this process's flags; SIGTERM/SIGINT reach them all (each
+  trainer saves and stops). Returns the number of workers that failed."""
+  args = [a for a in sys.argv[1:] if not a.startswith("--workers")]
+  procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *args, f"--shard={i}/{n}"])
+           for i in range(n)]
+
+  def forward(signum, _):
+    for p in procs:
+      if p.poll() is None:
+        p.send_signal(signum)
+  signal.signal(signal.SIGTERM, forward)
+  signal.signal(signal.SIGINT, forward)
+  return sum(p.wait() != 0 for p in procs)
 
 
 def main(argv):
@@ -23,6 +47,19 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   from htgrpo_jax import study
+  if _SHARD.value:
+    i, n = (int(x) for x in _SHARD.value.split("/"))
+    if not 0 <= i < n:
+      raise app.UsageError(f"--shard={_SHARD.value}: want i/n with 0 <= i < n")
+    study.run_study(_CONFIG.value, max_runs=_MAX_RUNS.value, shard=(i, n), report=False)
+    return
+  if _WORKERS.value > 1:
+    study.run_study(_CONFIG.value, max_runs=0)  # scores the base once, before the workers start
+    failed = _run_workers(_WORKERS.value)
+    print(study.write_report(_CONFIG.value))
+    if failed:
+      raise SystemExit(f"{failed} of {_WORKERS.value} study workers failed (see their output)")
+    return
   print(study.run_study(_CONFIG.value, max_runs=_MAX_RUNS.value))
 
 

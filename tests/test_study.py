@@ -79,9 +79,16 @@ def test_tiny_study_end_to_end_resumes_and_reports(tmp_path, monkeypatch):
   cfg.results_md, cfg.curves_png = str(tmp_path / "r.md"), str(tmp_path / "c.png")
   cfg.main_arms, cfg.main_seeds, cfg.ablation_arms = "htgrpo,maskgrpo", 1, ""
   cfg.progress = False
+  with pytest.raises(RuntimeError, match="base is not scored"):  # workers start after the base
+    study.run_study(cfg, shard=(1, 2), log=lambda s: None)
   study.run_study(cfg, max_runs=1, log=lambda s: None)
   assert "| htgrpo | 1 |" in open(cfg.results_md).read()
-  md = study.run_study(cfg, log=lambda s: None)  # resumes: only maskgrpo is left
+  # Resumes with two workers' shards (what launch/study.py --workers=2 starts): only maskgrpo is
+  # left, so shard 1 has nothing to do and shard 0 trains it; neither writes the report.
+  assert study.run_study(cfg, shard=(1, 2), report=False, log=lambda s: None) == ""
+  assert "| maskgrpo |" not in open(cfg.results_md).read()
+  study.run_study(cfg, shard=(0, 2), report=False, log=lambda s: None)
+  md = study.write_report(cfg)
   assert "| htgrpo | 1 |" in md and "| maskgrpo | 1 |" in md and os.path.exists(cfg.curves_png)
 
 
