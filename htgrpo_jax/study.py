@@ -139,9 +139,12 @@ def run_study(cfg: ml_collections.ConfigDict, *, log: Callable[[str], None] = pr
     c = train_config(cfg, r.arm, r.seed, r.workdir)
     c.progress = cfg.get("progress", True)
     t0 = time.time()
-    trainer.train(c, log=log)
+    out = trainer.train(c, log=log)
     paths.write_text_atomic(paths.join(r.workdir, "wall.json"),  # this call's wall time
                             json.dumps(dict(seconds=time.time() - t0)))
+    if out["interrupted"]:  # SIGTERM/SIGINT: the run saved its step; the study stops with it
+      log(f"{out['interrupted']}: study stopped in {r.arm} seed {r.seed} at step {out['step']}")
+      break
     md = write_report(cfg) if report else ""
   return md
 
