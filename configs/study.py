@@ -24,6 +24,10 @@ ARMS = {
     "ht_structure_weight3": ("htgrpo", "rl.structure_weight=3.0"),
     "ht_global_only": ("htgrpo", "rl.n_global=6; rl.n_struct=0; rl.n_refine=0"),
     "ht_refine_context_none": ("htgrpo", "rl.refine_context=none"),
+    # Trajectory-faithful context under HT-GRPO's stages (docs/algorithm.md, open choices).
+    "ht_traj_context": ("htgrpo", "rl.sketch_context=trajectory; rl.refine_context=trajectory"),
+    "ht_traj_sketch": ("htgrpo", "rl.sketch_context=trajectory"),
+    "ht_traj_refine": ("htgrpo", "rl.refine_context=trajectory"),
     "ht_ramp": ("htgrpo", "rl.update_schedule=ramp"),
     "ht_credit_stage": ("htgrpo", "rl.credit_normalization=stage"),
     "ht_cfg_guided": ("htgrpo", "rl.estimator_guidance=guided"),

@@ -223,6 +223,7 @@ def _choices():
   return {
       "rl.preset": tuple(rl.PRESETS), "rl.partition_mode": rc.PARTITION_MODES,
       "rl.estimator": rc.ESTIMATORS, "rl.refine_context": rc.REFINE_CONTEXTS,
+      "rl.sketch_context": rc.SKETCH_CONTEXTS,
       "rl.update_schedule": rc.UPDATE_SCHEDULES, "rl.credit_normalization": rc.CREDIT_NORMALIZATIONS,
       "rl.estimator_guidance": rc.ESTIMATOR_GUIDANCE, "sampler.rule": ("maskgit", "emerge"),
       "sampler.temperature_mode": ("constant", "mmada_annealed"),

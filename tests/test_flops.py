@@ -114,19 +114,22 @@ def _rollout(layout, rows, steps, seed=0):
                     rewards=jnp.asarray(rng.random(rows), jnp.float32))
 
 
-@pytest.mark.parametrize("estimator, beta, micro_batch, guidance", [
-    ("htgrpo", 0.01, None, "none"),      # 2 distinct canvases: old + reference on each
-    ("htgrpo", 0.0, 4, "none"),          # no reference pass; the micro-batch scan
-    ("random_remask", 0.01, None, "none"),  # a fresh canvas per iteration
-    ("htgrpo", 0.01, None, "guided"),    # every pass on conditional + unconditional rows
+@pytest.mark.parametrize("estimator, beta, micro_batch, guidance, sketch_context", [
+    ("htgrpo", 0.01, None, "none", "all_mask"),      # 2 distinct canvases: old + reference on each
+    ("htgrpo", 0.0, 4, "none", "all_mask"),          # no reference pass; the micro-batch scan
+    ("random_remask", 0.01, None, "none", "all_mask"),  # a fresh canvas per iteration
+    ("htgrpo", 0.01, None, "guided", "all_mask"),    # every pass on conditional + unconditional rows
+    ("htgrpo", 0.01, None, "none", "trajectory"),    # 3 replayed global/struct canvases + 1 shared refine
 ])
 def test_train_step_flops_equal_the_programs_matmuls(shapes_model, estimator, beta, micro_batch,
-                                                     guidance):
+                                                     guidance, sketch_context):
   cfg, layout = shapes_model
   rows, steps = 8, 4
   r = rl.preset("htgrpo", group_size=4, num_sampler_steps=steps, n_global=1, n_struct=2, n_refine=1,
                 estimator=estimator, beta=beta, micro_batch_size=micro_batch,
-                estimator_guidance=guidance)
+                estimator_guidance=guidance, sketch_context=sketch_context)
+  if sketch_context == "trajectory":
+    assert rl.canvas_groups(r) == (0, 1, 2, 3)
   s = SamplerConfig(num_steps=steps, sketch_steps=r.sketch_steps, cfg_scale=2.0)
   fn = policy.make_canvas_logits_fn(cfg, layout)
   if guidance == "guided":

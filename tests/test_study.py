@@ -202,3 +202,15 @@ def test_report_says_how_many_rollout_images_each_arm_needs_to_reach_the_referen
   # htgrpo reaches maskgrpo's final 1.0 at its first evaluation, half the budget
   half = c.total_steps // 2 * per_step
   assert row.startswith(f"| htgrpo | {half:.0f} [") and row.endswith(" | 2.00x [2.00x, 2.00x] |")
+
+
+def test_every_arm_plans(cfg):
+  """Each arm's overrides reach a valid training plan (a typo in an arm fails here, not hours into a
+  study); the trajectory-context arms set what their names say."""
+  from htgrpo_jax import trainer
+  plans = {arm: trainer.plan(study.train_config(cfg, arm, 0, "/tmp/x")) for arm in cfg.arms}
+  ctx = {arm: (p.rl.estimator, p.rl.sketch_context, p.rl.refine_context) for arm, p in plans.items()}
+  assert ctx["htgrpo"] == ("htgrpo", "all_mask", "structure")
+  assert ctx["ht_traj_context"] == ("htgrpo", "trajectory", "trajectory")
+  assert ctx["ht_traj_sketch"] == ("htgrpo", "trajectory", "structure")
+  assert ctx["ht_traj_refine"] == ("htgrpo", "all_mask", "trajectory")

@@ -18,7 +18,8 @@ import math
 
 ESTIMATORS = ("htgrpo", "random_remask", "trajectory", "uni")
 PARTITION_MODES = ("entropy", "step", "random")
-REFINE_CONTEXTS = ("structure", "none")
+SKETCH_CONTEXTS = ("all_mask", "trajectory")
+REFINE_CONTEXTS = ("structure", "none", "trajectory")
 UPDATE_SCHEDULES = ("constant", "ramp")
 CREDIT_NORMALIZATIONS = ("image", "stage")
 ESTIMATOR_GUIDANCE = ("none", "guided", "unguided_rollouts")
@@ -80,13 +81,23 @@ class HTGRPOConfig:
       with 'stage' (uniform credit: 8/9/8). Uniform weights give credit exactly 1 under both (the
       baselines).
     estimator: 'htgrpo' | 'random_remask' | 'trajectory' | 'uni' (see estimators.py).
-    refine_context: 'structure' reveals S in refine-stage canvases ('htgrpo' estimator), 'none' reveals nothing.
+    sketch_context: the canvas of the global and struct iterations ('htgrpo' estimator only).
+      'all_mask' (default): the prompt-only all-mask canvas, one shared forward. 'trajectory': per
+      image and iteration, a sampler step group (``trajectory_group`` consecutive steps) is drawn
+      uniformly among the groups that committed a candidate of the stage; the canvas holds the
+      tokens committed before that group (what the sampler saw), the loss set the stage's candidates
+      committed in it (TraceGRPO's context under HT-GRPO's stages, partition and credit). Old and
+      reference passes then run per iteration.
+    refine_context: the canvas of the refine iterations ('htgrpo' estimator only). 'structure'
+      (default) reveals S; 'none' reveals nothing; 'trajectory' reveals S plus the R tokens committed
+      before a step group drawn among the groups that committed an R token, and the loss set is the R
+      tokens committed in that group.
     update_schedule: 'constant' draws update_fraction of the stage's candidates each iteration; 'ramp'
       draws r_k = min(m + (1 - m)(k + 1)/K, 0.999) (MaskGRPO's ramp over the global iteration index k).
     update_fraction: the constant fraction, in (0, 1].
     min_mask_rate: m of the ramp, in [0, 1).
-    trajectory_group: 'trajectory' estimator: consecutive sampler steps merged into one replay group
-      (TraceRL's shrink), >= 1.
+    trajectory_group: consecutive sampler steps merged into one replay group (TraceRL's shrink), >= 1:
+      the 'trajectory' estimator and the 'trajectory' sketch/refine contexts.
     estimator_guidance: which distribution the ratios score when rollouts use CFG / temperature.
       Consumed by whoever builds ``canvas_logits_fn`` (rl/ itself never sees a model): 'none' (the
       MaskGRPO-compatible default): the bare conditional policy, although the tokens were drawn from
@@ -116,6 +127,7 @@ class HTGRPOConfig:
   credit_normalization: str = "image"
   estimator: str = "htgrpo"
   estimator_guidance: str = "none"
+  sketch_context: str = "all_mask"
   refine_context: str = "structure"
   update_schedule: str = "constant"
   update_fraction: float = 1.0
@@ -163,11 +175,15 @@ class HTGRPOConfig:
     if not 0.0 <= self.min_mask_rate < 1.0:
       bad("min_mask_rate", "must lie in [0, 1)")
     for f, allowed in (("partition_mode", PARTITION_MODES), ("estimator", ESTIMATORS),
-                       ("refine_context", REFINE_CONTEXTS), ("update_schedule", UPDATE_SCHEDULES),
+                       ("sketch_context", SKETCH_CONTEXTS), ("refine_context", REFINE_CONTEXTS),
+                       ("update_schedule", UPDATE_SCHEDULES),
                        ("credit_normalization", CREDIT_NORMALIZATIONS),
                        ("estimator_guidance", ESTIMATOR_GUIDANCE)):
       if getattr(self, f) not in allowed:
         bad(f, f"must be one of {allowed}")
+    for f in ("sketch_context", "refine_context"):
+      if getattr(self, f) == "trajectory" and self.estimator != "htgrpo":
+        bad(f, f"applies to estimator='htgrpo' only (estimator={self.estimator!r} picks its own canvases)")
     for f in ("structure_weight", "refine_weight"):
       if not getattr(self, f) >= 0.0:
         bad(f, "must be >= 0")

@@ -8,7 +8,10 @@ always lies inside the stage's candidate set (all tokens / S / R).
 
 * ``htgrpo``: global and struct stages score an all-mask canvas (one forward gives log pi(x_i | prompt) for
   every i, independent of the unmasking order); the refine stage reveals S (``refine_context='structure'``)
-  or nothing. Loss set: a random subset of the stage's candidates (``update_fractions``).
+  or nothing. Loss set: a random subset of the stage's candidates (``update_fractions``). With
+  ``sketch_context='trajectory'`` global/struct iterations replay a recorded step group as ``trajectory``
+  does (candidates: the stage's); ``refine_context='trajectory'`` replays a group among R's candidates
+  on a canvas that also reveals S.
 * ``random_remask`` (MaskGRPO): each candidate is masked i.i.d. with probability r_k (``update_fractions``;
   the ramp by default); the loss set is the masked tokens.
 * ``trajectory`` (TraceGRPO): per image, a recorded step group s (of ``trajectory_group`` consecutive steps)
@@ -70,16 +73,55 @@ class Estimator:
 ESTIMATOR_REGISTRY: Registry[type[Estimator]] = Registry("HTGRPOConfig.estimator")
 
 
+def replay_step_group(config: HTGRPOConfig, it: Iteration,
+                      reveal: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """TraceRL-style replay of one recorded step group per image (TraceGRPO's canvas and loss set).
+
+  Sampler steps are merged into groups of ``trajectory_group`` consecutive steps; per image one group s
+  is drawn uniformly (key ``it.k_mask``) among the groups that committed a candidate (``it.candidates``).
+  The canvas reveals the tokens committed in groups before s, plus ``reveal`` where given; the loss set
+  is ``sample_update_set(it.k_sel, candidates committed in s, it.fraction)``. An image without
+  candidates gets an empty loss set.
+
+  Args:
+    config: supplies ``trajectory_group`` and ``num_sampler_steps``.
+    it: the iteration (candidates, rollout record, keys, fraction).
+    reveal: bool[B, N] tokens revealed whatever their group (refine: S), or None.
+
+  Returns:
+    (canvas int32[B, N], loss_mask bool[B, N]).
+  """
+  g = config.trajectory_group
+  n_groups = -(-config.num_sampler_steps // g)
+  cand = it.candidates
+  grp = jnp.clip(it.commit_step // g, 0, n_groups - 1)
+  has = (jax.nn.one_hot(grp, n_groups, dtype=jnp.float32) * cand[..., None]).sum(axis=1) > 0  # [B, G]
+  scores = jnp.where(has, jax.random.gumbel(it.k_mask, has.shape), -jnp.inf)
+  s = jnp.argmax(scores, axis=-1)[:, None]  # uniform over groups with candidates
+  loss = hierarchy.sample_update_set(it.k_sel, cand & (grp == s), it.fraction)
+  shown = grp < s if reveal is None else (grp < s) | reveal
+  return jnp.where(shown, it.image_tokens, MASK), loss
+
+
 @ESTIMATOR_REGISTRY.register("htgrpo")
 class FullyMaskedEstimator(Estimator):
-  """Global/struct stages: the all-mask canvas; refine: S revealed (``refine_context='structure'``)."""
+  """Global/struct stages: the all-mask canvas (``sketch_context='all_mask'``) or a replayed step group
+  ('trajectory'); refine: S revealed ('structure'), nothing ('none'), or S plus a replayed R step group
+  ('trajectory')."""
 
   @staticmethod
   def canvas_kind(config, stage):
-    return "refine" if (stage == STAGE_REFINE and config.refine_context == "structure") else "all_mask"
+    if stage == STAGE_REFINE:
+      return {"structure": "refine", "none": "all_mask", "trajectory": None}[config.refine_context]
+    return {"all_mask": "all_mask", "trajectory": None}[config.sketch_context]
 
   @staticmethod
   def canvas(config, it):
+    if it.stage == STAGE_REFINE:
+      if config.refine_context == "trajectory":
+        return replay_step_group(config, it, reveal=it.is_structure)
+    elif config.sketch_context == "trajectory":
+      return replay_step_group(config, it)
     loss = hierarchy.sample_update_set(it.k_sel, it.candidates, it.fraction)
     if it.stage == STAGE_REFINE and config.refine_context == "structure":
       return jnp.where(it.is_structure, it.image_tokens, MASK), loss
@@ -106,15 +148,7 @@ class TrajectoryEstimator(Estimator):
 
   @staticmethod
   def canvas(config, it):
-    g = config.trajectory_group
-    n_groups = -(-config.num_sampler_steps // g)
-    cand = it.candidates
-    grp = jnp.clip(it.commit_step // g, 0, n_groups - 1)
-    has = (jax.nn.one_hot(grp, n_groups, dtype=jnp.float32) * cand[..., None]).sum(axis=1) > 0  # [B, G]
-    scores = jnp.where(has, jax.random.gumbel(it.k_mask, has.shape), -jnp.inf)
-    s = jnp.argmax(scores, axis=-1)[:, None]  # uniform over groups with candidates
-    loss = hierarchy.sample_update_set(it.k_sel, cand & (grp == s), it.fraction)
-    return jnp.where(grp < s, it.image_tokens, MASK), loss
+    return replay_step_group(config, it)
 
 
 @ESTIMATOR_REGISTRY.register("uni")
@@ -134,18 +168,18 @@ def canvas_groups(config: HTGRPOConfig) -> tuple[int, ...]:
 
   Iterations whose canvases the estimator makes identical share an index, so the old/reference passes run
   once per distinct canvas: for 'htgrpo' every global/struct iteration scores the same all-mask canvas and
-  every refine iteration the same S-revealed canvas (two forwards instead of K). Other estimators draw a
-  fresh canvas per iteration.
+  every refine iteration the same S-revealed canvas (two forwards instead of K). An iteration of kind None
+  (other estimators; 'htgrpo' with a 'trajectory' context) draws its own canvas and gets its own index, so
+  a mix (replayed sketch stages, shared S-revealed refine canvas) costs one forward per replayed
+  iteration plus one per shared kind.
   """
   sched = hierarchy.stage_schedule(config.n_global, config.n_struct, config.n_refine)
   estimator = ESTIMATOR_REGISTRY.get(config.estimator)
-  kinds = [estimator.canvas_kind(config, s) for s in sched]
-  if any(kind is None for kind in kinds):
-    return tuple(range(len(sched)))
-  first = {}
-  for kind in kinds:
-    first.setdefault(kind, len(first))
-  return tuple(first[kind] for kind in kinds)
+  first, groups = {}, []
+  for k, stage in enumerate(sched):
+    kind = estimator.canvas_kind(config, stage)
+    groups.append(first.setdefault(("shared", kind) if kind is not None else ("own", k), len(first)))
+  return tuple(groups)
 
 
 def iteration_canvas(config: HTGRPOConfig, k: int, step_key: jax.Array, image_tokens: jax.Array,

@@ -74,7 +74,9 @@ def behaviour_gap(canvases: jax.Array, old_logp: jax.Array, commit_step: jax.Arr
   policy's log-prob share canvas and token, so their difference is the estimator's off-policyness:
   CFG and temperature (with ``estimator_guidance='none'``) plus round-off. It reuses the old passes
   (no extra forward); for 'htgrpo' the comparable tokens are those committed at step 0 (the all-mask
-  canvas), for 'trajectory' with trajectory_group 1 every token committed at the replayed step.
+  canvas), for 'trajectory' with trajectory_group 1 (and the global/struct iterations of 'htgrpo' with
+  sketch_context='trajectory') every token committed at the replayed step; a replayed refine canvas
+  is comparable only where no S token was committed at or after the replayed step.
 
   Args:
     canvases: int32[D, B, N] the distinct canvases the old passes scored.

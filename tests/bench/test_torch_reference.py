@@ -4,6 +4,7 @@ From the same tiny LLaDA weights and rollout, the eager PyTorch update and ``rl.
 same first-iteration gradient, the same per-iteration losses and pre-clip gradient norms over all K inner
 iterations (which run on weights each update moved), and the same final weights, within fp32 tolerance.
 """
+import dataclasses
 import sys
 import types
 from pathlib import Path
@@ -35,15 +36,17 @@ def _close(got, want, rtol, atol_frac, what):
       got, want)
 
 
-@pytest.mark.parametrize("estimator,beta", [
-    pytest.param("htgrpo", 0.01, marks=pytest.mark.slow), ("random_remask", 0.01),
-    pytest.param("htgrpo", 0.0, marks=pytest.mark.slow)])
-def test_torch_update_matches_jax_step(estimator, beta):
+@pytest.mark.parametrize("estimator,beta,contexts", [
+    pytest.param("htgrpo", 0.01, {}, marks=pytest.mark.slow), ("random_remask", 0.01, {}),
+    pytest.param("htgrpo", 0.0, {}, marks=pytest.mark.slow),
+    # replayed global/struct canvases (one old/ref pass each) beside the shared S-revealed refine one
+    pytest.param("htgrpo", 0.01, dict(sketch_context="trajectory"), marks=pytest.mark.slow)])
+def test_torch_update_matches_jax_step(estimator, beta, contexts):
   torch.manual_seed(0)
   model_cfg, fn, params = bench_train_step.make_policy(ARGS)
   params = jax.tree.map(lambda p: p * 3.0, params)  # init_std 0.02 x 3: logits well away from uniform
   rollout = bench_train_step.make_rollout(ARGS, np.random.default_rng(1))
-  config = bench_train_step.make_config(ARGS, estimator, beta)
+  config = dataclasses.replace(bench_train_step.make_config(ARGS, estimator, beta), **contexts)
   key = jax.random.key(5)
 
   opt = rl.make_optimizer(LR, clip_norm=1.0, weight_decay=0.01)

@@ -98,10 +98,10 @@ TN, TC, TT, TSK = 16, 8, 4, 2  # 16 slots, 8 codes, 4 sampler steps, sketch phas
 TP, TG = 4, 4
 
 
-def _struct_grad_norm(m_rollout, m_cfg, seed=0):
+def _struct_grad_norm(m_rollout, m_cfg, seed=0, **cfg_kw):
   """Struct-stage grad norm of one step on toy rollouts: m_rollout = None samples the P*G images
   independently, otherwise P*m_rollout sketches each branched into G/m_rollout paints; the step uses
-  num_sketches=m_cfg."""
+  num_sketches=m_cfg (and any other HTGRPOConfig fields in ``cfg_kw``)."""
   model = ToyPolicy(TC, TN, dim=16)
   fn = linen_logits_fn(model)
   key = jax.random.key(seed)
@@ -124,7 +124,7 @@ def _struct_grad_norm(m_rollout, m_cfg, seed=0):
   ro = rl.Rollout(prompts, img, cs, ent, lp, rewards)
   cfg = rl.HTGRPOConfig(group_size=TG, num_sketches=m_cfg, num_sampler_steps=TT, n_global=0, n_struct=1,
                         n_refine=0, sketch_fraction=TSK / TT, structure_ratio=0.25,
-                        update_schedule="constant", update_fraction=1.0, beta=0.0)
+                        update_schedule="constant", update_fraction=1.0, beta=0.0, **cfg_kw)
   opt = optax.sgd(0.0)
   step = rl.make_train_step(fn, opt, cfg, donate=False)
   _, met = step(rl.TrainState.create(params, opt, with_reference=False), ro, jax.random.key(3))
