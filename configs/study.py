@@ -81,7 +81,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.base_checkpoint = "runs/study/base"
     c.shared = c.shared.replace("total_steps=60; eval_every=20",
                                 "total_steps=300; eval_every=50; save_every=50")
-    c.ablation_arms = "htgrpo_lr3e-4,maskgrpo_lr3e-4,htgrpo_lr3e-5,maskgrpo_lr3e-5"
+    c.main_arms += ",ht_traj_context"
+    c.ablation_arms = ("ht_traj_sketch,ht_traj_refine,"
+                       "htgrpo_lr3e-4,maskgrpo_lr3e-4,htgrpo_lr3e-5,maskgrpo_lr3e-5")
     c.results_md = "docs/results_long.md"
     c.curves_png = "docs/results_long_curves.png"
     c.readme = ""

@@ -321,7 +321,8 @@ def write_report(cfg: ml_collections.ConfigDict) -> str:
   c0 = train_config(cfg, None, cfg.base_seed, "")
   images = c0.total_steps * c0.prompts_per_step * c0.rl.group_size
   lines = [f"# {cfg.title}", "",
-           f"Every arm starts from one frozen base policy (`{cfg.workdir}/base`) and trains "
+           f"Every arm starts from one frozen base policy "
+           f"(`{cfg.get('base_checkpoint') or paths.join(cfg.workdir, 'base')}`) and trains "
            f"{c0.total_steps} RL steps of {c0.prompts_per_step} prompts x G = {c0.rl.group_size} "
            f"images ({images} rollout images per run). Held-out strict accuracy over "
            f"{len(set(base['prompt_index'].tolist()))} prompts x "
