@@ -92,6 +92,27 @@ def test_tiny_study_end_to_end_resumes_and_reports(tmp_path, monkeypatch):
   assert "| htgrpo | 1 |" in md and "| maskgrpo | 1 |" in md and os.path.exists(cfg.curves_png)
 
 
+@pytest.mark.slow
+def test_study_workers_split_the_runs_over_processes_and_report_once(tmp_path):
+  """``launch/study.py --workers=2``: the parent scores the base, two shard processes train the two
+  runs, and the report has both; a rerun finds nothing left to train."""
+  import subprocess
+  import sys
+  wd, md = tmp_path / "study", tmp_path / "r.md"
+  cmd = [sys.executable, "launch/study.py", "--config=configs/study.py:tiny", "--workers=2",
+         f"--config.workdir={wd}", f"--config.results_md={md}",
+         f"--config.curves_png={tmp_path / 'c.png'}", "--config.main_arms=htgrpo,maskgrpo",
+         "--config.main_seeds=1", "--config.ablation_arms=", "--config.progress=False"]
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stderr.count("0 of 2 runs already finished.") + out.stdout.count(
+      "0 of 2 runs already finished.") == 3  # the parent and both shards
+  text = md.read_text()
+  assert "| htgrpo | 1 |" in text and "| maskgrpo | 1 |" in text
+  again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert again.returncode == 0 and "2 of 2 runs already finished." in again.stdout + again.stderr
+
+
 def _eval_res(acc, n_prompts=6, samples=2, seed=0):
   """An ``evaluate.evaluate_policy`` result (tiny images) at strict accuracy ~``acc``."""
   r = np.random.default_rng(seed)
