@@ -128,11 +128,11 @@ def test_cli_compiles_the_training_config_with_its_overrides(tmp_path):
              "--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
              "--config.rl.micro_batch_size=4", "--programs=train_step", f"--output={out_json}")
   assert out.returncode == 0, out.stderr[-3000:]
-  rows = [l for l in out.stdout.splitlines() if l.startswith("| shapes | v5e:2x2")]
+  rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| shapes | v5e:2x2")]
   # 4 prompts x G=4 = 16 images; micro-batches of 4 rows over data*fsdp = 2 -> 2 per device.
   assert len(rows) == 1 and rows[0].startswith("| shapes | v5e:2x2 | 1,2,2 | 16 | 2 | none | train_step |")
   assert "| yes |" in rows[0] and "K=3" in out.stdout
-  header = [l for l in out.stdout.splitlines() if l.startswith("| model |")]
+  header = [ln for ln in out.stdout.splitlines() if ln.startswith("| model |")]
   assert len(header) == 1 and header[0].count("|") == rows[0].count("|")
   saved = json.loads(out_json.read_text())
   (report,) = saved["reports"]
