@@ -210,11 +210,11 @@ def test_a_program_xla_refuses_for_hbm_is_reported_not_raised():
   assert (e.temp_gib, e.hbm_gib) == (24.88, 15.75) and "\n" not in str(e)
 
 
-@pytest.mark.parametrize("program", ["train_step", "sketch"])
-def test_cli_row_of_a_refused_program(program):
-  """launch/aot_compile.py's table row for a program XLA refused (run in a subprocess: the script
-  defines its flags on absl's global registry): its rows, '> temps' and 'NO'."""
-  code = f"""if True:
+def test_cli_rows_of_refused_programs():
+  """launch/aot_compile.py's table rows for programs XLA refused (run in a subprocess: the script
+  defines its flags on absl's global registry): their rows (the sketch batch for 'sketch'),
+  '> temps' and 'NO'."""
+  code = """if True:
     import sys
     sys.path.insert(0, "launch")
     # config_flags finds the --config file in sys.argv when the flag is defined (at import).
@@ -225,15 +225,15 @@ def test_cli_row_of_a_refused_program(program):
     from htgrpo_jax import aot
     cli.flags.FLAGS(sys.argv)
     t = aot.prepare(cli._CONFIG.value, "v5e:2x2", log=lambda _: None)
-    e = aot.DoesNotFit({program!r}, "temporaries (24.88G) exceeds available HBM (15.75G)")
-    print(cli.refused_row(t, e))
     print(t.plan.batch_size, t.plan.sketch_rows)
+    for program in ("train_step", "sketch"):
+      print(cli.refused_row(t, aot.DoesNotFit(program, "temporaries (24.88G) exceeds available HBM (15.75G)")))
   """
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
   assert out.returncode == 0, out.stderr[-3000:]
-  row, sizes = out.stdout.strip().splitlines()[-2:]
+  sizes, *rows = out.stdout.strip().splitlines()[-3:]
   batch, sketch_rows = (int(v) for v in sizes.split())
-  rows = batch if program == "train_step" else sketch_rows
   assert sketch_rows != batch
-  assert row.startswith(f"| shapes | v5e:2x2 | 1,2,2 | {rows} | "), row
-  assert f"| {program} | > 24.88 (temps) | 15.75 | NO | - | - |" in row, row
+  for program, n, row in zip(("train_step", "sketch"), (batch, sketch_rows), rows):
+    assert row.startswith(f"| shapes | v5e:2x2 | 1,2,2 | {n} | "), row
+    assert f"| {program} | > 24.88 (temps) | 15.75 | NO | - | - |" in row, row

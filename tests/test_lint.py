@@ -35,3 +35,43 @@ def test_ruff_reads_the_projects_rules(tmp_path):
   good.write_text("def f(x):\n  g = lambda y: y + 1\n  return g(x)\n")
   out = _ruff("--config", os.path.join(REPO, "pyproject.toml"), str(good))
   assert out.returncode == 0, out.stdout
+
+
+def _imports_and_path_inserts(path: str) -> tuple[list[str], list[str]]:
+  """(modules a file imports, the sources of the folders it puts on ``sys.path``)."""
+  import ast
+
+  names, inserts = [], []
+  for node in ast.walk(ast.parse(open(path).read())):
+    if isinstance(node, ast.Import):
+      names += [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      names.append(node.module)
+    elif (isinstance(node, ast.Call) and ast.unparse(node.func) == "sys.path.insert"
+          and len(node.args) == 2):
+      inserts.append(ast.unparse(node.args[1]))
+  return names, inserts
+
+
+def test_no_test_imports_another_test_file():
+  """Shared test code lives in tests/helpers/ (imported as ``tests.helpers.x``): no test module
+  imports another test module, and none puts a folder other than bench/ or launch/ (the scripts
+  under test) on ``sys.path``."""
+  import glob
+
+  bad = []
+  for path in sorted(glob.glob(os.path.join(REPO, "tests", "**", "*.py"), recursive=True)):
+    rel = os.path.relpath(path, REPO)
+    names, inserts = _imports_and_path_inserts(path)
+    bad += [f"{rel} imports {n}" for n in names if n.split(".")[-1].startswith("test_")
+            or n.split(".")[-1] == "conftest"]
+    bad += [f"{rel} puts {src} on sys.path" for src in inserts if "bench" not in src and "launch" not in src]
+  assert not bad, "\n".join(bad)
+
+
+def test_dependency_page_is_current():
+  """docs/deps.md is what ``python docs/make_deps.py`` writes from today's imports (rerun it after
+  moving code)."""
+  out = subprocess.run([sys.executable, os.path.join(REPO, "docs", "make_deps.py"), "--check"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, (out.stdout + out.stderr)[-3000:] + "\nrun: python docs/make_deps.py"

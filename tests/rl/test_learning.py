@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from htgrpo_jax import rl
-from rl_toy import ToyPolicy, linen_logits_fn, sample
+from tests.helpers.rl_toy import ToyPolicy, linen_logits_fn, sample
 
 N, C, T, NS = 16, 8, 4, 4
 PROMPTS, G = 4, 8
