@@ -39,7 +39,9 @@ def _leaves(tree):
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
-def test_default_flow_writes_reports_and_learns_something(full_run, root):
+def test_default_flow_writes_reports_and_updates_the_policy(full_run, root):
+  """Four tiny steps show the plumbing, not learning: that the policy improves is tested on the toy
+  world (tests/rl/test_learning.py) and measured by the studies (docs/results.md)."""
   wd = full_run["workdir"]
   assert full_run["step"] == 4 and sorted(full_run["evals"]) == [0, 2, 4]
   for name in ("results.md", "reward_curve.png", "grid_step00000.png", "grid_step00004.png",
