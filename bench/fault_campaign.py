@@ -236,7 +236,7 @@ class Driver:
     self.first_reward_s = first_reward
     log.close()
     with open(markers) as f:
-      marks = [l.split() for l in f if l.strip()]
+      marks = [ln.split() for ln in f if ln.strip()]
     with open(workdir + ".log") as f:
       text = f.read().split(f"===== start: {start}")[-1]
     return rc, sent, marks, text, time.monotonic() - t0

@@ -96,13 +96,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Rollouts.
   c.sampler = ml_collections.ConfigDict()
   c.sampler.num_steps = 12
-  c.sampler.sketch_steps = 0                  # 0: ceil(rl.sketch_fraction * num_steps), the algorithm's sketch phase (any other value must equal it)
+  # 0: ceil(rl.sketch_fraction * num_steps), the algorithm's sketch phase (any other value must equal it).
+  c.sampler.sketch_steps = 0
   c.sampler.rule = "emerge"                   # MaskGRPO's random-order unmasking (maskgit: confidence order)
   c.sampler.schedule = "cosine"
   c.sampler.cfg_scale = 2.0                   # measured: base held-out 0.13 at 0, 0.23 at 1, 0.27 at 2
   c.sampler.temperature = 1.0
   c.sampler.temperature_mode = "constant"
-  c.sampler.share_sketch = False              # True: rl.num_sketches (>= 2) sketches per prompt, each branched into G / M paints
+  # True: rl.num_sketches (>= 2) sketches per prompt, each branched into G / M paints.
+  c.sampler.share_sketch = False
 
   # The algorithm: htgrpo_jax.rl.preset(rl.preset) with every field set below overriding it. Unset
   # fields are typed placeholders (None until given), so --config.rl.beta=0 parses as a float.
@@ -129,9 +131,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_every = 20
   c.save_every = 10
   c.keep_checkpoints = 2
-  c.save_every_minutes = 0.0                  # also save when this much wall time passed since the last save (0: off)
-  c.max_consecutive_skips = 20                # stop (NonFiniteUpdateError) after this many non-finite inner updates in a row (0: never)
-  c.allow_config_change = False               # resume even if seed/optim/rl/... changed (recorded in config_history.jsonl)
+  c.save_every_minutes = 0.0                  # also save after this much wall time since the last save (0: off)
+  # Stop (NonFiniteUpdateError) after this many non-finite inner updates in a row (0: never).
+  c.max_consecutive_skips = 20
+  c.allow_config_change = False               # resume even if seed/optim/rl/... changed (config_history.jsonl)
   c.eval = ml_collections.ConfigDict()
   c.eval.num_prompts = 192                    # held-out prompts, balanced over the six tags
   c.eval.samples_per_prompt = 1               # images per prompt at the periodic evaluations

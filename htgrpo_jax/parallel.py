@@ -102,10 +102,6 @@ def onto_mesh(tree: Any, mesh: Mesh) -> Any:
   return jax.tree.map(move, tree)
 
 
-def single_device_mesh() -> Mesh:
-  return make_mesh(1, 1, 1, devices=jax.devices()[:1])
-
-
 def logical_to_sharding(logical_specs: Any, mesh: Mesh,
                         rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> Any:
   """Maps a pytree of logical ``PartitionSpec``s (e.g. from ``nn.get_partition_spec``) to

@@ -364,7 +364,7 @@ def write_report(cfg: ml_collections.ConfigDict) -> str:
   paths.write_text_atomic(cfg.results_md, md)
   plot_study(data, base_acc["overall"], cfg.curves_png)
   if cfg.get("readme"):
-    table = [l for l in lines if l.startswith("|")][:2 + len([a for a in arms if a in finals])]
+    table = [ln for ln in lines if ln.startswith("|")][:2 + len([a for a in arms if a in finals])]
     notes = lines[2] + (f"\n\n{lines[4]}" if single else "")
     splice_readme(cfg.readme, "\n".join(table) + f"\n\n{notes}\n\nFull table and curves: "
                   f"[`{cfg.results_md}`]({cfg.results_md}).\n")

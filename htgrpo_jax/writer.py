@@ -189,7 +189,7 @@ class RunLog:
     if paths.exists(self.jsonl):
       with paths.open(self.jsonl, encoding="utf-8") as f:
         text = f.read()
-      keep = "".join(l + "\n" for l in text.splitlines() if _logged_at_or_before(l, start_step))
+      keep = "".join(ln + "\n" for ln in text.splitlines() if _logged_at_or_before(ln, start_step))
       if self.url:
         self._text = keep
       if keep != text:

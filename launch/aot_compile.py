@@ -75,6 +75,8 @@ def model_label(t) -> str:
 
 def refused_row(t, e) -> str:
   """A row for a program XLA:TPU refused to compile: its temporaries alone exceed the HBM."""
+  from htgrpo_jax import aot
+
   m = t.mesh.shape
   mb = micro_batch_per_device(t) if e.program == "train_step" else "-"
   remat = f"{t.model_cfg.remat}{'+scan' if t.model_cfg.scan_layers else ''}"

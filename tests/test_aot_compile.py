@@ -128,11 +128,11 @@ def test_cli_compiles_the_training_config_with_its_overrides(tmp_path):
              "--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
              "--config.rl.micro_batch_size=4", "--programs=train_step", f"--output={out_json}")
   assert out.returncode == 0, out.stderr[-3000:]
-  rows = [l for l in out.stdout.splitlines() if l.startswith("| shapes | v5e:2x2")]
+  rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| shapes | v5e:2x2")]
   # 4 prompts x G=4 = 16 images; micro-batches of 4 rows over data*fsdp = 2 -> 2 per device.
   assert len(rows) == 1 and rows[0].startswith("| shapes | v5e:2x2 | 1,2,2 | 16 | 2 | none | train_step |")
   assert "| yes |" in rows[0] and "K=3" in out.stdout
-  header = [l for l in out.stdout.splitlines() if l.startswith("| model |")]
+  header = [ln for ln in out.stdout.splitlines() if ln.startswith("| model |")]
   assert len(header) == 1 and header[0].count("|") == rows[0].count("|")
   saved = json.loads(out_json.read_text())
   (report,) = saved["reports"]
@@ -208,3 +208,32 @@ def test_a_program_xla_refuses_for_hbm_is_reported_not_raised():
   e = aot.DoesNotFit("train_step", "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory "
                      "required for HLO temporaries (24.88G) exceeds available HBM (15.75G).\nmore")
   assert (e.temp_gib, e.hbm_gib) == (24.88, 15.75) and "\n" not in str(e)
+
+
+def test_cli_rows_of_refused_programs():
+  """launch/aot_compile.py's table rows for programs XLA refused (run in a subprocess: the script
+  defines its flags on absl's global registry): their rows (the sketch batch for 'sketch'),
+  '> temps' and 'NO'."""
+  code = """if True:
+    import sys
+    sys.path.insert(0, "launch")
+    # config_flags finds the --config file in sys.argv when the flag is defined (at import).
+    sys.argv = ["aot_compile.py", "--config=configs/geneval.py:htgrpo,tiny", "--topology=v5e:2x2",
+                "--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+                "--config.sampler.share_sketch=True", "--config.rl.num_sketches=2"]
+    import aot_compile as cli
+    from htgrpo_jax import aot
+    cli.flags.FLAGS(sys.argv)
+    t = aot.prepare(cli._CONFIG.value, "v5e:2x2", log=lambda _: None)
+    print(t.plan.batch_size, t.plan.sketch_rows)
+    for program in ("train_step", "sketch"):
+      print(cli.refused_row(t, aot.DoesNotFit(program, "temporaries (24.88G) exceeds available HBM (15.75G)")))
+  """
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert out.returncode == 0, out.stderr[-3000:]
+  sizes, *rows = out.stdout.strip().splitlines()[-3:]
+  batch, sketch_rows = (int(v) for v in sizes.split())
+  assert sketch_rows != batch
+  for program, n, row in zip(("train_step", "sketch"), (batch, sketch_rows), rows):
+    assert row.startswith(f"| shapes | v5e:2x2 | 1,2,2 | {n} | "), row
+    assert f"| {program} | > 24.88 (temps) | 15.75 | NO | - | - |" in row, row

@@ -18,7 +18,7 @@ import textwrap
 
 import pytest
 
-from test_config_flags import parse  # the in-process config_flags parse (tests/)
+from tests.helpers.config_flags import parse
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = (["README.md"] + [f"configs/{n}" for n in sorted(os.listdir(os.path.join(REPO, "configs")))

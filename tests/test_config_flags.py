@@ -3,29 +3,13 @@ configs' docstrings parses through the real flags, and every RL / sampler knob i
 import os
 import re
 import shlex
-import sys
 
 import pytest
-from absl import flags
-from ml_collections import config_flags
 
 from htgrpo_jax import trainer
+from tests.helpers.config_flags import parse
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def parse(argv: list[str]):
-  """The config ``launch/train.py`` would get from ``argv``. config_flags defines the override
-  flags from the ``--config`` file it finds in ``sys.argv``, so the parse sees a real argv."""
-  argv = ["launch/train.py", *argv]
-  saved, sys.argv = sys.argv, argv
-  try:
-    fv = flags.FlagValues()
-    holder = config_flags.DEFINE_config_file("config", "configs/geneval.py", flag_values=fv)
-    fv(argv)
-    return holder.value
-  finally:
-    sys.argv = saved
 
 
 def _train_lines() -> list[str]:

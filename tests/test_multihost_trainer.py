@@ -32,7 +32,7 @@ def _results(out):
   recs = []
   for code, text in out:
     assert code == 0, text[-5000:]
-    (line,) = [l for l in text.splitlines() if l.startswith("RESULT ")]
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
     recs.append(json.loads(line[len("RESULT "):]))
   return recs
 

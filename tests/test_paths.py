@@ -168,7 +168,7 @@ def test_trainer_keeps_a_url_workdir(bucket, tmp_path, monkeypatch):
   lines = []
   out = trainer.train(cfg, log=lines.append)
   assert out["workdir"] == seen["workdir"] == "gs://b/run"
-  assert any("gs://b/run is not on a local file system" in l and "NOT locked" in l for l in lines)
+  assert any("gs://b/run is not on a local file system" in ln and "NOT locked" in ln for ln in lines)
   assert json.loads((bucket / "b/run/config.json").read_text())["workdir"] == "gs://b/run"
   assert len((bucket / "b/run/config_history.jsonl").read_text().splitlines()) == 1
   assert os.listdir(cwd) == []

@@ -202,7 +202,7 @@ def test_the_trainer_runs_chunked_weighted_rewards_and_logs_each_component(root)
   cfg.rewards.gt = dict(kind="shapeeval", mode="strict", weight=0.5, group_norm=True)
   out = trainer.train(cfg, log=lambda s: None)
   assert out["step"] == 1
-  (rec,) = [json.loads(l) for l in open(os.path.join(out["workdir"], "metrics.jsonl"))]
+  (rec,) = [json.loads(ln) for ln in open(os.path.join(out["workdir"], "metrics.jsonl"))]
   assert 0 <= rec["reward/world"] <= 1 and rec["reward/gt"] in np.arange(17) / 16
   assert np.isfinite(rec["total/loss"])
 
@@ -235,8 +235,8 @@ def test_two_processes_score_each_part_once_and_hold_the_same_rewards(tmp_path):
   recs = []
   for code, text in out:
     assert code == 0, text[-5000:]
-    recs.append(json.loads([l for l in text.splitlines() if l.startswith("RESULT ")][0][7:]))
+    recs.append(json.loads([ln for ln in text.splitlines() if ln.startswith("RESULT ")][0][7:]))
   assert recs[0]["step"] == recs[1]["step"] == 1 and recs[0]["checksums"] == recs[1]["checksums"]
   assert health["requests"]["strict"] == 2 and health["images"]["strict"] == 16  # 2 parts of 8
-  (rec,) = [json.loads(l) for l in open(os.path.join(tmp_path, "mh", "metrics.jsonl"))]
+  (rec,) = [json.loads(ln) for ln in open(os.path.join(tmp_path, "mh", "metrics.jsonl"))]
   assert {"reward/world", "reward/served"} <= set(rec)

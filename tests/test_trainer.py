@@ -39,7 +39,9 @@ def _leaves(tree):
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
-def test_default_flow_writes_reports_and_learns_something(full_run, root):
+def test_default_flow_writes_reports_and_updates_the_policy(full_run, root):
+  """Four tiny steps show the plumbing, not learning: that the policy improves is tested on the toy
+  world (tests/rl/test_learning.py) and measured by the studies (docs/results.md)."""
   wd = full_run["workdir"]
   assert full_run["step"] == 4 and sorted(full_run["evals"]) == [0, 2, 4]
   for name in ("results.md", "reward_curve.png", "grid_step00000.png", "grid_step00004.png",
@@ -48,7 +50,7 @@ def test_default_flow_writes_reports_and_learns_something(full_run, root):
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(wd, "tb")))
   table = open(os.path.join(wd, "results.md")).read()
   assert "| **overall** |" in table and "| base | step 4 |" in table
-  log = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+  log = [json.loads(ln) for ln in open(os.path.join(wd, "metrics.jsonl"))]
   assert [r["step"] for r in log] == [1, 2, 3, 4]
   for r in log:
     assert 0.0 <= r["reward_mean"] <= 1.0 and np.isfinite(r["total/loss"]) and r["skipped"] == 0
@@ -242,7 +244,7 @@ def test_branched_rollouts_train_and_log_the_behaviour_gap(root, guidance):
       "total_steps": 1, "eval.at_start": False})
   out = trainer.train(cfg, log=lambda s: None)
   assert out["step"] == 1
-  (rec,) = [json.loads(l) for l in open(os.path.join(out["workdir"], "metrics.jsonl"))]
+  (rec,) = [json.loads(ln) for ln in open(os.path.join(out["workdir"], "metrics.jsonl"))]
   assert rec["skipped"] == 0 and np.isfinite(rec["total/loss"])
   assert 0 < rec["structure_selectivity"] <= 1 and 0 <= rec["structure_all_candidates_frac"] <= 1
   assert rec["behaviour_gap_tokens"] > 0 and rec["behaviour_gap"] < 1e-4, rec["behaviour_gap"]
@@ -293,12 +295,12 @@ def test_profile_steps_write_a_trace_of_the_window(root):
                       **{"eval.at_start": False, "eval.final_samples_per_prompt": 1})
   lines = []
   assert trainer.train(again, log=lines.append)["step"] == 2
-  note = [l for l in lines if l.startswith("Resuming with changed settings")]
+  note = [ln for ln in lines if ln.startswith("Resuming with changed settings")]
   assert len(note) == 1 and all(k in note[0] for k in ("profile_steps: '1,2' -> ''",
                                                        "log_level: 'info' -> 'warning'",
                                                        "compilation_cache_dir: '' -> "))
   with open(os.path.join(cfg.workdir, "config_history.jsonl")) as f:
-    hist = [json.loads(l) for l in f]
+    hist = [json.loads(ln) for ln in f]
   assert [h["resuming"] for h in hist] == [False, True]
   assert set(hist[1]["changed"]) == {"profile_steps", "log_level", "compilation_cache_dir"}
 

@@ -57,7 +57,7 @@ def test_eval_reports_round_trip(bucket, tmp_path, url):
 
 
 def _jsonl(path):
-  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+  return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
 def test_runlog_on_a_url_buffers_lines_until_a_flush(bucket):

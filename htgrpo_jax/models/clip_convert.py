@@ -30,6 +30,7 @@ import numpy as np
 
 from htgrpo_jax.models import clip
 from htgrpo_jax.models import convert as llada_convert
+from htgrpo_jax.models import safetensors_io
 
 ParamMap = dict[tuple[str, ...], tuple[str, tuple[int, ...], Callable]]
 OPEN_CLIP_SINGLE = "open_clip_model.safetensors"
@@ -157,7 +158,7 @@ def tensor_files(path: str, single_files: tuple[str, ...]) -> dict[str, str]:
   """Key -> safetensors file for a ``.safetensors`` file, or a dir holding one of ``single_files``
   or transformers' ``model.safetensors.index.json``."""
   if os.path.isfile(path):
-    with llada_convert.open_safetensors(path) as f:
+    with safetensors_io.open_safetensors(path) as f:
       return {k: path for k in f.keys()}
   if os.path.exists(os.path.join(path, llada_convert.INDEX_FILE)):
     return llada_convert.read_index(path)

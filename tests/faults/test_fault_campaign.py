@@ -44,7 +44,7 @@ def test_sigterm_to_launch_train_saves_and_exits_zero(tmp_path):
   proc.send_signal(signal.SIGTERM)
   text = proc.communicate(timeout=300)[0]
   assert proc.returncode == 0, text[-3000:]
-  logged = max(json.loads(l)["step"] for l in metrics.read_text().splitlines() if l.strip())
+  logged = max(json.loads(ln)["step"] for ln in metrics.read_text().splitlines() if ln.strip())
   saved = sorted(int(n) for n in os.listdir(wd / "checkpoints") if n.isdigit())
   assert saved and saved[-1] == logged and "SIGTERM" in text, (saved, logged, text[-2000:])
   out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)

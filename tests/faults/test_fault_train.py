@@ -136,7 +136,7 @@ def test_sigterm_saves_the_current_step_and_stops_cleanly(root, reference, monke
   lines = []
   out = trainer.train(cfg, log=lines.append)
   assert out["interrupted"] == "SIGTERM" and out["step"] == 2 and _steps(cfg) == [2]
-  assert any("SIGTERM" in l for l in lines), lines
+  assert any("SIGTERM" in ln for ln in lines), lines
   assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
   monkeypatch.setattr(tasks, "build_task", REAL_BUILD)
   out = trainer.train(cfg, log=quiet)
@@ -276,9 +276,9 @@ def test_resume_with_another_meaning_is_refused_unless_allowed(root):
   bad.allow_config_change = True
   lines = []
   out = trainer.train(bad, log=lines.append, stop_after=1)
-  assert out["step"] == 2 and any("allow_config_change=True" in l for l in lines)
+  assert out["step"] == 2 and any("allow_config_change=True" in ln for ln in lines)
   assert json.load(open(path))["seed"] == 1
-  hist = [json.loads(l) for l in open(os.path.join(cfg.workdir, "config_history.jsonl"))]
+  hist = [json.loads(ln) for ln in open(os.path.join(cfg.workdir, "config_history.jsonl"))]
   assert len(hist) == 2 and hist[0]["config"]["seed"] == 0 and hist[1]["changed"]["seed"] == [0, 1]
 
 

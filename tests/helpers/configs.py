@@ -30,6 +30,9 @@ def set_keys(cfg, **over):
 
 # The toy DiMOO backbone of the 8B-path tests (tests/models/test_t2i_task.py, test_no_torch.py).
 TINY_LLADA = dict(d_model=32, n_layers=1, n_heads=2, mlp_hidden=64, dtype="float32")
+# (caption, GenEval tag) rows of the toy t2i prompt files.
+T2I_PROMPTS = [("a red circle", "single_object"), ("two blue square", "counting"),
+               ("a green triangle left of a red square", "position"), ("a blue circle", "colors")]
 
 
 def toy_dimoo_config(*, workdir, prompts, url, tokenizer, checkpoint, vq):

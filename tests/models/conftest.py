@@ -3,6 +3,8 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from tests.helpers import local_server
+
 WORDS = ("a red blue green circle square triangle above below left of right two three "
          "Generate an image according to the text prompt .").split()
 # DiMOO's prompt template uses these literal strings; the real tokenizer has them as tokens.
@@ -27,3 +29,10 @@ def word_tokenizer_dir(tmp_path_factory):
   path = tmp_path_factory.mktemp("word_tok")
   write_word_tokenizer(path, DIMOO_SPECIALS)
   return str(path)
+
+
+@pytest.fixture(scope="module")
+def server():
+  """A reward server on 127.0.0.1 scoring images by brightness (``local_server.BrightnessReward``)."""
+  with local_server.serve(local_server.BrightnessReward, requests=[]) as srv:
+    yield srv

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from htgrpo_jax.models import clip, clip_convert, clip_image
-from clip_torch_reference import (geneval_crop, hf_text_vision, import_open_clip, open_clip_cfg,  # tests/models/
+from tests.helpers.clip_torch_reference import (geneval_crop, hf_text_vision, import_open_clip, open_clip_cfg,
                                   random_ids, randomize, save_state_dict, tiny_hf_clip, write_clip_tokenizer)
 
 TOL = 1e-5

@@ -14,41 +14,10 @@ import torch
 from safetensors.torch import save_file
 
 from htgrpo_jax import parallel
-from htgrpo_jax.models import convert, llada
+from htgrpo_jax.models import convert, llada, safetensors_io
+from tests.helpers.llada_checkpoint import CFG, write_llada_checkpoint
 
-CFG = llada.get_config("tiny", vocab_size=96, d_model=32, n_layers=2, n_heads=4, mlp_hidden=48)
 PAD = 0
-
-
-def write_llada_checkpoint(path, cfg, seed=0, dtype=torch.float32, drop=(), add=(), reshape=None):
-  """Random weights in the LLaDA key layout, split over two shards with an index file."""
-  g = torch.Generator().manual_seed(seed)
-  d, m, v = cfg.d_model, cfg.mlp_hidden, cfg.vocab_size
-  rnd = lambda *s: (torch.randn(*s, generator=g) * 0.2)
-  sd = {"model.transformer.wte.weight": rnd(v, d), "model.transformer.ln_f.weight": 1 + rnd(d),
-        "model.transformer.ff_out.weight": rnd(v, d)}
-  for i in range(cfg.n_layers):
-    p = f"model.transformer.blocks.{i}."
-    sd.update({p + "attn_norm.weight": 1 + rnd(d), p + "ff_norm.weight": 1 + rnd(d),
-               p + "q_proj.weight": rnd(d, d), p + "k_proj.weight": rnd(d, d),
-               p + "v_proj.weight": rnd(d, d), p + "attn_out.weight": rnd(d, d),
-               p + "ff_proj.weight": rnd(m, d), p + "up_proj.weight": rnd(m, d),
-               p + "ff_out.weight": rnd(d, m)})
-  for k in drop:
-    del sd[k]
-  for k in add:
-    sd[k] = rnd(3)
-  if reshape:
-    sd[reshape[0]] = rnd(*reshape[1])
-  sd = {k: t.to(dtype).contiguous() for k, t in sd.items()}
-  keys = sorted(sd)
-  shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
-  os.makedirs(path, exist_ok=True)
-  for name, ks in shards.items():
-    save_file({k: sd[k] for k in ks}, os.path.join(path, name))
-  with open(os.path.join(path, convert.INDEX_FILE), "w") as f:
-    json.dump({"metadata": {}, "weight_map": {k: n for n, ks in shards.items() for k in ks}}, f)
-  return sd
 
 
 def torch_llama_logits(sd, cfg, tokens, pad_mask):
@@ -171,7 +140,7 @@ def test_safetensors_reader_matches_safetensors_bit_for_bit(tmp_path, dtype):
   sd = {k: v.to(dtype).contiguous() for k, v in sd.items()}
   path = str(tmp_path / "t.safetensors")
   save_file(sd, path, metadata={"format": "pt"})
-  with convert.open_safetensors(path) as f, safe_open(path, "pt") as ref:
+  with safetensors_io.open_safetensors(path) as f, safe_open(path, "pt") as ref:
     assert sorted(f.keys()) == sorted(ref.keys()) and f.metadata == {"format": "pt"}
     for k in ref.keys():
       want, got = ref.get_tensor(k), f.get_tensor(k)
@@ -180,7 +149,7 @@ def test_safetensors_reader_matches_safetensors_bit_for_bit(tmp_path, dtype):
       want_bits = want.reshape(-1).view(torch.uint8).numpy() if want.numel() else np.zeros(0, np.uint8)
       np.testing.assert_array_equal(got.reshape(-1).view(np.uint8), want_bits, err_msg=k)
   if dtype == torch.bfloat16:  # and the values, through ml_dtypes
-    with convert.open_safetensors(path) as f:
+    with safetensors_io.open_safetensors(path) as f:
       np.testing.assert_array_equal(f.get_tensor("a").astype(np.float32), sd["a"].float().numpy())
 
 
@@ -208,4 +177,4 @@ def test_safetensors_reader_names_a_damaged_file(tmp_path, damage, match):
     raw[8:8 + n] = text
   path.write_bytes(bytes(raw))
   with pytest.raises(ValueError, match=f"{path}.*unreadable.*{match}"):
-    convert.open_safetensors(str(path))
+    safetensors_io.open_safetensors(str(path))

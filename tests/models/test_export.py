@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from htgrpo_jax.models import convert
-from tests.models.test_convert import CFG, write_llada_checkpoint
+from tests.helpers.llada_checkpoint import CFG, write_llada_checkpoint
 
 
 @pytest.mark.parametrize("scan", [True, False])

@@ -12,8 +12,7 @@ import pytest
 from htgrpo_jax import parallel, rl
 from htgrpo_jax.contracts import Adapted, TrainState
 from htgrpo_jax.models import layouts, llada, lora, policy
-from htgrpo_jax.models.llada import LLaDA
-from tests.rl.rl_toy import random_rollout
+from tests.helpers.rl_toy import random_rollout
 
 LORA = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.0)
 

@@ -16,9 +16,11 @@ torch = pytest.importorskip("torch")  # only to *write* the toy checkpoints
 
 from htgrpo_jax.models import convert, llada  # noqa: E402
 
-from test_convert import write_llada_checkpoint  # noqa: E402  (tests/models/)
-from test_t2i_task import PROMPTS, TINY, server  # noqa: E402,F401 (server: the reward server fixture)
-from torch_vq_reference import TVQGAN, VQG, randomize, write_ckpt  # noqa: E402
+from tests.helpers import local_server  # noqa: E402
+from tests.helpers.configs import T2I_PROMPTS as PROMPTS  # noqa: E402
+from tests.helpers.configs import TINY_LLADA as TINY  # noqa: E402
+from tests.helpers.llada_checkpoint import write_llada_checkpoint  # noqa: E402
+from tests.helpers.torch_vq_reference import TVQGAN, VQG, randomize, write_ckpt  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -72,7 +74,7 @@ def _run_without_torch(code, *args, timeout=900):
 
 
 @pytest.mark.slow  # ~45 s; the DiMOO path with torch present runs by default (test_t2i_task.py)
-def test_convert_and_train_the_dimoo_path_without_torch(tmp_path, word_tokenizer_dir, server):  # noqa: F811
+def test_convert_and_train_the_dimoo_path_without_torch(tmp_path, word_tokenizer_dir, server):
   # Written with torch: an HF-layout BF16 backbone (two shards + index), a VQ-GAN, prompts.
   model_cfg = llada.get_config("lumina_dimoo_8b", **TINY)
   write_llada_checkpoint(tmp_path / "hf", model_cfg, dtype=torch.bfloat16)
@@ -113,7 +115,7 @@ def test_convert_and_train_the_dimoo_path_without_torch(tmp_path, word_tokenizer
 
   # 2. Two RL steps of the DiMOO config on the converted backbone, torch blocked.
   args = dict(repo=REPO, workdir=str(tmp_path / "run"), prompts=str(tmp_path / "prompts.jsonl"),
-              url=f"http://127.0.0.1:{server.server_address[1]}", tokenizer=word_tokenizer_dir,
+              url=local_server.url(server), tokenizer=word_tokenizer_dir,
               checkpoint=str(orbax_dir), vq=vq)
   out = _run_without_torch(TRAIN, json.dumps(args))
   result = json.loads([ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][-1][7:])

@@ -8,7 +8,7 @@ import torch
 
 from htgrpo_jax.models import clip_convert, owl
 from htgrpo_jax.rewards import geneval
-from clip_torch_reference import random_ids, randomize, save_state_dict  # tests/models/
+from tests.helpers.clip_torch_reference import random_ids, randomize, save_state_dict
 
 TOL = 1e-4
 

@@ -19,9 +19,9 @@ from htgrpo_jax import tasks, trainer
 from htgrpo_jax.models import convert, llada, policy
 from htgrpo_jax.rewards import registry
 
-from clip_torch_reference import save_tiny_clip_dir, save_tiny_owl_dir  # tests/models/
+from tests.helpers.clip_torch_reference import save_tiny_clip_dir, save_tiny_owl_dir
 from tests.helpers.configs import TINY_LLADA, toy_dimoo_config
-from torch_vq_reference import TVQGAN, VQG, randomize, write_ckpt  # tests/models/
+from tests.helpers.torch_vq_reference import TVQGAN, VQG, randomize, write_ckpt
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # GenEval records (evaluation_metadata.jsonl's fields) in the toy tokenizer's words.

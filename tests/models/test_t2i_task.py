@@ -2,10 +2,8 @@
 backbone (Orbax params), a tiny VQ-GAN in the HF key layout, a local tokenizer, JSONL prompt files and
 a reward server on 127.0.0.1. Sampled codes decode on device to the pixels the reward client sends."""
 import dataclasses
-import http.server
 import json
 import os
-import threading
 
 import jax
 import numpy as np
@@ -15,43 +13,13 @@ from htgrpo_jax import export, parallel, tasks, trainer
 from htgrpo_jax.contracts import Adapted
 from htgrpo_jax.models import convert, llada, lora, policy
 from htgrpo_jax.models.vq import vqgan
-from htgrpo_jax.rewards import remote
 
-from tests.helpers.configs import TINY_LLADA, toy_dimoo_config
-from torch_vq_reference import TVQGAN, VQG, randomize, write_ckpt  # tests/models/
-from tests.models.test_convert import write_llada_checkpoint
-
-TINY = TINY_LLADA
-PROMPTS = [("a red circle", "single_object"), ("two blue square", "counting"),
-           ("a green triangle left of a red square", "position"), ("a blue circle", "colors")]
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-  """A reward server: records every request, scores an image by its mean brightness in [0, 1]."""
-
-  def do_POST(self):  # noqa: N802
-    body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-    images = [remote.decode_png(s) for s in body["images"]]
-    self.server.requests.append((self.path, body, images))
-    out = json.dumps({"scores": [float(im.mean() / 255.0) for im in images]}).encode()
-    self.send_response(200)
-    self.send_header("Content-Type", "application/json")
-    self.send_header("Content-Length", str(len(out)))
-    self.end_headers()
-    self.wfile.write(out)
-
-  def log_message(self, *args):
-    pass
-
-
-@pytest.fixture(scope="module")
-def server():
-  srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-  srv.requests = []
-  threading.Thread(target=srv.serve_forever, daemon=True).start()
-  yield srv
-  srv.shutdown()
-  srv.server_close()
+from tests.helpers import local_server
+from tests.helpers.configs import T2I_PROMPTS as PROMPTS
+from tests.helpers.configs import TINY_LLADA as TINY
+from tests.helpers.configs import toy_dimoo_config
+from tests.helpers.llada_checkpoint import write_llada_checkpoint
+from tests.helpers.torch_vq_reference import TVQGAN, VQG, randomize, write_ckpt
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +30,7 @@ def dimoo_config(tmp_path_factory, word_tokenizer_dir, server):
       for text, tag in PROMPTS:
         f.write(json.dumps({"prompt": text, "tag": tag}) + "\n")
   write_ckpt(root / "vqvae.safetensors", randomize(TVQGAN(VQG), seed=7))
-  url = f"http://127.0.0.1:{server.server_address[1]}"
+  url = local_server.url(server)
   c = toy_dimoo_config(workdir=str(root / "run"),
                        prompts=(str(root / "train.jsonl"), str(root / "eval.jsonl")), url=url,
                        tokenizer=word_tokenizer_dir, checkpoint=str(root / "policy"),

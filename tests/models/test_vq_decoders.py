@@ -9,7 +9,7 @@ import torch
 
 from htgrpo_jax import parallel
 from htgrpo_jax.models.vq import convert, magvit2, vqgan
-from torch_vq_reference import MAG, VQG, TMagvit, TVQGAN, randomize, write_ckpt  # tests/models/
+from tests.helpers.torch_vq_reference import MAG, VQG, TMagvit, TVQGAN, randomize, write_ckpt
 
 
 @pytest.fixture(scope="module")
@@ -35,18 +35,24 @@ def _codes(b, h, w, k, seed=0):
 # Parity.
 
 
-def test_magvit2_matches_torch(magvit_pair):
-  model, _, params = magvit_pair
-  codes = _codes(2, 3, 5, MAG.codebook_size)  # non-square grid
+def _float_parity(module, config, model, params, codes) -> tuple[np.ndarray, np.ndarray]:
+  """(torch reference pixels, our uint8 pixels) of ``codes``, after checking our float pixels match
+  the reference's on a non-square 3 x 5 grid (x4 upsampling)."""
   with torch.no_grad():
     ref = model(torch.as_tensor(codes, dtype=torch.long)).numpy()
-  got, img = jax.jit(lambda p, c: (magvit2.decode_float(p, c, MAG), magvit2.decode(p, c, MAG)))(
+  got, img = jax.jit(lambda p, c: (module.decode_float(p, c, config), module.decode(p, c, config)))(
       params, codes)
   got, img = np.asarray(got), np.asarray(img)
   assert got.shape == (2, 12, 20, 3) and ref.shape == got.shape
   diff = np.abs(got - ref).max()
-  print(f"magvit2 tiny parity max|diff| = {diff:.3g}")
+  print(f"{module.__name__.rsplit('.', 1)[-1]} tiny parity max|diff| = {diff:.3g}")
   assert diff < 1e-4
+  return ref, img
+
+
+def test_magvit2_matches_torch(magvit_pair):
+  model, _, params = magvit_pair
+  ref, img = _float_parity(magvit2, MAG, model, params, _codes(2, 3, 5, MAG.codebook_size))
   assert 0.05 < ref.std()  # the random net is not saturated to a constant image
   assert img.dtype == np.uint8
   ref8 = (ref * 255).astype(np.uint8)  # the reference's truncating cast
@@ -55,16 +61,7 @@ def test_magvit2_matches_torch(magvit_pair):
 
 def test_vqgan_matches_torch(vqgan_pair):
   model, _, params = vqgan_pair
-  codes = _codes(2, 3, 5, VQG.num_vq_embeddings, seed=1)
-  with torch.no_grad():
-    ref = model(torch.as_tensor(codes, dtype=torch.long)).numpy()
-  got, img = jax.jit(lambda p, c: (vqgan.decode_float(p, c, VQG), vqgan.decode(p, c, VQG)))(
-      params, codes)
-  got, img = np.asarray(got), np.asarray(img)
-  assert got.shape == (2, 12, 20, 3) and ref.shape == got.shape
-  diff = np.abs(got - ref).max()
-  print(f"vqgan tiny parity max|diff| = {diff:.3g}")
-  assert diff < 1e-4
+  ref, img = _float_parity(vqgan, VQG, model, params, _codes(2, 3, 5, VQG.num_vq_embeddings, seed=1))
   assert 0.05 < ref.std() and 0.01 < (ref > 0).mean() and (ref < 1).mean() > 0.01
   ref8 = np.round(ref * 255).astype(np.uint8)  # diffusers' postprocess rounds
   assert np.abs(img.astype(int) - ref8).max() <= 1 and (img == ref8).mean() > 0.99

@@ -3,8 +3,6 @@ with PIL preprocessing, GenEval's colour classifier with PIL crops (GenEval's Im
 clip_benchmark's zero-shot classifier written out in torch."""
 
 import dataclasses
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,9 +10,7 @@ import torch
 
 from htgrpo_jax.rewards import clip as clip_rewards
 from htgrpo_jax.rewards.geneval import COLORS
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
-from clip_torch_reference import geneval_crop, save_tiny_clip_dir  # noqa: E402
+from tests.helpers.clip_torch_reference import geneval_crop, save_tiny_clip_dir
 
 MEAN = np.asarray((0.48145466, 0.4578275, 0.40821073))
 STD = np.asarray((0.26862954, 0.26130258, 0.27577711))

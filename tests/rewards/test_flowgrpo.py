@@ -2,12 +2,10 @@
 written here the way ``yifan123/reward-server``'s ``app_geneval.py`` answers, and the restricted
 unpickler that reads the replies (nothing a malicious pickle asks for runs)."""
 import copyreg
-import http.server
 import io
 import json
 import os
 import pickle
-import threading
 
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ from htgrpo_jax.rewards import flowgrpo
 from htgrpo_jax.rewards.flowgrpo import FlowGRPOGenEval, UnsafePickleError, loads_plain
 from htgrpo_jax.rewards.registry import build_reward
 from htgrpo_jax.rewards.remote import RemoteRewardError
+from tests.helpers import local_server
 
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
@@ -37,7 +36,7 @@ def _fake_scores(image: np.ndarray, meta: dict) -> tuple[float, float, float]:
   return dense, float(dense > 0.5), float(dense > 0.6 and meta["tag"] != "counting")
 
 
-class _FlowGRPOHandler(http.server.BaseHTTPRequestHandler):
+class _FlowGRPOHandler(local_server.Handler):
   """Answers like app_geneval.py: pickle in, pickle out; 500 with a traceback text on failure.
 
   ``server.reply`` (when set) replaces the pickled answer with these bytes (malicious replies).
@@ -47,7 +46,7 @@ class _FlowGRPOHandler(http.server.BaseHTTPRequestHandler):
     raw = self.rfile.read(int(self.headers["Content-Length"]))
     self.server.content_types.append(self.headers["Content-Type"])
     if self.server.reply is not None:
-      return self._send(200, self.server.reply)
+      return self.reply(200, self.server.reply)
     data = loads_plain(raw)  # our own request must be plain data too
     self.server.requests.append(data)
     images = [np.asarray(Image.open(io.BytesIO(d), formats=["jpeg"]).convert("RGB")) for d in data["images"]]
@@ -61,27 +60,15 @@ class _FlowGRPOHandler(http.server.BaseHTTPRequestHandler):
       for t in TAGS:
         groups[t].append(rewards[-1] if t == meta["tag"] else -10.0)
         gstrict[t].append(s if t == meta["tag"] else -10.0)
-    self._send(200, pickle.dumps({"scores": scores, "rewards": rewards, "strict_rewards": strict,
+    self.reply(200, pickle.dumps({"scores": scores, "rewards": rewards, "strict_rewards": strict,
                                   "group_rewards": groups, "group_strict_rewards": gstrict}))
 
-  def _send(self, code, body):
-    self.send_response(code)
-    self.send_header("Content-Length", str(len(body)))
-    self.end_headers()
-    self.wfile.write(body)
-
-  def log_message(self, *args):
-    pass
 
 
 @pytest.fixture
 def fake():
-  srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FlowGRPOHandler)
-  srv.requests, srv.content_types, srv.reply = [], [], None
-  threading.Thread(target=srv.serve_forever, daemon=True).start()
-  yield srv, f"http://127.0.0.1:{srv.server_address[1]}"
-  srv.shutdown()
-  srv.server_close()
+  with local_server.serve(_FlowGRPOHandler, requests=[], content_types=[], reply=None) as srv:
+    yield srv, local_server.url(srv)
 
 
 def _batch(n=5, seed=0):

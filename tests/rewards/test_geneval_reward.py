@@ -2,9 +2,6 @@
 it runs, its scores are valid, and a detector whose heads are set by hand gives the verdicts the
 rules say."""
 
-import sys
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
@@ -12,9 +9,7 @@ import pytest
 from htgrpo_jax.rewards import clip as clip_rewards
 from htgrpo_jax.rewards import geneval
 from htgrpo_jax.rewards import geneval_reward as gr
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
-from clip_torch_reference import save_tiny_clip_dir, save_tiny_owl_dir  # noqa: E402
+from tests.helpers.clip_torch_reference import save_tiny_clip_dir, save_tiny_owl_dir
 
 
 def _rec(tag, include, exclude=(), prompt=""):

@@ -1,7 +1,5 @@
 """The remote reward client against a real HTTP server on 127.0.0.1."""
-import http.server
 import json
-import threading
 
 import numpy as np
 import pytest
@@ -10,9 +8,10 @@ from htgrpo_jax.rewards import remote
 from htgrpo_jax.worlds.shapeeval import grammar as G
 from htgrpo_jax.worlds.shapeeval import scenes as W
 from htgrpo_jax.worlds.shapeeval.verifier import ShapeEvalReward
+from tests.helpers import local_server
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
+class _Handler(local_server.Handler):
   """Reference server: decodes the PNGs and scores them with the ShapeEval verifier.
 
   ``server.script`` is a list of status codes to answer before behaving (to test retries).
@@ -23,32 +22,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     self.server.requests.append(body)
     if self.server.script:
       code = self.server.script.pop(0)
-      self.send_response(code)
-      self.end_headers()
-      self.wfile.write(b"busy" if code != 200 else b"not json")
-      return
+      return self.reply(code, b"busy" if code != 200 else b"not json")
     imgs = np.stack([remote.decode_png(s) for s in body["images"]])
-    scores = ShapeEvalReward(mode="dense")(body["prompts"], imgs)
-    out = json.dumps({"scores": scores.tolist()}).encode()
-    self.send_response(200)
-    self.send_header("Content-Type", "application/json")
-    self.send_header("Content-Length", str(len(out)))
-    self.end_headers()
-    self.wfile.write(out)
-
-  def log_message(self, *args):
-    pass
+    self.reply_json({"scores": ShapeEvalReward(mode="dense")(body["prompts"], imgs).tolist()})
 
 
 @pytest.fixture
 def server():
-  srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-  srv.requests, srv.script = [], []
-  t = threading.Thread(target=srv.serve_forever, daemon=True)
-  t.start()
-  yield srv
-  srv.shutdown()
-  srv.server_close()
+  with local_server.serve(_Handler, requests=[], script=[]) as srv:
+    yield srv
 
 
 def _batch(n=6):
@@ -65,7 +47,7 @@ def test_png_round_trip_is_lossless():
 def test_scores_match_the_local_verifier(server):
   texts, imgs, ps = _batch()
   texts[0] = texts[1]
-  url = f"http://127.0.0.1:{server.server_address[1]}/score"
+  url = local_server.url(server, "/score")
   r = remote.RemoteReward(url, name="geneval", metadata_keys=("meta",))
   got = r(texts, imgs, meta=[p.meta for p in ps], ignored=[1] * 6)
   np.testing.assert_array_equal(got, ShapeEvalReward(mode="dense")(texts, imgs))
@@ -78,7 +60,7 @@ def test_scores_match_the_local_verifier(server):
 def test_retries_transient_errors_then_succeeds(server):
   texts, imgs, _ = _batch(2)
   server.script[:] = [503, 429]
-  url = f"http://127.0.0.1:{server.server_address[1]}/"
+  url = local_server.url(server, "/")
   out = remote.RemoteReward(url, max_retries=2, backoff=0.01)(texts, imgs)
   assert out.shape == (2,) and len(server.requests) == 3
 
@@ -86,7 +68,7 @@ def test_retries_transient_errors_then_succeeds(server):
 def test_gives_up_after_bounded_retries(server):
   texts, imgs, _ = _batch(2)
   server.script[:] = [500] * 5
-  url = f"http://127.0.0.1:{server.server_address[1]}/"
+  url = local_server.url(server, "/")
   with pytest.raises(ValueError, match="'geneval'.*after 2 attempts.*HTTP 500"):
     remote.RemoteReward(url, name="geneval", max_retries=1, backoff=0.01)(texts, imgs)
   assert len(server.requests) == 2
@@ -94,7 +76,7 @@ def test_gives_up_after_bounded_retries(server):
 
 def test_client_errors_and_bad_replies_fail_fast(server):
   texts, imgs, _ = _batch(2)
-  url = f"http://127.0.0.1:{server.server_address[1]}/"
+  url = local_server.url(server, "/")
   server.script[:] = [400]
   with pytest.raises(ValueError, match="HTTP 400"):
     remote.RemoteReward(url, max_retries=3, backoff=0.01)(texts, imgs)

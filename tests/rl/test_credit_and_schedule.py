@@ -7,8 +7,8 @@ import optax
 import pytest
 
 from htgrpo_jax import rl
-from rl_toy import ToyPolicy, linen_logits_fn, random_rollout, sample
-from test_functions import np_credit, np_partition
+from tests.helpers.rl_toy import ToyPolicy, linen_logits_fn, random_rollout, sample
+from tests.helpers.rl_reference import np_credit, np_partition
 
 B, N, C, T, G = 8, 16, 4, 4, 4
 

@@ -11,53 +11,7 @@ from hypothesis import given
 
 from htgrpo_jax import rl
 from htgrpo_jax.rl import MASK
-
-
-# ----------------------------------------------------------------------------- references (NumPy)
-def np_group_advantages(r, g, eps, ddof):
-  out = np.empty_like(r, dtype=np.float64)
-  for i in range(0, len(r), g):
-    grp = r[i:i + g].astype(np.float64)
-    out[i:i + g] = (grp - grp.mean()) / (grp.std(ddof=ddof) + eps)
-  return out
-
-
-def np_partition(step, ent, t, sketch_fraction, structure_ratio, mode):
-  b, n = step.shape
-  sk = max(1, math.ceil(sketch_fraction * t - 1e-9))
-  ns = max(1, math.ceil(structure_ratio * n - 1e-9))
-  out = np.zeros((b, n), bool)
-  for i in range(b):
-    cand = [j for j in range(n) if 0 <= step[i, j] < sk]
-    if mode == "entropy":
-      cand.sort(key=lambda j: (-float(ent[i, j]), j))
-    else:
-      cand.sort(key=lambda j: (int(step[i, j]), -float(ent[i, j]), j))
-    out[i, cand[:ns]] = True
-  return out
-
-
-def np_credit(is_s, sw, rw, normalize):
-  w = np.where(is_s, sw, rw).astype(np.float64)
-  if normalize:
-    m = w.mean(axis=1, keepdims=True)
-    w = w / np.where(m > 0, m, 1.0)
-  return w
-
-
-def np_loss(logp, old, ref, adv, mask, eps, beta):
-  """Case form of PPO-clip: A >= 0 caps rho at 1+eps, A < 0 floors it at 1-eps."""
-  rho = np.exp(logp - old)
-  pg = np.where(adv >= 0, -adv * np.minimum(rho, 1 + eps), -adv * np.maximum(rho, 1 - eps))
-  kl = np.exp(ref - logp) - (ref - logp) - 1
-  # d/dlogp: the unclipped branch is active unless rho is beyond the cap in the advantage's direction.
-  active = np.where(adv >= 0, rho <= 1 + eps, rho >= 1 - eps)
-  grad = np.where(active, -adv * rho, 0.0) + beta * (1 - np.exp(ref - logp))
-  m = mask.astype(np.float64)
-  clipped = np.where(adv > 0, rho > 1 + eps, np.where(adv < 0, rho < 1 - eps, False))
-  extra = {"ratio_mean": (rho * m).sum(), "clip_frac": (clipped * m).sum(),
-           "approx_kl": ((rho - 1 - np.log(rho)) * m).sum(), "kl": (kl * m).sum()}
-  return ((pg + beta * kl) * m).sum(), m.sum(), grad * m, extra
+from tests.helpers.rl_reference import np_credit, np_group_advantages, np_loss, np_partition
 
 
 # A few shapes only: every new shape compiles, and the profile runs 20 examples per test.

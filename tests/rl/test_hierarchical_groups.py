@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, strategies as st
 
 from htgrpo_jax import rl
-from rl_toy import ToyPolicy, linen_logits_fn, random_rollout, sample, sample_branched
-from test_functions import np_credit, np_group_advantages, np_partition
+from tests.helpers.rl_toy import ToyPolicy, linen_logits_fn, random_rollout, sample, sample_branched
+from tests.helpers.rl_reference import np_credit, np_group_advantages, np_partition
 
 
 def np_token_advantages(rewards, commit_step, g, m, sketch_steps, eps, ddof):

@@ -11,7 +11,7 @@ import numpy as np
 
 from htgrpo_jax import rl, tasks, trainer
 from htgrpo_jax.sampling import make_sampler
-from rl_toy import ToyPolicy, linen_logits_fn, random_rollout
+from tests.helpers.rl_toy import ToyPolicy, linen_logits_fn, random_rollout
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -9,8 +9,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from htgrpo_jax import parallel, rl
-from rl_toy import NNXToyPolicy, ToyPolicy, linen_logits_fn, random_rollout
-from test_functions import np_credit, np_group_advantages, np_partition
+from tests.helpers.rl_toy import NNXToyPolicy, ToyPolicy, linen_logits_fn, random_rollout
+from tests.helpers.rl_reference import np_credit, np_group_advantages, np_partition
 
 B, N, C, T, G = 8, 8, 4, 4, 4
 

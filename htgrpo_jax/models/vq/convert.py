@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from htgrpo_jax.models import convert as llada_convert
+from htgrpo_jax.models import safetensors_io
 from htgrpo_jax.models.vq import magvit2, vqgan
 
 # Decode never touches the encoder; these prefixes are the only keys a full VQ checkpoint may have
@@ -124,7 +125,7 @@ def tensor_files(path: str) -> dict[str, str]:
   """HF key -> safetensors file, for a ``.safetensors`` file or a directory holding
   ``model.safetensors[.index.json]`` or diffusers' ``diffusion_pytorch_model.safetensors[.index.json]``."""
   if os.path.isfile(path):
-    with llada_convert.open_safetensors(path) as f:
+    with safetensors_io.open_safetensors(path) as f:
       return {k: path for k in f.keys()}
   for index, single in ((llada_convert.INDEX_FILE, llada_convert.SINGLE_FILE),
                         (DIFFUSERS_INDEX, DIFFUSERS_SINGLE)):

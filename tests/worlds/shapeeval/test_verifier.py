@@ -12,7 +12,7 @@ from htgrpo_jax.worlds.shapeeval import scenes as W
 from htgrpo_jax.worlds.shapeeval import verifier as S
 
 CFG = W.WorldConfig()
-O = W.ShapeObject
+Obj = W.ShapeObject
 
 
 def _img(*objs, cfg=CFG):
@@ -27,7 +27,7 @@ def test_detects_shapes_colours_and_centroids_at_every_size():
   for size in CFG.sizes:
     for shape in W.SHAPES:
       for color in CFG.color_names[:3]:
-        (d,) = S.detect(_img(O(shape, color, 8, 12, size)))
+        (d,) = S.detect(_img(Obj(shape, color, 8, 12, size)))
         assert (d.shape, d.color) == (shape, color)
         assert abs(d.cx - (8 + size / 2)) < 0.01  # symmetric left-right
         assert 12 < d.cy < 12 + size
@@ -80,8 +80,8 @@ def test_unaligned_world_renders_are_judged_exactly():
 
 
 def test_touching_objects_of_different_colours_are_separate():
-  img = _img(O("square", "red", 4, 4, 8), O("circle", "blue", 12, 4, 8),
-             O("triangle", "green", 4, 12, 8))
+  img = _img(Obj("square", "red", 4, 4, 8), Obj("circle", "blue", 12, 4, 8),
+             Obj("triangle", "green", 4, 12, 8))
   dets = S.detect(img)
   assert sorted((d.shape, d.color) for d in dets) == [
       ("circle", "blue"), ("square", "red"), ("triangle", "green")]
@@ -89,8 +89,8 @@ def test_touching_objects_of_different_colours_are_separate():
 
 
 def test_same_colour_objects_count_when_apart_and_merge_when_touching():
-  apart = _img(O("square", "red", 0, 0, 8), O("square", "red", 16, 0, 8))
-  touching = _img(O("square", "red", 0, 0, 8), O("square", "red", 8, 0, 8))
+  apart = _img(Obj("square", "red", 0, 0, 8), Obj("square", "red", 16, 0, 8))
+  touching = _img(Obj("square", "red", 0, 0, 8), Obj("square", "red", 8, 0, 8))
   assert _strict("a photo of two squares", apart) == 1.0
   # One 16x8 red blob: a colour-segmentation detector sees one object of no known shape.
   (d,) = S.detect(touching)
@@ -100,8 +100,8 @@ def test_same_colour_objects_count_when_apart_and_merge_when_touching():
 
 
 def test_counting_fails_on_extra_instances():
-  three = _img(O("circle", "red", 0, 0, 8), O("circle", "blue", 12, 0, 8),
-               O("circle", "green", 24, 0, 8))
+  three = _img(Obj("circle", "red", 0, 0, 8), Obj("circle", "blue", 12, 0, 8),
+               Obj("circle", "green", 24, 0, 8))
   assert _strict("a photo of three circles", three) == 1.0
   assert _strict("a photo of two circles", three) == 0.0
   assert _strict("a photo of four circles", three) == 0.0
@@ -111,15 +111,15 @@ def test_borderline_positions_follow_genevals_rule():
   # GenEval: revised offset = |offset| - 0.1 * (w_A + w_B) per axis, normalised by |offset|;
   # "left of" needs dx < -0.5. Two 8 px circles 12 px apart vertically: left of needs a horizontal
   # offset > 9.14 px, so x = 9 is not left of and x = 10 is (both are "above", dy < -0.5).
-  base = O("circle", "red", 0, 0, 8)
-  near = _img(base, O("circle", "blue", 9, 12, 8))
-  far = _img(base, O("circle", "blue", 10, 12, 8))
+  base = Obj("circle", "red", 0, 0, 8)
+  near = _img(base, Obj("circle", "blue", 9, 12, 8))
+  far = _img(base, Obj("circle", "blue", 10, 12, 8))
   text = "a photo of a red circle left of a blue circle"
   assert _strict(text, near) == 0.0 and _strict(text, far) == 1.0
   assert _strict("a photo of a red circle above a blue circle", near, far).tolist() == [1.0, 1.0]
   assert _strict("a photo of a blue circle left of a red circle", far) == 0.0
   # The old single-axis rule's 4 px (> 3.2 px) here is now what GenEval calls it: above only.
-  old = _img(base, O("circle", "blue", 4, 12, 8))
+  old = _img(base, Obj("circle", "blue", 4, 12, 8))
   assert _strict(text, old) == 0.0
   (r,) = S.ShapeEvalReward().details([text], old[None])
   assert "expected circle left of target, found above target" in r["reason"]
@@ -128,7 +128,7 @@ def test_borderline_positions_follow_genevals_rule():
 def test_specks_are_ignored_and_attached_pixels_make_objects_malformed():
   rng = np.random.default_rng(0)
   for shape in W.SHAPES:
-    clean = _img(O(shape, "purple", 8, 8, 12))
+    clean = _img(Obj(shape, "purple", 8, 8, 12))
     img = clean.copy()
     for y, x in rng.integers(0, 32, (6, 2)):  # isolated one-pixel specks of another colour
       if (img[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2] == W.BACKGROUND).all():
@@ -141,7 +141,7 @@ def test_specks_are_ignored_and_attached_pixels_make_objects_malformed():
     # A stray pixel attached to the object: the footprint is no world shape any more. (The old
     # verifier trimmed such pixels off, which is also what let blobs pass as shapes.)
     stray = clean.copy()
-    stray[O(shape, "purple", 8, 8, 12).footprint_box[1] - 1, 14] = W.COLORS["purple"]
+    stray[Obj(shape, "purple", 8, 8, 12).footprint_box[1] - 1, 14] = W.COLORS["purple"]
     (d,) = S.detect(stray)
     assert d.malformed and d.area == W.shape_mask(shape, 12).sum() + 1
     assert _strict(text, stray) == 0.0
@@ -164,7 +164,7 @@ def test_dense_is_partial_and_one_exactly_when_strict():
   np.testing.assert_array_equal(dense == 1.0, strict == 1.0)
   assert ((dense > 0) & (dense < 1)).any()  # partial credit exists
   # A right shape in the wrong colour earns part of "a red circle".
-  blue = _img(O("circle", "blue", 8, 8, 8))
+  blue = _img(Obj("circle", "blue", 8, 8, 8))
   assert S.ShapeEvalReward(mode="dense")(["a photo of a red circle"], blue[None])[0] == 0.5
 
 
@@ -177,7 +177,7 @@ def test_blank_image_scores_zero_everywhere():
 
 
 def test_bad_prompts_raise_or_score_zero():
-  img = _img(O("circle", "red", 8, 8, 8))[None]
+  img = _img(Obj("circle", "red", 8, 8, 8))[None]
   strict = S.ShapeEvalReward(mode="strict")
   for text, word in [("a photo of a pink circle", "pink"), ("", "empty"),
                      ("a photo of a hexagon", "hexagon"), ("circle a photo of", "grammar")]:
@@ -196,7 +196,7 @@ def test_bad_prompts_raise_or_score_zero():
 
 
 def test_details_report_detections_and_the_hacking_watch():
-  img = _img(O("triangle", "green", 0, 0, 8), O("square", "yellow", 20, 20, 12))
+  img = _img(Obj("triangle", "green", 0, 0, 8), Obj("square", "yellow", 20, 20, 12))
   (r,) = S.ShapeEvalReward().details(["a photo of a triangle and a square"], img[None])
   assert r["strict"] == 1.0 and len(r["detections"]) == 2
   assert r["meta"].tag == "two_object"

@@ -19,7 +19,7 @@ from htgrpo_jax.worlds.shapeeval import verifier as S
 from htgrpo_jax.worlds.shapeeval.grammar import ObjectReq, PromptMeta
 
 CFG = W.WorldConfig()
-O = W.ShapeObject
+Obj = W.ShapeObject
 P = CFG.patch
 BG = np.array(CFG.background, np.uint8)
 GREY = (128, 128, 128)  # a masked slot's decoded colour: off-palette
@@ -204,7 +204,7 @@ def test_position_sweep_passes_exactly_what_genevals_rule_accepts():
   for sa, sb in [(8, 8), (12, 8), (8, 12)]:
     for ax, ay, bx, by in itertools.product(range(0, 33 - sa, P), range(0, 33 - sa, P),
                                             range(0, 33 - sb, P), range(0, 33 - sb, P)):
-      a, b = O("circle", "red", ax, ay, sa), O("triangle", "blue", bx, by, sb)
+      a, b = Obj("circle", "red", ax, ay, sa), Obj("triangle", "blue", bx, by, sb)
       if not W._boxes_clear(a, b, 0):
         continue
       img = render(a, b)
@@ -231,7 +231,7 @@ def test_position_sweep_passes_exactly_what_genevals_rule_accepts():
 
 def test_counting_sees_fragments_and_extra_objects():
   text = "a photo of two triangles"
-  two = render(O("triangle", "red", 0, 0, 12), O("triangle", "blue", 20, 0, 12))
+  two = render(Obj("triangle", "red", 0, 0, 12), Obj("triangle", "blue", 20, 0, 12))
   assert strict(text, two) == 1.0 and dense(text, two) == 1.0
   # Three half-triangles (the left / right halves of a 12 px triangle) next to them.
   tri = cells("triangle", 12)
@@ -261,14 +261,14 @@ def test_counting_sees_fragments_and_extra_objects():
   print(f"\n{n} proper patch fragments of renders: all malformed except smaller true renders "
         f"{ {k: v for k, v in smaller.items() if v} }")
   # An extra well-formed triangle: GenEval's exclude clause.
-  three = render(O("triangle", "red", 0, 0, 12), O("triangle", "blue", 20, 0, 12),
-                 O("triangle", "green", 0, 20, 8))
+  three = render(Obj("triangle", "red", 0, 0, 12), Obj("triangle", "blue", 20, 0, 12),
+                 Obj("triangle", "green", 0, 20, 8))
   assert strict(text, three) == 0.0 and dense(text, three) == 0.5
 
 
 def test_colour_hedging_fails_and_never_beats_committing():
   text = "a photo of a red circle"
-  red, blue, green = (O("circle", c, x, 8, 8) for c, x in [("red", 0), ("blue", 12), ("green", 24)])
+  red, blue, green = (Obj("circle", c, x, 8, 8) for c, x in [("red", 0), ("blue", 12), ("green", 24)])
   hedge = render(red, blue, green)
   assert strict(text, hedge) == 0.0
   (r,) = STRICT.details([text], hedge[None])
@@ -277,16 +277,16 @@ def test_colour_hedging_fails_and_never_beats_committing():
   assert dense(text, hedge) == dense(text, render(blue)) == 0.5 and dense(text, render(red)) == 1
   # Position prompts: a second red circle on the wrong side, or a circle of an unasked colour.
   pos = "a photo of a red circle left of a blue square"
-  ok = render(O("circle", "red", 0, 12, 8), O("square", "blue", 16, 12, 8))
+  ok = render(Obj("circle", "red", 0, 12, 8), Obj("square", "blue", 16, 12, 8))
   assert strict(pos, ok) == 1.0
-  both_sides = render(O("circle", "red", 0, 12, 8), O("square", "blue", 12, 12, 8),
-                      O("circle", "red", 24, 12, 8))
+  both_sides = render(Obj("circle", "red", 0, 12, 8), Obj("square", "blue", 12, 12, 8),
+                      Obj("circle", "red", 24, 12, 8))
   assert strict(pos, both_sides) == 0.0 and dense(pos, both_sides) < 1
   same = "a photo of a red circle below a green circle"
-  ok = render(O("circle", "green", 8, 0, 8), O("circle", "red", 8, 20, 8))
+  ok = render(Obj("circle", "green", 8, 0, 8), Obj("circle", "red", 8, 20, 8))
   assert strict(same, ok) == 1.0
-  extra = render(O("circle", "green", 8, 0, 8), O("circle", "red", 8, 20, 8),
-                 O("circle", "yellow", 24, 8, 8))
+  extra = render(Obj("circle", "green", 8, 0, 8), Obj("circle", "red", 8, 20, 8),
+                 Obj("circle", "yellow", 24, 8, 8))
   assert strict(same, extra) == 0.0 and dense(same, extra) < dense(same, ok)
 
 
@@ -298,12 +298,12 @@ def test_other_malformations_a_patch_policy_could_try():
       "16 px circle footprint": paint(blank(), W.shape_mask("circle", 16), 8, 8, red),
       "upside-down triangle": paint(blank(), W.shape_mask("triangle", 12)[::-1], 8, 8, red),
       "sideways triangle": paint(blank(), W.shape_mask("triangle", 12).T.copy(), 8, 8, red),
-      "two red squares sharing an edge": render(O("square", "red", 0, 0, 8),
-                                                O("square", "red", 8, 0, 8)),
-      "two red squares touching at a corner": render(O("square", "red", 0, 0, 8),
-                                                     O("square", "red", 8, 8, 8)),
-      "red square touching a red triangle": render(O("square", "red", 0, 0, 8),
-                                                   O("triangle", "red", 8, 0, 8)),
+      "two red squares sharing an edge": render(Obj("square", "red", 0, 0, 8),
+                                                Obj("square", "red", 8, 0, 8)),
+      "two red squares touching at a corner": render(Obj("square", "red", 0, 0, 8),
+                                                     Obj("square", "red", 8, 8, 8)),
+      "red square touching a red triangle": render(Obj("square", "red", 0, 0, 8),
+                                                   Obj("triangle", "red", 8, 0, 8)),
       "circle with a patch missing": from_cells(
           {k: v for k, v in cells("circle", 12).items() if k != (1, 1)}),
       "square with the centre patch missing": from_cells(
@@ -313,7 +313,7 @@ def test_other_malformations_a_patch_policy_could_try():
           img=from_cells({k: v for k, v in cells("circle", 8).items() if k[1] == 0},
                          rgb=W.COLORS["blue"])),
       "off-palette circle": paint(blank(), W.shape_mask("circle", 8), 8, 8, GREY),
-      "overlapping red squares": paint(render(O("square", "red", 0, 0, 12)),
+      "overlapping red squares": paint(render(Obj("square", "red", 0, 0, 12)),
                                        np.ones((12, 12), bool), 4, 4, red),
   }
   prompts = [p.text for p in G.all_prompts() if p.meta.tag in ("single_object", "colors")]
@@ -323,7 +323,7 @@ def test_other_malformations_a_patch_policy_could_try():
     r = STRICT(prompts, np.repeat(img[None], len(prompts), 0))
     assert r.max() == 0.0, name
   # Touching objects of different colours stay two objects (a detector would see both).
-  two = render(O("square", "red", 0, 0, 8), O("circle", "blue", 8, 0, 8))
+  two = render(Obj("square", "red", 0, 0, 8), Obj("circle", "blue", 8, 0, 8))
   assert [d.malformed for d in S.detect(two)] == [False, False]
   print(f"\n{len(cases)} further malformations x {len(prompts)} prompts: none passes")
 
@@ -360,7 +360,7 @@ def _place(rng, objs, shape, color, tries=300):
   for _ in range(tries):
     size = int(CFG.sizes[rng.integers(len(CFG.sizes))])
     x, y = (int(v) * P for v in rng.integers((CFG.canvas - size) // P + 1, size=2))
-    o = O(shape, color, x, y, size)
+    o = Obj(shape, color, x, y, size)
     if all(W._boxes_clear(o, p, CFG.min_gap) for p in objs):
       return o
   return None

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch_vq_reference import write_ckpt  # tests/models/, on sys.path where this module is
+from tests.helpers.torch_vq_reference import write_ckpt
 
 # A CLIP BPE vocabulary just big enough for GenEval's colour prompts (and a few objects).
 WORDS = ("a photo of an the red orange yellow green blue purple pink brown black white - colored "
