@@ -49,3 +49,14 @@ def np_loss(logp, old, ref, adv, mask, eps, beta):
   extra = {"ratio_mean": (rho * m).sum(), "clip_frac": (clipped * m).sum(),
            "approx_kl": ((rho - 1 - np.log(rho)) * m).sum(), "kl": (kl * m).sum()}
   return ((pg + beta * kl) * m).sum(), m.sum(), grad * m, extra
+
+
+def rollout_record(seed, b=4, n=24, c=6, t=6):
+  """A random rollout record: (tokens int32[b, n] in [0, c), commit_step int32[b, n] in [0, t),
+  entropy float32[b, n] in [0, 1))."""
+  import jax.numpy as jnp
+  rng = np.random.default_rng(seed)
+  tokens = jnp.asarray(rng.integers(0, c, (b, n)), jnp.int32)
+  step = jnp.asarray(rng.integers(0, t, (b, n)), jnp.int32)
+  ent = jnp.asarray(rng.random((b, n)), jnp.float32)
+  return tokens, step, ent

@@ -119,3 +119,47 @@ def random_rollout(rng: np.random.Generator, b: int, n: int, c: int, t: int, lp:
       commit_entropy=jnp.asarray(rng.uniform(0, np.log(c), (b, n)), jnp.float32),
       commit_logp=jnp.asarray(-rng.uniform(0, 3, (b, n)), jnp.float32),
       rewards=jnp.asarray(rng.normal(size=(b,)), jnp.float32))
+
+
+# Struct-stage gradient of one step on toy rollouts (shared by the branching and context tests).
+TN, TC, TT, TSK = 16, 8, 4, 2  # 16 slots, 8 codes, 4 sampler steps, sketch phase = steps 0-1 (8 tokens)
+TP, TG = 4, 4
+
+
+def struct_grad_norm(m_rollout, m_cfg, seed=0, **cfg_kw):
+  """Struct-stage grad norm of one step on toy rollouts: m_rollout = None samples the P*G images
+  independently, otherwise P*m_rollout sketches each branched into G/m_rollout paints; the step uses
+  num_sketches=m_cfg (and any other HTGRPOConfig fields in ``cfg_kw``)."""
+  import optax
+  from htgrpo_jax import rl
+  model = ToyPolicy(TC, TN, dim=16)
+  fn = linen_logits_fn(model)
+  key = jax.random.key(seed)
+  prompt_ids = np.arange(TP)
+  prompts = jnp.asarray(np.repeat(prompt_ids, TG)[:, None] * np.ones((1, 2), int), jnp.int32)
+  params = model.init(jax.random.fold_in(key, 0), prompts, jnp.zeros((TP * TG, TN), jnp.int32))["params"]
+  priority = np.linspace(1.0, 0.0, TN, dtype=np.float32)
+  if m_rollout is None:
+    img, cs, ent, lp = sample(fn, params, prompts, jnp.asarray(np.tile(priority, (TP * TG, 1))),
+                              jax.random.fold_in(key, 1), num_steps=TT)
+  else:
+    sk_prompts = jnp.asarray(np.repeat(prompt_ids, m_rollout)[:, None] * np.ones((1, 2), int), jnp.int32)
+    img, cs, ent, lp = sample_branched(fn, params, sk_prompts,
+                                       jnp.asarray(np.tile(priority, (TP * m_rollout, 1))),
+                                       jax.random.fold_in(key, 1), num_steps=TT, sketch_steps=TSK,
+                                       paints=TG // m_rollout)
+  # A reward that depends on the sketch (code 0 on the first slots) and on the paint, plus noise.
+  rewards = ((img[:, :4] == 0).mean(-1) + 0.5 * (img[:, 8:] == 1).mean(-1)
+             + 0.1 * jax.random.normal(jax.random.fold_in(key, 2), (TP * TG,))).astype(jnp.float32)
+  ro = rl.Rollout(prompts, img, cs, ent, lp, rewards)
+  cfg = rl.HTGRPOConfig(group_size=TG, num_sketches=m_cfg, num_sampler_steps=TT, n_global=0, n_struct=1,
+                        n_refine=0, sketch_fraction=TSK / TT, structure_ratio=0.25,
+                        update_schedule="constant", update_fraction=1.0, beta=0.0, **cfg_kw)
+  opt = optax.sgd(0.0)
+  step = rl.make_train_step(fn, opt, cfg, donate=False)
+  _, met = step(rl.TrainState.create(params, opt, with_reference=False), ro, jax.random.key(3))
+  if m_rollout is not None:  # the branched rollout really shares the sketch inside each sketch group
+    sk = np.asarray(cs) < TSK
+    tok = np.asarray(img).reshape(TP * m_rollout, TG // m_rollout, TN)
+    assert (tok == tok[:, :1]).all(axis=1)[sk.reshape(TP * m_rollout, TG // m_rollout, TN)[:, 0]].all()
+  return float(met["struct"]["grad_norm"])

@@ -11,6 +11,7 @@ from hypothesis import given
 
 from htgrpo_jax import rl
 from htgrpo_jax.rl import MASK
+from tests.helpers.rl_reference import rollout_record
 from tests.helpers.rl_reference import np_credit, np_group_advantages, np_loss, np_partition
 
 
@@ -136,21 +137,13 @@ def test_loss_ratio_one_and_zero_advantage():
 
 
 # ----------------------------------------------------------------------------- estimators
-def _inputs(seed, b=4, n=24, c=6, t=6):
-  rng = np.random.default_rng(seed)
-  tokens = jnp.asarray(rng.integers(0, c, (b, n)), jnp.int32)
-  step = jnp.asarray(rng.integers(0, t, (b, n)), jnp.int32)
-  ent = jnp.asarray(rng.random((b, n)), jnp.float32)
-  return tokens, step, ent
-
-
 @given(st.sampled_from(rl.ESTIMATORS), st.sampled_from(["structure", "none"]),
        st.sampled_from(["constant", "ramp"]), st.integers(1, 2), st.integers(0, 2**31 - 1))
 def test_estimator_invariants(estimator, ctx, sched, tg, seed):
   cfg = rl.HTGRPOConfig(group_size=2, num_sampler_steps=6, n_global=1, n_struct=2, n_refine=2,
                         estimator=estimator, refine_context=ctx, update_schedule=sched, update_fraction=0.5,
                         trajectory_group=tg)
-  tokens, step, ent = _inputs(seed)
+  tokens, step, ent = rollout_record(seed)
   is_s = rl.partition_tokens(step, ent, num_steps=6, sketch_fraction=cfg.sketch_fraction,
                              structure_ratio=cfg.structure_ratio)
   key = jax.random.key(seed)

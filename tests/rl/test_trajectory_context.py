@@ -15,9 +15,8 @@ import pytest
 from htgrpo_jax import rl
 from htgrpo_jax.rl import MASK
 from htgrpo_jax.rl.train_step import update_sets
-from rl_toy import ToyPolicy, linen_logits_fn, random_rollout
-from test_functions import _inputs
-from test_hierarchical_groups import _struct_grad_norm
+from tests.helpers.rl_reference import rollout_record
+from tests.helpers.rl_toy import ToyPolicy, linen_logits_fn, random_rollout, struct_grad_norm
 
 T = 6
 
@@ -43,7 +42,7 @@ def test_replayed_canvases_reveal_only_earlier_groups(sketch_ctx, refine_ctx, tg
              update_fraction=fraction)
   sched = rl.stage_schedule(1, 2, 2)
   for seed in range(4):
-    tokens, step, ent = _inputs(seed, b=6, t=T)
+    tokens, step, ent = rollout_record(seed, b=6, t=T)
     is_s = _partition(step, ent, cfg)
     canv, loss = map(np.asarray, rl.all_canvases(cfg, jax.random.key(seed), tokens, step, is_s))
     tokens, step, is_s = map(np.asarray, (tokens, step, is_s))
@@ -79,7 +78,7 @@ def test_drawn_group_is_uniform_over_groups_with_a_candidate(stage_kw):
   """Over 600 step keys the drawn group of one image hits every group holding a candidate of the stage
   about equally often, and never a group without one."""
   cfg = _cfg(structure_ratio=0.25, **stage_kw)
-  tokens, step, ent = _inputs(7, b=2, n=24, t=T)
+  tokens, step, ent = rollout_record(7, b=2, n=24, t=T)
   is_s = _partition(step, ent, cfg)
   stage = rl.STAGE_STRUCT if stage_kw["n_struct"] else rl.STAGE_REFINE
   cand = np.asarray(rl.stage_candidates(stage, is_s))[0]
@@ -96,7 +95,7 @@ def test_drawn_group_is_uniform_over_groups_with_a_candidate(stage_kw):
 
 def test_sketch_replay_is_tracegrpos_canvas_under_the_global_stage():
   """With only global iterations, the 'trajectory' sketch context is TraceGRPO's estimator exactly."""
-  tokens, step, ent = _inputs(3, b=4, t=T)
+  tokens, step, ent = rollout_record(3, b=4, t=T)
   kw = dict(n_global=3, n_struct=0, n_refine=0, trajectory_group=2, update_fraction=0.5)
   ht = _cfg(sketch_context="trajectory", **kw)
   trace = _cfg(estimator="trajectory", **kw)
@@ -113,7 +112,7 @@ def test_defaults_are_the_all_mask_and_structure_canvases():
   cfg = _cfg(update_fraction=0.5)
   assert (rl.HTGRPOConfig().sketch_context, rl.HTGRPOConfig().refine_context) == ("all_mask", "structure")
   assert (rl.preset("htgrpo").sketch_context, rl.preset("htgrpo").refine_context) == ("all_mask", "structure")
-  tokens, step, ent = _inputs(5, b=4, t=T)
+  tokens, step, ent = rollout_record(5, b=4, t=T)
   is_s = _partition(step, ent, cfg)
   key = jax.random.key(9)
   canv, loss = rl.all_canvases(cfg, key, tokens, step, is_s)
@@ -168,6 +167,6 @@ def test_struct_gradient_is_nonzero_on_replayed_canvases():
   """The struct stage learns under the trajectory sketch context: a non-zero gradient on toy rollouts from
   a sampler that records its trajectory (the all-mask context gives 1.4 on the same rollouts, seed 0;
   test_hierarchical_groups.py)."""
-  replayed = _struct_grad_norm(None, 1, sketch_context="trajectory")
+  replayed = struct_grad_norm(None, 1, sketch_context="trajectory")
   print(f"struct-stage grad norm, trajectory sketch context: {replayed:.4g}")
   assert replayed > 0.1
