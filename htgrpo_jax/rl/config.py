@@ -214,10 +214,6 @@ class HTGRPOConfig:
     """Number of sampler steps in the sketch phase: ceil(sketch_fraction * T), at least 1."""
     return max(1, math.ceil(self.sketch_fraction * self.num_sampler_steps - 1e-9))
 
-  def num_structure(self, num_tokens: int) -> int:
-    """|S| target per image: ceil(structure_ratio * N), at least 1."""
-    return max(1, math.ceil(self.structure_ratio * num_tokens - 1e-9))
-
   def validate_batch(self, batch_size: int) -> None:
     """Raises ValueError unless group_size and micro_batch_size divide ``batch_size``."""
     if batch_size % self.group_size:
