@@ -7,6 +7,12 @@
 On a multi-host TPU slice every worker runs this same command (see launch/tpu_vm.sh); the
 multi-process runtime, the compilation cache and the log level are set up first
 (htgrpo_jax/runtime.py).
+
+Exit status: 0 when the run reached config.total_steps; 143 (128 + SIGTERM) when a SIGTERM or a
+TPU preemption notice stopped it after saving its last step, 130 after SIGINT (Ctrl-C): the run is
+not done, and the same command resumes it. A supervisor that restarts failed commands (a JobSet,
+systemd, `until python launch/train.py ...; do :; done`) therefore resumes a stopped run and
+leaves a finished one alone.
 """
 import os
 import sys
@@ -25,7 +31,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from htgrpo_jax import runtime, trainer  # after flag parsing: a bad --config fails before JAX starts
   runtime.setup_runtime(_CONFIG.value)
-  trainer.train(_CONFIG.value)
+  out = trainer.train(_CONFIG.value)
+  return trainer.exit_status(out["interrupted"])  # absl's app.run exits with main's return value
 
 
 if __name__ == "__main__":
