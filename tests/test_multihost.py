@@ -1,6 +1,7 @@
 """Multi-host behaviour, exercised for real: several JAX processes on this machine, each with its own
 fake CPU devices, joined by ``jax.distributed`` through a localhost coordinator."""
 import http.server
+import os
 import textwrap
 import threading
 
@@ -50,31 +51,27 @@ def test_trainer_refuses_hosts_whose_configs_differ_before_building_anything(tmp
   assert not (tmp_path / "run").exists() and not (tmp_path / "world").exists()  # nothing built
 
 
-TRAIN_IN = textwrap.dedent("""
-    import pathlib, sys
-    from htgrpo_jax import trainer
-    from tests.helpers.configs import tiny_config
-    try:
-      trainer.train(tiny_config(pathlib.Path(sys.argv[1]), "run"))
-    except Exception as e:
-      print("REFUSED:", type(e).__name__, e)
-""")
-
-
-def test_a_locked_workdir_stops_every_process_not_only_process_0(tmp_path):
-  """Process 0 takes the workdir lock (it alone writes the run's files); when it cannot, every
-  process stops with an error instead of waiting forever for process 0 at the next collective."""
+def test_coordinator_flags_join_the_processes_and_a_locked_workdir_stops_every_one(tmp_path):
+  """launch/train.py on a cluster JAX does not detect: each process is told the coordinator, the
+  process count and its index by flags (no JAX_* variable). The workdir is held by another live
+  run: process 0 takes the lock (it alone writes the run's files), is refused, and every process
+  stops with an error naming why instead of waiting forever for process 0 at the next collective;
+  process 1's error shows the two had joined one job."""
   from htgrpo_jax import workdir
   lock = workdir.WorkdirLock(str(tmp_path / "run")).acquire()  # another live run holds it
+  argv = [os.path.join("launch", "train.py"), "--config=configs/geneval.py:htgrpo,tiny",
+          f"--config.workdir={tmp_path / 'run'}", f"--config.world.data_dir={tmp_path / 'world'}",
+          f"--config.model.checkpoint={tmp_path / 'base'}", "--config.log_level=warning"]
   try:
-    out = multiprocess.run(["-c", TRAIN_IN, str(tmp_path)], num_processes=2, devices_per_process=2,
-                           timeout=300)
+    out = multiprocess.run(
+        argv, num_processes=2, devices_per_process=2, timeout=300, coordinator_env=False,
+        argv_of=lambda i, port: [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                                 f"--process_id={i}"])
   finally:
     lock.release()
-  for code, text in out:
-    assert code == 0, text
-  assert "REFUSED: WorkdirLockedError" in out[0][1] and str(tmp_path / "run") in out[0][1], out[0][1]
-  assert "REFUSED: RuntimeError process 0 refused to start this run" in out[1][1], out[1][1]
+  (code0, text0), (code1, text1) = out
+  assert code0 == 1 and "WorkdirLockedError" in text0 and str(tmp_path / "run") in text0, text0[-3000:]
+  assert code1 == 1 and "process 0 refused to start this run" in text1, text1[-3000:]
   assert not (tmp_path / "world").exists()  # nothing built
 
 

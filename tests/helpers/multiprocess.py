@@ -23,10 +23,12 @@ def free_port() -> int:
 
 def start(argv: list[str], num_processes: int, devices_per_process: int, cwd: str | None = None,
           extra_env: dict[str, str] | None = None, coordinator_env: bool = True,
-          env_of: Callable[[int], dict[str, str]] | None = None) -> list[subprocess.Popen]:
+          env_of: Callable[[int], dict[str, str]] | None = None,
+          argv_of: Callable[[int, int], list[str]] | None = None) -> list[subprocess.Popen]:
   """Starts ``python argv...`` once per process with the coordinator environment set (without it
   when ``coordinator_env`` is False: the processes must find one another some other way);
-  ``env_of(i)`` adds process i's own variables."""
+  ``env_of(i)`` adds process i's own variables, ``argv_of(i, port)`` its own arguments (``port``:
+  a free one for the coordinator)."""
   port = free_port()
   procs = []
   for i in range(num_processes):
@@ -38,7 +40,8 @@ def start(argv: list[str], num_processes: int, devices_per_process: int, cwd: st
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
                **(extra_env or {}), **(env_of(i) if env_of else {}))
-    procs.append(subprocess.Popen([sys.executable, *argv], cwd=cwd or REPO, env=env,
+    mine = argv_of(i, port) if argv_of else []
+    procs.append(subprocess.Popen([sys.executable, *argv, *mine], cwd=cwd or REPO, env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
   return procs
 
