@@ -192,3 +192,36 @@ def test_core_install_in_a_fresh_venv_runs_the_readme_snippet(tmp_path):
                        timeout=900)
   assert run.returncode == 0, run.stderr[-4000:]
   assert "'global'" in run.stdout and "'refine'" in run.stdout, run.stdout
+
+
+def test_ci_installs_libtpu_so_the_aot_tests_run_there():
+  """CI runs README's `# ci:test` line (.ci/run); it installs the [tpu] extra, whose jax[tpu] brings
+  libtpu, so the AOT pre-flight tests (which skip without libtpu) run on every landing; and .ci/run
+  makes a missing libtpu fail them instead (HTGRPO_REQUIRE_LIBTPU)."""
+  readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read().splitlines()
+  line = [ln for ln in readme if ln.rstrip().endswith("# ci:test")]
+  assert len(line) == 1, line
+  extras = re.search(r'pip install -e "\.\[([\w,]+)\]"', line[0])
+  assert extras and {"train", "test", "tpu"} <= set(extras.group(1).split(",")), line[0]
+  with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+    tpu = tomllib.load(f)["project"]["optional-dependencies"]["tpu"]
+  assert any(re.match(r"jax\[tpu\]", d) for d in tpu), tpu
+  ci = open(os.path.join(REPO, ".ci", "run"), encoding="utf-8").read()
+  assert "export HTGRPO_REQUIRE_LIBTPU=1" in ci
+  for name in ("test_aot_compile.py", os.path.join("models", "test_aot.py")):
+    src = open(os.path.join(REPO, "tests", name), encoding="utf-8").read()
+    assert "require_libtpu()" in src and "importorskip(\"libtpu\")" not in src, name
+
+
+def test_require_libtpu_fails_instead_of_skipping_where_ci_says_so(monkeypatch):
+  import builtins
+  from tests.helpers import tpu
+  real_import = builtins.__import__
+  monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (
+      (_ for _ in ()).throw(ImportError("no libtpu")) if name == "libtpu" else real_import(name, *a, **k)))
+  monkeypatch.delenv("HTGRPO_REQUIRE_LIBTPU", raising=False)
+  with pytest.raises(pytest.skip.Exception):
+    tpu.require_libtpu()
+  monkeypatch.setenv("HTGRPO_REQUIRE_LIBTPU", "1")
+  with pytest.raises(ImportError, match="HTGRPO_REQUIRE_LIBTPU=1"):
+    tpu.require_libtpu()
