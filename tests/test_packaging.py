@@ -225,3 +225,32 @@ def test_require_libtpu_fails_instead_of_skipping_where_ci_says_so(monkeypatch):
   monkeypatch.setenv("HTGRPO_REQUIRE_LIBTPU", "1")
   with pytest.raises(ImportError, match="HTGRPO_REQUIRE_LIBTPU=1"):
     tpu.require_libtpu()
+
+
+_NO_TORCH = '''
+import sys
+sys.modules["torch"] = None  # `import torch` raises ImportError; find_spec("torch") is None
+import ml_dtypes
+import numpy as np
+from safetensors.numpy import save_file
+from htgrpo_jax import aot, evaluate_run, export, tasks, trainer  # noqa: F401
+from htgrpo_jax.models import convert, layouts, policy, vq  # noqa: F401
+from htgrpo_jax.models.vq import magvit2, vqgan  # noqa: F401
+w = (np.arange(12, dtype=np.float32).reshape(3, 4) / 7).astype(ml_dtypes.bfloat16)
+save_file({"model.transformer.wte.weight": w}, sys.argv[1])
+with convert.SafetensorsFile(sys.argv[1]) as f:
+  got = f.get_tensor("model.transformer.wte.weight")
+assert got.dtype == ml_dtypes.bfloat16 and (got == w).all(), got
+print("TORCH", sorted(m for m in sys.modules if m.split(".")[0] == "torch" and sys.modules[m] is not None))
+'''
+
+
+def test_the_8b_path_imports_and_reads_bf16_safetensors_with_torch_absent(tmp_path):
+  """The fast check beside tests/models/test_no_torch.py's end-to-end run (-m slow): with torch
+  absent (a TPU VM installs [tpu,train], not [torch]) the trainer, the t2i task, the converters and
+  the VQ decoders import, and a BF16 safetensors tensor reads to numpy (ml_dtypes) exactly."""
+  out = subprocess.run([sys.executable, "-c", _NO_TORCH, str(tmp_path / "w.safetensors")], cwd=REPO,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, out.stderr[-4000:]
+  assert "TORCH []" in out.stdout, out.stdout
