@@ -243,3 +243,23 @@ def test_converted_params_save_and_restore_keep_a_url(tmp_path, monkeypatch):
   assert (got["w"] == params["w"]).all()
   convert.save_params(params, "local_base")  # a local path is still made absolute
   assert seen[-1] == str(tmp_path / "local_base")
+
+
+def test_reward_model_dirs_may_be_urls(bucket, tmp_path, monkeypatch):
+  """The on-device reward models' checkpoint and tokenizer options (clipscore, geneval_owl) take
+  gs:// dirs: their readers get a local copy; a missing one is named by its option."""
+  import tempfile
+  from htgrpo_jax.rewards import clip as clip_reward
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # local_copy's cache: this test's
+  for d in ("clip", "tok"):
+    (bucket / "b" / d).mkdir(parents=True)
+    (bucket / "b" / d / "config.json").write_text(f'{{"dir": "{d}"}}')
+  local = clip_reward.local_path("gs://b/clip", "rewards.clipscore.checkpoint")
+  assert not paths.is_url(local) and json.load(open(os.path.join(local, "config.json"))) == {"dir": "clip"}
+  with pytest.raises(ValueError, match=r"rewards\.clipscore\.checkpoint='gs://b/none': no such file"):
+    clip_reward.local_path("gs://b/none", "rewards.clipscore.checkpoint")
+  seen = {}
+  monkeypatch.setattr(clip_reward, "load_clip", lambda ckpt, tok, **kw: seen.update(ckpt=ckpt, tok=tok))
+  clip_reward.load_clip_options("gs://b/clip", "gs://b/tok", "hf", "", None)
+  assert json.load(open(os.path.join(seen["ckpt"], "config.json"))) == {"dir": "clip"}
+  assert json.load(open(os.path.join(seen["tok"], "config.json"))) == {"dir": "tok"}
