@@ -181,7 +181,7 @@ def initialize_distributed(mode: str = "auto", coordinator_address: str | None =
     ValueError: an unknown mode, or an explicit setup with a value missing (named).
   """
   if mode not in ("auto", "off", "explicit"):
-    raise ValueError(f"distributed.mode={mode!r} must be 'auto', 'off' or 'explicit'")
+    raise ValueError(f"mode={mode!r} must be 'auto', 'off' or 'explicit'")
   if mode == "off":
     return False
   if jax.distributed.is_initialized():
@@ -195,14 +195,14 @@ def initialize_distributed(mode: str = "auto", coordinator_address: str | None =
   if mode == "explicit" or any(v is not None for v in given.values()):
     missing = [k for k, v in given.items() if v is None]
     if missing and mode == "explicit":
-      raise ValueError(f"distributed.mode='explicit' needs distributed.{missing[0]} "
-                       f"(or its JAX_ environment variable); missing: {missing}")
+      raise ValueError(f"an explicit multi-process setup needs {missing[0]} (flag --{missing[0]} or "
+                       f"env JAX_{missing[0].upper()}); missing: {missing}")
     if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
       # Several CPU processes (this machine's tests) need a cross-process collectives backend.
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     from jax._src import xla_bridge  # no public way to ask whether JAX's backend is already up
     if xla_bridge.backends_are_initialized():
-      raise ValueError("a multi-process run (distributed.* or JAX_COORDINATOR_ADDRESS / "
+      raise ValueError("a multi-process run (--coordinator_address ... or JAX_COORDINATOR_ADDRESS / "
                        "JAX_NUM_PROCESSES / JAX_PROCESS_ID set) must initialise before JAX runs "
                        "anything in this process; start the trainer in a fresh process")
     jax.distributed.initialize(

@@ -46,6 +46,21 @@ class Profiler:
       jax.profiler.stop_trace()
 
 
+def exit_status(interrupted: str | None) -> int:
+  """The exit status of a command that ran ``train``: 0 when the run ended by itself (finished,
+  or ``stop_after``), else the shell's 128 + signal number of the signal that stopped it after
+  saving: 143 for SIGTERM and for a preemption notice (a TPU VM's SIGTERM, seen through JAX's
+  preemption service on a slice), 130 for SIGINT. A supervisor (a Kubernetes / JobSet restart
+  policy, systemd's ``Restart=on-failure``, a shell loop ``until python launch/train.py ...``)
+  then tells a run that is done from one that stopped early and must be started again to resume.
+  """
+  codes = {None: 0, "SIGTERM": 128 + signal.SIGTERM, "preemption": 128 + signal.SIGTERM,
+           "SIGINT": 128 + signal.SIGINT}
+  if interrupted not in codes:
+    raise ValueError(f"interrupted={interrupted!r}: expected one of {sorted(map(str, codes))}")
+  return int(codes[interrupted])
+
+
 class TrainingInterrupted(KeyboardInterrupt):
   """A second SIGTERM/SIGINT (or one outside the training loop): stop now."""
 

@@ -19,6 +19,12 @@ defaults):
     run's lines and progress bar stay readable; 'debug' shows everything.
 ``profile_steps`` ("")  not read here: the trainer traces those RL steps with ``jax.profiler``.
 
+Which processes form the job is not in the config (it differs between the hosts of one run):
+JAX's own cluster detection finds a Cloud TPU slice (through the TPU metadata server), GKE, SLURM
+and Open MPI; any other cluster passes ``--coordinator_address``, ``--num_processes`` and
+``--process_id`` (``define_distributed_flags``) or the ``JAX_COORDINATOR_ADDRESS`` /
+``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` environment variables.
+
 The multi-process runtime is initialised first (``parallel.initialize_distributed``, idempotent),
 because asking JAX for the process index starts its backend, after which a slice's processes could
 no longer join one another.
@@ -105,7 +111,40 @@ def set_compilation_cache(path: str) -> str:
   return path
 
 
-def setup_runtime(config: Any = None, *, initialize_distributed: bool = True) -> Runtime:
+@dataclasses.dataclass(frozen=True)
+class DistributedFlags:
+  """The command-line flags of an explicit multi-process setup (``define_distributed_flags``)."""
+  coordinator_address: Any
+  num_processes: Any
+  process_id: Any
+
+  def values(self) -> dict[str, Any]:
+    """``setup_runtime``'s keyword arguments from the parsed flags."""
+    return dict(coordinator_address=self.coordinator_address.value,
+                num_processes=self.num_processes.value, process_id=self.process_id.value)
+
+
+def define_distributed_flags() -> DistributedFlags:
+  """Defines ``--coordinator_address``, ``--num_processes`` and ``--process_id`` for a cluster
+  JAX does not detect by itself (a Cloud TPU slice, GKE, SLURM and Open MPI need none of them).
+  They are flags, not config keys, because they differ between the hosts of one run (the process
+  id) and say nothing about the run itself; unset, the ``JAX_COORDINATOR_ADDRESS`` /
+  ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` environment variables, then JAX's cluster detection,
+  decide."""
+  from absl import flags
+  return DistributedFlags(
+      coordinator_address=flags.DEFINE_string(
+          "coordinator_address", None, "host:port of process 0's JAX coordinator, on every process "
+          "(env JAX_COORDINATOR_ADDRESS); unset on a Cloud TPU slice, GKE, SLURM, Open MPI."),
+      num_processes=flags.DEFINE_integer("num_processes", None, "Processes in the job (env "
+                                         "JAX_NUM_PROCESSES).", lower_bound=1),
+      process_id=flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes - 1 "
+                                      "(env JAX_PROCESS_ID).", lower_bound=0))
+
+
+def setup_runtime(config: Any = None, *, initialize_distributed: bool = True,
+                  coordinator_address: str | None = None, num_processes: int | None = None,
+                  process_id: int | None = None) -> Runtime:
   """Multi-process runtime, compilation cache and log level for this process, from ``config``.
 
   Args:
@@ -113,6 +152,8 @@ def setup_runtime(config: Any = None, *, initialize_distributed: bool = True) ->
       and ``log_level``; None gives the defaults.
     initialize_distributed: start JAX's multi-process runtime first (auto-detected on a Cloud TPU
       slice; a no-op on one machine). Turn it off only where the caller already did.
+    coordinator_address, num_processes, process_id: an explicit multi-process setup (the
+      ``define_distributed_flags`` flags; None: the environment or JAX's cluster detection).
 
   Raises:
     ValueError: a bad ``log_level`` or ``compilation_cache_dir``, before anything is set.
@@ -126,7 +167,8 @@ def setup_runtime(config: Any = None, *, initialize_distributed: bool = True) ->
   from absl import logging
   if initialize_distributed:
     from htgrpo_jax import parallel
-    parallel.initialize_distributed("auto")
+    parallel.initialize_distributed("auto", coordinator_address=coordinator_address,
+                                    num_processes=num_processes, process_id=process_id)
   index = jax.process_index()  # starts the backend (not a compile: the cache can come after)
   mine = log_level_for(level, index)
   logging.set_verbosity(mine)

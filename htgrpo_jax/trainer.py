@@ -52,7 +52,7 @@ from htgrpo_jax.run_config import (OPTIM_KEYS, Plan, abstract_train_state, check
                                    config_get, eval_key, make_optimizer, new_state, plan,
                                    profile_window, state_shardings, validate_optim,
                                    validate_run_keys)
-from htgrpo_jax.run_control import Profiler, RunControl, TrainingInterrupted  # noqa: F401
+from htgrpo_jax.run_control import Profiler, RunControl, TrainingInterrupted, exit_status  # noqa: F401
 from htgrpo_jax.writer import (RunLog, load_eval_samples, results_table,  # noqa: F401
                                write_eval)
 

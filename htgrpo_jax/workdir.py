@@ -15,6 +15,14 @@
                  config and changes to ``config_history.jsonl``; ``config.json`` is the current one.
 
 Both take local paths or URLs (``htgrpo_jax.paths``).
+
+On a multi-host slice the trainer runs both on process 0 only (``trainer.RunControl``): process 0
+alone writes the run's files (Orbax's checkpoint shards aside, which need a folder every host
+shares, in practice a bucket), so its lock is the one that guards them, and the other hosts'
+local disks hold nothing of the run to guard. When process 0 is refused, every process raises
+(tests/test_multihost.py) rather than waiting for it at the next collective. A second slice
+started on the same workdir from other machines is only caught when that workdir is one local
+file system they share (NFS with ``flock``); on a bucket nothing can catch it (above).
 """
 from __future__ import annotations
 

@@ -11,7 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-pytest.importorskip("libtpu")
+from tests.helpers.tpu import require_libtpu  # noqa: E402
+
+require_libtpu()
 
 from htgrpo_jax import aot, flops, tasks  # noqa: E402
 from tests.helpers.configs import set_keys  # noqa: E402

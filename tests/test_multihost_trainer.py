@@ -1,8 +1,10 @@
 """The trainer on several JAX processes, end to end: ``tests.helpers.train_process`` runs the tiny
 ShapeEval config as 2 processes x 2 fake CPU devices joined by a localhost coordinator (the
-multi-host code path of a TPU slice). Only process 0 writes the run's files and prints; Orbax saves
-from every process and restores on another process count; a run whose processes are all killed
-after a checkpoint resumes to the bit-identical end of the uninterrupted run."""
+multi-host code path of a TPU slice). Only process 0 writes the run's files and prints, and calls
+the reward and the evaluation's scorer (once per batch); Orbax saves from every process and
+restores on another process count (2 x 2 and 2 x 4 devices onto 1 process of 1 device); a run whose
+processes are all killed after a checkpoint resumes to the bit-identical end of the uninterrupted
+run; 4 processes of 1 device end where 2 of 2 do."""
 import json
 import os
 import signal
@@ -71,6 +73,14 @@ def test_two_processes_train_and_only_process_0_writes_and_prints(root, two_proc
   assert [s for s, _ in _prompt_log(wd)] == [1, 2]
   assert [f for f in os.listdir(wd / "tb") if f.startswith("events.out.tfevents")]
   assert len(os.listdir(wd / "tb")) == 1
+  # The reward and the evaluation's scorer and judge ran once per batch, on process 0 (a reward
+  # server or a remote scorer gets one request per batch, not one per host): 2 RL steps of 4 prompts
+  # x G = 4, 2 evaluations of 16 held-out prompts in one batch each.
+  assert p0["host_calls"]["reward"] == [2, 32], p0["host_calls"]
+  # (An evaluation asks the judge when the task has one, its scorer otherwise.)
+  judged = [a + b for a, b in zip(*(p0["host_calls"].get(k, [0, 0]) for k in ("score", "judge")))]
+  assert judged == [2, 32], p0["host_calls"]
+  assert all(n == [0, 0] for n in p1["host_calls"].values()), p1["host_calls"]
   assert p1["writes"] == [], p1["writes"]  # process 1 opened nothing for writing ...
   written = {w.removesuffix(".tmp") for w in p0["writes"]}  # atomic writes go through NAME.tmp
   assert {"metrics.jsonl", "results.md", "config_history.jsonl"} <= written, p0["writes"]
@@ -94,6 +104,23 @@ def test_two_process_checkpoint_restores_on_one_process_and_device(root, two_pro
   # The params the 2 processes ended with, bit for bit (checksums do not depend on the sharding).
   assert checkpoint.leaf_checksums(out["params"]) == p0["checksums"]
   assert os.path.getsize(root / "one_device_eval" / "eval_step2.md") > 0
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_two_processes_of_four_devices_restores_on_one_process(root):
+  """2 processes x 4 devices (an 8-way mesh: each process holds half of every batch) save a step;
+  one process on one device restores the params bit for bit and evaluates them."""
+  out = multiprocess.run([*MODULE, str(root), "two_by_four", "total_steps=1", "save_every=1",
+                          "eval_every=1", "eval.at_start=False", "eval.final_samples_per_prompt=1"],
+                         num_processes=2, devices_per_process=4, timeout=900)
+  p0, p1 = _results(out)
+  assert (p0["processes"], p0["step"], p1["step"]) == (2, 1, 1) and p0["checksums"] == p1["checksums"]
+  assert checkpoint.step_dirs(root / "two_by_four" / "checkpoints") == [1]
+  cfg = tiny_config(root, "two_by_four", **{"mesh.num_devices": 1})
+  got = trainer.evaluate_checkpoint(cfg, which="latest", out_dir=str(root / "two_by_four_eval"),
+                                    log=lambda s: None)
+  assert got["name"] == "step1" and len(jax.tree.leaves(got["params"])[0].sharding.device_set) == 1
+  assert checkpoint.leaf_checksums(got["params"]) == p0["checksums"]
 
 
 @pytest.mark.slow
@@ -135,5 +162,7 @@ def test_four_processes_of_one_device_train_like_two_of_two(root, two_process_ru
   recs = _results(out)
   assert [r["process"] for r in recs] == [0, 1, 2, 3] and recs[0]["step"] == 2
   assert all(r["writes"] == [] for r in recs[1:]), [r["writes"] for r in recs]
+  assert recs[0]["host_calls"]["reward"] == [2, 32]  # scored on process 0 only
+  assert all(n == [0, 0] for r in recs[1:] for n in r["host_calls"].values())
   assert all(r["checksums"] == reference["checksums"] for r in recs)
   assert checkpoint.step_dirs(root / "four" / "checkpoints") == [1, 2]

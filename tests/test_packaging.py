@@ -192,3 +192,65 @@ def test_core_install_in_a_fresh_venv_runs_the_readme_snippet(tmp_path):
                        timeout=900)
   assert run.returncode == 0, run.stderr[-4000:]
   assert "'global'" in run.stdout and "'refine'" in run.stdout, run.stdout
+
+
+def test_ci_installs_libtpu_so_the_aot_tests_run_there():
+  """CI runs README's `# ci:test` line (.ci/run); it installs the [tpu] extra, whose jax[tpu] brings
+  libtpu, so the AOT pre-flight tests (which skip without libtpu) run on every landing; and .ci/run
+  makes a missing libtpu fail them instead (HTGRPO_REQUIRE_LIBTPU)."""
+  readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read().splitlines()
+  line = [ln for ln in readme if ln.rstrip().endswith("# ci:test")]
+  assert len(line) == 1, line
+  extras = re.search(r'pip install -e "\.\[([\w,]+)\]"', line[0])
+  assert extras and {"train", "test", "tpu"} <= set(extras.group(1).split(",")), line[0]
+  with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+    tpu = tomllib.load(f)["project"]["optional-dependencies"]["tpu"]
+  assert any(re.match(r"jax\[tpu\]", d) for d in tpu), tpu
+  ci = open(os.path.join(REPO, ".ci", "run"), encoding="utf-8").read()
+  assert "export HTGRPO_REQUIRE_LIBTPU=1" in ci
+  for name in ("test_aot_compile.py", os.path.join("models", "test_aot.py")):
+    src = open(os.path.join(REPO, "tests", name), encoding="utf-8").read()
+    assert "require_libtpu()" in src and "importorskip(\"libtpu\")" not in src, name
+
+
+def test_require_libtpu_fails_instead_of_skipping_where_ci_says_so(monkeypatch):
+  import builtins
+  from tests.helpers import tpu
+  real_import = builtins.__import__
+  monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (
+      (_ for _ in ()).throw(ImportError("no libtpu")) if name == "libtpu" else real_import(name, *a, **k)))
+  monkeypatch.delenv("HTGRPO_REQUIRE_LIBTPU", raising=False)
+  with pytest.raises(pytest.skip.Exception):
+    tpu.require_libtpu()
+  monkeypatch.setenv("HTGRPO_REQUIRE_LIBTPU", "1")
+  with pytest.raises(ImportError, match="HTGRPO_REQUIRE_LIBTPU=1"):
+    tpu.require_libtpu()
+
+
+_NO_TORCH = '''
+import sys
+sys.modules["torch"] = None  # `import torch` raises ImportError; find_spec("torch") is None
+import ml_dtypes
+import numpy as np
+from safetensors.numpy import save_file
+from htgrpo_jax import aot, evaluate_run, export, tasks, trainer  # noqa: F401
+from htgrpo_jax.models import convert, layouts, policy, vq  # noqa: F401
+from htgrpo_jax.models.vq import magvit2, vqgan  # noqa: F401
+w = (np.arange(12, dtype=np.float32).reshape(3, 4) / 7).astype(ml_dtypes.bfloat16)
+save_file({"model.transformer.wte.weight": w}, sys.argv[1])
+with convert.SafetensorsFile(sys.argv[1]) as f:
+  got = f.get_tensor("model.transformer.wte.weight")
+assert got.dtype == ml_dtypes.bfloat16 and (got == w).all(), got
+print("TORCH", sorted(m for m in sys.modules if m.split(".")[0] == "torch" and sys.modules[m] is not None))
+'''
+
+
+def test_the_8b_path_imports_and_reads_bf16_safetensors_with_torch_absent(tmp_path):
+  """The fast check beside tests/models/test_no_torch.py's end-to-end run (-m slow): with torch
+  absent (a TPU VM installs [tpu,train], not [torch]) the trainer, the t2i task, the converters and
+  the VQ decoders import, and a BF16 safetensors tensor reads to numpy (ml_dtypes) exactly."""
+  out = subprocess.run([sys.executable, "-c", _NO_TORCH, str(tmp_path / "w.safetensors")], cwd=REPO,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, out.stderr[-4000:]
+  assert "TORCH []" in out.stdout, out.stdout

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import pytest
 
 from htgrpo_jax import checkpoint, evaluate_run, paths, tasks, trainer, workdir
@@ -176,3 +177,89 @@ def test_trainer_keeps_a_url_workdir(bucket, tmp_path, monkeypatch):
   # Evaluating a URL workdir's checkpoint names the URL (no checkpoint in this one).
   with pytest.raises(ValueError, match="no run checkpoint under gs://b/run/checkpoints;"):
     evaluate_run.restore_params("gs://b/run/checkpoints", None)
+
+
+# Where os.path.abspath may stand: on the package's own files, in ``paths.resolve`` itself, and on
+# the compilation cache dir (which ``runtime.set_compilation_cache`` passes only when it has no
+# scheme). Anywhere else it would turn a gs:// config value into ``<cwd>/gs:/...``.
+ABSPATH_ALLOWED = {("paths.py", "resolve"), ("runtime.py", "set_compilation_cache")}
+
+
+def test_no_module_makes_a_path_absolute_but_paths_resolve():
+  import ast
+  root = os.path.dirname(os.path.dirname(os.path.abspath(paths.__file__)))
+  bad = []
+  for folder, _, files in os.walk(os.path.join(root, "htgrpo_jax")):
+    for name in files:
+      if not name.endswith(".py"):
+        continue
+      file = os.path.join(folder, name)
+      tree = ast.parse(open(file, encoding="utf-8").read())
+      owner = {}  # each call -> the innermost function it is in
+      for fn in ast.walk(tree):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+          for node in ast.walk(fn):
+            owner[node] = fn.name  # an inner function's walk comes later and wins
+      for call in ast.walk(tree):
+        if not (isinstance(call, ast.Call) and ast.unparse(call.func) in (
+            "os.path.abspath", "os.path.realpath", "pathlib.Path.resolve")):
+          continue
+        arg = ast.unparse(call.args[0]) if call.args else ""
+        if "__file__" in arg or (name, owner.get(call, "<module>")) in ABSPATH_ALLOWED:
+          continue
+        bad.append(f"{os.path.relpath(file, root)}:{call.lineno} {ast.unparse(call)}")
+  assert not bad, f"use paths.resolve (keeps gs:// URLs): {sorted(set(bad))}"
+
+
+def test_converted_params_save_and_restore_keep_a_url(tmp_path, monkeypatch):
+  """``convert.save_params`` / ``restore_params`` (launch/convert_checkpoint.py's --out_dir, the
+  t2i world's model.checkpoint) hand Orbax the URL as written: Orbax reads and writes gs://
+  itself (through TensorStore, which no local folder can stand in for: the directory Orbax is
+  given is routed to ``tmp_path`` at its door)."""
+  import jax.numpy as jnp
+  import orbax.checkpoint as ocp
+  from htgrpo_jax.models import convert
+  seen = []
+  real = ocp.Checkpointer
+
+  def route(directory):
+    seen.append(os.fspath(directory))
+    assert "gs:/" not in seen[-1] or seen[-1].startswith("gs://"), f"mangled: {seen[-1]}"
+    return tmp_path / seen[-1].replace("://", "_")
+
+  class Routed(real):
+    def save(self, directory, *a, **k):
+      return super().save(route(directory), *a, **k)
+
+    def restore(self, directory, *a, **k):
+      return super().restore(route(directory), *a, **k)
+
+  monkeypatch.setattr(ocp, "Checkpointer", Routed)
+  monkeypatch.chdir(tmp_path)
+  params = {"w": jnp.arange(6.0).reshape(2, 3)}
+  convert.save_params(params, "gs://b/base")
+  got = convert.restore_params("gs://b/base", {"w": jax.ShapeDtypeStruct((2, 3), jnp.float32)})
+  assert seen == ["gs://b/base", "gs://b/base"]
+  assert (got["w"] == params["w"]).all()
+  convert.save_params(params, "local_base")  # a local path is still made absolute
+  assert seen[-1] == str(tmp_path / "local_base")
+
+
+def test_reward_model_dirs_may_be_urls(bucket, tmp_path, monkeypatch):
+  """The on-device reward models' checkpoint and tokenizer options (clipscore, geneval_owl) take
+  gs:// dirs: their readers get a local copy; a missing one is named by its option."""
+  import tempfile
+  from htgrpo_jax.rewards import clip as clip_reward
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # local_copy's cache: this test's
+  for d in ("clip", "tok"):
+    (bucket / "b" / d).mkdir(parents=True)
+    (bucket / "b" / d / "config.json").write_text(f'{{"dir": "{d}"}}')
+  local = clip_reward.local_path("gs://b/clip", "rewards.clipscore.checkpoint")
+  assert not paths.is_url(local) and json.load(open(os.path.join(local, "config.json"))) == {"dir": "clip"}
+  with pytest.raises(ValueError, match=r"rewards\.clipscore\.checkpoint='gs://b/none': no such file"):
+    clip_reward.local_path("gs://b/none", "rewards.clipscore.checkpoint")
+  seen = {}
+  monkeypatch.setattr(clip_reward, "load_clip", lambda ckpt, tok, **kw: seen.update(ckpt=ckpt, tok=tok))
+  clip_reward.load_clip_options("gs://b/clip", "gs://b/tok", "hf", "", None)
+  assert json.load(open(os.path.join(seen["ckpt"], "config.json"))) == {"dir": "clip"}
+  assert json.load(open(os.path.join(seen["tok"], "config.json"))) == {"dir": "tok"}

@@ -34,6 +34,7 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import SingleDeviceSharding
 
+from htgrpo_jax import paths
 from htgrpo_jax.models.llada import LLaDAConfig
 from htgrpo_jax.models.safetensors_io import SafetensorsFile, open_safetensors, write_safetensors
 
@@ -294,14 +295,14 @@ def save_params(params: Any, out_dir: str) -> None:
   """
   import orbax.checkpoint as ocp
   with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
-    ckptr.save(os.path.abspath(out_dir), args=ocp.args.StandardSave(params))
+    ckptr.save(paths.resolve(out_dir), args=ocp.args.StandardSave(params))  # a gs:// URL stays one
 
 
 def restore_params(ckpt_dir: str, abstract: Any) -> Any:
   """Restores a ``save_params`` checkpoint into the shapes/dtypes/shardings of ``abstract``."""
   import orbax.checkpoint as ocp
   with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
-    return ckptr.restore(os.path.abspath(ckpt_dir), args=ocp.args.StandardRestore(abstract))
+    return ckptr.restore(paths.resolve(ckpt_dir), args=ocp.args.StandardRestore(abstract))
 
 
 def convert_checkpoint(ckpt_dir: str, out_dir: str, config: LLaDAConfig, mesh=None,

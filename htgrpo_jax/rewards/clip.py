@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from htgrpo_jax import paths
 from htgrpo_jax.models import clip, clip_image
 from htgrpo_jax.rewards.base import check_images
 from htgrpo_jax.rewards.geneval import COLORS
@@ -274,7 +275,13 @@ def local_mesh(data_parallel: bool):
 
 
 def local_path(value: str, option: str) -> str:
-  """``value`` when it names an existing local file or dir; else a ValueError naming ``option``."""
+  """A local path holding ``value``'s file or dir: ``value`` itself, or for a URL (``gs://...``)
+  a local copy (``paths.local_copy``: the checkpoint readers need a local file system); a
+  ValueError naming ``option`` when there is nothing there."""
+  if isinstance(value, str) and value and paths.is_url(value):
+    if not paths.exists(value):
+      raise ValueError(f"{option}={value!r}: no such file or directory")
+    return paths.local_copy(value)
   if not isinstance(value, str) or not value or not os.path.exists(value):
     raise ValueError(f"{option}={value!r}: no such local file or directory")
   return value
@@ -285,9 +292,9 @@ def load_clip_options(checkpoint: str, tokenizer: str, layout: str, preset: str,
   """``load_clip`` from a reward's string options ("" = unset), with errors naming the option at
   fault (``names``: how the reward calls its checkpoint, tokenizer, layout and preset options)."""
   n_ckpt, n_tok, n_layout, n_preset = names
-  local_path(checkpoint, n_ckpt)
+  checkpoint = local_path(checkpoint, n_ckpt)
   if tokenizer:
-    local_path(tokenizer, n_tok)
+    tokenizer = local_path(tokenizer, n_tok)
   if layout not in LAYOUTS:
     raise ValueError(f"{n_layout}={layout!r}: must be one of {LAYOUTS}")
   if preset and preset not in clip.PRESETS:

@@ -209,16 +209,16 @@ def build_geneval_owl(detector: str, clip: str, detector_tokenizer: str = "", de
     detector: an HF ``Owlv2ForObjectDetection`` / ``OwlViTForObjectDetection`` dir.
     clip: the CLIP checkpoint of GenEval's colour classifier (GenEval: ViT-L/14, OpenAI weights):
       an HF ``CLIPModel`` dir, or open_clip safetensors with ``clip_layout='open_clip'``.
-    detector_tokenizer / clip_tokenizer: local tokenizer dirs ("" = the checkpoint dir).
+    detector_tokenizer / clip_tokenizer: tokenizer dirs ("" = the checkpoint dir).
     detector_preset: a ``models.owl.PRESETS`` name ("" = the dir's config.json).
     clip_layout / clip_preset: as ``clipscore``'s ``layout`` / ``preset``.
     mode: 'dense' (partial credit, for RL) or 'strict' (GenEval's 0/1, for evaluation).
     variant, ties, query_template, box_threshold, nms_iou: ``GenEvalReward``'s.
     data_parallel: split each batch over this process's devices (``rewards.clip.local_mesh``).
   """
-  local_path(detector, "detector")
+  detector = local_path(detector, "detector")  # a gs:// dir: a local copy
   if detector_tokenizer:
-    local_path(detector_tokenizer, "detector_tokenizer")
+    detector_tokenizer = local_path(detector_tokenizer, "detector_tokenizer")
   if detector_preset and detector_preset not in owl.PRESETS:
     raise ValueError(f"detector_preset={detector_preset!r}: must be one of {tuple(owl.PRESETS)} "
                      "('' = config.json)")

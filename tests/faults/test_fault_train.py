@@ -144,6 +144,15 @@ def test_sigterm_saves_the_current_step_and_stops_cleanly(root, reference, monke
   _assert_same(out["params"], reference["params"])
 
 
+def test_a_stopped_run_exits_128_plus_the_signal_and_a_finished_one_0():
+  """launch/train.py's exit status (trainer.exit_status): a supervisor restarts a stopped run."""
+  assert trainer.exit_status(None) == 0
+  assert trainer.exit_status("SIGTERM") == trainer.exit_status("preemption") == 143
+  assert trainer.exit_status("SIGINT") == 130
+  with pytest.raises(ValueError, match="interrupted='SIGHUP'"):
+    trainer.exit_status("SIGHUP")
+
+
 @pytest.mark.slow
 def test_save_every_minutes_saves_between_save_every_steps(root):
   cfg = tiny_config(root, "timed", save_every=100, save_every_minutes=1e-6, keep_checkpoints=10,

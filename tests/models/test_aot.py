@@ -9,7 +9,9 @@ import pytest
 from htgrpo_jax import aot, tasks
 from htgrpo_jax.models import llada
 
-pytest.importorskip("libtpu")
+from tests.helpers.tpu import require_libtpu  # noqa: E402
+
+require_libtpu()
 _PATH = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "aot_forward.py")
 _spec = importlib.util.spec_from_file_location("aot_forward", _PATH)
 aot_forward = importlib.util.module_from_spec(_spec)

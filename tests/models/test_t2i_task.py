@@ -73,6 +73,57 @@ def test_rollout_codes_decode_to_the_pixels_the_reward_server_receives(dimoo_con
   np.testing.assert_allclose(scores, images.reshape(8, -1).mean(-1) / 255.0, rtol=1e-6)
 
 
+def test_every_t2i_path_may_be_a_gs_url(dimoo_config, bucket, tmp_path, monkeypatch):
+  """The 8B path's files in a bucket: world.train_prompts / eval_prompts, model.tokenizer,
+  model.vq_checkpoint and model.checkpoint as gs:// URLs (served from a local folder, see
+  tests/helpers/gcs.py). The task builds and holds what the local paths give: prompts read through
+  epath, the tokenizer and the VQ-GAN through local copies, the backbone handed to Orbax as the
+  URL (Orbax reads gs:// through TensorStore, which no folder can stand in for: the directory it
+  is given is routed to the bucket folder at its door). Nothing appears under the working dir."""
+  import shutil
+  import tempfile
+
+  import orbax.checkpoint as ocp
+
+  from tests.helpers.gcs import SEEN
+  b = bucket / "b"
+  shutil.copytree(dimoo_config.model.tokenizer, b / "tok")
+  shutil.copytree(dimoo_config.model.checkpoint, b / "policy")
+  shutil.copy(dimoo_config.model.vq_checkpoint, b / "vqvae.safetensors")
+  shutil.copy(dimoo_config.world.train_prompts, b / "train.jsonl")
+  shutil.copy(dimoo_config.world.eval_prompts, b / "eval.jsonl")
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # local_copy's cache: this test's
+  orbax_saw = []
+
+  class Routed(ocp.Checkpointer):
+    def restore(self, directory, *a, **k):
+      path = os.fspath(directory)
+      if "gs:" not in path:  # the local task's
+        return super().restore(directory, *a, **k)
+      orbax_saw.append(path)
+      assert path.startswith("gs://b/"), f"mangled: {path}"
+      return super().restore(bucket / path[len("gs://"):], *a, **k)
+
+  monkeypatch.setattr(ocp, "Checkpointer", Routed)
+  c = dimoo_config.copy_and_resolve_references()
+  c.world.train_prompts, c.world.eval_prompts = "gs://b/train.jsonl", "gs://b/eval.jsonl"
+  c.model.tokenizer, c.model.checkpoint = "gs://b/tok", "gs://b/policy"
+  c.model.vq_checkpoint = "gs://b/vqvae.safetensors"
+  c.workdir = "gs://b/run"
+  url_task, local_task = tasks.build_task(c, log=lambda s: None), tasks.build_task(dimoo_config)
+  assert url_task.eval_prompts == local_task.eval_prompts
+  texts = [t for t, _ in PROMPTS]
+  np.testing.assert_array_equal(url_task.layout.encode_prompts(texts), local_task.layout.encode_prompts(texts))
+  jax.tree.map(np.testing.assert_array_equal, url_task.decode_params, local_task.decode_params)
+  mesh = parallel.make_mesh(**dict(c.mesh))
+  abstract = policy.abstract_params(url_task.model_cfg, url_task.layout, mesh)
+  jax.tree.map(np.testing.assert_array_equal, url_task.load_base_params(abstract),
+               local_task.load_base_params(abstract))
+  assert orbax_saw == ["gs://b/policy"]
+  assert {"gs://b/train.jsonl", "gs://b/eval.jsonl", "gs://b/tok", "gs://b/vqvae.safetensors"} <= set(SEEN)
+  assert all(s.startswith("gs://b/") for s in SEEN)
+
+
 def test_dimoo_config_trains_two_steps_and_scores_with_the_strict_endpoint(dimoo_config, server):
   out = trainer.train(dimoo_config, log=lambda s: None)
   assert out["step"] == 2 and len(out["history"]) == 2
