@@ -96,7 +96,7 @@ def make_canvas_logits_fn(config: LLaDAConfig, layout: Layout) -> CanvasLogitsFn
 
 
 def make_cached_logits(config: LLaDAConfig, layout: Layout) -> CachedLogits:
-  """The policy's full and partial forwards for the sampler's rollout cache (``sampling.cache``).
+  """The policy's full and partial forwards for the samplers' rollout cache (``contracts.CachedLogits``).
 
   ``full`` returns the codebook logits of all L positions (LM head sliced to the codebook, as
   ``make_logits_fn``) and the ``llada.KVCache``; ``partial`` runs the tokens at the given positions
