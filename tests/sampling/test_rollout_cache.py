@@ -130,7 +130,8 @@ def test_cached_sampler_on_the_8_device_mesh_draws_what_one_device_draws():
 
 def test_bad_cache_settings_raise_naming_the_key():
   for kw, key in ((dict(ratio=1.0), "cache.ratio"), (dict(ratio=-0.1), "cache.ratio"),
-                  (dict(warmup_ratio=1.5), "cache.warmup_ratio"), (dict(refresh_interval=0), "cache.refresh_interval"),
+                  (dict(warmup_ratio=1.5), "cache.warmup_ratio"),
+                  (dict(refresh_interval=0), "cache.refresh_interval"),
                   (dict(refresh_interval=2.0), "cache.refresh_interval"), (dict(enabled="yes"), "cache.enabled")):
     with pytest.raises(ValueError, match=key):
       CacheConfig(**kw)
