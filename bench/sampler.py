@@ -3,12 +3,18 @@
   python bench/sampler.py            # shapes preset: d=128, 4 layers, 8x8 tokens, C=128, B=64, T=12, CFG
   python bench/sampler.py --quick    # a few-second smoke run (B=16, T=4)
   python bench/sampler.py --model=toy --rule=emerge --cfg=0
+  python bench/sampler.py --cache                        # the rollout cache vs the plain sampler
+  python bench/sampler.py --cache --grid=32 --layers=2 --batch=8   # 1024 image tokens, seq 1040
 
 Prints images/s and the overhead ratio = sampler time / (T x time of one batched CFG forward of
 the same shape), both medians over interleaved repeats (target <= 1.15). The model is the
 project's LLaDA policy (``htgrpo_jax.models``) with the ShapeEval layout; ``--model=toy`` uses a
 small Linen transformer defined here with the same sizes (only when asked: a broken models package
 fails the bench instead of silently timing another model).
+
+``--cache`` instead times ``sample`` without and with the rollout cache (``SamplerConfig.cache``,
+Lumina-DiMOO's ML-Cache; ``--cache-ratio``, ``--cache-warmup``, ``--cache-refresh``), interleaved,
+and prints both medians, the speed ratio and how many tokens the two draw alike from one key.
 """
 from __future__ import annotations
 
@@ -61,10 +67,10 @@ def toy_policy(grid, codebook, prompt_len, key):
   fn = lambda p, prompt, canvas: model.apply({"params": p}, prompt, canvas)
   prompts = lambda b, rng: rng.integers(1, 64, (b, prompt_len)).astype(np.int32)
   uncond = lambda b: np.zeros((b, prompt_len), np.int32)
-  return fn, params, n, prompts, uncond, "toy Linen transformer (d=128, 4 layers, 4 heads)"
+  return fn, params, n, prompts, uncond, "toy Linen transformer (d=128, 4 layers, 4 heads)", None
 
 
-def llada_policy(grid, codebook, prompt_len, key):
+def llada_policy(grid, codebook, prompt_len, key, layers=None):
   from tokenizers import Tokenizer, models, pre_tokenizers
   from transformers import PreTrainedTokenizerFast
 
@@ -80,8 +86,13 @@ def llada_policy(grid, codebook, prompt_len, key):
   over = {}
   if layout.pad_id is not None:
     over = dict(use_pad_mask=True, pad_id=layout.pad_id)
+  if layers:
+    over["n_layers"] = layers
+  # The position table must cover the sequence (larger grids than the ShapeEval 8 x 8).
+  over["learned_pos_emb"] = max(llada.PRESETS["shapes"].learned_pos_emb, layout.seq_len)
   cfg = llada.get_config("shapes", **over)
   fn = policy.make_canvas_logits_fn(cfg, layout)
+  cached = policy.make_cached_logits(cfg, layout)
   params = policy.init_params(cfg, layout, key)
   text = [" ".join(["a", "red", "circle", "above", "a", "blue", "square"])] * 1
 
@@ -92,7 +103,7 @@ def llada_policy(grid, codebook, prompt_len, key):
   uncond = lambda b: np.asarray(layout.unconditional_prompts(b), np.int32)
   desc = (f"htgrpo_jax.models LLaDA 'shapes' (d={cfg.d_model}, {cfg.n_layers} layers, "
           f"{cfg.n_heads} heads, seq {layout.seq_len})")
-  return fn, params, layout.num_image_tokens, prompts, uncond, desc
+  return fn, params, layout.num_image_tokens, prompts, uncond, desc, cached
 
 
 def timed(fn, *args):
@@ -113,14 +124,28 @@ def main(argv=None):
   ap.add_argument("--temperature", type=float, default=1.0)
   ap.add_argument("--temperature-mode", default="constant")
   ap.add_argument("--repeats", type=int, default=7)
+  ap.add_argument("--grid", type=int, default=8, help="image grid side: N = grid^2 tokens")
+  ap.add_argument("--layers", type=int, default=None, help="LLaDA blocks (default: the preset's 4)")
+  ap.add_argument("--cache", action="store_true",
+                  help="time sample with and without the rollout cache, interleaved (LLaDA only)")
+  ap.add_argument("--cache-ratio", type=float, default=0.9)
+  ap.add_argument("--cache-warmup", type=float, default=0.3)
+  ap.add_argument("--cache-refresh", type=int, default=5)
   args = ap.parse_args(argv)
   if args.quick:
     args.batch, args.steps, args.sketch_steps, args.repeats = 16, 4, 2, 3
 
-  grid, codebook, prompt_len = (8, 8), 128, 16
+  grid, codebook, prompt_len = (args.grid, args.grid), 128, 16
   key = jax.random.key(0)
-  policy = llada_policy if args.model == "llada" else toy_policy
-  fn, params, n, prompts, uncond, desc = policy(grid, codebook, prompt_len, key)
+  if args.cache and args.model != "llada":
+    ap.error("--cache needs --model=llada (the cache is a path of the LLaDA model)")
+  if args.model == "llada":
+    fn, params, n, prompts, uncond, desc, cached = llada_policy(grid, codebook, prompt_len, key,
+                                                                args.layers)
+  else:
+    fn, params, n, prompts, uncond, desc, cached = toy_policy(grid, codebook, prompt_len, key)
+  if args.cache:
+    return compare_cache(args, fn, cached, params, n, prompts, uncond, desc, codebook, key)
 
   cfg = SamplerConfig(num_steps=args.steps, sketch_steps=args.sketch_steps, rule=args.rule,
                       cfg_scale=args.cfg, temperature=args.temperature,
@@ -173,6 +198,52 @@ def main(argv=None):
   print(f"overhead ratio sample / (T x forward) = {smp / (args.steps * fwd):.3f} (target <= 1.15)")
   print(f"overhead ratio sketch+paint / (T x forward) = {sp / (args.steps * fwd):.3f}")
   print(f"T forwards in one jitted loop (median): {loop:.3f} s; sample / loop = {smp / loop:.3f}")
+
+
+def compare_cache(args, fn, cached_logits, params, n, prompts, uncond, desc, codebook, key):
+  """Plain vs cached ``sample`` of the same config, timed interleaved; prints medians and ratio."""
+  base = dict(num_steps=args.steps, sketch_steps=args.sketch_steps, rule=args.rule, cfg_scale=args.cfg,
+              temperature=args.temperature, temperature_mode=args.temperature_mode)
+  cache = dict(enabled=True, ratio=args.cache_ratio, warmup_ratio=args.cache_warmup,
+               refresh_interval=args.cache_refresh)
+  plain_cfg, cached_cfg = SamplerConfig(**base), SamplerConfig(**base, cache=cache)
+  plain = make_sampler(fn, plain_cfg, num_tokens=n)
+  cached = make_sampler(fn, cached_cfg, num_tokens=n, cached_logits=cached_logits)
+  rng = np.random.default_rng(0)
+  b = args.batch
+  p, u = jnp.asarray(prompts(b, rng)), jnp.asarray(uncond(b))
+  compile_s = {}
+  for name, smp in (("plain", plain), ("cached", cached)):
+    t0 = time.perf_counter()
+    jax.block_until_ready(smp.sample(params, p, u, key))
+    compile_s[name] = time.perf_counter() - t0
+  times = {"plain": [], "cached": []}
+  same = []
+  for r in range(args.repeats):  # interleaved (alternating which goes first) so load hits both alike
+    k = jax.random.fold_in(key, r)
+    order = ("plain", "cached") if r % 2 == 0 else ("cached", "plain")
+    recs = {}
+    for name in order:
+      smp = plain if name == "plain" else cached
+      t0 = time.perf_counter()
+      recs[name] = jax.block_until_ready(smp.sample(params, p, u, k))
+      times[name].append(time.perf_counter() - t0)
+    same.append(float(np.mean(np.asarray(recs["plain"].image_tokens) == np.asarray(recs["cached"].image_tokens))))
+  med = {name: statistics.median(t) for name, t in times.items()}
+  seq = cached_logits.seq_len
+  refresh = cached_cfg.cache.refresh_steps(args.steps, args.sketch_steps)
+  print(f"model: {desc}")
+  print(f"sampler: {plain_cfg}")
+  print(f"cache: {cached_cfg.cache}: {int(refresh.sum())} of {args.steps} steps full, the others recompute "
+        f"{cached_cfg.cache.num_recomputed(seq)} of {seq} positions")
+  print(f"batch {b} images x {n} tokens, codebook {codebook}, forward batch {2 * b if plain_cfg.use_cfg else b} "
+        f"rows; backend {jax.default_backend()}, {jax.device_count()} device(s); repeats {args.repeats}")
+  print(f"compile (first call): plain {compile_s['plain']:.2f} s, cached {compile_s['cached']:.2f} s")
+  for name in ("plain", "cached"):
+    print(f"sample {name} (median): {med[name]:.3f} s = {b / med[name]:.1f} images/s "
+          f"(all: {', '.join(f'{t:.3f}' for t in times[name])})")
+  print(f"speed-up plain / cached = {med['plain'] / med['cached']:.2f}x")
+  print(f"tokens equal to the plain sampler's (same key): {statistics.mean(same):.3f}")
 
 
 if __name__ == "__main__":

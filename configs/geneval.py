@@ -143,6 +143,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.batch_size = 64
   c.eval.grid_size = 32
   c.eval.at_start = True                      # score the base policy first (the table's baseline column)
+  # Evaluation-only rollout cache (DiMOO's ML-Cache; docs/performance.md "Rollout cache"). Training rollouts
+  # refuse it (sampler.cache): the importance ratios score the policy without it.
+  c.eval.sampler_cache = ml_collections.ConfigDict()
+  c.eval.sampler_cache.enabled = False
+  c.eval.sampler_cache.ratio = 0.9            # fraction of positions served from the cache on a cached step
+  c.eval.sampler_cache.warmup_ratio = 0.3     # steps [0, int(T * warmup_ratio)] run in full
+  c.eval.sampler_cache.refresh_interval = 5   # then a full refresh every this many steps
   c.progress = True
   # Process setup (htgrpo_jax/runtime.py) and tracing.
   c.compilation_cache_dir = ""                # JAX's persistent compilation cache ("": off); relaunches skip compiles

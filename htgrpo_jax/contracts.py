@@ -7,7 +7,8 @@ package ``rl/`` can all depend on it without depending on each other.
 * ``MASK``: the canvas convention. An image canvas is ``int32[B, N]`` holding codebook indices in
   ``[0, C)`` at committed slots and ``MASK = -1`` at masked slots. The model side turns (prompt
   tokens, canvas) into its own token sequence through a ``Layout`` (``models/layouts.py``).
-* ``CanvasLogitsFn``: the policy as the algorithm and the samplers see it.
+* ``CanvasLogitsFn``: the policy as the algorithm and the samplers see it; ``CachedLogits``: the
+  same policy split into a full and a partial forward, for the samplers' rollout cache.
 * ``Rollout``: one batch of sampled images with their trajectory record and rewards; the samplers
   fill it, the rewards complete it, the RL update consumes it.
 * ``RewardFn``: the host-side reward protocol.
@@ -33,7 +34,7 @@ import numpy as np
 import optax
 from flax import struct
 
-__all__ = ["MASK", "CanvasLogitsFn", "DecodeFn", "EvalPrompt", "Registry", "Rollout", "RewardFn",
+__all__ = ["MASK", "CachedLogits", "CanvasLogitsFn", "DecodeFn", "EvalPrompt", "Registry", "Rollout", "RewardFn",
            "TrainState", "make_optimizer"]
 
 MASK = -1  # masked slot in an image canvas (codes are >= 0)
@@ -57,6 +58,35 @@ class CanvasLogitsFn(Protocol):
   def __call__(self, params: chex.ArrayTree, prompt_tokens: jax.Array, canvas: jax.Array
                ) -> jax.Array:
     ...
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedLogits:
+  """A policy's forward split in two, for the samplers' rollout cache (``SamplerConfig.cache``).
+
+  ``full`` runs every sequence position and returns what a cached step needs (all positions'
+  codebook logits, and the model's per-layer keys and values as an opaque pytree); ``partial``
+  runs only the given positions against it. The sampler owns the refresh schedule, the choice of
+  positions and the logit cache; the policy owns the keys and values
+  (``models.policy.make_cached_logits`` builds one for the LLaDA models). Rows are independent,
+  as for a ``CanvasLogitsFn`` (the CFG batch interleaves cond and uncond).
+
+  Attributes:
+    seq_len: L, positions per sequence.
+    image_positions: int[N], the sequence positions of the N canvas slots (row-major).
+    full: ``(params, prompt_tokens int32[R, Lp], canvas int32[R, N]) -> (float32[R, L, C], kv)``:
+      the codebook logits of every position and the keys/values pytree of the whole sequence.
+    partial: ``(params, prompt_tokens, canvas, positions int32[R, P], kv) -> (float32[R, P, C], kv)``:
+      the logits at ``positions`` (distinct per row) computed from their current tokens against
+      ``kv``, which is returned with those positions' keys and values replaced.
+    selectable: ``prompt_tokens int32[R, Lp] -> bool[R, L]``: positions worth recomputing (False
+      on pads, whose keys are masked out and whose outputs nobody reads).
+  """
+  seq_len: int
+  image_positions: np.ndarray
+  full: Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
+  partial: Callable[[Any, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+  selectable: Callable[[jax.Array], jax.Array]
 
 
 class DecodeFn(Protocol):

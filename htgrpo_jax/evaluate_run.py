@@ -123,7 +123,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, *, which: str = "late
       params = Adapted(task.load_base_params(abstract_params), params)
     which = f"step{step}"
   logits_fn = policy.make_canvas_logits_fn(task.model_cfg, layout)
-  sampler = make_sampler(logits_fn, p.sampler, num_tokens=layout.num_image_tokens, mesh=mesh)
+  sampler = make_sampler(logits_fn, p.sampler, num_tokens=layout.num_image_tokens, mesh=mesh,
+                         cached_logits=policy.make_cached_logits(task.model_cfg, layout))
   decode = rollouts.jit_decode(task, mesh)
   score, judge = rollouts.scorers_once(task.score, task.judge)
   res = evaluate.evaluate_policy(sampler, params, layout, decode, task.eval_prompts,

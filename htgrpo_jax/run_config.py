@@ -20,7 +20,7 @@ import optax
 
 from htgrpo_jax import parallel, rl
 from htgrpo_jax.models import lora, policy
-from htgrpo_jax.sampling import SamplerConfig
+from htgrpo_jax.sampling import CacheConfig, SamplerConfig
 
 if TYPE_CHECKING:  # the Task type only (tasks imports the worlds, grain, the models)
   from htgrpo_jax import tasks
@@ -32,9 +32,9 @@ _EVAL_SALT = 0x5EED_E7A1  # eval keys are fixed per run (the same prompts and no
 class Plan:
   """The validated, static parts of a training config.
 
-  ``sampler`` is the config's sampler (evaluation); ``rollout_sampler`` draws the training rollouts:
-  the same one, or the same without CFG under ``rl.estimator_guidance='unguided_rollouts'`` (None:
-  the same).
+  ``sampler`` is the config's sampler (evaluation; with ``eval.sampler_cache`` its rollout cache);
+  ``rollout_sampler`` draws the training rollouts: the same one without the cache, and without CFG
+  under ``rl.estimator_guidance='unguided_rollouts'`` (None: the same).
   """
   rl: rl.HTGRPOConfig
   sampler: SamplerConfig
@@ -117,10 +117,16 @@ def plan(config: ml_collections.ConfigDict) -> Plan:
         f"sampler.num_steps={rl_cfg.num_sampler_steps}) = {rl_cfg.sketch_steps} steps): structure "
         f"candidates and sketch-level advantages would not be the tokens the sampler sketches; set "
         f"sampler.sketch_steps=0 (derived) or {rl_cfg.sketch_steps}, or change rl.sketch_fraction")
+  cache = sampler.get("cache") or {}
+  if cache and cache.get("enabled"):
+    raise ValueError("sampler.cache.enabled=True: training rollouts cannot use the rollout cache (the RL "
+                     "importance ratios score the policy without it, and a cached step draws from another "
+                     "distribution); set eval.sampler_cache.enabled=True to use it for evaluations only")
   try:
     s_cfg = SamplerConfig.from_mapping(sampler)
   except ValueError as e:
     raise ValueError(f"sampler: {e}") from None
+  eval_cache = eval_sampler_cache(config)
   if share and s_cfg.sketch_steps >= s_cfg.num_steps:
     raise ValueError("sampler.share_sketch needs sampler.sketch_steps < sampler.num_steps")
   batch = config.prompts_per_step * rl_cfg.group_size
@@ -135,9 +141,25 @@ def plan(config: ml_collections.ConfigDict) -> Plan:
   # 'unguided_rollouts': rollouts from the policy the estimator scores; CFG stays for evaluation.
   roll_cfg = (dataclasses.replace(s_cfg, cfg_scale=0.0)
               if rl_cfg.estimator_guidance == "unguided_rollouts" else s_cfg)
+  # The rollout cache (``eval.sampler_cache``) serves the evaluation sampler only; rollouts stay exact.
+  s_cfg = dataclasses.replace(s_cfg, cache=eval_cache)
   return Plan(rl=rl_cfg, sampler=s_cfg, prompts_per_step=config.prompts_per_step,
               batch_size=batch, eval_batch_size=config.eval.batch_size, share_sketch=bool(share),
               rollout_sampler=roll_cfg, rollout_chunks=chunks, reward_in_flight=in_flight)
+
+
+def eval_sampler_cache(config: ml_collections.ConfigDict) -> CacheConfig:
+  """``eval.sampler_cache`` (optional; off when absent) as a ``CacheConfig``: the rollout cache of the
+  evaluation sampler (docs/performance.md, "Rollout cache"). Training rollouts never use it.
+
+  Raises:
+    ValueError: naming the ``eval.sampler_cache.*`` key at fault.
+  """
+  m = (config.get("eval") or {}).get("sampler_cache") or {}
+  try:
+    return CacheConfig.from_mapping({k: m[k] for k in m.keys()})
+  except (ValueError, TypeError) as e:
+    raise ValueError(str(e).replace("SamplerConfig.cache", "eval.sampler_cache")) from None
 
 
 def rollout_keys(config: ml_collections.ConfigDict) -> tuple[int, int]:

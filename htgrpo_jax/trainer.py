@@ -109,8 +109,10 @@ def build_programs(task: tasks.Task, p: Plan, optimizer, shardings: rl.TrainStat
   layout = task.layout
   logits_fn = policy.make_canvas_logits_fn(task.model_cfg, layout)
   # The samplers take the policy's params: the params, or (LoRA) the frozen base + the adapters.
+  # The evaluation sampler may use the rollout cache (eval.sampler_cache); the rollout sampler never does.
   sampler = make_sampler(logits_fn, p.sampler, num_tokens=layout.num_image_tokens, mesh=mesh,
-                         params_sharding=shardings.policy_params())
+                         params_sharding=shardings.policy_params(),
+                         cached_logits=policy.make_cached_logits(task.model_cfg, layout))
   # Training rollouts may drop CFG ('unguided_rollouts'); evaluation keeps the config's sampler.
   roll_sampler = sampler if p.rollout_sampler == p.sampler else make_sampler(
       logits_fn, p.rollout_sampler, num_tokens=layout.num_image_tokens, mesh=mesh,

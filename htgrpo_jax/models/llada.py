@@ -9,13 +9,19 @@ One module serves every model family; only sizes, vocabulary and the pad-mask se
              x += ff_out(silu(ff_proj(RMSNorm(x))) * up_proj(RMSNorm(x)))
   logits = ln_f(x) W_head                                                     (untied, no biases)
 
+A second, partial path serves the sampler's rollout cache (Lumina-DiMOO's ML-Cache; docs/performance.md,
+"Rollout cache"): ``return_kv=True`` also returns every layer's keys (after RoPE) and values, and
+``positions=`` + ``kv_cache=`` runs only the tokens at those positions, writes their fresh keys and
+values into the cache and attends their queries against all L cached keys. Both paths are the same
+module with the same params.
+
 Every parameter and activation carries logical axis names (``batch, length, layers, embed, heads,
 kv, mlp, vocab, codebook``) that ``htgrpo_jax.parallel.LOGICAL_RULES`` maps onto the mesh.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -155,11 +161,13 @@ def rope_tables(length: int, head_dim: int, theta: float) -> tuple[jax.Array, ja
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """Rotates ``x``: [B, L, H, Dh] by the [L, Dh] tables in fp32 (NeoX half-split), cast back."""
+  """Rotates ``x``: [B, L, H, Dh] by the [L, Dh] tables, or per-row [B, L, Dh] tables (the rows'
+  own positions), in fp32 (NeoX half-split), cast back."""
   xf = x.astype(jnp.float32)
   half = x.shape[-1] // 2
   rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-  out = xf * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+  cos, sin = (t[None, :, None, :] if t.ndim == 2 else t[:, :, None, :] for t in (cos, sin))
+  out = xf * cos + rotated * sin
   return out.astype(x.dtype)
 
 
@@ -200,11 +208,19 @@ class RMSNorm(nn.Module):
 
 
 class Block(nn.Module):
-  """One LLaDA-Llama block; returns ``(x, None)`` so it can be the body of ``nn.scan``."""
+  """One LLaDA-Llama block; returns ``(x, kv)`` so it can be the body of ``nn.scan``.
+
+  ``kv`` is None, or with ``return_kv`` this layer's ``(k, v)`` [B, L, H, Dh] (k after RoPE). With
+  ``kv=(k_cache, v_cache)`` and ``positions`` int32[B, P], ``x`` [B, P, D] holds only the tokens at
+  ``positions`` (``cos``/``sin`` their per-row tables [B, P, Dh]): their k and v overwrite the
+  cache rows at ``positions`` and their queries attend against all L cached keys; returns the
+  updated cache.
+  """
   config: LLaDAConfig
+  return_kv: bool = False
 
   @nn.compact
-  def __call__(self, x, mask, cos, sin):
+  def __call__(self, x, mask, cos, sin, kv=None, positions=None):
     c = self.config
     init = nn.initializers.normal(c.init_std)
 
@@ -230,6 +246,10 @@ class Block(nn.Module):
     q = _constrain(apply_rope(q, cos, sin), qkv_axes)
     k = _constrain(apply_rope(k, cos, sin), qkv_axes)
     v = _constrain(v, qkv_axes)
+    if kv is not None:
+      rows = jnp.arange(x.shape[0])[:, None]
+      k = _constrain(kv[0].at[rows, positions].set(k.astype(kv[0].dtype)), qkv_axes)
+      v = _constrain(kv[1].at[rows, positions].set(v.astype(kv[1].dtype)), qkv_axes)
     att = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=False,
                                        implementation=c.attention_impl)
     att = _constrain(att, qkv_axes)
@@ -242,7 +262,7 @@ class Block(nn.Module):
     hidden = _constrain(nn.silu(gate) * up, ("batch", "length", "mlp"))
     x = x + dense(hidden, "blm,md->bld", (c.d_model,), ("mlp", "embed"), "ff_out")
     x = _constrain(x, ("batch", "length", "embed"))
-    return x, None
+    return x, ((k, v) if self.return_kv or kv is not None else None)
 
 
 def _select_positions(x: jax.Array, select) -> jax.Array:
@@ -252,14 +272,22 @@ def _select_positions(x: jax.Array, select) -> jax.Array:
   return jnp.take(x, jnp.asarray(select, jnp.int32), axis=1)
 
 
+class KVCache(NamedTuple):
+  """Every layer's keys (after RoPE) and values of a sequence batch: k, v [n_layers, B, L, H, Dh]
+  in the compute dtype."""
+  k: jax.Array
+  v: jax.Array
+
+
 class LLaDA(nn.Module):
   """The LLaDA backbone with an untied LM head. Params: ``wte, [wpe], blocks | block_{i}, ln_f, lm_head``."""
   config: LLaDAConfig
 
   @nn.compact
   def __call__(self, tokens: jax.Array, *, select: np.ndarray | jax.Array | None = None,
-               head_rows: tuple[int, int] | None = None) -> jax.Array:
-    """Forward pass.
+               head_rows: tuple[int, int] | None = None, return_kv: bool = False,
+               positions: jax.Array | None = None, kv_cache: KVCache | None = None):
+    """Forward pass, full or (``positions``) partial against a K/V cache.
 
     Args:
       tokens: int32[B, L] token ids in [0, vocab_size).
@@ -267,52 +295,81 @@ class LLaDA(nn.Module):
         slots); None = all L positions. A contiguous numpy range becomes a static slice.
       head_rows: optional (offset, count): multiply only by LM-head rows [offset, offset+count)
         (the codebook slice), sliced before the matmul.
+      return_kv: also return every layer's keys (after RoPE) and values as a ``KVCache``.
+      positions: int32[B, P] distinct positions in [0, L) per row: run only the tokens of
+        ``tokens`` at these positions through the blocks, against ``kv_cache`` (the keys and
+        values of the other positions are read from it, whatever tokens they were computed from).
+      kv_cache: the ``KVCache`` of a previous call on sequences of the same length (with
+        ``positions`` only).
 
     Returns:
-      float32[B, N or L, count or V] logits.
+      float32[B, N or L, count or V] logits; with ``return_kv`` the pair (logits, ``KVCache``);
+      with ``positions`` the pair (float32[B, P, count or V] logits at those positions, the
+      ``KVCache`` updated at them).
 
     Raises:
-      ValueError: bad token rank, sequence longer than the learned position table, or head_rows
-        outside the vocabulary.
+      ValueError: bad token rank, sequence longer than the learned position table, head_rows
+        outside the vocabulary, or a partial call without a cache / with ``select``.
     """
     c = self.config
     if tokens.ndim != 2:
       raise ValueError(f"LLaDA tokens must be int[B, L], got shape {tokens.shape}")
-    _, length = tokens.shape
+    batch, length = tokens.shape
     if c.learned_pos_emb and length > c.learned_pos_emb:
       raise ValueError(f"LLaDA tokens length {length} exceeds learned_pos_emb={c.learned_pos_emb}")
     if head_rows is not None:
       off, cnt = head_rows
       if off < 0 or cnt <= 0 or off + cnt > c.vocab_size:
         raise ValueError(f"LLaDA head_rows={head_rows} outside vocab_size={c.vocab_size}")
+    partial = positions is not None
+    if partial:
+      if kv_cache is None or select is not None:
+        raise ValueError("LLaDA positions= (a partial forward) needs kv_cache= and no select=")
+      if positions.ndim != 2 or positions.shape[0] != batch:
+        raise ValueError(f"LLaDA positions must be int[B={batch}, P], got shape {positions.shape}")
+      want = (c.n_layers, batch, length, c.n_heads, c.head_dim)
+      if kv_cache.k.shape != want or kv_cache.v.shape != want:
+        raise ValueError(f"LLaDA kv_cache k/v shapes {kv_cache.k.shape}/{kv_cache.v.shape}, expected {want}")
+    elif kv_cache is not None:
+      raise ValueError("LLaDA kv_cache= is only read by a partial forward (positions=)")
     init = nn.initializers.normal(c.init_std)
 
     wte = self.param("wte", nn.with_logical_partitioning(init, ("vocab", "embed")),
                      (c.vocab_size, c.d_model), c.param_dtype)
-    x = jnp.take(wte, tokens, axis=0).astype(c.dtype)
+    run_tokens = jnp.take_along_axis(tokens, positions, axis=1) if partial else tokens
+    x = jnp.take(wte, run_tokens, axis=0).astype(c.dtype)
     if c.learned_pos_emb:
       wpe = self.param("wpe", nn.with_logical_partitioning(init, ("length", "embed")),
                        (c.learned_pos_emb, c.d_model), c.param_dtype)
-      x = x + wpe[None, :length].astype(c.dtype)
+      pos_emb = jnp.take(wpe, positions, axis=0) if partial else wpe[None, :length]
+      x = x + pos_emb.astype(c.dtype)
     x = _constrain(x, ("batch", "length", "embed"))
 
     # Key-only pad mask [B, 1, 1, L]: non-pad outputs equal the reference's pairwise mask, and pad
     # query rows stay finite (they attend to the real keys instead of a uniform all-masked row).
     mask = (tokens != c.pad_id)[:, None, None, :] if c.use_pad_mask else None
     cos, sin = rope_tables(length, c.head_dim, c.rope_theta)
+    if partial:  # each recomputed query and key is rotated at its own absolute position
+      cos, sin = jnp.take(cos, positions, axis=0), jnp.take(sin, positions, axis=0)
 
     block = Block
     if c.remat != "none":
       block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
     if c.scan_layers:
+      in_axes = (nn.broadcast,) * 3 + ((0, nn.broadcast) if partial else ())
       stack = nn.scan(block, variable_axes={"params": 0, lora_lib.COLLECTION: 0},
                       split_rngs={"params": True, lora_lib.RNG: True, "dropout": True},
-                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.n_layers,
+                      in_axes=in_axes, length=c.n_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = stack(c, name="blocks")(x, mask, cos, sin)
+      cache_args = (tuple(kv_cache), positions) if partial else ()
+      x, kv = stack(c, return_kv, name="blocks")(x, mask, cos, sin, *cache_args)
     else:
+      per_layer = []
       for i in range(c.n_layers):
-        x, _ = block(c, name=f"block_{i}")(x, mask, cos, sin)
+        cache_args = ((kv_cache.k[i], kv_cache.v[i]), positions) if partial else ()
+        x, kv_i = block(c, return_kv, name=f"block_{i}")(x, mask, cos, sin, *cache_args)
+        per_layer.append(kv_i)
+      kv = None if per_layer[0] is None else tuple(jnp.stack(t) for t in zip(*per_layer))
 
     if select is not None:
       x = _select_positions(x, select)
@@ -324,7 +381,11 @@ class LLaDA(nn.Module):
       head = head[:, head_rows[0]:head_rows[0] + head_rows[1]]
       out_axis = "codebook"
     logits = jnp.einsum("bld,dv->blv", x, head.astype(c.dtype), preferred_element_type=jnp.float32)
-    return _constrain(logits, ("batch", "length", out_axis))
+    logits = _constrain(logits, ("batch", "length", out_axis))
+    if return_kv or partial:
+      kv_axes = ("layers", "batch", "length", "heads", "kv")
+      return logits, KVCache(_constrain(kv[0], kv_axes), _constrain(kv[1], kv_axes))
+    return logits
 
 
 def count_params(tree: Any) -> int:

@@ -17,10 +17,10 @@ from flax import linen as nn
 from jax.sharding import Mesh, PartitionSpec as P
 
 from htgrpo_jax import parallel
-from htgrpo_jax.contracts import Adapted, CanvasLogitsFn
+from htgrpo_jax.contracts import Adapted, CachedLogits, CanvasLogitsFn
 from htgrpo_jax.models import lora as lora_lib
 from htgrpo_jax.models.layouts import Layout
-from htgrpo_jax.models.llada import LLaDA, LLaDAConfig
+from htgrpo_jax.models.llada import KVCache, LLaDA, LLaDAConfig
 
 LogitsFn = Callable[[Any, jax.Array], jax.Array]
 
@@ -37,12 +37,13 @@ def check_compatible(config: LLaDAConfig, layout: Layout) -> None:
     raise ValueError(f"model learned_pos_emb={config.learned_pos_emb} < layout seq_len={layout.seq_len}")
 
 
-def _run_auto(fn: Callable, params: Any, *args: jax.Array) -> jax.Array:
+def _run_auto(fn: Callable, params: Any, *args: jax.Array, out: Any = None) -> Any:
   """Calls ``fn(params, *args)`` under the logical rules, in GSPMD (Auto) mode.
 
   Under an Explicit-axes mesh (``jax.set_mesh(parallel.make_mesh(...))``, or inputs typed with
   one) the model runs inside ``jax.sharding.auto_axes``: Linen logical constraints and the
-  embedding gather / layout scatter are GSPMD annotations and ops (MaxText's mode).
+  embedding gather / layout scatter are GSPMD annotations and ops (MaxText's mode). ``out``: the
+  output's ``PartitionSpec`` pytree there (default: one [B, N, C] logits array, batch-sharded).
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:  # no jax.set_mesh: take the mesh the params are typed with, if any
@@ -52,7 +53,7 @@ def _run_auto(fn: Callable, params: Any, *args: jax.Array) -> jax.Array:
     if not mesh.empty and mesh.explicit_axes:
       # Codebook replicated: consumers (log-softmax, gathers of chosen codes) then need no
       # explicit-sharding annotations; the [B, N, C] logits are small next to the weights.
-      out = P(parallel.BATCH_AXES, None, None)
+      out = P(parallel.BATCH_AXES, None, None) if out is None else out
       return jax.sharding.auto_axes(fn, axes=mesh.explicit_axes, out_sharding=out)(params, *args)
     return fn(params, *args)
 
@@ -92,6 +93,48 @@ def make_canvas_logits_fn(config: LLaDAConfig, layout: Layout) -> CanvasLogitsFn
   # assemble runs inside the same Auto region (its scatter needs GSPMD under Explicit meshes).
   fn = lambda p, prompt, canvas: logits_fn(p, layout.assemble(prompt, canvas))
   return lambda params, prompt_tokens, canvas: _run_auto(fn, params, prompt_tokens, canvas)
+
+
+def make_cached_logits(config: LLaDAConfig, layout: Layout) -> CachedLogits:
+  """The policy's full and partial forwards for the samplers' rollout cache (``contracts.CachedLogits``).
+
+  ``full`` returns the codebook logits of all L positions (LM head sliced to the codebook, as
+  ``make_logits_fn``) and the ``llada.KVCache``; ``partial`` runs the tokens at the given positions
+  against that cache (``LLaDA(positions=, kv_cache=)``). Same params, adapters and dtypes as
+  ``make_canvas_logits_fn``: at positions whose cache is fresh both give the same logits.
+  """
+  check_compatible(config, layout)
+  model = LLaDA(config)
+  head_rows = (layout.image_offset, layout.codebook_size)
+
+  def apply(p, tokens, **kw):
+    if not isinstance(p, Adapted):
+      return model.apply({"params": p}, tokens, head_rows=head_rows, **kw)
+    variables = {"params": p.base}
+    if p.adapters is not None:
+      variables[lora_lib.COLLECTION] = p.adapters
+    return model.apply(variables, tokens, head_rows=head_rows, **kw)  # sampling: no dropout rng
+
+  batch = P(parallel.BATCH_AXES, None, None)
+  kv_spec = KVCache(*[P(None, parallel.BATCH_AXES, None, None, None)] * 2)
+
+  def full(params, prompt, canvas):
+    fn = lambda p, pr, cv: apply(p, layout.assemble(pr, cv), return_kv=True)
+    return _run_auto(fn, params, prompt, canvas, out=(batch, kv_spec))
+
+  def partial(params, prompt, canvas, positions, kv):
+    fn = lambda p, pr, cv, pos, c: apply(p, layout.assemble(pr, cv), positions=pos, kv_cache=KVCache(*c))
+    return _run_auto(fn, params, prompt, canvas, positions.astype(jnp.int32), kv, out=(batch, kv_spec))
+
+  def selectable(prompt):
+    rows = jnp.ones((prompt.shape[0], layout.seq_len), bool)
+    if layout.pad_id is None:
+      return rows
+    pad = jnp.zeros(rows.shape, bool).at[:, :layout.prompt_length].set(prompt == layout.pad_id)
+    return rows & ~pad
+
+  return CachedLogits(seq_len=layout.seq_len, image_positions=np.asarray(layout.image_positions),
+                      full=full, partial=partial, selectable=selectable)
 
 
 def _boxed_init(config: LLaDAConfig, layout: Layout) -> Callable[[jax.Array], Any]:

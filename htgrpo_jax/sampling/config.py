@@ -14,6 +14,75 @@ import numpy as np
 from htgrpo_jax.sampling import schedules
 
 RULES = ("maskgit", "emerge")
+CACHE_KEYS = ("enabled", "ratio", "warmup_ratio", "refresh_interval")
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+  """The rollout cache (Lumina-DiMOO's ML-Cache; docs/performance.md, "Rollout cache").
+
+  Steps ``s <= int(T * warmup_ratio)``, every ``refresh_interval``-th step after that, and the first
+  paint step are full forwards that refresh every layer's keys and values and every position's
+  logits. On the other steps only the k = floor((1 - ratio) * (L - 1)) + 1 positions (of the L
+  sequence positions, pads excluded) whose cached max logit is lowest are run: their queries
+  attend against the cached keys and values (stale for the other positions, whose tokens may have
+  changed since) and their logits replace the cached ones. The drawn distribution is therefore
+  not the policy's, which is why training rollouts refuse the cache (``run_config.plan``).
+
+  Attributes:
+    enabled: use the cache (False: every step is a full forward, the plain sampler).
+    ratio: fraction of positions kept from the cache on a cached step, in [0, 1) (0: every
+      position is recomputed, against fresh keys: the uncached sampler up to float round-off).
+    warmup_ratio: fraction of the T steps run in full first, in [0, 1].
+    refresh_interval: a full refresh every this many steps after the warmup (int >= 1; 1: every
+      step is full).
+  """
+  enabled: bool = False
+  ratio: float = 0.9
+  warmup_ratio: float = 0.3
+  refresh_interval: int = 5
+
+  def __post_init__(self):
+    def fail(field, msg):
+      raise ValueError(f"SamplerConfig.cache.{field}: {msg}")
+
+    if not isinstance(self.enabled, (bool, np.bool_)):
+      fail("enabled", f"must be True or False, got {self.enabled!r}")
+    for f, hi_open in (("ratio", True), ("warmup_ratio", False)):
+      v = getattr(self, f)
+      if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
+        fail(f, f"must be a number, got {v!r}")
+      if not (0 <= v < 1 if hi_open else 0 <= v <= 1):
+        fail(f, f"must be in [0, {'1)' if hi_open else '1]'}, got {v}")
+    v = self.refresh_interval
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+      fail("refresh_interval", f"must be an int >= 1, got {v!r}")
+    object.__setattr__(self, "enabled", bool(self.enabled))
+    object.__setattr__(self, "ratio", float(self.ratio))
+    object.__setattr__(self, "warmup_ratio", float(self.warmup_ratio))
+    object.__setattr__(self, "refresh_interval", int(self.refresh_interval))
+
+  @classmethod
+  def from_mapping(cls, m: Mapping[str, Any]) -> "CacheConfig":
+    """From a dict / ConfigDict; unknown keys raise, naming them."""
+    unknown = sorted(set(m) - set(CACHE_KEYS))
+    if unknown:
+      raise ValueError(f"SamplerConfig.cache: unknown keys {unknown}; valid keys {list(CACHE_KEYS)}")
+    return cls(**dict(m))
+
+  def num_recomputed(self, length: int) -> int:
+    """k, the positions a cached step recomputes out of ``length``: as DiMOO's ``conf <=
+    quantile(conf, 1 - ratio)`` (linear interpolation), floor((1 - ratio) * (length - 1)) + 1."""
+    return min(length, int(math.floor((1.0 - self.ratio) * (length - 1) + 1e-9)) + 1)
+
+  def refresh_steps(self, num_steps: int, sketch_steps: int) -> np.ndarray:
+    """bool[T]: the full-forward steps. Step ``sketch_steps`` (the first paint step) is always one,
+    so ``paint(sketch(.))`` draws what ``sample`` does: the cache does not outlive a call."""
+    s = np.arange(num_steps)
+    warmup = int(num_steps * self.warmup_ratio)
+    full = (s <= warmup) | ((s - warmup) % self.refresh_interval == 0)
+    full[min(sketch_steps, num_steps - 1)] = True
+    return full if self.enabled else np.ones(num_steps, bool)
 TEMPERATURE_MODES = ("mmada_annealed", "constant")
 
 
@@ -37,6 +106,7 @@ class SamplerConfig:
       (MMaDA's in-loop ``temperature *= 1 - ratio``); with ``'emerge'`` the temperature then has no
       effect, as in MaskGRPO, whose emerge sampler ignores it.
     temperature_mode: ``'constant'`` or ``'mmada_annealed'``.
+    cache: the rollout cache, ``CacheConfig`` (off by default); a mapping is converted.
   """
   num_steps: int = 12
   sketch_steps: int = 4
@@ -45,6 +115,7 @@ class SamplerConfig:
   cfg_scale: float = 0.0
   temperature: float = 1.0
   temperature_mode: str = "constant"
+  cache: CacheConfig = CacheConfig()
 
   def __post_init__(self):
     def fail(field, msg):
@@ -77,6 +148,10 @@ class SamplerConfig:
     g = schedules.masked_fractions(self.schedule, self.num_steps)  # raises on unknown names
     if np.any(np.diff(g) > 1e-12) or np.any(g < 0) or np.any(g > 1):
       fail("schedule", f"{self.schedule!r} is not non-increasing within [0, 1]")
+    if not isinstance(self.cache, CacheConfig) and hasattr(self.cache, "keys"):  # dict, ConfigDict
+      object.__setattr__(self, "cache", CacheConfig.from_mapping({k: self.cache[k] for k in self.cache.keys()}))
+    if not isinstance(self.cache, CacheConfig):
+      fail("cache", f"must be a CacheConfig or a mapping of {list(CACHE_KEYS)}, got {self.cache!r}")
     # Normalise numeric types so equal configs hash equally (they key jit caches).
     object.__setattr__(self, "num_steps", int(self.num_steps))
     object.__setattr__(self, "sketch_steps", int(self.sketch_steps))

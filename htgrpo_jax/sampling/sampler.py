@@ -18,6 +18,9 @@ step s always uses the key ``fold_in(key, s)``, so ``paint(sketch(x, key), key) 
 ``branch`` repeats each sketch g times (contiguous) so those g paints share one layout; the trainer
 sketches M = rl.num_sketches times per prompt and branches each into G / M paints (hierarchical
 groups: one shared sketch per group would leave the sketch tokens no group-relative signal).
+With ``config.cache.enabled`` (off by default) the steps between full refreshes recompute only
+the least confident positions against cached keys and values (``CacheConfig``, ``contracts.CachedLogits``): faster,
+and a different distribution from the policy's, so it is for evaluation, never training rollouts.
 ``guided_canvas_logits_fn`` turns the sampler's guided, tempered distribution into a policy the RL
 update can score (``rl.estimator_guidance='guided'``).
 """
@@ -34,7 +37,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from htgrpo_jax import parallel
-from htgrpo_jax.contracts import MASK, CanvasLogitsFn, Registry, Rollout
+from htgrpo_jax.contracts import MASK, CachedLogits, CanvasLogitsFn, Registry, Rollout
 from htgrpo_jax.sampling.config import SamplerConfig
 
 UNCOMMITTED = -1  # commit_step of a slot that is still masked
@@ -264,7 +267,8 @@ def emerge_commit(x: RuleInputs) -> jax.Array:
 
 
 def make_sampler(canvas_logits_fn: CanvasLogitsFn, config: SamplerConfig, *, num_tokens: int,
-                 mesh: Mesh | None = None, params_sharding: Any = None) -> Sampler:
+                 mesh: Mesh | None = None, params_sharding: Any = None,
+                 cached_logits: CachedLogits | None = None) -> Sampler:
   """Builds the jitted sketch / paint / sample / branch functions.
 
   Args:
@@ -276,9 +280,12 @@ def make_sampler(canvas_logits_fn: CanvasLogitsFn, config: SamplerConfig, *, num
       and B must be a multiple of data * fsdp.
     params_sharding: optional sharding pytree (prefix) for params under ``mesh``; None keeps the
       sharding the params arrive with.
+    cached_logits: the policy's ``CachedLogits`` (``models.policy.make_cached_logits``); required
+      when ``config.cache.enabled`` (the rollout cache; docs/performance.md), unused otherwise.
 
   Raises:
-    ValueError: bad config / num_tokens (naming the field), before anything is compiled.
+    ValueError: bad config / num_tokens / cached_logits (naming the field), before anything is
+      compiled.
   """
   if not isinstance(config, SamplerConfig):
     raise ValueError(f"config: expected a SamplerConfig, got {type(config).__name__}")
@@ -294,6 +301,19 @@ def make_sampler(canvas_logits_fn: CanvasLogitsFn, config: SamplerConfig, *, num
   noise_scales = cfg.noise_scales()
   unmask_probs = cfg.unmask_probs()
   commit_rule = COMMIT_RULES.get(cfg.rule)
+  use_cache = cfg.cache.enabled
+  if use_cache:
+    if not isinstance(cached_logits, CachedLogits):
+      raise ValueError("cached_logits: config.cache.enabled needs the policy's CachedLogits "
+                       f"(models.policy.make_cached_logits), got {type(cached_logits).__name__}")
+    image_positions = np.asarray(cached_logits.image_positions, np.int32)
+    if image_positions.shape != (num_tokens,):
+      raise ValueError(f"cached_logits.image_positions: shape {image_positions.shape}, expected "
+                       f"({num_tokens},) (num_tokens)")
+    if image_positions.size and np.all(np.diff(image_positions) == 1):  # a static slice, no gather
+      image_positions = slice(int(image_positions[0]), int(image_positions[-1]) + 1)
+    n_recompute = cfg.cache.num_recomputed(int(cached_logits.seq_len))
+    refresh_steps = cfg.cache.refresh_steps(t_total, t_sketch)
 
   def batch_spec(ndim):
     return NamedSharding(mesh, P(parallel.BATCH_AXES, *([None] * (ndim - 1))))
@@ -309,11 +329,15 @@ def make_sampler(canvas_logits_fn: CanvasLogitsFn, config: SamplerConfig, *, num
     return u if mesh is None else jax.lax.with_sharding_constraint(u, batch_spec(len(shape)))
 
   def step_fn(params, state: CanvasState, s, key) -> CanvasState:
+    logits = guided_logits(canvas_logits_fn, params, state.prompt_tokens, state.uncond_tokens,
+                           state.canvas, cfg.cfg_scale)
+    return advance(state, logits, s, key)
+
+  def advance(state: CanvasState, logits, s, key) -> CanvasState:
+    """Step s from its guided logits float32[B, N, C]: draw, commit, record."""
     canvas = state.canvas
     b, n = canvas.shape
     masked = canvas == MASK
-    logits = guided_logits(canvas_logits_fn, params, state.prompt_tokens, state.uncond_tokens,
-                           canvas, cfg.cfg_scale)
     c = logits.shape[-1]
     u = step_uniforms(key, s, (b, n, 2))
     u_tok, u_rule = u[..., 0], u[..., 1]
@@ -341,9 +365,55 @@ def make_sampler(canvas_logits_fn: CanvasLogitsFn, config: SamplerConfig, *, num
         commit_logp=jnp.where(commit, tok_logq, state.commit_logp),
         step=jnp.asarray(s + 1, jnp.int32))
 
+  def cache_rows(state):
+    """The forward's rows: cond/uncond interleaved as in ``guided_logits`` (R = 2B with CFG)."""
+    if not cfg.use_cfg:
+      return state.prompt_tokens, state.canvas
+    b = state.canvas.shape[0]
+    prompts = jnp.stack([state.prompt_tokens, state.uncond_tokens], axis=1).reshape(2 * b, -1)
+    return prompts, jnp.repeat(state.canvas, 2, axis=0)
+
+  def cached_step(params, carry, s, key):
+    """Step s under the rollout cache: a full forward on refresh steps, else the k positions
+    with the lowest cached max logit recomputed against the cached keys/values (per row, so the
+    cond and uncond rows of CFG each pick their own)."""
+    state, row_logits, kv, selectable = carry
+    prompts, canvases = cache_rows(state)
+
+    def refresh(row_logits, kv):
+      return cached_logits.full(params, prompts, canvases)
+
+    def recompute(row_logits, kv):
+      conf = jnp.where(selectable, jnp.max(row_logits, axis=-1), jnp.inf)
+      _, pos = jax.lax.top_k(-conf, n_recompute)
+      fresh, kv = cached_logits.partial(params, prompts, canvases, pos, kv)
+      rows = jnp.arange(pos.shape[0])[:, None]
+      return row_logits.at[rows, pos].set(fresh.astype(row_logits.dtype)), kv
+
+    row_logits, kv = jax.lax.cond(jnp.asarray(refresh_steps)[s], refresh, recompute, row_logits, kv)
+    both = row_logits[:, image_positions]
+    if cfg.use_cfg:
+      both = both.reshape(-1, 2, *both.shape[1:])
+      logits = (1.0 + cfg.cfg_scale) * both[:, 0] - cfg.cfg_scale * both[:, 1]
+    else:
+      logits = both
+    return advance(state, logits, s, key), row_logits, kv, selectable
+
+  def run_cached(params, state, key, lo, hi):
+    prompts, canvases = cache_rows(state)
+    # Step lo is always a refresh: the zero caches below are never read.
+    logit_shape, kv_shape = jax.eval_shape(cached_logits.full, params, prompts, canvases)
+    zeros = lambda t: jnp.zeros(t.shape, t.dtype)
+    carry = (state, zeros(logit_shape), jax.tree.map(zeros, kv_shape),
+             cached_logits.selectable(prompts))
+    carry = jax.lax.fori_loop(lo, hi, lambda s, c: cached_step(params, c, s, key), carry)
+    return carry[0]
+
   def run_steps(params, state, key, lo, hi):
     if lo == hi:
       return state
+    if use_cache:
+      return run_cached(params, state, key, lo, hi)
     return jax.lax.fori_loop(lo, hi, lambda s, st: step_fn(params, st, s, key), state)
 
   def init_state(prompt_tokens, uncond_tokens):
