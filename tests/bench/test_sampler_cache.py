@@ -21,6 +21,7 @@ def test_sampler_cache_comparison_prints_medians_and_ratio(tmp_path):
   med = {m[0]: float(m[1]) for m in re.findall(r"sample (plain|cached) \(median\): ([\d.]+) s", text)}
   assert set(med) == {"plain", "cached"} and all(v > 0 for v in med.values()), text
   ratio = float(re.search(r"speed-up plain / cached = ([\d.]+)x", text).group(1))
-  assert abs(ratio - med["plain"] / med["cached"]) < 0.01 * ratio + 0.006
+  p, c, h = med["plain"], med["cached"], 0.0005  # the medians are printed to 3 decimals
+  assert (p - h) / (c + h) - 0.005 <= ratio <= (p + h) / max(c - h, 1e-9) + 0.005, text
   same = float(re.search(r"tokens equal to the plain sampler's \(same key\): ([\d.]+)", text).group(1))
   assert 0.0 <= same <= 1.0
