@@ -12,6 +12,7 @@ replicas of the same images, as for the VQ decode in bench/vq_decode.py):
   clipscore  ``rewards.clip.clip_score`` (``--clip`` preset).
 Prints ``compiled.memory_analysis()`` per device (arguments, outputs, temps) and compile seconds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,9 @@ def compile_program(program: str, args, mesh):
   if program == "colors":
     k = args.objects
     boxes = jax.ShapeDtypeStruct((b, k, 4), jnp.float32, sharding=parallel.batch_sharding(mesh, 3))
-    weights = jax.ShapeDtypeStruct((b, k, 10, cc.projection_dim), jnp.float32,
-                                   sharding=parallel.batch_sharding(mesh, 4))
+    weights = jax.ShapeDtypeStruct(
+        (b, k, 10, cc.projection_dim), jnp.float32, sharding=parallel.batch_sharding(mesh, 4)
+    )
     return clip_rewards.color_logits.lower(params, images, boxes, None, weights, cc).compile()
   ids = jax.ShapeDtypeStruct((b, cc.text.max_length), jnp.int32, sharding=parallel.batch_sharding(mesh, 2))
   return clip_rewards.clip_score.lower(params, images, ids, cc).compile()
@@ -75,6 +77,7 @@ def main():
   args = ap.parse_args()
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   from aot_forward import topology_mesh  # sets ALLOW_MULTIPLE_LIBTPU_LOAD before loading libtpu
+
   mesh = topology_mesh(args.topology, args.fsdp, args.tensor)
   if args.batch % parallel.batch_size_divisor(mesh):
     raise ValueError(f"--batch={args.batch} is not a multiple of data*fsdp={parallel.batch_size_divisor(mesh)}")
@@ -86,12 +89,14 @@ def main():
     t0 = time.perf_counter()
     mem = compile_program(program, args, mesh).memory_analysis()
     model = args.owl if program == "detect" else args.clip
-    print(f"[{program}] {model} {args.dtype}, {args.batch} x {args.size}^2 on {args.topology} (mesh "
-          f"{dict(mesh.shape)}, {per} image(s)/device), compile {time.perf_counter() - t0:.1f} s; per device: "
-          f"arguments {gib(mem.argument_size_in_bytes):.3f} GiB, outputs {gib(mem.output_size_in_bytes):.4f} GiB, "
-          f"temps {gib(mem.temp_size_in_bytes):.3f} GiB; total "
-          f"{gib(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes):.3f} GiB",
-          flush=True)
+    print(
+        f"[{program}] {model} {args.dtype}, {args.batch} x {args.size}^2 on {args.topology} (mesh "
+        f"{dict(mesh.shape)}, {per} image(s)/device), compile {time.perf_counter() - t0:.1f} s; per device: "
+        f"arguments {gib(mem.argument_size_in_bytes):.3f} GiB, outputs {gib(mem.output_size_in_bytes):.4f} GiB, "
+        f"temps {gib(mem.temp_size_in_bytes):.3f} GiB; total "
+        f"{gib(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes):.3f} GiB",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

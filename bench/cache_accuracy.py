@@ -11,6 +11,7 @@ config's evaluation key (``eval.seed``), so the prompts and every uniform are th
 the only difference. Prints both GenEval-style tables (95 % cluster-bootstrap intervals) and the
 paired change of the cache with its interval (the same bootstrap draws applied to both).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,10 +55,8 @@ def main(argv=None):
     c.eval.sampler_cache.enabled = enabled
     out_dir = os.path.join(args.out, name)
     t0 = time.perf_counter()
-    r = evaluate_checkpoint(c, which="base", samples_per_prompt=args.samples, out_dir=out_dir,
-                            log=lambda s: None)
-    print(f"== {name} (eval.sampler_cache.enabled={enabled}; {time.perf_counter() - t0:.0f} s "
-          "with compilation)")
+    r = evaluate_checkpoint(c, which="base", samples_per_prompt=args.samples, out_dir=out_dir, log=lambda s: None)
+    print(f"== {name} (eval.sampler_cache.enabled={enabled}; {time.perf_counter() - t0:.0f} s " "with compilation)")
     print(r["table"])
     res[name] = writer.load_eval_samples(out_dir, "base")
 
@@ -68,8 +67,10 @@ def main(argv=None):
   pa, pb = (evaluate.tag_scores(list(r["tags"]), r["strict"]) for r in (a, b))
   for tag, d in draws.items():
     lo, hi = evaluate.interval(d[1] - d[0])
-    print(f"{tag:>14}: plain {pa[tag]:.3f}  cached {pb[tag]:.3f}  change {pb[tag] - pa[tag]:+.3f} "
-          f"[{lo:+.3f}, {hi:+.3f}] (paired 95 % cluster bootstrap)")
+    print(
+        f"{tag:>14}: plain {pa[tag]:.3f}  cached {pb[tag]:.3f}  change {pb[tag] - pa[tag]:+.3f} "
+        f"[{lo:+.3f}, {hi:+.3f}] (paired 95 % cluster bootstrap)"
+    )
   print(f"samples scored alike: {np.mean(a['strict'] == b['strict']):.3f}")
 
 

@@ -21,6 +21,7 @@ silent restart), and no committed step holds a NaN/inf. At the end of a trial it
 (arrays, data-iterator and loop JSON, i.e. reward history and evaluations) is compared bit for bit
 with the reference. ``--child`` is the instrumented training process the driver starts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,19 +36,19 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAULTS = ("sigkill", "sigterm", "kill_in_save", "kill_in_cleanup", "reward_error", "nan_reward",
-          "eval_error")
+FAULTS = ("sigkill", "sigterm", "kill_in_save", "kill_in_cleanup", "reward_error", "nan_reward", "eval_error")
 
 
 def campaign_config(root: str, workdir: str, total_steps: int):
   from htgrpo_jax import tasks
+
   cfg = tasks.load_config_file(os.path.join(REPO, "configs", "geneval.py"), "htgrpo,tiny")
   cfg.world.data_dir = os.path.join(root, "world")
   cfg.model.checkpoint = os.path.join(root, "base")
   cfg.workdir = workdir
   cfg.progress = False
   cfg.total_steps = total_steps
-  cfg.save_every = 2       # saves at 2, 4, ...; a SIGTERM at an odd step saves that step
+  cfg.save_every = 2  # saves at 2, 4, ...; a SIGTERM at an odd step saves that step
   cfg.keep_checkpoints = 2  # keep-N deletion from the third save on
   cfg.eval_every = 4
   return cfg
@@ -98,9 +99,11 @@ def child(args) -> int:
           mark("RAISE eval")
           raise RuntimeError("injected evaluation failure")
         return fn(prompts, images, meta)
+
       return None if fn is None else wrapped
-    return dataclasses.replace(task, reward=reward, score=scorer(task.score),
-                               judge=scorer(task.judge))
+
+    return dataclasses.replace(task, reward=reward, score=scorer(task.score), judge=scorer(task.judge))
+
   tasks.build_task = build
 
   real_save = checkpoint.RunCheckpointer.save
@@ -108,6 +111,7 @@ def child(args) -> int:
   def save(self, step, *a, **k):
     mark(f"SAVE_START {step}")
     return real_save(self, step, *a, **k)
+
   checkpoint.RunCheckpointer.save = save
 
   real_finalize = atomicity.AtomicRenameTemporaryPath.finalize
@@ -123,6 +127,7 @@ def child(args) -> int:
     if name.isdigit():
       mark(f"COMMITTED {name}")
     return out
+
   atomicity.AtomicRenameTemporaryPath.finalize = finalize
 
   real_delete = deleter.StandardCheckpointDeleter.delete
@@ -133,6 +138,7 @@ def child(args) -> int:
     if fault == "kill_in_cleanup" and args.variant == "before_rename" and deletes[0] == at:
       die(f"delete {step}")
     return real_delete(self, step)
+
   deleter.StandardCheckpointDeleter.delete = delete
 
   real_rmtree = checkpoint.shutil.rmtree
@@ -143,10 +149,11 @@ def child(args) -> int:
       trashes[0] += 1
       if fault == "kill_in_cleanup" and args.variant == "mid_trash" and trashes[0] == at:
         files = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs]
-        for f in files[:len(files) // 2]:
+        for f in files[: len(files) // 2]:
           os.remove(f)
         die(f"trash {path}")
     return real_rmtree(path, *a, **k)
+
   checkpoint.shutil.rmtree = rmtree
 
   cfg = campaign_config(args.root, args.workdir, args.total_steps)
@@ -163,12 +170,15 @@ def child(args) -> int:
 
 
 def _env(root: str) -> dict[str, str]:
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-             PYTHONUNBUFFERED="1")
+  env = dict(
+      os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1"
+  )
   # Later starts reuse the compiled programs (the same executables: results are unchanged).
-  env.update(JAX_COMPILATION_CACHE_DIR=os.path.join(root, "jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  env.update(
+      JAX_COMPILATION_CACHE_DIR=os.path.join(root, "jax_cache"),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
   return env
 
 
@@ -176,6 +186,7 @@ def _env(root: str) -> dict[str, str]:
 class Start:
   """One child start: its fault; ``at`` counts the child's reward calls / commits / deletions /
   evaluation calls; a signal goes ``delay`` s after the ``after``-th reward call (0: after spawn)."""
+
   fault: str
   at: int = 0
   variant: str = ""
@@ -200,9 +211,18 @@ class Driver:
   def run_child(self, workdir: str, start: Start, timeout: float = 900):
     markers = os.path.join(workdir + ".markers")
     open(markers, "w").close()
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", f"--root={self.root}",
-           f"--workdir={workdir}", f"--markers={markers}", f"--total_steps={self.args.total_steps}",
-           f"--fault={start.fault}", f"--at={start.at}", f"--variant={start.variant}"]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        f"--root={self.root}",
+        f"--workdir={workdir}",
+        f"--markers={markers}",
+        f"--total_steps={self.args.total_steps}",
+        f"--fault={start.fault}",
+        f"--at={start.at}",
+        f"--variant={start.variant}",
+    ]
     log = open(workdir + ".log", "a")
     log.write(f"\n===== start: {start}\n")
     log.flush()
@@ -219,8 +239,7 @@ class Driver:
           first_reward = now
         if fire_at is None and start.after and rewards >= start.after:
           fire_at = now + start.delay
-      if (sent is None and start.fault in ("sigkill", "sigterm") and fire_at is not None
-          and now >= fire_at):
+      if sent is None and start.fault in ("sigkill", "sigterm") and fire_at is not None and now >= fire_at:
         with open(workdir + ".log") as f:
           finished = "RESULT step=" in f.read().split(f"===== start: {start}")[-1]
         if finished:  # train() returned: the process is only exiting, nothing left to hit
@@ -243,6 +262,7 @@ class Driver:
 
   def committed(self, workdir: str) -> list[int]:
     from htgrpo_jax.checkpoint import step_dirs
+
     return step_dirs(os.path.join(workdir, "checkpoints"))
 
   def load_step(self, workdir: str, step: int):
@@ -250,6 +270,7 @@ class Driver:
     import jax
     import numpy as np
     import orbax.checkpoint as ocp
+
     d = os.path.join(workdir, "checkpoints", str(step))
     with ocp.StandardCheckpointer() as ck:
       state = ck.restore(os.path.join(d, "state"))
@@ -262,6 +283,7 @@ class Driver:
 
   def check_nan(self, workdir: str) -> None:
     import numpy as np
+
     for s in self.committed(workdir):
       d = os.path.join(workdir, "checkpoints", str(s))
       key = f"{d}@{os.path.getmtime(d)}"
@@ -297,8 +319,7 @@ class Driver:
     if not os.path.isdir(os.path.join(self.root, "base", "params")):
       rc = self.run_child(os.path.join(self.root, "prepare"), Start("prepare"))[0]
       if rc != 0:
-        raise SystemExit(f"building the world / base policy failed (rc {rc}); see "
-                         f"{self.root}/prepare.log")
+        raise SystemExit(f"building the world / base policy failed (rc {rc}); see " f"{self.root}/prepare.log")
     wd = os.path.join(self.root, "reference")
     rc, _, marks, text, secs = self.run_child(wd, Start("none"))
     if rc != 0:
@@ -322,7 +343,7 @@ class Driver:
       self.starts += 1
       after = self.committed(wd)
       kinds = [m[0] for m in marks]
-      delivered = (sent is not None or "SELF_KILL" in kinds or "RAISE" in kinds)
+      delivered = sent is not None or "SELF_KILL" in kinds or "RAISE" in kinds
       if start.fault != "none" and delivered:
         faults_left -= 1
         self.delivered[start.fault] += 1
@@ -349,13 +370,14 @@ class Driver:
       newest = max(after) if after else 0
       if graceful and ((started and max(started) not in after) or newest < due):
         self.lost += 1
-        self.problems.append(f"{wd}: start {starts} ({start}) stopped at step {completed} with "
-                             f"step {newest} the newest on disk, not {due} (rc {rc})")
+        self.problems.append(
+            f"{wd}: start {starts} ({start}) stopped at step {completed} with "
+            f"step {newest} the newest on disk, not {due} (rc {rc})"
+        )
       if sent == signal.SIGTERM and "RESULT" in text and rc != 0:
         self.problems.append(f"{wd}: SIGTERM did not exit cleanly (rc {rc})")
       self.check_nan(wd)
-      bar.set_postfix(trial=t, start=starts, kills=sum(self.kills.values()), resumes=self.resumes,
-                      lost=self.lost)
+      bar.set_postfix(trial=t, start=starts, kills=sum(self.kills.values()), resumes=self.resumes, lost=self.lost)
       bar.update(0)
       if rc == 0 and f"RESULT step={self.args.total_steps}" in text:
         break
@@ -363,12 +385,15 @@ class Driver:
         self.problems.append(f"{wd}: a start without a fault failed (rc {rc}); see {wd}.log")
         return False
     import numpy as np
+
     leaves, data, loop = self.load_step(wd, self.args.total_steps)
     ref_leaves, ref_data, ref_loop = self.ref
-    same = (len(leaves) == len(ref_leaves)
-            and all(a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
-                    for a, b in zip(leaves, ref_leaves))
-            and data == ref_data and loop == ref_loop)
+    same = (
+        len(leaves) == len(ref_leaves)
+        and all(a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b) for a, b in zip(leaves, ref_leaves))
+        and data == ref_data
+        and loop == ref_loop
+    )
     if not same:
       self.problems.append(f"{wd}: final state differs from the reference")
     return same
@@ -395,18 +420,23 @@ def main() -> int:
 
   os.environ.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   from tqdm import tqdm
+
   root = os.path.abspath(args.root)
   if os.path.isdir(root) and not args.keep:
     for name in os.listdir(root):
       if name not in ("world", "base", "jax_cache"):
         shutil.rmtree(os.path.join(root, name), ignore_errors=True) if os.path.isdir(
-            os.path.join(root, name)) else os.remove(os.path.join(root, name))
+            os.path.join(root, name)
+        ) else os.remove(os.path.join(root, name))
   os.makedirs(root, exist_ok=True)
   t0 = time.time()
   drv = Driver(args)
-  print(f"fault campaign: {args.trials} trials x {args.faults} faults, configs/geneval.py:htgrpo,tiny "
-        f"(total_steps={args.total_steps}, save_every=2, keep_checkpoints=2, eval_every=4), "
-        f"seed {args.seed}, under {root}", flush=True)
+  print(
+      f"fault campaign: {args.trials} trials x {args.faults} faults, configs/geneval.py:htgrpo,tiny "
+      f"(total_steps={args.total_steps}, save_every=2, keep_checkpoints=2, eval_every=4), "
+      f"seed {args.seed}, under {root}",
+      flush=True,
+  )
   print("reference run (uninterrupted)...", flush=True)
   drv.reference()
   identical = 0
@@ -419,11 +449,12 @@ def main() -> int:
   print(f"\nfault campaign, {args.trials} trials, seed {args.seed} ({mins} min {secs} s)")
   print(f"  starts           : {drv.starts} (+1 reference)")
   print(f"  faults delivered : {sum(drv.delivered.values())} ({delivered})")
-  print(f"  kills            : {sum(drv.kills.values())} (SIGKILL {drv.kills['SIGKILL']}, "
-        f"SIGTERM {drv.kills['SIGTERM']})")
+  print(
+      f"  kills            : {sum(drv.kills.values())} (SIGKILL {drv.kills['SIGKILL']}, "
+      f"SIGTERM {drv.kills['SIGTERM']})"
+  )
   print(f"  resumes          : {drv.resumes}")
-  print(f"  bit-identical    : {identical}/{args.trials} "
-        f"({'yes' if identical == args.trials else 'no'})")
+  print(f"  bit-identical    : {identical}/{args.trials} " f"({'yes' if identical == args.trials else 'no'})")
   print(f"  checkpoints lost : {drv.lost}")
   print(f"  NaN ever written : {'yes' if drv.nan else 'no'}")
   for p in drv.problems:

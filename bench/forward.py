@@ -5,6 +5,7 @@
 The sequence mimics the embedded ShapeEval layout (prompt + 8x8 image slots) and the forward is
 ``logits_fn``'s: hidden states of the slots only, LM head sliced to a 128-entry codebook.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,10 @@ def bench(name: str, batch: int, prompt: int, slots: int, repeats: int, codebook
     times.append(time.perf_counter() - start)
   med = float(np.median(times))
   n = llada.count_params(params)
-  print(f"{name:7s} ({n / 1e6:.2f}M params, d={cfg.d_model}, {cfg.n_layers} layers) batch {batch} x {length} tokens: "
-        f"median {med * 1e3:.1f} ms -> {batch * length / med:,.0f} tokens/s")
+  print(
+      f"{name:7s} ({n / 1e6:.2f}M params, d={cfg.d_model}, {cfg.n_layers} layers) batch {batch} x {length} tokens: "
+      f"median {med * 1e3:.1f} ms -> {batch * length / med:,.0f} tokens/s"
+  )
 
 
 def main():

@@ -11,6 +11,7 @@ with the einsum form (``jnp.tensordot``, before docs/performance.md), the PyTorc
 (``bench/torch_reference.py``) and both forwards. Threads as in ``train_step.py`` (``--threads``, set for
 XLA before JAX starts and with ``torch.set_num_threads``).
 """
+
 from __future__ import annotations
 
 import os
@@ -22,10 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 if __name__ == "__main__":  # XLA reads its flags once, when the backend starts: set them before importing JAX
   _n = next((int(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--threads=")), 0) or len(
-      os.sched_getaffinity(0))
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + f" --xla_cpu_multi_thread_eigen={str(_n > 1).lower()}"
-                             f" intra_op_parallelism_threads={_n}").strip()
+      os.sched_getaffinity(0)
+  )
+  os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "") + f" --xla_cpu_multi_thread_eigen={str(_n > 1).lower()}"
+      f" intra_op_parallelism_threads={_n}"
+  ).strip()
   if "--profile" in sys.argv:
     os.environ["XLA_FLAGS"] += " --xla_cpu_enable_xprof_traceme=true"
 
@@ -44,8 +47,20 @@ import train_step as ts  # noqa: E402
 from htgrpo_jax.models import llada  # noqa: E402
 from htgrpo_jax.rl.loss import ht_grpo_loss, token_logp_entropy  # noqa: E402
 
-SHAPES = argparse.Namespace(d=128, layers=4, heads=4, mlp=512, tokens=64, codebook=128, prompt_len=16, batch=64,
-                            group=8, stages=(2, 2, 2), sampler_steps=12, micro_batch_size=0)
+SHAPES = argparse.Namespace(
+    d=128,
+    layers=4,
+    heads=4,
+    mlp=512,
+    tokens=64,
+    codebook=128,
+    prompt_len=16,
+    batch=64,
+    group=8,
+    stages=(2, 2, 2),
+    sampler_steps=12,
+    micro_batch_size=0,
+)
 
 
 def profile(grad, params, calls=3):
@@ -93,6 +108,7 @@ def main():
   ro = ts.make_rollout(SHAPES, np.random.default_rng(0))
   config = ts.make_config(SHAPES, "random_remask", 0.01)
   import torch_reference as tr  # noqa: PLC0415
+
   inp = tr.prepare_update(config, ro, jax.random.key(0))
   canvas, mask, adv = map(jnp.asarray, (inp.canvases[0], inp.loss_masks[0], inp.token_adv[0]))
   old = token_logp_entropy(fn(params, ro.prompt_tokens, canvas), ro.image_tokens)[0]
@@ -102,6 +118,7 @@ def main():
       logp, ent = token_logp_entropy(fn(p, ro.prompt_tokens, canvas), ro.image_tokens)
       s, c, m = ht_grpo_loss(logp, old, old, adv, mask, clip_eps=config.clip_eps, beta=config.beta, entropy=ent)
       return s / c, m
+
     return jax.jit(jax.grad(loss, has_aux=True))
 
   if args.profile:
@@ -109,6 +126,7 @@ def main():
     return
 
   import torch  # noqa: PLC0415
+
   threads = args.threads or len(os.sched_getaffinity(0))
   torch.set_num_threads(threads)
   flat = llada.flat_matmul
@@ -120,8 +138,9 @@ def main():
   fwd = jax.jit(fn)
   jax.block_until_ready(fwd(params, ro.prompt_tokens, canvas))
 
-  model = tr.TorchLLaDA(cfg, prompt_len=SHAPES.prompt_len, mask_id=ts.TEXT_VOCAB, offset=ts.TEXT_VOCAB + 1,
-                        codebook=SHAPES.codebook).load_flax(params)
+  model = tr.TorchLLaDA(
+      cfg, prompt_len=SHAPES.prompt_len, mask_id=ts.TEXT_VOCAB, offset=ts.TEXT_VOCAB + 1, codebook=SHAPES.codebook
+  ).load_flax(params)
   t = lambda a, dt=np.int64: torch.from_numpy(np.array(a, dt))
   prompt, cv, tok = t(inp.prompt_tokens), t(inp.canvases[0]), t(inp.image_tokens)
   tm, ta, to = t(inp.loss_masks[0], np.float32), t(inp.token_adv[0], np.float32), t(old, np.float32)
@@ -140,8 +159,12 @@ def main():
       model(prompt, cv)
 
   torch_grad()
-  calls = {**{k: (lambda g=g: jax.block_until_ready(g(params))) for k, g in runs.items()}, "torch": torch_grad,
-           "jax_fwd": lambda: jax.block_until_ready(fwd(params, ro.prompt_tokens, canvas)), "torch_fwd": torch_fwd}
+  calls = {
+      **{k: (lambda g=g: jax.block_until_ready(g(params))) for k, g in runs.items()},
+      "torch": torch_grad,
+      "jax_fwd": lambda: jax.block_until_ready(fwd(params, ro.prompt_tokens, canvas)),
+      "torch_fwd": torch_fwd,
+  }
   times = {k: [] for k in calls}
   for _ in range(args.repeats):
     for k, f in calls.items():
@@ -152,9 +175,11 @@ def main():
   print(f"{threads} intra-op thread(s) each; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}")
   for k, v in med.items():
     print(f"  {k:11s} (median/{args.repeats}) {v:.4f} s")
-  print(f"fwd+bwd speed vs torch: flat {med['torch'] / med['jax_flat']:.3f}x   "
-        f"einsum {med['torch'] / med['jax_einsum']:.3f}x   "
-        f"(flat/einsum {med['jax_einsum'] / med['jax_flat']:.3f}x)")
+  print(
+      f"fwd+bwd speed vs torch: flat {med['torch'] / med['jax_flat']:.3f}x   "
+      f"einsum {med['torch'] / med['jax_einsum']:.3f}x   "
+      f"(flat/einsum {med['jax_einsum'] / med['jax_flat']:.3f}x)"
+  )
   print(f"fwd speed vs torch: {med['torch_fwd'] / med['jax_fwd']:.3f}x")
 
 

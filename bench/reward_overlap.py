@@ -20,6 +20,7 @@ It prints the median seconds of each, the ratios, the share of the reward wait t
 (sequential - overlapped) / (sequential - sampling only), and checks that sequential and overlapped
 runs gave the same rewards and tokens.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -94,14 +95,22 @@ def main(argv=None):
   srv, url = slow_server(args.delay_s)
   reward = RemoteReward(url, name="slow_dense", metadata_keys=("meta",), timeout=600)
   palette = jnp.asarray(np.random.default_rng(1).integers(0, 256, (128, 3)), jnp.uint8)
-  decode = jax.jit(lambda codes: jnp.repeat(jnp.repeat(
-      palette[codes].reshape(codes.shape[0], 8, 8, 3), 4, axis=1), 4, axis=2))  # 32 x 32 px
+  decode = jax.jit(
+      lambda codes: jnp.repeat(jnp.repeat(palette[codes].reshape(codes.shape[0], 8, 8, 3), 4, axis=1), 4, axis=2)
+  )  # 32 x 32 px
   ps = grammar.balanced_prompts("eval", args.prompts, seed=0)
-  batch = {"prompt_tokens": prompt_fn(args.prompts, np.random.default_rng(0)),
-           "caption": np.array([p.text for p in ps]), "meta": np.array([p.meta.to_json() for p in ps])}
+  batch = {
+      "prompt_tokens": prompt_fn(args.prompts, np.random.default_rng(0)),
+      "caption": np.array([p.text for p in ps]),
+      "meta": np.array([p.meta.to_json() for p in ps]),
+  }
 
-  modes = {"whole": (1, 2), "sequential": (args.chunks, 0), "overlapped": (args.chunks, 2),
-           "sampling only": (args.chunks, 0)}
+  modes = {
+      "whole": (1, 2),
+      "sequential": (args.chunks, 0),
+      "overlapped": (args.chunks, 2),
+      "sampling only": (args.chunks, 0),
+  }
   instant = lambda prompts, images, **_: np.zeros(len(prompts), np.float32)
   runs = {}
   for name, (k, f) in modes.items():
@@ -110,9 +119,10 @@ def main(argv=None):
     sampler = make_sampler(fn, p.rollout_sampler, num_tokens=n, mesh=mesh)
     uncond = parallel.global_batch(uncond_fn(p.chunk_prompts * p.rl.group_size), mesh)
     runs[name] = lambda p=p, sampler=sampler, uncond=uncond, r=(
-        instant if name == "sampling only" else reward): rollouts.collect_rollouts(
-        sampler, params, batch, jax.random.key(7), p=p, uncond=uncond, decode=decode, reward=r,
-        mesh=mesh)
+        instant if name == "sampling only" else reward
+    ): rollouts.collect_rollouts(
+        sampler, params, batch, jax.random.key(7), p=p, uncond=uncond, decode=decode, reward=r, mesh=mesh
+    )
 
   outs = {name: jax.block_until_ready(run()) for name, run in runs.items()}  # compile, warm up
   times = {name: [] for name in runs}
@@ -124,22 +134,27 @@ def main(argv=None):
   srv.shutdown()
   srv.server_close()
 
-  same = (np.array_equal(outs["sequential"][1].rewards, outs["overlapped"][1].rewards) and
-          np.array_equal(np.asarray(outs["sequential"][0].image_tokens),
-                         np.asarray(outs["overlapped"][0].image_tokens)))
+  same = np.array_equal(outs["sequential"][1].rewards, outs["overlapped"][1].rewards) and np.array_equal(
+      np.asarray(outs["sequential"][0].image_tokens), np.asarray(outs["overlapped"][0].image_tokens)
+  )
   med = {k: statistics.median(v) for k, v in times.items()}
   b = args.prompts * args.group
-  print(f"policy: {desc}; {b} images ({args.prompts} prompts x G {args.group}), T {args.steps}, "
-        f"{jax.devices()[0].platform} x {len(jax.devices())}; server delay {args.delay_s:g} s/request, "
-        f"{args.chunks} parts, {args.repeats} interleaved repeats")
+  print(
+      f"policy: {desc}; {b} images ({args.prompts} prompts x G {args.group}), T {args.steps}, "
+      f"{jax.devices()[0].platform} x {len(jax.devices())}; server delay {args.delay_s:g} s/request, "
+      f"{args.chunks} parts, {args.repeats} interleaved repeats"
+  )
   for k, v in med.items():
     print(f"{k:>13}: median {v:.3f} s per rollout (min {min(times[k]):.3f}, max {max(times[k]):.3f})")
   print(f"overlapped / sequential = {med['overlapped'] / med['sequential']:.3f}")
   print(f"overlapped / whole      = {med['overlapped'] / med['whole']:.3f}")
   wait = med["sequential"] - med["sampling only"]
-  print(f"reward wait hidden by overlap = (sequential - overlapped) / (sequential - sampling only) = "
-        f"{(med['sequential'] - med['overlapped']) / wait:.2f}" if wait > 0 else
-        "reward wait hidden: sequential was not slower than sampling only (noise)")
+  print(
+      f"reward wait hidden by overlap = (sequential - overlapped) / (sequential - sampling only) = "
+      f"{(med['sequential'] - med['overlapped']) / wait:.2f}"
+      if wait > 0
+      else "reward wait hidden: sequential was not slower than sampling only (noise)"
+  )
   print(f"sequential and overlapped rewards and tokens identical: {same}")
   return 0 if same else 1
 

@@ -31,6 +31,7 @@ may, a little). The second table is the analytic model FLOPs (``htgrpo_jax.flops
 counts them) of the 8B configs' sampler and update per RL step, and their shares; decoding and
 rewards are not modelled there.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,17 +47,25 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(_REPO, "configs", "geneval.py"),
-                                          "Training config: path.py[:preset[,tiny]].")
-_VARIANT = flags.DEFINE_enum("variant", "default", ["default", "tiny"],
-                             "tiny: configs/geneval.py:<preset>,tiny (with --config left at its default)")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(_REPO, "configs", "geneval.py"), "Training config: path.py[:preset[,tiny]]."
+)
+_VARIANT = flags.DEFINE_enum(
+    "variant",
+    "default",
+    ["default", "tiny"],
+    "tiny: configs/geneval.py:<preset>,tiny (with --config left at its default)",
+)
 _QUICK = flags.DEFINE_bool("quick", False, "the tiny variant, 1 warm-up step, 2 repeats")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "steps before timing (the first compiles)")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "timed steps per path (medians)")
 _WORKDIR = flags.DEFINE_string("workdir", "", "world assets / random base params ('' : a temp dir)")
 _FLOPS_ONLY = flags.DEFINE_bool("flops_only", False, "print only the 8B configs' analytic FLOPs table")
-_BIG = flags.DEFINE_list("big_configs", ["configs/mmada_geneval.py", "configs/lumina_dimoo_geneval.py"],
-                         "configs of the analytic FLOPs table")
+_BIG = flags.DEFINE_list(
+    "big_configs",
+    ["configs/mmada_geneval.py", "configs/lumina_dimoo_geneval.py"],
+    "configs of the analytic FLOPs table",
+)
 
 PHASES = ("data", "h2d", "sampling", "decoding", "d2h", "rewards", "update")
 
@@ -70,7 +79,7 @@ def _config(workdir: str):
       config = load_config_file("configs/geneval.py", f"{config.rl.preset},tiny")
       for a in sys.argv:  # --config.x=y overrides, re-applied to the tiny config
         if a.startswith("--config.") and "=" in a:
-          key, val = a[len("--config."):].split("=", 1)
+          key, val = a[len("--config.") :].split("=", 1)
           _set(config, key, val)
   config.unlock()
   config.progress = False
@@ -109,8 +118,9 @@ def _ensure_base(config, workdir: str) -> str | None:
   size = f"d{model_cfg.d_model}_l{model_cfg.n_layers}_h{model_cfg.n_heads}_m{model_cfg.mlp_hidden}"
   config.model.checkpoint = os.path.join(workdir, f"random_base_{size}")  # one per model size
   if not paths.isdir(base_params_path(config)):
-    pretrain.save_params(base_params_path(config),
-                         policy.init_params(model_cfg, layout, jax.random.PRNGKey(config.seed)))
+    pretrain.save_params(
+        base_params_path(config), policy.init_params(model_cfg, layout, jax.random.PRNGKey(config.seed))
+    )
   return f"no base checkpoint: random params at {config.model.checkpoint}"
 
 
@@ -155,8 +165,18 @@ def measure(config) -> None:
     prompts_b = sync(parallel.global_batch(np.repeat(prompts_np, g, axis=0), mesh))
     t["h2d"] = time.perf_counter() - s
     s = time.perf_counter()
-    rec = sync(rollouts.sample_groups(programs.rollout_sampler, state.policy_params(), prompts_np,
-                                      programs.uncond, p, k_roll, mesh, prompts_b=prompts_b))
+    rec = sync(
+        rollouts.sample_groups(
+            programs.rollout_sampler,
+            state.policy_params(),
+            prompts_np,
+            programs.uncond,
+            p,
+            k_roll,
+            mesh,
+            prompts_b=prompts_b,
+        )
+    )
     t["sampling"] = time.perf_counter() - s
     s = time.perf_counter()
     pixels = sync(programs.decode(rec.image_tokens))
@@ -170,8 +190,7 @@ def measure(config) -> None:
     rewards = combo.combine(combo.components(captions, images, rows=f"0:{b}", meta=metas))
     t["rewards"] = time.perf_counter() - s
     s = time.perf_counter()
-    rollout = sync(rec.to_rollout(prompts_b, parallel.global_batch(np.asarray(rewards, np.float32),
-                                                                   mesh)))
+    rollout = sync(rec.to_rollout(prompts_b, parallel.global_batch(np.asarray(rewards, np.float32), mesh)))
     t["h2d"] += time.perf_counter() - s
     s = time.perf_counter()
     state, metrics = programs.train_step(state, rollout, k_step)
@@ -187,9 +206,17 @@ def measure(config) -> None:
     s = time.perf_counter()
     batch = next(data)
     k_roll, k_step = jax.random.split(jax.random.fold_in(root, step))
-    rollout, _ = trainer.collect_rollouts(programs.rollout_sampler, state.policy_params(), batch, k_roll,
-                                          p=p, uncond=programs.uncond, decode=programs.decode,
-                                          reward=task.reward, mesh=mesh)
+    rollout, _ = trainer.collect_rollouts(
+        programs.rollout_sampler,
+        state.policy_params(),
+        batch,
+        k_roll,
+        p=p,
+        uncond=programs.uncond,
+        decode=programs.decode,
+        reward=task.reward,
+        mesh=mesh,
+    )
     state, metrics = programs.train_step(state, rollout, k_step)
     jax.device_get(metrics)
     return time.perf_counter() - s
@@ -214,12 +241,16 @@ def measure(config) -> None:
   total = sum(med.values())
   phased_total = _median_row([sum(r.values()) for r in runs])
   sc = p.rollout_sampler
-  print(f"\nRL step of {config.world.kind}/{config.model.preset} ({config.rl.preset}): P {p.prompts_per_step} "
-        f"x G {g} = B {b} images, T {sc.num_steps}, CFG {'on' if sc.use_cfg else 'off'}, "
-        f"K {p.rl.num_iterations}, {len(jax.devices())} {jax.devices()[0].platform} device(s)")
-  print(f"setup (task, params, programs built, nothing compiled) {setup_s:.2f} s; first step (compiles "
-        f"every program) {first_s:.2f} s, of which update {first['update']:.2f} s, sampling "
-        f"{first['sampling']:.2f} s, decoding {first['decoding']:.2f} s")
+  print(
+      f"\nRL step of {config.world.kind}/{config.model.preset} ({config.rl.preset}): P {p.prompts_per_step} "
+      f"x G {g} = B {b} images, T {sc.num_steps}, CFG {'on' if sc.use_cfg else 'off'}, "
+      f"K {p.rl.num_iterations}, {len(jax.devices())} {jax.devices()[0].platform} device(s)"
+  )
+  print(
+      f"setup (task, params, programs built, nothing compiled) {setup_s:.2f} s; first step (compiles "
+      f"every program) {first_s:.2f} s, of which update {first['update']:.2f} s, sampling "
+      f"{first['sampling']:.2f} s, decoding {first['decoding']:.2f} s"
+  )
   print(f"medians over {_REPEATS.value} steps after {_WARMUP.value} warm-up step(s):\n")
   print("| phase | s | share | images/s |")
   print("|---|---|---|---|")
@@ -227,8 +258,10 @@ def measure(config) -> None:
     print(f"| {k} | {med[k]:.4f} | {100 * med[k] / total:.1f}% | {b / med[k]:.1f} |")
   print(f"| **phased step** (median of sums) | {phased_total:.3f} | 100% | {b / phased_total:.1f} |")
   w = _median_row(whole)
-  print(f"| trainer path (collect_rollouts + update, one sync) | {w:.3f} | {100 * w / phased_total:.0f}% "
-        f"of phased | {b / w:.1f} |")
+  print(
+      f"| trainer path (collect_rollouts + update, one sync) | {w:.3f} | {100 * w / phased_total:.0f}% "
+      f"of phased | {b / w:.1f} |"
+  )
 
 
 def flops_table(measured=None) -> None:
@@ -236,8 +269,7 @@ def flops_table(measured=None) -> None:
   from htgrpo_jax import aot, run_config
   from htgrpo_jax.config_util import load_config_file
 
-  print("\nAnalytic model FLOPs per RL step (htgrpo_jax.flops, matmuls only; decoding and rewards not "
-        "modelled):\n")
+  print("\nAnalytic model FLOPs per RL step (htgrpo_jax.flops, matmuls only; decoding and rewards not " "modelled):\n")
   print("| config | model | B | T | CFG | K | sampler TFLOP | update TFLOP | sampler share | update share |")
   print("|---|---|---|---|---|---|---|---|---|---|")
   rows = [(path, load_config_file(path)) for path in _BIG.value]
@@ -252,9 +284,11 @@ def flops_table(measured=None) -> None:
     upd = aot.program_model_flops(t, "train_step")
     tot = samp + upd
     sc = p.rollout_sampler
-    print(f"| {os.path.basename(path)} | {config.model.preset} | {p.batch_size} | {sc.num_steps} | "
-          f"{'on' if sc.use_cfg else 'off'} | {p.rl.num_iterations} | {samp / 1e12:,.3f} | {upd / 1e12:,.3f} | "
-          f"{100 * samp / tot:.1f}% | {100 * upd / tot:.1f}% |")
+    print(
+        f"| {os.path.basename(path)} | {config.model.preset} | {p.batch_size} | {sc.num_steps} | "
+        f"{'on' if sc.use_cfg else 'off'} | {p.rl.num_iterations} | {samp / 1e12:,.3f} | {upd / 1e12:,.3f} | "
+        f"{100 * samp / tot:.1f}% | {100 * upd / tot:.1f}% |"
+    )
 
 
 def main(argv):

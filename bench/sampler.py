@@ -16,6 +16,7 @@ fails the bench instead of silently timing another model).
 Lumina-DiMOO's ML-Cache; ``--cache-ratio``, ``--cache-warmup``, ``--cache-refresh``), interleaved,
 and prints both medians, the speed ratio and how many tokens the two draw alike from one key.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,6 +38,7 @@ from htgrpo_jax.sampling import SamplerConfig, guided_logits, make_sampler  # no
 
 class ToyTransformer(nn.Module):
   """Pre-norm bidirectional transformer over [prompt | canvas] -> codebook logits at the slots."""
+
   vocab: int
   codebook: int
   d: int = 128
@@ -56,7 +58,7 @@ class ToyTransformer(nn.Module):
       x = x + nn.MultiHeadDotProductAttention(self.heads, use_bias=False)(h, h)
       h = nn.RMSNorm()(x)
       x = x + nn.Dense(self.d, use_bias=False)(nn.silu(nn.Dense(self.mlp, use_bias=False)(h)))
-    x = nn.RMSNorm()(x[:, prompt.shape[1]:])
+    x = nn.RMSNorm()(x[:, prompt.shape[1] :])
     return nn.Dense(self.codebook, use_bias=False)(x).astype(jnp.float32)
 
 
@@ -76,8 +78,10 @@ def llada_policy(grid, codebook, prompt_len, key, layers=None):
 
   from htgrpo_jax.models import llada, layouts, policy
 
-  words = ("a an the red green blue yellow purple orange circle square triangle above below left "
-           "right of and two three four photo").split()
+  words = (
+      "a an the red green blue yellow purple orange circle square triangle above below left "
+      "right of and two three four photo"
+  ).split()
   vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
   tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -101,8 +105,10 @@ def llada_policy(grid, codebook, prompt_len, key, layers=None):
     return np.asarray(layout.encode_prompts(text * b), np.int32)
 
   uncond = lambda b: np.asarray(layout.unconditional_prompts(b), np.int32)
-  desc = (f"htgrpo_jax.models LLaDA 'shapes' (d={cfg.d_model}, {cfg.n_layers} layers, "
-          f"{cfg.n_heads} heads, seq {layout.seq_len})")
+  desc = (
+      f"htgrpo_jax.models LLaDA 'shapes' (d={cfg.d_model}, {cfg.n_layers} layers, "
+      f"{cfg.n_heads} heads, seq {layout.seq_len})"
+  )
   return fn, params, layout.num_image_tokens, prompts, uncond, desc, cached
 
 
@@ -126,8 +132,9 @@ def main(argv=None):
   ap.add_argument("--repeats", type=int, default=7)
   ap.add_argument("--grid", type=int, default=8, help="image grid side: N = grid^2 tokens")
   ap.add_argument("--layers", type=int, default=None, help="LLaDA blocks (default: the preset's 4)")
-  ap.add_argument("--cache", action="store_true",
-                  help="time sample with and without the rollout cache, interleaved (LLaDA only)")
+  ap.add_argument(
+      "--cache", action="store_true", help="time sample with and without the rollout cache, interleaved (LLaDA only)"
+  )
   ap.add_argument("--cache-ratio", type=float, default=0.9)
   ap.add_argument("--cache-warmup", type=float, default=0.3)
   ap.add_argument("--cache-refresh", type=int, default=5)
@@ -140,23 +147,26 @@ def main(argv=None):
   if args.cache and args.model != "llada":
     ap.error("--cache needs --model=llada (the cache is a path of the LLaDA model)")
   if args.model == "llada":
-    fn, params, n, prompts, uncond, desc, cached = llada_policy(grid, codebook, prompt_len, key,
-                                                                args.layers)
+    fn, params, n, prompts, uncond, desc, cached = llada_policy(grid, codebook, prompt_len, key, args.layers)
   else:
     fn, params, n, prompts, uncond, desc, cached = toy_policy(grid, codebook, prompt_len, key)
   if args.cache:
     return compare_cache(args, fn, cached, params, n, prompts, uncond, desc, codebook, key)
 
-  cfg = SamplerConfig(num_steps=args.steps, sketch_steps=args.sketch_steps, rule=args.rule,
-                      cfg_scale=args.cfg, temperature=args.temperature,
-                      temperature_mode=args.temperature_mode)
+  cfg = SamplerConfig(
+      num_steps=args.steps,
+      sketch_steps=args.sketch_steps,
+      rule=args.rule,
+      cfg_scale=args.cfg,
+      temperature=args.temperature,
+      temperature_mode=args.temperature_mode,
+  )
   sampler = make_sampler(fn, cfg, num_tokens=n)
   rng = np.random.default_rng(0)
   b = args.batch
   p, u = jnp.asarray(prompts(b, rng)), jnp.asarray(uncond(b))
   # A half-masked canvas: the forward's cost does not depend on the values.
-  canvas = jnp.asarray(np.where(rng.random((b, n)) < 0.5, MASK, rng.integers(0, codebook, (b, n))),
-                       jnp.int32)
+  canvas = jnp.asarray(np.where(rng.random((b, n)) < 0.5, MASK, rng.integers(0, codebook, (b, n))), jnp.int32)
   forward = jax.jit(lambda prm, pt, ut, cv: guided_logits(fn, prm, pt, ut, cv, cfg.cfg_scale))
   sketch_paint = lambda prm, pt, ut, k: sampler.paint(prm, sampler.sketch(prm, pt, ut, k), k)
 
@@ -167,6 +177,7 @@ def main(argv=None):
     def body(_, c):
       lg = guided_logits(fn, prm, pt, ut, c, cfg.cfg_scale)
       return jnp.where(lg[..., 0] > 1e30, 0, c)
+
     return jax.lax.fori_loop(0, args.steps, body, cv)
 
   t0 = time.perf_counter()
@@ -189,8 +200,10 @@ def main(argv=None):
   rows = 2 * b if cfg.use_cfg else b
   print(f"model: {desc}")
   print(f"sampler: {cfg}")
-  print(f"batch {b} images x {n} tokens, codebook {codebook}, forward batch {rows} rows; "
-        f"backend {jax.default_backend()}, {jax.device_count()} device(s); repeats {args.repeats}")
+  print(
+      f"batch {b} images x {n} tokens, codebook {codebook}, forward batch {rows} rows; "
+      f"backend {jax.default_backend()}, {jax.device_count()} device(s); repeats {args.repeats}"
+  )
   print(f"compile: forward {t_fwd_compile:.2f} s, sample {t_sample_compile:.2f} s")
   print(f"one CFG forward (median): {fwd * 1e3:.1f} ms")
   print(f"sample (median): {smp:.3f} s = {b / smp:.1f} images/s")
@@ -202,10 +215,17 @@ def main(argv=None):
 
 def compare_cache(args, fn, cached_logits, params, n, prompts, uncond, desc, codebook, key):
   """Plain vs cached ``sample`` of the same config, timed interleaved; prints medians and ratio."""
-  base = dict(num_steps=args.steps, sketch_steps=args.sketch_steps, rule=args.rule, cfg_scale=args.cfg,
-              temperature=args.temperature, temperature_mode=args.temperature_mode)
-  cache = dict(enabled=True, ratio=args.cache_ratio, warmup_ratio=args.cache_warmup,
-               refresh_interval=args.cache_refresh)
+  base = dict(
+      num_steps=args.steps,
+      sketch_steps=args.sketch_steps,
+      rule=args.rule,
+      cfg_scale=args.cfg,
+      temperature=args.temperature,
+      temperature_mode=args.temperature_mode,
+  )
+  cache = dict(
+      enabled=True, ratio=args.cache_ratio, warmup_ratio=args.cache_warmup, refresh_interval=args.cache_refresh
+  )
   plain_cfg, cached_cfg = SamplerConfig(**base), SamplerConfig(**base, cache=cache)
   plain = make_sampler(fn, plain_cfg, num_tokens=n)
   cached = make_sampler(fn, cached_cfg, num_tokens=n, cached_logits=cached_logits)
@@ -234,14 +254,20 @@ def compare_cache(args, fn, cached_logits, params, n, prompts, uncond, desc, cod
   refresh = cached_cfg.cache.refresh_steps(args.steps, args.sketch_steps)
   print(f"model: {desc}")
   print(f"sampler: {plain_cfg}")
-  print(f"cache: {cached_cfg.cache}: {int(refresh.sum())} of {args.steps} steps full, the others recompute "
-        f"{cached_cfg.cache.num_recomputed(seq)} of {seq} positions")
-  print(f"batch {b} images x {n} tokens, codebook {codebook}, forward batch {2 * b if plain_cfg.use_cfg else b} "
-        f"rows; backend {jax.default_backend()}, {jax.device_count()} device(s); repeats {args.repeats}")
+  print(
+      f"cache: {cached_cfg.cache}: {int(refresh.sum())} of {args.steps} steps full, the others recompute "
+      f"{cached_cfg.cache.num_recomputed(seq)} of {seq} positions"
+  )
+  print(
+      f"batch {b} images x {n} tokens, codebook {codebook}, forward batch {2 * b if plain_cfg.use_cfg else b} "
+      f"rows; backend {jax.default_backend()}, {jax.device_count()} device(s); repeats {args.repeats}"
+  )
   print(f"compile (first call): plain {compile_s['plain']:.2f} s, cached {compile_s['cached']:.2f} s")
   for name in ("plain", "cached"):
-    print(f"sample {name} (median): {med[name]:.3f} s = {b / med[name]:.1f} images/s "
-          f"(all: {', '.join(f'{t:.3f}' for t in times[name])})")
+    print(
+        f"sample {name} (median): {med[name]:.3f} s = {b / med[name]:.1f} images/s "
+        f"(all: {', '.join(f'{t:.3f}' for t in times[name])})"
+    )
   print(f"speed-up plain / cached = {med['plain'] / med['cached']:.2f}x")
   print(f"tokens equal to the plain sampler's (same key): {statistics.mean(same):.3f}")
 

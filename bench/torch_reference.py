@@ -16,6 +16,7 @@ JAX step's skip guard; peers do not have one).
 torch is imported by this file only (never by the package). ``tests/test_torch_reference.py`` checks that
 the JAX step and this reference give the same losses, gradients and updated weights from the same weights.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,6 +41,7 @@ class UpdateInputs:
   (group advantage x credit); groups: K ints, the distinct canvas of each iteration; representative: D
   ints, the first iteration of each distinct canvas.
   """
+
   prompt_tokens: np.ndarray
   image_tokens: np.ndarray
   canvases: np.ndarray
@@ -53,12 +55,23 @@ def prepare_update(config: rl.HTGRPOConfig, rollout: rl.Rollout, key: jax.Array,
   """The canvases, loss sets and token advantages ``rl.make_train_step`` draws at ``state.step == step``."""
   sets = update_sets(config, rollout, jax.random.fold_in(key, step))
   canvases, masks = sets.canvases, sets.loss_masks
-  adv = jnp.stack([sets.token_adv * (hierarchy.loss_set_credit(sets.credit, m) if sets.stage_credit
-                                     else sets.credit) for m in masks])
+  adv = jnp.stack(
+      [
+          sets.token_adv * (hierarchy.loss_set_credit(sets.credit, m) if sets.stage_credit else sets.credit)
+          for m in masks
+      ]
+  )
   groups = estimators.canvas_groups(config)
   representative = tuple(groups.index(d) for d in range(max(groups) + 1))
-  return UpdateInputs(np.asarray(rollout.prompt_tokens), np.asarray(rollout.image_tokens), np.asarray(canvases),
-                      np.asarray(masks), np.asarray(adv, np.float32), groups, representative)
+  return UpdateInputs(
+      np.asarray(rollout.prompt_tokens),
+      np.asarray(rollout.image_tokens),
+      np.asarray(canvases),
+      np.asarray(masks),
+      np.asarray(adv, np.float32),
+      groups,
+      representative,
+  )
 
 
 class TorchLLaDA(torch.nn.Module):
@@ -92,10 +105,17 @@ class TorchLLaDA(torch.nn.Module):
     scale = lambda a: np.asarray(a["scale"])
     qkv = lambda a: np.asarray(a).reshape(d, -1).T
     mat = lambda a: np.asarray(a).T
-    return {"attn_norm": ("attn_norm", scale), "ff_norm": ("ff_norm", scale), "q_proj": ("q", qkv),
-            "k_proj": ("k", qkv), "v_proj": ("v", qkv),
-            "attn_out": ("o", lambda a: np.asarray(a).reshape(-1, d).T),
-            "ff_proj": ("gate", mat), "up_proj": ("up", mat), "ff_out": ("down", mat)}
+    return {
+        "attn_norm": ("attn_norm", scale),
+        "ff_norm": ("ff_norm", scale),
+        "q_proj": ("q", qkv),
+        "k_proj": ("k", qkv),
+        "v_proj": ("v", qkv),
+        "attn_out": ("o", lambda a: np.asarray(a).reshape(-1, d).T),
+        "ff_proj": ("gate", mat),
+        "up_proj": ("up", mat),
+        "ff_out": ("down", mat),
+    }
 
   def load_flax(self, params) -> "TorchLLaDA":
     t = lambda a: torch.from_numpy(np.array(a, np.float32))
@@ -117,10 +137,16 @@ class TorchLLaDA(torch.nn.Module):
     out = {"wte": g(self.wte), "wpe": g(self.wpe), "ln_f": {"scale": g(self.ln_f)}, "lm_head": g(self.lm_head).T}
     for i, b in enumerate(self.blocks):
       out[f"block_{i}"] = {
-          "attn_norm": {"scale": g(b.attn_norm)}, "ff_norm": {"scale": g(b.ff_norm)},
-          "q_proj": g(b.q).T.reshape(heads), "k_proj": g(b.k).T.reshape(heads), "v_proj": g(b.v).T.reshape(heads),
-          "attn_out": g(b.o).T.reshape(heads[1:] + (d,)), "ff_proj": g(b.gate).T, "up_proj": g(b.up).T,
-          "ff_out": g(b.down).T}
+          "attn_norm": {"scale": g(b.attn_norm)},
+          "ff_norm": {"scale": g(b.ff_norm)},
+          "q_proj": g(b.q).T.reshape(heads),
+          "k_proj": g(b.k).T.reshape(heads),
+          "v_proj": g(b.v).T.reshape(heads),
+          "attn_out": g(b.o).T.reshape(heads[1:] + (d,)),
+          "ff_proj": g(b.gate).T,
+          "up_proj": g(b.up).T,
+          "ff_out": g(b.down).T,
+      }
     return out
 
   def flax_params(self) -> dict:
@@ -138,8 +164,10 @@ class TorchLLaDA(torch.nn.Module):
       dh = self.cfg.head_dim
       inv = 1.0 / (self.cfg.rope_theta ** (np.arange(0, dh, 2, dtype=np.float64) / dh))
       emb = np.concatenate([np.outer(np.arange(length), inv)] * 2, axis=-1)
-      self._rope[length] = (torch.from_numpy(np.cos(emb).astype(np.float32)),
-                            torch.from_numpy(np.sin(emb).astype(np.float32)))
+      self._rope[length] = (
+          torch.from_numpy(np.cos(emb).astype(np.float32)),
+          torch.from_numpy(np.sin(emb).astype(np.float32)),
+      )
     return self._rope[length]
 
   @staticmethod
@@ -166,8 +194,8 @@ class TorchLLaDA(torch.nn.Module):
       x = x + F.linear(att.transpose(1, 2).reshape(bsz, length, -1), b.o)
       h = self._rms(x, b.ff_norm, cfg.norm_eps)
       x = x + F.linear(F.silu(F.linear(h, b.gate)) * F.linear(h, b.up), b.down)
-    x = self._rms(x[:, self.prompt_len:], self.ln_f, cfg.norm_eps)
-    return F.linear(x, self.lm_head[self.offset:self.offset + self.codebook])
+    x = self._rms(x[:, self.prompt_len :], self.ln_f, cfg.norm_eps)
+    return F.linear(x, self.lm_head[self.offset : self.offset + self.codebook])
 
 
 def _token_logp(logits, tokens):
@@ -182,15 +210,24 @@ class TorchUpdate:
   Call ``run(inputs)`` once per RL step; it returns the per-iteration token-mean losses (float list).
   """
 
-  def __init__(self, model: TorchLLaDA, config: rl.HTGRPOConfig, *, lr: float, clip_norm: float = 1.0,
-               weight_decay: float = 0.01, ref_model: TorchLLaDA | None = None):
+  def __init__(
+      self,
+      model: TorchLLaDA,
+      config: rl.HTGRPOConfig,
+      *,
+      lr: float,
+      clip_norm: float = 1.0,
+      weight_decay: float = 0.01,
+      ref_model: TorchLLaDA | None = None,
+  ):
     self.model, self.config, self.clip_norm = model, config, clip_norm
     self.ref_model = ref_model
     if config.beta > 0 and ref_model is None:
       raise ValueError(f"TorchUpdate: beta={config.beta} > 0 needs ref_model")
     self.params = list(model.parameters())
-    self.opt = torch.optim.AdamW(self.params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay,
-                                 foreach=True)
+    self.opt = torch.optim.AdamW(
+        self.params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay, foreach=True
+    )
 
   def _clip(self):
     grads = [p.grad for p in self.params]
@@ -207,8 +244,11 @@ class TorchUpdate:
     canvases = torch.from_numpy(inputs.canvases.astype(np.int64))
     with torch.no_grad():
       old = [_token_logp(self.model(prompt, canvases[d]), tokens)[0] for d in inputs.representative]
-      ref = ([_token_logp(self.ref_model(prompt, canvases[d]), tokens)[0] for d in inputs.representative]
-             if c.beta > 0 else None)
+      ref = (
+          [_token_logp(self.ref_model(prompt, canvases[d]), tokens)[0] for d in inputs.representative]
+          if c.beta > 0
+          else None
+      )
     losses = []
     for k in range(c.num_iterations):
       g = inputs.groups[k]
@@ -235,11 +275,23 @@ class TorchUpdate:
     return losses
 
 
-def build(cfg, params, config: rl.HTGRPOConfig, *, prompt_len: int, mask_id: int, offset: int, codebook: int,
-          lr: float, weight_decay: float = 0.01, clip_norm: float = 1.0) -> TorchUpdate:
+def build(
+    cfg,
+    params,
+    config: rl.HTGRPOConfig,
+    *,
+    prompt_len: int,
+    mask_id: int,
+    offset: int,
+    codebook: int,
+    lr: float,
+    weight_decay: float = 0.01,
+    clip_norm: float = 1.0,
+) -> TorchUpdate:
   """A ``TorchUpdate`` whose policy (and frozen reference, when beta > 0) start from Flax ``params``."""
-  make = lambda: TorchLLaDA(cfg, prompt_len=prompt_len, mask_id=mask_id, offset=offset,
-                            codebook=codebook).load_flax(params)
+  make = lambda: TorchLLaDA(cfg, prompt_len=prompt_len, mask_id=mask_id, offset=offset, codebook=codebook).load_flax(
+      params
+  )
   ref = None
   if config.beta > 0:
     ref = make()

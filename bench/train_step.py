@@ -20,6 +20,7 @@ forward+backward passes (3F each), D_distinct = distinct estimator canvases (2 f
 structure context, K for the other estimators). Rematerialisation is not counted (model FLOPs);
 tests/test_flops.py checks the count against the traced program's matmuls.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,9 +45,10 @@ def _early_threads() -> int | None:
 
 if __name__ == "__main__":
   _n = _early_threads() or len(os.sched_getaffinity(0))
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + f" --xla_cpu_multi_thread_eigen={str(_n > 1).lower()}"
-                             f" intra_op_parallelism_threads={_n}").strip()
+  os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "") + f" --xla_cpu_multi_thread_eigen={str(_n > 1).lower()}"
+      f" intra_op_parallelism_threads={_n}"
+  ).strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -57,15 +59,21 @@ from htgrpo_jax import parallel, rl  # noqa: E402
 from htgrpo_jax import flops  # noqa: E402
 from htgrpo_jax.models.llada import LLaDA, get_config  # noqa: E402
 
-
 TEXT_VOCAB = 256  # prompt ids [0, 256); then the mask id, then the C codebook ids
 
 
 def make_policy(args):
   """LLaDA backbone over [prompt | slots] with the head sliced to the C codebook rows."""
   mask_id, offset = TEXT_VOCAB, TEXT_VOCAB + 1
-  cfg = get_config("shapes", d_model=args.d, n_layers=args.layers, n_heads=args.heads, mlp_hidden=args.mlp,
-                   vocab_size=offset + args.codebook, learned_pos_emb=args.prompt_len + args.tokens)
+  cfg = get_config(
+      "shapes",
+      d_model=args.d,
+      n_layers=args.layers,
+      n_heads=args.heads,
+      mlp_hidden=args.mlp,
+      vocab_size=offset + args.codebook,
+      learned_pos_emb=args.prompt_len + args.tokens,
+  )
   model = LLaDA(cfg)
   select = np.arange(args.prompt_len, args.prompt_len + args.tokens)
 
@@ -88,13 +96,21 @@ def make_rollout(args, rng):
       commit_step=jnp.asarray(step, jnp.int32),
       commit_entropy=jnp.asarray(rng.uniform(0, np.log(args.codebook), (b, n)), jnp.float32),
       commit_logp=jnp.asarray(-rng.uniform(0, 5, (b, n)), jnp.float32),
-      rewards=jnp.asarray(rng.random(b), jnp.float32))
+      rewards=jnp.asarray(rng.random(b), jnp.float32),
+  )
 
 
 def make_config(args, estimator: str, beta: float) -> rl.HTGRPOConfig:
-  return rl.HTGRPOConfig(group_size=args.group, num_sampler_steps=args.sampler_steps,
-                         n_global=args.stages[0], n_struct=args.stages[1], n_refine=args.stages[2],
-                         estimator=estimator, beta=beta, micro_batch_size=args.micro_batch_size or None)
+  return rl.HTGRPOConfig(
+      group_size=args.group,
+      num_sampler_steps=args.sampler_steps,
+      n_global=args.stages[0],
+      n_struct=args.stages[1],
+      n_refine=args.stages[2],
+      estimator=estimator,
+      beta=beta,
+      micro_batch_size=args.micro_batch_size or None,
+  )
 
 
 def time_vs_torch(args, config, model_cfg, params, compiled, state, rollout, key, einsum=None):
@@ -109,14 +125,23 @@ def time_vs_torch(args, config, model_cfg, params, compiled, state, rollout, key
   threads = args.threads or len(os.sched_getaffinity(0))
   torch.set_num_threads(threads)
   inputs = torch_reference.prepare_update(config, rollout, key, step=0)
-  upd = torch_reference.build(model_cfg, params, config, prompt_len=args.prompt_len, mask_id=TEXT_VOCAB,
-                              offset=TEXT_VOCAB + 1, codebook=args.codebook, lr=1e-4)
+  upd = torch_reference.build(
+      model_cfg,
+      params,
+      config,
+      prompt_len=args.prompt_len,
+      mask_id=TEXT_VOCAB,
+      offset=TEXT_VOCAB + 1,
+      codebook=args.codebook,
+      lr=1e-4,
+  )
   upd.run(inputs)  # warm-up (allocator, kernels)
   runs = {"jax": compiled} if einsum is None else {"jax": compiled, "jax_einsum": einsum}
   states = {name: state for name in runs}
   if einsum is not None:
-    states["jax_einsum"] = rl.TrainState.create(jax.tree.map(jnp.asarray, params), args.opt,
-                                                with_reference=config.beta > 0)
+    states["jax_einsum"] = rl.TrainState.create(
+        jax.tree.map(jnp.asarray, params), args.opt, with_reference=config.beta > 0
+    )
     states["jax_einsum"], _ = einsum(states["jax_einsum"], rollout, key)
   times = {name: [] for name in list(runs) + ["torch"]}
   for _ in range(args.repeats):
@@ -141,20 +166,51 @@ def main():
   ap.add_argument("--matmul", type=int, default=None, help="matmul size M (M x M @ M x M, fp32)")
   ap.add_argument("--vs_torch", action="store_true", help="also time bench/torch_reference.py, interleaved")
   ap.add_argument("--threads", type=int, default=0, help="intra-op threads for XLA and torch (0 = all CPUs)")
-  ap.add_argument("--dense", default="flat", choices=("flat", "einsum", "both"),
-                  help="'einsum': the projections as named-axis contractions (before docs/performance.md); "
-                       "'both': with --vs_torch, also time the einsum form in the same rotation")
+  ap.add_argument(
+      "--dense",
+      default="flat",
+      choices=("flat", "einsum", "both"),
+      help="'einsum': the projections as named-axis contractions (before docs/performance.md); "
+      "'both': with --vs_torch, also time the einsum form in the same rotation",
+  )
   args = ap.parse_args()
-  big = dict(d=128, layers=4, heads=4, mlp=512, tokens=64, codebook=128, prompt_len=16, batch=64, group=8,
-             stages=(2, 2, 2), sampler_steps=12, repeats=5, matmul=2048)
-  quick = dict(d=64, layers=2, heads=4, mlp=256, tokens=64, codebook=128, prompt_len=16, batch=16, group=8,
-               stages=(1, 1, 1), sampler_steps=8, repeats=3, matmul=1024)
+  big = dict(
+      d=128,
+      layers=4,
+      heads=4,
+      mlp=512,
+      tokens=64,
+      codebook=128,
+      prompt_len=16,
+      batch=64,
+      group=8,
+      stages=(2, 2, 2),
+      sampler_steps=12,
+      repeats=5,
+      matmul=2048,
+  )
+  quick = dict(
+      d=64,
+      layers=2,
+      heads=4,
+      mlp=256,
+      tokens=64,
+      codebook=128,
+      prompt_len=16,
+      batch=16,
+      group=8,
+      stages=(1, 1, 1),
+      sampler_steps=8,
+      repeats=3,
+      matmul=1024,
+  )
   for k, v in (quick if args.quick else big).items():
     if getattr(args, k, None) is None:
       setattr(args, k, v)
 
   config = make_config(args, args.estimator, args.beta)
   from htgrpo_jax.models import llada  # noqa: PLC0415
+
   flat = llada.flat_matmul
   einsum_form = lambda x, kernel, n_in: jnp.tensordot(x, kernel, axes=n_in)  # the pre-flat_matmul form
   if args.dense == "einsum":
@@ -200,18 +256,24 @@ def main():
   passes = flops.train_step_passes(config)
   step_flops = passes * f
   step_s, mm_s = statistics.median(step_times), statistics.median(mm_times)
-  step_fps, mm_fps = step_flops / step_s, 2.0 * m ** 3 / mm_s
+  step_fps, mm_fps = step_flops / step_s, 2.0 * m**3 / mm_s
 
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  backend={jax.default_backend()}")
-  print(f"model: d={model_cfg.d_model} layers={model_cfg.n_layers} heads={model_cfg.n_heads} "
-        f"mlp={model_cfg.mlp_hidden} L={length} N={args.tokens} C={args.codebook} B={args.batch}")
+  print(
+      f"model: d={model_cfg.d_model} layers={model_cfg.n_layers} heads={model_cfg.n_heads} "
+      f"mlp={model_cfg.mlp_hidden} L={length} N={args.tokens} C={args.codebook} B={args.batch}"
+  )
   print(f"dense: {args.dense}   threads: {args.threads or len(os.sched_getaffinity(0))}")
-  print(f"config: estimator={config.estimator} K={config.num_iterations} stages={args.stages} beta={config.beta} "
-        f"micro_batch={config.micro_batch_size} distinct_canvases={n_distinct} forward_passes={passes} "
-        f"(3 per inner update)")
+  print(
+      f"config: estimator={config.estimator} K={config.num_iterations} stages={args.stages} beta={config.beta} "
+      f"micro_batch={config.micro_batch_size} distinct_canvases={n_distinct} forward_passes={passes} "
+      f"(3 per inner update)"
+  )
   print(f"compile_s            {compile_s:.2f}")
-  print(f"step_s (median/{args.repeats})   {step_s:.4f}   steps/s {1.0 / step_s:.3f}   "
-        f"(min {min(step_times):.4f}, max {max(step_times):.4f})")
+  print(
+      f"step_s (median/{args.repeats})   {step_s:.4f}   steps/s {1.0 / step_s:.3f}   "
+      f"(min {min(step_times):.4f}, max {max(step_times):.4f})"
+  )
   print(f"step GFLOP (analytic) {step_flops / 1e9:.3f}   achieved GFLOP/s {step_fps / 1e9:.2f}")
   print(f"matmul {m}x{m} fp32 GFLOP/s (median) {mm_fps / 1e9:.2f}")
   print(f"ratio step/matmul FLOP/s {step_fps / mm_fps:.3f}")
@@ -220,13 +282,17 @@ def main():
     times, threads = time_vs_torch(args, config, model_cfg, params_np, compiled, state, rollout, key, einsum)
     print(f"vs eager PyTorch ({threads} intra-op threads each, {args.repeats} alternating repeats):")
     for name, ts_ in times.items():
-      print(f"  {name + '_update_s':22s} (median) {statistics.median(ts_):.4f}   "
-            f"(min {min(ts_):.4f}, max {max(ts_):.4f})")
+      print(
+          f"  {name + '_update_s':22s} (median) {statistics.median(ts_):.4f}   "
+          f"(min {min(ts_):.4f}, max {max(ts_):.4f})"
+      )
     tt = times["torch"]
     for name in [n for n in times if n != "torch"]:
       jt = times[name]
-      print(f"  speed {name}/torch {statistics.median(tt) / statistics.median(jt):.3f}x   (per-repeat: "
-            f"{', '.join(f'{t / j:.2f}' for j, t in zip(jt, tt))})")
+      print(
+          f"  speed {name}/torch {statistics.median(tt) / statistics.median(jt):.3f}x   (per-repeat: "
+          f"{', '.join(f'{t / j:.2f}' for j, t in zip(jt, tt))})"
+      )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Part 2 lowers the decode with the batch split over ``('data', 'fsdp')`` (params 
 libtpu topology description and prints ``compiled.memory_analysis()`` per device; the ``tensor``
 axis holds replicas of the same images (the decode does not shard within an image).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,10 @@ def time_cpu(name: str, size: int, batch: int, reps: int) -> float:
   fn = mod.make_decode(cfg)
   t0 = time.perf_counter()
   fn(params, codes).block_until_ready()
-  print(f"[{name}] {n_params(params) / 1e6:.2f}M params; compile + first call "
-        f"{time.perf_counter() - t0:.1f} s", flush=True)
+  print(
+      f"[{name}] {n_params(params) / 1e6:.2f}M params; compile + first call " f"{time.perf_counter() - t0:.1f} s",
+      flush=True,
+  )
   times = []
   for r in range(reps):
     t0 = time.perf_counter()
@@ -56,8 +59,11 @@ def time_cpu(name: str, size: int, batch: int, reps: int) -> float:
     times.append(time.perf_counter() - t0)
     print(f"[{name}] rep {r + 1}/{reps}: {times[-1]:.2f} s for {batch} image(s)", flush=True)
   ips = batch / statistics.median(times)
-  print(f"[{name}] {size}x{size}: median {statistics.median(times):.2f} s/batch -> {ips:.3f} images/s "
-        f"on {jax.devices()[0].platform} ({os.cpu_count()} cpus visible)", flush=True)
+  print(
+      f"[{name}] {size}x{size}: median {statistics.median(times):.2f} s/batch -> {ips:.3f} images/s "
+      f"on {jax.devices()[0].platform} ({os.cpu_count()} cpus visible)",
+      flush=True,
+  )
   return ips
 
 
@@ -65,13 +71,13 @@ def aot_memory(name: str, size: int, batch: int, topology: str, fsdp: int, tenso
   """Compiles the sharded decode for a TPU topology description; returns (memory_analysis, s, mesh)."""
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   from aot_forward import topology_mesh  # sets ALLOW_MULTIPLE_LIBTPU_LOAD before loading libtpu
+
   mod, cfg = _config(name, dtype)
   mesh = topology_mesh(topology, fsdp, tensor)
   if batch % parallel.batch_size_divisor(mesh):
     raise ValueError(f"--aot_batch={batch} is not a multiple of data*fsdp={parallel.batch_size_divisor(mesh)}")
   rep = parallel.replicated(mesh)
-  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-                        mod.abstract_params(cfg))
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), mod.abstract_params(cfg))
   s = size // cfg.scale
   codes = jax.ShapeDtypeStruct((batch, s, s), jnp.int32, sharding=parallel.batch_sharding(mesh, 3))
   t0 = time.perf_counter()
@@ -101,15 +107,18 @@ def main():
   if not args.skip_aot:
     gib = lambda b: b / 2**30
     for name in names:
-      mem, secs, mesh = aot_memory(name, args.aot_size, args.aot_batch, args.topology, args.fsdp,
-                                   args.tensor, jnp.dtype(args.aot_dtype))
+      mem, secs, mesh = aot_memory(
+          name, args.aot_size, args.aot_batch, args.topology, args.fsdp, args.tensor, jnp.dtype(args.aot_dtype)
+      )
       per = args.aot_batch // parallel.batch_size_divisor(mesh)
-      print(f"[{name}] AOT {args.aot_dtype} decode of {args.aot_batch} x {args.aot_size}^2 on {args.topology} "
-            f"(mesh {dict(mesh.shape)}, {per} image(s)/device), compile {secs:.1f} s; per device: "
-            f"arguments {gib(mem.argument_size_in_bytes):.3f} GiB, outputs {gib(mem.output_size_in_bytes):.3f} GiB, "
-            f"temps {gib(mem.temp_size_in_bytes):.3f} GiB; total "
-            f"{gib(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes):.3f} GiB",
-            flush=True)
+      print(
+          f"[{name}] AOT {args.aot_dtype} decode of {args.aot_batch} x {args.aot_size}^2 on {args.topology} "
+          f"(mesh {dict(mesh.shape)}, {per} image(s)/device), compile {secs:.1f} s; per device: "
+          f"arguments {gib(mem.argument_size_in_bytes):.3f} GiB, outputs {gib(mem.output_size_in_bytes):.3f} GiB, "
+          f"temps {gib(mem.temp_size_in_bytes):.3f} GiB; total "
+          f"{gib(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes):.3f} GiB",
+          flush=True,
+      )
 
 
 if __name__ == "__main__":

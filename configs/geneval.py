@@ -10,6 +10,7 @@ uni) and optionally ``tiny`` (a small model, world and run for tests, Colab and 
 Any ``HTGRPOConfig`` field can be overridden under ``rl``, e.g. ``--config.rl.beta=0.0``
 (the fields are read from the dataclass, typed, so the flag parser knows each one's type).
 """
+
 import dataclasses
 import importlib.util
 import os
@@ -47,8 +48,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   tiny = "tiny" in parts
   unknown = [a for a in parts if a not in RL_PRESETS + ("tiny",)]
   if unknown:
-    raise ValueError(f"configs/geneval.py: unknown argument(s) {unknown}; use "
-                     f"'<preset>[,tiny]' with a preset from {RL_PRESETS}")
+    raise ValueError(
+        f"configs/geneval.py: unknown argument(s) {unknown}; use " f"'<preset>[,tiny]' with a preset from {RL_PRESETS}"
+    )
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.workdir = f"runs/geneval_{preset}" + ("_tiny" if tiny else "")
@@ -56,16 +58,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The world: what the prompts, tokens, pixels and rewards are.
   c.world = ml_collections.ConfigDict()
   c.world.kind = "shapes"
-  c.world.data_dir = "runs/shapeworld"        # world assets (codebook, tokenizer, prompt records), built once
-  c.world.reward_mode = "dense"               # RL reward: dense partial score; eval is always strict 0/1
-  c.world.reward_url = ""                     # "": the verifier in-process; else a reward server's
-  c.world.score_url = ""                      #   /dense and /strict (python launch/reward_server.py)
+  c.world.data_dir = "runs/shapeworld"  # world assets (codebook, tokenizer, prompt records), built once
+  c.world.reward_mode = "dense"  # RL reward: dense partial score; eval is always strict 0/1
+  c.world.reward_url = ""  # "": the verifier in-process; else a reward server's
+  c.world.score_url = ""  #   /dense and /strict (python launch/reward_server.py)
   c.world.reward_timeout = 30.0
   c.world.reward_retries = 3
   c.world.reward_backoff_s = 0.5
-  c.world.canvas = 32                         # px per side; 8x8 tokens of 4x4 px
+  c.world.canvas = 32  # px per side; 8x8 tokens of 4x4 px
   c.world.patch = 4
-  c.world.snap = True                         # objects on the patch grid (False: the harder variant)
+  c.world.snap = True  # objects on the patch grid (False: the harder variant)
   c.world.num_codes = 128
   c.world.num_train = 10000
   c.world.num_eval = 1000
@@ -82,25 +84,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The policy.
   c.model = ml_collections.ConfigDict()
   c.model.preset = "shapes"
-  c.model.checkpoint = "runs/shapes_base"     # base policy (Orbax params under {checkpoint}/params)
-  c.model.pretrain_if_missing = True          # pretrain it first (launch/pretrain.py's job) when missing
+  c.model.checkpoint = "runs/shapes_base"  # base policy (Orbax params under {checkpoint}/params)
+  c.model.pretrain_if_missing = True  # pretrain it first (launch/pretrain.py's job) when missing
   c.model.pretrain_config = "configs/pretrain_shapes.py"
   # Pretraining settings (None keeps configs/pretrain_shapes.py's value).
-  c.model.pretrain = ml_collections.ConfigDict(dict(num_steps=None, max_minutes=None,
-                                                    batch_size=None))
+  c.model.pretrain = ml_collections.ConfigDict(dict(num_steps=None, max_minutes=None, batch_size=None))
   # LoRA (htgrpo_jax/models/lora.py): rank 0 = off (full fine-tuning). On, the state trains the
   # adapters only, the base is frozen and the KL reference is the base with the adapters off.
-  c.model.lora = ml_collections.ConfigDict(dict(rank=0, alpha=32.0, dropout=0.0,
-                                                targets="q_proj|k_proj|v_proj|up_proj"))
+  c.model.lora = ml_collections.ConfigDict(
+      dict(rank=0, alpha=32.0, dropout=0.0, targets="q_proj|k_proj|v_proj|up_proj")
+  )
 
   # Rollouts.
   c.sampler = ml_collections.ConfigDict()
   c.sampler.num_steps = 12
   # 0: ceil(rl.sketch_fraction * num_steps), the algorithm's sketch phase (any other value must equal it).
   c.sampler.sketch_steps = 0
-  c.sampler.rule = "emerge"                   # MaskGRPO's random-order unmasking (maskgit: confidence order)
+  c.sampler.rule = "emerge"  # MaskGRPO's random-order unmasking (maskgit: confidence order)
   c.sampler.schedule = "cosine"
-  c.sampler.cfg_scale = 2.0                   # measured: base held-out 0.13 at 0, 0.23 at 1, 0.27 at 2
+  c.sampler.cfg_scale = 2.0  # measured: base held-out 0.13 at 0, 0.23 at 1, 0.27 at 2
   c.sampler.temperature = 1.0
   c.sampler.temperature_mode = "constant"
   # True: rl.num_sketches (>= 2) sketches per prompt, each branched into G / M paints.
@@ -116,13 +118,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 1e-4
-  c.optim.warmup_steps = 2                    # RL steps (each K inner updates)
+  c.optim.warmup_steps = 2  # RL steps (each K inner updates)
   c.optim.max_grad_norm = 1.0
   c.optim.weight_decay = 0.0
   c.optim.b1 = 0.9
   c.optim.b2 = 0.99
 
-  c.prompts_per_step = 8                      # x group_size images per step
+  c.prompts_per_step = 8  # x group_size images per step
   c.total_steps = 60
   # ('data', 'fsdp', 'tensor') sizes, one may be -1; num_devices > 0 uses only the first ones.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0))
@@ -131,37 +133,36 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_every = 20
   c.save_every = 10
   c.keep_checkpoints = 2
-  c.save_every_minutes = 0.0                  # also save after this much wall time since the last save (0: off)
+  c.save_every_minutes = 0.0  # also save after this much wall time since the last save (0: off)
   # Stop (NonFiniteUpdateError) after this many non-finite inner updates in a row (0: never).
   c.max_consecutive_skips = 20
-  c.allow_config_change = False               # resume even if seed/optim/rl/... changed (config_history.jsonl)
+  c.allow_config_change = False  # resume even if seed/optim/rl/... changed (config_history.jsonl)
   c.eval = ml_collections.ConfigDict()
-  c.eval.num_prompts = 192                    # held-out prompts, balanced over the six tags
-  c.eval.samples_per_prompt = 1               # images per prompt at the periodic evaluations
-  c.eval.final_samples_per_prompt = 4         # ... at the base and final ones (GenEval uses 4)
-  c.eval.seed = 0                             # one eval key for every run: arms and seeds are paired
+  c.eval.num_prompts = 192  # held-out prompts, balanced over the six tags
+  c.eval.samples_per_prompt = 1  # images per prompt at the periodic evaluations
+  c.eval.final_samples_per_prompt = 4  # ... at the base and final ones (GenEval uses 4)
+  c.eval.seed = 0  # one eval key for every run: arms and seeds are paired
   c.eval.batch_size = 64
   c.eval.grid_size = 32
-  c.eval.at_start = True                      # score the base policy first (the table's baseline column)
+  c.eval.at_start = True  # score the base policy first (the table's baseline column)
   # Evaluation-only rollout cache (DiMOO's ML-Cache; docs/performance.md "Rollout cache"). Training rollouts
   # refuse it (sampler.cache): the importance ratios score the policy without it.
   c.eval.sampler_cache = ml_collections.ConfigDict()
   c.eval.sampler_cache.enabled = False
-  c.eval.sampler_cache.ratio = 0.9            # fraction of positions served from the cache on a cached step
-  c.eval.sampler_cache.warmup_ratio = 0.3     # steps [0, int(T * warmup_ratio)] run in full
-  c.eval.sampler_cache.refresh_interval = 5   # then a full refresh every this many steps
+  c.eval.sampler_cache.ratio = 0.9  # fraction of positions served from the cache on a cached step
+  c.eval.sampler_cache.warmup_ratio = 0.3  # steps [0, int(T * warmup_ratio)] run in full
+  c.eval.sampler_cache.refresh_interval = 5  # then a full refresh every this many steps
   c.progress = True
   # Process setup (htgrpo_jax/runtime.py) and tracing.
-  c.compilation_cache_dir = ""                # JAX's persistent compilation cache ("": off); relaunches skip compiles
-  c.log_level = "info"                        # absl verbosity of process 0 (debug/info/warning/error); others: warning
-  c.profile_steps = ""                        # "start,stop": jax.profiler trace of RL steps [start, stop)
+  c.compilation_cache_dir = ""  # JAX's persistent compilation cache ("": off); relaunches skip compiles
+  c.log_level = "info"  # absl verbosity of process 0 (debug/info/warning/error); others: warning
+  c.profile_steps = ""  # "start,stop": jax.profiler trace of RL steps [start, stop)
 
   if tiny:
     c.world.data_dir = "runs/shapeworld_tiny"
     c.world.num_train, c.world.num_eval = 512, 64
     c.model.checkpoint = "runs/shapes_base_tiny"
-    c.model.overrides = ml_collections.ConfigDict(dict(d_model=32, n_layers=1, n_heads=2,
-                                                       mlp_hidden=64))
+    c.model.overrides = ml_collections.ConfigDict(dict(d_model=32, n_layers=1, n_heads=2, mlp_hidden=64))
     c.model.pretrain = ml_collections.ConfigDict(dict(num_steps=30, max_minutes=None, batch_size=16))
     c.sampler.num_steps = 4
     c.rl.group_size = 4

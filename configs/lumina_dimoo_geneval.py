@@ -9,6 +9,7 @@ As ``configs/mmada_geneval.py`` with DiMOO's layout (system prompt, rows ending 
 token, ``<uncondition>`` CFG branch), its aMUSEd VQ-GAN decoder and its sampler (64 steps, CFG 4,
 constant temperature). 512x512 keeps rollouts affordable; any multiple of 16 works.
 """
+
 import os
 
 import ml_collections
@@ -21,7 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.workdir = "runs/lumina_dimoo_geneval"
   c.model.preset = "lumina_dimoo_8b"
   c.model.layout = "dimoo"
-  c.model.image_size = 512                    # 32 rows x 32 codes (+ a newline per row)
+  c.model.image_size = 512  # 32 rows x 32 codes (+ a newline per row)
   c.model.tokenizer = "/ckpt/Lumina-DiMOO"
   c.model.checkpoint = "/ckpt/dimoo_orbax"
   c.model.vq_kind = "vqgan"

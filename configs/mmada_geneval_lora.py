@@ -11,6 +11,7 @@ AdamW moments only; ``launch/export.py`` merges them into the base and writes Hu
 safetensors in MMaDA's own key layout. The learning rate is 10x the full fine-tuning one, the usual
 LoRA ratio; it is not tuned here.
 """
+
 import os
 
 import ml_collections

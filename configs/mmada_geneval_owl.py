@@ -22,6 +22,7 @@ Evaluation always scores with the same detector and classifier under GenEval's s
 numbers come from a Mask2Former detector; OWLv2 is another detector, so these scores are
 GenEval-style (docs/rewards_models.md).
 """
+
 import os
 
 import ml_collections
@@ -35,11 +36,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   names = [n for n in (arg or "geneval").split("+") if n]
   unknown = [n for n in names if n not in REWARDS]
   if unknown or not names or len(set(names)) != len(names):
-    raise ValueError(f"configs/mmada_geneval_owl.py: argument {arg!r}: expected '+'-separated names "
-                     f"from {REWARDS} (each once)")
+    raise ValueError(
+        f"configs/mmada_geneval_owl.py: argument {arg!r}: expected '+'-separated names " f"from {REWARDS} (each once)"
+    )
   c = load_config_file(os.path.join(os.path.dirname(__file__), "mmada_geneval.py"))
   c.workdir = "runs/mmada_geneval_owl"
-  c.world.reward_url = ""                     # no server: the rewards below run in the trainer
+  c.world.reward_url = ""  # no server: the rewards below run in the trainer
   detector = ml_collections.FieldReference("/ckpt/owlv2-base-patch16-ensemble")
   clip = ml_collections.FieldReference("/ckpt/clip-vit-large-patch14")
   owl = dict(kind="geneval_owl", detector=detector, clip=clip)

@@ -4,13 +4,14 @@
   python launch/pretrain.py --config=configs/pretrain_shapes.py --config.num_steps=100 \
       --config.workdir=/tmp/base --config.eval.num_prompts=48
 """
+
 import ml_collections
 
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.workdir = "runs/shapes_base"        # Orbax params land in {workdir}/params; table + grid too
+  c.workdir = "runs/shapes_base"  # Orbax params land in {workdir}/params; table + grid too
 
   c.world = ml_collections.ConfigDict()
   c.world.data_dir = "runs/shapeworld"  # codebook, tokenizer, TFDS records (built once)
@@ -18,20 +19,20 @@ def get_config() -> ml_collections.ConfigDict:
   c.world.patch = 4
   c.world.snap = True
   c.world.num_codes = 128
-  c.world.num_train = 10000             # records; batches reshuffle every epoch
+  c.world.num_train = 10000  # records; batches reshuffle every epoch
   c.world.num_eval = 1000
 
   c.model = ml_collections.ConfigDict()
-  c.model.preset = "shapes"             # d=128, 4 layers, 4 heads (docs/architecture.md, ShapeEval)
+  c.model.preset = "shapes"  # d=128, 4 layers, 4 heads (docs/architecture.md, ShapeEval)
   c.model.prompt_length = 16
   c.model.overrides = ml_collections.ConfigDict()  # any LLaDAConfig field
 
   c.batch_size = 64
-  c.num_steps = 600                     # the schedule and the end are step counts: reproducible
-  c.max_minutes = 40.0                  # safety cap only (~10 min on a quiet 2-core CPU); <= 0 disables
-  c.p_uncond = 0.1                      # prompt dropout for classifier-free guidance
-  c.compilation_cache_dir = ""          # JAX's persistent compilation cache ("": off; htgrpo_jax/runtime.py)
-  c.log_level = "info"                  # absl verbosity (debug/info/warning/error)
+  c.num_steps = 600  # the schedule and the end are step counts: reproducible
+  c.max_minutes = 40.0  # safety cap only (~10 min on a quiet 2-core CPU); <= 0 disables
+  c.p_uncond = 0.1  # prompt dropout for classifier-free guidance
+  c.compilation_cache_dir = ""  # JAX's persistent compilation cache ("": off; htgrpo_jax/runtime.py)
+  c.log_level = "info"  # absl verbosity (debug/info/warning/error)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 2e-3
@@ -46,12 +47,12 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Held-out evaluation after training (skipped when num_prompts == 0).
   c.eval = ml_collections.ConfigDict()
-  c.eval.num_prompts = 192              # balanced over the six tags
-  c.eval.group_size = 8                 # samples per prompt for the mixed-outcome statistic
-  c.eval.group_prompts = 48             # prompts sampled group_size times
+  c.eval.num_prompts = 192  # balanced over the six tags
+  c.eval.group_size = 8  # samples per prompt for the mixed-outcome statistic
+  c.eval.group_prompts = 48  # prompts sampled group_size times
   c.eval.num_steps = 12
-  c.eval.rule = "emerge"                # as configs/geneval.py's rollouts
-  c.eval.cfg_scale = 2.0                # as configs/geneval.py's rollouts
+  c.eval.rule = "emerge"  # as configs/geneval.py's rollouts
+  c.eval.cfg_scale = 2.0  # as configs/geneval.py's rollouts
   c.eval.temperature = 1.0
   c.eval.batch_size = 64
   c.eval.grid_size = 32

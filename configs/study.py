@@ -9,6 +9,7 @@
 Every run starts from one frozen base policy and trains the same number of steps of the same
 prompts x G, so arms see equal rollout budgets; see htgrpo_jax/study.py.
 """
+
 import ml_collections
 
 # arm -> (RL preset, overrides "dotted.key=value; ..." applied to the training config)
@@ -56,34 +57,31 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.title = "ShapeEval efficacy study"
   c.workdir = "runs/study" + ("_tiny" if tiny else "")
   c.train_config = "configs/geneval.py"
-  c.train_variant = ""                 # appended to each arm's preset: "tiny" -> "htgrpo,tiny"
-  c.base_seed = 0                      # the frozen base policy's pretraining seed
-  c.base_checkpoint = ""               # the frozen base ("": {workdir}/base, pretrained when missing)
+  c.train_variant = ""  # appended to each arm's preset: "tiny" -> "htgrpo,tiny"
+  c.base_seed = 0  # the frozen base policy's pretraining seed
+  c.base_checkpoint = ""  # the frozen base ("": {workdir}/base, pretrained when missing)
   # Overrides every run shares ("key=value; ..."): the budget and the evaluation.
   # A longer-pretrained base than the default command's 600 steps: under the strict judge the
   # 600-step base scores ~0.01-0.07 held-out (every sampler setting), too little to compare arms on.
   c.shared = "total_steps=60; eval_every=20; model.pretrain.num_steps=2000; model.pretrain.max_minutes=0"
-  c.arms = ml_collections.ConfigDict(
-      {name: dict(preset=p, overrides=o) for name, (p, o) in ARMS.items()})
+  c.arms = ml_collections.ConfigDict({name: dict(preset=p, overrides=o) for name, (p, o) in ARMS.items()})
   c.main_arms = "htgrpo,maskgrpo,tracegrpo,uni"
   c.main_seeds = 3
   c.ablation_arms = ",".join(a for a in ARMS if a not in c.main_arms.split(","))  # every other arm
   c.ablation_seeds = 1
-  c.reference_arm = "maskgrpo"         # the table's "vs" column: each arm's paired difference from it
+  c.reference_arm = "maskgrpo"  # the table's "vs" column: each arm's paired difference from it
   c.results_md = "docs/results.md"
   c.curves_png = "docs/results_curves.png"
-  c.readme = "README.md"               # its study block is rewritten from the results ("" = leave it)
+  c.readme = "README.md"  # its study block is rewritten from the results ("" = leave it)
   c.progress = True
   if long:
     # The same base and evaluation as the main study, five times its rollout budget (19200 images
     # per run). About 40 h of the 2-core CPU for the main arms; minutes on one GPU with --workers.
     c.workdir = "runs/study_long"
     c.base_checkpoint = "runs/study/base"
-    c.shared = c.shared.replace("total_steps=60; eval_every=20",
-                                "total_steps=300; eval_every=50; save_every=50")
+    c.shared = c.shared.replace("total_steps=60; eval_every=20", "total_steps=300; eval_every=50; save_every=50")
     c.main_arms += ",ht_traj_context"
-    c.ablation_arms = ("ht_traj_sketch,ht_traj_refine,"
-                       "htgrpo_lr3e-4,maskgrpo_lr3e-4,htgrpo_lr3e-5,maskgrpo_lr3e-5")
+    c.ablation_arms = "ht_traj_sketch,ht_traj_refine," "htgrpo_lr3e-4,maskgrpo_lr3e-4,htgrpo_lr3e-5,maskgrpo_lr3e-5"
     c.results_md = "docs/results_long.md"
     c.curves_png = "docs/results_long_curves.png"
     c.readme = ""

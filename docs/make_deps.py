@@ -10,6 +10,7 @@ body run only when it is called (they keep heavy dependencies off the import pat
 dashed. The page holds two Mermaid graphs (packages, then modules), the third-party modules each
 package reaches, and a table of every module's direct imports.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -162,8 +163,16 @@ def render(modules: dict[str, str], internal: dict, external: dict) -> str:
       if tgt == PACKAGE:
         continue
       lines.append(f"  {_nid(mod)} {'-->' if kind == 'eager' else '-.->'} {_nid(tgt)}")
-  lines += ["```", "", "## Third-party modules each package imports", "",
-            "(*lazy*: only inside a function body)", "", "| package | eager | lazy only |", "|---|---|---|"]
+  lines += [
+      "```",
+      "",
+      "## Third-party modules each package imports",
+      "",
+      "(*lazy*: only inside a function body)",
+      "",
+      "| package | eager | lazy only |",
+      "|---|---|---|",
+  ]
   ext_by_group = defaultdict(dict)
   for mod, targets in external.items():
     for tgt, kind in targets.items():
@@ -172,8 +181,13 @@ def render(modules: dict[str, str], internal: dict, external: dict) -> str:
     eager = sorted((t for t, k in ext_by_group[g].items() if k == "eager"), key=str.lower)
     lazy = sorted((t for t, k in ext_by_group[g].items() if k == "lazy"), key=str.lower)
     lines.append(f"| `{g}` | {', '.join(eager) or '-'} | {', '.join(lazy) or '-'} |")
-  lines += ["", "## Every module's direct imports", "", "| module | imports (package modules; *lazy* in italics) |",
-            "|---|---|"]
+  lines += [
+      "",
+      "## Every module's direct imports",
+      "",
+      "| module | imports (package modules; *lazy* in italics) |",
+      "|---|---|",
+  ]
   for mod in sorted(modules):
     targets = internal.get(mod, {})
     cells = [f"*{t}*" if k == "lazy" else t for t, k in sorted(targets.items()) if t != PACKAGE]

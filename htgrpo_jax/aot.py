@@ -22,6 +22,7 @@ generated code (the peak XLA plans for; the runtime adds a little for its own bu
 ``model_flops`` is the analytic count of ``htgrpo_jax.flops`` per device; ``xla_flops`` is
 ``cost_analysis()['flops']`` per device, which counts every loop body once (see ``flops``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,6 +42,7 @@ from jax.sharding import Mesh
 from htgrpo_jax import flops, parallel, paths, rl
 from htgrpo_jax.contracts import Registry
 from htgrpo_jax.models import layouts, llada, lora, policy
+
 # The trainer's own validation and state construction, without the trainer module (its loop,
 # writers and checkpointing are no part of a pre-flight).
 from htgrpo_jax.run_config import Plan, abstract_train_state, check_mesh, make_optimizer, plan
@@ -50,11 +52,11 @@ from htgrpo_jax.sampling.sampler import CanvasState
 # HBM per chip in GiB, by ``device_kind`` (the names libtpu's topology descriptions use).
 HBM_GIB: dict[str, float] = {
     "TPU v4": 32.0,
-    "TPU v5": 95.0,        # v5p
+    "TPU v5": 95.0,  # v5p
     "TPU v5p": 95.0,
-    "TPU v5 lite": 16.0,   # v5e
+    "TPU v5 lite": 16.0,  # v5e
     "TPU v5e": 16.0,
-    "TPU v6 lite": 32.0,   # v6e (Trillium)
+    "TPU v6 lite": 32.0,  # v6e (Trillium)
     "TPU v6e": 32.0,
 }
 
@@ -76,6 +78,7 @@ class Target:
     tokenizer_note: set when the config's tokenizer was not on this machine and a stand-in was
       used (program shapes do not depend on the text vocabulary).
   """
+
   topology: str
   plan: Plan
   model_cfg: llada.LLaDAConfig
@@ -99,6 +102,7 @@ class ProgramReport:
     hbm_gib: HBM of one chip (nan when the kind is not in ``HBM_GIB``).
     device_kind: e.g. 'TPU v5'.
   """
+
   program: str
   rows: int
   argument_bytes: int
@@ -115,8 +119,7 @@ class ProgramReport:
   @property
   def total_bytes(self) -> int:
     # Donated inputs share buffers with the outputs they alias, so count them once.
-    return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
-            + self.code_bytes)
+    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
 
   @property
   def total_gib(self) -> float:
@@ -146,11 +149,14 @@ def topology_devices(topology: str) -> np.ndarray:
   if not isinstance(topology, str) or ":" not in topology:
     raise ValueError(f"topology={topology!r}: expected '<kind>:<shape>', e.g. 'v5p:4x4x4' or 'v5e:16x16'")
   from jax.experimental import topologies
+
   try:
     return np.array(topologies.get_topology_desc(topology, "tpu").devices)
   except Exception as e:  # libtpu raises XlaRuntimeError / RuntimeError with its own text
-    raise ValueError(f"topology={topology!r}: libtpu cannot describe it ({str(e).splitlines()[0]}); "
-                     "use e.g. 'v5p:4x4x4', 'v5e:2x2', 'v5e:16x16', 'v6e:4x4'") from None
+    raise ValueError(
+        f"topology={topology!r}: libtpu cannot describe it ({str(e).splitlines()[0]}); "
+        "use e.g. 'v5p:4x4x4', 'v5e:2x2', 'v5e:16x16', 'v6e:4x4'"
+    ) from None
 
 
 def stand_in_tokenizer() -> str:
@@ -166,12 +172,12 @@ def stand_in_tokenizer() -> str:
 
 # ``world.kind`` -> ``(config, *, log) -> (model config, layout, tokenizer note)``: a task's
 # model and layout from its config alone (``tasks.WORLDS`` builds the whole task from files).
-MODEL_BUILDERS: Registry[Callable[..., tuple[llada.LLaDAConfig, layouts.Layout, str | None]]] = \
-    Registry("world.kind")
+MODEL_BUILDERS: Registry[Callable[..., tuple[llada.LLaDAConfig, layouts.Layout, str | None]]] = Registry("world.kind")
 
 
-def build_model(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = print
-                ) -> tuple[llada.LLaDAConfig, layouts.Layout, str | None]:
+def build_model(
+    config: ml_collections.ConfigDict, *, log: Callable[[str], None] = print
+) -> tuple[llada.LLaDAConfig, layouts.Layout, str | None]:
   """(model config, layout, tokenizer note) of ``config``'s task, without weights or data: the
   ``MODEL_BUILDERS`` entry of ``world.kind``.
 
@@ -189,8 +195,9 @@ def build_model(config: ml_collections.ConfigDict, *, log: Callable[[str], None]
 
 
 @MODEL_BUILDERS.register("shapes")
-def _shapes_model(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = print
-                  ) -> tuple[llada.LLaDAConfig, layouts.Layout, None]:
+def _shapes_model(
+    config: ml_collections.ConfigDict, *, log: Callable[[str], None] = print
+) -> tuple[llada.LLaDAConfig, layouts.Layout, None]:
   from htgrpo_jax import pretrain
   from htgrpo_jax.worlds.shapeeval import dataset as world_data
   from htgrpo_jax.worlds.shapeeval import grammar, text_tokenizer
@@ -200,8 +207,11 @@ def _shapes_model(config: ml_collections.ConfigDict, *, log: Callable[[str], Non
   world = pretrain.world_config(pcfg)
   codes = jax.ShapeDtypeStruct((config.world.num_codes, world.patch * world.patch * 3), jnp.float32)
   assets = world_data.WorldAssets(
-      data_dir=config.world.data_dir, codebook=codes, builder=None,
-      tokenizer=text_tokenizer.build_tokenizer(grammar.vocabulary(world)))
+      data_dir=config.world.data_dir,
+      codebook=codes,
+      builder=None,
+      tokenizer=text_tokenizer.build_tokenizer(grammar.vocabulary(world)),
+  )
   model_cfg, layout = pretrain.build_policy(pcfg, assets)
   return lora.attach(model_cfg, config.model), layout, None
 
@@ -216,8 +226,9 @@ def _tokenizer_present(path: str) -> bool:
 
 
 @MODEL_BUILDERS.register("t2i")
-def _t2i_model(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = print
-               ) -> tuple[llada.LLaDAConfig, layouts.Layout, str | None]:
+def _t2i_model(
+    config: ml_collections.ConfigDict, *, log: Callable[[str], None] = print
+) -> tuple[llada.LLaDAConfig, layouts.Layout, str | None]:
   from htgrpo_jax import tasks
 
   note = None
@@ -225,25 +236,28 @@ def _t2i_model(config: ml_collections.ConfigDict, *, log: Callable[[str], None] 
   if not _tokenizer_present(tok):
     config = config.copy_and_resolve_references()
     config.model.tokenizer = stand_in_tokenizer()
-    note = (f"model.tokenizer {tok!r} is not on this machine: a stand-in tokenizer (program shapes do "
-            f"not depend on the text vocabulary)")
+    note = (
+        f"model.tokenizer {tok!r} is not on this machine: a stand-in tokenizer (program shapes do "
+        f"not depend on the text vocabulary)"
+    )
     log(f"# {note}")
   layout = tasks.build_layout(config)
   try:
-    model_cfg = lora.attach(llada.get_config(config.model.preset, **dict(config.model.get("overrides") or {})),
-                            config.model)
+    model_cfg = lora.attach(
+        llada.get_config(config.model.preset, **dict(config.model.get("overrides") or {})), config.model
+    )
   except (TypeError, ValueError) as e:
     raise ValueError(f"model.preset / model.overrides: {e}") from None
   try:
     policy.check_compatible(model_cfg, layout)
   except ValueError as e:
-    raise ValueError(f"model.preset={config.model.preset!r} with model.layout="
-                     f"{config.model.layout!r}: {e}") from None
+    raise ValueError(
+        f"model.preset={config.model.preset!r} with model.layout=" f"{config.model.layout!r}: {e}"
+    ) from None
   return model_cfg, layout, note
 
 
-def prepare(config: ml_collections.ConfigDict, topology: str, *,
-            log: Callable[[str], None] = print) -> Target:
+def prepare(config: ml_collections.ConfigDict, topology: str, *, log: Callable[[str], None] = print) -> Target:
   """Validates ``config`` for ``topology`` and builds its ``Target``; compiles nothing.
 
   Raises:
@@ -256,8 +270,9 @@ def prepare(config: ml_collections.ConfigDict, topology: str, *,
   check_mesh(p, mesh)
   optimizer = make_optimizer(config, p)
   model_cfg, layout, note = build_model(config, log=log)
-  return Target(topology=topology, plan=p, model_cfg=model_cfg, layout=layout, mesh=mesh,
-                optimizer=optimizer, tokenizer_note=note)
+  return Target(
+      topology=topology, plan=p, model_cfg=model_cfg, layout=layout, mesh=mesh, optimizer=optimizer, tokenizer_note=note
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,12 +291,14 @@ def abstract_rollout(t: Target) -> rl.Rollout:
   b, n, lp = t.plan.batch_size, t.layout.num_image_tokens, t.layout.prompt_length
   s = rl.rollout_shardings(t.mesh)
   sds = lambda shape, dt, sh: jax.ShapeDtypeStruct(shape, dt, sharding=sh)
-  return rl.Rollout(prompt_tokens=sds((b, lp), jnp.int32, s.prompt_tokens),
-                    image_tokens=sds((b, n), jnp.int32, s.image_tokens),
-                    commit_step=sds((b, n), jnp.int32, s.commit_step),
-                    commit_entropy=sds((b, n), jnp.float32, s.commit_entropy),
-                    commit_logp=sds((b, n), jnp.float32, s.commit_logp),
-                    rewards=sds((b,), jnp.float32, s.rewards))
+  return rl.Rollout(
+      prompt_tokens=sds((b, lp), jnp.int32, s.prompt_tokens),
+      image_tokens=sds((b, n), jnp.int32, s.image_tokens),
+      commit_step=sds((b, n), jnp.int32, s.commit_step),
+      commit_entropy=sds((b, n), jnp.float32, s.commit_entropy),
+      commit_logp=sds((b, n), jnp.float32, s.commit_logp),
+      rewards=sds((b,), jnp.float32, s.rewards),
+  )
 
 
 def abstract_key(mesh: Mesh) -> jax.ShapeDtypeStruct:
@@ -299,18 +316,25 @@ def sampler_rows(t: Target, program: str) -> int:
 # Compilation.
 
 
-def _report(t: Target, program: str, rows: int, compiled, seconds: float, model_flops: float
-            ) -> ProgramReport:
+def _report(t: Target, program: str, rows: int, compiled, seconds: float, model_flops: float) -> ProgramReport:
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
   kind = t.mesh.devices.flat[0].device_kind
   return ProgramReport(
-      program=program, rows=rows, argument_bytes=int(mem.argument_size_in_bytes),
-      output_bytes=int(mem.output_size_in_bytes), alias_bytes=int(mem.alias_size_in_bytes),
-      temp_bytes=int(mem.temp_size_in_bytes), code_bytes=int(mem.generated_code_size_in_bytes),
-      xla_flops=float(cost.get("flops", 0.0)), model_flops=model_flops / t.mesh.devices.size,
-      compile_s=seconds, hbm_gib=HBM_GIB.get(kind, math.nan), device_kind=kind)
+      program=program,
+      rows=rows,
+      argument_bytes=int(mem.argument_size_in_bytes),
+      output_bytes=int(mem.output_size_in_bytes),
+      alias_bytes=int(mem.alias_size_in_bytes),
+      temp_bytes=int(mem.temp_size_in_bytes),
+      code_bytes=int(mem.generated_code_size_in_bytes),
+      xla_flops=float(cost.get("flops", 0.0)),
+      model_flops=model_flops / t.mesh.devices.size,
+      compile_s=seconds,
+      hbm_gib=HBM_GIB.get(kind, math.nan),
+      device_kind=kind,
+  )
 
 
 def _guided(t: Target) -> bool:
@@ -336,8 +360,13 @@ def lower_sampler(t: Target, program: str = "sampler"):
   state, shardings = abstract_state(t)
   lay = t.layout
   fn = policy.make_canvas_logits_fn(t.model_cfg, lay)
-  sampler = make_sampler(fn, t.plan.rollout_sampler, num_tokens=lay.num_image_tokens, mesh=t.mesh,
-                         params_sharding=shardings.policy_params())
+  sampler = make_sampler(
+      fn,
+      t.plan.rollout_sampler,
+      num_tokens=lay.num_image_tokens,
+      mesh=t.mesh,
+      params_sharding=shardings.policy_params(),
+  )
   rows = sampler_rows(t, program)
   b2 = parallel.batch_sharding(t.mesh, 2)
   key = abstract_key(t.mesh)
@@ -345,10 +374,14 @@ def lower_sampler(t: Target, program: str = "sampler"):
   if program == "paint":
     f32 = lambda: jax.ShapeDtypeStruct((rows, lay.num_image_tokens), jnp.float32, sharding=b2)
     canvas = CanvasState(
-        canvas=tokens(lay.num_image_tokens), commit_step=tokens(lay.num_image_tokens),
-        commit_entropy=f32(), commit_logp=f32(),
+        canvas=tokens(lay.num_image_tokens),
+        commit_step=tokens(lay.num_image_tokens),
+        commit_entropy=f32(),
+        commit_logp=f32(),
         step=jax.ShapeDtypeStruct((), jnp.int32, sharding=parallel.replicated(t.mesh)),
-        prompt_tokens=tokens(lay.prompt_length), uncond_tokens=tokens(lay.prompt_length))
+        prompt_tokens=tokens(lay.prompt_length),
+        uncond_tokens=tokens(lay.prompt_length),
+    )
     entry, args = sampler.paint, (state.policy_params(), canvas, key)
   else:
     prompts = tokens(lay.prompt_length)
@@ -368,8 +401,7 @@ def program_model_flops(t: Target, program: str) -> float:
   if program == "train_step":
     guided_rows = 2 if _guided(t) and t.plan.rollout_sampler.use_cfg else 1
     return flops.train_step_flops(t.model_cfg, t.layout, t.plan.rl, t.plan.batch_size, guided_rows)
-  return flops.sampler_flops(t.model_cfg, t.layout, t.plan.rollout_sampler, sampler_rows(t, program),
-                             program)
+  return flops.sampler_flops(t.model_cfg, t.layout, t.plan.rollout_sampler, sampler_rows(t, program), program)
 
 
 class DoesNotFit(ValueError):
@@ -410,9 +442,13 @@ def compile_program(t: Target, program: str) -> ProgramReport:
   return _report(t, program, rows, compiled, secs, program_model_flops(t, program))
 
 
-def compile_all(config: ml_collections.ConfigDict, topology: str,
-                programs: Sequence[str] = ("sampler", "train_step"), *,
-                log: Callable[[str], None] = print) -> tuple[Target, list[ProgramReport]]:
+def compile_all(
+    config: ml_collections.ConfigDict,
+    topology: str,
+    programs: Sequence[str] = ("sampler", "train_step"),
+    *,
+    log: Callable[[str], None] = print,
+) -> tuple[Target, list[ProgramReport]]:
   """Validates everything (programs, config, topology, mesh) before compiling anything, then
   compiles each program in turn."""
   bad = [p for p in programs if p not in PROGRAMS]

@@ -26,6 +26,7 @@ or optimizer) raises ``CheckpointMismatchError`` instead and is left alone.
 which is how a checkpoint written on 8 devices restores onto 1, or onto another mesh; the
 checksums do not depend on the sharding.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,7 +44,7 @@ from absl import logging
 from htgrpo_jax import paths
 
 MANIFEST_VERSION = 1
-_TRASH = "trash"      # keep-N deletions land here (atomic rename), then are removed
+_TRASH = "trash"  # keep-N deletions land here (atomic rename), then are removed
 _CORRUPT = "corrupt"  # steps that failed verification, moved aside by a falling-back restore
 
 
@@ -95,6 +96,7 @@ def json_sha256(obj: Any) -> str:
 # Checksums, computed on device (one fused read per leaf; nothing is gathered to a host)
 # ------------------------------------------------------------------------------------------------
 
+
 def _words(x: jax.Array) -> jax.Array:
   """The raw bits of ``x`` as uint32 (8-byte dtypes gain a trailing axis of 2)."""
   if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
@@ -129,13 +131,14 @@ def leaf_checksums(tree: Any) -> dict[str, list[int]]:
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   sums = _checksums_jit([jnp.asarray(x) for _, x in flat])
   # Replicated scalars: every process reads its own copy (works on multi-host arrays too).
-  return {jax.tree_util.keystr(p): [int(v) for v in np.asarray(s.addressable_data(0))]
-          for (p, _), s in zip(flat, sums)}
+  return {jax.tree_util.keystr(p): [int(v) for v in np.asarray(s.addressable_data(0))] for (p, _), s in zip(flat, sums)}
 
 
 def _leaf_specs(tree: Any) -> dict[str, tuple[list[int], str]]:
-  return {jax.tree_util.keystr(p): (list(x.shape), str(np.dtype(x.dtype)))
-          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+      jax.tree_util.keystr(p): (list(x.shape), str(np.dtype(x.dtype)))
+      for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,8 +169,9 @@ class RunCheckpointer:
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-            todelete_subdir=_TRASH))
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save, todelete_subdir=_TRASH
+        ),
+    )
 
   @property
   def corrupt_dir(self) -> str:
@@ -219,20 +223,29 @@ class RunCheckpointer:
     data_state, loop = _canonical_json(data_state), _canonical_json(loop)
     sums = leaf_checksums(state)
     specs = _leaf_specs(state)
-    manifest = dict(version=MANIFEST_VERSION, step=int(step),
-                    leaves={k: dict(shape=specs[k][0], dtype=specs[k][1], checksum=sums[k])
-                            for k in sums},
-                    json=dict(data=json_sha256(data_state), loop=json_sha256(loop)))
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-        loop=ocp.args.JsonSave(loop), manifest=ocp.args.JsonSave(manifest)), force=True)
+    manifest = dict(
+        version=MANIFEST_VERSION,
+        step=int(step),
+        leaves={k: dict(shape=specs[k][0], dtype=specs[k][1], checksum=sums[k]) for k in sums},
+        json=dict(data=json_sha256(data_state), loop=json_sha256(loop)),
+    )
+    self._manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state),
+            loop=ocp.args.JsonSave(loop),
+            manifest=ocp.args.JsonSave(manifest),
+        ),
+        force=True,
+    )
 
   # ----------------------------------------------------------------------------------------------
   # Restore
 
-  def restore(self, abstract_state: Any, step: int | None = None, *,
-              warn: Callable[[str], None] | None = None
-              ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+  def restore(
+      self, abstract_state: Any, step: int | None = None, *, warn: Callable[[str], None] | None = None
+  ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """Reads and verifies ``step`` into the structure/shardings of ``abstract_state``.
 
     Args:
@@ -268,13 +281,18 @@ class RunCheckpointer:
         continue
       if bad:
         moved = [self._quarantine(e.step) for e in bad]
-        warn(f"CORRUPT CHECKPOINT: step(s) {[e.step for e in bad]} could not be used; resuming "
-             f"from step {s}, the newest intact one (the steps after it are re-done). The corrupt "
-             f"step(s) were moved to {', '.join(moved)}.")
+        warn(
+            f"CORRUPT CHECKPOINT: step(s) {[e.step for e in bad]} could not be used; resuming "
+            f"from step {s}, the newest intact one (the steps after it are re-done). The corrupt "
+            f"step(s) were moved to {', '.join(moved)}."
+        )
       self.restored_step = s
       return out
-    raise CorruptCheckpointError(None, self.directory, "no intact step: " + "; ".join(
-        f"step {e.step}: {e}" for e in bad) + ". Move the folder away to start over.")
+    raise CorruptCheckpointError(
+        None,
+        self.directory,
+        "no intact step: " + "; ".join(f"step {e.step}: {e}" for e in bad) + ". Move the folder away to start over.",
+    )
 
   def _quarantine(self, step: int) -> str:
     """Moves a corrupt step into ``corrupt/`` (primary process) and forgets it."""
@@ -284,6 +302,7 @@ class RunCheckpointer:
       paths.rename(self._step_dir(step), dst)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       multihost_utils.sync_global_devices(f"htgrpo_quarantine_{step}")
     self._manager.reload()
     return dst
@@ -302,12 +321,13 @@ class RunCheckpointer:
         if not isinstance(leaves, dict) or not isinstance(hashes, dict):
           raise ValueError("manifest lacks 'leaves'/'json'")
       except Exception as e:  # noqa: BLE001 (any failure to read it is corruption)
-        raise CorruptCheckpointError(step, item("manifest"), f"unreadable manifest ({_short(e)})"
-                                     ) from None
+        raise CorruptCheckpointError(step, item("manifest"), f"unreadable manifest ({_short(e)})") from None
       self._check_matches(step, leaves, abstract_state)
     else:
-      warn(f"checkpoint step {step} at {step_dir} has no manifest (written before checksums "
-           "were recorded): restored unverified")
+      warn(
+          f"checkpoint step {step} at {step_dir} has no manifest (written before checksums "
+          "were recorded): restored unverified"
+      )
 
     json_items = {}
     for name in ("data", "loop"):
@@ -316,8 +336,9 @@ class RunCheckpointer:
       except Exception as e:  # noqa: BLE001
         raise CorruptCheckpointError(step, item(name), f"unreadable JSON ({_short(e)})") from None
       if manifest is not None and json_sha256(json_items[name]) != hashes.get(name):
-        raise CorruptCheckpointError(step, item(name), "its content differs from what was written "
-                                     "(SHA-256 mismatch)")
+        raise CorruptCheckpointError(
+            step, item(name), "its content differs from what was written " "(SHA-256 mismatch)"
+        )
     try:
       state = self._restore_item(step, "state", ocp.args.StandardRestore(abstract_state))
     except Exception as e:  # noqa: BLE001
@@ -325,16 +346,20 @@ class RunCheckpointer:
         # No manifest to tell a different model from a damaged file: the pre-checksum behaviour.
         raise CheckpointMismatchError(
             f"checkpoint {self.directory} step {step} does not match this run's model/optimizer "
-            f"({_short(e)}); use another workdir") from e
-      raise CorruptCheckpointError(step, item("state"), f"array data unreadable "
-                                   f"({_read_error(e)})") from None
+            f"({_short(e)}); use another workdir"
+        ) from e
+      raise CorruptCheckpointError(step, item("state"), f"array data unreadable " f"({_read_error(e)})") from None
     if manifest is not None:
       got = leaf_checksums(state)
       wrong = [k for k, v in got.items() if v != leaves[k]["checksum"]]
       if wrong:
-        raise CorruptCheckpointError(step, item("state"), f"leaf {wrong[0]} reads back different "
-                                     f"from what was written (checksum mismatch"
-                                     f"{f'; {len(wrong) - 1} more leaves' if len(wrong) > 1 else ''})")
+        raise CorruptCheckpointError(
+            step,
+            item("state"),
+            f"leaf {wrong[0]} reads back different "
+            f"from what was written (checksum mismatch"
+            f"{f'; {len(wrong) - 1} more leaves' if len(wrong) > 1 else ''})",
+        )
     return state, json_items["data"], json_items["loop"]
 
   def _check_matches(self, step: int, leaves: dict[str, Any], abstract_state: Any) -> None:
@@ -346,7 +371,8 @@ class RunCheckpointer:
       raise CheckpointMismatchError(
           f"checkpoint {self.directory} step {step} does not match this run's model/optimizer: "
           f"leaf {k} is {have.get(k, 'absent')} in the checkpoint, {want.get(k, 'absent')} here"
-          f"{f' (+{len(diff) - 1} more leaves)' if len(diff) > 1 else ''}; use another workdir")
+          f"{f' (+{len(diff) - 1} more leaves)' if len(diff) > 1 else ''}; use another workdir"
+      )
 
   # ----------------------------------------------------------------------------------------------
 
@@ -374,8 +400,7 @@ def step_dirs(directory: str | os.PathLike) -> list[int]:
   directory = os.fspath(directory)
   if not paths.isdir(directory):
     return []
-  return sorted(int(n) for n in paths.listdir(directory)
-                if n.isdigit() and paths.isdir(paths.join(directory, n)))
+  return sorted(int(n) for n in paths.listdir(directory) if n.isdigit() and paths.isdir(paths.join(directory, n)))
 
 
 def abstract_like(tree: Any, shardings: Any = None) -> Any:

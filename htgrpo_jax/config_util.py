@@ -4,6 +4,7 @@ A ``configs/*.py`` file that builds on a sibling (``mmada_geneval.py`` on ``gene
 with ``load_config_file``; parsing a config must stay cheap and must not initialise JAX, so this
 module imports only the standard library (``tests/test_layering.py`` checks it).
 """
+
 from __future__ import annotations
 
 import importlib.util

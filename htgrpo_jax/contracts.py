@@ -22,6 +22,7 @@ package ``rl/`` can all depend on it without depending on each other.
 ``htgrpo_jax.rl`` (``rl.MASK``, ``rl.Rollout``, ``rl.TrainState``, ...), ``rewards.RewardFn`` and
 ``evaluate.EvalPrompt`` re-export these names, so either spelling names the same object.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,8 +35,18 @@ import numpy as np
 import optax
 from flax import struct
 
-__all__ = ["MASK", "CachedLogits", "CanvasLogitsFn", "DecodeFn", "EvalPrompt", "Registry", "Rollout", "RewardFn",
-           "TrainState", "make_optimizer"]
+__all__ = [
+    "MASK",
+    "CachedLogits",
+    "CanvasLogitsFn",
+    "DecodeFn",
+    "EvalPrompt",
+    "Registry",
+    "Rollout",
+    "RewardFn",
+    "TrainState",
+    "make_optimizer",
+]
 
 MASK = -1  # masked slot in an image canvas (codes are >= 0)
 
@@ -55,8 +66,7 @@ class CanvasLogitsFn(Protocol):
     be independent of each other: the samplers reorder and interleave them for guidance.
   """
 
-  def __call__(self, params: chex.ArrayTree, prompt_tokens: jax.Array, canvas: jax.Array
-               ) -> jax.Array:
+  def __call__(self, params: chex.ArrayTree, prompt_tokens: jax.Array, canvas: jax.Array) -> jax.Array:
     ...
 
 
@@ -82,6 +92,7 @@ class CachedLogits:
     selectable: ``prompt_tokens int32[R, Lp] -> bool[R, L]``: positions worth recomputing (False
       on pads, whose keys are masked out and whose outputs nobody reads).
   """
+
   seq_len: int
   image_positions: np.ndarray
   full: Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
@@ -125,6 +136,7 @@ class RewardFn(Protocol):
 @dataclasses.dataclass(frozen=True)
 class EvalPrompt:
   """A held-out prompt: its caption, GenEval tag and metadata (JSON string) for the scorer."""
+
   text: str
   tag: str
   meta: str
@@ -144,6 +156,7 @@ class Rollout:
     commit_logp: float32[B, N] log-prob of the drawn token under that distribution.
     rewards: float32[B] scalar reward per image.
   """
+
   prompt_tokens: jax.Array
   image_tokens: jax.Array
   commit_step: jax.Array
@@ -175,8 +188,9 @@ class Rollout:
       if x.dtype != dtype:
         raise ValueError(f"Rollout.{name}: dtype {x.dtype}, expected {jnp.dtype(dtype).name}")
       if len(x.shape) != len(shape) or any(s is not None and s != t for s, t in zip(shape, x.shape)):
-        raise ValueError(f"Rollout.{name}: shape {tuple(x.shape)}, expected "
-                         f"{tuple('?' if s is None else s for s in shape)}")
+        raise ValueError(
+            f"Rollout.{name}: shape {tuple(x.shape)}, expected " f"{tuple('?' if s is None else s for s in shape)}"
+        )
 
 
 @struct.dataclass
@@ -199,6 +213,7 @@ class TrainState:
       reference is ``Adapted(frozen, None)``. Held here once, never written to a run checkpoint
       (``without_frozen``; the base is reloaded from its own checkpoint on resume).
   """
+
   step: jax.Array
   params: Any
   opt_state: Any
@@ -207,17 +222,29 @@ class TrainState:
   frozen: Any = None
 
   @classmethod
-  def create(cls, params: Any, optimizer: optax.GradientTransformation, *, ref_params: Any = None,
-             with_reference: bool = True, frozen: Any = None) -> "TrainState":
+  def create(
+      cls,
+      params: Any,
+      optimizer: optax.GradientTransformation,
+      *,
+      ref_params: Any = None,
+      with_reference: bool = True,
+      frozen: Any = None,
+  ) -> "TrainState":
     """Fresh state; the reference defaults to a copy of ``params`` (a copy so donation cannot alias).
     With a ``frozen`` base, ``params`` are the adapters and no reference copy is kept."""
     if frozen is not None:
       with_reference = False
     if with_reference and ref_params is None:
       ref_params = jax.tree.map(jnp.copy, params)
-    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-               ref_params=ref_params if with_reference else None, skipped=jnp.zeros((), jnp.int32),
-               frozen=frozen)
+    return cls(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        ref_params=ref_params if with_reference else None,
+        skipped=jnp.zeros((), jnp.int32),
+        frozen=frozen,
+    )
 
   def policy_params(self, rng: jax.Array | None = None) -> Any:
     """What the ``CanvasLogitsFn`` takes: ``params``, or ``Adapted(frozen, params, rng)``."""
@@ -242,6 +269,7 @@ class Adapted:
     rng: the adapters' dropout key (a gradient pass), or None: deterministic (rollouts, the old
       and reference passes, evaluation).
   """
+
   base: Any
   adapters: Any = None
   rng: Any = None
@@ -252,9 +280,15 @@ def policy_params(frozen: Any, params: Any, rng: jax.Array | None = None) -> Any
   return params if frozen is None else Adapted(frozen, params, rng)
 
 
-def make_optimizer(learning_rate: float | optax.Schedule, *, clip_norm: float | None = 1.0,
-                   weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,
-                   eps: float = 1e-8) -> optax.GradientTransformation:
+def make_optimizer(
+    learning_rate: float | optax.Schedule,
+    *,
+    clip_norm: float | None = 1.0,
+    weight_decay: float = 0.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+) -> optax.GradientTransformation:
   """The one optimizer every ``TrainState`` is built with (RL, pretraining, AOT): global-norm
   clipping (when ``clip_norm``) then AdamW. A schedule counts optimizer updates (RL: inner ones)."""
   adamw = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)

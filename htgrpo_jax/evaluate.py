@@ -1,4 +1,5 @@
 """GenEval-style reporting: per-tag accuracy tables (Markdown) and captioned image grids (PNG)."""
+
 from __future__ import annotations
 
 import os
@@ -14,7 +15,6 @@ from htgrpo_jax.contracts import EvalPrompt
 from htgrpo_jax.rewards.geneval import TAGS
 
 
-
 def _save_png(image: Image.Image, path: str) -> None:
   """``image.save(path)`` for a local path; a URL through ``paths.open`` (PIL writes local files)."""
   if paths.is_url(path):
@@ -22,6 +22,7 @@ def _save_png(image: Image.Image, path: str) -> None:
       image.save(f, format="PNG")
   else:
     image.save(path)
+
 
 def tag_scores(tags: Sequence[str], scores: Sequence[float]) -> dict[str, float]:
   """Mean score per tag (tags in GenEval order first) plus 'overall' = mean over tags.
@@ -46,8 +47,9 @@ def _tag_order(tags: Sequence[str]) -> list[str]:
   return [t for t in TAGS if t in set(tags)] + sorted(set(tags) - set(TAGS))
 
 
-def bootstrap_draws(tags: Sequence[str], clusters: Sequence[int], scores: Sequence[Sequence[float]],
-                    n_boot: int = 2000, seed: int = 0) -> dict[str, np.ndarray]:
+def bootstrap_draws(
+    tags: Sequence[str], clusters: Sequence[int], scores: Sequence[Sequence[float]], n_boot: int = 2000, seed: int = 0
+) -> dict[str, np.ndarray]:
   """Cluster-bootstrap draws of per-tag and overall accuracy for several score arrays at once.
 
   A cluster is one prompt with all its samples (GenEval draws several images per prompt; they are
@@ -86,25 +88,36 @@ def interval(draws: np.ndarray, level: float = 0.95) -> tuple[float, float]:
   return float(lo), float(hi)
 
 
-def tag_table(tags: Sequence[str], strict_scores: Sequence[float], title: str = "ShapeEval",
-              clusters: Sequence[int] | None = None) -> str:
+def tag_table(
+    tags: Sequence[str], strict_scores: Sequence[float], title: str = "ShapeEval", clusters: Sequence[int] | None = None
+) -> str:
   """A Markdown table: one row per tag (accuracy, sample count, and with ``clusters`` (the prompt
   id of each sample) a 95 % cluster-bootstrap interval) and the overall row."""
   acc = tag_scores(tags, strict_scores)
   counts = {t: int(np.sum(np.asarray(tags) == t)) for t in acc if t != "overall"}
-  ci = ({t: interval(d[0]) for t, d in bootstrap_draws(tags, clusters, [strict_scores]).items()}
-        if clusters is not None else None)
+  ci = (
+      {t: interval(d[0]) for t, d in bootstrap_draws(tags, clusters, [strict_scores]).items()}
+      if clusters is not None
+      else None
+  )
   cell = lambda t: f" {ci[t][0]:.3f}-{ci[t][1]:.3f} |" if ci else ""
-  lines = [f"| {title} | strict accuracy |{' 95 % CI |' if ci else ''} n |",
-           "|---|---:|" + ("---:|" if ci else "") + "---:|"]
+  lines = [
+      f"| {title} | strict accuracy |{' 95 % CI |' if ci else ''} n |",
+      "|---|---:|" + ("---:|" if ci else "") + "---:|",
+  ]
   lines += [f"| {t} | {acc[t]:.3f} |{cell(t)} {counts[t]} |" for t in counts]
-  lines.append(f"| **overall** (mean over tags) | **{acc['overall']:.3f}** |{cell('overall')} "
-               f"{len(tags)} |")
+  lines.append(f"| **overall** (mean over tags) | **{acc['overall']:.3f}** |{cell('overall')} " f"{len(tags)} |")
   return "\n".join(lines) + "\n"
 
 
-def image_grid(images: np.ndarray, captions: Sequence[str], path: str | os.PathLike,
-               cols: int = 8, scale: int = 4, caption_px: int = 10) -> np.ndarray:
+def image_grid(
+    images: np.ndarray,
+    captions: Sequence[str],
+    path: str | os.PathLike,
+    cols: int = 8,
+    scale: int = 4,
+    caption_px: int = 10,
+) -> np.ndarray:
   """Writes a PNG grid of images, each upscaled ``scale`` x (nearest) over its caption.
 
   Args:
@@ -120,8 +133,7 @@ def image_grid(images: np.ndarray, captions: Sequence[str], path: str | os.PathL
   """
   images = np.asarray(images)
   if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-    raise ValueError(f"image_grid: images must be uint8[B, H, W, 3], got "
-                     f"{images.dtype}{list(images.shape)}")
+    raise ValueError(f"image_grid: images must be uint8[B, H, W, 3], got " f"{images.dtype}{list(images.shape)}")
   if len(captions) != images.shape[0] or not len(captions):
     raise ValueError(f"image_grid: {len(captions)} captions for {images.shape[0]} images")
   b, h, w, _ = images.shape
@@ -166,12 +178,22 @@ def group_outcomes(strict: Sequence[float], group_size: int) -> dict[str, float]
   if group_size < 1 or s.ndim != 1 or s.shape[0] % group_size or not s.shape[0]:
     raise ValueError(f"group_outcomes: {s.shape[0]} scores do not split into groups of {group_size}")
   g = s.reshape(-1, group_size) > 0.5
-  return {"mixed": float(np.mean(g.any(1) & ~g.all(1))), "all_fail": float(np.mean(~g.any(1))),
-          "all_pass": float(np.mean(g.all(1)))}
+  return {
+      "mixed": float(np.mean(g.any(1) & ~g.all(1))),
+      "all_fail": float(np.mean(~g.any(1))),
+      "all_pass": float(np.mean(g.all(1))),
+  }
 
 
-def generate_images(sampler: Any, params: Any, layout: Any, decode: Callable[[jax.Array], jax.Array],
-                    captions: Sequence[str], key: jax.Array, batch_size: int = 64) -> np.ndarray:
+def generate_images(
+    sampler: Any,
+    params: Any,
+    layout: Any,
+    decode: Callable[[jax.Array], jax.Array],
+    captions: Sequence[str],
+    key: jax.Array,
+    batch_size: int = 64,
+) -> np.ndarray:
   """Samples one image per caption with a ``sampling.Sampler`` and decodes it on device.
 
   The last batch is padded to ``batch_size`` (one compiled shape for every call). Batch ``i``
@@ -190,24 +212,31 @@ def generate_images(sampler: Any, params: Any, layout: Any, decode: Callable[[ja
     uint8[len(captions), H, W, 3].
   """
   from htgrpo_jax import parallel
+
   mesh = getattr(sampler, "mesh", None)
   put = jnp.asarray if mesh is None else (lambda x: parallel.global_batch(x, mesh))
   out = []
   uncond = put(layout.unconditional_prompts(batch_size))
   for i in range(0, len(captions), batch_size):
-    part = list(captions[i:i + batch_size])
+    part = list(captions[i : i + batch_size])
     padded = part + [part[-1]] * (batch_size - len(part))
-    rec = sampler.sample(params, put(layout.encode_prompts(padded)), uncond,
-                         jax.random.fold_in(key, i))
-    out.append(parallel.to_host(decode(rec.image_tokens))[:len(part)])
+    rec = sampler.sample(params, put(layout.encode_prompts(padded)), uncond, jax.random.fold_in(key, i))
+    out.append(parallel.to_host(decode(rec.image_tokens))[: len(part)])
   return np.concatenate(out)
 
 
-def evaluate_policy(sampler: Any, params: Any, layout: Any, decode: Callable[[jax.Array], jax.Array],
-                    prompts: Sequence[EvalPrompt], key: jax.Array,
-                    score: Callable[..., np.ndarray], samples_per_prompt: int = 1,
-                    batch_size: int = 64,
-                    judge: Callable[..., list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+def evaluate_policy(
+    sampler: Any,
+    params: Any,
+    layout: Any,
+    decode: Callable[[jax.Array], jax.Array],
+    prompts: Sequence[EvalPrompt],
+    key: jax.Array,
+    score: Callable[..., np.ndarray],
+    samples_per_prompt: int = 1,
+    batch_size: int = 64,
+    judge: Callable[..., list[dict[str, Any]]] | None = None,
+) -> dict[str, Any]:
   """Samples ``samples_per_prompt`` images per prompt and scores them GenEval-style.
 
   Args:
@@ -237,9 +266,17 @@ def evaluate_policy(sampler: Any, params: Any, layout: Any, decode: Callable[[ja
     strict = np.asarray(score(captions, images, metas), np.float32)
     reasons, malformed = [""] * len(rep), np.full(len(rep), -1, np.int64)
   tags = [p.tag for p in rep]
-  return dict(images=images, captions=captions, tags=tags, metas=metas, strict=strict,
-              prompt_index=np.repeat(np.arange(len(prompts)), samples_per_prompt),
-              reasons=reasons, malformed=malformed, scores=tag_scores(tags, strict))
+  return dict(
+      images=images,
+      captions=captions,
+      tags=tags,
+      metas=metas,
+      strict=strict,
+      prompt_index=np.repeat(np.arange(len(prompts)), samples_per_prompt),
+      reasons=reasons,
+      malformed=malformed,
+      scores=tag_scores(tags, strict),
+  )
 
 
 def hacking_watch(res: dict[str, Any]) -> dict[str, float]:
@@ -250,8 +287,10 @@ def hacking_watch(res: dict[str, Any]) -> dict[str, float]:
   if m.size == 0 or (m < 0).all():
     return {}
   ok = np.asarray(res["strict"]) > 0.5
-  return {"malformed_share": float(np.mean(m > 0)),
-          "malformed_share_accepted": float(np.mean(m[ok] > 0)) if ok.any() else 0.0}
+  return {
+      "malformed_share": float(np.mean(m > 0)),
+      "malformed_share_accepted": float(np.mean(m[ok] > 0)) if ok.any() else 0.0,
+  }
 
 
 def write_samples(out_dir: str | os.PathLike, res: dict[str, Any]) -> str:
@@ -259,6 +298,7 @@ def write_samples(out_dir: str | os.PathLike, res: dict[str, Any]) -> str:
   ``samples.jsonl`` line per image (prompt, tag, metadata, image file, verdict, reason), so the
   same images can be re-scored by another checker. Returns the JSONL path."""
   import json
+
   out_dir = os.fspath(out_dir)
   paths.makedirs(paths.join(out_dir, "images"), exist_ok=True)
   seen: dict[int, int] = {}
@@ -273,18 +313,32 @@ def write_samples(out_dir: str | os.PathLike, res: dict[str, Any]) -> str:
       meta = json.loads(meta)
     except (TypeError, ValueError):
       pass
-    lines.append(json.dumps(dict(prompt=res["captions"][i], tag=res["tags"][i], metadata=meta,
-                                 prompt_index=p, sample=k, filename=name,
-                                 correct=bool(res["strict"][i] > 0.5), reason=res["reasons"][i],
-                                 malformed=int(res["malformed"][i]))))
+    lines.append(
+        json.dumps(
+            dict(
+                prompt=res["captions"][i],
+                tag=res["tags"][i],
+                metadata=meta,
+                prompt_index=p,
+                sample=k,
+                filename=name,
+                correct=bool(res["strict"][i] > 0.5),
+                reason=res["reasons"][i],
+                malformed=int(res["malformed"][i]),
+            )
+        )
+    )
   path = paths.join(out_dir, "samples.jsonl")
   paths.write_text_atomic(path, "\n".join(lines) + "\n")
   return path
 
 
-def comparison_table(columns: dict[str, dict[str, float]], title: str = "ShapeEval held-out",
-                     intervals: dict[str, dict[str, tuple[float, float]]] | None = None,
-                     change_intervals: dict[str, tuple[float, float]] | None = None) -> str:
+def comparison_table(
+    columns: dict[str, dict[str, float]],
+    title: str = "ShapeEval held-out",
+    intervals: dict[str, dict[str, tuple[float, float]]] | None = None,
+    change_intervals: dict[str, tuple[float, float]] | None = None,
+) -> str:
   """Markdown table of per-tag scores side by side, e.g. ``{'base': {...}, 'HT-GRPO': {...}}``;
   the last column also shows its change from the first. ``intervals`` ({column: {tag: (lo, hi)}})
   and ``change_intervals`` ({tag: (lo, hi)}, a paired interval of the change) add 95 % CIs."""
@@ -295,30 +349,44 @@ def comparison_table(columns: dict[str, dict[str, float]], title: str = "ShapeEv
   ci = lambda lo_hi: f" [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]"
   for t in tags:
     vals = [columns[n].get(t, float("nan")) for n in names]
-    cells = [f"{v:.3f}" + (ci(intervals[n][t]) if intervals and t in intervals.get(n, {}) else "")
-             for n, v in zip(names, vals)]
+    cells = [
+        f"{v:.3f}" + (ci(intervals[n][t]) if intervals and t in intervals.get(n, {}) else "")
+        for n, v in zip(names, vals)
+    ]
     if len(names) > 1:
-      cells.append(f"{vals[-1] - vals[0]:+.3f}" +
-                   (ci(change_intervals[t]) if change_intervals and t in change_intervals else ""))
+      cells.append(
+          f"{vals[-1] - vals[0]:+.3f}" + (ci(change_intervals[t]) if change_intervals and t in change_intervals else "")
+      )
     name = f"**{t}**" if t == "overall" else t
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 
-def plot_curves(path: str | os.PathLike, train: Sequence[tuple[int, float]],
-                evals: Sequence[tuple[int, float]] = (), title: str = "HT-GRPO") -> None:
+def plot_curves(
+    path: str | os.PathLike,
+    train: Sequence[tuple[int, float]],
+    evals: Sequence[tuple[int, float]] = (),
+    title: str = "HT-GRPO",
+) -> None:
   """Writes a PNG of the training reward per step (and its running mean) and the held-out strict
   accuracy at each evaluation."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
   if train:
     x, y = np.asarray(train, np.float64).T
     ax.plot(x, y, color="tab:blue", alpha=0.3, lw=1, label="train reward (batch mean)")
     w = max(1, min(10, len(y) // 5))
-    ax.plot(x[w - 1:], np.convolve(y, np.ones(w) / w, "valid"), color="tab:blue", lw=2,
-            label=f"train reward ({w}-step mean)")
+    ax.plot(
+        x[w - 1 :],
+        np.convolve(y, np.ones(w) / w, "valid"),
+        color="tab:blue",
+        lw=2,
+        label=f"train reward ({w}-step mean)",
+    )
   if evals:
     x, y = np.asarray(evals, np.float64).T
     ax.plot(x, y, "o-", color="tab:red", lw=2, label="held-out strict overall")

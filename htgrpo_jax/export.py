@@ -8,6 +8,7 @@ result in the model's own key layout (``models.convert.save_hf``: the inverse of
 so ``launch/convert_checkpoint.py`` (or ``transformers`` with the original modelling code, when
 ``hf_dir`` supplies it) reads it back.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,9 +31,15 @@ def merged_params(model_cfg, base: Any, adapters: Any, shardings: Any = None) ->
   return jax.jit(fold, out_shardings=shardings)(base, adapters)
 
 
-def export_run(config: ml_collections.ConfigDict, out_dir: str, *, step: int | None = None,
-               dtype: str | None = None, hf_dir: str | None = None,
-               log: Callable[[str], None] = print) -> dict[str, Any]:
+def export_run(
+    config: ml_collections.ConfigDict,
+    out_dir: str,
+    *,
+    step: int | None = None,
+    dtype: str | None = None,
+    hf_dir: str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
   """Writes the policy of run checkpoint ``step`` (None: the newest) as HF safetensors.
 
   Args:
@@ -51,8 +58,10 @@ def export_run(config: ml_collections.ConfigDict, out_dir: str, *, step: int | N
   """
   plan(config)
   if config.world.kind != "t2i":
-    raise ValueError(f"world.kind={config.world.kind!r}: export writes HF LLaDA checkpoints (MMaDA / "
-                     "Lumina-DiMOO, world.kind='t2i'); the ShapeEval policy has no HF layout")
+    raise ValueError(
+        f"world.kind={config.world.kind!r}: export writes HF LLaDA checkpoints (MMaDA / "
+        "Lumina-DiMOO, world.kind='t2i'); the ShapeEval policy has no HF layout"
+    )
   if jax.process_count() > 1:
     raise ValueError("export runs on one process (the merged params restore onto its devices)")
   mesh = parallel.make_mesh(**dict(config.mesh))
@@ -64,8 +73,7 @@ def export_run(config: ml_collections.ConfigDict, out_dir: str, *, step: int | N
   else:
     adapters, step = restore_params(ckpts, policy.abstract_adapters(model_cfg, layout, mesh), step)
     base = convert.restore_params(paths.resolve(config.model.checkpoint), abstract_base)
-    params = merged_params(model_cfg, base, adapters,
-                           policy.param_shardings(model_cfg, layout, mesh))
+    params = merged_params(model_cfg, base, adapters, policy.param_shardings(model_cfg, layout, mesh))
     del base
   files = convert.save_hf(params, model_cfg, out_dir, dtype=np.dtype(dtype) if dtype else None)
   if hf_dir:
@@ -73,6 +81,9 @@ def export_run(config: ml_collections.ConfigDict, out_dir: str, *, step: int | N
       src = os.path.join(hf_dir, name)
       if os.path.isfile(src) and not name.endswith(".safetensors") and name != convert.INDEX_FILE:
         shutil.copy2(src, os.path.join(out_dir, name))
-  log(f"wrote {out_dir}: step {step} of {config.workdir}"
-      + (f", LoRA r={model_cfg.lora.rank} merged" if model_cfg.lora else "") + f", {len(files)} shard(s)")
+  log(
+      f"wrote {out_dir}: step {step} of {config.workdir}"
+      + (f", LoRA r={model_cfg.lora.rank} merged" if model_cfg.lora else "")
+      + f", {len(files)} shard(s)"
+  )
   return dict(params=params, step=step, files=files)

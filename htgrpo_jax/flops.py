@@ -15,6 +15,7 @@ per block: q, k, v, o projections 4 x 2 L D^2; q k^T and att v 2 x 2 L^2 D; the 
 update is 3F. ``tests/test_flops.py`` checks these counts against the dot_generals of the traced
 programs (the forward, a whole train step, a whole sampler call), not against this formula.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -52,8 +53,9 @@ def train_step_passes(rl_cfg: "HTGRPOConfig") -> int:
   return distinct * (2 if rl_cfg.beta > 0 else 1) + 3 * rl_cfg.num_iterations
 
 
-def train_step_flops(cfg: "LLaDAConfig", layout: "Layout", rl_cfg: "HTGRPOConfig", rows: int,
-                     guided_rows: int = 1) -> float:
+def train_step_flops(
+    cfg: "LLaDAConfig", layout: "Layout", rl_cfg: "HTGRPOConfig", rows: int, guided_rows: int = 1
+) -> float:
   """Model FLOPs of one ``rl.make_train_step`` call on ``rows`` rollouts (all chips together).
 
   ``guided_rows``: 2 when the step scores the CFG-guided logits (``estimator_guidance='guided'``
@@ -72,8 +74,9 @@ def sampler_steps(sampler_cfg: "SamplerConfig", program: str = "sampler") -> int
   return {"sampler": t, "sketch": s, "paint": t - s}[program]
 
 
-def sampler_flops(cfg: "LLaDAConfig", layout: "Layout", sampler_cfg: "SamplerConfig", rows: int,
-                  program: str = "sampler") -> float:
+def sampler_flops(
+    cfg: "LLaDAConfig", layout: "Layout", sampler_cfg: "SamplerConfig", rows: int, program: str = "sampler"
+) -> float:
   """Model FLOPs of one sampler call on ``rows`` rows (all chips): one forward per step, on 2 x rows
   when CFG is on (conditional and unconditional rows in one batch)."""
   cfg_rows = 2 if sampler_cfg.use_cfg else 1

@@ -6,6 +6,7 @@ maps them onto mesh axes (MaxText's scheme). Batch-like leading dimensions are s
 ``('data', 'fsdp')``; parameters are split over ``fsdp`` (their ``embed`` dimension) and ``tensor``
 (heads, mlp, vocab).
 """
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,9 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None, num_devices: int = 0) -> Mesh:
+def make_mesh(
+    data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None, num_devices: int = 0
+) -> Mesh:
   """Builds the ``('data', 'fsdp', 'tensor')`` mesh. One size may be -1 (= the devices left).
 
   Args:
@@ -68,12 +70,14 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
       raise ValueError(f"mesh: {len(devices)} devices do not divide by fsdp*tensor*... = {known}")
     sizes[sizes.index(-1)] = len(devices) // known
   if int(np.prod(sizes)) != len(devices):
-    raise ValueError(f"mesh: data*fsdp*tensor = {sizes} needs {int(np.prod(sizes))} devices, "
-                     f"{len(devices)} are available")
+    raise ValueError(
+        f"mesh: data*fsdp*tensor = {sizes} needs {int(np.prod(sizes))} devices, " f"{len(devices)} are available"
+    )
   # Auto axes: shardings are propagated by XLA from in/out_shardings and logical constraints
   # (MaxText's model), not carried in the types as JAX 0.10's default Explicit axes would.
-  return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+  return jax.make_mesh(
+      tuple(sizes), MESH_AXES, devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  )
 
 
 def auto_mesh(mesh: Mesh) -> Mesh:
@@ -86,24 +90,29 @@ def auto_mesh(mesh: Mesh) -> Mesh:
   """
   if all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types):
     return mesh
-  return Mesh(mesh.devices, mesh.axis_names,
-              axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+  return Mesh(mesh.devices, mesh.axis_names, axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
 
 
 def onto_mesh(tree: Any, mesh: Mesh) -> Any:
   """Relabels arrays laid out on a twin of ``mesh`` (same devices, other axis types) onto it."""
+
   def move(x):
     sh = getattr(x, "sharding", None)
-    if (isinstance(sh, NamedSharding) and sh.mesh is not mesh and sh.mesh != mesh
+    if (
+        isinstance(sh, NamedSharding)
+        and sh.mesh is not mesh
+        and sh.mesh != mesh
         and sh.mesh.axis_names == mesh.axis_names
-        and sh.mesh.devices.shape == mesh.devices.shape and (sh.mesh.devices == mesh.devices).all()):
+        and sh.mesh.devices.shape == mesh.devices.shape
+        and (sh.mesh.devices == mesh.devices).all()
+    ):
       return jax.device_put(x, NamedSharding(mesh, sh.spec))
     return x
+
   return jax.tree.map(move, tree)
 
 
-def logical_to_sharding(logical_specs: Any, mesh: Mesh,
-                        rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> Any:
+def logical_to_sharding(logical_specs: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> Any:
   """Maps a pytree of logical ``PartitionSpec``s (e.g. from ``nn.get_partition_spec``) to
   ``NamedSharding``s on ``mesh``."""
   return nn.logical_to_mesh_sharding(logical_specs, mesh, list(rules))
@@ -120,8 +129,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_shardings(tree: Any, mesh: Mesh) -> Any:
   """A ``batch_sharding`` per leaf (scalars replicated), for ``in_shardings`` of batch pytrees."""
-  return jax.tree.map(
-      lambda x: batch_sharding(mesh, np.ndim(x)) if np.ndim(x) else replicated(mesh), tree)
+  return jax.tree.map(lambda x: batch_sharding(mesh, np.ndim(x)) if np.ndim(x) else replicated(mesh), tree)
 
 
 def batch_size_divisor(mesh: Mesh) -> int:
@@ -138,8 +146,10 @@ def shard_batch(tree: Any, mesh: Mesh) -> Any:
   div = batch_size_divisor(mesh)
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     if np.ndim(leaf) and np.shape(leaf)[0] % div:
-      raise ValueError(f"batch leaf {jax.tree_util.keystr(path)} has leading dim "
-                       f"{np.shape(leaf)[0]}, not a multiple of data*fsdp = {div}")
+      raise ValueError(
+          f"batch leaf {jax.tree_util.keystr(path)} has leading dim "
+          f"{np.shape(leaf)[0]}, not a multiple of data*fsdp = {div}"
+      )
   return jax.device_put(tree, batch_shardings(tree, mesh))
 
 
@@ -149,8 +159,9 @@ def global_batch(x: Any, mesh: Mesh) -> jax.Array:
   Works unchanged on one host and on a multi-host slice."""
   x = np.asarray(x)
   if x.ndim and x.shape[0] % batch_size_divisor(mesh):
-    raise ValueError(f"batch of shape {x.shape}: leading dim is not a multiple of data*fsdp = "
-                     f"{batch_size_divisor(mesh)}")
+    raise ValueError(
+        f"batch of shape {x.shape}: leading dim is not a multiple of data*fsdp = " f"{batch_size_divisor(mesh)}"
+    )
   sharding = batch_sharding(mesh, x.ndim) if x.ndim else replicated(mesh)
   return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
@@ -160,11 +171,16 @@ def to_host(x: jax.Array) -> np.ndarray:
   if jax.process_count() == 1 or x.is_fully_addressable:
     return np.asarray(x)
   from jax.experimental import multihost_utils
+
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def initialize_distributed(mode: str = "auto", coordinator_address: str | None = None,
-                           num_processes: int | None = None, process_id: int | None = None) -> bool:
+def initialize_distributed(
+    mode: str = "auto",
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
   """Starts JAX's multi-process runtime where the job has several processes; call it first thing,
   before anything touches a device. Idempotent; returns whether JAX runs multi-process.
 
@@ -190,25 +206,30 @@ def initialize_distributed(mode: str = "auto", coordinator_address: str | None =
   coordinator_address = coordinator_address or env("JAX_COORDINATOR_ADDRESS")
   num_processes = num_processes if num_processes is not None else env("JAX_NUM_PROCESSES")
   process_id = process_id if process_id is not None else env("JAX_PROCESS_ID")
-  given = dict(coordinator_address=coordinator_address, num_processes=num_processes,
-               process_id=process_id)
+  given = dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
   if mode == "explicit" or any(v is not None for v in given.values()):
     missing = [k for k, v in given.items() if v is None]
     if missing and mode == "explicit":
-      raise ValueError(f"an explicit multi-process setup needs {missing[0]} (flag --{missing[0]} or "
-                       f"env JAX_{missing[0].upper()}); missing: {missing}")
+      raise ValueError(
+          f"an explicit multi-process setup needs {missing[0]} (flag --{missing[0]} or "
+          f"env JAX_{missing[0].upper()}); missing: {missing}"
+      )
     if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
       # Several CPU processes (this machine's tests) need a cross-process collectives backend.
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     from jax._src import xla_bridge  # no public way to ask whether JAX's backend is already up
+
     if xla_bridge.backends_are_initialized():
-      raise ValueError("a multi-process run (--coordinator_address ... or JAX_COORDINATOR_ADDRESS / "
-                       "JAX_NUM_PROCESSES / JAX_PROCESS_ID set) must initialise before JAX runs "
-                       "anything in this process; start the trainer in a fresh process")
+      raise ValueError(
+          "a multi-process run (--coordinator_address ... or JAX_COORDINATOR_ADDRESS / "
+          "JAX_NUM_PROCESSES / JAX_PROCESS_ID set) must initialise before JAX runs "
+          "anything in this process; start the trainer in a fresh process"
+      )
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
         num_processes=None if num_processes is None else int(num_processes),
-        process_id=None if process_id is None else int(process_id))
+        process_id=None if process_id is None else int(process_id),
+    )
     return True
   try:
     jax.distributed.initialize()
@@ -232,12 +253,15 @@ def check_same_everywhere(name: str, text: str) -> None:
     return
   import hashlib
   from jax.experimental import multihost_utils
+
   digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint8)
   everyone = np.asarray(multihost_utils.process_allgather(digest))
   bad = [i for i, d in enumerate(everyone.reshape(jax.process_count(), -1)) if (d != digest).any()]
   if bad:
-    raise ValueError(f"{name} differs between processes: process {jax.process_index()} disagrees with "
-                     f"process(es) {bad}; every host must run the same command and files")
+    raise ValueError(
+        f"{name} differs between processes: process {jax.process_index()} disagrees with "
+        f"process(es) {bad}; every host must run the same command and files"
+    )
 
 
 def is_primary() -> bool:

@@ -14,6 +14,7 @@ these helpers:
 Libraries that can only read local files (transformers' tokenizers, safetensors) get a local copy
 of a URL through ``local_copy``.
 """
+
 from __future__ import annotations
 
 import builtins
@@ -24,8 +25,22 @@ import shutil
 import tempfile
 from typing import IO, Any
 
-__all__ = ["is_url", "resolve", "join", "exists", "isdir", "isfile", "makedirs", "listdir", "open",
-           "rmtree", "rename", "append_text", "write_text_atomic", "local_copy"]
+__all__ = [
+    "is_url",
+    "resolve",
+    "join",
+    "exists",
+    "isdir",
+    "isfile",
+    "makedirs",
+    "listdir",
+    "open",
+    "rmtree",
+    "rename",
+    "append_text",
+    "write_text_atomic",
+    "local_copy",
+]
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
@@ -37,6 +52,7 @@ def is_url(path: str | os.PathLike) -> bool:
 
 def _epath(path: str | os.PathLike):
   from etils import epath  # imported on first URL use: local runs never pay for it
+
   return epath.Path(os.fspath(path))
 
 

@@ -8,6 +8,7 @@ layout's unconditional prompt, so the same network serves classifier-free guidan
 ``make_train_step`` is one jitted, donated AdamW step; ``pretrain`` is the loop used by
 ``launch/pretrain.py`` (world assets -> model -> steps -> Orbax checkpoint).
 """
+
 from __future__ import annotations
 
 import math
@@ -39,10 +40,13 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
   """Global-norm clipping + AdamW at the peak learning rate; ``lr_scale`` (see ``make_train_step``)
   applies the schedule, which ``pretrain`` computes on the host."""
   if cfg.warmup_steps < 0 or cfg.learning_rate <= 0 or not 0.0 <= cfg.final_lr_fraction <= 1.0:
-    raise ValueError(f"optim: need warmup_steps >= 0, learning_rate > 0, 0 <= final_lr_fraction "
-                     f"<= 1; got {cfg.warmup_steps}, {cfg.learning_rate}, {cfg.final_lr_fraction}")
-  return contracts.make_optimizer(cfg.learning_rate, clip_norm=cfg.max_grad_norm or None, b1=cfg.b1,
-                                  b2=cfg.b2, weight_decay=cfg.weight_decay)
+    raise ValueError(
+        f"optim: need warmup_steps >= 0, learning_rate > 0, 0 <= final_lr_fraction "
+        f"<= 1; got {cfg.warmup_steps}, {cfg.learning_rate}, {cfg.final_lr_fraction}"
+    )
+  return contracts.make_optimizer(
+      cfg.learning_rate, clip_norm=cfg.max_grad_norm or None, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay
+  )
 
 
 def lr_scale(step: int, progress: float, warmup_steps: int, final_fraction: float) -> float:
@@ -77,9 +81,15 @@ def mask_canvas(codes: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]
   return jnp.where(masked, MASK, codes), masked
 
 
-def masked_diffusion_loss(params: Any, canvas_logits_fn: CanvasLogitsFn, prompt_tokens: jax.Array,
-                          uncond_tokens: jax.Array, codes: jax.Array, key: jax.Array,
-                          p_uncond: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+def masked_diffusion_loss(
+    params: Any,
+    canvas_logits_fn: CanvasLogitsFn,
+    prompt_tokens: jax.Array,
+    uncond_tokens: jax.Array,
+    codes: jax.Array,
+    key: jax.Array,
+    p_uncond: float,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Cross-entropy at masked slots.
 
   Args:
@@ -105,8 +115,9 @@ def masked_diffusion_loss(params: Any, canvas_logits_fn: CanvasLogitsFn, prompt_
   return loss, {"loss": loss, "accuracy": acc, "mask_fraction": jnp.mean(w)}
 
 
-def make_train_step(canvas_logits_fn: CanvasLogitsFn, optimizer: optax.GradientTransformation,
-                    p_uncond: float) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+def make_train_step(
+    canvas_logits_fn: CanvasLogitsFn, optimizer: optax.GradientTransformation, p_uncond: float
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
   """``step(state, prompt_tokens, uncond_tokens, codes, key, lr_scale) -> (state, metrics)``,
   jitted with the state (a ``TrainState`` without reference params) donated; ``lr_scale`` (float32
   scalar) multiplies the optimizer's update, which for AdamW is exactly a learning rate of
@@ -117,7 +128,8 @@ def make_train_step(canvas_logits_fn: CanvasLogitsFn, optimizer: optax.GradientT
 
   def step(state, prompt_tokens, uncond_tokens, codes, key, lr_scale=1.0):
     (loss, metrics), grads = jax.value_and_grad(masked_diffusion_loss, has_aux=True)(
-        state.params, canvas_logits_fn, prompt_tokens, uncond_tokens, codes, key, p_uncond)
+        state.params, canvas_logits_fn, prompt_tokens, uncond_tokens, codes, key, p_uncond
+    )
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     updates = jax.tree.map(lambda u: (u * lr_scale).astype(u.dtype), updates)
     params = optax.apply_updates(state.params, updates)
@@ -125,23 +137,32 @@ def make_train_step(canvas_logits_fn: CanvasLogitsFn, optimizer: optax.GradientT
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     skipped = 1 - ok.astype(jnp.int32)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads), skipped=skipped)
-    return state.replace(step=state.step + 1, params=keep(params, state.params),
-                         opt_state=keep(opt_state, state.opt_state),
-                         skipped=state.skipped + skipped), metrics
+    return (
+        state.replace(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            skipped=state.skipped + skipped,
+        ),
+        metrics,
+    )
 
   return jax.jit(step, donate_argnums=0)
 
 
-def build_policy(cfg: ml_collections.ConfigDict, assets: world_data.WorldAssets
-                 ) -> tuple[llada.LLaDAConfig, layouts.EmbeddedLayout]:
+def build_policy(
+    cfg: ml_collections.ConfigDict, assets: world_data.WorldAssets
+) -> tuple[llada.LLaDAConfig, layouts.EmbeddedLayout]:
   """The model config and layout for the world (vocab and pad id come from the layout)."""
   world = world_config(cfg)
-  layout = layouts.EmbeddedLayout(assets.tokenizer, grid=(world.grid, world.grid),
-                                  codebook_size=int(assets.codebook.shape[0]),
-                                  prompt_length=cfg.model.prompt_length)
+  layout = layouts.EmbeddedLayout(
+      assets.tokenizer,
+      grid=(world.grid, world.grid),
+      codebook_size=int(assets.codebook.shape[0]),
+      prompt_length=cfg.model.prompt_length,
+  )
   overrides = dict(cfg.model.overrides) if "overrides" in cfg.model else {}
-  model_cfg = llada.get_config(cfg.model.preset, use_pad_mask=True, pad_id=layout.pad_id,
-                               **overrides)
+  model_cfg = llada.get_config(cfg.model.preset, use_pad_mask=True, pad_id=layout.pad_id, **overrides)
   return model_cfg, layout
 
 
@@ -170,18 +191,25 @@ def load_params(path: str | os.PathLike, abstract: Any) -> Any:
 def load_pretrained(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   """The world assets, model config, layout and saved params of a finished pretraining run
   (``{workdir}/params``), in the shape ``pretrain`` returns them (no history)."""
-  assets = world_data.build_world(cfg.world.data_dir, world_config(cfg), seed=cfg.seed,
-                                  num_codes=cfg.world.num_codes, num_train=cfg.world.num_train,
-                                  num_eval=cfg.world.num_eval)
+  assets = world_data.build_world(
+      cfg.world.data_dir,
+      world_config(cfg),
+      seed=cfg.seed,
+      num_codes=cfg.world.num_codes,
+      num_train=cfg.world.num_train,
+      num_eval=cfg.world.num_eval,
+  )
   model_cfg, layout = build_policy(cfg, assets)
   path = paths.join(cfg.workdir, "params")
   params = load_params(path, policy.abstract_params(model_cfg, layout))
   return dict(params=params, model_cfg=model_cfg, layout=layout, assets=assets, checkpoint=path)
 
 
-def pretrain(cfg: ml_collections.ConfigDict, progress: Callable[[Iterator[int]], Iterator[int]] =
-             lambda it: it, log: Callable[[int, dict[str, float]], None] = lambda s, m: None
-             ) -> dict[str, Any]:
+def pretrain(
+    cfg: ml_collections.ConfigDict,
+    progress: Callable[[Iterator[int]], Iterator[int]] = lambda it: it,
+    log: Callable[[int, dict[str, float]], None] = lambda s, m: None,
+) -> dict[str, Any]:
   """Runs pretraining.
 
   Args:
@@ -195,9 +223,14 @@ def pretrain(cfg: ml_collections.ConfigDict, progress: Callable[[Iterator[int]],
   """
   if cfg.batch_size < 1 or cfg.num_steps < 1:
     raise ValueError(f"batch_size={cfg.batch_size} and num_steps={cfg.num_steps} must be >= 1")
-  assets = world_data.build_world(cfg.world.data_dir, world_config(cfg), seed=cfg.seed,
-                                  num_codes=cfg.world.num_codes, num_train=cfg.world.num_train,
-                                  num_eval=cfg.world.num_eval)
+  assets = world_data.build_world(
+      cfg.world.data_dir,
+      world_config(cfg),
+      seed=cfg.seed,
+      num_codes=cfg.world.num_codes,
+      num_train=cfg.world.num_train,
+      num_eval=cfg.world.num_eval,
+  )
   model_cfg, layout = build_policy(cfg, assets)
   logits_fn = policy.make_canvas_logits_fn(model_cfg, layout)
   key = jax.random.PRNGKey(cfg.seed)
@@ -205,8 +238,7 @@ def pretrain(cfg: ml_collections.ConfigDict, progress: Callable[[Iterator[int]],
   opt = make_optimizer(cfg.optim)
   state = TrainState.create(params, opt, with_reference=False)
   step_fn = make_train_step(logits_fn, opt, cfg.p_uncond)
-  ds = world_data.make_dataset(assets, "train", cfg.batch_size, seed=cfg.seed,
-                               encode_prompts=layout.encode_prompts)
+  ds = world_data.make_dataset(assets, "train", cfg.batch_size, seed=cfg.seed, encode_prompts=layout.encode_prompts)
   it = iter(ds)
   uncond = jnp.asarray(layout.unconditional_prompts(cfg.batch_size))
   history, t0, done, cut_short = [], _now(), 0, False
@@ -216,9 +248,14 @@ def pretrain(cfg: ml_collections.ConfigDict, progress: Callable[[Iterator[int]],
   for s in progress(iter(range(cfg.num_steps))):
     batch = next(it)
     scale = lr_scale(s, s / cfg.num_steps, cfg.optim.warmup_steps, cfg.optim.final_lr_fraction)
-    state, m = step_fn(state, jnp.asarray(batch["prompt_tokens"]), uncond,
-                       jnp.asarray(batch["codes"]), jax.random.fold_in(key, s + 1),
-                       jnp.float32(scale))
+    state, m = step_fn(
+        state,
+        jnp.asarray(batch["prompt_tokens"]),
+        uncond,
+        jnp.asarray(batch["codes"]),
+        jax.random.fold_in(key, s + 1),
+        jnp.float32(scale),
+    )
     done = s + 1
     if done % cfg.log_every == 0 or done == cfg.num_steps:
       host = {k: float(v) for k, v in m.items()}
@@ -226,13 +263,24 @@ def pretrain(cfg: ml_collections.ConfigDict, progress: Callable[[Iterator[int]],
       log(done, host)
     if done < cfg.num_steps and _now() - t0 > budget:
       cut_short = True
-      warnings.warn(f"pretraining hit its safety cap max_minutes={cfg.max_minutes:g} after {done} of "
-                    f"{cfg.num_steps} steps: this base policy is NOT the reproducible one (its "
-                    "learning rate never annealed). Raise max_minutes (<= 0 disables the cap).",
-                    stacklevel=2)
+      warnings.warn(
+          f"pretraining hit its safety cap max_minutes={cfg.max_minutes:g} after {done} of "
+          f"{cfg.num_steps} steps: this base policy is NOT the reproducible one (its "
+          "learning rate never annealed). Raise max_minutes (<= 0 disables the cap).",
+          stacklevel=2,
+      )
       break
   params = jax.block_until_ready(state.params)
   seconds = _now() - t0
   ckpt = save_params(paths.join(cfg.workdir, "params"), params) if cfg.workdir else None
-  return dict(params=params, model_cfg=model_cfg, layout=layout, assets=assets, history=history,
-              steps_done=done, seconds=seconds, checkpoint=ckpt, cut_short=cut_short)
+  return dict(
+      params=params,
+      model_cfg=model_cfg,
+      layout=layout,
+      assets=assets,
+      history=history,
+      steps_done=done,
+      seconds=seconds,
+      checkpoint=ckpt,
+      cut_short=cut_short,
+  )

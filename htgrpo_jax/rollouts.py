@@ -25,6 +25,7 @@ overlap, the same numbers).
 ``host_once`` is the same once-then-broadcast rule for any host-side computation (the evaluation's
 judge / remote scorer).
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -52,8 +53,7 @@ T = TypeVar("T")
 # Host-side work done once, on process 0
 
 
-def host_once(fn: Callable[[], T], encode: Callable[[T], bytes], decode: Callable[[bytes], T],
-              what: str) -> T:
+def host_once(fn: Callable[[], T], encode: Callable[[T], bytes], decode: Callable[[bytes], T], what: str) -> T:
   """``fn()`` computed on process 0 only and given to every process.
 
   A reward server or judge must see one request per batch, not one per host; and every process
@@ -73,6 +73,7 @@ def host_once(fn: Callable[[], T], encode: Callable[[T], bytes], decode: Callabl
   if jax.process_count() == 1:
     return fn()
   from jax.experimental import multihost_utils
+
   primary = parallel.is_primary()
   data, err = b"", None
   if primary:
@@ -80,8 +81,7 @@ def host_once(fn: Callable[[], T], encode: Callable[[T], bytes], decode: Callabl
       data = encode(fn())
     except Exception as e:  # noqa: BLE001 (re-raised below, after the others learnt of it)
       err = e
-  head = np.asarray(multihost_utils.broadcast_one_to_all(
-      np.asarray([err is None, len(data)], np.int32)))
+  head = np.asarray(multihost_utils.broadcast_one_to_all(np.asarray([err is None, len(data)], np.int32)))
   if not head[0]:
     if err is not None:
       raise err
@@ -105,27 +105,35 @@ def _f32_array(b: bytes) -> np.ndarray:
   return np.frombuffer(b, np.float32).copy()
 
 
-def scorers_once(score: Callable[..., Any] | None, judge: Callable[..., Any] | None
-                 ) -> tuple[Callable[..., np.ndarray] | None, Callable[..., list[dict]] | None]:
+def scorers_once(
+    score: Callable[..., Any] | None, judge: Callable[..., Any] | None
+) -> tuple[Callable[..., np.ndarray] | None, Callable[..., list[dict]] | None]:
   """The evaluation's ``score`` (``(captions, images, metas) -> float32[B]``) and ``judge``
   (``-> [dict]``) run once on process 0 and shared (``host_once``); None stays None."""
+
   def once_score(captions, images, metas):
-    return host_once(lambda: np.asarray(score(captions, images, metas), np.float32), _f32_bytes,
-                     _f32_array, "the evaluation scorer")
+    return host_once(
+        lambda: np.asarray(score(captions, images, metas), np.float32), _f32_bytes, _f32_array, "the evaluation scorer"
+    )
 
   def once_judge(captions, images, metas):
-    return host_once(lambda: list(judge(captions, images, metas)), _json_bytes, json.loads,
-                     "the evaluation judge")
+    return host_once(lambda: list(judge(captions, images, metas)), _json_bytes, json.loads, "the evaluation judge")
+
   return (None if score is None else once_score), (None if judge is None else once_judge)
 
 
-def shared_rewards(reward: Callable[..., Any], captions: list[str], images: np.ndarray,
-                   metas: list[str], batch: int) -> np.ndarray:
+def shared_rewards(
+    reward: Callable[..., Any], captions: list[str], images: np.ndarray, metas: list[str], batch: int
+) -> np.ndarray:
   """Validated float32[B] rewards, computed once (on process 0) and shared with every host so a
   remote reward server sees one request per batch."""
   name = getattr(reward, "name", getattr(reward, "__name__", "reward"))
-  return host_once(lambda: validate_rewards(name, reward(captions, images, meta=metas), batch),
-                   _f32_bytes, _f32_array, f"the reward {name!r}")
+  return host_once(
+      lambda: validate_rewards(name, reward(captions, images, meta=metas), batch),
+      _f32_bytes,
+      _f32_array,
+      f"the reward {name!r}",
+  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -136,8 +144,9 @@ def jit_decode(task: tasks.Task, mesh: jax.sharding.Mesh) -> Callable[[jax.Array
   """``codes int32[B, N] -> uint8[B, H, W, 3]`` on device: decoder params replicated (placed once),
   batch split over ``('data', 'fsdp')``."""
   rep = parallel.replicated(mesh)
-  fn = jax.jit(task.decode, in_shardings=(rep, parallel.batch_sharding(mesh, 2)),
-               out_shardings=parallel.batch_sharding(mesh, 4))
+  fn = jax.jit(
+      task.decode, in_shardings=(rep, parallel.batch_sharding(mesh, 2)), out_shardings=parallel.batch_sharding(mesh, 4)
+  )
   return functools.partial(fn, jax.device_put(task.decode_params, rep))
 
 
@@ -149,8 +158,17 @@ def unconditional_rows(layout: Any, p: Plan, mesh: jax.sharding.Mesh) -> jax.Arr
   return parallel.global_batch(layout.unconditional_prompts(rows), mesh)
 
 
-def sample_groups(sampler, params: Any, prompts_np: np.ndarray, uncond: jax.Array, p: Plan,
-                  key: jax.Array, mesh: jax.sharding.Mesh, *, prompts_b: jax.Array | None = None):
+def sample_groups(
+    sampler,
+    params: Any,
+    prompts_np: np.ndarray,
+    uncond: jax.Array,
+    p: Plan,
+    key: jax.Array,
+    mesh: jax.sharding.Mesh,
+    *,
+    prompts_b: jax.Array | None = None,
+):
   """One step's P x G rollout images, rows prompt-major (each prompt's G images contiguous).
 
   ``p.share_sketch``: P x M sketches (each prompt repeated M = rl.num_sketches times, contiguously),
@@ -173,8 +191,7 @@ def sample_groups(sampler, params: Any, prompts_np: np.ndarray, uncond: jax.Arra
   if p.share_sketch:
     m = p.rl.num_sketches
     k_sketch, k_paint = jax.random.split(key)
-    sketch = sampler.sketch(params, parallel.global_batch(np.repeat(prompts_np, m, axis=0), mesh),
-                            uncond, k_sketch)
+    sketch = sampler.sketch(params, parallel.global_batch(np.repeat(prompts_np, m, axis=0), mesh), uncond, k_sketch)
     return sampler.paint(params, sampler.branch(sketch, g // m), k_paint)
   if prompts_b is None:
     prompts_b = parallel.global_batch(np.repeat(prompts_np, g, axis=0), mesh)
@@ -199,11 +216,13 @@ class ChunkScorer:
   def __init__(self, reward: WeightedReward, max_in_flight: int, primary: bool = True):
     self.reward, self.max_in_flight, self.primary = reward, max_in_flight, primary
     self.parts: list[concurrent.futures.Future] = []
-    self.pool = (concurrent.futures.ThreadPoolExecutor(max_in_flight, thread_name_prefix="reward")
-                 if max_in_flight and primary else None)
+    self.pool = (
+        concurrent.futures.ThreadPoolExecutor(max_in_flight, thread_name_prefix="reward")
+        if max_in_flight and primary
+        else None
+    )
 
-  def _score(self, rows: str, captions: list[str], images: np.ndarray, metas: list[str]
-             ) -> dict[str, np.ndarray]:
+  def _score(self, rows: str, captions: list[str], images: np.ndarray, metas: list[str]) -> dict[str, np.ndarray]:
     return self.reward.components(captions, images, rows=rows, meta=metas)
 
   def submit(self, rows: str, captions: list[str], images: np.ndarray, metas: list[str]) -> None:
@@ -219,7 +238,7 @@ class ChunkScorer:
       return
     running = [f for f in self.parts if not f.done()]
     if len(running) >= self.max_in_flight:  # bounded: host memory and server load stay fixed
-      concurrent.futures.wait(running[:len(running) - self.max_in_flight + 1])
+      concurrent.futures.wait(running[: len(running) - self.max_in_flight + 1])
     self.parts.append(self.pool.submit(self._score, rows, captions, images, metas))
 
   def result(self) -> dict[str, np.ndarray]:
@@ -233,6 +252,7 @@ class ChunkScorer:
 
 def _encode_parts(names: tuple[str, ...]) -> tuple[Callable[[Any], bytes], Callable[[bytes], Any]]:
   """(encode, decode) of ``(total float32[B], {name: float32[B]})`` for ``host_once``."""
+
   def encode(out):
     total, parts = out
     return np.stack([total] + [parts[n] for n in names]).astype(np.float32).tobytes()
@@ -240,14 +260,17 @@ def _encode_parts(names: tuple[str, ...]) -> tuple[Callable[[Any], bytes], Calla
   def decode(b):
     a = np.frombuffer(b, np.float32).reshape(len(names) + 1, -1).copy()
     return a[0], {n: a[i + 1] for i, n in enumerate(names)}
+
   return encode, decode
 
 
 @functools.lru_cache(maxsize=8)
 def _concat_program(mesh: jax.sharding.Mesh) -> Callable[..., Any]:
   """Concatenates the parts' ``SampleRecord``s along the batch, batch-sharded on ``mesh``."""
-  return jax.jit(lambda *records: jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *records),
-                 out_shardings=parallel.batch_sharding(mesh, 2))
+  return jax.jit(
+      lambda *records: jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *records),
+      out_shardings=parallel.batch_sharding(mesh, 2),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,6 +283,7 @@ class RolloutInfo:
     components: ``{name: float32[P * G]}`` each weighted reward's raw scores (before group
       normalisation and weights), logged as ``reward/<name>``; empty for a single plain reward.
   """
+
   rewards: np.ndarray
   captions: list[str]
   components: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
@@ -269,10 +293,18 @@ class RolloutInfo:
     return float(self.rewards.mean())
 
 
-def collect_rollouts(sampler, params: Any, batch: dict[str, np.ndarray], key: jax.Array, *,
-                     p: Plan, uncond: jax.Array, decode: Callable[[jax.Array], jax.Array],
-                     reward: Callable[..., Any], mesh: jax.sharding.Mesh
-                     ) -> tuple[Rollout, RolloutInfo]:
+def collect_rollouts(
+    sampler,
+    params: Any,
+    batch: dict[str, np.ndarray],
+    key: jax.Array,
+    *,
+    p: Plan,
+    uncond: jax.Array,
+    decode: Callable[[jax.Array], jax.Array],
+    reward: Callable[..., Any],
+    mesh: jax.sharding.Mesh,
+) -> tuple[Rollout, RolloutInfo]:
   """Samples, decodes and rewards one step's P x G images (in ``p.rollout_chunks`` parts).
 
   Args:
@@ -307,8 +339,9 @@ def collect_rollouts(sampler, params: Any, batch: dict[str, np.ndarray], key: ja
     if k == 1:
       rec = sample_groups(sampler, params, prompts_np, uncond, p, key, mesh, prompts_b=prompts_b)
     else:
-      rec = sample_groups(sampler, params, prompts_np[i * per:(i + 1) * per], uncond, p,
-                          jax.random.fold_in(key, i), mesh)
+      rec = sample_groups(
+          sampler, params, prompts_np[i * per : (i + 1) * per], uncond, p, jax.random.fold_in(key, i), mesh
+      )
     records.append(rec)
     return decode(rec.image_tokens)
 
@@ -333,6 +366,7 @@ def collect_rollouts(sampler, params: Any, batch: dict[str, np.ndarray], key: ja
     def combined():
       parts = scorer.result()
       return combo.combine(parts), parts
+
     names = tuple(combo.specs)
     encode, decode_parts = _encode_parts(names)
     rewards, parts = host_once(combined, encode, decode_parts, f"the reward {combo.name!r}")
@@ -340,5 +374,8 @@ def collect_rollouts(sampler, params: Any, batch: dict[str, np.ndarray], key: ja
     scorer.close()
   record = records[0] if k == 1 else _concat_program(mesh)(*records)
   rollout = record.to_rollout(prompts_b, parallel.global_batch(rewards, mesh))
-  return rollout, RolloutInfo(rewards=rewards, captions=[str(c) for c in batch["caption"]],
-                              components=parts if isinstance(reward, WeightedReward) else {})
+  return rollout, RolloutInfo(
+      rewards=rewards,
+      captions=[str(c) for c in batch["caption"]],
+      components=parts if isinstance(reward, WeightedReward) else {},
+  )

@@ -7,6 +7,7 @@ constraints a mesh puts on the batch sizes; ``profile_window`` reads the steps t
 optimizer, the train state's shardings and its abstract (unallocated) shape are derived here too,
 so the trainer, ``evaluate_run`` and the AOT pre-flight build the same objects from one config.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,6 +37,7 @@ class Plan:
   ``rollout_sampler`` draws the training rollouts: the same one without the cache, and without CFG
   under ``rl.estimator_guidance='unguided_rollouts'`` (None: the same).
   """
+
   rl: rl.HTGRPOConfig
   sampler: SamplerConfig
   prompts_per_step: int
@@ -43,8 +45,8 @@ class Plan:
   eval_batch_size: int
   share_sketch: bool = False
   rollout_sampler: SamplerConfig | None = None
-  rollout_chunks: int = 1     # ``rollout.chunks``: the step's prompts sampled in this many parts
-  reward_in_flight: int = 2   # ``rollout.max_in_flight``: parts scored at once (0: no overlap)
+  rollout_chunks: int = 1  # ``rollout.chunks``: the step's prompts sampled in this many parts
+  reward_in_flight: int = 2  # ``rollout.max_in_flight``: parts scored at once (0: no overlap)
 
   def __post_init__(self):
     if self.rollout_sampler is None:
@@ -67,12 +69,21 @@ def plan(config: ml_collections.ConfigDict) -> Plan:
   Raises:
     ValueError: naming the config key and the constraint it breaks.
   """
+
   def need(ok: bool, key: str, msg: str):
     if not ok:
       raise ValueError(f"{key}={config_get(config, key)!r}: {msg}")
 
-  for key in ("total_steps", "prompts_per_step", "log_every", "eval_every", "save_every",
-              "keep_checkpoints", "eval.num_prompts", "eval.batch_size"):
+  for key in (
+      "total_steps",
+      "prompts_per_step",
+      "log_every",
+      "eval_every",
+      "save_every",
+      "keep_checkpoints",
+      "eval.num_prompts",
+      "eval.batch_size",
+  ):
     v = config_get(config, key)
     need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, key, "must be an int >= 1")
   need(config.eval.grid_size >= 0, "eval.grid_size", "must be >= 0")
@@ -88,25 +99,31 @@ def plan(config: ml_collections.ConfigDict) -> Plan:
     m, g = config.rl.get("num_sketches"), config.rl.group_size
     m = 1 if m is None else m
     if not isinstance(m, int) or m < 2:
-      raise ValueError(f"sampler.share_sketch=True needs rl.num_sketches >= 2, got rl.num_sketches={m!r}: "
-                       "with one sketch per prompt all G images share its tokens and their group-relative "
-                       "advantages sum to 0, so the sketch tokens get no gradient")
+      raise ValueError(
+          f"sampler.share_sketch=True needs rl.num_sketches >= 2, got rl.num_sketches={m!r}: "
+          "with one sketch per prompt all G images share its tokens and their group-relative "
+          "advantages sum to 0, so the sketch tokens get no gradient"
+      )
     if isinstance(g, int) and (g % m or g // m < 2):
-      raise ValueError(f"sampler.share_sketch=True with rl.num_sketches={m}: rl.group_size={g} must split "
-                       f"into {m} sketches of at least 2 paints each (rl.group_size / rl.num_sketches >= 2)")
-  overrides = {k: v for k, v in config.rl.items()
-               if k not in ("preset", "group_size") and v is not None}
+      raise ValueError(
+          f"sampler.share_sketch=True with rl.num_sketches={m}: rl.group_size={g} must split "
+          f"into {m} sketches of at least 2 paints each (rl.group_size / rl.num_sketches >= 2)"
+      )
+  overrides = {k: v for k, v in config.rl.items() if k not in ("preset", "group_size") and v is not None}
   try:
-    rl_cfg = rl.preset(config.rl.preset, group_size=config.rl.group_size,
-                       num_sampler_steps=config.sampler.num_steps, **overrides)
+    rl_cfg = rl.preset(
+        config.rl.preset, group_size=config.rl.group_size, num_sampler_steps=config.sampler.num_steps, **overrides
+    )
   except TypeError as e:
     raise ValueError(f"rl: {e}") from None
   except ValueError as e:  # HTGRPOConfig names the field; say where it lives in the config
     raise ValueError(f"rl: {e}") from None
   if not share and rl_cfg.num_sketches > 1:
-    raise ValueError(f"rl.num_sketches={rl_cfg.num_sketches} needs sampler.share_sketch=True: sketch-level "
-                     "advantages assume each group is num_sketches sketches x group_size / num_sketches "
-                     "paints that share them")
+    raise ValueError(
+        f"rl.num_sketches={rl_cfg.num_sketches} needs sampler.share_sketch=True: sketch-level "
+        "advantages assume each group is num_sketches sketches x group_size / num_sketches "
+        "paints that share them"
+    )
   if not sampler.get("sketch_steps"):
     # The sampler's sketch phase is the algorithm's: structure tokens are those it commits.
     sampler["sketch_steps"] = rl_cfg.sketch_steps
@@ -116,12 +133,15 @@ def plan(config: ml_collections.ConfigDict) -> Plan:
         f"{rl_cfg.sketch_fraction} (the partition's sketch window, ceil({rl_cfg.sketch_fraction} * "
         f"sampler.num_steps={rl_cfg.num_sampler_steps}) = {rl_cfg.sketch_steps} steps): structure "
         f"candidates and sketch-level advantages would not be the tokens the sampler sketches; set "
-        f"sampler.sketch_steps=0 (derived) or {rl_cfg.sketch_steps}, or change rl.sketch_fraction")
+        f"sampler.sketch_steps=0 (derived) or {rl_cfg.sketch_steps}, or change rl.sketch_fraction"
+    )
   cache = sampler.get("cache") or {}
   if cache and cache.get("enabled"):
-    raise ValueError("sampler.cache.enabled=True: training rollouts cannot use the rollout cache (the RL "
-                     "importance ratios score the policy without it, and a cached step draws from another "
-                     "distribution); set eval.sampler_cache.enabled=True to use it for evaluations only")
+    raise ValueError(
+        "sampler.cache.enabled=True: training rollouts cannot use the rollout cache (the RL "
+        "importance ratios score the policy without it, and a cached step draws from another "
+        "distribution); set eval.sampler_cache.enabled=True to use it for evaluations only"
+    )
   try:
     s_cfg = SamplerConfig.from_mapping(sampler)
   except ValueError as e:
@@ -136,16 +156,25 @@ def plan(config: ml_collections.ConfigDict) -> Plan:
     raise ValueError(f"rl.micro_batch_size / prompts_per_step: {e}") from None
   chunks, in_flight = rollout_keys(config)
   if config.prompts_per_step % chunks:
-    raise ValueError(f"rollout.chunks={chunks}: must divide prompts_per_step={config.prompts_per_step} "
-                     "(each part holds whole prompt groups)")
+    raise ValueError(
+        f"rollout.chunks={chunks}: must divide prompts_per_step={config.prompts_per_step} "
+        "(each part holds whole prompt groups)"
+    )
   # 'unguided_rollouts': rollouts from the policy the estimator scores; CFG stays for evaluation.
-  roll_cfg = (dataclasses.replace(s_cfg, cfg_scale=0.0)
-              if rl_cfg.estimator_guidance == "unguided_rollouts" else s_cfg)
+  roll_cfg = dataclasses.replace(s_cfg, cfg_scale=0.0) if rl_cfg.estimator_guidance == "unguided_rollouts" else s_cfg
   # The rollout cache (``eval.sampler_cache``) serves the evaluation sampler only; rollouts stay exact.
   s_cfg = dataclasses.replace(s_cfg, cache=eval_cache)
-  return Plan(rl=rl_cfg, sampler=s_cfg, prompts_per_step=config.prompts_per_step,
-              batch_size=batch, eval_batch_size=config.eval.batch_size, share_sketch=bool(share),
-              rollout_sampler=roll_cfg, rollout_chunks=chunks, reward_in_flight=in_flight)
+  return Plan(
+      rl=rl_cfg,
+      sampler=s_cfg,
+      prompts_per_step=config.prompts_per_step,
+      batch_size=batch,
+      eval_batch_size=config.eval.batch_size,
+      share_sketch=bool(share),
+      rollout_sampler=roll_cfg,
+      rollout_chunks=chunks,
+      reward_in_flight=in_flight,
+  )
 
 
 def eval_sampler_cache(config: ml_collections.ConfigDict) -> CacheConfig:
@@ -191,24 +220,31 @@ def config_get(config: ml_collections.ConfigDict, dotted: str) -> Any:
 def check_mesh(p: Plan, mesh: jax.sharding.Mesh) -> None:
   div = parallel.batch_size_divisor(mesh)
   if p.batch_size % div:
-    raise ValueError(f"prompts_per_step * rl.group_size = {p.batch_size} is not a multiple of the "
-                     f"mesh's data*fsdp = {div} (mesh={dict(mesh.shape)})")
+    raise ValueError(
+        f"prompts_per_step * rl.group_size = {p.batch_size} is not a multiple of the "
+        f"mesh's data*fsdp = {div} (mesh={dict(mesh.shape)})"
+    )
   if p.share_sketch and p.sketch_rows % div:
     # M sketches per prompt: the sketch batch is prompts_per_step * M rows, sharded like any batch.
-    raise ValueError(f"prompts_per_step * rl.num_sketches = {p.sketch_rows} sketch rows is not a multiple "
-                     f"of the mesh's data*fsdp = {div}, which sampler.share_sketch=True needs")
+    raise ValueError(
+        f"prompts_per_step * rl.num_sketches = {p.sketch_rows} sketch rows is not a multiple "
+        f"of the mesh's data*fsdp = {div}, which sampler.share_sketch=True needs"
+    )
   if p.rollout_chunks > 1:
     rows = p.chunk_prompts * (p.rl.num_sketches if p.share_sketch else p.rl.group_size)
     if rows % div:
-      raise ValueError(f"rollout.chunks={p.rollout_chunks}: a part of {p.chunk_prompts} prompts samples "
-                       f"{rows} rows, not a multiple of the mesh's data*fsdp = {div}")
+      raise ValueError(
+          f"rollout.chunks={p.rollout_chunks}: a part of {p.chunk_prompts} prompts samples "
+          f"{rows} rows, not a multiple of the mesh's data*fsdp = {div}"
+      )
   mb = p.rl.micro_batch_size
   if mb and mb % div:
-    raise ValueError(f"rl.micro_batch_size={mb} is not a multiple of the mesh's data*fsdp = {div} "
-                     f"(each micro-batch is split over the batch axes)")
+    raise ValueError(
+        f"rl.micro_batch_size={mb} is not a multiple of the mesh's data*fsdp = {div} "
+        f"(each micro-batch is split over the batch axes)"
+    )
   if p.eval_batch_size % div:
-    raise ValueError(f"eval.batch_size={p.eval_batch_size} is not a multiple of the mesh's "
-                     f"data*fsdp = {div}")
+    raise ValueError(f"eval.batch_size={p.eval_batch_size} is not a multiple of the mesh's " f"data*fsdp = {div}")
 
 
 OPTIM_KEYS = ("learning_rate", "warmup_steps", "max_grad_norm", "weight_decay", "b1", "b2", "eps")
@@ -235,16 +271,17 @@ def validate_optim(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
   def number(key: str, none_ok: bool = False) -> bool:
     v = o[key]
-    return (none_ok and v is None) or (isinstance(v, (int, float)) and not isinstance(v, bool)
-                                       and np.isfinite(v))
+    return (none_ok and v is None) or (isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v))
 
   need(number("learning_rate") and o["learning_rate"] > 0, "learning_rate", "must be a finite number > 0")
   w = o["warmup_steps"]
-  need(isinstance(w, int) and not isinstance(w, bool) and w >= 0, "warmup_steps",
-       "must be an int >= 0 (RL steps)")
+  need(isinstance(w, int) and not isinstance(w, bool) and w >= 0, "warmup_steps", "must be an int >= 0 (RL steps)")
   # A negative clip norm scales the gradient by a negative factor: silent gradient ascent.
-  need(number("max_grad_norm", none_ok=True) and (o["max_grad_norm"] or 0) >= 0, "max_grad_norm",
-       "must be a finite number >= 0 (0 or None: no clipping)")
+  need(
+      number("max_grad_norm", none_ok=True) and (o["max_grad_norm"] or 0) >= 0,
+      "max_grad_norm",
+      "must be a finite number >= 0 (0 or None: no clipping)",
+  )
   need(number("weight_decay") and o["weight_decay"] >= 0, "weight_decay", "must be a finite number >= 0")
   for key in ("b1", "b2"):
     need(number(key) and 0 <= o[key] < 1, key, "must be a number in [0, 1)")
@@ -285,8 +322,10 @@ def profile_window(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
   except ValueError:
     start = stop = -1
   if not 0 <= start < stop:
-    raise ValueError(f"profile_steps={text!r}: must be 'start,stop' with 0 <= start < stop (RL "
-                     "step indices, the trace covers [start, stop)), or '' (off)")
+    raise ValueError(
+        f"profile_steps={text!r}: must be 'start,stop' with 0 <= start < stop (RL "
+        "step indices, the trace covers [start, stop)), or '' (off)"
+    )
   return start, stop
 
 
@@ -295,20 +334,32 @@ def make_optimizer(config: ml_collections.ConfigDict, p: Plan) -> optax.Gradient
   o = validate_optim(config)
   warm = o["warmup_steps"] * p.rl.num_iterations
   lr = optax.linear_schedule(0.0, o["learning_rate"], warm) if warm else o["learning_rate"]
-  return rl.make_optimizer(lr, clip_norm=o["max_grad_norm"] or None, weight_decay=o["weight_decay"],
-                           b1=o["b1"], b2=o["b2"], eps=o["eps"])
+  return rl.make_optimizer(
+      lr, clip_norm=o["max_grad_norm"] or None, weight_decay=o["weight_decay"], b1=o["b1"], b2=o["b2"], eps=o["eps"]
+  )
 
 
-def state_shardings(abstract_state: rl.TrainState, param_shardings: Any, optimizer,
-                    mesh: jax.sharding.Mesh, frozen_shardings: Any = None) -> rl.TrainState:
+def state_shardings(
+    abstract_state: rl.TrainState,
+    param_shardings: Any,
+    optimizer,
+    mesh: jax.sharding.Mesh,
+    frozen_shardings: Any = None,
+) -> rl.TrainState:
   """Shardings of a ``TrainState``: optimizer moments follow their params, counters replicated;
   a frozen base (LoRA: ``param_shardings`` are the adapters') on ``frozen_shardings``."""
   rep = parallel.replicated(mesh)
-  opt = optax.tree_map_params(optimizer, lambda _, s: s, abstract_state.opt_state, param_shardings,
-                              transform_non_params=lambda _: rep)
-  return rl.TrainState(step=rep, params=param_shardings, opt_state=opt,
-                       ref_params=None if abstract_state.ref_params is None else param_shardings,
-                       skipped=rep, frozen=None if abstract_state.frozen is None else frozen_shardings)
+  opt = optax.tree_map_params(
+      optimizer, lambda _, s: s, abstract_state.opt_state, param_shardings, transform_non_params=lambda _: rep
+  )
+  return rl.TrainState(
+      step=rep,
+      params=param_shardings,
+      opt_state=opt,
+      ref_params=None if abstract_state.ref_params is None else param_shardings,
+      skipped=rep,
+      frozen=None if abstract_state.frozen is None else frozen_shardings,
+  )
 
 
 def new_state(optimizer: optax.GradientTransformation, p: Plan) -> Callable[..., rl.TrainState]:
@@ -318,8 +369,9 @@ def new_state(optimizer: optax.GradientTransformation, p: Plan) -> Callable[...,
   return functools.partial(rl.TrainState.create, optimizer=optimizer, with_reference=p.rl.beta > 0)
 
 
-def abstract_train_state(task: tasks.Task, p: Plan, optimizer, mesh: jax.sharding.Mesh
-                         ) -> tuple[rl.TrainState, rl.TrainState, Any]:
+def abstract_train_state(
+    task: tasks.Task, p: Plan, optimizer, mesh: jax.sharding.Mesh
+) -> tuple[rl.TrainState, rl.TrainState, Any]:
   """(abstract state with target shardings, its shardings, abstract base params); nothing allocated.
 
   With ``model_cfg.lora`` the state's params are the adapters and ``frozen`` the base."""
@@ -331,10 +383,10 @@ def abstract_train_state(task: tasks.Task, p: Plan, optimizer, mesh: jax.shardin
   else:
     adapters = policy.abstract_adapters(task.model_cfg, task.layout, mesh)
     abstract = jax.eval_shape(new_state(optimizer, p), adapters, frozen=abstract_params)
-    shardings = state_shardings(abstract, policy.adapter_shardings(task.model_cfg, task.layout, mesh),
-                                optimizer, mesh, frozen_shardings=pshard)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
+    shardings = state_shardings(
+        abstract, policy.adapter_shardings(task.model_cfg, task.layout, mesh), optimizer, mesh, frozen_shardings=pshard
+    )
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   return abstract, shardings, abstract_params
 
 
@@ -343,5 +395,3 @@ def eval_key(config: ml_collections.ConfigDict) -> jax.Array:
   judged on the same prompts with the same sampling noise and differences between runs are paired."""
   seed = config.eval.get("seed")
   return jax.random.fold_in(jax.random.PRNGKey(config.seed if seed is None else seed), _EVAL_SALT)
-
-

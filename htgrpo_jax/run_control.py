@@ -1,6 +1,7 @@
 """What surrounds the training loop: the workdir lock and config history, SIGTERM / SIGINT and
 preemption, time-based saves, the profile trace, and closing all of it on every exit path
 (``RunControl``). ``trainer.train`` opens one per run; its names are re-exported by ``trainer``."""
+
 from __future__ import annotations
 
 import signal
@@ -54,8 +55,7 @@ def exit_status(interrupted: str | None) -> int:
   policy, systemd's ``Restart=on-failure``, a shell loop ``until python launch/train.py ...``)
   then tells a run that is done from one that stopped early and must be started again to resume.
   """
-  codes = {None: 0, "SIGTERM": 128 + signal.SIGTERM, "preemption": 128 + signal.SIGTERM,
-           "SIGINT": 128 + signal.SIGINT}
+  codes = {None: 0, "SIGTERM": 128 + signal.SIGTERM, "preemption": 128 + signal.SIGTERM, "SIGINT": 128 + signal.SIGINT}
   if interrupted not in codes:
     raise ValueError(f"interrupted={interrupted!r}: expected one of {sorted(map(str, codes))}")
   return int(codes[interrupted])
@@ -94,14 +94,19 @@ class RunControl:
     self._last_save_t = time.monotonic()
     self._handlers: dict[int, Any] = {}
     try:
+
       def claim():
         paths.makedirs(workdir)
         # ``log``: a URL workdir's "NOT locked" note belongs in the run's log, not only absl's.
         self.lock = workdir_lib.WorkdirLock(workdir, log=log).acquire()
         workdir_lib.check_config(
-            workdir, config.to_json_best_effort(),
+            workdir,
+            config.to_json_best_effort(),
             resuming=bool(step_dirs(paths.join(workdir, "checkpoints"))),
-            allow=bool(config.get("allow_config_change", False)), log=log)
+            allow=bool(config.get("allow_config_change", False)),
+            log=log,
+        )
+
       _on_primary(claim)
       if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -113,11 +118,11 @@ class RunControl:
   def _on_signal(self, signum: int, frame) -> None:
     name = signal.Signals(signum).name
     if not self.in_loop or self.stop_signal is not None:
-      raise TrainingInterrupted(f"{name}: stopping now" + (
-          " (second signal)" if self.stop_signal else " (nothing new to save yet)"))
+      raise TrainingInterrupted(
+          f"{name}: stopping now" + (" (second signal)" if self.stop_signal else " (nothing new to save yet)")
+      )
     self.stop_signal = name
-    self.log(f"{name}: finishing this step, saving it, then stopping (send {name} again to stop "
-             "at once)")
+    self.log(f"{name}: finishing this step, saving it, then stopping (send {name} again to stop " "at once)")
 
   def should_stop(self, step: int) -> bool:
     if self.stop_signal is None and self.ckpt is not None and self.ckpt.reached_preemption(step):
@@ -130,6 +135,7 @@ class RunControl:
     due = time.monotonic() - self._last_save_t >= self.save_every_s
     if jax.process_count() > 1:  # clocks differ: every process must make the same call
       from jax.experimental import multihost_utils
+
       due = bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
     return due
 
@@ -179,9 +185,9 @@ def _on_primary(fn: Callable[[], None]) -> None:
       err = e
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     ok = int(multihost_utils.broadcast_one_to_all(np.int32(err is None)))
     if not ok and err is None:
-      raise RuntimeError("process 0 refused to start this run (workdir lock or config check); "
-                         "see its log")
+      raise RuntimeError("process 0 refused to start this run (workdir lock or config check); " "see its log")
   if err is not None:
     raise err

@@ -29,6 +29,7 @@ The multi-process runtime is initialised first (``parallel.initialize_distribute
 because asking JAX for the process index starts its backend, after which a slice's processes could
 no longer join one another.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,6 +51,7 @@ class _ChattyInfoFilter:
 
   def filter(self, record) -> bool:
     import logging as std_logging
+
     if record.levelno >= std_logging.WARNING:
       return True
     return not any(mark in (record.pathname or "") for mark in self._marks)
@@ -61,10 +63,11 @@ _FILTER = _ChattyInfoFilter()
 @dataclasses.dataclass(frozen=True)
 class Runtime:
   """What ``setup_runtime`` did."""
+
   process_index: int
   process_count: int
-  log_level: str                 # the level this process logs at
-  compilation_cache_dir: str     # "" when the cache is off
+  log_level: str  # the level this process logs at
+  compilation_cache_dir: str  # "" when the cache is off
 
 
 def _get(config: Any, key: str, default):
@@ -98,6 +101,7 @@ def set_compilation_cache(path: str) -> str:
   """
   import jax
   from jax.experimental.compilation_cache import compilation_cache as cc
+
   if not isinstance(path, str):
     raise ValueError(f"compilation_cache_dir={path!r}: must be a path string ('' = off)")
   if path and "://" not in path:
@@ -114,14 +118,18 @@ def set_compilation_cache(path: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class DistributedFlags:
   """The command-line flags of an explicit multi-process setup (``define_distributed_flags``)."""
+
   coordinator_address: Any
   num_processes: Any
   process_id: Any
 
   def values(self) -> dict[str, Any]:
     """``setup_runtime``'s keyword arguments from the parsed flags."""
-    return dict(coordinator_address=self.coordinator_address.value,
-                num_processes=self.num_processes.value, process_id=self.process_id.value)
+    return dict(
+        coordinator_address=self.coordinator_address.value,
+        num_processes=self.num_processes.value,
+        process_id=self.process_id.value,
+    )
 
 
 def define_distributed_flags() -> DistributedFlags:
@@ -132,19 +140,31 @@ def define_distributed_flags() -> DistributedFlags:
   ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` environment variables, then JAX's cluster detection,
   decide."""
   from absl import flags
+
   return DistributedFlags(
       coordinator_address=flags.DEFINE_string(
-          "coordinator_address", None, "host:port of process 0's JAX coordinator, on every process "
-          "(env JAX_COORDINATOR_ADDRESS); unset on a Cloud TPU slice, GKE, SLURM, Open MPI."),
-      num_processes=flags.DEFINE_integer("num_processes", None, "Processes in the job (env "
-                                         "JAX_NUM_PROCESSES).", lower_bound=1),
-      process_id=flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes - 1 "
-                                      "(env JAX_PROCESS_ID).", lower_bound=0))
+          "coordinator_address",
+          None,
+          "host:port of process 0's JAX coordinator, on every process "
+          "(env JAX_COORDINATOR_ADDRESS); unset on a Cloud TPU slice, GKE, SLURM, Open MPI.",
+      ),
+      num_processes=flags.DEFINE_integer(
+          "num_processes", None, "Processes in the job (env " "JAX_NUM_PROCESSES).", lower_bound=1
+      ),
+      process_id=flags.DEFINE_integer(
+          "process_id", None, "This process's index, 0 .. num_processes - 1 " "(env JAX_PROCESS_ID).", lower_bound=0
+      ),
+  )
 
 
-def setup_runtime(config: Any = None, *, initialize_distributed: bool = True,
-                  coordinator_address: str | None = None, num_processes: int | None = None,
-                  process_id: int | None = None) -> Runtime:
+def setup_runtime(
+    config: Any = None,
+    *,
+    initialize_distributed: bool = True,
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> Runtime:
   """Multi-process runtime, compilation cache and log level for this process, from ``config``.
 
   Args:
@@ -165,10 +185,13 @@ def setup_runtime(config: Any = None, *, initialize_distributed: bool = True,
     raise ValueError(f"compilation_cache_dir={cache!r}: must be a path string ('' = off)")
   import jax
   from absl import logging
+
   if initialize_distributed:
     from htgrpo_jax import parallel
-    parallel.initialize_distributed("auto", coordinator_address=coordinator_address,
-                                    num_processes=num_processes, process_id=process_id)
+
+    parallel.initialize_distributed(
+        "auto", coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
   index = jax.process_index()  # starts the backend (not a compile: the cache can come after)
   mine = log_level_for(level, index)
   logging.set_verbosity(mine)
@@ -179,5 +202,4 @@ def setup_runtime(config: Any = None, *, initialize_distributed: bool = True,
   cache = set_compilation_cache(cache)
   if cache:
     logging.info("persistent compilation cache: %s", cache)
-  return Runtime(process_index=index, process_count=jax.process_count(), log_level=mine,
-                 compilation_cache_dir=cache)
+  return Runtime(process_index=index, process_count=jax.process_count(), log_level=mine, compilation_cache_dir=cache)

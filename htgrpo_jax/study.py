@@ -19,6 +19,7 @@ a prompt's samples) and seeds.
 The study's workdir and report paths may be URLs (``gs://bucket/study``): every file goes through
 ``htgrpo_jax.paths``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,6 +55,7 @@ def parse_overrides(text: str) -> dict[str, Any]:
   """``"rl.beta=0.0; sampler.cfg_scale=1"`` -> {'rl.beta': 0.0, 'sampler.cfg_scale': 1}; values are
   Python literals (a bare word is a string)."""
   import ast
+
   out = {}
   for item in [x.strip() for x in (text or "").split(";") if x.strip()]:
     key, sep, value = item.partition("=")
@@ -74,27 +76,27 @@ def arm_table(cfg: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
       if name not in cfg.arms:
         raise ValueError(f"{group}_arms: unknown arm {name!r}; defined arms: {sorted(cfg.arms)}")
       spec = cfg.arms[name]
-      out[name] = dict(preset=spec.preset, overrides=parse_overrides(spec.get("overrides", "")),
-                       group=group)
+      out[name] = dict(preset=spec.preset, overrides=parse_overrides(spec.get("overrides", "")), group=group)
   return out
 
 
 def plan_runs(cfg: ml_collections.ConfigDict) -> list[Run]:
   """Seed-major order, so a study stopped part-way has every arm at the same number of seeds."""
   arms = arm_table(cfg)
-  seeds = {a: cfg.main_seeds if s["group"] == "main" else cfg.ablation_seeds
-           for a, s in arms.items()}
-  return [Run(a, k, paths.join(cfg.workdir, a, f"seed{k}"))
-          for k in range(max(seeds.values(), default=0)) for a in arms if k < seeds[a]]
+  seeds = {a: cfg.main_seeds if s["group"] == "main" else cfg.ablation_seeds for a, s in arms.items()}
+  return [
+      Run(a, k, paths.join(cfg.workdir, a, f"seed{k}"))
+      for k in range(max(seeds.values(), default=0))
+      for a in arms
+      if k < seeds[a]
+  ]
 
 
-def train_config(cfg: ml_collections.ConfigDict, arm: str | None, seed: int,
-                 workdir: str) -> ml_collections.ConfigDict:
+def train_config(cfg: ml_collections.ConfigDict, arm: str | None, seed: int, workdir: str) -> ml_collections.ConfigDict:
   """The training config of one run: the study's training file with its shared overrides, the
   frozen base checkpoint, the run's seed and the arm's preset and overrides."""
   spec = arm_table(cfg)[arm] if arm is not None else dict(preset="htgrpo", overrides={})
-  c = load_config_file(cfg.train_config, spec["preset"] + (f",{cfg.train_variant}"
-                                                          if cfg.get("train_variant") else ""))
+  c = load_config_file(cfg.train_config, spec["preset"] + (f",{cfg.train_variant}" if cfg.get("train_variant") else ""))
   for k, v in {**parse_overrides(cfg.shared), **spec["overrides"]}.items():
     _set(c, k, v)
   c.seed = seed
@@ -108,9 +110,14 @@ def _final_step(c: ml_collections.ConfigDict) -> str:
   return f"step{c.total_steps:05d}"
 
 
-def run_study(cfg: ml_collections.ConfigDict, *, log: Callable[[str], None] = print,
-              max_runs: int | None = None, shard: tuple[int, int] = (0, 1),
-              report: bool = True) -> str:
+def run_study(
+    cfg: ml_collections.ConfigDict,
+    *,
+    log: Callable[[str], None] = print,
+    max_runs: int | None = None,
+    shard: tuple[int, int] = (0, 1),
+    report: bool = True,
+) -> str:
   """Runs (or resumes) a study and writes its report; returns the report's Markdown.
 
   ``shard=(i, n)``: run only every n-th unfinished run starting at i (``launch/study.py
@@ -124,24 +131,31 @@ def run_study(cfg: ml_collections.ConfigDict, *, log: Callable[[str], None] = pr
   base_cfg = train_config(cfg, None, cfg.base_seed, base_dir)
   if trainer.load_eval_samples(base_dir, "base") is None:
     if shard != (0, 1):
-      raise RuntimeError(f"study shard {shard}: the base is not scored yet in {base_dir}; score it "
-                         "once (run_study with the default shard) before starting workers")
+      raise RuntimeError(
+          f"study shard {shard}: the base is not scored yet in {base_dir}; score it "
+          "once (run_study with the default shard) before starting workers"
+      )
     log("Scoring the frozen base policy (pretraining it first when missing)...")
-    trainer.evaluate_checkpoint(base_cfg, which="base", out_dir=base_dir,
-                                samples_per_prompt=base_cfg.eval.final_samples_per_prompt, log=log)
+    trainer.evaluate_checkpoint(
+        base_cfg, which="base", out_dir=base_dir, samples_per_prompt=base_cfg.eval.final_samples_per_prompt, log=log
+    )
   runs = plan_runs(cfg)
-  todo = [r for r in runs if trainer.load_eval_samples(
-      r.workdir, _final_step(train_config(cfg, r.arm, r.seed, r.workdir))) is None]
+  todo = [
+      r
+      for r in runs
+      if trainer.load_eval_samples(r.workdir, _final_step(train_config(cfg, r.arm, r.seed, r.workdir))) is None
+  ]
   log(f"{len(runs) - len(todo)} of {len(runs)} runs already finished.")
-  todo = todo[shard[0]::shard[1]]
+  todo = todo[shard[0] :: shard[1]]
   md = write_report(cfg) if report else ""
   for r in tqdm(todo[:max_runs], desc="study runs", dynamic_ncols=True):
     c = train_config(cfg, r.arm, r.seed, r.workdir)
     c.progress = cfg.get("progress", True)
     t0 = time.time()
     out = trainer.train(c, log=log)
-    paths.write_text_atomic(paths.join(r.workdir, "wall.json"),  # this call's wall time
-                            json.dumps(dict(seconds=time.time() - t0)))
+    paths.write_text_atomic(
+        paths.join(r.workdir, "wall.json"), json.dumps(dict(seconds=time.time() - t0))  # this call's wall time
+    )
     if out["interrupted"]:  # SIGTERM/SIGINT: the run saved its step; the study stops with it
       log(f"{out['interrupted']}: study stopped in {r.arm} seed {r.seed} at step {out['step']}")
       break
@@ -153,8 +167,10 @@ def run_study(cfg: ml_collections.ConfigDict, *, log: Callable[[str], None] = pr
 # Report
 # ------------------------------------------------------------------------------------------------
 
+
 def _eval_curve(workdir: str) -> list[tuple[int, dict[str, np.ndarray]]]:
   from htgrpo_jax import trainer
+
   out = []
   if paths.isdir(paths.join(workdir, "evals")):
     for name in sorted(paths.listdir(paths.join(workdir, "evals"))):
@@ -181,6 +197,7 @@ def _step_seconds(workdir: str) -> dict[int, float]:
 def collect(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   """Finished runs' final evaluations, the base evaluation and every run's curve."""
   from htgrpo_jax import trainer
+
   base = trainer.load_eval_samples(paths.join(cfg.workdir, "base_eval"), "base")
   finals: dict[str, dict[int, dict[str, np.ndarray]]] = {}
   curves: dict[str, dict[int, list]] = {}
@@ -189,8 +206,7 @@ def collect(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     f = trainer.load_eval_samples(r.workdir, _final_step(c))
     curve = _eval_curve(r.workdir)
     if curve:
-      curves.setdefault(r.arm, {})[r.seed] = (curve, _step_seconds(r.workdir),
-                                             c.prompts_per_step * c.rl.group_size)
+      curves.setdefault(r.arm, {})[r.seed] = (curve, _step_seconds(r.workdir), c.prompts_per_step * c.rl.group_size)
     if f is not None:
       finals.setdefault(r.arm, {})[r.seed] = f
   return dict(base=base, finals=finals, curves=curves)
@@ -209,23 +225,20 @@ def images_to_reach(curve: np.ndarray, target: float) -> float:
   return float("inf")
 
 
-def reach_lines(data: dict[str, Any], arms: Sequence[str], ref: str, n_boot: int = 1000,
-                seed: int = 0) -> list[str]:
+def reach_lines(data: dict[str, Any], arms: Sequence[str], ref: str, n_boot: int = 1000, seed: int = 0) -> list[str]:
   """The sample-efficiency table: for each arm, the rollout images its seed-mean curve needs to
   reach the reference arm's final seed-mean score, and the reference's budget over that (how many
   times fewer images), with 95 % intervals from a bootstrap that resamples prompts (one draw for
   every evaluation: paired) and then seeds within each arm, as the main table does."""
   base, finals = data["base"], data["finals"]
   # Finished seeds only (as in the main table): a run still going would cut its arm's curve short.
-  curves = {a: {k: c for k, c in runs.items() if k in finals.get(a, {})}
-            for a, runs in data["curves"].items()}
+  curves = {a: {k: c for k, c in runs.items() if k in finals.get(a, {})} for a, runs in data["curves"].items()}
   curves = {a: runs for a, runs in curves.items() if runs}
   if ref not in curves:
     return []
   arms = [a for a in arms if a in curves]
   # Evaluation steps every seed of an arm has; one score array per (arm, seed, step).
-  steps = {a: sorted(set.intersection(*[{s for s, _ in c} for c, _, _ in curves[a].values()]))
-           for a in arms}
+  steps = {a: sorted(set.intersection(*[{s for s, _ in c} for c, _, _ in curves[a].values()])) for a in arms}
   # Intermediate evaluations draw fewer samples per prompt than the final one: compare per-prompt
   # means (each prompt one cluster; with equal samples per prompt the overall is unchanged).
   ids, first = np.unique(base["prompt_index"], return_index=True)
@@ -253,8 +266,7 @@ def reach_lines(data: dict[str, Any], arms: Sequence[str], ref: str, n_boot: int
     seeds = sorted(curves[a])
     per_step = next(iter(curves[a].values()))[2]
     ys = np.stack([[d[where[a, k, st]] for st in steps[a]] for k in seeds])  # [seeds, n, B]
-    pick = (rng.integers(0, len(seeds), (d.shape[1], len(seeds))) if d.shape[1] > 1
-            else np.arange(len(seeds))[None])
+    pick = rng.integers(0, len(seeds), (d.shape[1], len(seeds))) if d.shape[1] > 1 else np.arange(len(seeds))[None]
     y = ys[pick, :, np.arange(d.shape[1])[:, None]].mean(1)  # [B, n]
     y = np.concatenate([d[0][:, None], y], 1)
     x = np.broadcast_to(np.asarray([0] + [st * per_step for st in steps[a]], np.float64), y.shape)
@@ -263,10 +275,14 @@ def reach_lines(data: dict[str, Any], arms: Sequence[str], ref: str, n_boot: int
   observed = np.asarray([[evaluate.tag_scores(tags, a)["overall"]] for a in arrays])  # [A, 1]
   ref_obs, ref_draw = mean_curves(ref, observed), mean_curves(ref, draws)
   target_obs, budget = ref_obs[0, -1, 1], ref_obs[0, -1, 0]
-  lines = [f"Rollout images to reach `{ref}`'s final score ({target_obs:.3f}, its seed mean after "
-           f"{budget:.0f} images), linear between evaluations, with 95 % intervals (prompts and "
-           f"seeds resampled, the target with them; 'never' = not reached within the budget):", "",
-           f"| arm | images to reach {ref}'s final | {ref}'s budget / those images |", "|---|---:|---:|"]
+  lines = [
+      f"Rollout images to reach `{ref}`'s final score ({target_obs:.3f}, its seed mean after "
+      f"{budget:.0f} images), linear between evaluations, with 95 % intervals (prompts and "
+      f"seeds resampled, the target with them; 'never' = not reached within the budget):",
+      "",
+      f"| arm | images to reach {ref}'s final | {ref}'s budget / those images |",
+      "|---|---:|---:|",
+  ]
   for a in [a for a in arms if a != ref]:
     obs = images_to_reach(mean_curves(a, observed)[0], target_obs)
     cur = mean_curves(a, draws)
@@ -275,13 +291,13 @@ def reach_lines(data: dict[str, Any], arms: Sequence[str], ref: str, n_boot: int
     ratio = budget / x  # inf images -> 0x
     rlo, rhi = np.percentile(ratio, [2.5, 97.5])
     img = lambda v: "never" if not np.isfinite(v) else f"{v:.0f}"
-    lines.append(f"| {a} | {img(obs)} [{img(lo)}, {img(hi)}] | "
-                 f"{budget / obs:.2f}x [{rlo:.2f}x, {rhi:.2f}x] |")
+    lines.append(f"| {a} | {img(obs)} [{img(lo)}, {img(hi)}] | " f"{budget / obs:.2f}x [{rlo:.2f}x, {rhi:.2f}x] |")
   return lines + [""]
 
 
-def seed_prompt_bootstrap(base: dict[str, np.ndarray], finals: dict[str, dict[int, dict]],
-                          n_boot: int = 2000, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+def seed_prompt_bootstrap(
+    base: dict[str, np.ndarray], finals: dict[str, dict[int, dict]], n_boot: int = 2000, seed: int = 0
+) -> dict[str, dict[str, np.ndarray]]:
   """Bootstrap draws of each arm's seed-mean accuracy (per tag and overall) and of its change
   from the base, resampling prompts (one draw shared by every array: paired) and then seeds.
 
@@ -292,9 +308,13 @@ def seed_prompt_bootstrap(base: dict[str, np.ndarray], finals: dict[str, dict[in
   for a, k in keys:
     if not np.array_equal(finals[a][k]["prompt_index"], base["prompt_index"]):
       raise ValueError(f"study: run {a}/seed{k} was evaluated on other prompts than the base")
-  draws = evaluate.bootstrap_draws(base["tags"], base["prompt_index"],
-                                   [base["strict"]] + [finals[a][k]["strict"] for a, k in keys],
-                                   n_boot=n_boot, seed=seed)
+  draws = evaluate.bootstrap_draws(
+      base["tags"],
+      base["prompt_index"],
+      [base["strict"]] + [finals[a][k]["strict"] for a, k in keys],
+      n_boot=n_boot,
+      seed=seed,
+  )
   rng = np.random.default_rng(seed + 1)
   out = {}
   for a in finals:
@@ -320,54 +340,86 @@ def write_report(cfg: ml_collections.ConfigDict) -> str:
   ref = cfg.get("reference_arm", "")
   c0 = train_config(cfg, None, cfg.base_seed, "")
   images = c0.total_steps * c0.prompts_per_step * c0.rl.group_size
-  lines = [f"# {cfg.title}", "",
-           f"Every arm starts from one frozen base policy "
-           f"(`{cfg.get('base_checkpoint') or paths.join(cfg.workdir, 'base')}`) and trains "
-           f"{c0.total_steps} RL steps of {c0.prompts_per_step} prompts x G = {c0.rl.group_size} "
-           f"images ({images} rollout images per run). Held-out strict accuracy over "
-           f"{len(set(base['prompt_index'].tolist()))} prompts x "
-           f"{len(base['strict']) // max(1, len(set(base['prompt_index'].tolist())))} samples, "
-           "one evaluation key for every run. Brackets: 95 % bootstrap intervals over prompts "
-           "and seeds; the change is paired with the base on the same prompts"
-           + (f", and `vs {ref}` is the paired difference from the `{ref}` arm (an interval "
-              "that excludes 0 separates the two)." if ref else "."), "",
-           "| arm | seeds | base overall | final overall | change | " +
-           (f"vs {ref} | " if ref else "") + " | ".join(tags) + " |",
-           "|---|---:|---:|---:|---:|" + ("---:|" if ref else "") + "---:|" * len(tags)]
-  acc = {a: {t: float(np.mean([evaluate.tag_scores(x["tags"], x["strict"])[t]
-                               for x in finals[a].values()])) for t in tags + ["overall"]}
-         for a in finals}
+  lines = [
+      f"# {cfg.title}",
+      "",
+      f"Every arm starts from one frozen base policy "
+      f"(`{cfg.get('base_checkpoint') or paths.join(cfg.workdir, 'base')}`) and trains "
+      f"{c0.total_steps} RL steps of {c0.prompts_per_step} prompts x G = {c0.rl.group_size} "
+      f"images ({images} rollout images per run). Held-out strict accuracy over "
+      f"{len(set(base['prompt_index'].tolist()))} prompts x "
+      f"{len(base['strict']) // max(1, len(set(base['prompt_index'].tolist())))} samples, "
+      "one evaluation key for every run. Brackets: 95 % bootstrap intervals over prompts "
+      "and seeds; the change is paired with the base on the same prompts"
+      + (
+          f", and `vs {ref}` is the paired difference from the `{ref}` arm (an interval "
+          "that excludes 0 separates the two)."
+          if ref
+          else "."
+      ),
+      "",
+      "| arm | seeds | base overall | final overall | change | "
+      + (f"vs {ref} | " if ref else "")
+      + " | ".join(tags)
+      + " |",
+      "|---|---:|---:|---:|---:|" + ("---:|" if ref else "") + "---:|" * len(tags),
+  ]
+  acc = {
+      a: {
+          t: float(np.mean([evaluate.tag_scores(x["tags"], x["strict"])[t] for x in finals[a].values()]))
+          for t in tags + ["overall"]
+      }
+      for a in finals
+  }
   for a in [a for a in arms if a in finals]:
     vs = ""
     if ref:
-      vs = ("- | " if a == ref or ref not in finals else
-            fmt(acc[a]["overall"] - acc[ref]["overall"],
-                boot[a]["overall"] - boot[ref]["overall"]) + " | ")
-    lines.append(f"| {a} | {len(finals[a])} | {base_acc['overall']:.3f} | "
-                 f"{fmt(acc[a]['overall'], boot[a]['overall'])} | "
-                 f"{fmt(acc[a]['overall'] - base_acc['overall'], boot[a + ':change']['overall'])} | "
-                 + vs + " | ".join(f"{acc[a][t]:.3f}" for t in tags) + " |")
-  lines += ["", "| base | " + " | ".join(f"{t} {base_acc[t]:.3f}" for t in tags + ["overall"]) +
-            " |", ""] + (reach_lines(data, list(arms), ref) if ref else []) + [
-            "Arms: " + "; ".join(
-                f"`{a}` = preset {s['preset']}" + (f" with {s['overrides']}" if s["overrides"]
-                                                    else "") for a, s in arms.items()), "",
-            f"![held-out accuracy vs rollout images and wall time]({os.path.basename(cfg.curves_png)})",
-            ""]
+      vs = (
+          "- | "
+          if a == ref or ref not in finals
+          else fmt(acc[a]["overall"] - acc[ref]["overall"], boot[a]["overall"] - boot[ref]["overall"]) + " | "
+      )
+    lines.append(
+        f"| {a} | {len(finals[a])} | {base_acc['overall']:.3f} | "
+        f"{fmt(acc[a]['overall'], boot[a]['overall'])} | "
+        f"{fmt(acc[a]['overall'] - base_acc['overall'], boot[a + ':change']['overall'])} | "
+        + vs
+        + " | ".join(f"{acc[a][t]:.3f}" for t in tags)
+        + " |"
+    )
+  lines += (
+      ["", "| base | " + " | ".join(f"{t} {base_acc[t]:.3f}" for t in tags + ["overall"]) + " |", ""]
+      + (reach_lines(data, list(arms), ref) if ref else [])
+      + [
+          "Arms: "
+          + "; ".join(
+              f"`{a}` = preset {s['preset']}" + (f" with {s['overrides']}" if s["overrides"] else "")
+              for a, s in arms.items()
+          ),
+          "",
+          f"![held-out accuracy vs rollout images and wall time]({os.path.basename(cfg.curves_png)})",
+          "",
+      ]
+  )
   single = [a for a in arms if len(finals.get(a, {})) == 1]
   if single:  # a bootstrap over one seed cannot see seed-to-seed spread
-    lines[3:3] = ["", f"Arms with a single seed ({', '.join(single)}): their intervals cover "
-                      "prompt and sampling noise only, not the spread between training seeds; read "
-                      "them as screening, not as a comparison."]
+    lines[3:3] = [
+        "",
+        f"Arms with a single seed ({', '.join(single)}): their intervals cover "
+        "prompt and sampling noise only, not the spread between training seeds; read "
+        "them as screening, not as a comparison.",
+    ]
   md = "\n".join(lines)
   paths.makedirs(os.path.dirname(paths.resolve(cfg.results_md)))
   paths.write_text_atomic(cfg.results_md, md)
   plot_study(data, base_acc["overall"], cfg.curves_png)
   if cfg.get("readme"):
-    table = [ln for ln in lines if ln.startswith("|")][:2 + len([a for a in arms if a in finals])]
+    table = [ln for ln in lines if ln.startswith("|")][: 2 + len([a for a in arms if a in finals])]
     notes = lines[2] + (f"\n\n{lines[4]}" if single else "")
-    splice_readme(cfg.readme, "\n".join(table) + f"\n\n{notes}\n\nFull table and curves: "
-                  f"[`{cfg.results_md}`]({cfg.results_md}).\n")
+    splice_readme(
+        cfg.readme,
+        "\n".join(table) + f"\n\n{notes}\n\nFull table and curves: " f"[`{cfg.results_md}`]({cfg.results_md}).\n",
+    )
   return md
 
 
@@ -382,15 +434,17 @@ def splice_readme(path: str, block: str) -> None:
   i, j = text.find(_BEGIN), text.find(_END)
   if i < 0 or j < i:
     raise ValueError(f"{path}: no '{_BEGIN}' ... '{_END}' block to write the study's table into")
-  paths.write_text_atomic(path, text[:i + len(_BEGIN)] + "\n" + block + text[j:])
+  paths.write_text_atomic(path, text[: i + len(_BEGIN)] + "\n" + block + text[j:])
 
 
 def plot_study(data: dict[str, Any], base_overall: float, path: str) -> None:
   """Held-out overall vs rollout images and vs training wall time: a line per arm (seed mean),
   the band spanning the seeds."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
   for i, (arm, runs) in enumerate(sorted(data["curves"].items())):
     color = f"C{i % 10}"
@@ -398,14 +452,21 @@ def plot_study(data: dict[str, Any], base_overall: float, path: str) -> None:
     for curve, secs, per_step in runs.values():
       pts = [(0, 0.0, base_overall)] + [
           (s * per_step, secs.get(s, np.nan) / 60, evaluate.tag_scores(e["tags"], e["strict"])["overall"])
-          for s, e in curve]
+          for s, e in curve
+      ]
       per_seed.append(np.asarray(pts, np.float64))
     n = min(len(p) for p in per_seed)
     stack = np.stack([p[:n] for p in per_seed])
     for ax, xi in zip(axes, (0, 1)):
       x = np.nanmean(stack[:, :, xi], 0)
-      ax.plot(x, stack[:, :, 2].mean(0), "o-", color=color, lw=2,
-              label=f"{arm} ({len(per_seed)} seed{'s' if len(per_seed) > 1 else ''})")
+      ax.plot(
+          x,
+          stack[:, :, 2].mean(0),
+          "o-",
+          color=color,
+          lw=2,
+          label=f"{arm} ({len(per_seed)} seed{'s' if len(per_seed) > 1 else ''})",
+      )
       if len(per_seed) > 1:
         ax.fill_between(x, stack[:, :, 2].min(0), stack[:, :, 2].max(0), color=color, alpha=0.15)
   for ax, label in zip(axes, ("rollout images", "training wall time (min, evaluations excluded)")):

@@ -21,6 +21,7 @@ inside a function and there is no import cycle at load time.
 Every path is checked here, before anything is compiled, and errors name the config key. Any
 path may be a URL (``gs://bucket/...``; ``htgrpo_jax.paths``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,6 +59,7 @@ class Task:
     judge: optional ``(prompts, images, meta) -> [dict]`` giving each image's ``strict`` verdict
       with its ``reason`` (and ``malformed`` components) for the per-sample evaluation records.
   """
+
   name: str
   model_cfg: llada.LLaDAConfig
   layout: layouts.Layout
@@ -79,12 +81,14 @@ def load_worlds() -> Registry[Callable[..., Task]]:
   """``WORLDS`` with every world registered: imports the task modules of the world packages
   (``htgrpo_jax/worlds/``), whose import registers their builders."""
   from htgrpo_jax.worlds.shapeeval import task  # noqa: F401  (registers 'shapes')
+
   return WORLDS
 
 
 # ------------------------------------------------------------------------------------------------
 # Real dMLLMs (MMaDA / Lumina-DiMOO)
 # ------------------------------------------------------------------------------------------------
+
 
 def read_prompt_file(path: str, key: str) -> list[EvalPrompt]:
   """Prompts from JSONL, one object per line with ``prompt`` and optionally ``tag`` (GenEval's
@@ -99,8 +103,9 @@ def read_prompt_file(path: str, key: str) -> list[EvalPrompt]:
       try:
         line = raw.decode("utf-8-sig" if i == 0 else "utf-8")
       except UnicodeDecodeError as e:
-        raise ValueError(f"{key}: {path} line {i + 1} is not valid UTF-8 (byte {raw[e.start]:#04x} "
-                         f"at column {e.start + 1})") from None
+        raise ValueError(
+            f"{key}: {path} line {i + 1} is not valid UTF-8 (byte {raw[e.start]:#04x} " f"at column {e.start + 1})"
+        ) from None
       if not line.strip():
         continue
       try:
@@ -138,13 +143,17 @@ def remote_rewards(config: ml_collections.ConfigDict):
   w = config.world
   protocol = w.get("reward_protocol", "json") or "json"
   if protocol not in ("json", "flowgrpo"):
-    raise ValueError(f"world.reward_protocol={protocol!r}: must be 'json' (launch/reward_server.py) or "
-                     "'flowgrpo' (Flow-GRPO's GenEval reward server)")
+    raise ValueError(
+        f"world.reward_protocol={protocol!r}: must be 'json' (launch/reward_server.py) or "
+        "'flowgrpo' (Flow-GRPO's GenEval reward server)"
+    )
   if not w.reward_url:
     raise ValueError("world.reward_url: the t2i world needs a reward server URL")
   if w.get("reward_mode") and not w.score_url:
-    raise ValueError("world.score_url: a ShapeEval world served remotely needs the server's strict "
-                     "endpoint too (world.reward_url is its dense one)")
+    raise ValueError(
+        "world.score_url: a ShapeEval world served remotely needs the server's strict "
+        "endpoint too (world.reward_url is its dense one)"
+    )
   timeout, retries = w.reward_timeout, w.get("reward_retries", 3)
   backoff = w.get("reward_backoff_s", 0.5)
   num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
@@ -154,18 +163,21 @@ def remote_rewards(config: ml_collections.ConfigDict):
     raise ValueError(f"world.reward_retries={retries!r}: must be an int >= 0")
   if not (num(backoff) and backoff >= 0):
     raise ValueError(f"world.reward_backoff_s={backoff!r}: must be a number >= 0")
-  kw = dict(timeout=float(timeout), max_retries=retries, backoff=float(backoff),
-            metadata_keys=("meta",))
+  kw = dict(timeout=float(timeout), max_retries=retries, backoff=float(backoff), metadata_keys=("meta",))
   for key in ("reward_url", "score_url"):
     url = w.get(key)
     if url and not (isinstance(url, str) and url.startswith(("http://", "https://"))):
       raise ValueError(f"world.{key}={url!r}: must start with http:// or https://")
   if protocol == "flowgrpo":
     from htgrpo_jax.rewards.flowgrpo import FlowGRPOGenEval
+
     kw.pop("metadata_keys")
-    return (FlowGRPOGenEval(w.reward_url, name="remote", field="scores", **kw),
-            FlowGRPOGenEval(w.get("score_url") or w.reward_url, name="remote_strict", field="rewards",
-                            only_strict=False, **kw))
+    return (
+        FlowGRPOGenEval(w.reward_url, name="remote", field="scores", **kw),
+        FlowGRPOGenEval(
+            w.get("score_url") or w.reward_url, name="remote_strict", field="rewards", only_strict=False, **kw
+        ),
+    )
   reward = RemoteReward(w.reward_url, name="remote", **kw)
   # Evaluation asks the server's strict (GenEval 0/1) endpoint, by default the same URL.
   strict = RemoteReward(w.get("score_url") or w.reward_url, name="remote_strict", **kw)
@@ -190,42 +202,61 @@ def build_t2i_task(config: ml_collections.ConfigDict, *, log: Callable[[str], No
   policy.check_compatible(model_cfg, layout)
   ckpt = paths.resolve(config.model.checkpoint or "")
   if not config.model.checkpoint or not paths.isdir(ckpt):
-    raise ValueError(f"model.checkpoint: converted Orbax checkpoint {ckpt!r} does not exist "
-                     "(python launch/convert_checkpoint.py writes it)")
+    raise ValueError(
+        f"model.checkpoint: converted Orbax checkpoint {ckpt!r} does not exist "
+        "(python launch/convert_checkpoint.py writes it)"
+    )
   from htgrpo_jax.models.vq import build_decoder
-  decode, decode_params = build_decoder(config.model.vq_kind, config.model.vq_checkpoint,
-                                        layout.grid, key="model.vq_checkpoint",
-                                        preset=config.model.get("vq_preset") or None)
+
+  decode, decode_params = build_decoder(
+      config.model.vq_kind,
+      config.model.vq_checkpoint,
+      layout.grid,
+      key="model.vq_checkpoint",
+      preset=config.model.get("vq_preset") or None,
+  )
   if rewards is None and not config.get("rewards"):
-    raise ValueError("world.reward_url: the t2i world needs a reward: a reward server URL, or "
-                     "config.rewards entries (docs/rewards.md)")
+    raise ValueError(
+        "world.reward_url: the t2i world needs a reward: a reward server URL, or "
+        "config.rewards entries (docs/rewards.md)"
+    )
   if rewards is None and score_entry is None:
-    raise ValueError("world.score_reward: with no world.reward_url, evaluation needs a strict scorer: "
-                     "world.score_reward = {kind, **options} (e.g. kind 'geneval_owl' with mode "
-                     "'strict', or kind 'remote' with the server's strict URL)")
+    raise ValueError(
+        "world.score_reward: with no world.reward_url, evaluation needs a strict scorer: "
+        "world.score_reward = {kind, **options} (e.g. kind 'geneval_owl' with mode "
+        "'strict', or kind 'remote' with the server's strict URL)"
+    )
   reward, strict = rewards if rewards is not None else (None, None)
   judge = None
   if score_entry is not None:
     from htgrpo_jax.rewards.registry import build_reward
+
     kind, options = score_entry
     strict = build_reward(kind, options, "world.score_reward", name="score")
     if callable(getattr(strict, "judge", None)):  # GenEvalReward: each verdict with its reason
-      judge = lambda prompts, images, meta: [dict(strict=v.strict, reason=v.reason)
-                                             for v in strict.judge(prompts, images, meta)]
+      judge = lambda prompts, images, meta: [
+          dict(strict=v.strict, reason=v.reason) for v in strict.judge(prompts, images, meta)
+      ]
   encoded = layout.encode_prompts([p.text for p in train])  # fails here on a bad prompt
 
   def train_dataset(batch_size: int, seed: int) -> grain.IterDataset:
-    records = [{"caption": p.text, "prompt_tokens": encoded[i], "meta": p.meta}
-               for i, p in enumerate(train)]
+    records = [{"caption": p.text, "prompt_tokens": encoded[i], "meta": p.meta} for i, p in enumerate(train)]
     ds = grain.MapDataset.source(records).seed(seed).shuffle().repeat(None)
     return ds.batch(batch_size, drop_remainder=True).to_iter_dataset()
 
   return Task(
-      name=config.model.preset, model_cfg=model_cfg, layout=layout,
+      name=config.model.preset,
+      model_cfg=model_cfg,
+      layout=layout,
       load_base_params=lambda abstract: convert.restore_params(ckpt, abstract),
-      train_dataset=train_dataset, eval_prompts=evals, decode=decode,
-      decode_params=decode_params, reward=reward,
-      score=lambda prompts, images, meta: strict(prompts, images, meta=meta), judge=judge)
+      train_dataset=train_dataset,
+      eval_prompts=evals,
+      decode=decode,
+      decode_params=decode_params,
+      reward=reward,
+      score=lambda prompts, images, meta: strict(prompts, images, meta=meta),
+      judge=judge,
+  )
 
 
 def score_reward_entry(config: ml_collections.ConfigDict) -> tuple[str, dict[str, Any]] | None:
@@ -235,19 +266,23 @@ def score_reward_entry(config: ml_collections.ConfigDict) -> tuple[str, dict[str
   if not entry:
     return None
   if not hasattr(entry, "items"):
-    raise ValueError(f"world.score_reward={entry!r}: must be a dict {{kind, **options}} of a registered "
-                     "reward (docs/rewards.md)")
+    raise ValueError(
+        f"world.score_reward={entry!r}: must be a dict {{kind, **options}} of a registered " "reward (docs/rewards.md)"
+    )
   if config.world.get("score_url"):
     raise ValueError("world.score_reward: set it or world.score_url (the server's strict scorer), not both")
   options = dict(entry.items())
   kind = options.pop("kind", None)
   if not isinstance(kind, str) or not kind:
-    raise ValueError(f"world.score_reward.kind={kind!r}: must name a registered reward "
-                     "(python launch/reward_server.py --list)")
+    raise ValueError(
+        f"world.score_reward.kind={kind!r}: must name a registered reward " "(python launch/reward_server.py --list)"
+    )
   for key in ("weight", "group_norm"):
     if key in options:
-      raise ValueError(f"world.score_reward.{key}: the evaluation scorer is one reward, not a weighted "
-                       "sum; set the reward's own options only")
+      raise ValueError(
+          f"world.score_reward.{key}: the evaluation scorer is one reward, not a weighted "
+          "sum; set the reward's own options only"
+      )
   return kind, options
 
 
@@ -261,6 +296,6 @@ def build_task(config: ml_collections.ConfigDict, *, log: Callable[[str], None] 
   task = load_worlds().get(config.world.kind)(config, log=log)
   if config.get("rewards"):
     from htgrpo_jax.rewards.registry import weighted_from_config
-    task.reward = weighted_from_config(config.rewards, world=task.reward,
-                                       group_size=config.rl.group_size)
+
+    task.reward = weighted_from_config(config.rewards, world=task.reward, group_size=config.rl.group_size)
   return task

@@ -29,6 +29,7 @@ Config validation lives in ``run_config``, the rollout stage in ``rollouts``, ho
 ``writer``, the lock / signals / profile trace around the loop in ``run_control`` and checkpoint
 evaluation in ``evaluate_run``; their public names are re-exported here.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,22 +47,30 @@ from htgrpo_jax.sampling import guided_canvas_logits_fn, make_sampler
 
 # Re-exported: callers (launch/, bench/, aot.py, study.py, tests) keep using ``trainer.<name>``.
 from htgrpo_jax.evaluate_run import evaluate_checkpoint, restore_params  # noqa: F401
-from htgrpo_jax.rollouts import (collect_rollouts, jit_decode, sample_groups,  # noqa: F401
-                                 shared_rewards)
-from htgrpo_jax.run_config import (OPTIM_KEYS, Plan, abstract_train_state, check_mesh,  # noqa: F401
-                                   config_get, eval_key, make_optimizer, new_state, plan,
-                                   profile_window, state_shardings, validate_optim,
-                                   validate_run_keys)
+from htgrpo_jax.rollouts import (collect_rollouts, jit_decode, sample_groups, shared_rewards)  # noqa: F401
+from htgrpo_jax.run_config import (
+    OPTIM_KEYS,  # noqa: F401
+    Plan,
+    abstract_train_state,
+    check_mesh,  # noqa: F401
+    config_get,  # noqa: F401
+    eval_key,
+    make_optimizer,
+    new_state,
+    plan,
+    profile_window,
+    state_shardings,  # noqa: F401
+    validate_optim,  # noqa: F401
+    validate_run_keys,  # noqa: F401
+)
 from htgrpo_jax.run_control import Profiler, RunControl, TrainingInterrupted, exit_status  # noqa: F401
-from htgrpo_jax.writer import (RunLog, load_eval_samples, results_table,  # noqa: F401
-                               write_eval)
+from htgrpo_jax.writer import (RunLog, load_eval_samples, results_table, write_eval)  # noqa: F401
 
 
 def itstime(step: int, every: int, total: int, *, first: bool = False, last: bool = True) -> bool:
   """Whether completed step ``step`` (1-based) is one to log / save / evaluate at (big_vision's
   ``itstime``): every ``every`` steps, at ``total`` (``last``) and at step 1 (``first``)."""
-  return ((last and step == total) or (first and step == 1)
-          or (every > 0 and step % every == 0))
+  return (last and step == total) or (first and step == 1) or (every > 0 and step % every == 0)
 
 
 @dataclasses.dataclass
@@ -76,6 +85,7 @@ class LoopState:
     evals: ``{step: per-tag held-out scores}`` of every evaluation so far (0: the base policy).
     consecutive_skips: inner updates skipped as non-finite in a row, up to ``step``.
   """
+
   step: int = 0
   seed: int = 0
   history: list[dict[str, float]] = dataclasses.field(default_factory=list)
@@ -83,50 +93,80 @@ class LoopState:
   consecutive_skips: int = 0
 
   def to_json(self) -> dict[str, Any]:
-    return dict(step=self.step, seed=self.seed, history=self.history,
-                evals={str(k): v for k, v in self.evals.items()},
-                consecutive_skips=self.consecutive_skips)
+    return dict(
+        step=self.step,
+        seed=self.seed,
+        history=self.history,
+        evals={str(k): v for k, v in self.evals.items()},
+        consecutive_skips=self.consecutive_skips,
+    )
 
   @classmethod
   def from_json(cls, d: dict[str, Any]) -> "LoopState":
-    return cls(step=int(d["step"]), seed=d.get("seed", 0), history=list(d["history"]),
-               evals={int(k): v for k, v in d["evals"].items()},
-               consecutive_skips=int(d.get("consecutive_skips", 0)))
+    return cls(
+        step=int(d["step"]),
+        seed=d.get("seed", 0),
+        history=list(d["history"]),
+        evals={int(k): v for k, v in d["evals"].items()},
+        consecutive_skips=int(d.get("consecutive_skips", 0)),
+    )
 
 
 class Programs(NamedTuple):
   """The compiled pieces of a run (built once, reused every step)."""
-  sampler: Any             # the config's sampler: evaluations
-  rollout_sampler: Any     # training rollouts (the same, or without CFG: 'unguided_rollouts')
-  train_step: Callable     # (state, rollout, key) -> (state, metrics)
-  decode: Callable         # codes int32[B, N] -> uint8[B, H, W, 3], on device
-  uncond: jax.Array        # the rollouts' unconditional prompt rows (rollouts.unconditional_rows)
+
+  sampler: Any  # the config's sampler: evaluations
+  rollout_sampler: Any  # training rollouts (the same, or without CFG: 'unguided_rollouts')
+  train_step: Callable  # (state, rollout, key) -> (state, metrics)
+  decode: Callable  # codes int32[B, N] -> uint8[B, H, W, 3], on device
+  uncond: jax.Array  # the rollouts' unconditional prompt rows (rollouts.unconditional_rows)
 
 
-def build_programs(task: tasks.Task, p: Plan, optimizer, shardings: rl.TrainState,
-                   mesh: jax.sharding.Mesh) -> Programs:
+def build_programs(task: tasks.Task, p: Plan, optimizer, shardings: rl.TrainState, mesh: jax.sharding.Mesh) -> Programs:
   """The samplers, the train step and the decoder of a run on ``mesh``."""
   layout = task.layout
   logits_fn = policy.make_canvas_logits_fn(task.model_cfg, layout)
   # The samplers take the policy's params: the params, or (LoRA) the frozen base + the adapters.
   # The evaluation sampler may use the rollout cache (eval.sampler_cache); the rollout sampler never does.
-  sampler = make_sampler(logits_fn, p.sampler, num_tokens=layout.num_image_tokens, mesh=mesh,
-                         params_sharding=shardings.policy_params(),
-                         cached_logits=policy.make_cached_logits(task.model_cfg, layout))
+  sampler = make_sampler(
+      logits_fn,
+      p.sampler,
+      num_tokens=layout.num_image_tokens,
+      mesh=mesh,
+      params_sharding=shardings.policy_params(),
+      cached_logits=policy.make_cached_logits(task.model_cfg, layout),
+  )
   # Training rollouts may drop CFG ('unguided_rollouts'); evaluation keeps the config's sampler.
-  roll_sampler = sampler if p.rollout_sampler == p.sampler else make_sampler(
-      logits_fn, p.rollout_sampler, num_tokens=layout.num_image_tokens, mesh=mesh,
-      params_sharding=shardings.policy_params())
+  roll_sampler = (
+      sampler
+      if p.rollout_sampler == p.sampler
+      else make_sampler(
+          logits_fn,
+          p.rollout_sampler,
+          num_tokens=layout.num_image_tokens,
+          mesh=mesh,
+          params_sharding=shardings.policy_params(),
+      )
+  )
   # 'guided': the ratios score the guided, tempered distribution the rollouts were drawn from.
-  score_fn = (guided_canvas_logits_fn(logits_fn, p.rollout_sampler, layout.unconditional_prompts(1)[0])
-              if p.rl.estimator_guidance == "guided" else logits_fn)
+  score_fn = (
+      guided_canvas_logits_fn(logits_fn, p.rollout_sampler, layout.unconditional_prompts(1)[0])
+      if p.rl.estimator_guidance == "guided"
+      else logits_fn
+  )
   step_fn = rl.make_train_step(score_fn, optimizer, p.rl, mesh=mesh, state_shardings=shardings)
-  return Programs(sampler=sampler, rollout_sampler=roll_sampler, train_step=step_fn,
-                  decode=jit_decode(task, mesh), uncond=rollouts.unconditional_rows(layout, p, mesh))
+  return Programs(
+      sampler=sampler,
+      rollout_sampler=roll_sampler,
+      train_step=step_fn,
+      decode=jit_decode(task, mesh),
+      uncond=rollouts.unconditional_rows(layout, p, mesh),
+  )
 
 
-def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = print,
-          stop_after: int | None = None) -> dict[str, Any]:
+def train(
+    config: ml_collections.ConfigDict, *, log: Callable[[str], None] = print, stop_after: int | None = None
+) -> dict[str, Any]:
   """Runs (or resumes) a training run described by ``config``.
 
   Args:
@@ -165,9 +205,16 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = pri
   return out
 
 
-def _train(config: ml_collections.ConfigDict, p: Plan, mesh: jax.sharding.Mesh, workdir: str,
-           control: "RunControl", *, log: Callable[[str], None], stop_after: int | None
-           ) -> dict[str, Any]:
+def _train(
+    config: ml_collections.ConfigDict,
+    p: Plan,
+    mesh: jax.sharding.Mesh,
+    workdir: str,
+    control: "RunControl",
+    *,
+    log: Callable[[str], None],
+    stop_after: int | None,
+) -> dict[str, Any]:
   """``train``'s body, run with the workdir locked and the config accepted; ``control`` holds
   what must be closed on every exit path."""
   task = tasks.build_task(config, log=log)
@@ -176,13 +223,11 @@ def _train(config: ml_collections.ConfigDict, p: Plan, mesh: jax.sharding.Mesh, 
 
   # The state: the newest intact checkpoint (corrupt newer ones are named and moved aside), or
   # the base policy.
-  ckpt = control.ckpt = RunCheckpointer(paths.join(workdir, "checkpoints"),
-                                        keep=config.keep_checkpoints)
+  ckpt = control.ckpt = RunCheckpointer(paths.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
   data = iter(task.train_dataset(p.prompts_per_step, config.seed))
   # A frozen base (LoRA) is never in a run checkpoint: it is read from the base checkpoint.
   if ckpt.latest_step() is not None:
-    state, data_state, loop_json = ckpt.restore(abstract_state.without_frozen(),
-                                                warn=lambda m: log(f"WARNING: {m}"))
+    state, data_state, loop_json = ckpt.restore(abstract_state.without_frozen(), warn=lambda m: log(f"WARNING: {m}"))
     if abstract_state.frozen is not None:
       state = state.replace(frozen=task.load_base_params(abstract_params))
     data.set_state(data_state)
@@ -223,8 +268,9 @@ def _train(config: ml_collections.ConfigDict, p: Plan, mesh: jax.sharding.Mesh, 
     evaluate_and_report(start)
 
   end = config.total_steps if stop_after is None else min(config.total_steps, start + stop_after)
-  bar = writer.Progress(total=config.total_steps, initial=start, desc=f"{config.rl.preset} RL",
-                        enabled=config.get("progress", True))
+  bar = writer.Progress(
+      total=config.total_steps, initial=start, desc=f"{config.rl.preset} RL", enabled=config.get("progress", True)
+  )
   t_last, last_logged = time.time(), start
   control.in_loop = True
   for step in range(start, end):
@@ -232,15 +278,22 @@ def _train(config: ml_collections.ConfigDict, p: Plan, mesh: jax.sharding.Mesh, 
       # SIGTERM / SIGINT / a preemption notice: keep the last completed step, then stop.
       if control.last_saved != step:
         save(step)
-      bar.write(f"{control.stop_signal}: saved step {step}; stopping (rerun the same command to "
-                "resume)")
+      bar.write(f"{control.stop_signal}: saved step {step}; stopping (rerun the same command to " "resume)")
       break
     control.profiler.at(step)
     batch = next(data)
     k_roll, k_step = jax.random.split(jax.random.fold_in(root, step))
-    rollout, info = collect_rollouts(programs.rollout_sampler, state.policy_params(), batch, k_roll, p=p,
-                                     uncond=programs.uncond, decode=programs.decode,
-                                     reward=task.reward, mesh=mesh)
+    rollout, info = collect_rollouts(
+        programs.rollout_sampler,
+        state.policy_params(),
+        batch,
+        k_roll,
+        p=p,
+        uncond=programs.uncond,
+        decode=programs.decode,
+        reward=task.reward,
+        mesh=mesh,
+    )
     state, metrics = programs.train_step(state, rollout, k_step)
     done = step + 1
     loop.consecutive_skips = check_skips(config, done, metrics, loop.consecutive_skips)
@@ -253,8 +306,9 @@ def _train(config: ml_collections.ConfigDict, p: Plan, mesh: jax.sharding.Mesh, 
       scalars.update({f"reward/{n}": float(v.mean()) for n, v in info.components.items()})
       t_last, last_logged = now, done
       runlog.scalars(done, scalars, dict(prompts=info.captions))
-      bar.set_postfix(reward=f"{info.reward_mean:.3f}", loss=f"{scalars['total/loss']:.4f}",
-                      kl=f"{scalars['total/kl']:.4f}")
+      bar.set_postfix(
+          reward=f"{info.reward_mean:.3f}", loss=f"{scalars['total/loss']:.4f}", kl=f"{scalars['total/kl']:.4f}"
+      )
     bar.update(1)
     # Save first: an evaluation that fails must not cost the step.
     if itstime(done, config.save_every, end) or control.save_due():
@@ -270,15 +324,23 @@ def _train(config: ml_collections.ConfigDict, p: Plan, mesh: jax.sharding.Mesh, 
   table = evaluator.report(loop)
   if table and loop.step == config.total_steps:
     log(table)
-  return dict(state=state, params=state.policy_params(), step=loop.step, history=loop.history,
-              evals=dict(loop.evals), workdir=workdir, interrupted=control.stop_signal)
+  return dict(
+      state=state,
+      params=state.policy_params(),
+      step=loop.step,
+      history=loop.history,
+      evals=dict(loop.evals),
+      workdir=workdir,
+      interrupted=control.stop_signal,
+  )
 
 
 _ADAPTER_SALT = 0x7FFF_FFF3  # fold_in salt of the adapters' init key (never an RL step)
 
 
-def initial_state(task: tasks.Task, p: Plan, optimizer, shardings: rl.TrainState, params: Any,
-                  mesh: jax.sharding.Mesh, seed: int) -> rl.TrainState:
+def initial_state(
+    task: tasks.Task, p: Plan, optimizer, shardings: rl.TrainState, params: Any, mesh: jax.sharding.Mesh, seed: int
+) -> rl.TrainState:
   """The state of a fresh run from the base ``params``: full fine-tuning (with a reference copy
   when the KL term is on), or (``model_cfg.lora``) fresh adapters over ``params`` kept frozen as
   they are (attached after the jit, so the base is never copied)."""
@@ -295,8 +357,15 @@ class _Evaluator:
   """Held-out evaluations of a run: sampled on every process, judged once (process 0, shared),
   written by process 0 (``eval_stepNNNNN.md``, grid, samples, TensorBoard, curve, results.md)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, task: tasks.Task, p: Plan,
-               programs: Programs, runlog: writer.RunLog, workdir: str):
+  def __init__(
+      self,
+      config: ml_collections.ConfigDict,
+      task: tasks.Task,
+      p: Plan,
+      programs: Programs,
+      runlog: writer.RunLog,
+      workdir: str,
+  ):
     self.config, self.task, self.p, self.programs = config, task, p, programs
     self.runlog, self.workdir = runlog, workdir
     self.key = eval_key(config)
@@ -307,33 +376,43 @@ class _Evaluator:
     config = self.config
     # The base and the final policy (results.md's two columns) get more samples per prompt.
     final = step == 0 or step == config.total_steps
-    n = config.eval.get("final_samples_per_prompt", 1) if final else \
-        config.eval.get("samples_per_prompt", 1)
-    res = evaluate.evaluate_policy(self.programs.sampler, params, self.task.layout,
-                                   self.programs.decode, self.task.eval_prompts, self.key,
-                                   score=self.score, samples_per_prompt=n,
-                                   batch_size=self.p.eval_batch_size, judge=self.judge)
+    n = config.eval.get("final_samples_per_prompt", 1) if final else config.eval.get("samples_per_prompt", 1)
+    res = evaluate.evaluate_policy(
+        self.programs.sampler,
+        params,
+        self.task.layout,
+        self.programs.decode,
+        self.task.eval_prompts,
+        self.key,
+        score=self.score,
+        samples_per_prompt=n,
+        batch_size=self.p.eval_batch_size,
+        judge=self.judge,
+    )
     label = "base" if step == 0 else f"step {step}"
-    writer.write_eval(self.workdir, f"step{step:05d}", res, f"{self.task.name} held-out, {label}",
-                      config.eval.grid_size)
-    self.runlog.tb_scalars(step, {f"eval/{k}": v for k, v in
-                                  {**res["scores"], **evaluate.hacking_watch(res)}.items()})
+    writer.write_eval(
+        self.workdir, f"step{step:05d}", res, f"{self.task.name} held-out, {label}", config.eval.grid_size
+    )
+    self.runlog.tb_scalars(step, {f"eval/{k}": v for k, v in {**res["scores"], **evaluate.hacking_watch(res)}.items()})
     return res["scores"]  # the hacking watch lives in the eval table and TensorBoard
 
   def report(self, loop: LoopState) -> str:
     """The reward curve and results.md (first vs last evaluation); returns the table."""
     preset = self.config.rl.preset
-    return writer.write_report(self.workdir, loop.history, loop.evals,
-                               curve_title=f"{preset} on {self.task.name}",
-                               table_title=f"{self.task.name} held-out ({preset})")
+    return writer.write_report(
+        self.workdir,
+        loop.history,
+        loop.evals,
+        curve_title=f"{preset} on {self.task.name}",
+        table_title=f"{self.task.name} held-out ({preset})",
+    )
 
 
 class NonFiniteUpdateError(RuntimeError):
   """``max_consecutive_skips`` inner updates in a row were skipped as non-finite."""
 
 
-def check_skips(config: ml_collections.ConfigDict, done: int, metrics: dict[str, Any],
-                consecutive: int) -> int:
+def check_skips(config: ml_collections.ConfigDict, done: int, metrics: dict[str, Any], consecutive: int) -> int:
   """Updates the count of consecutive skipped inner updates with step ``done``'s K flags.
 
   The compiled step never writes a non-finite update (it keeps the old params), but a run whose
@@ -357,5 +436,6 @@ def check_skips(config: ml_collections.ConfigDict, done: int, metrics: dict[str,
         f"training. Last step: loss per iteration {np.asarray(it['loss']).tolist()}, grad_norm "
         f"{np.asarray(it['grad_norm']).tolist()}. Check optim.learning_rate / optim.max_grad_norm "
         "(clipping) / optim.weight_decay and the rewards; the last checkpoint holds finite params "
-        "(resuming with changed optim.* needs --config.allow_config_change=True).")
+        "(resuming with changed optim.* needs --config.allow_config_change=True)."
+    )
   return consecutive

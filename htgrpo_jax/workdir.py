@@ -24,6 +24,7 @@ local disks hold nothing of the run to guard. When process 0 is refused, every p
 started on the same workdir from other machines is only caught when that workdir is one local
 file system they share (NFS with ``flock``); on a bucket nothing can catch it (above).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -45,13 +46,32 @@ HISTORY_FILE = "config_history.jsonl"
 # Keys a resumed run may change freely: cadence, bookkeeping, where things live, not what is
 # trained. A trailing '.' matches a whole sub-config.
 HARMLESS_KEYS = (
-    "progress", "log_every", "eval_every", "save_every", "save_every_minutes", "keep_checkpoints",
-    "max_consecutive_skips", "allow_config_change", "workdir", "mesh.",
-    "eval.grid_size", "eval.batch_size", "eval.at_start",
-    "world.data_dir", "model.checkpoint", "model.pretrain_if_missing", "model.pretrain_config",
-    "model.pretrain.", "world.reward_url", "world.score_url", "world.reward_timeout",
-    "world.reward_retries", "world.reward_backoff_s",
-    "profile_steps", "compilation_cache_dir", "log_level",  # what is traced, cached and logged
+    "progress",
+    "log_every",
+    "eval_every",
+    "save_every",
+    "save_every_minutes",
+    "keep_checkpoints",
+    "max_consecutive_skips",
+    "allow_config_change",
+    "workdir",
+    "mesh.",
+    "eval.grid_size",
+    "eval.batch_size",
+    "eval.at_start",
+    "world.data_dir",
+    "model.checkpoint",
+    "model.pretrain_if_missing",
+    "model.pretrain_config",
+    "model.pretrain.",
+    "world.reward_url",
+    "world.score_url",
+    "world.reward_timeout",
+    "world.reward_retries",
+    "world.reward_backoff_s",
+    "profile_steps",
+    "compilation_cache_dir",
+    "log_level",  # what is traced, cached and logged
     "rollout.max_in_flight",  # how many rollout parts are scored at once: the same rewards
 )
 
@@ -107,14 +127,17 @@ class WorkdirLock:
     return WorkdirLockedError(
         f"workdir {self.workdir} is in use by another run: host {holder.get('host', '?')}, pid "
         f"{holder.get('pid', '?')}, started {holder.get('started', '?')} (lock {self.path}{why}). "
-        "Stop that run, or use another workdir.")
+        "Stop that run, or use another workdir."
+    )
 
   def acquire(self) -> "WorkdirLock":
     if paths.is_url(self.workdir):
       paths.makedirs(self.workdir, exist_ok=True)
-      self._log(f"workdir {self.workdir} is not on a local file system: it is NOT locked (an object "
-                "store has no flock), so nothing stops a second run from writing into it; make sure "
-                "only one run uses this workdir")
+      self._log(
+          f"workdir {self.workdir} is not on a local file system: it is NOT locked (an object "
+          "store has no flock), so nothing stops a second run from writing into it; make sure "
+          "only one run uses this workdir"
+      )
       return self
     os.makedirs(self.workdir, exist_ok=True)
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -133,8 +156,11 @@ class WorkdirLock:
       if holder.get("pid") and holder.get("pid") != os.getpid():
         if holder.get("host") != socket.gethostname():
           os.close(fd)
-          raise self._refuse(holder, "; this file system cannot lock, so a holder on another host "
-                             "cannot be checked: delete the lock file if that run is gone") from None
+          raise self._refuse(
+              holder,
+              "; this file system cannot lock, so a holder on another host "
+              "cannot be checked: delete the lock file if that run is gone",
+          ) from None
         if _pid_alive(int(holder["pid"])):
           os.close(fd)
           raise self._refuse(holder) from None
@@ -185,8 +211,9 @@ def _harmless(key: str) -> bool:
   return any(key == h or (h.endswith(".") and key.startswith(h)) for h in HARMLESS_KEYS)
 
 
-def compare_configs(saved: dict[str, Any], current: dict[str, Any]
-                    ) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
+def compare_configs(
+    saved: dict[str, Any], current: dict[str, Any]
+) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
   """(refused, allowed): ``{key: (saved value, current value)}`` of the keys that differ.
 
   Keys present on one side only (a code update added or removed a setting) are allowed: they
@@ -202,16 +229,22 @@ def compare_configs(saved: dict[str, Any], current: dict[str, Any]
       allowed[key] = (old, new)
     elif key == "total_steps" and isinstance(old, int) and isinstance(new, int) and new > old:
       allowed[key] = (old, new)
-    elif isinstance(old, (int, float)) and isinstance(new, (int, float)) and old == new \
-        and not isinstance(old, bool) and not isinstance(new, bool):
+    elif (
+        isinstance(old, (int, float))
+        and isinstance(new, (int, float))
+        and old == new
+        and not isinstance(old, bool)
+        and not isinstance(new, bool)
+    ):
       continue  # 1 vs 1.0 from a command line: the same setting
     else:
       refused[key] = (old, new)
   return refused, allowed
 
 
-def check_config(workdir: str, config_json: str, *, resuming: bool, allow: bool,
-                 log: Callable[[str], None] = print) -> dict[str, tuple[Any, Any]]:
+def check_config(
+    workdir: str, config_json: str, *, resuming: bool, allow: bool, log: Callable[[str], None] = print
+) -> dict[str, tuple[Any, Any]]:
   """Compares ``config_json`` with ``<workdir>/config.json`` when ``resuming``, then records it.
 
   Args:
@@ -242,15 +275,18 @@ def check_config(workdir: str, config_json: str, *, resuming: bool, allow: bool,
       changes = {**refused, **allowed}
       fmt = lambda d: ", ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in d.items())
       if refused and not allow:
-        hint = (" (total_steps may only grow)" if "total_steps" in refused else "")
+        hint = " (total_steps may only grow)" if "total_steps" in refused else ""
         raise ConfigChangedError(
             f"resuming {workdir} with a different config: {fmt(refused)}{hint}. These settings "
             f"change what the run means; its checkpoints were written under {path}. Restore them, "
             "use another workdir, or pass --config.allow_config_change=True to continue anyway "
-            f"(recorded in {HISTORY_FILE}).")
+            f"(recorded in {HISTORY_FILE})."
+        )
       if refused:
-        log(f"WARNING: allow_config_change=True: resuming with changed settings {fmt(refused)}; "
-            f"the run no longer means what its first start did (see {HISTORY_FILE})")
+        log(
+            f"WARNING: allow_config_change=True: resuming with changed settings {fmt(refused)}; "
+            f"the run no longer means what its first start did (see {HISTORY_FILE})"
+        )
       if allowed:
         log(f"Resuming with changed settings: {fmt(allowed)}")
   n = 0
@@ -258,9 +294,21 @@ def check_config(workdir: str, config_json: str, *, resuming: bool, allow: bool,
   if paths.exists(hist):
     with paths.open(hist, encoding="utf-8") as f:
       n = sum(1 for line in f if line.strip())
-  paths.append_text(hist, json.dumps(dict(
-      start=n, time=_now(), host=socket.gethostname(), pid=os.getpid(), resuming=resuming,
-      changed={k: list(v) for k, v in changes.items()}, config=current)) + "\n")
+  paths.append_text(
+      hist,
+      json.dumps(
+          dict(
+              start=n,
+              time=_now(),
+              host=socket.gethostname(),
+              pid=os.getpid(),
+              resuming=resuming,
+              changed={k: list(v) for k, v in changes.items()},
+              config=current,
+          )
+      )
+      + "\n",
+  )
   # Atomic: a kill mid-write never leaves a truncated config.json.
   paths.write_text_atomic(path, json.dumps(current, indent=2))
   return changes

@@ -13,6 +13,7 @@ stores cannot append, so on a URL ``RunLog`` keeps ``metrics.jsonl`` in memory a
 at flushes only (not at every logged step), and TensorBoard's event files are written to a local
 folder and copied up at the same flushes (``RunLog``).
 """
+
 from __future__ import annotations
 
 import json
@@ -31,9 +32,11 @@ from htgrpo_jax import evaluate, parallel, paths
 
 def primary_log(log: Callable[[str], None]) -> Callable[[str], None]:
   """``log`` on process 0, a no-op elsewhere (one copy of every line, not one per host)."""
+
   def on_primary(msg: str) -> None:
     if parallel.is_primary():
       log(msg)
+
   return on_primary
 
 
@@ -79,39 +82,52 @@ def load_eval_samples(out_dir: str, name: str) -> dict[str, np.ndarray] | None:
     return None
   with paths.open(path, encoding="utf-8") as f:
     recs = [json.loads(line) for line in f if line.strip()]
-  return dict(tags=np.asarray([r["tag"] for r in recs]),
-              prompt_index=np.asarray([r["prompt_index"] for r in recs]),
-              strict=np.asarray([float(r["correct"]) for r in recs]))
+  return dict(
+      tags=np.asarray([r["tag"] for r in recs]),
+      prompt_index=np.asarray([r["prompt_index"] for r in recs]),
+      strict=np.asarray([float(r["correct"]) for r in recs]),
+  )
 
 
-def results_table(out_dir: str, first: int, last: int, evals: dict[int, dict[str, float]],
-                  title: str) -> str:
+def results_table(out_dir: str, first: int, last: int, evals: dict[int, dict[str, float]], title: str) -> str:
   """Base (``first``) vs final (``last``) per-tag table with 95 % cluster-bootstrap intervals and a
   paired interval of the change, when both evaluations sampled the same prompts the same way."""
   name = lambda s: f"step{s:05d}"
   label = lambda s: "base" if s == 0 else f"step {s}"
   cols = {label(s): evals[s] for s in (first, last)}
   a, b = load_eval_samples(out_dir, name(first)), load_eval_samples(out_dir, name(last))
-  if a is None or b is None or len(a["strict"]) != len(b["strict"]) or \
-     not np.array_equal(a["prompt_index"], b["prompt_index"]):
+  if (
+      a is None
+      or b is None
+      or len(a["strict"]) != len(b["strict"])
+      or not np.array_equal(a["prompt_index"], b["prompt_index"])
+  ):
     return evaluate.comparison_table(cols, title=title)
   draws = evaluate.bootstrap_draws(a["tags"], a["prompt_index"], [a["strict"], b["strict"]])
-  intervals = {label(s): {t: evaluate.interval(d[i]) for t, d in draws.items()}
-               for i, s in enumerate((first, last))}
+  intervals = {label(s): {t: evaluate.interval(d[i]) for t, d in draws.items()} for i, s in enumerate((first, last))}
   change = {t: evaluate.interval(d[1] - d[0]) for t, d in draws.items()}
   return evaluate.comparison_table(cols, title=title, intervals=intervals, change_intervals=change)
 
 
-def write_report(workdir: str, history: list[dict[str, float]], evals: dict[int, dict[str, float]],
-                 *, curve_title: str, table_title: str) -> str:
+def write_report(
+    workdir: str,
+    history: list[dict[str, float]],
+    evals: dict[int, dict[str, float]],
+    *,
+    curve_title: str,
+    table_title: str,
+) -> str:
   """``reward_curve.png`` (train reward per step, held-out overall per evaluation) and, once there
   is an evaluation, ``results.md`` (first vs last evaluation). Returns the table ('' without an
   evaluation, and on processes other than 0, which write nothing)."""
   if not parallel.is_primary():
     return ""
-  evaluate.plot_curves(paths.join(workdir, "reward_curve.png"),
-                       [(h["step"], h["reward"]) for h in history],
-                       [(s, e["overall"]) for s, e in sorted(evals.items())], title=curve_title)
+  evaluate.plot_curves(
+      paths.join(workdir, "reward_curve.png"),
+      [(h["step"], h["reward"]) for h in history],
+      [(s, e["overall"]) for s, e in sorted(evals.items())],
+      title=curve_title,
+  )
   if not evals:
     return ""
   steps = sorted(evals)
@@ -160,32 +176,34 @@ class RunLog:
     log: where the one note about a URL workdir's TensorBoard copy goes (default: absl info).
   """
 
-  def __init__(self, workdir: str, start_step: int, *, flush_s: float = 60.0,
-               log: Callable[[str], None] | None = None):
+  def __init__(self, workdir: str, start_step: int, *, flush_s: float = 60.0, log: Callable[[str], None] | None = None):
     self.workdir = workdir
     self.jsonl = paths.join(workdir, "metrics.jsonl")
     self.tb_dir = paths.join(workdir, "tb")
     self.url = paths.is_url(workdir)
     self.flush_s = flush_s
     self.tb = None
-    self._text = ""                # URL: the whole metrics.jsonl (object stores cannot append)
-    self._dirty = False            # URL: lines not yet on the bucket
+    self._text = ""  # URL: the whole metrics.jsonl (object stores cannot append)
+    self._dirty = False  # URL: lines not yet on the bucket
     self._tb_local: str | None = None  # URL: the local folder TensorBoard writes into
     self._copied: dict[str, int] = {}  # URL: size of each event file as last copied up
     self._last_flush = time.monotonic()
     if not parallel.is_primary():
       return
     from tensorboardX import SummaryWriter
+
     paths.makedirs(workdir)
     if self.url:
       self._tb_local = tempfile.mkdtemp(prefix="htgrpo_tb_")
       (log or (lambda m: logging.info("%s", m)))(
           f"TensorBoard events are written locally and copied to {self.tb_dir} at each save, "
-          "evaluation and the end of the run")
+          "evaluation and the end of the run"
+      )
     # A URL's event files are copied up whole under their names: a unique suffix keeps a restart
     # within the same second (tensorboardX names files by the second) from replacing them.
-    self.tb = SummaryWriter(self._tb_local or self.tb_dir,
-                            filename_suffix=f".{uuid.uuid4().hex[:8]}" if self.url else "")
+    self.tb = SummaryWriter(
+        self._tb_local or self.tb_dir, filename_suffix=f".{uuid.uuid4().hex[:8]}" if self.url else ""
+    )
     if paths.exists(self.jsonl):
       with paths.open(self.jsonl, encoding="utf-8") as f:
         text = f.read()
@@ -227,8 +245,9 @@ class RunLog:
       try:
         self._upload()
       except Exception as e:  # noqa: BLE001 - a metrics upload must not end a training run
-        logging.warning("RunLog: writing %s failed (%s: %s); retried at the next flush",
-                        self.workdir, type(e).__name__, e)
+        logging.warning(
+            "RunLog: writing %s failed (%s: %s); retried at the next flush", self.workdir, type(e).__name__, e
+        )
 
   def _upload(self) -> None:
     """URL workdir: rewrites ``metrics.jsonl`` when it changed and copies up the event files
@@ -260,8 +279,10 @@ class RunLog:
     try:
       self._upload()
     except Exception as e:
-      raise OSError(f"RunLog: writing the logs to {self.workdir} failed ({type(e).__name__}: {e}); "
-                    f"its TensorBoard events are kept in {self._tb_local}") from e
+      raise OSError(
+          f"RunLog: writing the logs to {self.workdir} failed ({type(e).__name__}: {e}); "
+          f"its TensorBoard events are kept in {self._tb_local}"
+      ) from e
     shutil.rmtree(self._tb_local, ignore_errors=True)
     self._tb_local = None
 
@@ -282,9 +303,11 @@ class Progress:
 
   def __init__(self, total: int, initial: int, desc: str, enabled: bool):
     from tqdm import tqdm
+
     self._primary = parallel.is_primary()
-    self._bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
-                     disable=not (enabled and self._primary))
+    self._bar = tqdm(
+        total=total, initial=initial, desc=desc, dynamic_ncols=True, disable=not (enabled and self._primary)
+    )
 
   def update(self, n: int = 1) -> None:
     self._bar.update(n)

@@ -7,6 +7,7 @@ On a TPU pod run it on every host (``jax.distributed`` is initialised when the e
 multi-host); each host reads the tensors and keeps only its devices' shards. No torch needed: the
 safetensors shards (BF16 included) are read with numpy and ml_dtypes (``[train]`` extra).
 """
+
 import os
 import sys
 

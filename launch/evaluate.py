@@ -10,6 +10,7 @@ Writes eval_<which>.md (the table), grid_<which>.png and eval_<which>.json to --
 same command; other clusters add --coordinator_address, --num_processes and --process_id (as
 launch/train.py).
 """
+
 import os
 import sys
 
@@ -21,7 +22,8 @@ from ml_collections import config_flags  # noqa: E402
 from htgrpo_jax import runtime  # noqa: E402  (imports nothing heavy: JAX starts in main)
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/geneval.py", "Training config: path.py[:preset].", lock_config=True)
+    "config", "configs/geneval.py", "Training config: path.py[:preset].", lock_config=True
+)
 _WHICH = flags.DEFINE_string("which", "latest", "'base', 'latest' or a checkpoint step.")
 _SAMPLES = flags.DEFINE_integer("samples_per_prompt", 1, "Images per prompt.")
 _OUT = flags.DEFINE_string("out_dir", None, "Output folder (default: the config's workdir).")
@@ -34,8 +36,9 @@ def main(argv):
   from htgrpo_jax import trainer
   # multi-process runtime, compilation cache, log level
   runtime.setup_runtime(_CONFIG.value, **_DISTRIBUTED.values())
-  out = trainer.evaluate_checkpoint(_CONFIG.value, which=_WHICH.value,
-                                    samples_per_prompt=_SAMPLES.value, out_dir=_OUT.value)
+  out = trainer.evaluate_checkpoint(
+      _CONFIG.value, which=_WHICH.value, samples_per_prompt=_SAMPLES.value, out_dir=_OUT.value
+  )
   print(out["table"])
 
 

@@ -9,6 +9,7 @@ Writes {workdir}/params (Orbax), {workdir}/history.json, {workdir}/eval_table.md
 strict accuracy, GenEval's overall), {workdir}/eval_grid.png and {workdir}/eval.json (scores and
 the fraction of prompts with mixed outcomes over eval.group_size samples).
 """
+
 import json
 import os
 import sys
@@ -27,20 +28,25 @@ from htgrpo_jax.worlds.shapeeval import codebook as patch_vq  # noqa: E402
 from htgrpo_jax.worlds.shapeeval import grammar  # noqa: E402
 from htgrpo_jax.worlds.shapeeval.verifier import ShapeEvalReward  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain_shapes.py",
-                                          "pretraining config")
-_EVAL_ONLY = flags.DEFINE_boolean("eval_only", False, "Only evaluate the policy already saved in "
-                                  "{workdir}/params (table, grid, mixed-outcome fraction).")
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain_shapes.py", "pretraining config")
+_EVAL_ONLY = flags.DEFINE_boolean(
+    "eval_only",
+    False,
+    "Only evaluate the policy already saved in " "{workdir}/params (table, grid, mixed-outcome fraction).",
+)
 
 
 def run_eval(cfg, out) -> dict:
   """Held-out table, grid and mixed-outcome fraction for a pretrained policy."""
   layout, model_cfg, params = out["layout"], out["model_cfg"], out["params"]
-  scfg = SamplerConfig(num_steps=cfg.eval.num_steps, sketch_steps=max(1, cfg.eval.num_steps // 3),
-                       rule=cfg.eval.rule, cfg_scale=cfg.eval.cfg_scale,
-                       temperature=cfg.eval.temperature)
-  sampler = make_sampler(policy.make_canvas_logits_fn(model_cfg, layout), scfg,
-                         num_tokens=layout.num_image_tokens)
+  scfg = SamplerConfig(
+      num_steps=cfg.eval.num_steps,
+      sketch_steps=max(1, cfg.eval.num_steps // 3),
+      rule=cfg.eval.rule,
+      cfg_scale=cfg.eval.cfg_scale,
+      temperature=cfg.eval.temperature,
+  )
+  sampler = make_sampler(policy.make_canvas_logits_fn(model_cfg, layout), scfg, num_tokens=layout.num_image_tokens)
   world = pretrain.world_config(cfg)
   codebook = out["assets"].codebook
   decode = lambda codes: patch_vq.decode(codebook, codes)
@@ -49,15 +55,20 @@ def run_eval(cfg, out) -> dict:
   as_eval = lambda ps: [evaluate.EvalPrompt(p.text, p.meta.tag, p.meta.to_json()) for p in ps]
   key = jax.random.PRNGKey(cfg.seed + 1)
   ps = as_eval(grammar.balanced_prompts("eval", cfg.eval.num_prompts, seed=cfg.seed, cfg=world))
-  res = evaluate.evaluate_policy(sampler, params, layout, decode, ps, key, score=score,
-                                 batch_size=cfg.eval.batch_size)
+  res = evaluate.evaluate_policy(sampler, params, layout, decode, ps, key, score=score, batch_size=cfg.eval.batch_size)
   table = evaluate.tag_table(res["tags"], res["strict"], title="ShapeEval held-out")
-  groups = as_eval(grammar.balanced_prompts("eval", cfg.eval.group_prompts, seed=cfg.seed + 1,
-                                            cfg=world))
-  gres = evaluate.evaluate_policy(sampler, params, layout, decode, groups,
-                                  jax.random.fold_in(key, 1), score=score,
-                                  samples_per_prompt=cfg.eval.group_size,
-                                  batch_size=cfg.eval.batch_size)
+  groups = as_eval(grammar.balanced_prompts("eval", cfg.eval.group_prompts, seed=cfg.seed + 1, cfg=world))
+  gres = evaluate.evaluate_policy(
+      sampler,
+      params,
+      layout,
+      decode,
+      groups,
+      jax.random.fold_in(key, 1),
+      score=score,
+      samples_per_prompt=cfg.eval.group_size,
+      batch_size=cfg.eval.batch_size,
+  )
   outcomes = evaluate.group_outcomes(gres["strict"], cfg.eval.group_size)
   n = min(cfg.eval.grid_size, len(ps))
   caps = [f"{c}\n{'PASS' if s else 'fail'}" for c, s in zip(res["captions"][:n], res["strict"][:n])]
@@ -65,8 +76,13 @@ def run_eval(cfg, out) -> dict:
   evaluate.image_grid(res["images"][:n], caps, os.path.join(cfg.workdir, "eval_grid.png"))
   with open(os.path.join(cfg.workdir, "eval_table.md"), "w") as f:
     f.write(table)
-  summary = dict(scores=res["scores"], group_outcomes=outcomes, group_size=cfg.eval.group_size,
-                 group_prompts=cfg.eval.group_prompts, sampler=str(scfg))
+  summary = dict(
+      scores=res["scores"],
+      group_outcomes=outcomes,
+      group_size=cfg.eval.group_size,
+      group_prompts=cfg.eval.group_prompts,
+      sampler=str(scfg),
+  )
   with open(os.path.join(cfg.workdir, "eval.json"), "w") as f:
     json.dump(summary, f, indent=2)
   return dict(summary, table=table)
@@ -95,8 +111,7 @@ def main(argv):
   os.makedirs(cfg.workdir, exist_ok=True)
   with open(os.path.join(cfg.workdir, "history.json"), "w") as f:
     json.dump(out["history"], f)
-  logging.info("trained %d steps in %.0f s; params at %s", out["steps_done"], out["seconds"],
-               out["checkpoint"])
+  logging.info("trained %d steps in %.0f s; params at %s", out["steps_done"], out["seconds"], out["checkpoint"])
   print(f"trained {out['steps_done']} steps in {out['seconds']:.0f} s -> {out['checkpoint']}")
   if cfg.eval.num_prompts > 0:
     summary = run_eval(cfg, out)

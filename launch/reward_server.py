@@ -10,6 +10,7 @@ options (values read as JSON where they parse). One POST is one batch. A trainin
 at it with ``--config.world.reward_url=http://host:8000/dense`` (and ``world.score_url=.../strict``
 for evaluation), or with a ``config.rewards`` entry of kind ``remote`` (docs/rewards.md).
 """
+
 import os
 import sys
 
@@ -20,10 +21,13 @@ from absl import app, flags  # noqa: E402
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind (0.0.0.0 for other hosts).")
 _PORT = flags.DEFINE_integer("port", 8000, "Port (0 picks a free one, printed).")
 _SERVE = flags.DEFINE_multi_string(
-    "serve", ["dense=shapeeval,mode=dense", "strict=shapeeval,mode=strict"],
-    "NAME=KIND[,OPTION=VALUE...]: serve reward KIND at POST /NAME (repeatable).")
-_CANVAS = flags.DEFINE_integer("canvas", 32, "ShapeEval canvas (px), where a shapeeval --serve "
-                               "entry does not set canvas.")
+    "serve",
+    ["dense=shapeeval,mode=dense", "strict=shapeeval,mode=strict"],
+    "NAME=KIND[,OPTION=VALUE...]: serve reward KIND at POST /NAME (repeatable).",
+)
+_CANVAS = flags.DEFINE_integer(
+    "canvas", 32, "ShapeEval canvas (px), where a shapeeval --serve " "entry does not set canvas."
+)
 _LIST = flags.DEFINE_bool("list", False, "Print the registered reward kinds and exit.")
 
 
@@ -31,6 +35,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from htgrpo_jax.rewards import registry, server
+
   if _LIST.value:
     print("\n".join(registry.load_rewards().names()))
     return

@@ -8,6 +8,7 @@ where) after every finished run; a stopped study resumes where it was. ``--worke
 base, then trains the unfinished runs in N processes (every N-th run each) and writes the report
 once they end: for an accelerator host whose chip a single small run leaves idle.
 """
+
 import os
 import signal
 import subprocess
@@ -19,24 +20,28 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/study.py", "Study config: path.py[:tiny].", lock_config=True)
+    "config", "configs/study.py", "Study config: path.py[:tiny].", lock_config=True
+)
 _MAX_RUNS = flags.DEFINE_integer("max_runs", None, "Stop after this many runs (resumable).")
 _WORKERS = flags.DEFINE_integer("workers", 1, "Train the runs in this many processes at once.")
-_SHARD = flags.DEFINE_string("shard", "", "i/n: this process trains every n-th unfinished run "
-                             "from i, writes no report (what --workers starts).")
+_SHARD = flags.DEFINE_string(
+    "shard",
+    "",
+    "i/n: this process trains every n-th unfinished run " "from i, writes no report (what --workers starts).",
+)
 
 
 def _run_workers(n: int) -> int:
   """Starts n shard processes with this process's flags; SIGTERM/SIGINT reach them all (each
   trainer saves and stops). Returns the number of workers that failed."""
   args = [a for a in sys.argv[1:] if not a.startswith("--workers")]
-  procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *args, f"--shard={i}/{n}"])
-           for i in range(n)]
+  procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *args, f"--shard={i}/{n}"]) for i in range(n)]
 
   def forward(signum, _):
     for p in procs:
       if p.poll() is None:
         p.send_signal(signum)
+
   signal.signal(signal.SIGTERM, forward)
   signal.signal(signal.SIGINT, forward)
   return sum(p.wait() != 0 for p in procs)
@@ -47,6 +52,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   from htgrpo_jax import study
+
   if _SHARD.value:
     i, n = (int(x) for x in _SHARD.value.split("/"))
     if not 0 <= i < n:

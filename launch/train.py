@@ -18,6 +18,7 @@ not done, and the same command resumes it. A supervisor that restarts failed com
 restart policy, systemd's Restart=on-failure, a shell loop rerunning the command until it exits 0)
 therefore resumes a stopped run and leaves a finished one alone.
 """
+
 import os
 import sys
 
@@ -29,7 +30,8 @@ from ml_collections import config_flags  # noqa: E402
 from htgrpo_jax import runtime  # noqa: E402  (imports nothing heavy: JAX starts in main)
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/geneval.py", "Training config: path.py[:preset].", lock_config=True)
+    "config", "configs/geneval.py", "Training config: path.py[:preset].", lock_config=True
+)
 _DISTRIBUTED = runtime.define_distributed_flags()  # an explicit multi-process setup (other clusters)
 
 
@@ -37,6 +39,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from htgrpo_jax import trainer  # after flag parsing: a bad --config fails before JAX starts
+
   runtime.setup_runtime(_CONFIG.value, **_DISTRIBUTED.values())
   out = trainer.train(_CONFIG.value)
   return trainer.exit_status(out["interrupted"])  # absl's app.run exits with main's return value

@@ -1,5 +1,6 @@
 """The AOT pre-flight compiles a training config's sampler and train step for a TPU topology
 description on this CPU (libtpu describes the slice; nothing is allocated)."""
+
 import json
 import os
 import re
@@ -70,9 +71,11 @@ def test_model_flops_are_the_programs_per_chip(compiled):
   target, (sampler, step) = compiled
   p = target.plan
   assert step.model_flops * 4 == pytest.approx(
-      flops.train_step_flops(target.model_cfg, target.layout, p.rl, p.batch_size))
+      flops.train_step_flops(target.model_cfg, target.layout, p.rl, p.batch_size)
+  )
   assert sampler.model_flops * 4 == pytest.approx(
-      flops.sampler_flops(target.model_cfg, target.layout, p.rollout_sampler, p.batch_size))
+      flops.sampler_flops(target.model_cfg, target.layout, p.rollout_sampler, p.batch_size)
+  )
   # XLA counts each loop body (T sampler steps, K updates) once: it sees fewer FLOPs than run.
   assert step.xla_flops < step.model_flops and sampler.xla_flops < sampler.model_flops
 
@@ -96,18 +99,27 @@ def test_t2i_config_without_its_tokenizer_uses_a_stand_in():
   assert t.plan.batch_size == 128 and t.plan.rl.micro_batch_size == 32
 
 
-@pytest.mark.parametrize("config, topology, match", [
-    (tiny_config(), "v9z:2x2", "topology="),
-    (tiny_config(), "v5e", "topology="),
-    (tiny_config(**{"mesh.fsdp": 4}), "v5e:2x2", "mesh:"),                # 1 x 4 x 2 = 8 > 4 chips
-    (tiny_config(**{"mesh.fsdp": 4, "mesh.tensor": 1, "rl.group_size": 2, "prompts_per_step": 3}),
-     "v5e:2x2", "prompts_per_step \\* rl.group_size = 6"),                 # 6 rows over data*fsdp = 4
-    (tiny_config(**{"mesh.fsdp": 4, "mesh.tensor": 1, "rl.micro_batch_size": 2}),
-     "v5e:2x2", "rl.micro_batch_size=2"),                                  # 2 rows over 4 chips
-    (tiny_config(**{"rl.micro_batch_size": 3}), "v5e:2x2", "rl.micro_batch_size"),  # 3 does not divide 16
-    (tiny_config(**{"rl.preset": "ppo"}), "v5e:2x2", "rl.preset="),
-    (tiny_config(**{"world.kind": "sdxl"}), "v5e:2x2", "world.kind="),
-])
+@pytest.mark.parametrize(
+    "config, topology, match",
+    [
+        (tiny_config(), "v9z:2x2", "topology="),
+        (tiny_config(), "v5e", "topology="),
+        (tiny_config(**{"mesh.fsdp": 4}), "v5e:2x2", "mesh:"),  # 1 x 4 x 2 = 8 > 4 chips
+        (
+            tiny_config(**{"mesh.fsdp": 4, "mesh.tensor": 1, "rl.group_size": 2, "prompts_per_step": 3}),
+            "v5e:2x2",
+            "prompts_per_step \\* rl.group_size = 6",
+        ),  # 6 rows over data*fsdp = 4
+        (
+            tiny_config(**{"mesh.fsdp": 4, "mesh.tensor": 1, "rl.micro_batch_size": 2}),
+            "v5e:2x2",
+            "rl.micro_batch_size=2",
+        ),  # 2 rows over 4 chips
+        (tiny_config(**{"rl.micro_batch_size": 3}), "v5e:2x2", "rl.micro_batch_size"),  # 3 does not divide 16
+        (tiny_config(**{"rl.preset": "ppo"}), "v5e:2x2", "rl.preset="),
+        (tiny_config(**{"world.kind": "sdxl"}), "v5e:2x2", "world.kind="),
+    ],
+)
 def test_bad_config_or_slice_raises_naming_the_key(config, topology, match):
   with pytest.raises(ValueError, match=match):
     aot.compile_all(config, topology)
@@ -119,16 +131,22 @@ def test_unknown_program_raises_before_anything_else():
 
 
 def _cli(*args, timeout=600):
-  return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
-                        timeout=timeout, cwd=REPO)
+  return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
 def test_cli_compiles_the_training_config_with_its_overrides(tmp_path):
   """launch/aot_compile.py --config=... --config.key=value: the tiny run's own batch, G, K, sampler."""
   out_json = tmp_path / "aot.json"
-  out = _cli("--config=configs/geneval.py:htgrpo,tiny", "--topology=v5e:2x2",
-             "--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
-             "--config.rl.micro_batch_size=4", "--programs=train_step", f"--output={out_json}")
+  out = _cli(
+      "--config=configs/geneval.py:htgrpo,tiny",
+      "--topology=v5e:2x2",
+      "--config.mesh.data=1",
+      "--config.mesh.fsdp=2",
+      "--config.mesh.tensor=2",
+      "--config.rl.micro_batch_size=4",
+      "--programs=train_step",
+      f"--output={out_json}",
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| shapes | v5e:2x2")]
   # 4 prompts x G=4 = 16 images; micro-batches of 4 rows over data*fsdp = 2 -> 2 per device.
@@ -143,8 +161,14 @@ def test_cli_compiles_the_training_config_with_its_overrides(tmp_path):
 
 
 def test_cli_names_a_mesh_that_does_not_fit_the_slice():
-  out = _cli("--config=configs/geneval.py:htgrpo,tiny", "--topology=v5e:2x2", "--config.mesh.data=1",
-             "--config.mesh.fsdp=4", "--config.mesh.tensor=2", timeout=300)
+  out = _cli(
+      "--config=configs/geneval.py:htgrpo,tiny",
+      "--topology=v5e:2x2",
+      "--config.mesh.data=1",
+      "--config.mesh.fsdp=4",
+      "--config.mesh.tensor=2",
+      timeout=300,
+  )
   assert out.returncode != 0 and "mesh: data*fsdp*tensor = [1, 4, 2] needs 8 devices" in out.stderr
   assert "Traceback" not in out.stderr
 
@@ -156,8 +180,9 @@ def test_cli_takes_no_shadow_flags():
 
 def _readme_aot_lines() -> list[str]:
   text = open(os.path.join(REPO, "README.md")).read().replace("\\\n", " ")
-  return sorted({m.group(1).split("#")[0].strip()
-                 for m in re.finditer(r"python launch/aot_compile\.py (--config[^\n`]*)", text)})
+  return sorted(
+      {m.group(1).split("#")[0].strip() for m in re.finditer(r"python launch/aot_compile\.py (--config[^\n`]*)", text)}
+  )
 
 
 def parse_cli(argv: list[str]):
@@ -207,8 +232,11 @@ def test_lora_train_step_holds_the_adapters_state_and_one_frozen_base(compiled):
 
 
 def test_a_program_xla_refuses_for_hbm_is_reported_not_raised():
-  e = aot.DoesNotFit("train_step", "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory "
-                     "required for HLO temporaries (24.88G) exceeds available HBM (15.75G).\nmore")
+  e = aot.DoesNotFit(
+      "train_step",
+      "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory "
+      "required for HLO temporaries (24.88G) exceeds available HBM (15.75G).\nmore",
+  )
   assert (e.temp_gib, e.hbm_gib) == (24.88, 15.75) and "\n" not in str(e)
 
 

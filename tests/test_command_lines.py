@@ -7,6 +7,7 @@ run), and training configs pass the trainer's validated plan. ``--help`` lines a
 
 And every ``rl.*`` and ``sampler.*`` knob of the training configs can be set with ``--config.x=y``:
 the value reaches ``trainer.plan``'s HTGRPOConfig / SamplerConfig."""
+
 import ast
 import json
 import os
@@ -21,10 +22,11 @@ import pytest
 from tests.helpers.config_flags import parse
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCES = (["README.md"] + [f"configs/{n}" for n in sorted(os.listdir(os.path.join(REPO, "configs")))
-                            if n.endswith(".py")]
-           + [f"launch/{n}" for n in sorted(os.listdir(os.path.join(REPO, "launch")))
-              if n.endswith((".py", ".sh"))])
+SOURCES = (
+    ["README.md"]
+    + [f"configs/{n}" for n in sorted(os.listdir(os.path.join(REPO, "configs"))) if n.endswith(".py")]
+    + [f"launch/{n}" for n in sorted(os.listdir(os.path.join(REPO, "launch"))) if n.endswith((".py", ".sh"))]
+)
 # A command ends at a comment, a Markdown code/table delimiter, a closing parenthesis or '&&'.
 _END = re.compile(r"\s+#|`|\s\|\s|\)|&&|\s\|$")
 
@@ -45,14 +47,19 @@ def _commands() -> list[tuple[str, str]]:
         start = m.start()
         if m.group(1).endswith(".py") and not m.group(0).startswith("python"):
           continue  # a mention of the file, not a command
-        rest = line[m.end():]
+        rest = line[m.end() :]
         end = _END.search(rest)
-        cmd = (m.group(1) + rest[:end.start() if end else len(rest)]).strip()
+        cmd = (m.group(1) + rest[: end.start() if end else len(rest)]).strip()
         if m.group(1).endswith(".sh"):
           prefix = line[:start].strip().lstrip("#").strip()
           env = re.findall(r"(\b[A-Z_]+=\S+)\s*$", prefix)
-          if (" NAME" in cmd or "FLAGS" in cmd or "[" in cmd or cmd == m.group(1)
-                  or not re.match(r"launch/tpu_vm\.sh [a-z]+ [\w-]+", cmd)):
+          if (
+              " NAME" in cmd
+              or "FLAGS" in cmd
+              or "[" in cmd
+              or cmd == m.group(1)
+              or not re.match(r"launch/tpu_vm\.sh [a-z]+ [\w-]+", cmd)
+          ):
             continue
           cmd = " ".join(env + [cmd])
         elif "[" in cmd.split("--", 1)[-1] and re.search(r"\s\[--", cmd):
@@ -68,8 +75,15 @@ SH = [(w, c) for w, c in COMMANDS if ".sh" in c.split()[0] or "=" in c.split()[0
 
 def test_the_documented_commands_are_found():
   scripts = {c.split()[0] for _, c in PY}
-  assert {"launch/train.py", "launch/evaluate.py", "launch/pretrain.py", "launch/study.py",
-          "launch/reward_server.py", "launch/convert_checkpoint.py", "launch/aot_compile.py"} <= scripts
+  assert {
+      "launch/train.py",
+      "launch/evaluate.py",
+      "launch/pretrain.py",
+      "launch/study.py",
+      "launch/reward_server.py",
+      "launch/convert_checkpoint.py",
+      "launch/aot_compile.py",
+  } <= scripts
   assert len(PY) >= 25 and len(SH) >= 4, (len(PY), len(SH))
   assert any("tpu_vm.sh train" in c for _, c in SH)
 
@@ -129,8 +143,9 @@ def _tpu_vm(cmd: str) -> list[list[str]]:
   while "=" in words[0]:
     k, v = words.pop(0).split("=", 1)
     env[k] = v
-  out = subprocess.run(["bash", os.path.join(REPO, words[0]), *words[1:]], env=env, cwd=REPO,
-                       capture_output=True, text=True, timeout=60)
+  out = subprocess.run(
+      ["bash", os.path.join(REPO, words[0]), *words[1:]], env=env, cwd=REPO, capture_output=True, text=True, timeout=60
+  )
   assert out.returncode == 0, f"{cmd}: {out.stderr}"
   return [shlex.split(line) for line in out.stdout.splitlines()]
 
@@ -156,11 +171,18 @@ def parsed():
       if " train " in f" {part} ":
         for line in _tpu_vm(part):
           if line[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]:
-            jobs.append(("launch/train.py", _train_args_of(line[-1][len("--command="):])))
+            jobs.append(("launch/train.py", _train_args_of(line[-1][len("--command=") :])))
             keys.append(part)
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  out = subprocess.run([sys.executable, "-c", HARNESS], input=json.dumps(jobs), env=env, cwd=REPO,
-                       capture_output=True, text=True, timeout=900)
+  out = subprocess.run(
+      [sys.executable, "-c", HARNESS],
+      input=json.dumps(jobs),
+      env=env,
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=900,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   results = json.loads([ln for ln in out.stdout.splitlines() if ln.startswith("RESULTS ")][-1][8:])
   by_cmd = {}
@@ -173,8 +195,14 @@ def parsed():
 def test_documented_python_command_parses(where, cmd, parsed):
   words = shlex.split(cmd)
   if "--help" in words:  # cheap: run it
-    out = subprocess.run([sys.executable, *words], cwd=REPO, capture_output=True, text=True,
-                         timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    out = subprocess.run(
+        [sys.executable, *words],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     # absl prints the usage and exits with status 1 on --help.
     assert out.returncode in (0, 1) and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert f"{words[0]}:" in out.stdout and "--config" in out.stdout, out.stdout[-2000:]
@@ -188,8 +216,12 @@ def test_documented_python_command_parses(where, cmd, parsed):
       node = rec["config"]
       for part in key.split(".")[1:]:
         node = node[part]
-      assert str(node).lower() == value.lower() or _same_number(node, value) or \
-          str(node) == str(value.split(",")), (where, key, node, value)
+      assert str(node).lower() == value.lower() or _same_number(node, value) or str(node) == str(value.split(",")), (
+          where,
+          key,
+          node,
+          value,
+      )
     elif key != "config":
       assert key in rec["flags"] or key.removeprefix("no") in rec["flags"], (where, key)
 
@@ -210,22 +242,28 @@ def test_documented_tpu_vm_command_dry_runs(where, cmd, parsed):
       recs = [rec for _, rec in parsed[part]]
       assert recs and all("error" not in r and r.get("planned") for r in recs), (where, recs)
       user = [w for w in shlex.split(part) if w.startswith("--config.")]
-      remote_args = _train_args_of(lines[-1][-1][len("--command="):])
-      assert remote_args[-len(user):] == user  # passed through, in order, last (so they win)
+      remote_args = _train_args_of(lines[-1][-1][len("--command=") :])
+      assert remote_args[-len(user) :] == user  # passed through, in order, last (so they win)
 
 
 # ---- every rl.* / sampler.* knob is settable -----------------------------------------------------
+
 
 def _choices():
   from htgrpo_jax import rl
   from htgrpo_jax.rl import config as rc
   from htgrpo_jax.sampling import schedules
+
   return {
-      "rl.preset": tuple(rl.PRESETS), "rl.partition_mode": rc.PARTITION_MODES,
-      "rl.estimator": rc.ESTIMATORS, "rl.refine_context": rc.REFINE_CONTEXTS,
+      "rl.preset": tuple(rl.PRESETS),
+      "rl.partition_mode": rc.PARTITION_MODES,
+      "rl.estimator": rc.ESTIMATORS,
+      "rl.refine_context": rc.REFINE_CONTEXTS,
       "rl.sketch_context": rc.SKETCH_CONTEXTS,
-      "rl.update_schedule": rc.UPDATE_SCHEDULES, "rl.credit_normalization": rc.CREDIT_NORMALIZATIONS,
-      "rl.estimator_guidance": rc.ESTIMATOR_GUIDANCE, "sampler.rule": ("maskgit", "emerge"),
+      "rl.update_schedule": rc.UPDATE_SCHEDULES,
+      "rl.credit_normalization": rc.CREDIT_NORMALIZATIONS,
+      "rl.estimator_guidance": rc.ESTIMATOR_GUIDANCE,
+      "sampler.rule": ("maskgit", "emerge"),
       "sampler.temperature_mode": ("constant", "mmada_annealed"),
       "sampler.schedule": tuple(schedules.SCHEDULE_NAMES),
   }
@@ -241,6 +279,7 @@ COMPANIONS = {
 
 def _knobs():
   from htgrpo_jax.tasks import load_config_file
+
   c = load_config_file(os.path.join(REPO, "configs", "geneval.py"))
   out = []
   for section in ("rl", "sampler"):
@@ -277,13 +316,15 @@ def test_every_rl_and_sampler_knob_is_settable_from_the_command_line(key, monkey
   monkeypatch.chdir(REPO)
   from htgrpo_jax import trainer
   from htgrpo_jax.rl.config import HTGRPOConfig
+
   base_cfg = parse(["--config=configs/geneval.py"])
   base_plan = trainer.plan(base_cfg)
   section, name = key.split(".")
   default = base_cfg[section][name]
   if default is None:  # an rl placeholder: typed by the dataclass, valued by the preset
     kind = {"int": int, "float": float, "str": str, "bool": bool}[
-        str(HTGRPOConfig.__dataclass_fields__[name].type).replace(" | None", "").strip()]
+        str(HTGRPOConfig.__dataclass_fields__[name].type).replace(" | None", "").strip()
+    ]
     default = getattr(base_plan.rl, name)
   else:
     kind = type(default)
@@ -303,17 +344,28 @@ def test_every_rl_and_sampler_knob_is_settable_from_the_command_line(key, monkey
     else:
       assert _planned_value(p, key) == value, (key, value, _planned_value(p, key))
     return
-  pytest.fail(f"--config.{key}: no value other than the default {default!r} passes the plan:\n"
-              + "\n".join(tried))
+  pytest.fail(f"--config.{key}: no value other than the default {default!r} passes the plan:\n" + "\n".join(tried))
 
 
 @pytest.mark.parametrize("name", ["mmada_geneval.py", "lumina_dimoo_geneval.py"])
 def test_8b_configs_take_the_same_knobs(name, monkeypatch):
   monkeypatch.chdir(REPO)
   base = parse(["--config=configs/geneval.py"])
-  c = parse([f"--config=configs/{name}", "--config.rl.beta=0.5", "--config.sampler.cfg_scale=1.5",
-             "--config.log_level=warning", "--config.compilation_cache_dir=/tmp/c",
-             "--config.profile_steps=3,5"])
+  c = parse(
+      [
+          f"--config=configs/{name}",
+          "--config.rl.beta=0.5",
+          "--config.sampler.cfg_scale=1.5",
+          "--config.log_level=warning",
+          "--config.compilation_cache_dir=/tmp/c",
+          "--config.profile_steps=3,5",
+      ]
+  )
   assert set(c.rl.keys()) == set(base.rl.keys()) and set(c.sampler.keys()) == set(base.sampler.keys())
   assert (c.rl.beta, c.sampler.cfg_scale, c.log_level, c.compilation_cache_dir, c.profile_steps) == (
-      0.5, 1.5, "warning", "/tmp/c", "3,5")
+      0.5,
+      1.5,
+      "warning",
+      "/tmp/c",
+      "3,5",
+  )

@@ -1,5 +1,6 @@
 """Command lines people copy: every ``python launch/train.py ...`` line in README.md and in the
 configs' docstrings parses through the real flags, and every RL / sampler knob is settable."""
+
 import os
 import re
 import shlex
@@ -20,8 +21,7 @@ def _train_lines() -> list[str]:
   lines = []
   for text in texts:
     text = text.replace("\\\n", " ")
-    lines += [m.group(1).split("#")[0].strip()
-              for m in re.finditer(r"python launch/train\.py (--config[^\n`]*)", text)]
+    lines += [m.group(1).split("#")[0].strip() for m in re.finditer(r"python launch/train\.py (--config[^\n`]*)", text)]
   return sorted(set(lines))
 
 
@@ -34,8 +34,14 @@ def test_documented_train_command_lines_parse_and_plan(line, monkeypatch):
 
 def test_readme_override_example_reaches_the_algorithm(monkeypatch):
   monkeypatch.chdir(REPO)
-  config = parse(["--config=configs/geneval.py", "--config.rl.beta=0",
-                  "--config.rl.structure_weight=3", "--config.rl.partition_mode=step"])
+  config = parse(
+      [
+          "--config=configs/geneval.py",
+          "--config.rl.beta=0",
+          "--config.rl.structure_weight=3",
+          "--config.rl.partition_mode=step",
+      ]
+  )
   p = trainer.plan(config)
   assert (p.rl.beta, p.rl.structure_weight, p.rl.partition_mode) == (0.0, 3.0, "step")
   base = trainer.plan(parse(["--config=configs/geneval.py"]))
@@ -48,13 +54,15 @@ def test_every_rl_and_sampler_field_is_a_typed_flag(monkeypatch):
   config = parse(["--config=configs/geneval.py"])
   import dataclasses
   from htgrpo_jax.rl.config import HTGRPOConfig
+
   derived = {"group_size", "num_sampler_steps", "num_iterations"}
   names = {f.name for f in dataclasses.fields(HTGRPOConfig)} - derived
   assert names <= set(config.rl.keys()), names - set(config.rl.keys())
   sample = {int: "3", float: "0.5", bool: "true", str: "x"}
   for name in sorted(names):
     kind = {"int": int, "float": float, "str": str, "bool": bool}[
-        str(HTGRPOConfig.__dataclass_fields__[name].type).replace(" | None", "").strip()]
+        str(HTGRPOConfig.__dataclass_fields__[name].type).replace(" | None", "").strip()
+    ]
     got = getattr(parse(["--config=configs/geneval.py", f"--config.rl.{name}={sample[kind]}"]).rl, name)
     assert isinstance(got, kind) and not (kind is int and isinstance(got, bool)), (name, got)
   for name, value in config.sampler.items():

@@ -1,4 +1,5 @@
 """GenEval-style tables and image grids."""
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -10,8 +11,7 @@ def test_overall_is_the_mean_over_tags_not_prompts():
   tags = ["colors"] * 3 + ["position"]
   scores = [1.0, 1.0, 0.0, 1.0]
   acc = E.tag_scores(tags, scores)
-  assert acc == {"colors": pytest.approx(2 / 3), "position": 1.0,
-                 "overall": pytest.approx((2 / 3 + 1) / 2)}
+  assert acc == {"colors": pytest.approx(2 / 3), "position": 1.0, "overall": pytest.approx((2 / 3 + 1) / 2)}
   table = E.tag_table(tags, scores)
   lines = table.strip().splitlines()
   assert lines[0].startswith("| ShapeEval") and lines[2] == "| colors | 0.667 | 3 |"
@@ -71,11 +71,18 @@ def test_paired_change_interval_is_tighter_than_the_two_intervals():
 
 def test_write_samples_records_every_image_with_its_verdict(tmp_path):
   import json
+
   imgs = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
-  res = dict(images=imgs, captions=[f"p{i // 2}" for i in range(6)], tags=["colors"] * 6,
-             metas=['{"tag": "colors"}'] * 6, prompt_index=np.repeat(np.arange(3), 2),
-             strict=np.array([1, 0, 0, 0, 1, 1], np.float32), reasons=["ok"] * 6,
-             malformed=np.array([0, 2, 0, 0, 0, 1]))
+  res = dict(
+      images=imgs,
+      captions=[f"p{i // 2}" for i in range(6)],
+      tags=["colors"] * 6,
+      metas=['{"tag": "colors"}'] * 6,
+      prompt_index=np.repeat(np.arange(3), 2),
+      strict=np.array([1, 0, 0, 0, 1, 1], np.float32),
+      reasons=["ok"] * 6,
+      malformed=np.array([0, 2, 0, 0, 0, 1]),
+  )
   path = E.write_samples(tmp_path, res)
   recs = [json.loads(line) for line in open(path)]
   assert [r["filename"] for r in recs[:2]] == ["images/00000_0.png", "images/00000_1.png"]
@@ -83,5 +90,7 @@ def test_write_samples_records_every_image_with_its_verdict(tmp_path):
   assert recs[0]["metadata"] == {"tag": "colors"} and recs[1]["malformed"] == 2
   for r, img in zip(recs, imgs):
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / r["filename"])), img)
-  assert E.hacking_watch(res) == {"malformed_share": pytest.approx(2 / 6),
-                                  "malformed_share_accepted": pytest.approx(1 / 3)}
+  assert E.hacking_watch(res) == {
+      "malformed_share": pytest.approx(2 / 6),
+      "malformed_share_accepted": pytest.approx(1 / 3),
+  }

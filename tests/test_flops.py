@@ -7,6 +7,7 @@ Every matmul of a program is a ``dot_general`` in its jaxpr; the count below wal
 traced as the trainer builds them, with no rematerialisation (model FLOPs exclude it). A second,
 coarser check compares one forward with XLA's own ``cost_analysis()`` on CPU.
 """
+
 import dataclasses
 import math
 
@@ -107,27 +108,44 @@ def _rollout(layout, rows, steps, seed=0):
   n = layout.num_image_tokens
   prompts, codes = _inputs(layout, rows, seed)
   order = np.stack([rng.permutation(np.arange(n) * steps // n) for _ in range(rows)])
-  return rl.Rollout(prompt_tokens=prompts, image_tokens=codes,
-                    commit_step=jnp.asarray(order, jnp.int32),
-                    commit_entropy=jnp.asarray(rng.uniform(0, 3, (rows, n)), jnp.float32),
-                    commit_logp=jnp.asarray(-rng.uniform(0, 3, (rows, n)), jnp.float32),
-                    rewards=jnp.asarray(rng.random(rows), jnp.float32))
+  return rl.Rollout(
+      prompt_tokens=prompts,
+      image_tokens=codes,
+      commit_step=jnp.asarray(order, jnp.int32),
+      commit_entropy=jnp.asarray(rng.uniform(0, 3, (rows, n)), jnp.float32),
+      commit_logp=jnp.asarray(-rng.uniform(0, 3, (rows, n)), jnp.float32),
+      rewards=jnp.asarray(rng.random(rows), jnp.float32),
+  )
 
 
-@pytest.mark.parametrize("estimator, beta, micro_batch, guidance, sketch_context", [
-    ("htgrpo", 0.01, None, "none", "all_mask"),      # 2 distinct canvases: old + reference on each
-    ("htgrpo", 0.0, 4, "none", "all_mask"),          # no reference pass; the micro-batch scan
-    ("random_remask", 0.01, None, "none", "all_mask"),  # a fresh canvas per iteration
-    ("htgrpo", 0.01, None, "guided", "all_mask"),    # every pass on conditional + unconditional rows
-    ("htgrpo", 0.01, None, "none", "trajectory"),    # 3 replayed global/struct canvases + 1 shared refine
-])
-def test_train_step_flops_equal_the_programs_matmuls(shapes_model, estimator, beta, micro_batch,
-                                                     guidance, sketch_context):
+@pytest.mark.parametrize(
+    "estimator, beta, micro_batch, guidance, sketch_context",
+    [
+        ("htgrpo", 0.01, None, "none", "all_mask"),  # 2 distinct canvases: old + reference on each
+        ("htgrpo", 0.0, 4, "none", "all_mask"),  # no reference pass; the micro-batch scan
+        ("random_remask", 0.01, None, "none", "all_mask"),  # a fresh canvas per iteration
+        ("htgrpo", 0.01, None, "guided", "all_mask"),  # every pass on conditional + unconditional rows
+        ("htgrpo", 0.01, None, "none", "trajectory"),  # 3 replayed global/struct canvases + 1 shared refine
+    ],
+)
+def test_train_step_flops_equal_the_programs_matmuls(
+    shapes_model, estimator, beta, micro_batch, guidance, sketch_context
+):
   cfg, layout = shapes_model
   rows, steps = 8, 4
-  r = rl.preset("htgrpo", group_size=4, num_sampler_steps=steps, n_global=1, n_struct=2, n_refine=1,
-                estimator=estimator, beta=beta, micro_batch_size=micro_batch,
-                estimator_guidance=guidance, sketch_context=sketch_context)
+  r = rl.preset(
+      "htgrpo",
+      group_size=4,
+      num_sampler_steps=steps,
+      n_global=1,
+      n_struct=2,
+      n_refine=1,
+      estimator=estimator,
+      beta=beta,
+      micro_batch_size=micro_batch,
+      estimator_guidance=guidance,
+      sketch_context=sketch_context,
+  )
   if sketch_context == "trajectory":
     assert rl.canvas_groups(r) == (0, 1, 2, 3)
   s = SamplerConfig(num_steps=steps, sketch_steps=r.sketch_steps, cfg_scale=2.0)
@@ -143,14 +161,12 @@ def test_train_step_flops_equal_the_programs_matmuls(shapes_model, estimator, be
   assert flops.train_step_flops(cfg, layout, r, rows, guided_rows) == pytest.approx(counted, rel=1e-12)
 
 
-@pytest.mark.parametrize("program, cfg_scale", [("sampler", 2.0), ("sampler", 0.0), ("sketch", 2.0),
-                                                ("paint", 2.0)])
+@pytest.mark.parametrize("program, cfg_scale", [("sampler", 2.0), ("sampler", 0.0), ("sketch", 2.0), ("paint", 2.0)])
 def test_sampler_flops_equal_the_programs_matmuls(shapes_model, program, cfg_scale):
   cfg, layout = shapes_model
   rows = 4
   s = SamplerConfig(num_steps=5, sketch_steps=2, cfg_scale=cfg_scale)
-  sampler = make_sampler(policy.make_canvas_logits_fn(cfg, layout), s,
-                         num_tokens=layout.num_image_tokens)
+  sampler = make_sampler(policy.make_canvas_logits_fn(cfg, layout), s, num_tokens=layout.num_image_tokens)
   params = policy.abstract_params(cfg, layout)
   prompts, _ = _inputs(layout, rows)
   uncond = jnp.asarray(layout.unconditional_prompts(rows), jnp.int32)

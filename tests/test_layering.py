@@ -10,6 +10,7 @@
   same objects, and RL and pretraining share one ``TrainState``;
 * loading any ``configs/*.py`` file imports no JAX.
 """
+
 from __future__ import annotations
 
 import ast
@@ -26,14 +27,24 @@ PACKAGE = os.path.join(REPO, "htgrpo_jax")
 
 # Modules that sit above the contracts but below the algorithm package.
 BELOW_RL = ("worlds", "models", "sampling", "rewards", "pretrain.py", "evaluate.py", "tasks.py")
-CONTRACT_IMPORTS = {"__future__", "dataclasses", "typing", "chex", "jax", "jax.numpy", "numpy", "flax",
-                    "optax"}  # optax: the one optimizer factory lives beside TrainState
+CONTRACT_IMPORTS = {
+    "__future__",
+    "dataclasses",
+    "typing",
+    "chex",
+    "jax",
+    "jax.numpy",
+    "numpy",
+    "flax",
+    "optax",
+}  # optax: the one optimizer factory lives beside TrainState
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=600)
+  return subprocess.run(
+      [sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+  )
 
 
 def _files(entry: str) -> list[str]:
@@ -62,12 +73,10 @@ def _is_type_checking_block(node: ast.stmt) -> bool:
 
 def test_contracts_is_a_leaf_module():
   tree = ast.parse(open(os.path.join(PACKAGE, "contracts.py")).read())
-  assert not {n for n in _imported_names(tree) if n.split(".")[0] == "htgrpo_jax"}, \
-      "contracts.py imports htgrpo_jax"
+  assert not {n for n in _imported_names(tree) if n.split(".")[0] == "htgrpo_jax"}, "contracts.py imports htgrpo_jax"
   # What runs at import time (``if TYPE_CHECKING:`` blocks are for annotations only).
   modules, flax_names = set(), set()
-  for node in ast.walk(ast.Module(body=[n for n in tree.body if not _is_type_checking_block(n)],
-                                  type_ignores=[])):
+  for node in ast.walk(ast.Module(body=[n for n in tree.body if not _is_type_checking_block(n)], type_ignores=[])):
     if isinstance(node, ast.Import):
       modules.update(a.name for a in node.names)
     elif isinstance(node, ast.ImportFrom):
@@ -145,8 +154,9 @@ def test_sample_record_fills_the_contract_rollout():
   from htgrpo_jax.sampling import SampleRecord
 
   z = jnp.zeros((2, 3), jnp.int32)
-  rec = SampleRecord(image_tokens=z, commit_step=z, commit_entropy=z.astype(jnp.float32),
-                     commit_logp=z.astype(jnp.float32))
+  rec = SampleRecord(
+      image_tokens=z, commit_step=z, commit_entropy=z.astype(jnp.float32), commit_logp=z.astype(jnp.float32)
+  )
   ro = rec.to_rollout(jnp.zeros((2, 4), jnp.int32), jnp.zeros((2,), jnp.float32))
   assert type(ro) is contracts.Rollout and isinstance(ro, rl.Rollout)
   ro.validate()
@@ -164,7 +174,13 @@ def test_train_state_keeps_the_rl_checkpoint_layout():
 
   # ``frozen`` (a LoRA run's base) comes last and is never checkpointed (``without_frozen``).
   assert [f.name for f in dataclasses.fields(TrainState)] == [
-      "step", "params", "opt_state", "ref_params", "skipped", "frozen"]
+      "step",
+      "params",
+      "opt_state",
+      "ref_params",
+      "skipped",
+      "frozen",
+  ]
   params = {"w": jnp.ones((2,), jnp.float32)}
   with_ref = TrainState.create(params, optax.sgd(0.1))
   keys = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(with_ref)[0]]

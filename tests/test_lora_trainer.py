@@ -1,5 +1,6 @@
 """A LoRA run of the tiny ShapeEval config: its checkpoints hold the adapters and their optimizer
 state only (never the frozen base), and a stopped and resumed run is bit-identical."""
+
 import json
 import os
 
@@ -45,8 +46,10 @@ def test_checkpoints_hold_the_adapters_and_their_moments_only(lora_run, root):
   n_adapters, n_base = n(params), sum(int(np.prod(x.shape)) for x in jax.tree.leaves(base))
   assert n(leaves) <= 3 * n_adapters + 8 < n_base
   on_disk, base_disk = _dir_bytes(os.path.join(step_dir, "state")), _dir_bytes(root / "base" / "params")
-  print(f"LoRA checkpoint: {n(leaves)} scalars ({n_adapters} adapter params), state/ {on_disk} bytes on "
-        f"disk; the frozen base: {n_base} params, {base_disk} bytes (not written)")
+  print(
+      f"LoRA checkpoint: {n(leaves)} scalars ({n_adapters} adapter params), state/ {on_disk} bytes on "
+      f"disk; the frozen base: {n_base} params, {base_disk} bytes (not written)"
+  )
 
 
 @pytest.mark.slow
@@ -57,16 +60,16 @@ def test_stopped_and_resumed_lora_run_matches_uninterrupted(lora_run, root):
   second = trainer.train(cfg, log=lambda s: None)
   assert second["step"] == 4
   a, b = lora_run["state"], second["state"]
-  for x, y in zip(jax.tree.leaves((a.params, a.opt_state, a.step)),
-                  jax.tree.leaves((b.params, b.opt_state, b.step))):
+  for x, y in zip(jax.tree.leaves((a.params, a.opt_state, a.step)), jax.tree.leaves((b.params, b.opt_state, b.step))):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert lora_run["history"] == second["history"]
 
 
 @pytest.mark.slow
 def test_evaluating_a_lora_checkpoint_restores_its_adapters_over_the_base(lora_run, root):
-  out = trainer.evaluate_checkpoint(tiny_config(root, "lora", **LORA), which="latest",
-                                    out_dir=str(root / "lora_eval"), log=lambda s: None)
+  out = trainer.evaluate_checkpoint(
+      tiny_config(root, "lora", **LORA), which="latest", out_dir=str(root / "lora_eval"), log=lambda s: None
+  )
   assert out["name"] == "step4" and 0.0 <= out["scores"]["overall"] <= 1.0
   got, want = out["params"], lora_run["state"]
   for x, y in zip(jax.tree.leaves((got.adapters, got.base)), jax.tree.leaves((want.params, want.frozen))):

@@ -1,5 +1,6 @@
 """Multi-host behaviour, exercised for real: several JAX processes on this machine, each with its own
 fake CPU devices, joined by ``jax.distributed`` through a localhost coordinator."""
+
 import http.server
 import os
 import textwrap
@@ -43,8 +44,9 @@ def test_processes_join_and_a_config_that_differs_between_them_is_named():
 
 
 def test_trainer_refuses_hosts_whose_configs_differ_before_building_anything(tmp_path):
-  out = multiprocess.run(["-c", TRAIN_WITH_A_DIFFERENT_SEED, str(tmp_path)], num_processes=2,
-                         devices_per_process=2, timeout=300)
+  out = multiprocess.run(
+      ["-c", TRAIN_WITH_A_DIFFERENT_SEED, str(tmp_path)], num_processes=2, devices_per_process=2, timeout=300
+  )
   for code, text in out:
     assert code == 0, text
     assert "REFUSED: the config differs between processes" in text, text
@@ -58,15 +60,25 @@ def test_coordinator_flags_join_the_processes_and_a_locked_workdir_stops_every_o
   stops with an error naming why instead of waiting forever for process 0 at the next collective;
   process 1's error shows the two had joined one job."""
   from htgrpo_jax import workdir
+
   lock = workdir.WorkdirLock(str(tmp_path / "run")).acquire()  # another live run holds it
-  argv = [os.path.join("launch", "train.py"), "--config=configs/geneval.py:htgrpo,tiny",
-          f"--config.workdir={tmp_path / 'run'}", f"--config.world.data_dir={tmp_path / 'world'}",
-          f"--config.model.checkpoint={tmp_path / 'base'}", "--config.log_level=warning"]
+  argv = [
+      os.path.join("launch", "train.py"),
+      "--config=configs/geneval.py:htgrpo,tiny",
+      f"--config.workdir={tmp_path / 'run'}",
+      f"--config.world.data_dir={tmp_path / 'world'}",
+      f"--config.model.checkpoint={tmp_path / 'base'}",
+      "--config.log_level=warning",
+  ]
   try:
     out = multiprocess.run(
-        argv, num_processes=2, devices_per_process=2, timeout=300, coordinator_env=False,
-        argv_of=lambda i, port: [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                                 f"--process_id={i}"])
+        argv,
+        num_processes=2,
+        devices_per_process=2,
+        timeout=300,
+        coordinator_env=False,
+        argv_of=lambda i, port: [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+    )
   finally:
     lock.release()
   (code0, text0), (code1, text1) = out
@@ -97,8 +109,11 @@ class _Metadata(http.server.BaseHTTPRequestHandler):
 
   def do_GET(self):  # noqa: N802
     key = self.path.rsplit("/", 1)[-1]
-    attrs = {"agent-worker-number": str(self.server.worker), "tpu-env": "",
-             "worker-network-endpoints": "127.0.0.1,127.0.0.1"}
+    attrs = {
+        "agent-worker-number": str(self.server.worker),
+        "tpu-env": "",
+        "worker-network-endpoints": "127.0.0.1,127.0.0.1",
+    }
     ok = self.headers.get("Metadata-Flavor") == "Google" and key in attrs
     body = attrs.get(key, "").encode() if ok else b"not found"
     self.send_response(200 if ok else 404)
@@ -125,9 +140,14 @@ def test_a_cloud_tpu_slice_initialises_with_no_environment_variable_set():
   port = multiprocess.free_port()
   try:
     out = multiprocess.run(
-        ["-c", ON_A_TPU_VM], num_processes=2, devices_per_process=2, timeout=300, coordinator_env=False,
+        ["-c", ON_A_TPU_VM],
+        num_processes=2,
+        devices_per_process=2,
+        timeout=300,
+        coordinator_env=False,
         extra_env={"JAX_COORDINATOR_PORT": str(port)},
-        env_of=lambda i: {"GCE_METADATA_IP": f"127.0.0.1:{servers[i].server_address[1]}"})
+        env_of=lambda i: {"GCE_METADATA_IP": f"127.0.0.1:{servers[i].server_address[1]}"},
+    )
   finally:
     for srv in servers:
       srv.shutdown()

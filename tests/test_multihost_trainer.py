@@ -5,6 +5,7 @@ the reward and the evaluation's scorer (once per batch); Orbax saves from every 
 restores on another process count (2 x 2 and 2 x 4 devices onto 1 process of 1 device); a run whose
 processes are all killed after a checkpoint resumes to the bit-identical end of the uninterrupted
 run; 4 processes of 1 device end where 2 of 2 do."""
+
 import json
 import os
 import signal
@@ -20,13 +21,27 @@ from tests.helpers.configs import tiny_config
 MODULE = ["-m", "tests.helpers.train_process"]
 # Two steps, a save and an evaluation after each (the kill below lands in the evaluation of step
 # 1, after its checkpoint), one sample per held-out prompt: the multi-host paths at least cost.
-RUN = ["total_steps=2", "save_every=1", "eval_every=1", "keep_checkpoints=3", "eval.at_start=False",
-       "eval.final_samples_per_prompt=1"]
+RUN = [
+    "total_steps=2",
+    "save_every=1",
+    "eval_every=1",
+    "keep_checkpoints=3",
+    "eval.at_start=False",
+    "eval.final_samples_per_prompt=1",
+]
 # Lines only process 0 may print: the trainer's log, the bar's lines, the bar itself.
 PRIMARY_LINES = ("held-out overall", "htgrpo RL", "| **overall** |")
-RUN_FILES = ("config.json", "config_history.jsonl", "metrics.jsonl", "results.md",
-             "reward_curve.png", "eval_step00001.md", "eval_step00002.md", "grid_step00002.png",
-             os.path.join("evals", "step00002", "samples.jsonl"))
+RUN_FILES = (
+    "config.json",
+    "config_history.jsonl",
+    "metrics.jsonl",
+    "results.md",
+    "reward_curve.png",
+    "eval_step00001.md",
+    "eval_step00002.md",
+    "grid_step00002.png",
+    os.path.join("evals", "step00002", "samples.jsonl"),
+)
 
 
 def _results(out):
@@ -35,7 +50,7 @@ def _results(out):
   for code, text in out:
     assert code == 0, text[-5000:]
     (line,) = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
-    recs.append(json.loads(line[len("RESULT "):]))
+    recs.append(json.loads(line[len("RESULT ") :]))
   return recs
 
 
@@ -55,8 +70,9 @@ def root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_process_run(root):
   """An uninterrupted 2-step run on 2 processes x 2 devices, with the progress bar on."""
-  out = multiprocess.run([*MODULE, str(root), "full", "progress=True", *RUN], num_processes=2,
-                         devices_per_process=2, timeout=600)
+  out = multiprocess.run(
+      [*MODULE, str(root), "full", "progress=True", *RUN], num_processes=2, devices_per_process=2, timeout=600
+  )
   return out, _results(out)
 
 
@@ -96,8 +112,7 @@ def test_two_processes_train_and_only_process_0_writes_and_prints(root, two_proc
 def test_two_process_checkpoint_restores_on_one_process_and_device(root, two_process_run):
   _, (p0, _) = two_process_run
   cfg = tiny_config(root, "full", **{"mesh.num_devices": 1})
-  out = trainer.evaluate_checkpoint(cfg, which="latest", out_dir=str(root / "one_device_eval"),
-                                    log=lambda s: None)
+  out = trainer.evaluate_checkpoint(cfg, which="latest", out_dir=str(root / "one_device_eval"), log=lambda s: None)
   assert out["name"] == "step2"
   leaf = jax.tree.leaves(out["params"])[0]
   assert len(leaf.sharding.device_set) == 1
@@ -110,15 +125,26 @@ def test_two_process_checkpoint_restores_on_one_process_and_device(root, two_pro
 def test_a_checkpoint_of_two_processes_of_four_devices_restores_on_one_process(root):
   """2 processes x 4 devices (an 8-way mesh: each process holds half of every batch) save a step;
   one process on one device restores the params bit for bit and evaluates them."""
-  out = multiprocess.run([*MODULE, str(root), "two_by_four", "total_steps=1", "save_every=1",
-                          "eval_every=1", "eval.at_start=False", "eval.final_samples_per_prompt=1"],
-                         num_processes=2, devices_per_process=4, timeout=900)
+  out = multiprocess.run(
+      [
+          *MODULE,
+          str(root),
+          "two_by_four",
+          "total_steps=1",
+          "save_every=1",
+          "eval_every=1",
+          "eval.at_start=False",
+          "eval.final_samples_per_prompt=1",
+      ],
+      num_processes=2,
+      devices_per_process=4,
+      timeout=900,
+  )
   p0, p1 = _results(out)
   assert (p0["processes"], p0["step"], p1["step"]) == (2, 1, 1) and p0["checksums"] == p1["checksums"]
   assert checkpoint.step_dirs(root / "two_by_four" / "checkpoints") == [1]
   cfg = tiny_config(root, "two_by_four", **{"mesh.num_devices": 1})
-  got = trainer.evaluate_checkpoint(cfg, which="latest", out_dir=str(root / "two_by_four_eval"),
-                                    log=lambda s: None)
+  got = trainer.evaluate_checkpoint(cfg, which="latest", out_dir=str(root / "two_by_four_eval"), log=lambda s: None)
   assert got["name"] == "step1" and len(jax.tree.leaves(got["params"])[0].sharding.device_set) == 1
   assert checkpoint.leaf_checksums(got["params"]) == p0["checksums"]
 
@@ -157,8 +183,7 @@ def test_all_processes_killed_after_a_checkpoint_resume_bit_identical(root, two_
 def test_four_processes_of_one_device_train_like_two_of_two(root, two_process_run):
   """The same 4-device mesh spread over 4 processes: one writer, the same final params."""
   _, (reference, _) = two_process_run
-  out = multiprocess.run([*MODULE, str(root), "four", *RUN], num_processes=4,
-                         devices_per_process=1, timeout=900)
+  out = multiprocess.run([*MODULE, str(root), "four", *RUN], num_processes=4, devices_per_process=1, timeout=900)
   recs = _results(out)
   assert [r["process"] for r in recs] == [0, 1, 2, 3] and recs[0]["step"] == 2
   assert all(r["writes"] == [] for r in recs[1:]), [r["writes"] for r in recs]

@@ -7,6 +7,7 @@
 * slow: a fresh virtualenv with ``pip install <repo>`` and nothing else runs the snippet, and the
   trainer stack is not installed there.
 """
+
 from __future__ import annotations
 
 import ast
@@ -24,9 +25,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(REPO, "htgrpo_jax")
 
 # What only the extras may bring (import names): the trainer, its worlds, converters, reporting.
-TRAINER_STACK = ("tensorflow_datasets", "tensorflow", "transformers", "tokenizers", "grain",
-                 "array_record", "matplotlib", "tensorboardX", "ml_collections", "safetensors",
-                 "torch", "PIL", "tqdm")
+TRAINER_STACK = (
+    "tensorflow_datasets",
+    "tensorflow",
+    "transformers",
+    "tokenizers",
+    "grain",
+    "array_record",
+    "matplotlib",
+    "tensorboardX",
+    "ml_collections",
+    "safetensors",
+    "torch",
+    "PIL",
+    "tqdm",
+)
 # Core distribution name -> import name, for the ones that differ.
 IMPORT_NAME = {"jax": "jax", "flax": "flax", "optax": "optax", "chex": "chex", "numpy": "numpy"}
 
@@ -96,16 +109,24 @@ def test_core_dependencies_cover_what_rl_and_sampling_import():
   assert not missing, f"rl/sampling import modules that the core install lacks: {missing}"
   heavy = sorted(set(found) & set(TRAINER_STACK))
   assert not heavy, f"rl/sampling import the trainer stack: {heavy}"
-  assert not set(_core_requirements()) & {"transformers", "tensorflow-datasets", "grain", "matplotlib",
-                                          "tensorboardx", "ml-collections", "torch"}
+  assert not set(_core_requirements()) & {
+      "transformers",
+      "tensorflow-datasets",
+      "grain",
+      "matplotlib",
+      "tensorboardx",
+      "ml-collections",
+      "torch",
+  }
 
 
 def test_rl_and_sampling_stay_off_the_models_and_the_trainer():
   # The layering README and docs/architecture.md promise: rl/ needs only itself, contracts.py and
   # parallel.py; sampling/ knows the contracts but not rl. Function-level imports count too.
-  for roots, allowed in ((("htgrpo_jax.rl",), ("htgrpo_jax.rl", "htgrpo_jax.contracts", "htgrpo_jax.parallel")),
-                         (("htgrpo_jax.sampling",), ("htgrpo_jax.sampling", "htgrpo_jax.contracts",
-                                                     "htgrpo_jax.parallel"))):
+  for roots, allowed in (
+      (("htgrpo_jax.rl",), ("htgrpo_jax.rl", "htgrpo_jax.contracts", "htgrpo_jax.parallel")),
+      (("htgrpo_jax.sampling",), ("htgrpo_jax.sampling", "htgrpo_jax.contracts", "htgrpo_jax.parallel")),
+  ):
     seen = set()
     _third_party_closure(roots, seen)
     reached = {m for m in seen if _module_file(m)} - {"htgrpo_jax"}
@@ -130,8 +151,9 @@ _BLOCK = textwrap.dedent(f"""\
 
 def _run_blocked(code: str, timeout: int = 600) -> subprocess.CompletedProcess:
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-c", _BLOCK + code], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+  return subprocess.run(
+      [sys.executable, "-c", _BLOCK + code], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+  )
 
 
 def test_rl_and_sampling_import_with_the_trainer_stack_absent():
@@ -174,12 +196,12 @@ def test_core_install_in_a_fresh_venv_runs_the_readme_snippet(tmp_path):
   venv = tmp_path / "venv"
   subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
   py = str(venv / "bin" / "python")
-  install = subprocess.run([py, "-m", "pip", "install", "--quiet", str(src)], capture_output=True,
-                           text=True, timeout=1800)
+  install = subprocess.run(
+      [py, "-m", "pip", "install", "--quiet", str(src)], capture_output=True, text=True, timeout=1800
+  )
   assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
 
-  probe = ("import importlib.util as u; "
-           f"print(sorted(m for m in {TRAINER_STACK!r} if u.find_spec(m) is not None))")
+  probe = "import importlib.util as u; " f"print(sorted(m for m in {TRAINER_STACK!r} if u.find_spec(m) is not None))"
   present = subprocess.run([py, "-c", probe], capture_output=True, text=True, timeout=300)
   assert present.returncode == 0, present.stderr[-3000:]
   assert present.stdout.strip() == "[]", f"the core install brought in: {present.stdout.strip()}"
@@ -188,8 +210,7 @@ def test_core_install_in_a_fresh_venv_runs_the_readme_snippet(tmp_path):
   snippet.write_text(readme_library_snippet())
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
   env["JAX_PLATFORMS"] = "cpu"
-  run = subprocess.run([py, str(snippet)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       timeout=900)
+  run = subprocess.run([py, str(snippet)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
   assert run.returncode == 0, run.stderr[-4000:]
   assert "'global'" in run.stdout and "'refine'" in run.stdout, run.stdout
 
@@ -210,15 +231,21 @@ def test_ci_installs_libtpu_so_the_aot_tests_run_there():
   assert "export HTGRPO_REQUIRE_LIBTPU=1" in ci
   for name in ("test_aot_compile.py", os.path.join("models", "test_aot.py")):
     src = open(os.path.join(REPO, "tests", name), encoding="utf-8").read()
-    assert "require_libtpu()" in src and "importorskip(\"libtpu\")" not in src, name
+    assert "require_libtpu()" in src and 'importorskip("libtpu")' not in src, name
 
 
 def test_require_libtpu_fails_instead_of_skipping_where_ci_says_so(monkeypatch):
   import builtins
   from tests.helpers import tpu
+
   real_import = builtins.__import__
-  monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (
-      (_ for _ in ()).throw(ImportError("no libtpu")) if name == "libtpu" else real_import(name, *a, **k)))
+  monkeypatch.setattr(
+      builtins,
+      "__import__",
+      lambda name, *a, **k: (
+          (_ for _ in ()).throw(ImportError("no libtpu")) if name == "libtpu" else real_import(name, *a, **k)
+      ),
+  )
   monkeypatch.delenv("HTGRPO_REQUIRE_LIBTPU", raising=False)
   with pytest.raises(pytest.skip.Exception):
     tpu.require_libtpu()
@@ -227,7 +254,7 @@ def test_require_libtpu_fails_instead_of_skipping_where_ci_says_so(monkeypatch):
     tpu.require_libtpu()
 
 
-_NO_TORCH = '''
+_NO_TORCH = """
 import sys
 sys.modules["torch"] = None  # `import torch` raises ImportError; find_spec("torch") is None
 import ml_dtypes
@@ -242,15 +269,20 @@ with convert.SafetensorsFile(sys.argv[1]) as f:
   got = f.get_tensor("model.transformer.wte.weight")
 assert got.dtype == ml_dtypes.bfloat16 and (got == w).all(), got
 print("TORCH", sorted(m for m in sys.modules if m.split(".")[0] == "torch" and sys.modules[m] is not None))
-'''
+"""
 
 
 def test_the_8b_path_imports_and_reads_bf16_safetensors_with_torch_absent(tmp_path):
   """The fast check beside tests/models/test_no_torch.py's end-to-end run (-m slow): with torch
   absent (a TPU VM installs [tpu,train], not [torch]) the trainer, the t2i task, the converters and
   the VQ decoders import, and a BF16 safetensors tensor reads to numpy (ml_dtypes) exactly."""
-  out = subprocess.run([sys.executable, "-c", _NO_TORCH, str(tmp_path / "w.safetensors")], cwd=REPO,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
-                       timeout=600)
+  out = subprocess.run(
+      [sys.executable, "-c", _NO_TORCH, str(tmp_path / "w.safetensors")],
+      cwd=REPO,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"),
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert out.returncode == 0, out.stderr[-4000:]
   assert "TORCH []" in out.stdout, out.stdout

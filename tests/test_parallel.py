@@ -1,4 +1,5 @@
 """Mesh construction, the logical-axis rules and batch sharding on 8 fake CPU devices."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,8 +16,15 @@ def test_make_mesh_fills_the_free_axis():
   assert parallel.batch_size_divisor(mesh) == 4
 
 
-@pytest.mark.parametrize("sizes, match", [((3, 1, 1), "needs 3 devices"), ((-1, -1, 1), "at most one"),
-                                          ((-1, 3, 1), "do not divide"), ((0, 1, 1), "positive")])
+@pytest.mark.parametrize(
+    "sizes, match",
+    [
+        ((3, 1, 1), "needs 3 devices"),
+        ((-1, -1, 1), "at most one"),
+        ((-1, 3, 1), "do not divide"),
+        ((0, 1, 1), "positive"),
+    ],
+)
 def test_make_mesh_rejects_bad_sizes(sizes, match):
   with pytest.raises(ValueError, match=match):
     parallel.make_mesh(*sizes)

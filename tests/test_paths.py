@@ -3,6 +3,7 @@
 No test touches the network: URL I/O is routed (through ``paths._epath``) onto a local folder that
 plays the bucket, so the URL code path runs for real while the bytes land under ``tmp_path``.
 """
+
 from __future__ import annotations
 
 import json
@@ -108,6 +109,7 @@ def test_checkpointer_keeps_a_url_directory(bucket, monkeypatch):
   made = {}
 
   class FakeManager:
+
     def __init__(self, directory, options=None):
       made["directory"] = directory
 
@@ -126,15 +128,15 @@ def test_checkpointer_keeps_a_url_directory(bucket, monkeypatch):
 
 def test_task_paths_keep_urls(bucket, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  c = shapes_task.pretrain_config.__globals__["ml_collections"].ConfigDict(
-      {"model": {"checkpoint": "gs://b/base"}})
+  c = shapes_task.pretrain_config.__globals__["ml_collections"].ConfigDict({"model": {"checkpoint": "gs://b/base"}})
   assert shapes_task.base_params_path(c) == "gs://b/base/params"
   c.model.checkpoint = "runs/base"
   assert shapes_task.base_params_path(c) == os.path.join(str(tmp_path), "runs", "base", "params")
 
   (bucket / "b").mkdir()
-  (bucket / "b/prompts.jsonl").write_text('{"prompt": "a red circle", "tag": "single_object"}\n\n'
-                                           '{"prompt": "two squares"}\n')
+  (bucket / "b/prompts.jsonl").write_text(
+      '{"prompt": "a red circle", "tag": "single_object"}\n\n' '{"prompt": "two squares"}\n'
+  )
   got = tasks.read_prompt_file("gs://b/prompts.jsonl", "world.train_prompts")
   assert [(p.text, p.tag) for p in got] == [("a red circle", "single_object"), ("two squares", "all")]
   with pytest.raises(ValueError, match=r"world.eval_prompts: prompt file 'gs://b/nope.jsonl' does not exist"):
@@ -143,6 +145,7 @@ def test_task_paths_keep_urls(bucket, tmp_path, monkeypatch):
 
 def test_world_codebook_round_trips_through_a_url(bucket):
   import jax.numpy as jnp
+
   cb = jnp.arange(2 * 48, dtype=jnp.float32).reshape(2, 48)  # K = 2 codes of 4 x 4 x 3 patches
   paths.makedirs("gs://b/world")
   patch_vq.save("gs://b/world/codebook.npz", cb)
@@ -187,6 +190,7 @@ ABSPATH_ALLOWED = {("paths.py", "resolve"), ("runtime.py", "set_compilation_cach
 
 def test_no_module_makes_a_path_absolute_but_paths_resolve():
   import ast
+
   root = os.path.dirname(os.path.dirname(os.path.abspath(paths.__file__)))
   bad = []
   for folder, _, files in os.walk(os.path.join(root, "htgrpo_jax")):
@@ -201,8 +205,10 @@ def test_no_module_makes_a_path_absolute_but_paths_resolve():
           for node in ast.walk(fn):
             owner[node] = fn.name  # an inner function's walk comes later and wins
       for call in ast.walk(tree):
-        if not (isinstance(call, ast.Call) and ast.unparse(call.func) in (
-            "os.path.abspath", "os.path.realpath", "pathlib.Path.resolve")):
+        if not (
+            isinstance(call, ast.Call)
+            and ast.unparse(call.func) in ("os.path.abspath", "os.path.realpath", "pathlib.Path.resolve")
+        ):
           continue
         arg = ast.unparse(call.args[0]) if call.args else ""
         if "__file__" in arg or (name, owner.get(call, "<module>")) in ABSPATH_ALLOWED:
@@ -219,6 +225,7 @@ def test_converted_params_save_and_restore_keep_a_url(tmp_path, monkeypatch):
   import jax.numpy as jnp
   import orbax.checkpoint as ocp
   from htgrpo_jax.models import convert
+
   seen = []
   real = ocp.Checkpointer
 
@@ -228,6 +235,7 @@ def test_converted_params_save_and_restore_keep_a_url(tmp_path, monkeypatch):
     return tmp_path / seen[-1].replace("://", "_")
 
   class Routed(real):
+
     def save(self, directory, *a, **k):
       return super().save(route(directory), *a, **k)
 
@@ -250,6 +258,7 @@ def test_reward_model_dirs_may_be_urls(bucket, tmp_path, monkeypatch):
   gs:// dirs: their readers get a local copy; a missing one is named by its option."""
   import tempfile
   from htgrpo_jax.rewards import clip as clip_reward
+
   monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # local_copy's cache: this test's
   for d in ("clip", "tok"):
     (bucket / "b" / d).mkdir(parents=True)

@@ -1,4 +1,5 @@
 """Base-policy pretraining: the host-side learning-rate schedule and the jitted masked-diffusion step."""
+
 import math
 
 import jax
@@ -14,8 +15,17 @@ C, N, LP = 5, 6, 3
 
 
 def optim_cfg(**over):
-  c = ml_collections.ConfigDict(dict(learning_rate=1e-2, warmup_steps=4, final_lr_fraction=0.1,
-                                     weight_decay=0.01, b1=0.9, b2=0.99, max_grad_norm=1e9))
+  c = ml_collections.ConfigDict(
+      dict(
+          learning_rate=1e-2,
+          warmup_steps=4,
+          final_lr_fraction=0.1,
+          weight_decay=0.01,
+          b1=0.9,
+          b2=0.99,
+          max_grad_norm=1e9,
+      )
+  )
   c.update(over)
   return c
 
@@ -40,14 +50,16 @@ def _toy_logits(params, prompt_tokens, canvas):
 
 def _params():
   r = np.random.default_rng(0)
-  return {"slot": jnp.asarray(r.normal(size=(N, C)), jnp.float32),
-          "p": jnp.asarray(r.normal(size=(4, C)), jnp.float32)}
+  return {"slot": jnp.asarray(r.normal(size=(N, C)), jnp.float32), "p": jnp.asarray(r.normal(size=(4, C)), jnp.float32)}
 
 
 def _batch():
   r = np.random.default_rng(1)
-  return (jnp.asarray(r.integers(1, 4, (8, LP)), jnp.int32), jnp.zeros((8, LP), jnp.int32),
-          jnp.asarray(r.integers(0, C, (8, N)), jnp.int32))
+  return (
+      jnp.asarray(r.integers(1, 4, (8, LP)), jnp.int32),
+      jnp.zeros((8, LP), jnp.int32),
+      jnp.asarray(r.integers(0, C, (8, N)), jnp.int32),
+  )
 
 
 @pytest.mark.parametrize("scale", [0.0, 0.37, 1.0])
@@ -63,8 +75,9 @@ def test_lr_scale_is_exactly_adamw_at_the_scaled_rate(scale):
 
   # Reference: the same loss and gradient, then optax's AdamW built at lr = scale * peak.
   params = _params()
-  grads = jax.grad(lambda p: pretrain.masked_diffusion_loss(p, _toy_logits, prompts, uncond, codes,
-                                                            key, 0.0)[0])(params)
+  grads = jax.grad(lambda p: pretrain.masked_diffusion_loss(p, _toy_logits, prompts, uncond, codes, key, 0.0)[0])(
+      params
+  )
   ref_opt = optax.adamw(scale * cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
   upd, _ = ref_opt.update(grads, ref_opt.init(params), params)
   want = optax.apply_updates(params, upd)
@@ -75,6 +88,7 @@ def test_lr_scale_is_exactly_adamw_at_the_scaled_rate(scale):
 
 def test_the_state_is_the_package_train_state_and_counts_skipped_updates():
   from htgrpo_jax import contracts
+
   cfg = optim_cfg()
   opt = pretrain.make_optimizer(cfg)
   step = pretrain.make_train_step(_toy_logits, opt, p_uncond=0.0)
@@ -86,8 +100,7 @@ def test_the_state_is_the_package_train_state_and_counts_skipped_updates():
   # A NaN weight makes the loss non-finite: the update is skipped, counted, and nothing is written.
   bad = dict(state.params, slot=state.params["slot"].at[0, 0].set(jnp.nan))
   before = jax.tree.map(lambda x: np.array(x, copy=True), (bad, state.opt_state))
-  state, m = step(state.replace(params=bad), prompts, uncond, codes, jax.random.PRNGKey(1),
-                  jnp.float32(1.0))
+  state, m = step(state.replace(params=bad), prompts, uncond, codes, jax.random.PRNGKey(1), jnp.float32(1.0))
   assert (int(state.step), int(state.skipped), int(m["skipped"])) == (2, 1, 1)
   jax.tree.map(np.testing.assert_array_equal, before, (state.params, state.opt_state))
 
@@ -101,12 +114,12 @@ def test_bad_optimizer_settings_are_named():
 
 def _tiny_pretrain_cfg(tmp_path, workdir):
   from htgrpo_jax.tasks import load_config_file
+
   cfg = load_config_file("configs/pretrain_shapes.py")
   cfg.workdir = str(tmp_path / workdir)
   cfg.world.data_dir = str(tmp_path / "world")
   cfg.world.num_train, cfg.world.num_eval = 128, 16
-  cfg.model.overrides = ml_collections.ConfigDict(dict(d_model=32, n_layers=1, n_heads=2,
-                                                       mlp_hidden=64))
+  cfg.model.overrides = ml_collections.ConfigDict(dict(d_model=32, n_layers=1, n_heads=2, mlp_hidden=64))
   cfg.batch_size, cfg.num_steps, cfg.optim.warmup_steps = 8, 6, 2
   return cfg
 

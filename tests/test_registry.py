@@ -5,6 +5,7 @@
 * each dispatch site goes through its table (an unknown name is reported by the registry, a newly
   registered member is reached).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,13 +41,17 @@ def test_registry_keeps_order_and_names_key_and_choices_on_error():
     reg.register("")
 
 
-@pytest.mark.parametrize("registry, allowed", [
-    (estimators.ESTIMATOR_REGISTRY, rl_config.ESTIMATORS),
-    (hierarchy.PARTITION_REGISTRY, rl_config.PARTITION_MODES),
-    (hierarchy.UPDATE_SCHEDULE_REGISTRY, rl_config.UPDATE_SCHEDULES),
-    (sampler.COMMIT_RULES, sampling_config.RULES),
-    (schedules.SCHEDULE_REGISTRY, tuple(n for n in schedules.SCHEDULE_NAMES if n != "pow<k>")),
-], ids=lambda x: getattr(x, "key", None))
+@pytest.mark.parametrize(
+    "registry, allowed",
+    [
+        (estimators.ESTIMATOR_REGISTRY, rl_config.ESTIMATORS),
+        (hierarchy.PARTITION_REGISTRY, rl_config.PARTITION_MODES),
+        (hierarchy.UPDATE_SCHEDULE_REGISTRY, rl_config.UPDATE_SCHEDULES),
+        (sampler.COMMIT_RULES, sampling_config.RULES),
+        (schedules.SCHEDULE_REGISTRY, tuple(n for n in schedules.SCHEDULE_NAMES if n != "pow<k>")),
+    ],
+    ids=lambda x: getattr(x, "key", None),
+)
 def test_each_table_matches_what_its_config_accepts(registry, allowed):
   # The configs validate against these tuples before anything is built; a member registered
   # without its name there (or the reverse) would be unreachable or fail at trace time.
@@ -56,6 +61,7 @@ def test_each_table_matches_what_its_config_accepts(registry, allowed):
 def test_other_tables_hold_the_known_variants():
   # The packaged worlds register when tasks.load_worlds (build_task) imports their task modules.
   from htgrpo_jax.worlds.shapeeval import task as shapes_task
+
   assert tasks.load_worlds() is tasks.WORLDS
   assert tasks.WORLDS.names() == ("t2i", "shapes")
   assert tasks.WORLDS.get("shapes") is shapes_task.build_shapes_task
@@ -81,8 +87,9 @@ def test_rl_dispatch_reports_unknown_names_through_the_registry():
   with pytest.raises(ValueError, match=r"HTGRPOConfig\.update_schedule='nope' must be one of"):
     hierarchy.update_fractions(_bypass(rl.preset("htgrpo"), update_schedule="nope"))
   with pytest.raises(ValueError, match=r"partition mode='nope' must be one of \('entropy', 'step', 'random'\)"):
-    hierarchy.partition_tokens(x, x.astype(jnp.float32), num_steps=4, sketch_fraction=0.5,
-                               structure_ratio=0.5, mode="nope")
+    hierarchy.partition_tokens(
+        x, x.astype(jnp.float32), num_steps=4, sketch_fraction=0.5, structure_ratio=0.5, mode="nope"
+    )
 
 
 def test_sampler_rule_unknown_name_is_reported():
@@ -118,8 +125,9 @@ def test_world_and_layout_dispatch_go_through_their_tables(tmp_path, monkeypatch
   seen = {}
   monkeypatch.setitem(tasks.WORLDS._members, "sdxl", lambda config, *, log: seen.setdefault("w", config))
   assert tasks.build_task(c) is c
-  monkeypatch.setitem(layouts.LAYOUTS._members, "sdxl",
-                      lambda tok, model_config: ("layout", tok, model_config.image_size))
+  monkeypatch.setitem(
+      layouts.LAYOUTS._members, "sdxl", lambda tok, model_config: ("layout", tok, model_config.image_size)
+  )
   assert tasks.build_layout(c) == ("layout", str(tmp_path), 512)
 
 
@@ -131,8 +139,10 @@ def test_vq_kind_unknown_name_is_reported():
 def test_vq_kind_loader_is_called_with_the_family_preset(tmp_path, monkeypatch):
   calls = []
   from htgrpo_jax.models.vq import convert
-  monkeypatch.setattr(convert, "load_vqgan_params",
-                      lambda path, config, *, mesh=None: calls.append((path, config, mesh)) or {"w": 1})
+
+  monkeypatch.setattr(
+      convert, "load_vqgan_params", lambda path, config, *, mesh=None: calls.append((path, config, mesh)) or {"w": 1}
+  )
   fn, params = vq_models.build_decoder("vqgan", str(tmp_path), (2, 2), preset="tiny")
   assert params == {"w": 1} and calls == [(str(tmp_path), vq_models.vqgan.PRESETS["tiny"], None)]
   assert dataclasses.is_dataclass(vq_models.KINDS.get("vqgan"))

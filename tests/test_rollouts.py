@@ -1,6 +1,7 @@
 """Chunked rollouts whose scoring overlaps sampling (``rollouts.collect_rollouts``): the same
 Rollout and rewards as scoring each part in turn, in order, with bounded parts in flight, errors
 naming the reward; and the weighted, group-normalised reward built from ``config.rewards``."""
+
 import dataclasses
 import threading
 
@@ -26,8 +27,7 @@ def root(tmp_path_factory):
 def _toy(root, chunks, in_flight, devices=8, **over):
   """A plan for 4 prompts x G = 4, a table-lookup policy whose logits depend on the prompt and the
   canvas, a jitted decoder (codes -> pixels) and the batch."""
-  p = trainer.plan(tiny_config(root, "plan", **{"rollout.chunks": chunks, "rollout.max_in_flight": in_flight,
-                                                **over}))
+  p = trainer.plan(tiny_config(root, "plan", **{"rollout.chunks": chunks, "rollout.max_in_flight": in_flight, **over}))
   mesh = parallel.make_mesh(-1, 1, 1, num_devices=devices)
   trainer.check_mesh(p, mesh)
   table = jax.random.normal(jax.random.key(0), (8, N, C))
@@ -35,12 +35,15 @@ def _toy(root, chunks, in_flight, devices=8, **over):
   sampler = make_sampler(fn, p.rollout_sampler, num_tokens=N, mesh=mesh)
   rows = p.chunk_prompts * p.rl.group_size
   uncond = parallel.global_batch(np.zeros((rows, 2), np.int32), mesh)
-  decode = jax.jit(lambda codes: jnp.broadcast_to(
-      (codes.reshape(-1, 4, 4, 1) * 50).astype(jnp.uint8), (codes.shape[0], 4, 4, 3)))
+  decode = jax.jit(
+      lambda codes: jnp.broadcast_to((codes.reshape(-1, 4, 4, 1) * 50).astype(jnp.uint8), (codes.shape[0], 4, 4, 3))
+  )
   pp = p.prompts_per_step
-  batch = {"prompt_tokens": np.repeat(np.arange(1, pp + 1, dtype=np.int32)[:, None], 2, 1),
-           "caption": np.array([f"prompt {i}" for i in range(pp)]),
-           "meta": np.array([f'{{"i": {i}}}' for i in range(pp)])}
+  batch = {
+      "prompt_tokens": np.repeat(np.arange(1, pp + 1, dtype=np.int32)[:, None], 2, 1),
+      "caption": np.array([f"prompt {i}" for i in range(pp)]),
+      "meta": np.array([f'{{"i": {i}}}' for i in range(pp)]),
+  }
   return p, mesh, sampler, uncond, decode, table, batch
 
 
@@ -48,6 +51,7 @@ class _SlowReward:
   """A host reward recording its calls' captions and how many ran at once. With ``overlap`` the
   first call (part 0) waits until the second has started, so part 0 finishes after later parts
   and the test fails (times out) unless parts are really scored concurrently."""
+
   name = "slow"
 
   def __init__(self, overlap=False):
@@ -72,8 +76,9 @@ class _SlowReward:
 
 def _collect(args, reward):
   p, mesh, sampler, uncond, decode, table, batch = args
-  return rollouts.collect_rollouts(sampler, table, batch, jax.random.key(3), p=p, uncond=uncond,
-                                   decode=decode, reward=reward, mesh=mesh)
+  return rollouts.collect_rollouts(
+      sampler, table, batch, jax.random.key(3), p=p, uncond=uncond, decode=decode, reward=reward, mesh=mesh
+  )
 
 
 def _arrays(rollout):
@@ -92,8 +97,9 @@ def test_overlapped_parts_equal_sequential_parts_exactly_and_in_order(root, chun
   # Order: each part was scored on its own rows, and the result is in prompt-major row order
   # although part 0 (the slowest) finished last.
   g = 4
-  want_calls = [[f"prompt {i}" for i in range(j * 4 // chunks, (j + 1) * 4 // chunks) for _ in range(g)]
-                for j in range(chunks)]
+  want_calls = [
+      [f"prompt {i}" for i in range(j * 4 // chunks, (j + 1) * 4 // chunks) for _ in range(g)] for j in range(chunks)
+  ]
   assert sorted(ovl_reward.calls) == sorted(want_calls) and seq_reward.calls == want_calls
   assert ovl_reward.waited  # part 0 was still being scored when part 1's scoring began
   assert seq_reward.peak == 1 and ovl_reward.peak == 2  # bounded: never more than max_in_flight
@@ -121,6 +127,7 @@ def test_a_failing_part_is_raised_naming_its_reward(root):
     if len(calls) == 2:
       raise ZeroDivisionError("boom")
     return np.zeros(len(prompts), np.float32)
+
   broken.__name__ = "brittle"
   with pytest.raises(RewardError, match=r"reward 'brittle' failed on rows 8:16: ZeroDivisionError: boom"):
     _collect(_toy(root, 2, 2), broken)
@@ -154,20 +161,24 @@ def test_group_normalize_matches_the_definition():
 
 def test_config_rewards_are_validated_naming_the_key():
   world = lambda prompts, images, meta=None: np.ones(len(prompts), np.float32)
-  r = weighted_from_config({"world": {"weight": 0.5}, "gt": {"kind": "shapeeval", "mode": "strict",
-                                                              "group_norm": True}},
-                           world=world, group_size=4)
+  r = weighted_from_config(
+      {"world": {"weight": 0.5}, "gt": {"kind": "shapeeval", "mode": "strict", "group_norm": True}},
+      world=world,
+      group_size=4,
+  )
   assert r.specs["world"][1:] == (0.5, False) and r.specs["gt"][0].mode == "strict" and r.specs["gt"][2]
-  bad = [({"clip": {"kind": "nope"}}, r"rewards\.clip\.kind='nope' must be one of"),
-         ({"gt": {"kind": "shapeeval", "weight": float("nan")}}, r"rewards\.gt\.weight=nan"),
-         ({"gt": {"kind": "shapeeval", "weight": True}}, r"rewards\.gt\.weight=True"),
-         ({"gt": {"kind": "shapeeval", "group_norm": 1}}, r"rewards\.gt\.group_norm=1"),
-         ({"gt": {"kind": "shapeeval", "colour": "red"}}, r"rewards\.gt\.colour: not an option"),
-         ({"r": {"kind": "remote"}}, r"rewards\.r\.url: required"),
-         ({"r": {"kind": "remote", "url": "ftp://x"}}, r"rewards\.r \(kind 'remote'\): .*http://"),
-         ({"world": {"kind": "world", "url": "x"}}, r"rewards\.world\.url: kind 'world'"),
-         ({"bad-name": {"kind": "world"}}, r"rewards\.bad-name: a reward name"),
-         ({"gt": 1.0}, r"rewards\.gt=1\.0: must be a dict")]
+  bad = [
+      ({"clip": {"kind": "nope"}}, r"rewards\.clip\.kind='nope' must be one of"),
+      ({"gt": {"kind": "shapeeval", "weight": float("nan")}}, r"rewards\.gt\.weight=nan"),
+      ({"gt": {"kind": "shapeeval", "weight": True}}, r"rewards\.gt\.weight=True"),
+      ({"gt": {"kind": "shapeeval", "group_norm": 1}}, r"rewards\.gt\.group_norm=1"),
+      ({"gt": {"kind": "shapeeval", "colour": "red"}}, r"rewards\.gt\.colour: not an option"),
+      ({"r": {"kind": "remote"}}, r"rewards\.r\.url: required"),
+      ({"r": {"kind": "remote", "url": "ftp://x"}}, r"rewards\.r \(kind 'remote'\): .*http://"),
+      ({"world": {"kind": "world", "url": "x"}}, r"rewards\.world\.url: kind 'world'"),
+      ({"bad-name": {"kind": "world"}}, r"rewards\.bad-name: a reward name"),
+      ({"gt": 1.0}, r"rewards\.gt=1\.0: must be a dict"),
+  ]
   for entries, match in bad:
     with pytest.raises(ValueError, match=match):
       weighted_from_config(entries, world=world, group_size=4)
@@ -175,11 +186,14 @@ def test_config_rewards_are_validated_naming_the_key():
     weighted_from_config({"gt": {"kind": "shapeeval", "group_norm": True}}, world=world, group_size=1)
 
 
-@pytest.mark.parametrize("over,match", [
-    ({"rollout.chunks": 3}, r"rollout\.chunks=3: must divide prompts_per_step=4"),
-    ({"rollout.chunks": 0}, r"rollout\.chunks=0: must be an int >= 1"),
-    ({"rollout.max_in_flight": -1}, r"rollout\.max_in_flight=-1"),
-])
+@pytest.mark.parametrize(
+    "over,match",
+    [
+        ({"rollout.chunks": 3}, r"rollout\.chunks=3: must divide prompts_per_step=4"),
+        ({"rollout.chunks": 0}, r"rollout\.chunks=0: must be an int >= 1"),
+        ({"rollout.max_in_flight": -1}, r"rollout\.max_in_flight=-1"),
+    ],
+)
 def test_rollout_keys_are_validated_in_the_plan(root, over, match):
   with pytest.raises(ValueError, match=match):
     trainer.plan(tiny_config(root, "plan", **over))
@@ -197,6 +211,7 @@ def test_the_trainer_runs_chunked_weighted_rewards_and_logs_each_component(root)
   strict verifier normalised per group, both logged as reward/<name>."""
   import json
   import os
+
   cfg = tiny_config(root, "weighted", **{"rollout.chunks": 2, "total_steps": 1, "eval.at_start": False})
   cfg.rewards.world = dict(weight=1.0)
   cfg.rewards.gt = dict(kind="shapeeval", mode="strict", weight=0.5, group_norm=True)
@@ -218,16 +233,29 @@ def test_two_processes_score_each_part_once_and_hold_the_same_rewards(tmp_path):
   from htgrpo_jax import tasks
   from htgrpo_jax.rewards import server
   from tests.helpers import multiprocess
+
   tasks.build_task(tiny_config(tmp_path, "build"), log=lambda s: None)  # world + base, once
   srv = server.make_server(server.shapeeval_rewards())
   threading.Thread(target=srv.serve_forever, daemon=True).start()
   url = f"http://127.0.0.1:{srv.server_address[1]}"
   try:
     out = multiprocess.run(
-        ["-m", "tests.helpers.train_process", str(tmp_path), "mh", "total_steps=1", "eval.at_start=False",
-         "rollout.chunks=2", "rollout.max_in_flight=2", "rewards.world={'weight': 1.0}",
-         f"rewards.served={{'kind': 'remote', 'url': '{url}/strict', 'group_norm': True}}"],
-        num_processes=2, devices_per_process=2, timeout=900)
+        [
+            "-m",
+            "tests.helpers.train_process",
+            str(tmp_path),
+            "mh",
+            "total_steps=1",
+            "eval.at_start=False",
+            "rollout.chunks=2",
+            "rollout.max_in_flight=2",
+            "rewards.world={'weight': 1.0}",
+            f"rewards.served={{'kind': 'remote', 'url': '{url}/strict', 'group_norm': True}}",
+        ],
+        num_processes=2,
+        devices_per_process=2,
+        timeout=900,
+    )
     health = json.loads(urllib.request.urlopen(f"{url}/health", timeout=30).read())
   finally:
     srv.shutdown()

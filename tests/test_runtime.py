@@ -1,6 +1,7 @@
 """htgrpo_jax/runtime.py: the persistent compilation cache (written, then hit by a second process,
 even when the process compiled something before setup), the per-process log level and the filter
 of the libraries' info chatter, and the entry points that call it."""
+
 import logging as std_logging
 import os
 import subprocess
@@ -34,10 +35,10 @@ print("SECOND", sorted(os.listdir(sys.argv[2])))
 
 
 def _run_cache_script(cache, other):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             PYTHONPATH=REPO)
-  out = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, cache, other], env=env,
-                       capture_output=True, text=True, timeout=300)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONPATH=REPO)
+  out = subprocess.run(
+      [sys.executable, "-c", _CACHE_SCRIPT, cache, other], env=env, capture_output=True, text=True, timeout=300
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")][-1]
   second = [ln for ln in out.stdout.splitlines() if ln.startswith("SECOND")][-1]
@@ -58,14 +59,24 @@ def test_compilation_cache_is_written_then_hit_by_a_second_process(tmp_path):
 
 def test_empty_cache_dir_leaves_the_cache_off(restore_verbosity):
   import jax
+
   rt = runtime.setup_runtime({"log_level": "error"}, initialize_distributed=False)
   assert rt.compilation_cache_dir == "" and rt.log_level == "error"
   assert jax.config.jax_compilation_cache_dir in (None, "")
 
 
-@pytest.mark.parametrize("level,index,want", [
-    ("info", 0, "info"), ("DEBUG", 0, "debug"), ("info", 3, "warning"), ("debug", 1, "warning"),
-    ("error", 5, "error"), ("warning", 2, "warning"), ("fatal", 7, "fatal")])
+@pytest.mark.parametrize(
+    "level,index,want",
+    [
+        ("info", 0, "info"),
+        ("DEBUG", 0, "debug"),
+        ("info", 3, "warning"),
+        ("debug", 1, "warning"),
+        ("error", 5, "error"),
+        ("warning", 2, "warning"),
+        ("fatal", 7, "fatal"),
+    ],
+)
 def test_log_level_is_the_config_on_process_0_and_at_least_warning_elsewhere(level, index, want):
   assert runtime.log_level_for(level, index) == want
 
@@ -74,8 +85,7 @@ def test_log_level_is_the_config_on_process_0_and_at_least_warning_elsewhere(lev
 def test_bad_log_level_is_named_before_anything_is_set(bad, monkeypatch):
   monkeypatch.setattr(runtime, "set_compilation_cache", lambda path: pytest.fail("cache touched"))
   with pytest.raises(ValueError, match=f"log_level={bad!r}"):
-    runtime.setup_runtime({"log_level": bad, "compilation_cache_dir": "/tmp/x"},
-                          initialize_distributed=False)
+    runtime.setup_runtime({"log_level": bad, "compilation_cache_dir": "/tmp/x"}, initialize_distributed=False)
 
 
 def test_bad_cache_dir_type_is_named():
@@ -96,9 +106,9 @@ def restore_verbosity():
 
 
 @pytest.mark.parametrize("index", [0, 2])
-def test_setup_sets_absl_verbosity_per_process_and_filters_chatter_at_info(
-    index, monkeypatch, restore_verbosity):
+def test_setup_sets_absl_verbosity_per_process_and_filters_chatter_at_info(index, monkeypatch, restore_verbosity):
   import jax
+
   monkeypatch.setattr(jax, "process_index", lambda: index)
   rt = runtime.setup_runtime({"log_level": "info"}, initialize_distributed=False)
   handler = logging.get_absl_handler()
@@ -106,9 +116,9 @@ def test_setup_sets_absl_verbosity_per_process_and_filters_chatter_at_info(
     assert rt.log_level == "info" and logging.get_verbosity() == logging.INFO
     orbax = "/venv/lib/python3.11/site-packages/orbax/checkpoint/_src/handler.py"
     ours = os.path.join(REPO, "htgrpo_jax", "trainer.py")
-    assert not handler.filter(_record(orbax, std_logging.INFO))   # library chatter dropped
-    assert handler.filter(_record(orbax, std_logging.WARNING))    # its warnings pass
-    assert handler.filter(_record(ours, std_logging.INFO))        # our info lines pass
+    assert not handler.filter(_record(orbax, std_logging.INFO))  # library chatter dropped
+    assert handler.filter(_record(orbax, std_logging.WARNING))  # its warnings pass
+    assert handler.filter(_record(ours, std_logging.INFO))  # our info lines pass
   else:
     assert rt.log_level == "warning" and logging.get_verbosity() == logging.WARNING
   runtime.setup_runtime({"log_level": "debug"}, initialize_distributed=False)
@@ -118,6 +128,7 @@ def test_setup_sets_absl_verbosity_per_process_and_filters_chatter_at_info(
 
 def test_configs_carry_the_runtime_keys():
   from htgrpo_jax import tasks
+
   for name in ("geneval.py", "mmada_geneval.py", "lumina_dimoo_geneval.py", "pretrain_shapes.py"):
     c = tasks.load_config_file(os.path.join(REPO, "configs", name))
     assert c.compilation_cache_dir == "" and c.log_level == "info", name
@@ -126,24 +137,38 @@ def test_configs_carry_the_runtime_keys():
       assert c.profile_steps == "", name
 
 
-@pytest.mark.parametrize("script,args", [
-    ("train.py", ["--config=configs/mmada_geneval.py"]),
-    ("evaluate.py", ["--config=configs/mmada_geneval.py", "--which=base"]),
-    ("pretrain.py", ["--config=configs/pretrain_shapes.py"]),
-])
+@pytest.mark.parametrize(
+    "script,args",
+    [
+        ("train.py", ["--config=configs/mmada_geneval.py"]),
+        ("evaluate.py", ["--config=configs/mmada_geneval.py", "--which=base"]),
+        ("pretrain.py", ["--config=configs/pretrain_shapes.py"]),
+    ],
+)
 def test_entry_points_set_up_the_runtime_first(tmp_path, script, args):
   """A bad log level stops each entry point by name before any work; a good one with a cache dir
   creates the cache before the trainer (here: missing 8B prompt files) stops."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   cmd = [sys.executable, os.path.join("launch", script), *args]
-  out = subprocess.run(cmd + ["--config.log_level=loud"], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=300)
+  out = subprocess.run(
+      cmd + ["--config.log_level=loud"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+  )
   assert out.returncode != 0 and "log_level='loud'" in out.stderr, out.stderr[-2000:]
   if script == "pretrain.py":
     return  # a good level would pretrain for real
   cache = tmp_path / "cache"
-  out = subprocess.run(cmd + [f"--config.compilation_cache_dir={cache}", "--config.log_level=warning",
-                              f"--config.workdir={tmp_path / 'run'}"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  out = subprocess.run(
+      cmd
+      + [
+          f"--config.compilation_cache_dir={cache}",
+          "--config.log_level=warning",
+          f"--config.workdir={tmp_path / 'run'}",
+      ],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert out.returncode != 0 and "world.train_prompts" in out.stderr, out.stderr[-2000:]
   assert cache.is_dir()

@@ -1,5 +1,6 @@
 """Efficacy studies: run planning, per-run configs, the seed x prompt bootstrap, and (slow) a tiny
 study end to end."""
+
 import os
 
 import numpy as np
@@ -20,7 +21,10 @@ def cfg(monkeypatch):
 
 def test_overrides_parse_as_literals():
   assert study.parse_overrides("rl.beta=0.0; sampler.rule=maskgit ;total_steps=3") == {
-      "rl.beta": 0.0, "sampler.rule": "maskgit", "total_steps": 3}
+      "rl.beta": 0.0,
+      "sampler.rule": "maskgit",
+      "total_steps": 3,
+  }
   with pytest.raises(ValueError, match="key=value"):
     study.parse_overrides("rl.beta")
 
@@ -29,8 +33,15 @@ def test_runs_are_seed_major_so_a_partial_study_is_balanced(cfg):
   cfg.main_arms, cfg.main_seeds = "htgrpo,maskgrpo", 3
   cfg.ablation_arms, cfg.ablation_seeds = "ht_partition_step", 1
   runs = [(r.arm, r.seed) for r in study.plan_runs(cfg)]
-  assert runs == [("htgrpo", 0), ("maskgrpo", 0), ("ht_partition_step", 0), ("htgrpo", 1),
-                  ("maskgrpo", 1), ("htgrpo", 2), ("maskgrpo", 2)]
+  assert runs == [
+      ("htgrpo", 0),
+      ("maskgrpo", 0),
+      ("ht_partition_step", 0),
+      ("htgrpo", 1),
+      ("maskgrpo", 1),
+      ("htgrpo", 2),
+      ("maskgrpo", 2),
+  ]
   cfg.main_arms = "htgrpo,nope"
   with pytest.raises(ValueError, match="unknown arm 'nope'"):
     study.plan_runs(cfg)
@@ -40,8 +51,7 @@ def test_every_run_shares_the_frozen_base_and_the_budget(cfg):
   a = study.train_config(cfg, "ht_global_only", 2, "/tmp/x")
   b = study.train_config(cfg, "maskgrpo", 0, "/tmp/y")
   assert a.model.checkpoint == b.model.checkpoint == os.path.join(cfg.workdir, "base")
-  assert (a.total_steps, a.prompts_per_step, a.rl.group_size) == (
-      b.total_steps, b.prompts_per_step, b.rl.group_size)
+  assert (a.total_steps, a.prompts_per_step, a.rl.group_size) == (b.total_steps, b.prompts_per_step, b.rl.group_size)
   assert (a.rl.preset, a.rl.n_global, a.rl.n_struct, a.seed) == ("htgrpo", 6, 0, 2)
   assert (b.rl.preset, b.rl.n_global, b.seed, b.eval.at_start) == ("maskgrpo", None, 0, False)
   assert a.eval.seed == b.eval.seed  # one evaluation key: arms are paired
@@ -53,8 +63,11 @@ def test_every_run_shares_the_frozen_base_and_the_budget(cfg):
 def _eval(acc, n_prompts=60, samples=4, seed=0):
   r = np.random.default_rng(seed)
   tags = np.repeat(["colors", "counting", "position"], n_prompts // 3 * samples)
-  return dict(tags=tags, prompt_index=np.repeat(np.arange(n_prompts), samples),
-              strict=(r.random(n_prompts * samples) < acc).astype(float))
+  return dict(
+      tags=tags,
+      prompt_index=np.repeat(np.arange(n_prompts), samples),
+      strict=(r.random(n_prompts * samples) < acc).astype(float),
+  )
 
 
 def test_seed_prompt_bootstrap_separates_a_real_gain_and_widens_with_seed_spread():
@@ -98,15 +111,26 @@ def test_study_workers_split_the_runs_over_processes_and_report_once(tmp_path):
   runs, and the report has both; a rerun finds nothing left to train."""
   import subprocess
   import sys
+
   wd, md = tmp_path / "study", tmp_path / "r.md"
-  cmd = [sys.executable, "launch/study.py", "--config=configs/study.py:tiny", "--workers=2",
-         f"--config.workdir={wd}", f"--config.results_md={md}",
-         f"--config.curves_png={tmp_path / 'c.png'}", "--config.main_arms=htgrpo,maskgrpo",
-         "--config.main_seeds=1", "--config.ablation_arms=", "--config.progress=False"]
+  cmd = [
+      sys.executable,
+      "launch/study.py",
+      "--config=configs/study.py:tiny",
+      "--workers=2",
+      f"--config.workdir={wd}",
+      f"--config.results_md={md}",
+      f"--config.curves_png={tmp_path / 'c.png'}",
+      "--config.main_arms=htgrpo,maskgrpo",
+      "--config.main_seeds=1",
+      "--config.ablation_arms=",
+      "--config.progress=False",
+  ]
   out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert out.stderr.count("0 of 2 runs already finished.") + out.stdout.count(
-      "0 of 2 runs already finished.") == 3  # the parent and both shards
+  assert (
+      out.stderr.count("0 of 2 runs already finished.") + out.stdout.count("0 of 2 runs already finished.") == 3
+  )  # the parent and both shards
   text = md.read_text()
   assert "| htgrpo | 1 |" in text and "| maskgrpo | 1 |" in text
   again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -119,11 +143,17 @@ def _eval_res(acc, n_prompts=6, samples=2, seed=0):
   n = n_prompts * samples
   tags = list(np.repeat(["colors", "counting", "position"], n // 3))
   strict = (r.random(n) < acc).astype(np.float32)
-  return dict(images=r.integers(0, 255, (n, 4, 4, 3), dtype=np.uint8),
-              captions=[f"p{i // samples}" for i in range(n)], tags=tags, metas=["{}"] * n,
-              strict=strict, prompt_index=np.repeat(np.arange(n_prompts), samples),
-              reasons=[""] * n, malformed=np.full(n, -1, np.int64),
-              scores=evaluate.tag_scores(tags, strict))
+  return dict(
+      images=r.integers(0, 255, (n, 4, 4, 3), dtype=np.uint8),
+      captions=[f"p{i // samples}" for i in range(n)],
+      tags=tags,
+      metas=["{}"] * n,
+      strict=strict,
+      prompt_index=np.repeat(np.arange(n_prompts), samples),
+      reasons=[""] * n,
+      malformed=np.full(n, -1, np.int64),
+      scores=evaluate.tag_scores(tags, strict),
+  )
 
 
 def test_study_report_reads_and_writes_a_url_workdir(bucket):
@@ -186,7 +216,7 @@ def test_report_gives_each_arm_its_paired_difference_from_the_reference_arm(tmp_
   md = study.write_report(cfg)
   header = next(ln for ln in md.splitlines() if ln.startswith("| arm |"))
   col = header.split(" | ").index("vs maskgrpo")
-  table = md[md.index("| arm |"):].split("\n\n")[0].splitlines()
+  table = md[md.index("| arm |") :].split("\n\n")[0].splitlines()
   row = {ln.split(" | ")[0][2:]: ln.split(" | ") for ln in table}
   lo, hi = (float(x) for x in row["htgrpo"][col].split("[")[1].rstrip("]").split(", "))
   assert 0.25 < lo < hi < 0.55
@@ -229,6 +259,7 @@ def test_every_arm_plans(cfg):
   """Each arm's overrides reach a valid training plan (a typo in an arm fails here, not hours into a
   study); the trajectory-context arms set what their names say."""
   from htgrpo_jax import trainer
+
   plans = {arm: trainer.plan(study.train_config(cfg, arm, 0, "/tmp/x")) for arm in cfg.arms}
   ctx = {arm: (p.rl.estimator, p.rl.sketch_context, p.rl.refine_context) for arm, p in plans.items()}
   assert ctx["htgrpo"] == ("htgrpo", "all_mask", "structure")

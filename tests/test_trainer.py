@@ -1,5 +1,6 @@
 """The trainer end to end on the tiny ShapeEval config: outputs, resume, device-count changes,
 config errors."""
+
 import dataclasses
 import json
 import os
@@ -44,8 +45,14 @@ def test_default_flow_writes_reports_and_updates_the_policy(full_run, root):
   world (tests/rl/test_learning.py) and measured by the studies (docs/results.md)."""
   wd = full_run["workdir"]
   assert full_run["step"] == 4 and sorted(full_run["evals"]) == [0, 2, 4]
-  for name in ("results.md", "reward_curve.png", "grid_step00000.png", "grid_step00004.png",
-               "eval_step00004.md", "config.json"):
+  for name in (
+      "results.md",
+      "reward_curve.png",
+      "grid_step00000.png",
+      "grid_step00004.png",
+      "eval_step00004.md",
+      "config.json",
+  ):
     assert os.path.getsize(os.path.join(wd, name)) > 0, name
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(wd, "tb")))
   table = open(os.path.join(wd, "results.md")).read()
@@ -56,8 +63,7 @@ def test_default_flow_writes_reports_and_updates_the_policy(full_run, root):
     assert 0.0 <= r["reward_mean"] <= 1.0 and np.isfinite(r["total/loss"]) and r["skipped"] == 0
     assert len(r["prompts"]) == 4
   # The update moved the policy away from the pretrained base, and nothing became NaN.
-  base = pretrain.load_params(str(root / "base" / "params"),
-                              checkpoint.abstract_like(full_run["params"]))
+  base = pretrain.load_params(str(root / "base" / "params"), checkpoint.abstract_like(full_run["params"]))
   moved = [np.abs(a - b).max() for a, b in zip(_leaves(full_run["params"]), _leaves(base))]
   assert max(moved) > 0 and all(np.isfinite(a).all() for a in _leaves(full_run["params"]))
 
@@ -77,10 +83,15 @@ def test_stopped_and_resumed_run_matches_uninterrupted(full_run, root):
 def test_sigkill_mid_run_then_restart_resumes(full_run, root):
   """A real ``kill -9`` of launch/train.py between checkpoints; the restart finishes the run."""
   wd = root / "killed"
-  args = [sys.executable, os.path.join(REPO, "launch", "train.py"),
-          "--config=" + os.path.join(REPO, "configs", "geneval.py") + ":htgrpo,tiny",
-          f"--config.world.data_dir={root / 'world'}", f"--config.model.checkpoint={root / 'base'}",
-          f"--config.workdir={wd}", "--config.progress=False"]
+  args = [
+      sys.executable,
+      os.path.join(REPO, "launch", "train.py"),
+      "--config=" + os.path.join(REPO, "configs", "geneval.py") + ":htgrpo,tiny",
+      f"--config.world.data_dir={root / 'world'}",
+      f"--config.model.checkpoint={root / 'base'}",
+      f"--config.workdir={wd}",
+      "--config.progress=False",
+  ]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   ckpts = wd / "checkpoints"
@@ -98,8 +109,7 @@ def test_sigkill_mid_run_then_restart_resumes(full_run, root):
   assert out.returncode == 0, out.stderr[-3000:]
   assert "Resumed" in out.stdout + out.stderr
   assert _prompt_log(full_run["workdir"]) == _prompt_log(str(wd))
-  restored = checkpoint.RunCheckpointer(ckpts).restore(checkpoint.abstract_like(full_run["state"]),
-                                                      step=4)[0]
+  restored = checkpoint.RunCheckpointer(ckpts).restore(checkpoint.abstract_like(full_run["state"]), step=4)[0]
   for a, b in zip(_leaves(full_run["params"]), _leaves(restored.params)):
     np.testing.assert_array_equal(a, b)
 
@@ -118,14 +128,17 @@ def test_checkpoint_from_8_devices_restores_on_1(full_run, root):
   assert len(leaf.sharding.device_set) == 1
 
 
-@pytest.mark.parametrize("key,value,match", [
-    ("rl.group_size", 3, "group_size"),
-    ("rl.n_global", -1, "HTGRPOConfig.n_global"),
-    ("rl.estimator", "bogus", "estimator"),
-    ("sampler.rule", "nope", "sampler"),
-    ("prompts_per_step", 0, "prompts_per_step"),
-    ("optim.learning_rate", -1.0, "optim.learning_rate"),
-])
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("rl.group_size", 3, "group_size"),
+        ("rl.n_global", -1, "HTGRPOConfig.n_global"),
+        ("rl.estimator", "bogus", "estimator"),
+        ("sampler.rule", "nope", "sampler"),
+        ("prompts_per_step", 0, "prompts_per_step"),
+        ("optim.learning_rate", -1.0, "optim.learning_rate"),
+    ],
+)
 def test_bad_config_values_fail_before_compiling(root, key, value, match):
   cfg = tiny_config(root, "bad", **{key: value})
   with pytest.raises(ValueError, match=match):
@@ -134,17 +147,19 @@ def test_bad_config_values_fail_before_compiling(root, key, value, match):
 
 
 def test_missing_base_checkpoint_is_named(root):
-  cfg = tiny_config(root, "nobase", **{"model.checkpoint": str(root / "absent"),
-                                       "model.pretrain_if_missing": False})
+  cfg = tiny_config(root, "nobase", **{"model.checkpoint": str(root / "absent"), "model.pretrain_if_missing": False})
   with pytest.raises(ValueError, match="model.checkpoint: no base policy at .*absent"):
     trainer.train(cfg, log=lambda s: None)
 
 
-@pytest.mark.parametrize("key,value,match", [
-    ("eval.batch_size", 12, "eval.batch_size=12 is not a multiple"),
-    ("rl.micro_batch_size", 4, r"rl.micro_batch_size=4 is not a multiple of the mesh's data\*fsdp = 8"),
-    ("sampler.share_sketch", True, r"sampler.share_sketch=True needs rl.num_sketches >= 2"),
-])
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("eval.batch_size", 12, "eval.batch_size=12 is not a multiple"),
+        ("rl.micro_batch_size", 4, r"rl.micro_batch_size=4 is not a multiple of the mesh's data\*fsdp = 8"),
+        ("sampler.share_sketch", True, r"sampler.share_sketch=True needs rl.num_sketches >= 2"),
+    ],
+)
 def test_mesh_that_does_not_divide_a_batch_is_named(root, key, value, match):
   cfg = tiny_config(root, "badmesh", **{key: value})  # 8 fake devices, prompts_per_step 4, G 4
   with pytest.raises(ValueError, match=match):
@@ -153,9 +168,17 @@ def test_mesh_that_does_not_divide_a_batch_is_named(root, key, value, match):
 
 
 def test_unknown_key_on_the_command_line_is_named():
-  out = subprocess.run([sys.executable, os.path.join(REPO, "launch", "train.py"),
-                        "--config=" + os.path.join(REPO, "configs", "geneval.py"),
-                        "--config.rl.no_such_field=1"], capture_output=True, text=True, timeout=120)
+  out = subprocess.run(
+      [
+          sys.executable,
+          os.path.join(REPO, "launch", "train.py"),
+          "--config=" + os.path.join(REPO, "configs", "geneval.py"),
+          "--config.rl.no_such_field=1",
+      ],
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
   assert out.returncode != 0 and "no_such_field" in out.stderr
 
 
@@ -176,21 +199,26 @@ def test_8b_configs_name_missing_paths_before_compiling(tmp_path, name):
 
 # ---- plan(): hierarchical groups, estimator guidance, the sketch window --------------------------
 
-@pytest.mark.parametrize("over,match", [
-    ({"sampler.share_sketch": True}, r"sampler.share_sketch=True needs rl.num_sketches >= 2"),
-    ({"sampler.share_sketch": True, "rl.num_sketches": 4}, r"rl.num_sketches.*at least 2 paints"),
-    ({"rl.num_sketches": 2}, r"rl.num_sketches=2 needs sampler.share_sketch=True"),
-    ({"sampler.sketch_steps": 3}, r"sampler.sketch_steps=3 .* rl.sketch_fraction=0.5 .* 2 steps"),
-    ({"rl.estimator_guidance": "cfg"}, r"HTGRPOConfig.estimator_guidance"),
-])
+
+@pytest.mark.parametrize(
+    "over,match",
+    [
+        ({"sampler.share_sketch": True}, r"sampler.share_sketch=True needs rl.num_sketches >= 2"),
+        ({"sampler.share_sketch": True, "rl.num_sketches": 4}, r"rl.num_sketches.*at least 2 paints"),
+        ({"rl.num_sketches": 2}, r"rl.num_sketches=2 needs sampler.share_sketch=True"),
+        ({"sampler.sketch_steps": 3}, r"sampler.sketch_steps=3 .* rl.sketch_fraction=0.5 .* 2 steps"),
+        ({"rl.estimator_guidance": "cfg"}, r"HTGRPOConfig.estimator_guidance"),
+    ],
+)
 def test_plan_rejects_inconsistent_groups_and_windows(root, over, match):
   with pytest.raises(ValueError, match=match):
     trainer.plan(tiny_config(root, "plan", **over))
 
 
 def test_plan_hierarchical_groups_guidance_and_mesh(root):
-  p = trainer.plan(tiny_config(root, "plan", **{"sampler.share_sketch": True, "rl.num_sketches": 2,
-                                                "sampler.sketch_steps": 2}))
+  p = trainer.plan(
+      tiny_config(root, "plan", **{"sampler.share_sketch": True, "rl.num_sketches": 2, "sampler.sketch_steps": 2})
+  )
   assert (p.share_sketch, p.rl.num_sketches, p.sampler.sketch_steps) == (True, 2, p.rl.sketch_steps)
   assert p.rollout_sampler == p.sampler and p.sampler.cfg_scale == 2.0
   # 'unguided_rollouts': training rollouts without CFG, evaluation (p.sampler) keeps it.
@@ -198,8 +226,9 @@ def test_plan_hierarchical_groups_guidance_and_mesh(root):
   assert p.rollout_sampler.cfg_scale == 0.0 and p.sampler.cfg_scale == 2.0
   assert p.rollout_sampler == dataclasses.replace(p.sampler, cfg_scale=0.0)
   # One sketch row per (prompt, sketch): 2 prompts x 2 sketches = 4 rows cannot split over 8 devices.
-  p = trainer.plan(tiny_config(root, "plan", **{"sampler.share_sketch": True, "rl.num_sketches": 2,
-                                                "prompts_per_step": 2}))
+  p = trainer.plan(
+      tiny_config(root, "plan", **{"sampler.share_sketch": True, "rl.num_sketches": 2, "prompts_per_step": 2})
+  )
   with pytest.raises(ValueError, match=r"prompts_per_step \* rl.num_sketches = 4 .* sampler.share_sketch"):
     trainer.check_mesh(p, parallel.make_mesh(-1, 1, 1))
 
@@ -207,6 +236,7 @@ def test_plan_hierarchical_groups_guidance_and_mesh(root):
 def test_rollout_groups_are_prompt_major_then_sketch_then_paint(root):
   """share_sketch with M = 2: P*M sketches branched into G/M paints, rows (prompt, sketch, paint)."""
   from htgrpo_jax.sampling import make_sampler
+
   p = trainer.plan(tiny_config(root, "plan", **{"sampler.share_sketch": True, "rl.num_sketches": 2}))
   n, c, pp, g, m = 16, 5, p.prompts_per_step, p.rl.group_size, p.rl.num_sketches
   table = jax.random.normal(jax.random.key(0), (8, n, c))
@@ -222,14 +252,14 @@ def test_rollout_groups_are_prompt_major_then_sketch_then_paint(root):
   assert sk.any() and (~sk).any()
   for i in range(pp):
     for j in range(m):
-      assert (sk[i, j] == sk[i, j, :1]).all()           # one sketch per (prompt, sketch) ...
+      assert (sk[i, j] == sk[i, j, :1]).all()  # one sketch per (prompt, sketch) ...
       assert (img[i, j][:, sk[i, j, 0]] == img[i, j, :1][:, sk[i, j, 0]]).all()
       assert len({r.tobytes() for r in img[i, j]}) > 1  # ... painted differently
-    assert (img[i, 0][0] != img[i, 1][0]).any()         # the prompt's sketches differ
+    assert (img[i, 0][0] != img[i, 1][0]).any()  # the prompt's sketches differ
   # Even slots always draw code (prompt id): row r belongs to prompt r // G (prompt-major).
-  np.testing.assert_array_equal(img[..., 0::2], np.broadcast_to(np.arange(1, pp + 1)[:, None, None, None],
-                                                                img[..., 0::2].shape))
-
+  np.testing.assert_array_equal(
+      img[..., 0::2], np.broadcast_to(np.arange(1, pp + 1)[:, None, None, None], img[..., 0::2].shape)
+  )
 
 
 @pytest.mark.parametrize("guidance", [pytest.param("guided", marks=pytest.mark.slow), "unguided_rollouts"])
@@ -239,9 +269,17 @@ def test_branched_rollouts_train_and_log_the_behaviour_gap(root, guidance):
   rollouts without CFG) the behaviour log-probs match the old policy's on the step-0 tokens. (The
   sketch tokens' gradient under branching is tests/rl/test_hierarchical_groups.py's: the tiny base's
   rewards are often all 0, which leaves no advantage to check here.)"""
-  cfg = tiny_config(root, f"branched_{guidance}", **{
-      "sampler.share_sketch": True, "rl.num_sketches": 2, "rl.estimator_guidance": guidance,
-      "total_steps": 1, "eval.at_start": False})
+  cfg = tiny_config(
+      root,
+      f"branched_{guidance}",
+      **{
+          "sampler.share_sketch": True,
+          "rl.num_sketches": 2,
+          "rl.estimator_guidance": guidance,
+          "total_steps": 1,
+          "eval.at_start": False,
+      },
+  )
   out = trainer.train(cfg, log=lambda s: None)
   assert out["step"] == 1
   (rec,) = [json.loads(ln) for ln in open(os.path.join(out["workdir"], "metrics.jsonl"))]
@@ -251,6 +289,7 @@ def test_branched_rollouts_train_and_log_the_behaviour_gap(root, guidance):
 
 
 # ---- the loop's bookkeeping: itstime, LoopState, profile_steps ----------------------------------
+
 
 def test_itstime_every_n_and_the_last_step():
   assert [s for s in range(1, 8) if trainer.itstime(s, 3, 7)] == [3, 6, 7]
@@ -280,25 +319,43 @@ def test_bad_profile_steps_fail_in_plan(root, value):
 
 @pytest.mark.slow
 def test_profile_steps_write_a_trace_of_the_window(root):
-  cfg = tiny_config(root, "profiled", profile_steps="1,2", total_steps=2, eval_every=100,
-                    **{"eval.at_start": False, "eval.final_samples_per_prompt": 1})
+  cfg = tiny_config(
+      root,
+      "profiled",
+      profile_steps="1,2",
+      total_steps=2,
+      eval_every=100,
+      **{"eval.at_start": False, "eval.final_samples_per_prompt": 1},
+  )
   out = trainer.train(cfg, log=lambda s: None)
   assert out["step"] == 2
-  traces = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(cfg.workdir, "profile"))
-            for f in fs if f.endswith(".xplane.pb")]
+  traces = [
+      os.path.join(d, f)
+      for d, _, fs in os.walk(os.path.join(cfg.workdir, "profile"))
+      for f in fs
+      if f.endswith(".xplane.pb")
+  ]
   assert len(traces) == 1 and os.path.getsize(traces[0]) > 0, traces
 
   # Resuming it with another trace window, log level and compilation cache is the same run
   # (workdir.HARMLESS_KEYS): accepted, noted, recorded.
-  again = tiny_config(root, "profiled", profile_steps="", total_steps=2, eval_every=100,
-                      log_level="warning", compilation_cache_dir=str(root / "jax_cache"),
-                      **{"eval.at_start": False, "eval.final_samples_per_prompt": 1})
+  again = tiny_config(
+      root,
+      "profiled",
+      profile_steps="",
+      total_steps=2,
+      eval_every=100,
+      log_level="warning",
+      compilation_cache_dir=str(root / "jax_cache"),
+      **{"eval.at_start": False, "eval.final_samples_per_prompt": 1},
+  )
   lines = []
   assert trainer.train(again, log=lines.append)["step"] == 2
   note = [ln for ln in lines if ln.startswith("Resuming with changed settings")]
-  assert len(note) == 1 and all(k in note[0] for k in ("profile_steps: '1,2' -> ''",
-                                                       "log_level: 'info' -> 'warning'",
-                                                       "compilation_cache_dir: '' -> "))
+  assert len(note) == 1 and all(
+      k in note[0]
+      for k in ("profile_steps: '1,2' -> ''", "log_level: 'info' -> 'warning'", "compilation_cache_dir: '' -> ")
+  )
   with open(os.path.join(cfg.workdir, "config_history.jsonl")) as f:
     hist = [json.loads(ln) for ln in f]
   assert [h["resuming"] for h in hist] == [False, True]
@@ -307,8 +364,12 @@ def test_profile_steps_write_a_trace_of_the_window(root):
 
 def test_trace_log_and_cache_settings_are_not_config_changes(root):
   from htgrpo_jax import workdir
+
   saved = json.loads(tiny_config(root, "x").to_json_best_effort())
-  now = json.loads(tiny_config(root, "x", profile_steps="3,5", log_level="debug",
-                               compilation_cache_dir="/tmp/cache").to_json_best_effort())
+  now = json.loads(
+      tiny_config(
+          root, "x", profile_steps="3,5", log_level="debug", compilation_cache_dir="/tmp/cache"
+      ).to_json_best_effort()
+  )
   refused, allowed = workdir.compare_configs(saved, now)
   assert not refused and set(allowed) == {"profile_steps", "log_level", "compilation_cache_dir"}

@@ -3,6 +3,7 @@
 As in ``tests/test_paths.py``, no test touches the network: URL I/O is routed (through
 ``paths._epath``) onto a local folder that plays the bucket, so the URL code path runs for real.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,11 +22,17 @@ def _res(num_prompts=3, samples=2, seed=0):
   n = num_prompts * samples
   tags = [("single_object", "two_object", "counting")[i // samples % 3] for i in range(n)]
   strict = (rng.random(n) > 0.5).astype(np.float32)
-  return dict(images=rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8),
-              captions=[f"prompt {i // samples}" for i in range(n)], tags=tags,
-              metas=[json.dumps({"i": i // samples}) for i in range(n)], strict=strict,
-              prompt_index=np.repeat(np.arange(num_prompts), samples), reasons=[""] * n,
-              malformed=np.full(n, -1, np.int64), scores=evaluate.tag_scores(tags, strict))
+  return dict(
+      images=rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8),
+      captions=[f"prompt {i // samples}" for i in range(n)],
+      tags=tags,
+      metas=[json.dumps({"i": i // samples}) for i in range(n)],
+      strict=strict,
+      prompt_index=np.repeat(np.arange(num_prompts), samples),
+      reasons=[""] * n,
+      malformed=np.full(n, -1, np.int64),
+      scores=evaluate.tag_scores(tags, strict),
+  )
 
 
 @pytest.mark.parametrize("url", [True, False])
@@ -47,8 +54,9 @@ def test_eval_reports_round_trip(bucket, tmp_path, url):
   writer.write_json(paths.join(root, "sub", "eval_step00004.json"), dict(scores=res4["scores"]))
   assert json.loads((disk / "sub/eval_step00004.json").read_text()) == dict(scores=res4["scores"])
   evals = {0: res0["scores"], 4: res4["scores"]}
-  md = writer.write_report(root, [dict(step=s, reward=0.1 * s) for s in range(1, 5)], evals,
-                           curve_title="curve", table_title="held-out")
+  md = writer.write_report(
+      root, [dict(step=s, reward=0.1 * s) for s in range(1, 5)], evals, curve_title="curve", table_title="held-out"
+  )
   assert "| base | step 4 | change |" in md and "[" in md  # paired intervals: the same prompts
   assert (disk / "results.md").read_text() == md
   assert (disk / "reward_curve.png").read_bytes()[:4] == b"\x89PNG"

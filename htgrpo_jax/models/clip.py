@@ -21,6 +21,7 @@ Padding masks are not taken: with the causal mask and EOS pooling, tokens after 
 padding of right-padded batches) cannot reach the pooled state, so HF's ``attention_mask`` does
 not change the features of right-padded ids (what every CLIP tokenizer produces).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,6 +46,7 @@ def activation(name: str, x: jax.Array) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
   """ViT sizes (HF ``CLIPVisionConfig`` names). Patch grid ``image_size // patch_size`` squared."""
+
   hidden_size: int = 768
   num_layers: int = 12
   num_heads: int = 12
@@ -60,7 +62,7 @@ class VisionConfig:
 
   @property
   def num_positions(self) -> int:
-    return self.grid ** 2 + 1
+    return self.grid**2 + 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +74,7 @@ class TextConfig:
   BPE vocabulary; OpenAI, open_clip, OWL-ViT and OWLv2 all do this); any other id pools at the
   first position holding it (HF's rule for such configs, which works with added tokens).
   """
+
   vocab_size: int = 49408
   hidden_size: int = 512
   num_layers: int = 12
@@ -86,6 +89,7 @@ class TextConfig:
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:
   """A CLIP model: towers, shared projection width, compute/param dtypes."""
+
   vision: VisionConfig = VisionConfig()
   text: TextConfig = TextConfig()
   projection_dim: int = 512
@@ -99,11 +103,14 @@ class CLIPConfig:
       if tower.act not in ACTIVATIONS:
         raise ValueError(f"CLIPConfig.{name}.act={tower.act!r}; expected one of {ACTIVATIONS}")
       if tower.hidden_size % tower.num_heads:
-        raise ValueError(f"CLIPConfig.{name}: hidden_size {tower.hidden_size} not divisible by "
-                         f"num_heads {tower.num_heads}")
+        raise ValueError(
+            f"CLIPConfig.{name}: hidden_size {tower.hidden_size} not divisible by " f"num_heads {tower.num_heads}"
+        )
     if self.vision.image_size % self.vision.patch_size:
-      raise ValueError(f"CLIPConfig.vision: image_size {self.vision.image_size} not divisible by "
-                       f"patch_size {self.vision.patch_size}")
+      raise ValueError(
+          f"CLIPConfig.vision: image_size {self.vision.image_size} not divisible by "
+          f"patch_size {self.vision.patch_size}"
+      )
 
 
 PRESETS: dict[str, CLIPConfig] = {
@@ -114,14 +121,14 @@ PRESETS: dict[str, CLIPConfig] = {
     "vit_l14": CLIPConfig(
         vision=VisionConfig(hidden_size=1024, num_layers=24, num_heads=16, mlp_size=4096, patch_size=14),
         text=TextConfig(hidden_size=768, num_layers=12, num_heads=12, mlp_size=3072),
-        projection_dim=768),
+        projection_dim=768,
+    ),
     # Unit tests.
     "tiny": CLIPConfig(
-        vision=VisionConfig(hidden_size=32, num_layers=2, num_heads=4, mlp_size=64, patch_size=8,
-                            image_size=32),
-        text=TextConfig(vocab_size=99, hidden_size=32, num_layers=2, num_heads=4, mlp_size=64,
-                        max_length=16),
-        projection_dim=24),
+        vision=VisionConfig(hidden_size=32, num_layers=2, num_heads=4, mlp_size=64, patch_size=8, image_size=32),
+        text=TextConfig(vocab_size=99, hidden_size=32, num_layers=2, num_heads=4, mlp_size=64, max_length=16),
+        projection_dim=24,
+    ),
 }
 
 
@@ -137,14 +144,26 @@ def from_hf_config(hf: Any, **kw) -> CLIPConfig:
     if tower.get("hidden_act", "quick_gelu") not in ACTIVATIONS:
       raise ValueError(f"{name}.hidden_act={tower['hidden_act']!r}; expected one of {ACTIVATIONS}")
   vision = VisionConfig(
-      hidden_size=v["hidden_size"], num_layers=v["num_hidden_layers"], num_heads=v["num_attention_heads"],
-      mlp_size=v["intermediate_size"], patch_size=v["patch_size"], image_size=v["image_size"],
-      act=v.get("hidden_act", "quick_gelu"), layer_norm_eps=v.get("layer_norm_eps", 1e-5))
+      hidden_size=v["hidden_size"],
+      num_layers=v["num_hidden_layers"],
+      num_heads=v["num_attention_heads"],
+      mlp_size=v["intermediate_size"],
+      patch_size=v["patch_size"],
+      image_size=v["image_size"],
+      act=v.get("hidden_act", "quick_gelu"),
+      layer_norm_eps=v.get("layer_norm_eps", 1e-5),
+  )
   text = TextConfig(
-      vocab_size=t["vocab_size"], hidden_size=t["hidden_size"], num_layers=t["num_hidden_layers"],
-      num_heads=t["num_attention_heads"], mlp_size=t["intermediate_size"],
-      max_length=t["max_position_embeddings"], act=t.get("hidden_act", "quick_gelu"),
-      layer_norm_eps=t.get("layer_norm_eps", 1e-5), eos_token_id=t.get("eos_token_id"))
+      vocab_size=t["vocab_size"],
+      hidden_size=t["hidden_size"],
+      num_layers=t["num_hidden_layers"],
+      num_heads=t["num_attention_heads"],
+      mlp_size=t["intermediate_size"],
+      max_length=t["max_position_embeddings"],
+      act=t.get("hidden_act", "quick_gelu"),
+      layer_norm_eps=t.get("layer_norm_eps", 1e-5),
+      eos_token_id=t.get("eos_token_id"),
+  )
   return CLIPConfig(vision=vision, text=text, projection_dim=hf["projection_dim"], **kw)
 
 
@@ -159,34 +178,54 @@ def from_open_clip_config(cfg: dict, quick_gelu: bool = False, **kw) -> CLIPConf
   """
   v, t = dict(cfg["vision_cfg"]), dict(cfg["text_cfg"])
   if isinstance(v.get("layers"), (list, tuple)) or v.get("timm_model_name") or t.get("hf_model_name"):
-    raise ValueError("open_clip config: only the ViT vision tower and the built-in text transformer "
-                     "are supported (vision_cfg.layers is a list / timm_model_name / hf_model_name set)")
+    raise ValueError(
+        "open_clip config: only the ViT vision tower and the built-in text transformer "
+        "are supported (vision_cfg.layers is a list / timm_model_name / hf_model_name set)"
+    )
   unsupported = {
-      "vision_cfg.ls_init_value": v.get("ls_init_value"), "vision_cfg.attentional_pool": v.get("attentional_pool"),
-      "vision_cfg.no_ln_pre": v.get("no_ln_pre"), "vision_cfg.final_ln_after_pool": v.get("final_ln_after_pool"),
-      "text_cfg.ls_init_value": t.get("ls_init_value"), "text_cfg.embed_cls": t.get("embed_cls"),
-      "text_cfg.no_causal_mask": t.get("no_causal_mask"), "text_cfg.proj_bias": t.get("proj_bias"),
+      "vision_cfg.ls_init_value": v.get("ls_init_value"),
+      "vision_cfg.attentional_pool": v.get("attentional_pool"),
+      "vision_cfg.no_ln_pre": v.get("no_ln_pre"),
+      "vision_cfg.final_ln_after_pool": v.get("final_ln_after_pool"),
+      "text_cfg.ls_init_value": t.get("ls_init_value"),
+      "text_cfg.embed_cls": t.get("embed_cls"),
+      "text_cfg.no_causal_mask": t.get("no_causal_mask"),
+      "text_cfg.proj_bias": t.get("proj_bias"),
       "init_logit_bias": cfg.get("init_logit_bias"),
   }
   for key, val in unsupported.items():
     if val:
       raise ValueError(f"open_clip config: {key}={val!r} is not supported")
   if v.get("pool_type", "tok") != "tok" or v.get("global_average_pool"):
-    raise ValueError(f"open_clip config: vision_cfg.pool_type={v.get('pool_type')!r} / global_average_pool "
-                     "is not supported (class-token pooling only)")
+    raise ValueError(
+        f"open_clip config: vision_cfg.pool_type={v.get('pool_type')!r} / global_average_pool "
+        "is not supported (class-token pooling only)"
+    )
   if t.get("pool_type", "argmax") != "argmax":
     raise ValueError(f"open_clip config: text_cfg.pool_type={t['pool_type']!r} is not supported (argmax only)")
   if t.get("proj_type", "linear") != "linear":
     raise ValueError(f"open_clip config: text_cfg.proj_type={t['proj_type']!r} is not supported")
   act = "quick_gelu" if quick_gelu else "gelu"
   width, head_width = v["width"], v.get("head_width", 64)
-  vision = VisionConfig(hidden_size=width, num_layers=v["layers"], num_heads=width // head_width,
-                        mlp_size=int(width * v.get("mlp_ratio", 4.0)), patch_size=v["patch_size"],
-                        image_size=v["image_size"], act=act)
+  vision = VisionConfig(
+      hidden_size=width,
+      num_layers=v["layers"],
+      num_heads=width // head_width,
+      mlp_size=int(width * v.get("mlp_ratio", 4.0)),
+      patch_size=v["patch_size"],
+      image_size=v["image_size"],
+      act=act,
+  )
   tw = t.get("width", 512)
-  text = TextConfig(vocab_size=t.get("vocab_size", 49408), hidden_size=tw, num_layers=t.get("layers", 12),
-                    num_heads=t.get("heads", 8), mlp_size=int(tw * t.get("mlp_ratio", 4.0)),
-                    max_length=t.get("context_length", 77), act=act)
+  text = TextConfig(
+      vocab_size=t.get("vocab_size", 49408),
+      hidden_size=tw,
+      num_layers=t.get("layers", 12),
+      num_heads=t.get("heads", 8),
+      mlp_size=int(tw * t.get("mlp_ratio", 4.0)),
+      max_length=t.get("context_length", 77),
+      act=act,
+  )
   return CLIPConfig(vision=vision, text=text, projection_dim=cfg["embed_dim"], **kw)
 
 
@@ -200,12 +239,12 @@ def _dense(n: int, name: str, cfg: CLIPConfig, bias: bool = True) -> nn.Dense:
 
 def _ln(eps: float, name: str, cfg: CLIPConfig) -> nn.LayerNorm:
   # Two-pass variance as torch computes it (residual streams of trained CLIPs reach |x| ~ 1e2).
-  return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                      name=name)
+  return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
 
 
 class Attention(nn.Module):
   """Multi-head self-attention, ``[B, L, D] -> [B, L, D]``; ``mask`` bool ``[L, L]`` (True = attend)."""
+
   num_heads: int
   config: CLIPConfig
 
@@ -224,6 +263,7 @@ class Attention(nn.Module):
 
 class EncoderLayer(nn.Module):
   """Pre-LN transformer block (HF ``CLIPEncoderLayer`` names)."""
+
   num_heads: int
   mlp_size: int
   act: str
@@ -247,6 +287,7 @@ class VisionTransformer(nn.Module):
   (OWL's feature map). Params: ``patch_embedding``, ``class_embedding [D]``,
   ``position_embedding [1 + (S/p)^2, D]``, ``pre_layernorm``, ``layers_{i}``, ``post_layernorm``.
   """
+
   config: CLIPConfig
 
   @nn.compact
@@ -254,10 +295,17 @@ class VisionTransformer(nn.Module):
     c, v = self.config, self.config.vision
     p, d = v.patch_size, v.hidden_size
     if pixels.shape[1:] != (v.image_size, v.image_size, 3):
-      raise ValueError(f"CLIP vision tower: pixels {pixels.shape} must be [B, {v.image_size}, "
-                       f"{v.image_size}, 3]")
-    x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", use_bias=False, dtype=c.dtype,
-                param_dtype=c.param_dtype, name="patch_embedding")(pixels.astype(c.dtype))
+      raise ValueError(f"CLIP vision tower: pixels {pixels.shape} must be [B, {v.image_size}, " f"{v.image_size}, 3]")
+    x = nn.Conv(
+        d,
+        (p, p),
+        strides=(p, p),
+        padding="VALID",
+        use_bias=False,
+        dtype=c.dtype,
+        param_dtype=c.param_dtype,
+        name="patch_embedding",
+    )(pixels.astype(c.dtype))
     b = x.shape[0]
     x = x.reshape(b, -1, d)
     init = nn.initializers.normal(0.02)
@@ -283,6 +331,7 @@ class TextTransformer(nn.Module):
   Params: ``token_embedding``, ``position_embedding [max_length, D]``, ``layers_{i}``,
   ``final_layer_norm``.
   """
+
   config: CLIPConfig
 
   @nn.compact
@@ -291,10 +340,8 @@ class TextTransformer(nn.Module):
     n = ids.shape[-1]
     if n > t.max_length:
       raise ValueError(f"CLIP text tower: {n} tokens > max_length {t.max_length}")
-    x = nn.Embed(t.vocab_size, t.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
-                 name="token_embedding")(ids)
-    pos = self.param("position_embedding", nn.initializers.normal(0.01), (t.max_length, t.hidden_size),
-                     c.param_dtype)
+    x = nn.Embed(t.vocab_size, t.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype, name="token_embedding")(ids)
+    pos = self.param("position_embedding", nn.initializers.normal(0.01), (t.max_length, t.hidden_size), c.param_dtype)
     x = x + pos[:n].astype(c.dtype)
     mask = jnp.tril(jnp.ones((n, n), bool))
     for i in range(t.num_layers):
@@ -310,6 +357,7 @@ class CLIP(nn.Module):
   ``__call__(pixels, ids)`` -> (image features ``[B, P]``, text features ``[B', P]``), unnormalised;
   ``encode_image`` / ``encode_text`` run one tower (``model.apply(v, x, method='encode_image')``).
   """
+
   config: CLIPConfig
 
   def setup(self):
@@ -360,6 +408,7 @@ def load_tokenizer(path: str) -> Any:
   """The CLIP tokenizer saved in the local dir ``path`` (``transformers.AutoTokenizer``; never
   downloads). Raises ValueError naming the dir when it holds no tokenizer."""
   from transformers import AutoTokenizer
+
   try:
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
   except (OSError, ValueError) as e:
@@ -371,6 +420,5 @@ def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> np.ndarray:
   as CLIP's tokenizers do)."""
   if isinstance(texts, str):
     raise ValueError("tokenize(): texts must be a list of strings, got a bare string")
-  out = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length,
-                  return_tensors="np")
+  out = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
   return np.asarray(out["input_ids"], np.int32)

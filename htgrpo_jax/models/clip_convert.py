@@ -19,6 +19,7 @@ open_clip (``open_clip_model.safetensors`` or any ``.safetensors`` of ``model.st
 Buffers (``*.position_ids``, ``attn_mask``) are skipped; any other unexpected key, a missing key
 or a wrong shape raises ``ValueError`` naming the tensor before any tensor data is read.
 """
+
 from __future__ import annotations
 
 import json
@@ -72,17 +73,20 @@ def _hf_layers(m: ParamMap, path: tuple, key: str, n: int, d: int, mlp: int) -> 
     _add_dense(m, p + ("fc2",), f"{k}.mlp.fc2", mlp, d)
 
 
-def hf_vision_map(c: clip.CLIPConfig, key: str = "vision_model", path: tuple = ("vision_model",),
-                  pre_ln: str = "pre_layrnorm") -> ParamMap:
+def hf_vision_map(
+    c: clip.CLIPConfig, key: str = "vision_model", path: tuple = ("vision_model",), pre_ln: str = "pre_layrnorm"
+) -> ParamMap:
   """The vision tower's params from HF keys under ``key`` (``pre_ln``: CLIP's misspelt
   ``pre_layrnorm``, OWL's ``pre_layernorm``)."""
   v, m = c.vision, {}
   d = v.hidden_size
-  m[path + ("patch_embedding", "kernel")] = (f"{key}.embeddings.patch_embedding.weight",
-                                             (d, 3, v.patch_size, v.patch_size), _conv)
+  m[path + ("patch_embedding", "kernel")] = (
+      f"{key}.embeddings.patch_embedding.weight",
+      (d, 3, v.patch_size, v.patch_size),
+      _conv,
+  )
   m[path + ("class_embedding",)] = (f"{key}.embeddings.class_embedding", (d,), _ident)
-  m[path + ("position_embedding",)] = (f"{key}.embeddings.position_embedding.weight", (v.num_positions, d),
-                                       _ident)
+  m[path + ("position_embedding",)] = (f"{key}.embeddings.position_embedding.weight", (v.num_positions, d), _ident)
   _add_ln(m, path + ("pre_layernorm",), f"{key}.{pre_ln}", d)
   _hf_layers(m, path, key, v.num_layers, d, v.mlp_size)
   _add_ln(m, path + ("post_layernorm",), f"{key}.post_layernorm", d)
@@ -93,31 +97,32 @@ def hf_text_map(c: clip.CLIPConfig, key: str = "text_model", path: tuple = ("tex
   """The text tower's params from HF keys under ``key``."""
   t, m = c.text, {}
   d = t.hidden_size
-  m[path + ("token_embedding", "embedding")] = (f"{key}.embeddings.token_embedding.weight", (t.vocab_size, d),
-                                                _ident)
-  m[path + ("position_embedding",)] = (f"{key}.embeddings.position_embedding.weight", (t.max_length, d),
-                                       _ident)
+  m[path + ("token_embedding", "embedding")] = (f"{key}.embeddings.token_embedding.weight", (t.vocab_size, d), _ident)
+  m[path + ("position_embedding",)] = (f"{key}.embeddings.position_embedding.weight", (t.max_length, d), _ident)
   _hf_layers(m, path, key, t.num_layers, d, t.mlp_size)
   _add_ln(m, path + ("final_layer_norm",), f"{key}.final_layer_norm", d)
   return m
 
 
-def hf_param_map(c: clip.CLIPConfig, prefix: str = "", path: tuple = (), pre_ln: str = "pre_layrnorm"
-                 ) -> ParamMap:
+def hf_param_map(c: clip.CLIPConfig, prefix: str = "", path: tuple = (), pre_ln: str = "pre_layrnorm") -> ParamMap:
   """Our flat param path -> (HF key, HF shape, transform) for a whole ``CLIP`` (HF ``CLIPModel``
   keys under ``prefix``, our params under ``path``)."""
-  m = {**hf_vision_map(c, prefix + "vision_model", path + ("vision_model",), pre_ln),
-       **hf_text_map(c, prefix + "text_model", path + ("text_model",))}
-  _add_dense(m, path + ("visual_projection",), prefix + "visual_projection", c.vision.hidden_size,
-             c.projection_dim, bias=False)
-  _add_dense(m, path + ("text_projection",), prefix + "text_projection", c.text.hidden_size,
-             c.projection_dim, bias=False)
+  m = {
+      **hf_vision_map(c, prefix + "vision_model", path + ("vision_model",), pre_ln),
+      **hf_text_map(c, prefix + "text_model", path + ("text_model",)),
+  }
+  _add_dense(
+      m, path + ("visual_projection",), prefix + "visual_projection", c.vision.hidden_size, c.projection_dim, bias=False
+  )
+  _add_dense(
+      m, path + ("text_projection",), prefix + "text_projection", c.text.hidden_size, c.projection_dim, bias=False
+  )
   m[path + ("logit_scale",)] = (prefix + "logit_scale", (), _ident)
   return m
 
 
 def _split_in_proj(i: int, d: int) -> Callable:
-  return lambda w: (w[i * d:(i + 1) * d].T if w.ndim == 2 else w[i * d:(i + 1) * d])
+  return lambda w: (w[i * d : (i + 1) * d].T if w.ndim == 2 else w[i * d : (i + 1) * d])
 
 
 def _open_clip_layers(m: ParamMap, path: tuple, key: str, n: int, d: int, mlp: int) -> None:
@@ -137,8 +142,7 @@ def open_clip_param_map(c: clip.CLIPConfig) -> ParamMap:
   """Our flat param path -> (open_clip key, shape, transform) for open_clip's ``CLIP`` class."""
   v, t, m = c.vision, c.text, {}
   dv, dt = v.hidden_size, t.hidden_size
-  m[("vision_model", "patch_embedding", "kernel")] = ("visual.conv1.weight", (dv, 3, v.patch_size, v.patch_size),
-                                                      _conv)
+  m[("vision_model", "patch_embedding", "kernel")] = ("visual.conv1.weight", (dv, 3, v.patch_size, v.patch_size), _conv)
   m[("vision_model", "class_embedding")] = ("visual.class_embedding", (dv,), _ident)
   m[("vision_model", "position_embedding")] = ("visual.positional_embedding", (v.num_positions, dv), _ident)
   _add_ln(m, ("vision_model", "pre_layernorm"), "visual.ln_pre", dv)
@@ -165,13 +169,21 @@ def tensor_files(path: str, single_files: tuple[str, ...]) -> dict[str, str]:
   for name in single_files:
     if os.path.exists(os.path.join(path, name)):
       return llada_convert.read_index(path, single_file=name)
-  raise ValueError(f"{path!r} is not a safetensors file and holds none of {single_files} "
-                   f"or {llada_convert.INDEX_FILE}")
+  raise ValueError(
+      f"{path!r} is not a safetensors file and holds none of {single_files} " f"or {llada_convert.INDEX_FILE}"
+  )
 
 
-def load_params(path: str, pmap: ParamMap, dtype, *, mesh=None, what: str = "checkpoint",
-                single_files: tuple[str, ...] = (llada_convert.SINGLE_FILE,),
-                ignore_prefixes: tuple[str, ...] = ()) -> Any:
+def load_params(
+    path: str,
+    pmap: ParamMap,
+    dtype,
+    *,
+    mesh=None,
+    what: str = "checkpoint",
+    single_files: tuple[str, ...] = (llada_convert.SINGLE_FILE,),
+    ignore_prefixes: tuple[str, ...] = (),
+) -> Any:
   """Validates every key and shape, then reads tensor by tensor into a params pytree.
 
   Args:
@@ -187,9 +199,14 @@ def load_params(path: str, pmap: ParamMap, dtype, *, mesh=None, what: str = "che
   """
   files = tensor_files(path, single_files)
   expected = {key: shape for key, shape, _ in pmap.values()}
-  llada_convert.check_names(what, path, files, expected,
-                            skip=lambda k: k.endswith(BUFFER_SUFFIXES) or k.startswith(ignore_prefixes),
-                            hint=" (a different architecture or config?)")
+  llada_convert.check_names(
+      what,
+      path,
+      files,
+      expected,
+      skip=lambda k: k.endswith(BUFFER_SUFFIXES) or k.startswith(ignore_prefixes),
+      hint=" (a different architecture or config?)",
+  )
   with ExitStack() as stack:
     reader = llada_convert._Reader(files, stack)
     for key, shape in expected.items():
@@ -216,16 +233,21 @@ def load_hf_clip(path: str, config: clip.CLIPConfig | None = None, mesh=None) ->
   the tensor on any mismatch.
   """
   config = config or read_hf_config(path)
-  params = load_params(path, hf_param_map(config), np.dtype(config.param_dtype), mesh=mesh,
-                       what="HF CLIP checkpoint")
+  params = load_params(path, hf_param_map(config), np.dtype(config.param_dtype), mesh=mesh, what="HF CLIP checkpoint")
   return config, params
 
 
 def load_open_clip(path: str, config: clip.CLIPConfig, mesh=None) -> Any:
   """open_clip ``CLIP`` state dict as safetensors (file, or dir with ``open_clip_model.safetensors``)
   -> params. ``config``: ``clip.from_open_clip_config(model_cfg, quick_gelu)`` or a preset."""
-  return load_params(path, open_clip_param_map(config), np.dtype(config.param_dtype), mesh=mesh,
-                     what="open_clip checkpoint", single_files=(OPEN_CLIP_SINGLE, llada_convert.SINGLE_FILE))
+  return load_params(
+      path,
+      open_clip_param_map(config),
+      np.dtype(config.param_dtype),
+      mesh=mesh,
+      what="open_clip checkpoint",
+      single_files=(OPEN_CLIP_SINGLE, llada_convert.SINGLE_FILE),
+  )
 
 
 def owl_param_map(c) -> ParamMap:
@@ -251,6 +273,7 @@ def load_owl(path: str, config=None, mesh=None):
   ``model.safetensors``) or file -> (``owl.OwlConfig``, params). ``config`` None reads
   ``config.json``; raises ValueError naming the tensor on any mismatch."""
   from htgrpo_jax.models import owl
+
   if config is None:
     d = path if os.path.isdir(path) else os.path.dirname(path)
     cfg = os.path.join(d, "config.json")
@@ -258,6 +281,7 @@ def load_owl(path: str, config=None, mesh=None):
       raise ValueError(f"{path!r}: no config.json next to the weights; pass an OwlConfig")
     with open(cfg) as f:
       config = owl.from_hf_config(json.load(f))
-  params = load_params(path, owl_param_map(config), np.dtype(config.clip.param_dtype), mesh=mesh,
-                       what=f"HF {config.kind} checkpoint")
+  params = load_params(
+      path, owl_param_map(config), np.dtype(config.clip.param_dtype), mesh=mesh, what=f"HF {config.kind} checkpoint"
+  )
   return config, params

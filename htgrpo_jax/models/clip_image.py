@@ -18,6 +18,7 @@ PIL does, which makes the result equal to PIL's up to its fixed-point rounding (
 tests/models/test_clip.py: at most 2 of 255, on under 1% of values; 0 elsewhere). HF's
 ``CLIPImageProcessor`` differs only in its centre-crop rounding (floor) for odd margins.
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,8 +38,9 @@ def cubic(t: jax.Array, a: float = -0.5) -> jax.Array:
   return jnp.where(t < 1.0, near, jnp.where(t < 2.0, far, 0.0))
 
 
-def axis_weights(in_size: int, start: jax.Array, length: jax.Array, resized: jax.Array, offset: jax.Array,
-                 out: int) -> jax.Array:
+def axis_weights(
+    in_size: int, start: jax.Array, length: jax.Array, resized: jax.Array, offset: jax.Array, out: int
+) -> jax.Array:
   """``float32[out, in_size]``: crop ``[start, start + length)``, bicubic-resize it to ``resized``
   samples and keep samples ``[offset, offset + out)``, along one axis (PIL's coefficients: output
   sample r reads crop position ``(r + 0.5) * length / resized``, kernel widened by
@@ -94,8 +96,9 @@ def normalize(pixels: jax.Array, mean=OPENAI_MEAN, std=OPENAI_STD) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("size", "pil_rounding"))
-def preprocess(images: jax.Array, size: int = 224, pil_rounding: bool = True, mean=OPENAI_MEAN,
-               std=OPENAI_STD) -> jax.Array:
+def preprocess(
+    images: jax.Array, size: int = 224, pil_rounding: bool = True, mean=OPENAI_MEAN, std=OPENAI_STD
+) -> jax.Array:
   """``uint8[B, H, W, 3]`` -> CLIP input ``float32[B, size, size, 3]`` (resize shortest side, centre
   crop, normalise), as open_clip's eval transform on the whole image."""
   b, h, w = images.shape[:3]
@@ -105,9 +108,16 @@ def preprocess(images: jax.Array, size: int = 224, pil_rounding: bool = True, me
 
 
 @functools.partial(jax.jit, static_argnames=("size", "pil_rounding"))
-def preprocess_boxes(images: jax.Array, boxes: jax.Array, masks: jax.Array | None = None,
-                     background=(153, 153, 153), size: int = 224, pil_rounding: bool = True,
-                     mean=OPENAI_MEAN, std=OPENAI_STD) -> jax.Array:
+def preprocess_boxes(
+    images: jax.Array,
+    boxes: jax.Array,
+    masks: jax.Array | None = None,
+    background=(153, 153, 153),
+    size: int = 224,
+    pil_rounding: bool = True,
+    mean=OPENAI_MEAN,
+    std=OPENAI_STD,
+) -> jax.Array:
   """GenEval's object crops: each object's mask composited on ``background`` (#999999), cropped to
   its box, preprocessed.
 

@@ -21,6 +21,7 @@ unreadable (e.g. truncated) shard is named by file.
 No torch: the files are read and written by ``models/safetensors_io.py`` (numpy + ``ml_dtypes``;
 safetensors' own numpy reader refuses BF16, which is how the 8B checkpoints are stored).
 """
+
 from __future__ import annotations
 
 import json
@@ -85,8 +86,7 @@ def param_map(c: LLaDAConfig) -> dict[tuple[str, ...], tuple[list[str], tuple[in
   return out
 
 
-def read_index(ckpt_dir: str, index_file: str = INDEX_FILE, single_file: str = SINGLE_FILE
-               ) -> dict[str, str]:
+def read_index(ckpt_dir: str, index_file: str = INDEX_FILE, single_file: str = SINGLE_FILE) -> dict[str, str]:
   """HF key -> shard file path, from ``index_file`` (``weight_map``) or a single ``single_file``
   in ``ckpt_dir`` (defaults: transformers' names; diffusers' names for VQ decoders)."""
   index = os.path.join(ckpt_dir, index_file)
@@ -111,9 +111,16 @@ def check_hf_config(ckpt_dir: str, c: LLaDAConfig) -> None:
   with open(path) as f:
     hf = json.load(f)
   hf = {**hf, **hf.get("llm_config", {})}
-  want = {"d_model": c.d_model, "n_layers": c.n_layers, "n_heads": c.n_heads,
-          "mlp_hidden_size": c.mlp_hidden, "rope_theta": c.rope_theta, "activation_type": "silu",
-          "weight_tying": False, "rms_norm_eps": c.norm_eps}
+  want = {
+      "d_model": c.d_model,
+      "n_layers": c.n_layers,
+      "n_heads": c.n_heads,
+      "mlp_hidden_size": c.mlp_hidden,
+      "rope_theta": c.rope_theta,
+      "activation_type": "silu",
+      "weight_tying": False,
+      "rms_norm_eps": c.norm_eps,
+  }
   # Vocabulary sizes are checked on the tensors themselves (config.json's fields vary by repo).
   for key, val in want.items():
     if key in hf and hf[key] != val and not (isinstance(val, float) and np.isclose(hf[key], val)):
@@ -128,19 +135,24 @@ def checked_weight(key: str, path: str, raw: np.ndarray, arr: np.ndarray) -> np.
     ValueError naming the tensor and its file.
   """
   if not jax.numpy.issubdtype(raw.dtype, jax.numpy.floating):
-    raise ValueError(f"tensor {key} in {path}: dtype {raw.dtype} is not a floating-point type; a "
-                     "weight is never cast from it (wrong tensor or a quantized checkpoint?)")
+    raise ValueError(
+        f"tensor {key} in {path}: dtype {raw.dtype} is not a floating-point type; a "
+        "weight is never cast from it (wrong tensor or a quantized checkpoint?)"
+    )
   finite = np.isfinite(arr)
   if not finite.all():
     nan = int(np.isnan(arr).sum())
-    raise ValueError(f"tensor {key} in {path}: non-finite values ({nan} NaN, "
-                     f"{int((~finite).sum()) - nan} inf, as {arr.dtype}; first at index "
-                     f"{np.unravel_index(int(np.argmin(finite)), arr.shape)})")
+    raise ValueError(
+        f"tensor {key} in {path}: non-finite values ({nan} NaN, "
+        f"{int((~finite).sum()) - nan} inf, as {arr.dtype}; first at index "
+        f"{np.unravel_index(int(np.argmin(finite)), arr.shape)})"
+    )
   return arr
 
 
-def check_names(what: str, path: str, files: Any, expected: Any, skip: Callable[[str], bool] = lambda k: False,
-                hint: str = "") -> None:
+def check_names(
+    what: str, path: str, files: Any, expected: Any, skip: Callable[[str], bool] = lambda k: False, hint: str = ""
+) -> None:
   """Raises ValueError naming the checkpoint and up to 8 keys when a tensor of ``expected`` is not in
   ``files`` or ``files`` holds a tensor neither expected nor ``skip``-ped (``hint`` ends that error)."""
   more = lambda ks: f"{ks[:8]}" + (f" (+{len(ks) - 8} more)" if len(ks) > 8 else "")
@@ -152,14 +164,16 @@ def check_names(what: str, path: str, files: Any, expected: Any, skip: Callable[
     raise ValueError(f"{what} {path} has unexpected tensor(s): {more(extra)}{hint}")
 
 
-def read_replicated(reader: "_Reader", pmap: dict[tuple[str, ...], tuple[str, Any, Callable]], dtype: Any,
-                    mesh=None) -> Any:
+def read_replicated(
+    reader: "_Reader", pmap: dict[tuple[str, ...], tuple[str, Any, Callable]], dtype: Any, mesh=None
+) -> Any:
   """Params pytree of a small model: each ``path -> (key, shape, transform)`` of ``pmap`` read,
   transformed, cast to ``dtype``, checked (``checked_weight``) and replicated over ``mesh`` (or one
   device). Consecutive params of one key (a fused q/k/v) read it once."""
   sharding = None
   if mesh is not None:
     from htgrpo_jax import parallel
+
     sharding = parallel.replicated(parallel.auto_mesh(mesh))
   out, cache = {}, {}
   for p, (key, _, fn) in pmap.items():
@@ -201,12 +215,14 @@ class _Reader:
     except ValueError:
       raise
     except OSError as e:  # the shard changed or is damaged
-      raise ValueError(f"tensor {key}: reading it from {self._files[key]} failed "
-                       f"({type(e).__name__}: {e})") from None
+      raise ValueError(
+          f"tensor {key}: reading it from {self._files[key]} failed " f"({type(e).__name__}: {e})"
+      ) from None
 
 
-def _place(reader: _Reader, keys: list[str], fn: Callable, shape: tuple[int, ...], dtype,
-           sharding, stacked: bool) -> jax.Array:
+def _place(
+    reader: _Reader, keys: list[str], fn: Callable, shape: tuple[int, ...], dtype, sharding, stacked: bool
+) -> jax.Array:
   """Builds one param (layer-stacked along axis 0 when ``stacked``) keeping only local shards.
 
   HF tensors are read one at a time; each device's slice is copied out of it at once, so host
@@ -233,8 +249,7 @@ def _sliced_shape(shape, idx) -> tuple[int, ...]:
   return tuple(len(range(*s.indices(n))) for s, n in zip(idx, shape))
 
 
-def load_llada_params(ckpt_dir: str, config: LLaDAConfig, shardings: Any | None = None,
-                      progress: bool = False) -> Any:
+def load_llada_params(ckpt_dir: str, config: LLaDAConfig, shardings: Any | None = None, progress: bool = False) -> Any:
   """Reads an HF LLaDA checkpoint into our (unboxed) params pytree.
 
   Args:
@@ -256,13 +271,17 @@ def load_llada_params(ckpt_dir: str, config: LLaDAConfig, shardings: Any | None 
   expected = {k: shape for keys, shape, _ in pmap.values() for k in keys}
   missing = sorted(set(expected) - set(files))
   if missing:
-    raise ValueError(f"checkpoint {ckpt_dir} is missing tensor(s): {missing[:8]}"
-                     + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
+    raise ValueError(
+        f"checkpoint {ckpt_dir} is missing tensor(s): {missing[:8]}"
+        + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")
+    )
   extra = sorted(set(files) - set(expected))
   if extra:
-    raise ValueError(f"checkpoint {ckpt_dir} has unexpected tensor(s): {extra[:8]}"
-                     + (f" (+{len(extra) - 8} more)" if len(extra) > 8 else ""))
-  flat_shardings = (traverse_util.flatten_dict(shardings) if shardings is not None else {})
+    raise ValueError(
+        f"checkpoint {ckpt_dir} has unexpected tensor(s): {extra[:8]}"
+        + (f" (+{len(extra) - 8} more)" if len(extra) > 8 else "")
+    )
+  flat_shardings = traverse_util.flatten_dict(shardings) if shardings is not None else {}
   dtype = np.dtype(config.param_dtype)
   out = {}
   with ExitStack() as stack:
@@ -274,6 +293,7 @@ def load_llada_params(ckpt_dir: str, config: LLaDAConfig, shardings: Any | None 
     bar = None
     if progress:
       from tqdm import tqdm
+
       bar = tqdm(total=len(expected), desc="convert", unit="tensor")
     for path, (keys, hf_shape, fn) in pmap.items():
       one = fn(np.empty(hf_shape, np.bool_)).shape  # target shape (np.empty: pages never touched)
@@ -294,6 +314,7 @@ def save_params(params: Any, out_dir: str) -> None:
   Restore with ``restore_params(out_dir, abstract)``, ``abstract`` from ``policy.abstract_params``.
   """
   import orbax.checkpoint as ocp
+
   with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
     ckptr.save(paths.resolve(out_dir), args=ocp.args.StandardSave(params))  # a gs:// URL stays one
 
@@ -301,12 +322,12 @@ def save_params(params: Any, out_dir: str) -> None:
 def restore_params(ckpt_dir: str, abstract: Any) -> Any:
   """Restores a ``save_params`` checkpoint into the shapes/dtypes/shardings of ``abstract``."""
   import orbax.checkpoint as ocp
+
   with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
     return ckptr.restore(paths.resolve(ckpt_dir), args=ocp.args.StandardRestore(abstract))
 
 
-def convert_checkpoint(ckpt_dir: str, out_dir: str, config: LLaDAConfig, mesh=None,
-                       progress: bool = False) -> Any:
+def convert_checkpoint(ckpt_dir: str, out_dir: str, config: LLaDAConfig, mesh=None, progress: bool = False) -> Any:
   """HF checkpoint dir -> Orbax params checkpoint at ``out_dir``; returns the params.
 
   With ``mesh`` each tensor goes straight into its sharding (``parallel.LOGICAL_RULES``).
@@ -317,8 +338,8 @@ def convert_checkpoint(ckpt_dir: str, out_dir: str, config: LLaDAConfig, mesh=No
     from htgrpo_jax import parallel
     from htgrpo_jax.models.llada import LLaDA
     import jax.numpy as jnp
-    boxed = jax.eval_shape(lambda k: LLaDA(config).init(k, jnp.zeros((1, 4), jnp.int32))["params"],
-                           jax.random.key(0))
+
+    boxed = jax.eval_shape(lambda k: LLaDA(config).init(k, jnp.zeros((1, 4), jnp.int32))["params"], jax.random.key(0))
     shardings = parallel.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
   params = load_llada_params(ckpt_dir, config, shardings, progress=progress)
   save_params(params, out_dir)
@@ -340,8 +361,15 @@ def to_hf(path: tuple[str, ...], ours: np.ndarray, hf_shape: tuple[int, ...]) ->
   return ours.reshape(hf_shape)
 
 
-def save_hf(params: Any, config: LLaDAConfig, out_dir: str, *, dtype: Any = None,
-            max_shard_bytes: int = 5 * 2**30, fetch: Callable[[Any], np.ndarray] | None = None) -> list[str]:
+def save_hf(
+    params: Any,
+    config: LLaDAConfig,
+    out_dir: str,
+    *,
+    dtype: Any = None,
+    max_shard_bytes: int = 5 * 2**30,
+    fetch: Callable[[Any], np.ndarray] | None = None,
+) -> list[str]:
   """Writes ``params`` as an HF LLaDA checkpoint: ``model-0000i-of-0000n.safetensors`` shards of at
   most ``max_shard_bytes`` and ``model.safetensors.index.json``, keys and shapes as ``param_map``
   reads them (``load_llada_params(out_dir, config)`` gives ``params`` back, cast to ``dtype``).
@@ -384,6 +412,7 @@ def save_hf(params: Any, config: LLaDAConfig, out_dir: str, *, dtype: Any = None
         write_safetensors(os.path.join(out_dir, names[i]), pending.pop(i), {"format": "pt"})
     del whole
   with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
-    json.dump({"metadata": {"total_size": total},
-               "weight_map": {key: names[i] for key, i in shard_of.items()}}, f, indent=2)
+    json.dump(
+        {"metadata": {"total_size": total}, "weight_map": {key: names[i] for key, i in shard_of.items()}}, f, indent=2
+    )
   return names

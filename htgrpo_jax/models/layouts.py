@@ -20,6 +20,7 @@ Layouts (docs/models.md, token layouts):
 -> Layout`` (``model_config``: the run config's ``model`` section; used by ``tasks.build_layout``);
 a new model family registers its builder next to its class.
 """
+
 from __future__ import annotations
 
 import os
@@ -68,6 +69,7 @@ class Layout:
     pad_id: prompt pad id (masked in attention) or None.
     vocab_size: the smallest embedding size the layout needs.
   """
+
   num_image_tokens: int
   grid: tuple[int, int]
   codebook_size: int
@@ -147,12 +149,13 @@ class Layout:
     if prompt_tokens.ndim != 2 or prompt_tokens.shape[1] != self.prompt_length:
       raise ValueError(f"assemble: prompt_tokens shape {prompt_tokens.shape}, expected [B, {self.prompt_length}]")
     if canvas.ndim != 2 or canvas.shape != (prompt_tokens.shape[0], self.num_image_tokens):
-      raise ValueError(f"assemble: canvas shape {canvas.shape}, expected "
-                       f"[{prompt_tokens.shape[0]}, {self.num_image_tokens}]")
+      raise ValueError(
+          f"assemble: canvas shape {canvas.shape}, expected " f"[{prompt_tokens.shape[0]}, {self.num_image_tokens}]"
+      )
     b = prompt_tokens.shape[0]
     slots = jnp.where(canvas == MASK, self.mask_id, canvas + self.image_offset).astype(jnp.int32)
     seq = jnp.broadcast_to(jnp.asarray(self._template), (b, self.seq_len))
-    seq = seq.at[:, :self.prompt_length].set(prompt_tokens.astype(jnp.int32))
+    seq = seq.at[:, : self.prompt_length].set(prompt_tokens.astype(jnp.int32))
     return seq.at[:, self.image_positions].set(slots)
 
   def codes_from_tokens(self, tokens: jax.Array) -> jax.Array:
@@ -166,14 +169,17 @@ class Layout:
     """Sets template/positions from the post-prompt part; ``None`` entries are image slots."""
     tail = np.asarray([self.mask_id if t is None else t for t in image_part], np.int32)
     self._template = np.concatenate([np.asarray(prefix, np.int32), tail])
-    self.image_positions = (self.prompt_length + np.flatnonzero(
-        np.asarray([t is None for t in image_part]))).astype(np.int32)
+    self.image_positions = (self.prompt_length + np.flatnonzero(np.asarray([t is None for t in image_part]))).astype(
+        np.int32
+    )
     self.seq_len = int(self._template.shape[0])
     if self.image_positions.shape[0] != self.num_image_tokens:
       raise AssertionError("layout built a wrong number of image slots")
     if self.image_offset + self.codebook_size > self.vocab_size:
-      raise ValueError(f"image ids [{self.image_offset}, {self.image_offset + self.codebook_size}) "
-                       f"exceed vocab_size={self.vocab_size}")
+      raise ValueError(
+          f"image ids [{self.image_offset}, {self.image_offset + self.codebook_size}) "
+          f"exceed vocab_size={self.vocab_size}"
+      )
 
 
 class MMaDALayout(Layout):
@@ -183,11 +189,23 @@ class MMaDALayout(Layout):
   (the LLaDA tokenizer for the real model; tests pass a tiny local one).
   """
 
-  def __init__(self, tokenizer, *, max_text_len: int = 513, grid: tuple[int, int] = (32, 32),
-               codebook_size: int = 8192, image_offset: int = 126349, mask_id: int = 126336,
-               vocab_size: int = 134656, t2i_id: int = 126088, bos_id: int = 126080,
-               eos_id: int = 126081, soi_id: int = 126084, eoi_id: int = 126085,
-               pad_id: int = 126093):
+  def __init__(
+      self,
+      tokenizer,
+      *,
+      max_text_len: int = 513,
+      grid: tuple[int, int] = (32, 32),
+      codebook_size: int = 8192,
+      image_offset: int = 126349,
+      mask_id: int = 126336,
+      vocab_size: int = 134656,
+      t2i_id: int = 126088,
+      bos_id: int = 126080,
+      eos_id: int = 126081,
+      soi_id: int = 126084,
+      eoi_id: int = 126085,
+      pad_id: int = 126093,
+  ):
     self.tokenizer = load_tokenizer(tokenizer)
     if len(self.tokenizer) > image_offset:
       raise ValueError(f"tokenizer has {len(self.tokenizer)} ids, more than image_offset={image_offset}")
@@ -206,7 +224,7 @@ class MMaDALayout(Layout):
       ids = [self.bos_id] + ids  # the reference prepends bos only if missing
     ids = [self.t2i_id] + ids + [self.eos_id]
     if len(ids) > self.prompt_length:  # reference truncation: keep the first Lp-1 ids, re-append eos
-      ids = ids[:self.prompt_length - 1] + [self.eos_id]
+      ids = ids[: self.prompt_length - 1] + [self.eos_id]
     return ids
 
   def _prompt_ids(self, text, index):
@@ -236,11 +254,25 @@ class DiMOOLayout(Layout):
   ``<system>...</system><user>{prompt}</user>``, left-padded with ``pad_id`` to ``prompt_length``.
   """
 
-  def __init__(self, tokenizer, *, height: int = 512, width: int = 512, prompt_length: int = 256,
-               codebook_size: int = 8192, image_offset: int = 126356, mask_id: int = 126336,
-               vocab_size: int = 134548, newline_id: int = 126084, boi_id: int = 126349,
-               eoi_id: int = 126350, answer_id: int = 126354, end_answer_id: int = 126355,
-               pad_id: int = 126081, downsample: int = 16):
+  def __init__(
+      self,
+      tokenizer,
+      *,
+      height: int = 512,
+      width: int = 512,
+      prompt_length: int = 256,
+      codebook_size: int = 8192,
+      image_offset: int = 126356,
+      mask_id: int = 126336,
+      vocab_size: int = 134548,
+      newline_id: int = 126084,
+      boi_id: int = 126349,
+      eoi_id: int = 126350,
+      answer_id: int = 126354,
+      end_answer_id: int = 126355,
+      pad_id: int = 126081,
+      downsample: int = 16,
+  ):
     self.tokenizer = load_tokenizer(tokenizer)
     if len(self.tokenizer) > image_offset:
       raise ValueError(f"tokenizer has {len(self.tokenizer)} ids, more than image_offset={image_offset}")
@@ -281,14 +313,15 @@ class EmbeddedLayout(Layout):
   The tokenizer (any local dir, e.g. a WordLevel tokenizer) must define a pad token.
   """
 
-  def __init__(self, tokenizer, *, grid: tuple[int, int] = (8, 8), codebook_size: int = 128,
-               prompt_length: int = 16):
+  def __init__(self, tokenizer, *, grid: tuple[int, int] = (8, 8), codebook_size: int = 128, prompt_length: int = 16):
     self.tokenizer = load_tokenizer(tokenizer)
     if self.tokenizer.pad_token_id is None:
       raise ValueError("EmbeddedLayout tokenizer must define a pad token")
     if codebook_size <= 0 or prompt_length <= 0 or min(grid) <= 0:
-      raise ValueError(f"EmbeddedLayout sizes must be positive: grid={grid}, "
-                       f"codebook_size={codebook_size}, prompt_length={prompt_length}")
+      raise ValueError(
+          f"EmbeddedLayout sizes must be positive: grid={grid}, "
+          f"codebook_size={codebook_size}, prompt_length={prompt_length}"
+      )
     self.grid = (int(grid[0]), int(grid[1]))
     self.num_image_tokens = self.grid[0] * self.grid[1]
     text_vocab = len(self.tokenizer)

@@ -18,6 +18,7 @@ module with the same params.
 Every parameter and activation carries logical axis names (``batch, length, layers, embed, heads,
 kv, mlp, vocab, codebook``) that ``htgrpo_jax.parallel.LOGICAL_RULES`` maps onto the mesh.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -65,6 +66,7 @@ class LLaDAConfig:
     lora: ``lora.LoraConfig`` of LoRA adapters on the targeted projections (their own ``'lora'``
       collection; applying without it is the base model), or None.
   """
+
   vocab_size: int
   d_model: int
   n_layers: int
@@ -114,18 +116,28 @@ class LLaDAConfig:
     return 2 * self.vocab_size * d + self.n_layers * block + d + self.learned_pos_emb * d
 
 
-_8B = dict(d_model=4096, n_layers=32, n_heads=32, mlp_hidden=12288, rope_theta=500000.0, norm_eps=1e-5,
-           dtype=jnp.bfloat16, param_dtype=jnp.float32, remat="full", scan_layers=True)
+_8B = dict(
+    d_model=4096,
+    n_layers=32,
+    n_heads=32,
+    mlp_hidden=12288,
+    rope_theta=500000.0,
+    norm_eps=1e-5,
+    dtype=jnp.bfloat16,
+    param_dtype=jnp.float32,
+    remat="full",
+    scan_layers=True,
+)
 
 PRESETS: dict[str, LLaDAConfig] = {
     # Unit tests: everything small, fp32 so parity checks are tight.
-    "tiny": LLaDAConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, mlp_hidden=128,
-                        dtype=jnp.float32),
+    "tiny": LLaDAConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, mlp_hidden=128, dtype=jnp.float32),
     # The embedded ShapeEval world (docs/architecture.md: d=128, 4 layers, 4 heads); vocab comes from the layout.
     # The learned table gives every image slot its own embedding, which helps a small model learn
     # the 2-D layout quickly (the prototype used row+column positions).
-    "shapes": LLaDAConfig(vocab_size=512, d_model=128, n_layers=4, n_heads=4, mlp_hidden=512,
-                          dtype=jnp.float32, learned_pos_emb=256),
+    "shapes": LLaDAConfig(
+        vocab_size=512, d_model=128, n_layers=4, n_heads=4, mlp_hidden=512, dtype=jnp.float32, learned_pos_emb=256
+    ),
     # MMaDA-8B: 126349 text ids + 8192 MAGVIT-v2 codes, padded to 134656 rows; left padding with
     # [iPAD] 126093 masked as in the reference.
     "mmada_8b": LLaDAConfig(vocab_size=134656, use_pad_mask=True, pad_id=126093, **_8B),
@@ -182,7 +194,7 @@ def flat_matmul(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
   with replicated minor ones keeps the shardings (tests/models/test_aot.py compiles the sharded programs).
   """
   in_shape, out_shape = kernel.shape[:n_in], kernel.shape[n_in:]
-  lead = x.shape[:x.ndim - n_in]
+  lead = x.shape[: x.ndim - n_in]
   k_in, k_out = int(np.prod(in_shape)), int(np.prod(out_shape))
   y = jnp.dot(x.reshape((-1, k_in)), kernel.reshape((k_in, k_out)))
   return y.reshape(lead + out_shape)
@@ -194,14 +206,16 @@ def _constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 
 class RMSNorm(nn.Module):
   """Normalises in fp32, casts to the compute dtype, then scales (LLaDA's order)."""
+
   eps: float
   dtype: Any
   param_dtype: Any
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-                       (x.shape[-1],), self.param_dtype)
+    scale = self.param(
+        "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],), self.param_dtype
+    )
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
     return y.astype(self.dtype) * scale.astype(self.dtype)
@@ -216,6 +230,7 @@ class Block(nn.Module):
   cache rows at ``positions`` and their queries attend against all L cached keys; returns the
   updated cache.
   """
+
   config: LLaDAConfig
   return_kv: bool = False
 
@@ -227,9 +242,8 @@ class Block(nn.Module):
     def dense(x, spec, feats, names, name):
       # A plain einsum over a logically-named kernel (nn.DenseGeneral reshapes its boxed kernel to
       # 2-D, which breaks logical constraints on multi-axis kernels under a global mesh).
-      in_shape = x.shape[-(len(names) - len(feats)):]
-      kernel = self.param(name, nn.with_logical_partitioning(init, names), in_shape + feats,
-                          c.param_dtype)
+      in_shape = x.shape[-(len(names) - len(feats)) :]
+      kernel = self.param(name, nn.with_logical_partitioning(init, names), in_shape + feats, c.param_dtype)
       y = flat_matmul(x, kernel.astype(c.dtype), len(in_shape))  # = jnp.einsum(spec, x, kernel)
       d = lora_lib.delta(self, c.lora, name, x, spec, in_shape, feats, names, c.dtype, c.param_dtype)
       return y if d is None else y + d
@@ -250,8 +264,7 @@ class Block(nn.Module):
       rows = jnp.arange(x.shape[0])[:, None]
       k = _constrain(kv[0].at[rows, positions].set(k.astype(kv[0].dtype)), qkv_axes)
       v = _constrain(kv[1].at[rows, positions].set(v.astype(kv[1].dtype)), qkv_axes)
-    att = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=False,
-                                       implementation=c.attention_impl)
+    att = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=False, implementation=c.attention_impl)
     att = _constrain(att, qkv_axes)
     x = x + dense(att, "blhk,hkd->bld", (c.d_model,), ("heads", "kv", "embed"), "attn_out")
     x = _constrain(x, ("batch", "length", "embed"))
@@ -268,25 +281,34 @@ class Block(nn.Module):
 def _select_positions(x: jax.Array, select) -> jax.Array:
   """x[:, select]; a static slice when ``select`` is a contiguous host range (no gather)."""
   if isinstance(select, np.ndarray) and select.size and np.all(np.diff(select) == 1):
-    return x[:, int(select[0]):int(select[-1]) + 1]
+    return x[:, int(select[0]) : int(select[-1]) + 1]
   return jnp.take(x, jnp.asarray(select, jnp.int32), axis=1)
 
 
 class KVCache(NamedTuple):
   """Every layer's keys (after RoPE) and values of a sequence batch: k, v [n_layers, B, L, H, Dh]
   in the compute dtype."""
+
   k: jax.Array
   v: jax.Array
 
 
 class LLaDA(nn.Module):
   """The LLaDA backbone with an untied LM head. Params: ``wte, [wpe], blocks | block_{i}, ln_f, lm_head``."""
+
   config: LLaDAConfig
 
   @nn.compact
-  def __call__(self, tokens: jax.Array, *, select: np.ndarray | jax.Array | None = None,
-               head_rows: tuple[int, int] | None = None, return_kv: bool = False,
-               positions: jax.Array | None = None, kv_cache: KVCache | None = None):
+  def __call__(
+      self,
+      tokens: jax.Array,
+      *,
+      select: np.ndarray | jax.Array | None = None,
+      head_rows: tuple[int, int] | None = None,
+      return_kv: bool = False,
+      positions: jax.Array | None = None,
+      kv_cache: KVCache | None = None,
+  ):
     """Forward pass, full or (``positions``) partial against a K/V cache.
 
     Args:
@@ -334,13 +356,15 @@ class LLaDA(nn.Module):
       raise ValueError("LLaDA kv_cache= is only read by a partial forward (positions=)")
     init = nn.initializers.normal(c.init_std)
 
-    wte = self.param("wte", nn.with_logical_partitioning(init, ("vocab", "embed")),
-                     (c.vocab_size, c.d_model), c.param_dtype)
+    wte = self.param(
+        "wte", nn.with_logical_partitioning(init, ("vocab", "embed")), (c.vocab_size, c.d_model), c.param_dtype
+    )
     run_tokens = jnp.take_along_axis(tokens, positions, axis=1) if partial else tokens
     x = jnp.take(wte, run_tokens, axis=0).astype(c.dtype)
     if c.learned_pos_emb:
-      wpe = self.param("wpe", nn.with_logical_partitioning(init, ("length", "embed")),
-                       (c.learned_pos_emb, c.d_model), c.param_dtype)
+      wpe = self.param(
+          "wpe", nn.with_logical_partitioning(init, ("length", "embed")), (c.learned_pos_emb, c.d_model), c.param_dtype
+      )
       pos_emb = jnp.take(wpe, positions, axis=0) if partial else wpe[None, :length]
       x = x + pos_emb.astype(c.dtype)
     x = _constrain(x, ("batch", "length", "embed"))
@@ -357,10 +381,14 @@ class LLaDA(nn.Module):
       block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
     if c.scan_layers:
       in_axes = (nn.broadcast,) * 3 + ((0, nn.broadcast) if partial else ())
-      stack = nn.scan(block, variable_axes={"params": 0, lora_lib.COLLECTION: 0},
-                      split_rngs={"params": True, lora_lib.RNG: True, "dropout": True},
-                      in_axes=in_axes, length=c.n_layers,
-                      metadata_params={nn.PARTITION_NAME: "layers"})
+      stack = nn.scan(
+          block,
+          variable_axes={"params": 0, lora_lib.COLLECTION: 0},
+          split_rngs={"params": True, lora_lib.RNG: True, "dropout": True},
+          in_axes=in_axes,
+          length=c.n_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )
       cache_args = (tuple(kv_cache), positions) if partial else ()
       x, kv = stack(c, return_kv, name="blocks")(x, mask, cos, sin, *cache_args)
     else:
@@ -374,11 +402,12 @@ class LLaDA(nn.Module):
     if select is not None:
       x = _select_positions(x, select)
     x = RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="ln_f")(x)
-    head = self.param("lm_head", nn.with_logical_partitioning(init, ("embed", "vocab")),
-                      (c.d_model, c.vocab_size), c.param_dtype)
+    head = self.param(
+        "lm_head", nn.with_logical_partitioning(init, ("embed", "vocab")), (c.d_model, c.vocab_size), c.param_dtype
+    )
     out_axis = "vocab"
     if head_rows is not None:
-      head = head[:, head_rows[0]:head_rows[0] + head_rows[1]]
+      head = head[:, head_rows[0] : head_rows[0] + head_rows[1]]
       out_axis = "codebook"
     logits = jnp.einsum("bld,dv->blv", x, head.astype(c.dtype), preferred_element_type=jnp.float32)
     logits = _constrain(logits, ("batch", "length", out_axis))

@@ -22,6 +22,7 @@ submodules (new param paths everywhere); its LoRA params share the ``params`` co
 base, so adapters-off needs a second wrapped model; and its dropout is always on when the rate is
 positive (``deterministic=False``), so the rollout and reference passes would need a third.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,6 +50,7 @@ class LoraConfig:
     dropout: dropout rate on the adapters' input in gradient passes, in [0, 1).
     targets: regex, fully matched against the projection names (``PROJECTIONS``).
   """
+
   rank: int
   alpha: float
   dropout: float = 0.0
@@ -57,19 +59,21 @@ class LoraConfig:
   def __post_init__(self):
     if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)) or self.rank <= 0:
       raise ValueError(f"model.lora.rank={self.rank!r}: must be an int > 0 (0 or None: no LoRA)")
-    if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not \
-        np.isfinite(self.alpha) or self.alpha <= 0:
+    if (
+        isinstance(self.alpha, bool)
+        or not isinstance(self.alpha, (int, float))
+        or not np.isfinite(self.alpha)
+        or self.alpha <= 0
+    ):
       raise ValueError(f"model.lora.alpha={self.alpha!r}: must be a finite number > 0")
-    if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or \
-        not 0 <= self.dropout < 1:
+    if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
       raise ValueError(f"model.lora.dropout={self.dropout!r}: must be a number in [0, 1)")
     try:
       pattern = re.compile(self.targets)
     except (re.error, TypeError) as e:
       raise ValueError(f"model.lora.targets={self.targets!r}: not a regex ({e})") from None
     if not any(pattern.fullmatch(n) for n in PROJECTIONS):
-      raise ValueError(f"model.lora.targets={self.targets!r} matches none of the projections "
-                       f"{PROJECTIONS}")
+      raise ValueError(f"model.lora.targets={self.targets!r} matches none of the projections " f"{PROJECTIONS}")
     object.__setattr__(self, "rank", int(self.rank))
     object.__setattr__(self, "alpha", float(self.alpha))
     object.__setattr__(self, "dropout", float(self.dropout))
@@ -120,9 +124,18 @@ def _specs(spec: str, n_in: int) -> tuple[str, str]:
   return f"{lhs},{contracted}{r}->{kept}{r}", f"{kept}{r},{r}{rhs[n_in:]}->{out}"
 
 
-def delta(module: nn.Module, lora: LoraConfig | None, name: str, x: jax.Array, spec: str,
-          in_shape: tuple[int, ...], feats: tuple[int, ...], names: Sequence[str | None], dtype: Any,
-          param_dtype: Any) -> jax.Array | None:
+def delta(
+    module: nn.Module,
+    lora: LoraConfig | None,
+    name: str,
+    x: jax.Array,
+    spec: str,
+    in_shape: tuple[int, ...],
+    feats: tuple[int, ...],
+    names: Sequence[str | None],
+    dtype: Any,
+    param_dtype: Any,
+) -> jax.Array | None:
   """The LoRA term of projection ``name`` inside ``module``, or None: not targeted, or the apply
   has no ``'lora'`` collection (adapters off) and is not creating one.
 
@@ -142,14 +155,14 @@ def delta(module: nn.Module, lora: LoraConfig | None, name: str, x: jax.Array, s
   if not (creating or module.has_variable(COLLECTION, a_name)):
     return None
   n_in = len(in_shape)
-  a_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=tuple(range(n_in)),
-                                            out_axis=-1)
+  a_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=tuple(range(n_in)), out_axis=-1)
   boxed = lambda init, axes: lambda shape: nn.with_logical_partitioning(init, axes)(
-      module.make_rng(RNG), shape, param_dtype)
-  a = module.variable(COLLECTION, a_name, boxed(a_init, tuple(names[:n_in]) + (None,)),
-                      in_shape + (lora.rank,)).value
-  b = module.variable(COLLECTION, b_name, boxed(nn.initializers.zeros, ("lora_rank",) + tuple(names[n_in:])),
-                      (lora.rank,) + feats).value
+      module.make_rng(RNG), shape, param_dtype
+  )
+  a = module.variable(COLLECTION, a_name, boxed(a_init, tuple(names[:n_in]) + (None,)), in_shape + (lora.rank,)).value
+  b = module.variable(
+      COLLECTION, b_name, boxed(nn.initializers.zeros, ("lora_rank",) + tuple(names[n_in:])), (lora.rank,) + feats
+  ).value
   if lora.dropout and module.has_rng("dropout"):
     keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - lora.dropout, x.shape)
     x = jnp.where(keep, x / (1.0 - lora.dropout), 0).astype(x.dtype)
@@ -164,6 +177,7 @@ def merge(lora: LoraConfig, base: Any, adapters: Any) -> Any:
   Works on the scanned (leading ``layers`` axis) and unscanned layouts alike: ``adapters`` mirror
   the base tree, each block's ``{name}_a`` / ``{name}_b`` beside its kernel ``name``.
   """
+
   def fold(base_node, lora_node):
     out = dict(base_node)
     for key, sub in lora_node.items():

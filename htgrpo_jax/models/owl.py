@@ -18,6 +18,7 @@ with grey (0.5) at the bottom/right and resizes, OWL-ViT resizes without keeping
 ``preprocess`` here does OWLv2's for square or padded inputs with a bilinear antialiased resize (not
 the HF processor's scipy-based one, so its pixels agree with HF's only approximately).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,6 +39,7 @@ KINDS = ("owlv2", "owlvit")
 class OwlConfig:
   """``clip``: the CLIP towers (text pooled at argmax(ids): ``clip.text.eos_token_id`` None);
   ``kind``: 'owlv2' (objectness head) or 'owlvit'."""
+
   clip: clip.CLIPConfig
   kind: str = "owlv2"
 
@@ -47,8 +49,10 @@ class OwlConfig:
     if self.clip.text.eos_token_id is not None:
       raise ValueError("OwlConfig: OWL pools text at argmax(ids); clip.text.eos_token_id must be None")
     if self.clip.projection_dim != self.clip.text.hidden_size:
-      raise ValueError(f"OwlConfig: the class head maps patches to text.hidden_size "
-                       f"({self.clip.text.hidden_size}), which must equal projection_dim ({self.clip.projection_dim})")
+      raise ValueError(
+          f"OwlConfig: the class head maps patches to text.hidden_size "
+          f"({self.clip.text.hidden_size}), which must equal projection_dim ({self.clip.projection_dim})"
+      )
 
   @property
   def grid(self) -> int:
@@ -57,17 +61,22 @@ class OwlConfig:
 
 def _owl_clip(vision: dict, text: dict, proj: int) -> clip.CLIPConfig:
   # OWL's text tower has 16 positions (queries are short class names).
-  return clip.CLIPConfig(vision=clip.VisionConfig(**vision), text=clip.TextConfig(max_length=16, **text),
-                         projection_dim=proj)
+  return clip.CLIPConfig(
+      vision=clip.VisionConfig(**vision), text=clip.TextConfig(max_length=16, **text), projection_dim=proj
+  )
 
 
 PRESETS: dict[str, OwlConfig] = {
     # google/owlv2-base-patch16(-ensemble): 960 px, 60 x 60 patches.
     "owlv2_b16": OwlConfig(_owl_clip(dict(patch_size=16, image_size=960), {}, 512)),
     # google/owlv2-large-patch14(-ensemble): 1008 px, 72 x 72 patches.
-    "owlv2_l14": OwlConfig(_owl_clip(dict(hidden_size=1024, num_layers=24, num_heads=16, mlp_size=4096,
-                                          patch_size=14, image_size=1008),
-                                     dict(hidden_size=768, num_heads=12, mlp_size=3072), 768)),
+    "owlv2_l14": OwlConfig(
+        _owl_clip(
+            dict(hidden_size=1024, num_layers=24, num_heads=16, mlp_size=4096, patch_size=14, image_size=1008),
+            dict(hidden_size=768, num_heads=12, mlp_size=3072),
+            768,
+        )
+    ),
     # google/owlvit-base-patch32: 768 px, 24 x 24 patches.
     "owlvit_b32": OwlConfig(_owl_clip(dict(patch_size=32, image_size=768), {}, 512), kind="owlvit"),
 }
@@ -94,6 +103,7 @@ def box_bias(grid: int) -> np.ndarray:
 
 class MLPHead(nn.Module):
   """``dense2(gelu(dense1(gelu(dense0(x)))))`` (exact GELU), HF's box / objectness head."""
+
   out: int
   config: clip.CLIPConfig
 
@@ -108,6 +118,7 @@ class MLPHead(nn.Module):
 
 class ClassHead(nn.Module):
   """feats ``[B, N, D]``, queries ``[B, Q, P]``, mask ``bool[B, Q]`` -> logits ``float32[B, N, Q]``."""
+
   config: clip.CLIPConfig
 
   @nn.compact
@@ -136,6 +147,7 @@ class OwlDetector(nn.Module):
   ``text_queries(ids)`` -> ``[M, P]`` unit query embeddings; ``detect(pixels, queries [B, Q, P],
   query_mask)`` the same dict for precomputed queries (class names are embedded once, reused).
   """
+
   config: OwlConfig
 
   def setup(self):
@@ -145,8 +157,9 @@ class OwlDetector(nn.Module):
     self.box_head = MLPHead(4, c)
     if self.config.kind == "owlv2":
       self.objectness_head = MLPHead(1, c)
-    self.layer_norm = nn.LayerNorm(epsilon=c.vision.layer_norm_eps, use_fast_variance=False, dtype=c.dtype,
-                                   param_dtype=c.param_dtype)
+    self.layer_norm = nn.LayerNorm(
+        epsilon=c.vision.layer_norm_eps, use_fast_variance=False, dtype=c.dtype, param_dtype=c.param_dtype
+    )
 
   def image_feats(self, pixels):
     tokens = self.clip.vision_model(pixels)
@@ -188,8 +201,9 @@ def text_queries(params: Any, ids: jax.Array, config: OwlConfig) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def detect(params: Any, pixels: jax.Array, queries: jax.Array, query_mask: jax.Array | None,
-           config: OwlConfig) -> dict[str, jax.Array]:
+def detect(
+    params: Any, pixels: jax.Array, queries: jax.Array, query_mask: jax.Array | None, config: OwlConfig
+) -> dict[str, jax.Array]:
   """Jitted ``OwlDetector.detect`` without ``feats``: normalised ``pixels [B, S, S, 3]``, ``queries
   float32[B, Q, P]``, ``query_mask bool[B, Q]`` (or None)."""
   out = OwlDetector(config).apply({"params": params}, pixels, queries, query_mask, method="detect")
@@ -202,6 +216,7 @@ def preprocess(images: jax.Array, size: int) -> jax.Array:
   0.5 (OWLv2's processor), antialiased bilinear resize, CLIP normalisation. Boxes then are
   relative to the padded square (side ``max(H, W)``)."""
   from htgrpo_jax.models import clip_image
+
   b, h, w = images.shape[:3]
   side = max(h, w)
   x = images.astype(jnp.float32) / 255.0
@@ -217,8 +232,14 @@ def to_corners(boxes: np.ndarray, side: float) -> np.ndarray:
   return np.concatenate([cxcy - wh / 2, cxcy + wh / 2], -1) * side
 
 
-def detections(logits: np.ndarray, boxes: np.ndarray, classes: Sequence[str], side: float,
-               threshold: float = 0.1, max_per_class: int = 16) -> dict[str, list[dict]]:
+def detections(
+    logits: np.ndarray,
+    boxes: np.ndarray,
+    classes: Sequence[str],
+    side: float,
+    threshold: float = 0.1,
+    max_per_class: int = 16,
+) -> dict[str, list[dict]]:
   """One image's outputs -> ``{class: [{"box": (x0, y0, x1, y1), "score": p}, ...]}`` for
   ``rewards.geneval.evaluate``.
 
@@ -233,7 +254,7 @@ def detections(logits: np.ndarray, boxes: np.ndarray, classes: Sequence[str], si
       (queries past ``len(classes)`` are ignored); side: the model input's square side in the
       image's pixels (``max(H, W)`` for OWLv2's padding).
   """
-  logits = np.asarray(logits, np.float64)[:, :len(classes)]
+  logits = np.asarray(logits, np.float64)[:, : len(classes)]
   best = logits.argmax(-1)
   score = 1.0 / (1.0 + np.exp(-logits.max(-1)))
   corners = to_corners(boxes, side)

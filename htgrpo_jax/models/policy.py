@@ -6,6 +6,7 @@ the codebook rows before the matmul); ``make_canvas_logits_fn`` composes it with
 ``CanvasLogitsFn`` of contracts.py. Params are the plain (unboxed) ``params`` collection; their
 shardings come from the modules' logical axis names through ``parallel.LOGICAL_RULES``.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -130,11 +131,16 @@ def make_cached_logits(config: LLaDAConfig, layout: Layout) -> CachedLogits:
     rows = jnp.ones((prompt.shape[0], layout.seq_len), bool)
     if layout.pad_id is None:
       return rows
-    pad = jnp.zeros(rows.shape, bool).at[:, :layout.prompt_length].set(prompt == layout.pad_id)
+    pad = jnp.zeros(rows.shape, bool).at[:, : layout.prompt_length].set(prompt == layout.pad_id)
     return rows & ~pad
 
-  return CachedLogits(seq_len=layout.seq_len, image_positions=np.asarray(layout.image_positions),
-                      full=full, partial=partial, selectable=selectable)
+  return CachedLogits(
+      seq_len=layout.seq_len,
+      image_positions=np.asarray(layout.image_positions),
+      full=full,
+      partial=partial,
+      selectable=selectable,
+  )
 
 
 def _boxed_init(config: LLaDAConfig, layout: Layout) -> Callable[[jax.Array], Any]:
@@ -183,8 +189,10 @@ def _checked_shardings(boxed: Any, mesh: Mesh, what: str) -> Any:
       names = (axes,) if isinstance(axes, str) else tuple(axes or ())
       ways = int(np.prod([mesh.shape[a] for a in names]))
       if dim % ways:
-        raise ValueError(f"{what} {jax.tree_util.keystr(path)} shape {leaf.shape}: dim {dim} does not "
-                         f"divide by mesh axes {names} ({ways}); round the model size up")
+        raise ValueError(
+            f"{what} {jax.tree_util.keystr(path)} shape {leaf.shape}: dim {dim} does not "
+            f"divide by mesh axes {names} ({ways}); round the model size up"
+        )
   return shardings
 
 
@@ -213,15 +221,13 @@ def _boxed_adapter_init(config: LLaDAConfig, layout: Layout) -> Callable[[jax.Ar
 
 def abstract_adapters(config: LLaDAConfig, layout: Layout, mesh: Mesh | None = None) -> Any:
   """``jax.ShapeDtypeStruct`` adapters (with shardings when ``mesh`` is given); nothing allocated."""
-  return _abstract(_boxed_adapter_init(config, layout),
-                   mesh and (lambda: adapter_shardings(config, layout, mesh)))
+  return _abstract(_boxed_adapter_init(config, layout), mesh and (lambda: adapter_shardings(config, layout, mesh)))
 
 
 def adapter_shardings(config: LLaDAConfig, layout: Layout, mesh: Mesh) -> Any:
   """Pytree of ``NamedSharding`` for the adapters: A like its kernel's input dims, B like its
   output dims with its rank dim (logical ``lora_rank``) over fsdp."""
-  return _checked_shardings(jax.eval_shape(_boxed_adapter_init(config, layout), jax.random.key(0)),
-                            mesh, "adapter")
+  return _checked_shardings(jax.eval_shape(_boxed_adapter_init(config, layout), jax.random.key(0)), mesh, "adapter")
 
 
 def init_adapters(config: LLaDAConfig, layout: Layout, key: jax.Array, mesh: Mesh | None = None) -> Any:

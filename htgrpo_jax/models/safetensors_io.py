@@ -8,6 +8,7 @@ little-endian header length N, N bytes of JSON
 ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`` (offsets
 relative to the first byte after the header), then the raw little-endian C-order data.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,15 +21,26 @@ import numpy as np
 
 # safetensors dtype name -> numpy dtype (little-endian; the format's byte order).
 SAFETENSORS_DTYPES = {
-    "BOOL": np.dtype(np.bool_), "U8": np.dtype("u1"), "I8": np.dtype("i1"),
-    "U16": np.dtype("<u2"), "I16": np.dtype("<i2"), "U32": np.dtype("<u4"), "I32": np.dtype("<i4"),
-    "U64": np.dtype("<u8"), "I64": np.dtype("<i8"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4"),
-    "F64": np.dtype("<f8"), "C64": np.dtype("<c8"), "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "BOOL": np.dtype(np.bool_),
+    "U8": np.dtype("u1"),
+    "I8": np.dtype("i1"),
+    "U16": np.dtype("<u2"),
+    "I16": np.dtype("<i2"),
+    "U32": np.dtype("<u4"),
+    "I32": np.dtype("<i4"),
+    "U64": np.dtype("<u8"),
+    "I64": np.dtype("<i8"),
+    "F16": np.dtype("<f2"),
+    "F32": np.dtype("<f4"),
+    "F64": np.dtype("<f8"),
+    "C64": np.dtype("<c8"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
     "F8_E4M3FNUZ": np.dtype(ml_dtypes.float8_e4m3fnuz),
     "F8_E5M2FNUZ": np.dtype(ml_dtypes.float8_e5m2fnuz),
 }
-_MAX_HEADER = 100 * 2 ** 20  # safetensors' own limit on the JSON header
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 
 
 class SafetensorsFile:
@@ -73,15 +85,15 @@ class SafetensorsFile:
         shape = tuple(int(d) for d in info["shape"])
         begin, end = (int(o) for o in info["data_offsets"])
       except (KeyError, TypeError, ValueError):
-        raise ValueError(f"tensor {name}: bad header entry {info!r} (dtypes known: "
-                         f"{', '.join(SAFETENSORS_DTYPES)})") from None
+        raise ValueError(
+            f"tensor {name}: bad header entry {info!r} (dtypes known: " f"{', '.join(SAFETENSORS_DTYPES)})"
+        ) from None
       if min(shape, default=0) < 0 or not 0 <= begin <= end:
         raise ValueError(f"tensor {name}: bad shape {shape} or offsets {[begin, end]}")
       if end - begin != math.prod(shape) * dtype.itemsize:
         raise ValueError(f"tensor {name}: {end - begin} bytes for shape {shape} of {info['dtype']}")
       if end > available:
-        raise ValueError(f"tensor {name} ends at byte {end} of a {available}-byte data section "
-                         "(truncated)")
+        raise ValueError(f"tensor {name} ends at byte {end} of a {available}-byte data section " "(truncated)")
       tensors[name] = (dtype, shape, begin)
     return tensors, metadata, 8 + n
 
@@ -107,8 +119,9 @@ class SafetensorsFile:
     while got < len(buf):
       k = self._f.readinto(buf[got:])
       if not k:
-        raise ValueError(f"tensor {key}: file {self.path} ended after {got} of {len(buf)} bytes "
-                         "(truncated while open?)")
+        raise ValueError(
+            f"tensor {key}: file {self.path} ended after {got} of {len(buf)} bytes " "(truncated while open?)"
+        )
       got += k
     if sys.byteorder == "big" and dtype.itemsize > 1:
       out = out.byteswap()  # the data is little-endian; ml_dtypes types are native-order
@@ -130,23 +143,26 @@ def open_safetensors(path: str) -> SafetensorsFile:
   try:
     return SafetensorsFile(path)
   except (ValueError, OSError) as e:  # the file is unusable
-    raise ValueError(f"safetensors file {path} is unreadable (truncated or not safetensors?): "
-                     f"{type(e).__name__}: {e}") from None
+    raise ValueError(
+        f"safetensors file {path} is unreadable (truncated or not safetensors?): " f"{type(e).__name__}: {e}"
+    ) from None
 
 
 _NP_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
-def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None
-                      ) -> None:
+def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
   """Writes ``tensors`` as one ``.safetensors`` file (the format ``SafetensorsFile`` reads; BF16
   through ``ml_dtypes``), atomically (a temporary file, then renamed)."""
   header, offset = {}, 0
   for name, arr in tensors.items():
     if arr.dtype not in _NP_TO_SAFETENSORS:
       raise ValueError(f"tensor {name}: dtype {arr.dtype} has no safetensors name")
-    header[name] = {"dtype": _NP_TO_SAFETENSORS[arr.dtype], "shape": list(arr.shape),
-                    "data_offsets": [offset, offset + arr.nbytes]}
+    header[name] = {
+        "dtype": _NP_TO_SAFETENSORS[arr.dtype],
+        "shape": list(arr.shape),
+        "data_offsets": [offset, offset + arr.nbytes],
+    }
     offset += arr.nbytes
   if metadata:
     header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}

@@ -8,6 +8,7 @@ Metadata keyword arguments are per-prompt lists (e.g. ``meta=[PromptMeta, ...]``
 a reward ignores keys it does not know (hence ``**metadata``). Host-side numpy, never jitted:
 rewards run between the sampler and the update.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
@@ -16,8 +17,16 @@ import numpy as np
 
 from htgrpo_jax.contracts import RewardFn
 
-__all__ = ["RewardError", "RewardFn", "WeightedReward", "as_weighted", "check_images", "group_normalize",
-           "validate_rewards", "weighted"]
+__all__ = [
+    "RewardError",
+    "RewardFn",
+    "WeightedReward",
+    "as_weighted",
+    "check_images",
+    "group_normalize",
+    "validate_rewards",
+    "weighted",
+]
 
 
 def check_images(name: str, prompts: Sequence[str], images: np.ndarray) -> np.ndarray:
@@ -28,11 +37,12 @@ def check_images(name: str, prompts: Sequence[str], images: np.ndarray) -> np.nd
   """
   images = np.asarray(images)
   if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-    raise ValueError(f"reward {name!r}: images must be uint8[B, H, W, 3], got "
-                     f"{images.dtype}{list(images.shape)}")
+    raise ValueError(f"reward {name!r}: images must be uint8[B, H, W, 3], got " f"{images.dtype}{list(images.shape)}")
   if isinstance(prompts, str) or len(prompts) != images.shape[0]:
-    raise ValueError(f"reward {name!r}: {images.shape[0]} images but "
-                     f"{'a bare string' if isinstance(prompts, str) else len(prompts)} prompts")
+    raise ValueError(
+        f"reward {name!r}: {images.shape[0]} images but "
+        f"{'a bare string' if isinstance(prompts, str) else len(prompts)} prompts"
+    )
   return images
 
 
@@ -57,8 +67,9 @@ def validate_rewards(name: str, scores: Any, batch: int) -> np.ndarray:
     raise ValueError(f"reward {name!r}: returned dtype {s.dtype}, expected a float dtype")
   bad = ~np.isfinite(s)
   if bad.any():
-    raise ValueError(f"reward {name!r}: non-finite scores at indices {np.flatnonzero(bad)[:8].tolist()}"
-                     f" ({s[bad][:4].tolist()})")
+    raise ValueError(
+        f"reward {name!r}: non-finite scores at indices {np.flatnonzero(bad)[:8].tolist()}" f" ({s[bad][:4].tolist()})"
+    )
   return s.astype(np.float32)
 
 
@@ -71,8 +82,7 @@ def named_error(name: str, e: Exception, rows: str = "") -> Exception:
   clients), else a ``RewardError`` naming it, to raise ``from e``."""
   if f"reward {name!r}" in str(e):
     return e
-  return RewardError(f"reward {name!r} failed{' on rows ' + rows if rows else ''}: "
-                     f"{type(e).__name__}: {e}"[:2000])
+  return RewardError(f"reward {name!r} failed{' on rows ' + rows if rows else ''}: " f"{type(e).__name__}: {e}"[:2000])
 
 
 def group_normalize(x: np.ndarray, group_size: int, eps: float = 1e-6) -> np.ndarray:
@@ -107,8 +117,12 @@ class WeightedReward:
     eps: of ``group_normalize``.
   """
 
-  def __init__(self, components: Mapping[str, tuple[Callable[..., Any], float, bool]],
-               group_size: int | None = None, eps: float = 1e-6):
+  def __init__(
+      self,
+      components: Mapping[str, tuple[Callable[..., Any], float, bool]],
+      group_size: int | None = None,
+      eps: float = 1e-6,
+  ):
     if not components:
       raise ValueError("WeightedReward: needs at least one component")
     for name, spec in components.items():
@@ -119,15 +133,15 @@ class WeightedReward:
         raise ValueError(f"reward {name!r} has weight {w!r}; expected a finite number")
       if not isinstance(norm, bool):
         raise ValueError(f"reward {name!r} has group_norm={norm!r}; expected True or False")
-    if any(spec[2] for spec in components.values()) and not (
-        isinstance(group_size, int) and group_size >= 1):
+    if any(spec[2] for spec in components.values()) and not (isinstance(group_size, int) and group_size >= 1):
       raise ValueError(f"WeightedReward: group_norm needs the group size, got group_size={group_size!r}")
     self.specs = dict(components)
     self.group_size, self.eps = group_size, eps
     self.name = "+".join(self.specs)
 
-  def components(self, prompts: Sequence[str], images: np.ndarray, *, rows: str = "", **metadata: Any
-                 ) -> dict[str, np.ndarray]:
+  def components(
+      self, prompts: Sequence[str], images: np.ndarray, *, rows: str = "", **metadata: Any
+  ) -> dict[str, np.ndarray]:
     """``{name: float32[B]}`` raw validated scores of each component (before normalisation).
 
     Raises:

@@ -19,6 +19,7 @@ QuickGELU). Crops of every object of a batch are one jitted program whatever the
 Both take a ``CLIPBundle`` (config, params, tokenizer): ``load_clip`` reads an HF ``CLIPModel``
 dir or an open_clip safetensors file and a local tokenizer dir.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,8 +37,11 @@ from htgrpo_jax.rewards.base import check_images
 from htgrpo_jax.rewards.geneval import COLORS
 from htgrpo_jax.rewards.registry import REWARDS
 
-GENEVAL_COLOR_TEMPLATES = ("a photo of a {color} {object}", "a photo of a {color}-colored {object}",
-                           "a photo of a {color} object")
+GENEVAL_COLOR_TEMPLATES = (
+    "a photo of a {color} {object}",
+    "a photo of a {color}-colored {object}",
+    "a photo of a {color} object",
+)
 GENEVAL_BACKGROUND = (153, 153, 153)  # GenEval's bgcolor "#999"
 GENEVAL_LOGIT_SCALE = 100.0  # clip_benchmark's run_classification
 LAYOUTS = ("hf", "open_clip")
@@ -46,13 +50,20 @@ LAYOUTS = ("hf", "open_clip")
 @dataclasses.dataclass(frozen=True)
 class CLIPBundle:
   """A CLIP model ready to run: ``config`` (``clip.CLIPConfig``), ``params``, ``tokenizer``."""
+
   config: clip.CLIPConfig
   params: Any
   tokenizer: Any
 
 
-def load_clip(checkpoint: str, tokenizer: str | None = None, *, layout: str = "hf",
-              config: clip.CLIPConfig | str | None = None, mesh=None) -> CLIPBundle:
+def load_clip(
+    checkpoint: str,
+    tokenizer: str | None = None,
+    *,
+    layout: str = "hf",
+    config: clip.CLIPConfig | str | None = None,
+    mesh=None,
+) -> CLIPBundle:
   """Loads CLIP weights and a local tokenizer.
 
   Args:
@@ -69,6 +80,7 @@ def load_clip(checkpoint: str, tokenizer: str | None = None, *, layout: str = "h
     ValueError naming the argument or tensor at fault.
   """
   from htgrpo_jax.models import clip_convert
+
   if layout not in LAYOUTS:
     raise ValueError(f"load_clip: layout={layout!r}; expected one of {LAYOUTS}")
   if isinstance(config, str):
@@ -97,6 +109,7 @@ def on_mesh(mesh, *arrays: np.ndarray) -> tuple[Any, ...]:
   if mesh is None:
     return tuple(jnp.asarray(a) for a in arrays)
   from htgrpo_jax import parallel
+
   mesh = parallel.auto_mesh(mesh)
   div = parallel.batch_size_divisor(mesh)
   out = []
@@ -112,6 +125,7 @@ def on_mesh(mesh, *arrays: np.ndarray) -> tuple[Any, ...]:
 def to_numpy(x: jax.Array, n: int) -> np.ndarray:
   """The first ``n`` rows of a (possibly sharded) device array, as numpy."""
   from htgrpo_jax import parallel
+
   return np.asarray(parallel.to_host(x) if isinstance(x, jax.Array) else x)[:n]
 
 
@@ -121,8 +135,10 @@ def token_ids(bundle: CLIPBundle, texts: Sequence[str], who: str) -> np.ndarray:
   silently read NaN)."""
   ids = clip.tokenize(bundle.tokenizer, texts, bundle.config.text.max_length)
   if ids.size and (ids.min() < 0 or ids.max() >= bundle.config.text.vocab_size):
-    raise ValueError(f"{who}: the tokenizer gives id {int(ids.max())} but the model's vocab_size is "
-                     f"{bundle.config.text.vocab_size} (tokenizer and checkpoint do not match)")
+    raise ValueError(
+        f"{who}: the tokenizer gives id {int(ids.max())} but the model's vocab_size is "
+        f"{bundle.config.text.vocab_size} (tokenizer and checkpoint do not match)"
+    )
   return ids
 
 
@@ -144,6 +160,7 @@ class CLIPScore:
     prefix: prepended to every prompt (Hessel et al. use "A photo depicts "; default none).
     mesh: run data-parallel over this mesh (``on_mesh``; load the params with ``mesh=`` too).
   """
+
   name = "clipscore"
 
   def __init__(self, bundle: CLIPBundle, *, weight: float = 2.5, prefix: str = "", mesh=None):
@@ -164,9 +181,15 @@ class CLIPScore:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "background"))
-def color_logits(params: Any, images: jax.Array, boxes: jax.Array, masks: jax.Array | None,
-                 weights: jax.Array, config: clip.CLIPConfig,
-                 background: tuple[int, int, int] = GENEVAL_BACKGROUND) -> jax.Array:
+def color_logits(
+    params: Any,
+    images: jax.Array,
+    boxes: jax.Array,
+    masks: jax.Array | None,
+    weights: jax.Array,
+    config: clip.CLIPConfig,
+    background: tuple[int, int, int] = GENEVAL_BACKGROUND,
+) -> jax.Array:
   """GenEval's colour logits of every object.
 
   Args:
@@ -197,9 +220,15 @@ class ColorClassifier:
   and one class (a list of colour names).
   """
 
-  def __init__(self, bundle: CLIPBundle, *, colors: Sequence[str] = COLORS,
-               templates: Sequence[str] = GENEVAL_COLOR_TEMPLATES,
-               background: tuple[int, int, int] = GENEVAL_BACKGROUND, mesh=None):
+  def __init__(
+      self,
+      bundle: CLIPBundle,
+      *,
+      colors: Sequence[str] = COLORS,
+      templates: Sequence[str] = GENEVAL_COLOR_TEMPLATES,
+      background: tuple[int, int, int] = GENEVAL_BACKGROUND,
+      mesh=None,
+  ):
     for t in templates:
       if "{color}" not in t:
         raise ValueError(f"ColorClassifier: template {t!r} has no {{color}} field")
@@ -220,8 +249,9 @@ class ColorClassifier:
       self._weights[classname] = emb / np.linalg.norm(emb, axis=-1, keepdims=True)
     return self._weights[classname]
 
-  def logits(self, images: np.ndarray, boxes: np.ndarray, classes: Sequence[Sequence[str]],
-             masks: np.ndarray | None = None) -> np.ndarray:
+  def logits(
+      self, images: np.ndarray, boxes: np.ndarray, classes: Sequence[Sequence[str]], masks: np.ndarray | None = None
+  ) -> np.ndarray:
     """``float32[B, K, C]`` logits for ``boxes float[B, K, 4]`` of class ``classes[b][k]``.
 
     Raises:
@@ -241,8 +271,11 @@ class ColorClassifier:
       masks = np.asarray(masks, bool)
       if masks.shape != (b, k, h, w):
         raise ValueError(f"ColorClassifier: masks must be bool[{b}, {k}, {h}, {w}], got {list(masks.shape)}")
-    weights = np.stack([np.stack([self.class_weights(c) for c in row]) for row in classes]) if k else \
-        np.zeros((b, 0, len(self.colors), self.bundle.config.projection_dim), np.float32)
+    weights = (
+        np.stack([np.stack([self.class_weights(c) for c in row]) for row in classes])
+        if k
+        else np.zeros((b, 0, len(self.colors), self.bundle.config.projection_dim), np.float32)
+    )
     if masks is None:
       x, bx, wt = on_mesh(self.mesh, images, boxes, weights)
       m = None
@@ -251,14 +284,19 @@ class ColorClassifier:
     out = color_logits(self.bundle.params, x, bx, m, wt, self.bundle.config, self.background)
     return to_numpy(out, b).astype(np.float32)
 
-  def __call__(self, image: np.ndarray, classname: str, boxes: np.ndarray,
-               masks: np.ndarray | None = None) -> list[str]:
+  def __call__(
+      self, image: np.ndarray, classname: str, boxes: np.ndarray, masks: np.ndarray | None = None
+  ) -> list[str]:
     """GenEval's ``color_classification(image, bboxes, classname)``: the colour of each box."""
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
     if not len(boxes):
       return []
-    logits = self.logits(np.asarray(image)[None], boxes[None], [[classname] * len(boxes)],
-                         None if masks is None else np.asarray(masks)[None])[0]
+    logits = self.logits(
+        np.asarray(image)[None],
+        boxes[None],
+        [[classname] * len(boxes)],
+        None if masks is None else np.asarray(masks)[None],
+    )[0]
     return [self.colors[i] for i in logits.argmax(-1)]
 
 
@@ -271,6 +309,7 @@ def local_mesh(data_parallel: bool):
   if not data_parallel:
     return None
   from htgrpo_jax import parallel
+
   return parallel.make_mesh(data=-1, fsdp=1, tensor=1, devices=jax.local_devices())
 
 
@@ -287,8 +326,14 @@ def local_path(value: str, option: str) -> str:
   return value
 
 
-def load_clip_options(checkpoint: str, tokenizer: str, layout: str, preset: str, mesh,
-                      names: Sequence[str] = ("checkpoint", "tokenizer", "layout", "preset")) -> CLIPBundle:
+def load_clip_options(
+    checkpoint: str,
+    tokenizer: str,
+    layout: str,
+    preset: str,
+    mesh,
+    names: Sequence[str] = ("checkpoint", "tokenizer", "layout", "preset"),
+) -> CLIPBundle:
   """``load_clip`` from a reward's string options ("" = unset), with errors naming the option at
   fault (``names``: how the reward calls its checkpoint, tokenizer, layout and preset options)."""
   n_ckpt, n_tok, n_layout, n_preset = names
@@ -300,15 +345,23 @@ def load_clip_options(checkpoint: str, tokenizer: str, layout: str, preset: str,
   if preset and preset not in clip.PRESETS:
     raise ValueError(f"{n_preset}={preset!r}: must be one of {tuple(clip.PRESETS)} ('' = config.json)")
   if layout == "open_clip" and not (preset and tokenizer):
-    raise ValueError(f"{n_layout}='open_clip' needs {n_preset} (one of {tuple(clip.PRESETS)}) and {n_tok} "
-                     "(a local tokenizer dir)")
+    raise ValueError(
+        f"{n_layout}='open_clip' needs {n_preset} (one of {tuple(clip.PRESETS)}) and {n_tok} " "(a local tokenizer dir)"
+    )
   return load_clip(checkpoint, tokenizer or None, layout=layout, config=preset or None, mesh=mesh)
 
 
 @REWARDS.register("clipscore")
-def build_clipscore(checkpoint: str, tokenizer: str = "", layout: str = "hf", preset: str = "",
-                    scale: float = 2.5, prefix: str = "", data_parallel: bool = True,
-                    name: str = "clipscore") -> CLIPScore:
+def build_clipscore(
+    checkpoint: str,
+    tokenizer: str = "",
+    layout: str = "hf",
+    preset: str = "",
+    scale: float = 2.5,
+    prefix: str = "",
+    data_parallel: bool = True,
+    name: str = "clipscore",
+) -> CLIPScore:
   """CLIPScore ``scale * max(cos, 0)`` of a local CLIP checkpoint (``load_clip``).
 
   Args:
@@ -324,7 +377,8 @@ def build_clipscore(checkpoint: str, tokenizer: str = "", layout: str = "hf", pr
   if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale) or scale <= 0:
     raise ValueError(f"scale={scale!r}: must be a positive number")
   mesh = local_mesh(data_parallel)
-  reward = CLIPScore(load_clip_options(checkpoint, tokenizer, layout, preset, mesh), weight=scale,
-                     prefix=prefix, mesh=mesh)
+  reward = CLIPScore(
+      load_clip_options(checkpoint, tokenizer, layout, preset, mesh), weight=scale, prefix=prefix, mesh=mesh
+  )
   reward.name = name
   return reward

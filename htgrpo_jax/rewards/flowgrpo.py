@@ -22,6 +22,7 @@ refuses anything else, e.g. sets), and the chosen field must be a list of ``len(
 real numbers. Transport, retries and deadlines are ``RemoteReward``'s (a 500 is retried as the
 peers' clients do; its text is not unpickled).
 """
+
 from __future__ import annotations
 
 import io
@@ -50,8 +51,10 @@ class _PlainUnpickler(pickle.Unpickler):
   """An unpickler that resolves no global: every GLOBAL / STACK_GLOBAL / EXT opcode ends here."""
 
   def find_class(self, module: str, name: str):
-    raise UnsafePickleError(f"the pickle asks for the global {module}.{name}; refused (only plain "
-                            "dict / list / str / bytes / int / float / bool / None data is accepted)")
+    raise UnsafePickleError(
+        f"the pickle asks for the global {module}.{name}; refused (only plain "
+        "dict / list / str / bytes / int / float / bool / None data is accepted)"
+    )
 
   def persistent_load(self, pid: Any):
     raise UnsafePickleError("the pickle holds a persistent id; refused")
@@ -75,8 +78,10 @@ def loads_plain(data: bytes) -> Any:
   while stack:  # iterative: a deeply nested reply cannot exhaust the recursion limit
     x = stack.pop()
     if type(x) not in _PLAIN:
-      raise UnsafePickleError(f"the pickle holds a {type(x).__name__}; only plain dict / list / "
-                              "tuple / str / bytes / int / float / bool / None are accepted")
+      raise UnsafePickleError(
+          f"the pickle holds a {type(x).__name__}; only plain dict / list / "
+          "tuple / str / bytes / int / float / bool / None are accepted"
+      )
     if isinstance(x, dict):
       stack.extend(x.keys())
       stack.extend(x.values())
@@ -118,40 +123,63 @@ class FlowGRPOGenEval(RemoteReward):
 
   content_type = "application/octet-stream"
 
-  def __init__(self, url: str, name: str = "flowgrpo_geneval", field: str = "scores",
-               only_strict: bool = True, jpeg_quality: int = 95, metadata_key: str = "meta",
-               timeout: float = 120.0, max_retries: int = 3, backoff: float = 1.0,
-               max_reply_bytes: int = 16 << 20):
-    super().__init__(url, name=name, timeout=timeout, max_retries=max_retries, backoff=backoff,
-                     metadata_keys=(metadata_key,), max_reply_bytes=max_reply_bytes)
+  def __init__(
+      self,
+      url: str,
+      name: str = "flowgrpo_geneval",
+      field: str = "scores",
+      only_strict: bool = True,
+      jpeg_quality: int = 95,
+      metadata_key: str = "meta",
+      timeout: float = 120.0,
+      max_retries: int = 3,
+      backoff: float = 1.0,
+      max_reply_bytes: int = 16 << 20,
+  ):
+    super().__init__(
+        url,
+        name=name,
+        timeout=timeout,
+        max_retries=max_retries,
+        backoff=backoff,
+        metadata_keys=(metadata_key,),
+        max_reply_bytes=max_reply_bytes,
+    )
     if field not in SCORE_FIELDS:
       raise ValueError(f"reward {name!r}: field={field!r} must be one of {SCORE_FIELDS}")
     if not isinstance(only_strict, bool):
       raise ValueError(f"reward {name!r}: only_strict={only_strict!r} must be True or False")
     if field == "rewards" and only_strict:
-      raise ValueError(f"reward {name!r}: field='rewards' (GenEval's own 0/1) needs only_strict=False; "
-                       "with only_strict=True the server answers zeros there")
+      raise ValueError(
+          f"reward {name!r}: field='rewards' (GenEval's own 0/1) needs only_strict=False; "
+          "with only_strict=True the server answers zeros there"
+      )
     if isinstance(jpeg_quality, bool) or not isinstance(jpeg_quality, int) or not 1 <= jpeg_quality <= 100:
       raise ValueError(f"reward {name!r}: jpeg_quality={jpeg_quality!r} must be an int in [1, 100]")
     self.field, self.only_strict, self.jpeg_quality = field, only_strict, jpeg_quality
     self.metadata_key = metadata_key
 
-  def _request_body(self, prompts: Sequence[str], images: np.ndarray,
-                    metadata: dict[str, list[Any]]) -> bytes:
+  def _request_body(self, prompts: Sequence[str], images: np.ndarray, metadata: dict[str, list[Any]]) -> bytes:
     records = []
     for i, v in enumerate(metadata[self.metadata_key]):
       try:
         rec = _record(v)
       except ValueError as e:
         raise ValueError(f"reward {self.name!r}: metadata {self.metadata_key!r}[{i}] is not JSON ({e})") from None
-      if not (isinstance(rec, dict) and isinstance(rec.get("tag"), str)
-              and isinstance(rec.get("include"), list)):
-        raise ValueError(f"reward {self.name!r}: metadata {self.metadata_key!r}[{i}] must be a GenEval "
-                         f"record with a 'tag' string and an 'include' list, got {str(rec)[:200]}")
+      if not (isinstance(rec, dict) and isinstance(rec.get("tag"), str) and isinstance(rec.get("include"), list)):
+        raise ValueError(
+            f"reward {self.name!r}: metadata {self.metadata_key!r}[{i}] must be a GenEval "
+            f"record with a 'tag' string and an 'include' list, got {str(rec)[:200]}"
+        )
       records.append({"prompt": str(prompts[i]), **rec})
-    return pickle.dumps({"images": [encode_jpeg(im, self.jpeg_quality) for im in images],
-                         "meta_datas": records, "only_strict": self.only_strict},
-                        protocol=PICKLE_PROTOCOL)
+    return pickle.dumps(
+        {
+            "images": [encode_jpeg(im, self.jpeg_quality) for im in images],
+            "meta_datas": records,
+            "only_strict": self.only_strict,
+        },
+        protocol=PICKLE_PROTOCOL,
+    )
 
   def _scores(self, raw: bytes, n: int) -> np.ndarray:
     try:
@@ -187,19 +215,32 @@ class FlowGRPOGenEval(RemoteReward):
         out = arr
     for f in ("group_rewards", "group_strict_rewards"):
       if f in reply and not isinstance(reply[f], dict):
-        raise self._error(f"reply field {f!r} must be a dict of per-tag lists, got "
-                          f"{type(reply[f]).__name__}")
+        raise self._error(f"reply field {f!r} must be a dict of per-tag lists, got " f"{type(reply[f]).__name__}")
     return out
 
 
 @REWARDS.register("flowgrpo_geneval")
-def build_flowgrpo_geneval(url: str, name: str = "flowgrpo_geneval", field: str = "scores",
-                           only_strict: bool = True, jpeg_quality: int = 95, timeout: float = 120.0,
-                           max_retries: int = 3, backoff: float = 1.0) -> FlowGRPOGenEval:
+def build_flowgrpo_geneval(
+    url: str,
+    name: str = "flowgrpo_geneval",
+    field: str = "scores",
+    only_strict: bool = True,
+    jpeg_quality: int = 95,
+    timeout: float = 120.0,
+    max_retries: int = 3,
+    backoff: float = 1.0,
+) -> FlowGRPOGenEval:
   """Flow-GRPO's GenEval server (``python app_geneval.py`` of ``yifan123/reward-server``)."""
-  return FlowGRPOGenEval(url, name=name, field=field, only_strict=only_strict,
-                         jpeg_quality=jpeg_quality, timeout=timeout, max_retries=max_retries,
-                         backoff=backoff)
+  return FlowGRPOGenEval(
+      url,
+      name=name,
+      field=field,
+      only_strict=only_strict,
+      jpeg_quality=jpeg_quality,
+      timeout=timeout,
+      max_retries=max_retries,
+      backoff=backoff,
+  )
 
 
 __all__ = ["FlowGRPOGenEval", "RemoteRewardError", "UnsafePickleError", "encode_jpeg", "loads_plain"]

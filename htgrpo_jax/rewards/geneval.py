@@ -77,6 +77,7 @@ from Flow-GRPO's code, both so that every check adds exactly one term: its posit
 position is one 0 and a skipped one is a 0. Exclude clauses are checked in both variants (with
 exact counts they are redundant for GenEval's metadata) with the exclude credit above.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -105,6 +106,7 @@ class DetectedObject:
       detectors (the ShapeEval verifier) may use their world's names, matched by string.
     color_probs: probabilities over ``COLORS`` (tuple in that order), used when ``color`` is None.
   """
+
   box: tuple[float, float, float, float]
   score: float = 1.0
   color: str | None = None
@@ -131,6 +133,7 @@ class Check:
     credit: its partial credit in [0, 1] (1.0 iff passed).
     target: for 'position', the target clause index; else -1.
   """
+
   kind: str
   clause: int
   passed: bool
@@ -149,6 +152,7 @@ class Verdict:
     reason: GenEval's failure reasons, one per line ('' when correct).
     checks: the individual checks (what ``dense`` averages).
   """
+
   correct: bool
   strict: float
   dense: float
@@ -165,8 +169,9 @@ def _centre_dims(box: Sequence[float]) -> tuple[float, float, float, float]:
   return (x0 + x1) / 2, (y0 + y1) / 2, abs(x1 - x0), abs(y1 - y0)
 
 
-def direction(box_a: Sequence[float], box_b: Sequence[float],
-              threshold: float = POSITION_THRESHOLD) -> tuple[float, float] | None:
+def direction(
+    box_a: Sequence[float], box_b: Sequence[float], threshold: float = POSITION_THRESHOLD
+) -> tuple[float, float] | None:
   """GenEval's normalised revised offset of box A relative to box B.
 
   Returns:
@@ -188,8 +193,9 @@ def _sign(v: float) -> float:
   return (v > 0) - (v < 0)
 
 
-def relative_position(box_a: Sequence[float], box_b: Sequence[float],
-                      threshold: float = POSITION_THRESHOLD) -> frozenset[str]:
+def relative_position(
+    box_a: Sequence[float], box_b: Sequence[float], threshold: float = POSITION_THRESHOLD
+) -> frozenset[str]:
   """The relations in which box A stands to box B under GenEval's rule (possibly none or two)."""
   d = direction(box_a, box_b, threshold)
   if d is None:
@@ -207,8 +213,9 @@ def relative_position(box_a: Sequence[float], box_b: Sequence[float],
   return frozenset(rel)
 
 
-def relation_strength(box_a: Sequence[float], box_b: Sequence[float], relation: str,
-                      threshold: float = POSITION_THRESHOLD) -> float:
+def relation_strength(
+    box_a: Sequence[float], box_b: Sequence[float], relation: str, threshold: float = POSITION_THRESHOLD
+) -> float:
   """How far A stands ``relation`` B: the component of ``direction`` along the relation.
 
   GenEval's rule holds iff the strength exceeds 0.5; scene generators ask for 0.5 + a margin so
@@ -234,17 +241,22 @@ def as_object(obj: Any) -> DetectedObject:
   elif isinstance(obj, Mapping):
     unknown = set(obj) - {"box", "score", "color", "color_probs"}
     if unknown or "box" not in obj:
-      raise ValueError(f"detection {dict(obj)!r}: needs 'box' and only 'score', 'color', "
-                       f"'color_probs' besides it (unknown: {sorted(unknown)})")
+      raise ValueError(
+          f"detection {dict(obj)!r}: needs 'box' and only 'score', 'color', "
+          f"'color_probs' besides it (unknown: {sorted(unknown)})"
+      )
     probs = obj.get("color_probs")
     if isinstance(probs, Mapping):
       bad = set(probs) - set(COLORS)
       if bad:
-        raise ValueError(f"detection color_probs: unknown colours {sorted(bad)}; GenEval's are "
-                         f"{COLORS}")
+        raise ValueError(f"detection color_probs: unknown colours {sorted(bad)}; GenEval's are " f"{COLORS}")
       probs = tuple(float(probs.get(c, 0.0)) for c in COLORS)
-    o = DetectedObject(tuple(float(v) for v in obj["box"]), float(obj.get("score", 1.0)),
-                       obj.get("color"), None if probs is None else tuple(map(float, probs)))
+    o = DetectedObject(
+        tuple(float(v) for v in obj["box"]),
+        float(obj.get("score", 1.0)),
+        obj.get("color"),
+        None if probs is None else tuple(map(float, probs)),
+    )
   else:
     row = [float(v) for v in obj]
     if len(row) != 5:
@@ -253,8 +265,9 @@ def as_object(obj: Any) -> DetectedObject:
   if len(o.box) != 4 or o.box[2] < o.box[0] or o.box[3] < o.box[1]:
     raise ValueError(f"detection box {o.box}: expected (x0, y0, x1, y1) with x0 <= x1, y0 <= y1")
   if o.color_probs is not None and len(o.color_probs) != len(COLORS):
-    raise ValueError(f"detection color_probs has {len(o.color_probs)} entries; expected "
-                     f"{len(COLORS)} in the order {COLORS}")
+    raise ValueError(
+        f"detection color_probs has {len(o.color_probs)} entries; expected " f"{len(COLORS)} in the order {COLORS}"
+    )
   return o
 
 
@@ -267,8 +280,10 @@ def _check_metadata(metadata: Mapping[str, Any]) -> tuple[list[dict], list[dict]
     if "position" in r:
       rel, target = r["position"]
       if rel not in RELATIONS or not isinstance(target, int) or not 0 <= target < i:
-        raise ValueError(f"metadata include[{i}]: position {r['position']!r} needs a relation of "
-                         f"{RELATIONS} and an earlier include index")
+        raise ValueError(
+            f"metadata include[{i}]: position {r['position']!r} needs a relation of "
+            f"{RELATIONS} and an earlier include index"
+        )
   for i, r in enumerate(exclude):
     if "class" not in r or not isinstance(r.get("count"), int) or r["count"] < 1:
       raise ValueError(f"metadata exclude[{i}] = {r!r}: needs 'class' and an int 'count' >= 1")
@@ -295,8 +310,7 @@ def _admits(include: Sequence[Mapping[str, Any]], clause: int, color: str | None
   return color not in claimed
 
 
-def keep(objects: Iterable[Any], threshold: float, max_objects: int = MAX_OBJECTS
-         ) -> list[DetectedObject]:
+def keep(objects: Iterable[Any], threshold: float, max_objects: int = MAX_OBJECTS) -> list[DetectedObject]:
   """GenEval's per-class filter: score > threshold, highest first (stable), at most max_objects."""
   objs = [o for o in map(as_object, objects) if o.score > threshold]
   order = sorted(range(len(objs)), key=lambda i: -objs[i].score)
@@ -310,6 +324,7 @@ def keep(objects: Iterable[Any], threshold: float, max_objects: int = MAX_OBJECT
 @dataclasses.dataclass
 class _Clause:
   """Per include clause: the candidates and what the checks look at."""
+
   n: int  # number of candidates kept (the worst ordering's, under adversarial ties)
   top: list[DetectedObject]  # objects some ordering puts in the top-count (all, for flow_grpo)
   right: int  # objects of the asked colour in the top-count (worst ordering)
@@ -321,40 +336,56 @@ def _ordered(objs: list[DetectedObject], rank) -> list[int]:
   return sorted(range(len(objs)), key=lambda i: (-objs[i].score, rank(i), i))
 
 
-def _clause_view(objs: list[DetectedObject], in_pool: list[bool], color: str | None, count: int,
-                 variant: str, ties: str, max_objects: int) -> _Clause:
+def _clause_view(
+    objs: list[DetectedObject],
+    in_pool: list[bool],
+    color: str | None,
+    count: int,
+    variant: str,
+    ties: str,
+    max_objects: int,
+) -> _Clause:
   """Candidates of one include clause among a class's thresholded objects ``objs`` (any order)."""
   right_col = [color is None or o.top_color == color for o in objs]
   if variant == "flow_grpo" or ties == "first":
     kept = _ordered(objs, lambda i: 0)[:max_objects]
     pool = [i for i in kept if in_pool[i]]
     top = pool if variant == "flow_grpo" else pool[:count]
-    return _Clause(len(pool), [objs[i] for i in top], sum(right_col[i] for i in top),
-                   [objs[i].top_color for i in top])
+    return _Clause(len(pool), [objs[i] for i in top], sum(right_col[i] for i in top), [objs[i].top_color for i in top])
   # Adversarial: each quantity is taken at the ordering of ties that is worst for it.
   # Fewest candidates kept: tied non-candidates of the class take the capped places first.
   kept = _ordered(objs, lambda i: in_pool[i])[:max_objects]
   n = sum(in_pool[i] for i in kept)
   # Fewest asked-colour objects in the top-count: wrong colours first, asked colour last.
-  kept = _ordered(objs, lambda i: 2 if not in_pool[i] else (3 if right_col[i] else 1)
-                  )[:max_objects]
+  kept = _ordered(objs, lambda i: 2 if not in_pool[i] else (3 if right_col[i] else 1))[:max_objects]
   worst_top = [i for i in kept if in_pool[i]][:count]
   right = sum(right_col[i] for i in worst_top)
   # Every candidate some ordering can put in the top-count: it can survive the cap (score >= the
   # cap's score) and fewer than ``count`` candidates score strictly higher.
   scores = sorted((o.score for o in objs), reverse=True)
   cut = scores[max_objects - 1] if len(scores) > max_objects else -math.inf
-  top = [i for i in range(len(objs)) if in_pool[i] and objs[i].score >= cut and
-         sum(in_pool[j] and objs[j].score > objs[i].score for j in range(len(objs))) < count]
+  top = [
+      i
+      for i in range(len(objs))
+      if in_pool[i]
+      and objs[i].score >= cut
+      and sum(in_pool[j] and objs[j].score > objs[i].score for j in range(len(objs))) < count
+  ]
   top.sort(key=lambda i: (-objs[i].score, i))
   return _Clause(n, [objs[i] for i in top], right, [objs[i].top_color for i in top])
 
 
-def evaluate(detections: Mapping[str, Iterable[Any]], metadata: Mapping[str, Any], *,
-             variant: str = "geneval", ties: str = "first", threshold: float = SCORE_THRESHOLD,
-             counting_threshold: float = COUNTING_SCORE_THRESHOLD,
-             max_objects: int = MAX_OBJECTS,
-             position_threshold: float = POSITION_THRESHOLD) -> Verdict:
+def evaluate(
+    detections: Mapping[str, Iterable[Any]],
+    metadata: Mapping[str, Any],
+    *,
+    variant: str = "geneval",
+    ties: str = "first",
+    threshold: float = SCORE_THRESHOLD,
+    counting_threshold: float = COUNTING_SCORE_THRESHOLD,
+    max_objects: int = MAX_OBJECTS,
+    position_threshold: float = POSITION_THRESHOLD,
+) -> Verdict:
   """GenEval's verdict on one image.
 
   Args:
@@ -375,8 +406,7 @@ def evaluate(detections: Mapping[str, Iterable[Any]], metadata: Mapping[str, Any
     raise ValueError(f"ties={ties!r}; expected one of {TIES}")
   include, exclude = _check_metadata(metadata)
   thr = counting_threshold if metadata.get("tag") == "counting" else threshold
-  by_class = {c: [o for o in map(as_object, objs) if o.score > thr]
-              for c, objs in detections.items()}
+  by_class = {c: [o for o in map(as_object, objs) if o.score > thr] for c, objs in detections.items()}
   exact = variant == "flow_grpo"
   checks: list[Check] = []
   reasons: list[str] = []
@@ -384,8 +414,9 @@ def evaluate(detections: Mapping[str, Iterable[Any]], metadata: Mapping[str, Any
   for i, req in enumerate(include):
     cls, count, color = req["class"], req["count"], req.get("color")
     objs = by_class.get(cls, [])
-    view = _clause_view(objs, [_admits(include, i, o.top_color) for o in objs], color, count,
-                        variant, ties, max_objects)
+    view = _clause_view(
+        objs, [_admits(include, i, o.top_color) for o in objs], color, count, variant, ties, max_objects
+    )
     ok = view.n == count if exact else view.n >= count
     if exact:
       credit = max(0.0, 1.0 - abs(count - view.n) / count)
@@ -400,17 +431,20 @@ def evaluate(detections: Mapping[str, Iterable[Any]], metadata: Mapping[str, Any
         checks.append(Check("color", i, False, 0.0))
       else:
         good = view.right == count if exact else view.right >= count
-        credit = (max(0.0, 1.0 - abs(count - view.right) / count) if exact else
-                  view.right / count)
+        credit = max(0.0, 1.0 - abs(count - view.right) / count) if exact else view.right / count
         checks.append(Check("color", i, good, 1.0 if good else credit))
         if not good:
           found = view.colors
-          names = [c for c in COLORS if c in found] + sorted(
-              {str(c) for c in found if c not in COLORS})
-          tied = (f" of {len(view.top)} tie-ambiguous candidates"
-                  if ties == "adversarial" and not exact and len(view.top) > count else "")
-          reasons.append(f"expected {color} {cls}>={count}, found {view.right} {color}{tied}; and "
-                         + ", ".join(f"{[str(f) for f in found].count(c)} {c}" for c in names))
+          names = [c for c in COLORS if c in found] + sorted({str(c) for c in found if c not in COLORS})
+          tied = (
+              f" of {len(view.top)} tie-ambiguous candidates"
+              if ties == "adversarial" and not exact and len(view.top) > count
+              else ""
+          )
+          reasons.append(
+              f"expected {color} {cls}>={count}, found {view.right} {color}{tied}; and "
+              + ", ".join(f"{[str(f) for f in found].count(c)} {c}" for c in names)
+          )
           matched_ok = False
     if "position" in req:
       rel, target = req["position"]
@@ -425,8 +459,7 @@ def evaluate(detections: Mapping[str, Iterable[Any]], metadata: Mapping[str, Any
               rels = relative_position(a.box, b.box, position_threshold)
               if rel not in rels:
                 good = False
-                reasons.append(f"expected {cls} {rel} target, found "
-                               f"{' and '.join(sorted(rels))} target")
+                reasons.append(f"expected {cls} {rel} target, found " f"{' and '.join(sorted(rels))} target")
                 break
             if not good:
               break

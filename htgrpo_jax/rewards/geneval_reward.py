@@ -15,6 +15,7 @@ This is not the official GenEval: the official numbers come from a Mask2Former (
 with its own scores and masks; OWLv2 is a different, open-vocabulary detector, so the scores are
 GenEval-*style* and not comparable with published GenEval numbers.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,8 +30,7 @@ import numpy as np
 from htgrpo_jax.models import clip, owl
 from htgrpo_jax.rewards import geneval
 from htgrpo_jax.rewards.base import check_images
-from htgrpo_jax.rewards.clip import (ColorClassifier, load_clip_options, local_mesh, local_path, on_mesh,
-                                     to_numpy)
+from htgrpo_jax.rewards.clip import (ColorClassifier, load_clip_options, local_mesh, local_path, on_mesh, to_numpy)
 from htgrpo_jax.rewards.registry import REWARDS
 
 MODES = ("dense", "strict")
@@ -39,17 +39,20 @@ MODES = ("dense", "strict")
 @dataclasses.dataclass(frozen=True)
 class OwlBundle:
   """An OWL detector ready to run: ``config`` (``owl.OwlConfig``), ``params``, ``tokenizer``."""
+
   config: owl.OwlConfig
   params: Any
   tokenizer: Any
 
 
-def load_owl(checkpoint: str, tokenizer: str | None = None, *, config: owl.OwlConfig | str | None = None,
-             mesh=None) -> OwlBundle:
+def load_owl(
+    checkpoint: str, tokenizer: str | None = None, *, config: owl.OwlConfig | str | None = None, mesh=None
+) -> OwlBundle:
   """HF ``Owlv2ForObjectDetection`` / ``OwlViTForObjectDetection`` dir (+ a local tokenizer dir,
   default the checkpoint dir) -> ``OwlBundle``. ``config``: an ``OwlConfig``, a preset name, or None
   (``config.json``)."""
   from htgrpo_jax.models import clip_convert
+
   if isinstance(config, str):
     if config not in owl.PRESETS:
       raise ValueError(f"load_owl: config={config!r} is not a preset ({tuple(owl.PRESETS)})")
@@ -59,8 +62,9 @@ def load_owl(checkpoint: str, tokenizer: str | None = None, *, config: owl.OwlCo
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def detect_images(params: Any, images: jax.Array, queries: jax.Array, query_mask: jax.Array,
-                  config: owl.OwlConfig) -> dict[str, jax.Array]:
+def detect_images(
+    params: Any, images: jax.Array, queries: jax.Array, query_mask: jax.Array, config: owl.OwlConfig
+) -> dict[str, jax.Array]:
   """``uint8[B, H, W, 3]`` images and ``float32[B, Q, P]`` queries -> OWL outputs (logits
   ``[B, N, Q]``, boxes ``[B, N, 4]`` relative to the padded square, objectness ``[B, N]``)."""
   pixels = owl.preprocess(images, config.clip.vision.image_size)
@@ -103,16 +107,28 @@ class GenEvalReward:
     mesh: run the detector data-parallel over this mesh (load its params with ``mesh=``; give the
       colour classifier the mesh too).
   """
+
   name = "geneval"
 
-  def __init__(self, detector: OwlBundle, colors: ColorClassifier | None = None, *, mode: str = "dense",
-               variant: str = "geneval", ties: str = "first", query_template: str = "a photo of a {object}",
-               box_threshold: float = 0.1, nms_iou: float | None = 0.5, mesh=None):
+  def __init__(
+      self,
+      detector: OwlBundle,
+      colors: ColorClassifier | None = None,
+      *,
+      mode: str = "dense",
+      variant: str = "geneval",
+      ties: str = "first",
+      query_template: str = "a photo of a {object}",
+      box_threshold: float = 0.1,
+      nms_iou: float | None = 0.5,
+      mesh=None,
+  ):
     if mode not in MODES:
       raise ValueError(f"GenEvalReward: mode={mode!r}; expected one of {MODES}")
     if variant not in geneval.VARIANTS or ties not in geneval.TIES:
-      raise ValueError(f"GenEvalReward: variant={variant!r} / ties={ties!r}; expected one of "
-                       f"{geneval.VARIANTS} / {geneval.TIES}")
+      raise ValueError(
+          f"GenEvalReward: variant={variant!r} / ties={ties!r}; expected one of " f"{geneval.VARIANTS} / {geneval.TIES}"
+      )
     if "{object}" not in query_template:
       raise ValueError(f"GenEvalReward: query_template {query_template!r} has no {{object}} field")
     self.detector, self.colors, self.mode = detector, colors, mode
@@ -127,8 +143,10 @@ class GenEvalReward:
       d = self.detector
       ids = clip.tokenize(d.tokenizer, [self.template.format(object=classname)], d.config.clip.text.max_length)
       if ids.max() >= d.config.clip.text.vocab_size:
-        raise ValueError(f"reward {self.name!r}: the tokenizer gives id {int(ids.max())} but the detector's "
-                         f"vocab_size is {d.config.clip.text.vocab_size}")
+        raise ValueError(
+            f"reward {self.name!r}: the tokenizer gives id {int(ids.max())} but the detector's "
+            f"vocab_size is {d.config.clip.text.vocab_size}"
+        )
       self._queries[classname] = np.asarray(owl.text_queries(d.params, jnp.asarray(ids), d.config))[0]
     return self._queries[classname]
 
@@ -147,8 +165,9 @@ class GenEvalReward:
     logits, boxes = to_numpy(out["logits"], b), to_numpy(out["boxes"], b)
     dets = []
     for i, names in enumerate(classes):
-      d = owl.detections(logits[i], boxes[i], names, side=max(h, w), threshold=self.box_threshold,
-                         max_per_class=geneval.MAX_OBJECTS)
+      d = owl.detections(
+          logits[i], boxes[i], names, side=max(h, w), threshold=self.box_threshold, max_per_class=geneval.MAX_OBJECTS
+      )
       if self.nms_iou is not None:
         d = {c: owl.nms(objs, self.nms_iou) for c, objs in d.items()}
       dets.append(d)
@@ -179,30 +198,45 @@ class GenEvalReward:
       for j, (_, _, o) in enumerate(items):
         o["color"] = self.colors.colors[int(logits[i, j].argmax())]
 
-  def judge(self, prompts: Sequence[str], images: np.ndarray, meta: Sequence[Any] | None = None,
-            **columns: Any) -> list[geneval.Verdict]:
+  def judge(
+      self, prompts: Sequence[str], images: np.ndarray, meta: Sequence[Any] | None = None, **columns: Any
+  ) -> list[geneval.Verdict]:
     """``geneval.Verdict`` per image."""
     images = check_images(self.name, prompts, images)
     if meta is None or len(meta) != len(prompts):
-      raise ValueError(f"reward {self.name!r}: needs meta= with one GenEval record per prompt "
-                       f"({len(prompts)}), got {None if meta is None else len(meta)}")
+      raise ValueError(
+          f"reward {self.name!r}: needs meta= with one GenEval record per prompt "
+          f"({len(prompts)}), got {None if meta is None else len(meta)}"
+      )
     records = [_record(m, i, self.name) for i, m in enumerate(meta)]
     dets = self.detections(images, records)
     return [geneval.evaluate(d, r, variant=self.variant, ties=self.ties) for d, r in zip(dets, records)]
 
-  def __call__(self, prompts: Sequence[str], images: np.ndarray, meta: Sequence[Any] | None = None,
-               **columns: Any) -> np.ndarray:
+  def __call__(
+      self, prompts: Sequence[str], images: np.ndarray, meta: Sequence[Any] | None = None, **columns: Any
+  ) -> np.ndarray:
     verdicts = self.judge(prompts, images, meta)
     return np.asarray([v.dense if self.mode == "dense" else v.strict for v in verdicts], np.float32)
 
 
 @REWARDS.register("geneval_owl")
-def build_geneval_owl(detector: str, clip: str, detector_tokenizer: str = "", detector_preset: str = "",
-                      clip_tokenizer: str = "", clip_layout: str = "hf", clip_preset: str = "",
-                      mode: str = "dense", variant: str = "geneval", ties: str = "first",
-                      query_template: str = "a photo of a {object}", box_threshold: float = 0.1,
-                      nms_iou: float | None = 0.5, data_parallel: bool = True,
-                      name: str = "geneval_owl") -> GenEvalReward:
+def build_geneval_owl(
+    detector: str,
+    clip: str,
+    detector_tokenizer: str = "",
+    detector_preset: str = "",
+    clip_tokenizer: str = "",
+    clip_layout: str = "hf",
+    clip_preset: str = "",
+    mode: str = "dense",
+    variant: str = "geneval",
+    ties: str = "first",
+    query_template: str = "a photo of a {object}",
+    box_threshold: float = 0.1,
+    nms_iou: float | None = 0.5,
+    data_parallel: bool = True,
+    name: str = "geneval_owl",
+) -> GenEvalReward:
   """The GenEval-style reward of local OWL + CLIP checkpoints (``GenEvalReward``).
 
   Args:
@@ -220,8 +254,7 @@ def build_geneval_owl(detector: str, clip: str, detector_tokenizer: str = "", de
   if detector_tokenizer:
     detector_tokenizer = local_path(detector_tokenizer, "detector_tokenizer")
   if detector_preset and detector_preset not in owl.PRESETS:
-    raise ValueError(f"detector_preset={detector_preset!r}: must be one of {tuple(owl.PRESETS)} "
-                     "('' = config.json)")
+    raise ValueError(f"detector_preset={detector_preset!r}: must be one of {tuple(owl.PRESETS)} " "('' = config.json)")
   num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
   if not (num(box_threshold) and 0 <= box_threshold < 1):
     raise ValueError(f"box_threshold={box_threshold!r}: must be a number in [0, 1)")
@@ -229,10 +262,20 @@ def build_geneval_owl(detector: str, clip: str, detector_tokenizer: str = "", de
     raise ValueError(f"nms_iou={nms_iou!r}: must be a number in (0, 1] or None (no NMS)")
   mesh = local_mesh(data_parallel)
   names = ("clip", "clip_tokenizer", "clip_layout", "clip_preset")
-  colors = ColorClassifier(load_clip_options(clip, clip_tokenizer, clip_layout, clip_preset, mesh, names=names),
-                           mesh=mesh)
+  colors = ColorClassifier(
+      load_clip_options(clip, clip_tokenizer, clip_layout, clip_preset, mesh, names=names), mesh=mesh
+  )
   owl_bundle = load_owl(detector, detector_tokenizer or None, config=detector_preset or None, mesh=mesh)
-  reward = GenEvalReward(owl_bundle, colors, mode=mode, variant=variant, ties=ties, query_template=query_template,
-                         box_threshold=box_threshold, nms_iou=nms_iou, mesh=mesh)
+  reward = GenEvalReward(
+      owl_bundle,
+      colors,
+      mode=mode,
+      variant=variant,
+      ties=ties,
+      query_template=query_template,
+      box_threshold=box_threshold,
+      nms_iou=nms_iou,
+      mesh=mesh,
+  )
   reward.name = name
   return reward

@@ -12,6 +12,7 @@ importing a world or a model at load time. ``build_reward(kind, options, key)`` 
 against the builder's signature first, so an unknown or missing option fails naming the config key
 (``rewards.clip.checkpoint``) and the options the builder takes, before anything is built.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -34,6 +35,7 @@ def load_rewards() -> Registry[RewardBuilder]:
   from htgrpo_jax.rewards import flowgrpo, remote  # noqa: F401  ('remote', 'flowgrpo_geneval')
   from htgrpo_jax.rewards import clip, geneval_reward  # noqa: F401  ('clipscore', 'geneval_owl')
   from htgrpo_jax.worlds.shapeeval import reward  # noqa: F401  ('shapeeval')
+
   return REWARDS
 
 
@@ -57,19 +59,22 @@ def build_reward(kind: str, options: Mapping[str, Any], key: str, name: str | No
   builder = registry.get(kind)
   params = inspect.signature(builder).parameters
   takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-  named = [n for n, p in params.items()
-           if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+  named = [
+      n
+      for n, p in params.items()
+      if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+  ]
   if not takes_any:
     unknown = sorted(set(options) - set(named))
     if unknown:
-      raise ValueError(f"{key}.{unknown[0]}: not an option of reward kind {kind!r} (its options: "
-                       f"{', '.join(named) or 'none'})")
+      raise ValueError(
+          f"{key}.{unknown[0]}: not an option of reward kind {kind!r} (its options: " f"{', '.join(named) or 'none'})"
+      )
   if name is not None and "name" in named and "name" not in options:
     options = {**options, "name": name}
   missing = [n for n in named if params[n].default is inspect.Parameter.empty and n not in options]
   if missing:
-    raise ValueError(f"{key}.{missing[0]}: required by reward kind {kind!r} (its options: "
-                     f"{', '.join(named)})")
+    raise ValueError(f"{key}.{missing[0]}: required by reward kind {kind!r} (its options: " f"{', '.join(named)})")
   try:
     return builder(**dict(options))
   except ValueError as e:
@@ -81,8 +86,9 @@ ENTRY_KEYS = ("kind", "weight", "group_norm")
 WORLD = "world"  # the kind that stands for the world's own reward (``Task.reward``)
 
 
-def weighted_from_config(entries: Mapping[str, Any], *, world: RewardFn | None, group_size: int,
-                         key: str = "rewards") -> WeightedReward:
+def weighted_from_config(
+    entries: Mapping[str, Any], *, world: RewardFn | None, group_size: int, key: str = "rewards"
+) -> WeightedReward:
   """The RL reward of a ``config.rewards`` block: ``{name: {kind, weight, group_norm, **options}}``.
 
   Each entry ``name`` builds reward ``kind`` (default: ``name``; ``'world'`` is the task's own reward
@@ -100,11 +106,12 @@ def weighted_from_config(entries: Mapping[str, Any], *, world: RewardFn | None, 
   for name, entry in entries.items():
     where = f"{key}.{name}"
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", str(name)):
-      raise ValueError(f"{where}: a reward name must be a letter then letters, digits or '_' (it "
-                       "names the logged metric reward/<name>)")
+      raise ValueError(
+          f"{where}: a reward name must be a letter then letters, digits or '_' (it "
+          "names the logged metric reward/<name>)"
+      )
     if not hasattr(entry, "items"):
-      raise ValueError(f"{where}={entry!r}: must be a dict of kind, weight, group_norm and the "
-                       "reward's options")
+      raise ValueError(f"{where}={entry!r}: must be a dict of kind, weight, group_norm and the " "reward's options")
     entry = dict(entry.items())
     kind = entry.pop("kind", name)
     weight = entry.pop("weight", 1.0)
@@ -119,8 +126,10 @@ def weighted_from_config(entries: Mapping[str, Any], *, world: RewardFn | None, 
       raise ValueError(f"{where}.group_norm=True needs rl.group_size >= 2, got {group_size}")
     if kind == WORLD:
       if entry:
-        raise ValueError(f"{where}.{sorted(entry)[0]}: kind 'world' (the world's own reward) takes "
-                         "no options; set them under world.*")
+        raise ValueError(
+            f"{where}.{sorted(entry)[0]}: kind 'world' (the world's own reward) takes "
+            "no options; set them under world.*"
+        )
       if world is None:
         raise ValueError(f"{where}.kind='world': this task has no reward of its own")
       fn = world

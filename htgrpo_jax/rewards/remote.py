@@ -15,6 +15,7 @@ is an error naming the location. Every error is a ``RemoteRewardError`` naming t
 
 Plain ``http.client``: no proxy variables are read (reward servers sit next to the trainer).
 """
+
 from __future__ import annotations
 
 import base64
@@ -87,20 +88,36 @@ class RemoteReward:
 
   content_type = "application/json"
 
-  def __init__(self, url: str, name: str = "remote", timeout: float = 30.0, max_retries: int = 3,
-               backoff: float = 0.5, metadata_keys: Sequence[str] = (),
-               max_reply_bytes: int = 16 << 20):
+  def __init__(
+      self,
+      url: str,
+      name: str = "remote",
+      timeout: float = 30.0,
+      max_retries: int = 3,
+      backoff: float = 0.5,
+      metadata_keys: Sequence[str] = (),
+      max_reply_bytes: int = 16 << 20,
+  ):
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
       raise ValueError(f"reward {name!r}: url {url!r} must start with http:// or https://")
     if not urllib.parse.urlsplit(url).hostname:
       raise ValueError(f"reward {name!r}: url {url!r} has no host")
-    if (isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0
-        or not timeout > 0 or not backoff >= 0 or not max_reply_bytes > 0
-        or not np.isfinite(timeout) or not np.isfinite(backoff)):
-      raise ValueError(f"reward {name!r}: need timeout > 0, an int max_retries >= 0, backoff >= 0 "
-                       f"(finite) and max_reply_bytes > 0; got timeout={timeout!r}, "
-                       f"max_retries={max_retries!r}, backoff={backoff!r}, "
-                       f"max_reply_bytes={max_reply_bytes!r}")
+    if (
+        isinstance(max_retries, bool)
+        or not isinstance(max_retries, int)
+        or max_retries < 0
+        or not timeout > 0
+        or not backoff >= 0
+        or not max_reply_bytes > 0
+        or not np.isfinite(timeout)
+        or not np.isfinite(backoff)
+    ):
+      raise ValueError(
+          f"reward {name!r}: need timeout > 0, an int max_retries >= 0, backoff >= 0 "
+          f"(finite) and max_reply_bytes > 0; got timeout={timeout!r}, "
+          f"max_retries={max_retries!r}, backoff={backoff!r}, "
+          f"max_reply_bytes={max_reply_bytes!r}"
+      )
     self.url, self.name, self.timeout = url, name, float(timeout)
     self.max_retries, self.backoff, self.metadata_keys = max_retries, float(backoff), tuple(metadata_keys)
     self.max_reply_bytes = int(max_reply_bytes)
@@ -144,14 +161,18 @@ class RemoteReward:
     watchdog.start()
     try:
       path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-      conn.request("POST", path, body=body, headers={
-          "Content-Type": self.content_type, "Content-Length": str(len(body)),
-          "Connection": "close"})
+      conn.request(
+          "POST",
+          path,
+          body=body,
+          headers={"Content-Type": self.content_type, "Content-Length": str(len(body)), "Connection": "close"},
+      )
       resp = conn.getresponse()
       declared = resp.getheader("Content-Length")
       if declared is not None and declared.strip().isdigit() and int(declared) > self.max_reply_bytes:
-        raise self._error(f"reply of {int(declared)} bytes is larger than "
-                          f"{self.max_reply_bytes} bytes (max_reply_bytes)")
+        raise self._error(
+            f"reply of {int(declared)} bytes is larger than " f"{self.max_reply_bytes} bytes (max_reply_bytes)"
+        )
       chunks, total = [], 0
       while True:
         if conn.sock is not None:
@@ -187,10 +208,12 @@ class RemoteReward:
         target = urllib.parse.urljoin(url, location or "")
         same = _origin(urllib.parse.urlsplit(target)) == _origin(urllib.parse.urlsplit(url))
         if not (location and same and status in (307, 308)):
-          raise self._error(f"server answered a redirect (HTTP {status}) to {target!r}; only "
-                            "307/308 redirects to the same host and port are followed (others "
-                            "would leave the host or turn the POST into a GET): point the URL at "
-                            "the final endpoint")
+          raise self._error(
+              f"server answered a redirect (HTTP {status}) to {target!r}; only "
+              "307/308 redirects to the same host and port are followed (others "
+              "would leave the host or turn the POST into a GET): point the URL at "
+              "the final endpoint"
+          )
         url = target
         continue
       if status == 429 or status >= 500:
@@ -223,8 +246,7 @@ class RemoteReward:
     try:
       reply = json.loads(text)
     except (ValueError, RecursionError) as e:  # JSONDecodeError; ints past the digit limit
-      raise self._error(f"reply is not JSON ({type(e).__name__}: {str(e)[:100]}): "
-                        f"{raw[:200]!r}") from None
+      raise self._error(f"reply is not JSON ({type(e).__name__}: {str(e)[:100]}): " f"{raw[:200]!r}") from None
     if not isinstance(reply, dict) or "scores" not in reply:
       raise self._error(f"reply has no 'scores' field: {text[:200]}")
     scores = reply["scores"]
@@ -249,17 +271,16 @@ class RemoteReward:
       if k not in metadata:
         raise ValueError(f"reward {self.name!r}: metadata key {k!r} was not passed")
       if len(metadata[k]) != n:
-        raise ValueError(f"reward {self.name!r}: metadata {k!r} has {len(metadata[k])} entries "
-                         f"for {n} prompts")
+        raise ValueError(f"reward {self.name!r}: metadata {k!r} has {len(metadata[k])} entries " f"for {n} prompts")
       meta[k] = list(metadata[k])
     return meta
 
-  def _request_body(self, prompts: Sequence[str], images: np.ndarray,
-                    metadata: dict[str, list[Any]]) -> bytes:
+  def _request_body(self, prompts: Sequence[str], images: np.ndarray, metadata: dict[str, list[Any]]) -> bytes:
     """The POST body of one batch (the project's JSON protocol)."""
     meta = {k: [_jsonable(v) for v in vs] for k, vs in metadata.items()}
-    return json.dumps({"prompts": list(prompts), "images": [encode_png(im) for im in images],
-                       "metadata": meta}).encode()
+    return json.dumps(
+        {"prompts": list(prompts), "images": [encode_png(im) for im in images], "metadata": meta}
+    ).encode()
 
   def __call__(self, prompts: Sequence[str], images: np.ndarray, **metadata: Any) -> np.ndarray:
     images = check_images(self.name, prompts, images)
@@ -269,9 +290,16 @@ class RemoteReward:
 
 
 @REWARDS.register("remote")
-def build_remote(url: str, name: str = "remote", timeout: float = 30.0, max_retries: int = 3,
-                 backoff: float = 0.5, metadata_keys: Sequence[str] = ("meta",)) -> RemoteReward:
+def build_remote(
+    url: str,
+    name: str = "remote",
+    timeout: float = 30.0,
+    max_retries: int = 3,
+    backoff: float = 0.5,
+    metadata_keys: Sequence[str] = ("meta",),
+) -> RemoteReward:
   """A server speaking the project's JSON protocol (``launch/reward_server.py``); ``meta`` (the
   prompts' metadata JSON) is forwarded by default."""
-  return RemoteReward(url, name=name, timeout=timeout, max_retries=max_retries, backoff=backoff,
-                      metadata_keys=tuple(metadata_keys))
+  return RemoteReward(
+      url, name=name, timeout=timeout, max_retries=max_retries, backoff=backoff, metadata_keys=tuple(metadata_keys)
+  )

@@ -12,6 +12,7 @@ they leave (count, finiteness), so a broken reward fails loudly on the server to
 is answered 400 with the reason; a batch the reward rejects (ValueError: e.g. a prompt outside its
 grammar) 422, not retried by the client; any other failure of the reward 500 (retried).
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,7 @@ def parse_serve_spec(spec: str) -> tuple[str, str, dict[str, Any]]:
   head, *opts = [s.strip() for s in str(spec).split(",")]
   name, sep, kind = head.partition("=")
   if not sep or not name.strip() or not kind.strip():
-    raise ValueError(f"--serve={spec!r}: expected NAME=KIND[,OPTION=VALUE...], e.g. "
-                     "'dense=shapeeval,mode=dense'")
+    raise ValueError(f"--serve={spec!r}: expected NAME=KIND[,OPTION=VALUE...], e.g. " "'dense=shapeeval,mode=dense'")
   options: dict[str, Any] = {}
   for o in opts:
     k, sep, v = o.partition("=")
@@ -56,8 +56,9 @@ def parse_serve_spec(spec: str) -> tuple[str, str, dict[str, Any]]:
   return name.strip(), kind.strip(), options
 
 
-def registered_rewards(specs: Sequence[str], defaults: Mapping[str, Mapping[str, Any]] | None = None
-                       ) -> dict[str, Callable[..., np.ndarray]]:
+def registered_rewards(
+    specs: Sequence[str], defaults: Mapping[str, Mapping[str, Any]] | None = None
+) -> dict[str, Callable[..., np.ndarray]]:
   """``{endpoint name: reward}`` built from the registry (``parse_serve_spec`` per spec).
 
   Args:
@@ -68,6 +69,7 @@ def registered_rewards(specs: Sequence[str], defaults: Mapping[str, Mapping[str,
     ValueError: a malformed spec, a repeated name, an unknown kind or option (named).
   """
   from htgrpo_jax.rewards.registry import build_reward
+
   out: dict[str, Callable[..., np.ndarray]] = {}
   for spec in specs:
     name, kind, options = parse_serve_spec(spec)
@@ -78,14 +80,14 @@ def registered_rewards(specs: Sequence[str], defaults: Mapping[str, Mapping[str,
   return out
 
 
-def shapeeval_rewards(canvas: int = 32, patch: int = 4, snap: bool = True
-                      ) -> dict[str, Callable[..., np.ndarray]]:
+def shapeeval_rewards(canvas: int = 32, patch: int = 4, snap: bool = True) -> dict[str, Callable[..., np.ndarray]]:
   """{'dense': ..., 'strict': ...}: the ShapeEval verifier of a world."""
   return registered_rewards(DEFAULT_SERVE, {"shapeeval": dict(canvas=canvas, patch=patch, snap=snap)})
 
 
-def make_server(rewards: Mapping[str, Callable[..., np.ndarray]], host: str = "127.0.0.1",
-                port: int = 0) -> ThreadingHTTPServer:
+def make_server(
+    rewards: Mapping[str, Callable[..., np.ndarray]], host: str = "127.0.0.1", port: int = 0
+) -> ThreadingHTTPServer:
   """An HTTP server (not yet serving: call ``serve_forever``) for ``{path name: reward}``.
 
   ``server.server_address`` holds the bound (host, port); port 0 picks a free one.
@@ -96,10 +98,10 @@ def make_server(rewards: Mapping[str, Callable[..., np.ndarray]], host: str = "1
   if bad:
     raise ValueError(f"make_server: reward names {bad} cannot be URL paths")
   lock = threading.Lock()
-  stats: dict[str, dict[str, int]] = {"requests": {n: 0 for n in rewards},
-                                      "images": {n: 0 for n in rewards}}
+  stats: dict[str, dict[str, int]] = {"requests": {n: 0 for n in rewards}, "images": {n: 0 for n in rewards}}
 
   class Handler(BaseHTTPRequestHandler):
+
     def log_message(self, fmt: str, *args: Any) -> None:  # quiet: the trainer owns the console
       pass
 
@@ -128,14 +130,12 @@ def make_server(rewards: Mapping[str, Callable[..., np.ndarray]], host: str = "1
           raise ValueError(f"Content-Length {size} outside [0, {MAX_REQUEST_BYTES}]")
         req = json.loads(self.rfile.read(size))
         prompts, images = req["prompts"], req["images"]
-        if not isinstance(prompts, list) or not isinstance(images, list) or \
-           len(prompts) != len(images):
+        if not isinstance(prompts, list) or not isinstance(images, list) or len(prompts) != len(images):
           raise ValueError("'prompts' and 'images' must be lists of one length")
         metadata = req.get("metadata") or {}
         if not isinstance(metadata, dict) or any(len(v) != len(prompts) for v in metadata.values()):
           raise ValueError("'metadata' must map keys to lists as long as 'prompts'")
-        batch = np.stack([decode_png(s) for s in images]) if images else np.zeros((0, 1, 1, 3),
-                                                                                   np.uint8)
+        batch = np.stack([decode_png(s) for s in images]) if images else np.zeros((0, 1, 1, 3), np.uint8)
       except (KeyError, TypeError, ValueError) as e:
         return self._reply(400, {"error": f"bad request: {e}"})
       try:

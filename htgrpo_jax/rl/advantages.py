@@ -1,4 +1,5 @@
 """Group-relative advantages (GRPO), flat or hierarchical (M sketches x G / M paints per prompt)."""
+
 from __future__ import annotations
 
 import jax
@@ -31,8 +32,9 @@ def group_advantages(rewards: jax.Array, group_size: int, eps: float = 1e-5, ddo
   return ((r - mean) / (std + eps)).reshape(b)
 
 
-def hierarchical_advantages(rewards: jax.Array, group_size: int, num_sketches: int, eps: float = 1e-5,
-                            ddof: int = 1) -> tuple[jax.Array, jax.Array]:
+def hierarchical_advantages(
+    rewards: jax.Array, group_size: int, num_sketches: int, eps: float = 1e-5, ddof: int = 1
+) -> tuple[jax.Array, jax.Array]:
   """Sketch- and paint-level advantages of groups of M sketches x G / M paints.
 
   Each prompt's G rows are its M sketches in order, each sketch's G / M paints contiguous. A sketch's
@@ -54,11 +56,13 @@ def hierarchical_advantages(rewards: jax.Array, group_size: int, num_sketches: i
   if b % group_size:
     raise ValueError(f"rewards: batch {b} is not a multiple of group_size={group_size}")
   if num_sketches < 2 or group_size % num_sketches or group_size // num_sketches < 2:
-    raise ValueError(f"num_sketches={num_sketches} must be >= 2 and divide group_size={group_size} into "
-                     "sketches of at least 2 paints")
+    raise ValueError(
+        f"num_sketches={num_sketches} must be >= 2 and divide group_size={group_size} into "
+        "sketches of at least 2 paints"
+    )
   paints = group_size // num_sketches
   r = rewards.astype(jnp.float32)
-  sketch_value = r.reshape(b // paints, paints).mean(axis=1)                  # [B / paints]
+  sketch_value = r.reshape(b // paints, paints).mean(axis=1)  # [B / paints]
   sketch_adv = jnp.repeat(group_advantages(sketch_value, num_sketches, eps, ddof), paints)
   return sketch_adv, group_advantages(r, paints, eps, ddof)
 
@@ -79,6 +83,7 @@ def token_advantages(rewards: jax.Array, commit_step: jax.Array, config) -> jax.
   if config.num_sketches == 1:
     adv = group_advantages(rewards, config.group_size, config.adv_eps, config.adv_std_ddof)
     return jnp.broadcast_to(adv[:, None], commit_step.shape)
-  sketch_adv, paint_adv = hierarchical_advantages(rewards, config.group_size, config.num_sketches,
-                                                  config.adv_eps, config.adv_std_ddof)
+  sketch_adv, paint_adv = hierarchical_advantages(
+      rewards, config.group_size, config.num_sketches, config.adv_eps, config.adv_std_ddof
+  )
   return jnp.where(commit_step < config.sketch_steps, sketch_adv[:, None], paint_adv[:, None])

@@ -11,6 +11,7 @@ it can be ablated. The presets reproduce the baselines through the same code pat
                 sampled commit step, loss on the tokens committed at that step.
 * ``uni``       UniGRPO: one global stage, uniform credit, random start mask ratio rising to 1.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -111,6 +112,7 @@ class HTGRPOConfig:
     adv_std_ddof: 1 = unbiased group std (MaskGRPO, Tunix), 0 = population std.
     micro_batch_size: rows per gradient micro-batch; 0/None = whole batch. Must divide the batch.
   """
+
   group_size: int = 8
   num_sketches: int = 1
   num_sampler_steps: int = 12
@@ -143,8 +145,16 @@ class HTGRPOConfig:
     def bad(field, constraint):
       raise ValueError(f"HTGRPOConfig.{field}={getattr(self, field)!r} {constraint}")
 
-    for f in ("group_size", "num_sketches", "num_sampler_steps", "n_global", "n_struct", "n_refine",
-              "trajectory_group", "adv_std_ddof"):
+    for f in (
+        "group_size",
+        "num_sketches",
+        "num_sampler_steps",
+        "n_global",
+        "n_struct",
+        "n_refine",
+        "trajectory_group",
+        "adv_std_ddof",
+    ):
       if not isinstance(getattr(self, f), int) or isinstance(getattr(self, f), bool):
         bad(f, "must be an int")
     if self.group_size < 2:
@@ -154,8 +164,11 @@ class HTGRPOConfig:
     if self.group_size % self.num_sketches:
       bad("num_sketches", f"must divide group_size={self.group_size}")
     if self.num_sketches > 1 and self.group_size // self.num_sketches < 2:
-      bad("num_sketches", f"leaves group_size / num_sketches = {self.group_size // self.num_sketches} "
-          "paint(s) per sketch; the paint-level advantage needs at least 2 paints per sketch")
+      bad(
+          "num_sketches",
+          f"leaves group_size / num_sketches = {self.group_size // self.num_sketches} "
+          "paint(s) per sketch; the paint-level advantage needs at least 2 paints per sketch",
+      )
     if self.num_sampler_steps < 1:
       bad("num_sampler_steps", "must be >= 1")
     for f in ("n_global", "n_struct", "n_refine"):
@@ -174,11 +187,15 @@ class HTGRPOConfig:
         bad(f, "must lie in (0, 1]")
     if not 0.0 <= self.min_mask_rate < 1.0:
       bad("min_mask_rate", "must lie in [0, 1)")
-    for f, allowed in (("partition_mode", PARTITION_MODES), ("estimator", ESTIMATORS),
-                       ("sketch_context", SKETCH_CONTEXTS), ("refine_context", REFINE_CONTEXTS),
-                       ("update_schedule", UPDATE_SCHEDULES),
-                       ("credit_normalization", CREDIT_NORMALIZATIONS),
-                       ("estimator_guidance", ESTIMATOR_GUIDANCE)):
+    for f, allowed in (
+        ("partition_mode", PARTITION_MODES),
+        ("estimator", ESTIMATORS),
+        ("sketch_context", SKETCH_CONTEXTS),
+        ("refine_context", REFINE_CONTEXTS),
+        ("update_schedule", UPDATE_SCHEDULES),
+        ("credit_normalization", CREDIT_NORMALIZATIONS),
+        ("estimator_guidance", ESTIMATOR_GUIDANCE),
+    ):
       if getattr(self, f) not in allowed:
         bad(f, f"must be one of {allowed}")
     for f in ("sketch_context", "refine_context"):
@@ -199,8 +216,7 @@ class HTGRPOConfig:
       bad("adv_eps", "must be > 0")
     if self.adv_std_ddof not in (0, 1):
       bad("adv_std_ddof", "must be 0 or 1")
-    if self.micro_batch_size is not None and (not isinstance(self.micro_batch_size, int)
-                                              or self.micro_batch_size < 0):
+    if self.micro_batch_size is not None and (not isinstance(self.micro_batch_size, int) or self.micro_batch_size < 0):
       bad("micro_batch_size", "must be None or an int >= 0")
 
   # ----- derived, static quantities (Python ints/floats, safe inside jit) -----
@@ -231,12 +247,39 @@ _UNIFORM = dict(structure_weight=1.0, refine_weight=1.0)
 
 PRESETS: dict[str, dict] = {
     "htgrpo": dict(update_schedule="constant", update_fraction=1.0),
-    "maskgrpo": dict(n_global=6, n_struct=0, n_refine=0, estimator="random_remask", update_schedule="ramp",
-                     min_mask_rate=0.6, clip_eps=0.2, beta=0.01, **_UNIFORM),
-    "tracegrpo": dict(n_global=6, n_struct=0, n_refine=0, estimator="trajectory", update_schedule="constant",
-                      update_fraction=1.0, clip_eps=0.2, beta=0.01, **_UNIFORM),
-    "uni": dict(n_global=6, n_struct=0, n_refine=0, estimator="uni", update_schedule="constant",
-                update_fraction=1.0, clip_eps=0.2, beta=0.01, **_UNIFORM),
+    "maskgrpo": dict(
+        n_global=6,
+        n_struct=0,
+        n_refine=0,
+        estimator="random_remask",
+        update_schedule="ramp",
+        min_mask_rate=0.6,
+        clip_eps=0.2,
+        beta=0.01,
+        **_UNIFORM,
+    ),
+    "tracegrpo": dict(
+        n_global=6,
+        n_struct=0,
+        n_refine=0,
+        estimator="trajectory",
+        update_schedule="constant",
+        update_fraction=1.0,
+        clip_eps=0.2,
+        beta=0.01,
+        **_UNIFORM,
+    ),
+    "uni": dict(
+        n_global=6,
+        n_struct=0,
+        n_refine=0,
+        estimator="uni",
+        update_schedule="constant",
+        update_fraction=1.0,
+        clip_eps=0.2,
+        beta=0.01,
+        **_UNIFORM,
+    ),
 }
 
 

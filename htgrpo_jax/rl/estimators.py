@@ -24,6 +24,7 @@ Each estimator is an ``Estimator`` registered under its ``HTGRPOConfig.estimator
 ``ESTIMATOR_REGISTRY``; a new one registers here and adds its name to ``rl.config.ESTIMATORS`` (the
 config validates against that tuple; ``tests/test_registry.py`` checks the two agree).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -40,6 +41,7 @@ _UNI_START_SALT = 0x7FFF_FFF0  # fold_in salt of the per-step UniGRPO start rati
 
 class Iteration(NamedTuple):
   """What an estimator sees of inner iteration k (all arrays [B, N]; keys derived from the step key)."""
+
   k: int  # static inner-iteration index, 0 <= k < K
   stage: int  # STAGE_GLOBAL / STAGE_STRUCT / STAGE_REFINE
   fraction: float  # the update-set fraction of iteration k (hierarchy.update_fractions)
@@ -73,8 +75,9 @@ class Estimator:
 ESTIMATOR_REGISTRY: Registry[type[Estimator]] = Registry("HTGRPOConfig.estimator")
 
 
-def replay_step_group(config: HTGRPOConfig, it: Iteration,
-                      reveal: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def replay_step_group(
+    config: HTGRPOConfig, it: Iteration, reveal: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
   """TraceRL-style replay of one recorded step group per image (TraceGRPO's canvas and loss set).
 
   Sampler steps are merged into groups of ``trajectory_group`` consecutive steps; per image one group s
@@ -182,8 +185,14 @@ def canvas_groups(config: HTGRPOConfig) -> tuple[int, ...]:
   return tuple(groups)
 
 
-def iteration_canvas(config: HTGRPOConfig, k: int, step_key: jax.Array, image_tokens: jax.Array,
-                     commit_step: jax.Array, is_structure: jax.Array) -> tuple[jax.Array, jax.Array]:
+def iteration_canvas(
+    config: HTGRPOConfig,
+    k: int,
+    step_key: jax.Array,
+    image_tokens: jax.Array,
+    commit_step: jax.Array,
+    is_structure: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
   """Canvas and loss set of inner iteration ``k`` (static int), from the config's estimator.
 
   Args:
@@ -204,14 +213,29 @@ def iteration_canvas(config: HTGRPOConfig, k: int, step_key: jax.Array, image_to
   key_k = jax.random.fold_in(step_key, k)
   k_sel, k_mask = jax.random.split(key_k)
   cand = hierarchy.stage_candidates(stage, is_structure)
-  return estimator.canvas(config, Iteration(
-      k=k, stage=stage, fraction=frac, step_key=step_key, k_sel=k_sel, k_mask=k_mask,
-      candidates=cand, image_tokens=image_tokens, commit_step=commit_step, is_structure=is_structure))
+  return estimator.canvas(
+      config,
+      Iteration(
+          k=k,
+          stage=stage,
+          fraction=frac,
+          step_key=step_key,
+          k_sel=k_sel,
+          k_mask=k_mask,
+          candidates=cand,
+          image_tokens=image_tokens,
+          commit_step=commit_step,
+          is_structure=is_structure,
+      ),
+  )
 
 
-def all_canvases(config: HTGRPOConfig, step_key: jax.Array, image_tokens: jax.Array,
-                 commit_step: jax.Array, is_structure: jax.Array) -> tuple[jax.Array, jax.Array]:
+def all_canvases(
+    config: HTGRPOConfig, step_key: jax.Array, image_tokens: jax.Array, commit_step: jax.Array, is_structure: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """Stacked canvases and loss sets of all K iterations: (int32[K, B, N], bool[K, B, N])."""
-  outs = [iteration_canvas(config, k, step_key, image_tokens, commit_step, is_structure)
-          for k in range(config.num_iterations)]
+  outs = [
+      iteration_canvas(config, k, step_key, image_tokens, commit_step, is_structure)
+      for k in range(config.num_iterations)
+  ]
   return jnp.stack([c for c, _ in outs]), jnp.stack([m for _, m in outs])

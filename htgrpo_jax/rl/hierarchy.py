@@ -3,6 +3,7 @@
 Everything has static shapes (selection by rank under a mask, never boolean indexing), so it jits and
 shards; ranking ties are broken deterministically by the secondary key and then the token index.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,9 +52,16 @@ def _random_order(not_cand, commit_step, ent, key):
   return (not_cand, jax.random.uniform(key, commit_step.shape))  # ablation
 
 
-def partition_tokens(commit_step: jax.Array, commit_entropy: jax.Array, *, num_steps: int,
-                     sketch_fraction: float, structure_ratio: float, mode: str = "entropy",
-                     key: jax.Array | None = None) -> jax.Array:
+def partition_tokens(
+    commit_step: jax.Array,
+    commit_entropy: jax.Array,
+    *,
+    num_steps: int,
+    sketch_fraction: float,
+    structure_ratio: float,
+    mode: str = "entropy",
+    key: jax.Array | None = None,
+) -> jax.Array:
   """Structure set S of each image (True) vs refinement set R (False).
 
   Candidates are tokens committed in the sketch phase (``commit_step < ceil(sketch_fraction * T)``).
@@ -88,8 +96,9 @@ def partition_tokens(commit_step: jax.Array, commit_entropy: jax.Array, *, num_s
   return cand & (rank < n_struct)
 
 
-def credit_weights(is_structure: jax.Array, *, structure_weight: float, refine_weight: float,
-                   normalize: bool = True) -> jax.Array:
+def credit_weights(
+    is_structure: jax.Array, *, structure_weight: float, refine_weight: float, normalize: bool = True
+) -> jax.Array:
   """Per-token credit w: ``structure_weight`` on S, ``refine_weight`` on R.
 
   With ``normalize`` each image's weights are divided by their mean over its N tokens (an image whose

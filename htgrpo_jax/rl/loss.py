@@ -4,13 +4,13 @@ The loss comes back unreduced (a sum and a token count) so micro-batches and dev
 the global token mean is sum(sums) / sum(counts). Metrics likewise come back as sums (plus min/max) and
 are turned into means by ``finalize_metrics``.
 """
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-SUM_METRICS = ("loss", "pg_loss", "kl", "clip_frac", "approx_kl", "ratio_mean", "entropy", "advantage",
-               "credit")
+SUM_METRICS = ("loss", "pg_loss", "kl", "clip_frac", "approx_kl", "ratio_mean", "entropy", "advantage", "credit")
 
 
 def token_logp_entropy(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -29,10 +29,18 @@ def token_logp_entropy(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array,
   return logp, entropy
 
 
-def ht_grpo_loss(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array | None, token_adv: jax.Array,
-                 loss_mask: jax.Array, *, clip_eps: float, beta: float,
-                 entropy: jax.Array | None = None,
-                 credit: jax.Array | None = None) -> tuple[jax.Array, jax.Array, dict]:
+def ht_grpo_loss(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    ref_logp: jax.Array | None,
+    token_adv: jax.Array,
+    loss_mask: jax.Array,
+    *,
+    clip_eps: float,
+    beta: float,
+    entropy: jax.Array | None = None,
+    credit: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, dict]:
   """Unreduced PPO-clip + k3-KL loss over the loss-mask tokens.
 
   Per token: rho = exp(logp - old_logp); pg = -min(rho * A, clip(rho, 1 - eps, 1 + eps) * A);

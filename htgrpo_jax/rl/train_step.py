@@ -22,6 +22,7 @@ dropout key (``fold_in(fold_in(fold_in(step_key, k), salt), micro-batch)``).
 
 Iteration k of step ``state.step`` draws everything from ``fold_in(fold_in(key, state.step), k)``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -33,8 +34,14 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from htgrpo_jax import parallel
-from htgrpo_jax.contracts import (MASK, CanvasLogitsFn, Rollout, TrainState,  # noqa: F401 (rl.make_optimizer)
-                                  make_optimizer, policy_params)
+from htgrpo_jax.contracts import (
+    MASK,
+    CanvasLogitsFn,
+    Rollout,
+    TrainState,
+    make_optimizer,  # noqa: F401 (rl.make_optimizer)
+    policy_params,
+)
 from htgrpo_jax.rl import estimators, hierarchy
 from htgrpo_jax.rl.advantages import token_advantages
 from htgrpo_jax.rl.config import STAGE_NAMES, HTGRPOConfig
@@ -47,8 +54,9 @@ _DROPOUT_SALT = 0x7FFF_FFF2  # fold_in salt of the adapters' dropout keys (never
 def rollout_shardings(mesh: Mesh) -> Rollout:
   """Batch-dim shardings of a Rollout on ``mesh`` (for ``in_shardings``)."""
   b = functools.partial(parallel.batch_sharding, mesh)
-  return Rollout(prompt_tokens=b(2), image_tokens=b(2), commit_step=b(2), commit_entropy=b(2),
-                 commit_logp=b(2), rewards=b(1))
+  return Rollout(
+      prompt_tokens=b(2), image_tokens=b(2), commit_step=b(2), commit_entropy=b(2), commit_logp=b(2), rewards=b(1)
+  )
 
 
 def _all_finite(tree) -> jax.Array:
@@ -61,10 +69,9 @@ def _split_mb(x: jax.Array | None, nmb: int):
   return None if x is None else x.reshape((nmb, x.shape[0] // nmb) + x.shape[1:])
 
 
-
-
-def behaviour_gap(canvases: jax.Array, old_logp: jax.Array, commit_step: jax.Array, commit_logp: jax.Array,
-                  num_steps: int) -> tuple[jax.Array, jax.Array]:
+def behaviour_gap(
+    canvases: jax.Array, old_logp: jax.Array, commit_step: jax.Array, commit_logp: jax.Array, num_steps: int
+) -> tuple[jax.Array, jax.Array]:
   """Mean |commit_logp - old_logp| over the tokens whose scored canvas is the one they were drawn on.
 
   The sampler drew token i at step s_i from the canvas holding exactly the tokens committed before s_i;
@@ -99,10 +106,11 @@ def behaviour_gap(canvases: jax.Array, old_logp: jax.Array, commit_step: jax.Arr
 
 def _retarget(shardings: Any, mesh: Mesh) -> Any:
   """NamedShardings of a pytree (or prefix) moved onto ``mesh`` (same specs)."""
-  return jax.tree.map(lambda s: NamedSharding(mesh, s.spec) if isinstance(s, NamedSharding) else s,
-                      shardings, is_leaf=lambda s: isinstance(s, NamedSharding))
-
-
+  return jax.tree.map(
+      lambda s: NamedSharding(mesh, s.spec) if isinstance(s, NamedSharding) else s,
+      shardings,
+      is_leaf=lambda s: isinstance(s, NamedSharding),
+  )
 
 
 class TrainStep:
@@ -127,8 +135,10 @@ class TrainStep:
     rollout.validate()
     self.config.validate_batch(rollout.batch_size)
     if self.config.beta > 0 and state.ref_params is None and state.frozen is None:
-      raise ValueError(f"TrainState.ref_params is None but HTGRPOConfig.beta={self.config.beta} > 0 "
-                       "(and there is no frozen base to serve as the reference)")
+      raise ValueError(
+          f"TrainState.ref_params is None but HTGRPOConfig.beta={self.config.beta} > 0 "
+          "(and there is no frozen base to serve as the reference)"
+      )
 
   def __call__(self, state: TrainState, rollout: Rollout, key: jax.Array):
     state, rollout = self._prepare(state, rollout)
@@ -147,6 +157,7 @@ class UpdateSets(NamedTuple):
   (``hierarchy.loss_set_credit``) rather than over all N; canvases: int32[K, B, N] (MASK where
   masked); loss_masks: bool[K, B, N].
   """
+
   token_adv: jax.Array
   is_structure: jax.Array
   credit: jax.Array
@@ -160,20 +171,34 @@ def update_sets(config: HTGRPOConfig, rollout: Rollout, step_key: jax.Array) -> 
   exactly as ``make_train_step`` draws them; reference implementations of the update use it too."""
   tok_adv = token_advantages(rollout.rewards, rollout.commit_step, config)
   is_s = hierarchy.partition_tokens(
-      rollout.commit_step, rollout.commit_entropy, num_steps=config.num_sampler_steps,
-      sketch_fraction=config.sketch_fraction, structure_ratio=config.structure_ratio,
-      mode=config.partition_mode, key=jax.random.fold_in(step_key, _PARTITION_SALT))
+      rollout.commit_step,
+      rollout.commit_entropy,
+      num_steps=config.num_sampler_steps,
+      sketch_fraction=config.sketch_fraction,
+      structure_ratio=config.structure_ratio,
+      mode=config.partition_mode,
+      key=jax.random.fold_in(step_key, _PARTITION_SALT),
+  )
   stage_credit = config.normalize_credit and config.credit_normalization == "stage"
-  w = hierarchy.credit_weights(is_s, structure_weight=config.structure_weight,
-                               refine_weight=config.refine_weight,
-                               normalize=config.normalize_credit and not stage_credit)
+  w = hierarchy.credit_weights(
+      is_s,
+      structure_weight=config.structure_weight,
+      refine_weight=config.refine_weight,
+      normalize=config.normalize_credit and not stage_credit,
+  )
   canvases, masks = estimators.all_canvases(config, step_key, rollout.image_tokens, rollout.commit_step, is_s)
   return UpdateSets(tok_adv, is_s, w, stage_credit, canvases, masks)
 
 
-def make_train_step(canvas_logits_fn: CanvasLogitsFn, optimizer: optax.GradientTransformation,
-                    config: HTGRPOConfig, *, mesh: Mesh | None = None, state_shardings: Any = None,
-                    donate: bool = True) -> TrainStep:
+def make_train_step(
+    canvas_logits_fn: CanvasLogitsFn,
+    optimizer: optax.GradientTransformation,
+    config: HTGRPOConfig,
+    *,
+    mesh: Mesh | None = None,
+    state_shardings: Any = None,
+    donate: bool = True,
+) -> TrainStep:
   """Builds the compiled HT-GRPO update.
 
   Args:
@@ -210,12 +235,15 @@ def make_train_step(canvas_logits_fn: CanvasLogitsFn, optimizer: optax.GradientT
 
   def logp_passes(params, prompts_mb, tokens_mb, canvases, nmb):
     """Stop-gradient log-probs of the rollout tokens on each canvas: [D, B, N] from canvases [D, B, N]."""
+
     def one(canvas):
       def mb(xs):
         p, c, t = xs
         return token_logp_entropy(canvas_logits_fn(params, p, c), t)[0]
+
       out = jax.lax.map(mb, (prompts_mb, _split_mb(canvas, nmb), tokens_mb))
       return out.reshape(canvas.shape)
+
     return jax.lax.stop_gradient(jax.lax.map(one, canvases))
 
   def step_fn(state: TrainState, rollout: Rollout, key: jax.Array):
@@ -236,8 +264,7 @@ def make_train_step(canvas_logits_fn: CanvasLogitsFn, optimizer: optax.GradientT
     # and neither these passes nor the rollouts see dropout (no rng).
     old_distinct = logp_passes(state.policy_params(), prompts_mb, tokens_mb, distinct, nmb)
     old = old_distinct[gather]
-    ref = (logp_passes(state.reference_params(), prompts_mb, tokens_mb, distinct, nmb)[gather]
-           if use_ref else None)
+    ref = logp_passes(state.reference_params(), prompts_mb, tokens_mb, distinct, nmb)[gather] if use_ref else None
     frozen = state.frozen
     counts = loss_masks.sum(axis=(1, 2)).astype(jnp.float32)
 
@@ -252,22 +279,36 @@ def make_train_step(canvas_logits_fn: CanvasLogitsFn, optimizer: optax.GradientT
       def mb_grad(mxs):
         p, c, t, lm, o, r, a, wk, m = mxs
         rng = None if frozen is None else jax.random.fold_in(drop_key, m)
+
         def loss_fn(prm):
           # Only ``params`` are differentiated: with a frozen base they are the adapters.
           logp, ent = token_logp_entropy(canvas_logits_fn(policy_params(frozen, prm, rng), p, c), t)
-          lsum, _, met = ht_grpo_loss(logp, o, r, a, lm, clip_eps=config.clip_eps, beta=config.beta,
-                                      entropy=ent, credit=wk)
+          lsum, _, met = ht_grpo_loss(
+              logp, o, r, a, lm, clip_eps=config.clip_eps, beta=config.beta, entropy=ent, credit=wk
+          )
           return lsum / denom, met
+
         return jax.grad(loss_fn, has_aux=True)(params)
 
-      mxs = (prompts_mb, _split_mb(canvas, nmb), tokens_mb, _split_mb(lmask, nmb), _split_mb(old_k, nmb),
-             _split_mb(ref_k, nmb), _split_mb(token_adv, nmb), _split_mb(w_k, nmb), jnp.arange(nmb))
+      mxs = (
+          prompts_mb,
+          _split_mb(canvas, nmb),
+          tokens_mb,
+          _split_mb(lmask, nmb),
+          _split_mb(old_k, nmb),
+          _split_mb(ref_k, nmb),
+          _split_mb(token_adv, nmb),
+          _split_mb(w_k, nmb),
+          jnp.arange(nmb),
+      )
       first = jax.tree.map(lambda x: x[0], mxs)
       grads, met = mb_grad(first)
       if nmb > 1:
+
         def acc(c, mx):
           g, m = mb_grad(mx)
           return (jax.tree.map(jnp.add, c[0], g), combine_metrics(c[1], m)), None
+
         (grads, met), _ = jax.lax.scan(acc, (grads, met), jax.tree.map(lambda x: x[1:], mxs))
 
       grad_norm = optax.tree.norm(grads)
@@ -276,20 +317,22 @@ def make_train_step(canvas_logits_fn: CanvasLogitsFn, optimizer: optax.GradientT
       # A finite loss and gradient can still give a non-finite update (an infinite learning rate, a
       # NaN weight decay, a gradient whose square overflows Adam's second moment); writing it would
       # poison every later step, so what would be written is checked too.
-      ok = (jnp.isfinite(met["loss"]) & _all_finite(grads) & _all_finite(new_params)
-            & _all_finite(new_opt))
+      ok = jnp.isfinite(met["loss"]) & _all_finite(grads) & _all_finite(new_params) & _all_finite(new_opt)
       keep = lambda new, old_: jax.tree.map(lambda n, o_: jnp.where(ok, n, o_), new, old_)
       params, opt_state = keep(new_params, params), keep(new_opt, opt_state)
       met = dict(met, grad_norm=grad_norm, skipped=(~ok).astype(jnp.int32))
       return (params, opt_state, skipped + (~ok).astype(jnp.int32)), met
 
     (params, opt_state, skipped), per_iter = jax.lax.scan(
-        inner, (state.params, state.opt_state, state.skipped),
-        (canvases, loss_masks, old, ref, counts, jnp.arange(len(sched))))
+        inner,
+        (state.params, state.opt_state, state.skipped),
+        (canvases, loss_masks, old, ref, counts, jnp.arange(len(sched))),
+    )
 
     metrics = {}
     for name, ks in [("total", tuple(range(len(sched))))] + [
-        (STAGE_NAMES[s], tuple(k for k, st in enumerate(sched) if st == s)) for s in sorted(set(sched))]:
+        (STAGE_NAMES[s], tuple(k for k, st in enumerate(sched) if st == s)) for s in sorted(set(sched))
+    ]:
       idx = jnp.asarray(ks)
       sums = {k: v[idx].sum() for k, v in per_iter.items() if k not in ("ratio_min", "ratio_max")}
       sums["ratio_min"], sums["ratio_max"] = per_iter["ratio_min"][idx].min(), per_iter["ratio_max"][idx].max()
@@ -297,10 +340,15 @@ def make_train_step(canvas_logits_fn: CanvasLogitsFn, optimizer: optax.GradientT
       m["grad_norm"] = per_iter["grad_norm"][idx].mean()
       m["skipped"] = per_iter["skipped"][idx].sum()
       metrics[name] = m
-    metrics["iter"] = {"ratio_min": per_iter["ratio_min"], "ratio_max": per_iter["ratio_max"],
-                       "loss": per_iter["loss"] / jnp.maximum(counts, 1.0),
-                       "kl": per_iter["kl"] / jnp.maximum(counts, 1.0), "tokens": counts,
-                       "grad_norm": per_iter["grad_norm"], "skipped": per_iter["skipped"]}
+    metrics["iter"] = {
+        "ratio_min": per_iter["ratio_min"],
+        "ratio_max": per_iter["ratio_max"],
+        "loss": per_iter["loss"] / jnp.maximum(counts, 1.0),
+        "kl": per_iter["kl"] / jnp.maximum(counts, 1.0),
+        "tokens": counts,
+        "grad_norm": per_iter["grad_norm"],
+        "skipped": per_iter["skipped"],
+    }
     metrics["reward_mean"] = rollout.rewards.mean()
     metrics["reward_std"] = rollout.rewards.std()
     # M == 1: every row is one advantage; its [B] mean keeps the metric bitwise as before.
@@ -311,7 +359,8 @@ def make_train_step(canvas_logits_fn: CanvasLogitsFn, optimizer: optax.GradientT
     metrics["structure_selectivity"] = (n_s / jnp.maximum(n_c, 1)).astype(jnp.float32).mean()
     metrics["structure_all_candidates_frac"] = (n_s == n_c).astype(jnp.float32).mean()
     metrics["behaviour_gap"], metrics["behaviour_gap_tokens"] = behaviour_gap(
-        distinct, old_distinct, rollout.commit_step, rollout.commit_logp, config.num_sampler_steps)
+        distinct, old_distinct, rollout.commit_step, rollout.commit_logp, config.num_sampler_steps
+    )
     metrics["skipped"] = metrics["total"]["skipped"]
     metrics["skipped_total"] = skipped
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, skipped=skipped)
@@ -324,6 +373,7 @@ def make_train_step(canvas_logits_fn: CanvasLogitsFn, optimizer: optax.GradientT
     mesh = parallel.auto_mesh(mesh)
     rep = parallel.replicated(mesh)
     st = _retarget(state_shardings, mesh) if state_shardings is not None else rep
-    jitted = jax.jit(step_fn, in_shardings=(st, rollout_shardings(mesh), rep), out_shardings=(st, rep),
-                     donate_argnums=donate_argnums)
+    jitted = jax.jit(
+        step_fn, in_shardings=(st, rollout_shardings(mesh), rep), out_shardings=(st, rep), donate_argnums=donate_argnums
+    )
   return TrainStep(jitted, config, mesh)

@@ -3,6 +3,7 @@
 Everything here is static (hashable, known at trace time): it fixes the number of loop steps,
 the per-step commit counts and temperature tables, and whether the unconditional CFG half runs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,6 +38,7 @@ class CacheConfig:
     refresh_interval: a full refresh every this many steps after the warmup (int >= 1; 1: every
       step is full).
   """
+
   enabled: bool = False
   ratio: float = 0.9
   warmup_ratio: float = 0.3
@@ -83,6 +85,8 @@ class CacheConfig:
     full = (s <= warmup) | ((s - warmup) % self.refresh_interval == 0)
     full[min(sketch_steps, num_steps - 1)] = True
     return full if self.enabled else np.ones(num_steps, bool)
+
+
 TEMPERATURE_MODES = ("mmada_annealed", "constant")
 
 
@@ -108,6 +112,7 @@ class SamplerConfig:
     temperature_mode: ``'constant'`` or ``'mmada_annealed'``.
     cache: the rollout cache, ``CacheConfig`` (off by default); a mapping is converted.
   """
+
   num_steps: int = 12
   sketch_steps: int = 4
   rule: str = "maskgit"
@@ -128,8 +133,9 @@ class SamplerConfig:
     if self.num_steps < 1:
       fail("num_steps", f"must be >= 1, got {self.num_steps}")
     if not 0 < self.sketch_steps <= self.num_steps:
-      fail("sketch_steps", f"must satisfy 0 < sketch_steps <= num_steps = {self.num_steps}, "
-           f"got {self.sketch_steps}")
+      fail(
+          "sketch_steps", f"must satisfy 0 < sketch_steps <= num_steps = {self.num_steps}, " f"got {self.sketch_steps}"
+      )
     if self.rule not in RULES:
       fail("rule", f"unknown {self.rule!r}; choose from {RULES}")
     if self.temperature_mode not in TEMPERATURE_MODES:
@@ -141,8 +147,10 @@ class SamplerConfig:
       if not (math.isfinite(v) and v >= 0):
         fail(f, f"must be finite and >= 0, got {v}")
     if self.temperature_mode == "constant" and self.temperature <= 0:
-      fail("temperature", "must be > 0 with temperature_mode='constant' (tokens are drawn from "
-           "softmax(logits / temperature))")
+      fail(
+          "temperature",
+          "must be > 0 with temperature_mode='constant' (tokens are drawn from " "softmax(logits / temperature))",
+      )
     if not isinstance(self.schedule, str):
       fail("schedule", f"must be a string, got {self.schedule!r}")
     g = schedules.masked_fractions(self.schedule, self.num_steps)  # raises on unknown names
@@ -159,8 +167,7 @@ class SamplerConfig:
     object.__setattr__(self, "temperature", float(self.temperature))
 
   @classmethod
-  def from_mapping(cls, m: Mapping[str, Any], ignore: tuple[str, ...] = ("share_sketch",)
-                   ) -> "SamplerConfig":
+  def from_mapping(cls, m: Mapping[str, Any], ignore: tuple[str, ...] = ("share_sketch",)) -> "SamplerConfig":
     """Builds a config from a dict / ConfigDict; unknown keys (other than ``ignore``) raise."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(m) - names - set(ignore))

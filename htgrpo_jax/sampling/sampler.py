@@ -24,6 +24,7 @@ and a different distribution from the policy's, so it is for evaluation, never t
 ``guided_canvas_logits_fn`` turns the sampler's guided, tempered distribution into a policy the RL
 update can score (``rl.estimator_guidance='guided'``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,6 +57,7 @@ class CanvasState:
     prompt_tokens: int32[B, Lp] conditional prompt tokens.
     uncond_tokens: int32[B, Lp] unconditional (CFG) prompt tokens.
   """
+
   canvas: jax.Array
   commit_step: jax.Array
   commit_entropy: jax.Array
@@ -76,6 +78,7 @@ class SampleRecord:
       token was drawn from.
     commit_logp: float32[B, N] log-prob of the token under that distribution.
   """
+
   image_tokens: jax.Array
   commit_step: jax.Array
   commit_entropy: jax.Array
@@ -83,9 +86,14 @@ class SampleRecord:
 
   def to_rollout(self, prompt_tokens: jax.Array, rewards: jax.Array) -> Rollout:
     """A ``Rollout`` from this record plus the prompts (int32[B, Lp]) and rewards (float32[B])."""
-    return Rollout(prompt_tokens=prompt_tokens, image_tokens=self.image_tokens,
-                   commit_step=self.commit_step, commit_entropy=self.commit_entropy,
-                   commit_logp=self.commit_logp, rewards=rewards)
+    return Rollout(
+        prompt_tokens=prompt_tokens,
+        image_tokens=self.image_tokens,
+        commit_step=self.commit_step,
+        commit_entropy=self.commit_entropy,
+        commit_logp=self.commit_logp,
+        rewards=rewards,
+    )
 
 
 def trajectory_canvas(image_tokens: jax.Array, commit_step: jax.Array, step) -> jax.Array:
@@ -93,8 +101,14 @@ def trajectory_canvas(image_tokens: jax.Array, commit_step: jax.Array, step) -> 
   return jnp.where(commit_step < step, image_tokens, MASK).astype(jnp.int32)
 
 
-def guided_logits(canvas_logits_fn: CanvasLogitsFn, params: Any, prompt_tokens: jax.Array,
-                  uncond_tokens: jax.Array, canvas: jax.Array, cfg_scale: float) -> jax.Array:
+def guided_logits(
+    canvas_logits_fn: CanvasLogitsFn,
+    params: Any,
+    prompt_tokens: jax.Array,
+    uncond_tokens: jax.Array,
+    canvas: jax.Array,
+    cfg_scale: float,
+) -> jax.Array:
   """float32[B, N, C]: (1 + s) * cond - s * uncond, both halves from one forward of 2B rows.
 
   The 2B batch interleaves rows (cond_0, uncond_0, cond_1, ...) rather than concatenating the two
@@ -113,8 +127,7 @@ def guided_logits(canvas_logits_fn: CanvasLogitsFn, params: Any, prompt_tokens: 
   return (1.0 + cfg_scale) * cond - cfg_scale * uncond
 
 
-def guided_canvas_logits_fn(canvas_logits_fn: CanvasLogitsFn, config: SamplerConfig,
-                            uncond_prompt) -> CanvasLogitsFn:
+def guided_canvas_logits_fn(canvas_logits_fn: CanvasLogitsFn, config: SamplerConfig, uncond_prompt) -> CanvasLogitsFn:
   """The logits tokens are drawn from, as a ``CanvasLogitsFn`` for the RL update.
 
   ``(params, prompt_tokens int32[B, Lp], canvas int32[B, N]) -> float32[B, N, C]``: ``guided_logits``
@@ -158,10 +171,15 @@ def _entropy(logq: jax.Array, q: jax.Array | None = None) -> jax.Array:
   return -jnp.sum(jnp.where(q > 0, q * logq, 0.0), axis=-1)
 
 
-def replay_commit_stats(canvas_logits_fn: CanvasLogitsFn, config: SamplerConfig, params: Any,
-                        prompt_tokens: jax.Array, uncond_tokens: jax.Array,
-                        image_tokens: jax.Array, commit_step: jax.Array
-                        ) -> tuple[jax.Array, jax.Array]:
+def replay_commit_stats(
+    canvas_logits_fn: CanvasLogitsFn,
+    config: SamplerConfig,
+    params: Any,
+    prompt_tokens: jax.Array,
+    uncond_tokens: jax.Array,
+    image_tokens: jax.Array,
+    commit_step: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
   """Recomputes (commit_entropy, commit_logp), float32[B, N] each, from a finished trajectory.
 
   Rebuilds the canvas before every step from ``image_tokens`` and ``commit_step``, re-runs the
@@ -175,8 +193,8 @@ def replay_commit_stats(canvas_logits_fn: CanvasLogitsFn, config: SamplerConfig,
     ent, lp = carry
     canvas = trajectory_canvas(image_tokens, commit_step, s)
     logq = _sampling_log_probs(
-        guided_logits(canvas_logits_fn, params, prompt_tokens, uncond_tokens, canvas,
-                      config.cfg_scale), temp)
+        guided_logits(canvas_logits_fn, params, prompt_tokens, uncond_tokens, canvas, config.cfg_scale), temp
+    )
     here = commit_step == s
     tok_lp = jnp.take_along_axis(logq, jnp.maximum(image_tokens, 0)[..., None], -1)[..., 0]
     return (jnp.where(here, _entropy(logq), ent), jnp.where(here, tok_lp, lp))
@@ -199,6 +217,7 @@ class Sampler:
     sample: (params, prompt_tokens, uncond_tokens, key) -> SampleRecord; == paint(sketch(.)).
     branch: (state, g: int) -> CanvasState with every row repeated g times, contiguously.
   """
+
   config: SamplerConfig
   num_tokens: int
   mesh: Mesh | None
@@ -222,6 +241,7 @@ class RuleInputs(NamedTuple):
     noise_scales, masked_after, unmask_probs: the config's static per-step tables
       (``SamplerConfig.noise_scales()``, ``.masked_after(N)``, ``.unmask_probs()``).
   """
+
   s: jax.Array
   logits: jax.Array
   tokens: jax.Array
@@ -266,9 +286,15 @@ def emerge_commit(x: RuleInputs) -> jax.Array:
   return x.masked & (x.u_rule < jnp.asarray(x.unmask_probs)[x.s])  # u < 1 always: the last step fills all
 
 
-def make_sampler(canvas_logits_fn: CanvasLogitsFn, config: SamplerConfig, *, num_tokens: int,
-                 mesh: Mesh | None = None, params_sharding: Any = None,
-                 cached_logits: CachedLogits | None = None) -> Sampler:
+def make_sampler(
+    canvas_logits_fn: CanvasLogitsFn,
+    config: SamplerConfig,
+    *,
+    num_tokens: int,
+    mesh: Mesh | None = None,
+    params_sharding: Any = None,
+    cached_logits: CachedLogits | None = None,
+) -> Sampler:
   """Builds the jitted sketch / paint / sample / branch functions.
 
   Args:
@@ -304,12 +330,15 @@ def make_sampler(canvas_logits_fn: CanvasLogitsFn, config: SamplerConfig, *, num
   use_cache = cfg.cache.enabled
   if use_cache:
     if not isinstance(cached_logits, CachedLogits):
-      raise ValueError("cached_logits: config.cache.enabled needs the policy's CachedLogits "
-                       f"(models.policy.make_cached_logits), got {type(cached_logits).__name__}")
+      raise ValueError(
+          "cached_logits: config.cache.enabled needs the policy's CachedLogits "
+          f"(models.policy.make_cached_logits), got {type(cached_logits).__name__}"
+      )
     image_positions = np.asarray(cached_logits.image_positions, np.int32)
     if image_positions.shape != (num_tokens,):
-      raise ValueError(f"cached_logits.image_positions: shape {image_positions.shape}, expected "
-                       f"({num_tokens},) (num_tokens)")
+      raise ValueError(
+          f"cached_logits.image_positions: shape {image_positions.shape}, expected " f"({num_tokens},) (num_tokens)"
+      )
     if image_positions.size and np.all(np.diff(image_positions) == 1):  # a static slice, no gather
       image_positions = slice(int(image_positions[0]), int(image_positions[-1]) + 1)
     n_recompute = cfg.cache.num_recomputed(int(cached_logits.seq_len))
@@ -329,8 +358,9 @@ def make_sampler(canvas_logits_fn: CanvasLogitsFn, config: SamplerConfig, *, num
     return u if mesh is None else jax.lax.with_sharding_constraint(u, batch_spec(len(shape)))
 
   def step_fn(params, state: CanvasState, s, key) -> CanvasState:
-    logits = guided_logits(canvas_logits_fn, params, state.prompt_tokens, state.uncond_tokens,
-                           state.canvas, cfg.cfg_scale)
+    logits = guided_logits(
+        canvas_logits_fn, params, state.prompt_tokens, state.uncond_tokens, state.canvas, cfg.cfg_scale
+    )
     return advance(state, logits, s, key)
 
   def advance(state: CanvasState, logits, s, key) -> CanvasState:
@@ -353,17 +383,28 @@ def make_sampler(canvas_logits_fn: CanvasLogitsFn, config: SamplerConfig, *, num
     tokens = jnp.minimum(jnp.sum(cdf < x, axis=-1, dtype=jnp.int32), c - 1)
     tok_logq = jnp.take_along_axis(logq, tokens[..., None], -1)[..., 0]
 
-    commit = commit_rule(RuleInputs(
-        s=s, logits=logits, tokens=tokens, tok_logq=tok_logq, masked=masked, u_rule=u_rule,
-        temperature=temp, noise_scales=noise_scales, masked_after=masked_after,
-        unmask_probs=unmask_probs))
+    commit = commit_rule(
+        RuleInputs(
+            s=s,
+            logits=logits,
+            tokens=tokens,
+            tok_logq=tok_logq,
+            masked=masked,
+            u_rule=u_rule,
+            temperature=temp,
+            noise_scales=noise_scales,
+            masked_after=masked_after,
+            unmask_probs=unmask_probs,
+        )
+    )
 
     return state.replace(
         canvas=jnp.where(commit, tokens, canvas),
         commit_step=jnp.where(commit, s, state.commit_step).astype(jnp.int32),
         commit_entropy=jnp.where(commit, _entropy(logq, q), state.commit_entropy),
         commit_logp=jnp.where(commit, tok_logq, state.commit_logp),
-        step=jnp.asarray(s + 1, jnp.int32))
+        step=jnp.asarray(s + 1, jnp.int32),
+    )
 
   def cache_rows(state):
     """The forward's rows: cond/uncond interleaved as in ``guided_logits`` (R = 2B with CFG)."""
@@ -404,8 +445,7 @@ def make_sampler(canvas_logits_fn: CanvasLogitsFn, config: SamplerConfig, *, num
     # Step lo is always a refresh: the zero caches below are never read.
     logit_shape, kv_shape = jax.eval_shape(cached_logits.full, params, prompts, canvases)
     zeros = lambda t: jnp.zeros(t.shape, t.dtype)
-    carry = (state, zeros(logit_shape), jax.tree.map(zeros, kv_shape),
-             cached_logits.selectable(prompts))
+    carry = (state, zeros(logit_shape), jax.tree.map(zeros, kv_shape), cached_logits.selectable(prompts))
     carry = jax.lax.fori_loop(lo, hi, lambda s, c: cached_step(params, c, s, key), carry)
     return carry[0]
 
@@ -420,14 +460,22 @@ def make_sampler(canvas_logits_fn: CanvasLogitsFn, config: SamplerConfig, *, num
     b = prompt_tokens.shape[0]
     full = lambda v, dt: jnp.full((b, num_tokens), v, dt)
     return CanvasState(
-        canvas=full(MASK, jnp.int32), commit_step=full(UNCOMMITTED, jnp.int32),
-        commit_entropy=full(0.0, jnp.float32), commit_logp=full(0.0, jnp.float32),
-        step=jnp.zeros((), jnp.int32), prompt_tokens=prompt_tokens.astype(jnp.int32),
-        uncond_tokens=uncond_tokens.astype(jnp.int32))
+        canvas=full(MASK, jnp.int32),
+        commit_step=full(UNCOMMITTED, jnp.int32),
+        commit_entropy=full(0.0, jnp.float32),
+        commit_logp=full(0.0, jnp.float32),
+        step=jnp.zeros((), jnp.int32),
+        prompt_tokens=prompt_tokens.astype(jnp.int32),
+        uncond_tokens=uncond_tokens.astype(jnp.int32),
+    )
 
   def to_record(state):
-    return SampleRecord(image_tokens=state.canvas, commit_step=state.commit_step,
-                        commit_entropy=state.commit_entropy, commit_logp=state.commit_logp)
+    return SampleRecord(
+        image_tokens=state.canvas,
+        commit_step=state.commit_step,
+        commit_entropy=state.commit_entropy,
+        commit_logp=state.commit_logp,
+    )
 
   def sketch_impl(params, prompt_tokens, uncond_tokens, key):
     return run_steps(params, init_state(prompt_tokens, uncond_tokens), key, 0, t_sketch)
@@ -442,11 +490,14 @@ def make_sampler(canvas_logits_fn: CanvasLogitsFn, config: SamplerConfig, *, num
 
   def branch_impl(state, g):
     rep = lambda x: jnp.repeat(x, g, axis=0)
-    return state.replace(canvas=rep(state.canvas), commit_step=rep(state.commit_step),
-                         commit_entropy=rep(state.commit_entropy),
-                         commit_logp=rep(state.commit_logp),
-                         prompt_tokens=rep(state.prompt_tokens),
-                         uncond_tokens=rep(state.uncond_tokens))
+    return state.replace(
+        canvas=rep(state.canvas),
+        commit_step=rep(state.commit_step),
+        commit_entropy=rep(state.commit_entropy),
+        commit_logp=rep(state.commit_logp),
+        prompt_tokens=rep(state.prompt_tokens),
+        uncond_tokens=rep(state.uncond_tokens),
+    )
 
   if mesh is None:
     jit_sketch, jit_paint, jit_sample = jax.jit(sketch_impl), jax.jit(paint_impl), jax.jit(sample_impl)
@@ -455,20 +506,17 @@ def make_sampler(canvas_logits_fn: CanvasLogitsFn, config: SamplerConfig, *, num
     rep_s = parallel.replicated(mesh)
     if params_sharding is not None:
       params_sharding = jax.tree.map(
-          lambda sh: NamedSharding(mesh, sh.spec) if isinstance(sh, NamedSharding) else sh,
-          params_sharding)
+          lambda sh: NamedSharding(mesh, sh.spec) if isinstance(sh, NamedSharding) else sh, params_sharding
+      )
     b2 = batch_spec(2)
-    state_s = CanvasState(canvas=b2, commit_step=b2, commit_entropy=b2, commit_logp=b2,
-                          step=rep_s, prompt_tokens=b2, uncond_tokens=b2)
+    state_s = CanvasState(
+        canvas=b2, commit_step=b2, commit_entropy=b2, commit_logp=b2, step=rep_s, prompt_tokens=b2, uncond_tokens=b2
+    )
     record_s = SampleRecord(image_tokens=b2, commit_step=b2, commit_entropy=b2, commit_logp=b2)
-    jit_sketch = jax.jit(sketch_impl, in_shardings=(params_sharding, b2, b2, rep_s),
-                         out_shardings=state_s)
-    jit_paint = jax.jit(paint_impl, in_shardings=(params_sharding, state_s, rep_s),
-                        out_shardings=record_s)
-    jit_sample = jax.jit(sample_impl, in_shardings=(params_sharding, b2, b2, rep_s),
-                         out_shardings=record_s)
-    jit_branch = jax.jit(branch_impl, static_argnums=1, in_shardings=(state_s,),
-                         out_shardings=state_s)
+    jit_sketch = jax.jit(sketch_impl, in_shardings=(params_sharding, b2, b2, rep_s), out_shardings=state_s)
+    jit_paint = jax.jit(paint_impl, in_shardings=(params_sharding, state_s, rep_s), out_shardings=record_s)
+    jit_sample = jax.jit(sample_impl, in_shardings=(params_sharding, b2, b2, rep_s), out_shardings=record_s)
+    jit_branch = jax.jit(branch_impl, static_argnums=1, in_shardings=(state_s,), out_shardings=state_s)
 
   def relabel(*args):
     return args if mesh is None else parallel.onto_mesh(args, mesh)
@@ -491,8 +539,10 @@ def make_sampler(canvas_logits_fn: CanvasLogitsFn, config: SamplerConfig, *, num
         raise ValueError(f"uncond_tokens: required when cfg_scale = {cfg.cfg_scale} != 0")
       uncond_tokens = prompt_tokens  # carried but never read without CFG
     if np.shape(uncond_tokens) != np.shape(prompt_tokens):
-      raise ValueError(f"uncond_tokens: shape {np.shape(uncond_tokens)} != prompt_tokens shape "
-                       f"{np.shape(prompt_tokens)} (the CFG batch stacks them row by row)")
+      raise ValueError(
+          f"uncond_tokens: shape {np.shape(uncond_tokens)} != prompt_tokens shape "
+          f"{np.shape(prompt_tokens)} (the CFG batch stacks them row by row)"
+      )
     if not jnp.issubdtype(jnp.result_type(uncond_tokens), jnp.integer):
       raise ValueError(f"uncond_tokens: expected an integer dtype, got {jnp.result_type(uncond_tokens)}")
     check_batch("prompt_tokens", np.shape(prompt_tokens)[0])
@@ -526,5 +576,4 @@ def make_sampler(canvas_logits_fn: CanvasLogitsFn, config: SamplerConfig, *, num
     check_state(state)
     return jit_branch(*relabel(state), int(g))
 
-  return Sampler(config=cfg, num_tokens=num_tokens, mesh=mesh, sketch=sketch, paint=paint,
-                 sample=sample, branch=branch)
+  return Sampler(config=cfg, num_tokens=num_tokens, mesh=mesh, sketch=sketch, paint=paint, sample=sample, branch=branch)

@@ -10,6 +10,7 @@ Names: ``cosine`` (default, MMaDA / DiMOO / MaskGRPO), ``linear``, ``pow<k>`` (1
 The functions take numpy or JAX arrays; samplers evaluate them on the host into static tables.
 The fixed names are registered in ``SCHEDULE_REGISTRY``; ``pow<k>`` is a family parsed from its name.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,8 +45,10 @@ def linear(r):
 
 def power(exponent: float) -> Schedule:
   """1 - r^k: k > 1 unmasks slowly at first (MaskGIT's ``pow``), k < 1 front-loads."""
+
   def fn(r):
-    return 1.0 - r ** exponent
+    return 1.0 - r**exponent
+
   return fn
 
 

@@ -4,6 +4,7 @@ The FLOPs table must give each 8B config's sampler and update shares summing to 
 share growing with its step count (Lumina-DiMOO's T 64 vs MMaDA's T 15 at the same B and K). The timed run
 (slow) must report every phase of the tiny config's step with shares summing to 100 %.
 """
+
 import os
 import re
 import subprocess
@@ -17,15 +18,22 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _run(*args: str, tmp_path: Path) -> str:
   env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="")  # one CPU device, as a user runs it
-  out = subprocess.run([sys.executable, str(ROOT / "bench" / "rl_step.py"), *args], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=900)
+  out = subprocess.run(
+      [sys.executable, str(ROOT / "bench" / "rl_step.py"), *args],
+      cwd=tmp_path,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=900,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   return out.stdout
 
 
 def _rows(text: str, first: str) -> list[list[str]]:
-  return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
-          if line.startswith(f"| {first}")]
+  return [
+      [c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith(f"| {first}")
+  ]
 
 
 def test_flops_table_shares(tmp_path):

@@ -4,6 +4,7 @@ From the same tiny LLaDA weights and rollout, the eager PyTorch update and ``rl.
 same first-iteration gradient, the same per-iteration losses and pre-clip gradient norms over all K inner
 iterations (which run on weights each update moved), and the same final weights, within fp32 tolerance.
 """
+
 import dataclasses
 import sys
 import types
@@ -24,23 +25,44 @@ import train_step as bench_train_step  # noqa: E402
 from htgrpo_jax import rl  # noqa: E402
 from htgrpo_jax.rl.loss import ht_grpo_loss, token_logp_entropy  # noqa: E402
 
-ARGS = types.SimpleNamespace(d=32, layers=2, heads=2, mlp=64, tokens=16, codebook=16, prompt_len=4, batch=8,
-                             group=4, sampler_steps=4, stages=(1, 1, 1), micro_batch_size=0)
+ARGS = types.SimpleNamespace(
+    d=32,
+    layers=2,
+    heads=2,
+    mlp=64,
+    tokens=16,
+    codebook=16,
+    prompt_len=4,
+    batch=8,
+    group=4,
+    sampler_steps=4,
+    stages=(1, 1, 1),
+    micro_batch_size=0,
+)
 LR = 1e-3
 
 
 def _close(got, want, rtol, atol_frac, what):
   """Elementwise close, atol relative to the tensor's scale (gradients span decades)."""
-  jax.tree.map(lambda g, w: np.testing.assert_allclose(
-      g, np.asarray(w), rtol=rtol, atol=atol_frac * float(np.abs(np.asarray(w)).max()) + 1e-12, err_msg=what),
-      got, want)
+  jax.tree.map(
+      lambda g, w: np.testing.assert_allclose(
+          g, np.asarray(w), rtol=rtol, atol=atol_frac * float(np.abs(np.asarray(w)).max()) + 1e-12, err_msg=what
+      ),
+      got,
+      want,
+  )
 
 
-@pytest.mark.parametrize("estimator,beta,contexts", [
-    pytest.param("htgrpo", 0.01, {}, marks=pytest.mark.slow), ("random_remask", 0.01, {}),
-    pytest.param("htgrpo", 0.0, {}, marks=pytest.mark.slow),
-    # replayed global/struct canvases (one old/ref pass each) beside the shared S-revealed refine one
-    pytest.param("htgrpo", 0.01, dict(sketch_context="trajectory"), marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "estimator,beta,contexts",
+    [
+        pytest.param("htgrpo", 0.01, {}, marks=pytest.mark.slow),
+        ("random_remask", 0.01, {}),
+        pytest.param("htgrpo", 0.0, {}, marks=pytest.mark.slow),
+        # replayed global/struct canvases (one old/ref pass each) beside the shared S-revealed refine one
+        pytest.param("htgrpo", 0.01, dict(sketch_context="trajectory"), marks=pytest.mark.slow),
+    ],
+)
 def test_torch_update_matches_jax_step(estimator, beta, contexts):
   torch.manual_seed(0)
   model_cfg, fn, params = bench_train_step.make_policy(ARGS)
@@ -55,8 +77,16 @@ def test_torch_update_matches_jax_step(estimator, beta, contexts):
 
   inputs = torch_reference.prepare_update(config, rollout, key, step=0)
   text_vocab = bench_train_step.TEXT_VOCAB
-  upd = torch_reference.build(model_cfg, params, config, prompt_len=ARGS.prompt_len, mask_id=text_vocab,
-                              offset=text_vocab + 1, codebook=ARGS.codebook, lr=LR)
+  upd = torch_reference.build(
+      model_cfg,
+      params,
+      config,
+      prompt_len=ARGS.prompt_len,
+      mask_id=text_vocab,
+      offset=text_vocab + 1,
+      codebook=ARGS.codebook,
+      lr=LR,
+  )
   grads0 = {}
   norms = []
 
@@ -85,8 +115,13 @@ def test_torch_update_matches_jax_step(estimator, beta, contexts):
   np.testing.assert_allclose(norms, np.asarray(met["iter"]["grad_norm"]), rtol=1e-4)
   assert len(set(np.round(losses, 6))) > 1  # the iterations saw different weights / canvases
   # Final weights after K clipped AdamW steps: within a small fraction of one step (lr) everywhere.
-  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, np.asarray(w), rtol=0, atol=0.05 * LR),
-               upd.model.flax_params(), state.params)
-  moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
-              for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)))
+  jax.tree.map(
+      lambda g, w: np.testing.assert_allclose(g, np.asarray(w), rtol=0, atol=0.05 * LR),
+      upd.model.flax_params(),
+      state.params,
+  )
+  moved = max(
+      float(np.abs(np.asarray(a) - np.asarray(b)).max())
+      for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params))
+  )
   assert moved > 0.5 * LR * config.num_iterations  # the weights did move K Adam steps

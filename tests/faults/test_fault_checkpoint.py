@@ -2,6 +2,7 @@
 edited JSON items, a garbled manifest) is detected on restore and the previous kept step is used,
 with a warning naming the step and the file at fault; a model change is not mistaken for
 corruption; keep-N deletion leaves only complete steps."""
+
 import glob
 import json
 import os
@@ -17,8 +18,10 @@ from htgrpo_jax import checkpoint
 def _state(v: float):
   """A small TrainState-like pytree: fp32 (random: the bytes do not compress), bf16 and int32."""
   w = np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32) + v
-  return {"params": {"w": jnp.asarray(w), "h": jnp.asarray(w[:8], jnp.bfloat16)},
-          "step": jnp.asarray(int(v), jnp.int32)}
+  return {
+      "params": {"w": jnp.asarray(w), "h": jnp.asarray(w[:8], jnp.bfloat16)},
+      "step": jnp.asarray(int(v), jnp.int32),
+  }
 
 
 def _abstract():
@@ -65,6 +68,7 @@ def _garble(item):
     assert os.path.isfile(path), os.listdir(os.path.join(step_dir, item))
     open(path, "w").write('{"step": 2, "hist')
     return os.path.join(step_dir, item)
+
   return fn
 
 
@@ -76,9 +80,15 @@ def _edit_loop(step_dir):  # valid JSON, wrong content
   return os.path.join(step_dir, "loop")
 
 
-CORRUPTIONS = {"bit_flip": _flip, "truncated_array": _truncate, "deleted_array": _delete,
-               "garbled_loop_json": _garble("loop"), "garbled_data_json": _garble("data"),
-               "edited_loop_json": _edit_loop, "garbled_manifest": _garble("manifest")}
+CORRUPTIONS = {
+    "bit_flip": _flip,
+    "truncated_array": _truncate,
+    "deleted_array": _delete,
+    "garbled_loop_json": _garble("loop"),
+    "garbled_data_json": _garble("data"),
+    "edited_loop_json": _edit_loop,
+    "garbled_manifest": _garble("manifest"),
+}
 
 
 def test_intact_checkpoint_round_trips_exactly_and_carries_a_manifest(tmp_path):
@@ -108,14 +118,14 @@ def test_corrupt_newest_step_falls_back_to_previous_with_a_named_warning(tmp_pat
   assert "step 2" in text and "corrupt" in text.lower() and "step 1" in text, text
   # The file (array file or JSON item) or, for a bit flip, the leaf at fault is named.
   named = os.path.dirname(bad) if kind in ("truncated_array", "deleted_array") else bad
-  assert (os.path.join("2", "state") in text if kind.endswith("array") or kind == "bit_flip"
-          else named in text), text
+  assert os.path.join("2", "state") in text if kind.endswith("array") or kind == "bit_flip" else named in text, text
   if kind == "bit_flip":
     assert "['params']['w']" in text, text
   # The corrupt step is moved aside (kept for inspection), so the next save of step 2 can happen.
   assert ck.latest_step() == 1
   assert glob.glob(os.path.join(str(tmp_path / "ck"), "*", "2*")) or glob.glob(
-      str(tmp_path / "ck.corrupt" / "2*")), os.listdir(tmp_path / "ck")
+      str(tmp_path / "ck.corrupt" / "2*")
+  ), os.listdir(tmp_path / "ck")
   ck.save(2, _state(2.0), {"pos": 8}, {"step": 2, "history": []})
   ck.close()
   again = checkpoint.RunCheckpointer(tmp_path / "ck")
@@ -144,8 +154,9 @@ def test_every_kept_step_corrupt_is_an_error_not_a_fresh_start(tmp_path):
 
 def test_a_different_model_is_a_mismatch_not_corruption(tmp_path):
   _write(tmp_path / "ck")
-  other = checkpoint.abstract_like({"params": {"w": jnp.zeros((64, 40)), "h": jnp.zeros(
-      (8, 48), jnp.bfloat16)}, "step": jnp.zeros((), jnp.int32)})
+  other = checkpoint.abstract_like(
+      {"params": {"w": jnp.zeros((64, 40)), "h": jnp.zeros((8, 48), jnp.bfloat16)}, "step": jnp.zeros((), jnp.int32)}
+  )
   ck = checkpoint.RunCheckpointer(tmp_path / "ck")
   with pytest.raises(checkpoint.CheckpointMismatchError, match=r"does not match.*\['params'\]\['w'\]"):
     ck.restore(other, warn=lambda s: None)

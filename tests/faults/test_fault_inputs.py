@@ -1,6 +1,7 @@
 """Bad input files: prompt files are UTF-8 whatever the locale and invalid bytes are named by file
 and line; the converters refuse integer/bool tensors and NaN/inf weights by tensor name, and name
 the file of a truncated safetensors shard."""
+
 import json
 import os
 import subprocess
@@ -21,14 +22,13 @@ VQG = vqgan.PRESETS["tiny"]
 
 def test_prompt_file_is_read_as_utf8_under_an_ascii_locale(tmp_path):
   path = tmp_path / "p.jsonl"
-  path.write_bytes(json.dumps({"prompt": "a photo of a café", "tag": "x"}, ensure_ascii=False)
-                   .encode("utf-8") + b"\n")
-  code = ("import sys; from htgrpo_jax import tasks; "
-          "print(ascii(tasks.read_prompt_file(sys.argv[1], 'world.train_prompts')[0].text))")
-  env = dict(os.environ, LC_ALL="C", LANG="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0",
-             JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True,
-                       text=True, timeout=300)
+  path.write_bytes(json.dumps({"prompt": "a photo of a café", "tag": "x"}, ensure_ascii=False).encode("utf-8") + b"\n")
+  code = (
+      "import sys; from htgrpo_jax import tasks; "
+      "print(ascii(tasks.read_prompt_file(sys.argv[1], 'world.train_prompts')[0].text))"
+  )
+  env = dict(os.environ, LC_ALL="C", LANG="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0", JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip() == ascii("a photo of a café")
 
@@ -76,9 +76,15 @@ def test_clean_llada_checkpoint_loads(tmp_path):
   assert all(np.isfinite(np.asarray(x)).all() for x in __import__("jax").tree.leaves(params))
 
 
-@pytest.mark.parametrize("case,match", [
-    ("int", r"int32.*not a floating"), ("bool", r"bool.*not a floating"),
-    ("nan", r"non-finite.*NaN"), ("inf", r"non-finite")])
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("int", r"int32.*not a floating"),
+        ("bool", r"bool.*not a floating"),
+        ("nan", r"non-finite.*NaN"),
+        ("inf", r"non-finite"),
+    ],
+)
 def test_llada_converter_refuses_bad_values_by_tensor(tmp_path, case, match):
   t = _llada_tensors()
   if case == "int":
@@ -114,16 +120,18 @@ def test_truncated_single_file_checkpoint_names_the_file(tmp_path):
 
 def _vq_tensors():
   rng = np.random.default_rng(1)
-  return {k: (rng.standard_normal(s) * 0.1).astype(np.float32)
-          for k, s, _ in vq_convert.vqgan_param_map(VQG).values()}
+  return {k: (rng.standard_normal(s) * 0.1).astype(np.float32) for k, s, _ in vq_convert.vqgan_param_map(VQG).values()}
 
 
 @pytest.mark.parametrize("case", ["int", "nan"])
 def test_vq_converter_refuses_bad_values_by_tensor(tmp_path, case):
   t = _vq_tensors()
   key = sorted(t)[3]
-  t[key] = (np.ones(t[key].shape, np.int64) if case == "int"
-            else np.where(np.arange(t[key].size).reshape(t[key].shape) == 0, np.nan, t[key]))
+  t[key] = (
+      np.ones(t[key].shape, np.int64)
+      if case == "int"
+      else np.where(np.arange(t[key].size).reshape(t[key].shape) == 0, np.nan, t[key])
+  )
   save_file(t, str(tmp_path / "vq.safetensors"))
   with pytest.raises(ValueError, match=f"tensor {key}.*(not a floating|non-finite)"):
     vq_convert.load_vqgan_params(str(tmp_path / "vq.safetensors"), VQG)

@@ -2,6 +2,7 @@
 stretch the timeout, replies are size-capped, only real numbers are scores, protocol errors surface
 as one named error (reward + URL), redirects never leave the host, retries/backoff come from the
 config."""
+
 import json
 import os
 import socket
@@ -62,8 +63,17 @@ class RawServer:
 
 def _ok(body: bytes, status=b"200 OK", extra=b""):
   def script(conn):
-    conn.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\nContent-Length: "
-                 + str(len(body)).encode() + b"\r\n" + extra + b"\r\n" + body)
+    conn.sendall(
+        b"HTTP/1.1 "
+        + status
+        + b"\r\nContent-Type: application/json\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n"
+        + extra
+        + b"\r\n"
+        + body
+    )
+
   return script
 
 
@@ -74,6 +84,7 @@ def serve():
   def make(script, host="127.0.0.1"):
     servers.append(RawServer(script, host))
     return servers[-1]
+
   yield make
   for s in servers:
     s.close()
@@ -81,8 +92,7 @@ def serve():
 
 def _call(url, n=2, **kw):
   kw.setdefault("backoff", 0.01)
-  return remote.RemoteReward(url, name="geneval", **kw)(["a photo of a circle"] * n,
-                                                          np.zeros((n, 8, 8, 3), np.uint8))
+  return remote.RemoteReward(url, name="geneval", **kw)(["a photo of a circle"] * n, np.zeros((n, 8, 8, 3), np.uint8))
 
 
 def test_drip_feeding_server_cannot_stretch_the_timeout(serve):
@@ -91,6 +101,7 @@ def test_drip_feeding_server_cannot_stretch_the_timeout(serve):
     for _ in range(400):
       conn.sendall(b" ")
       time.sleep(0.1)
+
   srv = serve(drip)
   t = time.monotonic()
   with pytest.raises(ValueError, match=r"'geneval'.*127\.0\.0\.1.*(deadline|timed out)"):
@@ -103,6 +114,7 @@ def test_drip_fed_headers_cannot_stretch_it_either(serve):
     for b in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 400:
       conn.sendall(bytes([b]))
       time.sleep(0.05)
+
   srv = serve(drip)
   t = time.monotonic()
   with pytest.raises(ValueError, match="geneval"):
@@ -116,22 +128,25 @@ def test_reply_size_is_capped(serve):
     chunk = b"[" * 65536
     for _ in range(64):
       conn.sendall(chunk)
+
   srv = serve(huge)
   with pytest.raises(ValueError, match=r"'geneval'.*larger than 1048576 bytes"):
     _call(srv.url, max_reply_bytes=1 << 20, max_retries=0)
-  declared = serve(lambda conn: conn.sendall(
-      b"HTTP/1.1 200 OK\r\nContent-Length: 999999999\r\n\r\n{"))
+  declared = serve(lambda conn: conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 999999999\r\n\r\n{"))
   with pytest.raises(ValueError, match="larger than"):
     _call(declared.url, max_reply_bytes=1 << 20, max_retries=0)
 
 
-@pytest.mark.parametrize("scores,match", [
-    (["0.5", "0.5"], "element 0 is '0.5'"),
-    ([True, False], "element 0 is True"),
-    ([0.5, None], "element 1 is None"),
-    ([[0.5], [0.5]], r"element 0 is \[0.5\]"),
-    ({"a": 1}, "list"),
-])
+@pytest.mark.parametrize(
+    "scores,match",
+    [
+        (["0.5", "0.5"], "element 0 is '0.5'"),
+        ([True, False], "element 0 is True"),
+        ([0.5, None], "element 1 is None"),
+        ([[0.5], [0.5]], r"element 0 is \[0.5\]"),
+        ({"a": 1}, "list"),
+    ],
+)
 def test_only_real_numbers_are_scores(serve, scores, match):
   srv = serve(_ok(json.dumps({"scores": scores}).encode()))
   with pytest.raises(ValueError, match=r"'geneval'.*" + match):
@@ -143,14 +158,20 @@ def test_integers_are_real_numbers(serve):
   np.testing.assert_array_equal(_call(srv.url), [1.0, 0.0])
 
 
-@pytest.mark.parametrize("case,script,match", [
-    ("bad_status_line", lambda c: c.sendall(b"HELLO THERE\r\n\r\n"), "BadStatusLine"),
-    ("incomplete_read", lambda c: c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"sco"),
-     "IncompleteRead"),
-    ("overflow", _ok(b'{"scores": [' + b"9" * 400 + b", 0.5]}"), "does not fit"),
-    ("not_utf8", _ok(b'{"scores": [0.5, 0.5], "note": "\xff\xfe"}'), "not UTF-8"),
-    ("empty_reply", lambda c: None, "RemoteDisconnected"),
-])
+@pytest.mark.parametrize(
+    "case,script,match",
+    [
+        ("bad_status_line", lambda c: c.sendall(b"HELLO THERE\r\n\r\n"), "BadStatusLine"),
+        (
+            "incomplete_read",
+            lambda c: c.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"sco'),
+            "IncompleteRead",
+        ),
+        ("overflow", _ok(b'{"scores": [' + b"9" * 400 + b", 0.5]}"), "does not fit"),
+        ("not_utf8", _ok(b'{"scores": [0.5, 0.5], "note": "\xff\xfe"}'), "not UTF-8"),
+        ("empty_reply", lambda c: None, "RemoteDisconnected"),
+    ],
+)
 def test_protocol_errors_surface_as_one_named_error(serve, case, script, match):
   srv = serve(script)
   with pytest.raises(remote.RemoteRewardError) as e:
@@ -158,12 +179,10 @@ def test_protocol_errors_surface_as_one_named_error(serve, case, script, match):
   msg = str(e.value)
   assert "'geneval'" in msg and srv.url in msg and match in msg, msg
   # Transport failures are retried (bounded); a malformed but complete reply is not.
-  assert len(srv.requests) == (2 if case in ("bad_status_line", "incomplete_read",
-                                              "empty_reply") else 1)
+  assert len(srv.requests) == (2 if case in ("bad_status_line", "incomplete_read", "empty_reply") else 1)
 
 
-@pytest.mark.parametrize("code", [b"302 Found", b"303 See Other", b"307 Temporary Redirect",
-                                  b"308 Permanent Redirect"])
+@pytest.mark.parametrize("code", [b"302 Found", b"303 See Other", b"307 Temporary Redirect", b"308 Permanent Redirect"])
 def test_redirects_to_another_host_are_not_followed(serve, code):
   other = serve(_ok(json.dumps({"scores": [1.0, 1.0]}).encode()), host="127.0.0.2")
   srv = serve(_ok(b"", status=code, extra=b"Location: " + other.url.encode() + b"\r\n"))
@@ -181,6 +200,7 @@ def test_same_host_307_is_followed_with_the_post(serve):
       conn.sendall(b"HTTP/1.1 307 Temporary Redirect\r\nLocation: /v2/score\r\nContent-Length: 0\r\n\r\n")
     else:
       _ok(json.dumps({"scores": [0.25, 0.75]}).encode())(conn)
+
   srv = serve(script)
   np.testing.assert_array_equal(_call(srv.url), np.float32([0.25, 0.75]))
   assert [r[0] for r in srv.requests] == ["POST /score HTTP/1.1", "POST /v2/score HTTP/1.1"]
@@ -207,6 +227,7 @@ def test_retries_and_backoff_come_from_the_config(monkeypatch):
   def spy(self, url, **kw):
     made.append(kw)
     real(self, url, **kw)
+
   monkeypatch.setattr(remote.RemoteReward, "__init__", spy)
   cfg = _t2i_config(reward_retries=5, reward_backoff_s=0.25)
   with pytest.raises(ValueError, match="world.train_prompts"):  # the rewards are built first
@@ -214,8 +235,7 @@ def test_retries_and_backoff_come_from_the_config(monkeypatch):
   assert [(m["max_retries"], m["backoff"]) for m in made] == [(5, 0.25), (5, 0.25)]
 
 
-@pytest.mark.parametrize("key,value", [("reward_retries", -1),
-                                       ("reward_backoff_s", -0.1), ("reward_timeout", 0.0)])
+@pytest.mark.parametrize("key,value", [("reward_retries", -1), ("reward_backoff_s", -0.1), ("reward_timeout", 0.0)])
 def test_bad_reward_settings_are_named(key, value):
   with pytest.raises(ValueError, match=f"world.{key}"):
     tasks.build_task(_t2i_config(**{key: value}), log=lambda s: None)

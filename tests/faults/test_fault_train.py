@@ -2,6 +2,7 @@
 async save is pending, SIGTERM, time-based saves, runs of skipped updates, bad optim.* values, a
 locked workdir, a resumed run with another meaning, and a failing evaluation. Every faulted run
 that is restarted ends bit-identical to the uninterrupted reference."""
+
 import asyncio
 import dataclasses
 import json
@@ -54,6 +55,7 @@ def _steps(cfg):
 def _inject(monkeypatch, reward=None, score=None):
   """Wraps the task's reward / eval scorer: ``reward(n)`` / ``score(n)`` run before the n-th call
   (1-based) and may raise, return 'nan' (the reward then answers NaN) or do anything else."""
+
   def build(config, log=print):
     task = REAL_BUILD(config, log=log)
     calls = {"reward": 0, "score": 0}
@@ -70,9 +72,11 @@ def _inject(monkeypatch, reward=None, score=None):
         if score is not None:
           score(calls["score"])
         return fn(prompts, images, meta)
+
       return None if fn is None else wrapped
-    return dataclasses.replace(task, reward=faulty_reward, score=faulty(task.score),
-                               judge=faulty(task.judge))
+
+    return dataclasses.replace(task, reward=faulty_reward, score=faulty(task.score), judge=faulty(task.judge))
+
   monkeypatch.setattr(tasks, "build_task", build)
 
 
@@ -81,11 +85,13 @@ def slow_saves(monkeypatch):
   """Makes every Orbax commit (the tmp -> final rename) wait 1 s, like a slow bucket, so a save
   is still pending when the next step fails."""
   from orbax.checkpoint._src.path import atomicity
+
   real = atomicity.AtomicRenameTemporaryPath.finalize
 
   async def slow(self, *a, **k):
     await asyncio.sleep(1.0)
     return await real(self, *a, **k)
+
   monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", slow)
 
 
@@ -94,10 +100,11 @@ def slow_saves(monkeypatch):
 
 
 # One fault in the default run; the other two exits share its code path (the try/finally).
-@pytest.mark.parametrize("fault", ["error", pytest.param("nan_reward", marks=pytest.mark.slow),
-                                   pytest.param("interrupt", marks=pytest.mark.slow)])
-def test_fault_while_a_save_is_pending_keeps_that_checkpoint(root, reference, monkeypatch,
-                                                             slow_saves, fault):
+@pytest.mark.parametrize(
+    "fault",
+    ["error", pytest.param("nan_reward", marks=pytest.mark.slow), pytest.param("interrupt", marks=pytest.mark.slow)],
+)
+def test_fault_while_a_save_is_pending_keeps_that_checkpoint(root, reference, monkeypatch, slow_saves, fault):
   # No evaluation between the save of step 2 and step 3 (nor of the base: it is not compared).
   cfg = tiny_config(root, f"pending_{fault}", eval_every=100, **{"eval.at_start": False})
 
@@ -108,6 +115,7 @@ def test_fault_while_a_save_is_pending_keeps_that_checkpoint(root, reference, mo
       if fault == "interrupt":
         raise KeyboardInterrupt
       return "nan"
+
   _inject(monkeypatch, reward=reward)
   expect = {"error": RuntimeError, "nan_reward": ValueError, "interrupt": KeyboardInterrupt}[fault]
   with pytest.raises(expect):
@@ -132,6 +140,7 @@ def test_sigterm_saves_the_current_step_and_stops_cleanly(root, reference, monke
   def reward(n):
     if n == 2:  # mid-step 2: the step finishes, is saved although 2 is no save_every step
       os.kill(os.getpid(), signal.SIGTERM)
+
   _inject(monkeypatch, reward=reward)
   lines = []
   out = trainer.train(cfg, log=lines.append)
@@ -155,8 +164,15 @@ def test_a_stopped_run_exits_128_plus_the_signal_and_a_finished_one_0():
 
 @pytest.mark.slow
 def test_save_every_minutes_saves_between_save_every_steps(root):
-  cfg = tiny_config(root, "timed", save_every=100, save_every_minutes=1e-6, keep_checkpoints=10,
-                    eval_every=100, **{"eval.at_start": False})
+  cfg = tiny_config(
+      root,
+      "timed",
+      save_every=100,
+      save_every_minutes=1e-6,
+      keep_checkpoints=10,
+      eval_every=100,
+      **{"eval.at_start": False},
+  )
   trainer.train(cfg, log=quiet)
   assert _steps(cfg) == [1, 2, 3, 4]
 
@@ -167,17 +183,25 @@ def test_save_every_minutes_saves_between_save_every_steps(root):
 
 @pytest.mark.slow
 def test_consecutive_skipped_updates_stop_the_run_by_name(root, monkeypatch):
-  monkeypatch.setattr(trainer, "make_optimizer",
-                      lambda config, p: rl.make_optimizer(float("inf"), clip_norm=None))
-  cfg = tiny_config(root, "skips", save_every=1, max_consecutive_skips=7, keep_checkpoints=5,
-                    eval_every=100, **{"eval.at_start": False})
+  monkeypatch.setattr(trainer, "make_optimizer", lambda config, p: rl.make_optimizer(float("inf"), clip_norm=None))
+  cfg = tiny_config(
+      root,
+      "skips",
+      save_every=1,
+      max_consecutive_skips=7,
+      keep_checkpoints=5,
+      eval_every=100,
+      **{"eval.at_start": False},
+  )
   with pytest.raises(trainer.NonFiniteUpdateError, match=r"9 consecutive.*step 3.*max_consecutive_skips=7"):
     trainer.train(cfg, log=quiet)
   assert _steps(cfg) == [1, 2]  # K = 3 skips per step: the third step crosses 7
   from htgrpo_jax import checkpoint
+
   for s in (1, 2):
-    state = checkpoint.RunCheckpointer(os.path.join(cfg.workdir, "checkpoints")).restore(
-        _abstract_state(cfg), step=s)[0]
+    state = checkpoint.RunCheckpointer(os.path.join(cfg.workdir, "checkpoints")).restore(_abstract_state(cfg), step=s)[
+        0
+    ]
     assert all(np.isfinite(x).all() for x in _leaves(state) if x.dtype.kind == "f")
     assert int(state.skipped) == 3 * s
 
@@ -193,19 +217,22 @@ def _abstract_state(cfg):
 # 4. every optim.* key is validated in plan(), before anything is built
 
 
-@pytest.mark.parametrize("key,value,match", [
-    ("optim.max_grad_norm", -1.0, r"optim.max_grad_norm=-1.0: .*>= 0"),
-    ("optim.learning_rate", float("inf"), "optim.learning_rate=inf"),
-    ("optim.learning_rate", 0.0, "optim.learning_rate=0.0"),
-    ("optim.b1", 1.0, r"optim.b1=1.0: .*\[0, 1\)"),
-    ("optim.b2", -0.5, "optim.b2=-0.5"),
-    ("optim.b2", float("nan"), "optim.b2=nan"),
-    ("optim.warmup_steps", -1, "optim.warmup_steps=-1"),
-    ("optim.weight_decay", float("nan"), "optim.weight_decay=nan"),
-    ("optim.weight_decay", -0.1, "optim.weight_decay=-0.1"),
-    ("save_every_minutes", -1.0, "save_every_minutes=-1.0"),
-    ("max_consecutive_skips", -1, "max_consecutive_skips=-1"),
-])
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("optim.max_grad_norm", -1.0, r"optim.max_grad_norm=-1.0: .*>= 0"),
+        ("optim.learning_rate", float("inf"), "optim.learning_rate=inf"),
+        ("optim.learning_rate", 0.0, "optim.learning_rate=0.0"),
+        ("optim.b1", 1.0, r"optim.b1=1.0: .*\[0, 1\)"),
+        ("optim.b2", -0.5, "optim.b2=-0.5"),
+        ("optim.b2", float("nan"), "optim.b2=nan"),
+        ("optim.warmup_steps", -1, "optim.warmup_steps=-1"),
+        ("optim.weight_decay", float("nan"), "optim.weight_decay=nan"),
+        ("optim.weight_decay", -0.1, "optim.weight_decay=-0.1"),
+        ("save_every_minutes", -1.0, "save_every_minutes=-1.0"),
+        ("max_consecutive_skips", -1, "max_consecutive_skips=-1"),
+    ],
+)
 def test_bad_optim_and_loop_values_fail_in_plan(root, monkeypatch, key, value, match):
   cfg = tiny_config(root, "bad_optim", **{key: value})
   with pytest.raises(ValueError, match=match):
@@ -213,6 +240,7 @@ def test_bad_optim_and_loop_values_fail_in_plan(root, monkeypatch, key, value, m
 
   def never(*a, **k):
     raise AssertionError("the task was built before the config was validated")
+
   monkeypatch.setattr(tasks, "build_task", never)
   with pytest.raises(ValueError, match=match):
     trainer.train(cfg, log=quiet)
@@ -232,19 +260,21 @@ def test_unknown_optim_key_is_named(root):
 def test_second_run_on_a_locked_workdir_is_refused_naming_the_holder(root, monkeypatch):
   cfg = tiny_config(root, "locked")
   os.makedirs(cfg.workdir, exist_ok=True)
-  code = ("import sys, time; from htgrpo_jax.workdir import WorkdirLock; "
-          "WorkdirLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)")
-  holder = subprocess.Popen([sys.executable, "-c", code, cfg.workdir], stdout=subprocess.PIPE,
-                            text=True)
+  code = (
+      "import sys, time; from htgrpo_jax.workdir import WorkdirLock; "
+      "WorkdirLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)"
+  )
+  holder = subprocess.Popen([sys.executable, "-c", code, cfg.workdir], stdout=subprocess.PIPE, text=True)
   try:
     assert holder.stdout.readline().strip() == "locked"
 
     def never(*a, **k):
       raise AssertionError("built a task in a locked workdir")
+
     monkeypatch.setattr(tasks, "build_task", never)
     from htgrpo_jax import workdir
-    with pytest.raises(workdir.WorkdirLockedError,
-                       match=rf"host {socket.gethostname()}, pid {holder.pid}"):
+
+    with pytest.raises(workdir.WorkdirLockedError, match=rf"host {socket.gethostname()}, pid {holder.pid}"):
       trainer.train(cfg, log=quiet)
   finally:
     holder.kill()  # SIGKILL: its lock is now stale
@@ -260,27 +290,25 @@ def test_second_run_on_a_locked_workdir_is_refused_naming_the_holder(root, monke
 @pytest.mark.slow
 def test_resume_with_another_meaning_is_refused_unless_allowed(root):
   from htgrpo_jax import workdir
+
   base = dict(eval_every=100, **{"eval.at_start": False})
   cfg = tiny_config(root, "changed", **base)
   trainer.train(cfg, log=quiet, stop_after=1)
   path = os.path.join(cfg.workdir, "config.json")
   saved = open(path).read()
   bad = tiny_config(root, "changed", seed=1, **{"optim.learning_rate": 2e-4}, **base)
-  with pytest.raises(workdir.ConfigChangedError,
-                     match=r"(?s)(?=.*optim\.learning_rate: 0\.0001 -> 0\.0002)(?=.*seed: 0 -> 1)"
-                           r"(?=.*allow_config_change)"):
+  with pytest.raises(
+      workdir.ConfigChangedError,
+      match=r"(?s)(?=.*optim\.learning_rate: 0\.0001 -> 0\.0002)(?=.*seed: 0 -> 1)" r"(?=.*allow_config_change)",
+  ):
     trainer.train(bad, log=quiet)
   assert open(path).read() == saved
   # Cadence / bookkeeping and a longer run pass; a shorter one does not.
-  harmless = tiny_config(root, "changed", log_every=2, save_every=3, total_steps=6,
-                         keep_checkpoints=4, **base)
-  refused, allowed = workdir.compare_configs(json.loads(saved),
-                                             json.loads(harmless.to_json_best_effort()))
-  assert not refused and set(allowed) == {"log_every", "save_every", "total_steps",
-                                          "keep_checkpoints"}
+  harmless = tiny_config(root, "changed", log_every=2, save_every=3, total_steps=6, keep_checkpoints=4, **base)
+  refused, allowed = workdir.compare_configs(json.loads(saved), json.loads(harmless.to_json_best_effort()))
+  assert not refused and set(allowed) == {"log_every", "save_every", "total_steps", "keep_checkpoints"}
   shorter = tiny_config(root, "changed", total_steps=3, **base)
-  assert "total_steps" in workdir.compare_configs(json.loads(saved),
-                                                  json.loads(shorter.to_json_best_effort()))[0]
+  assert "total_steps" in workdir.compare_configs(json.loads(saved), json.loads(shorter.to_json_best_effort()))[0]
   # The explicit override proceeds, loudly, and every start is kept.
   bad.allow_config_change = True
   lines = []
@@ -307,6 +335,7 @@ def test_failing_evaluation_keeps_its_steps_checkpoint(root, reference, monkeypa
   def score(n):
     if armed.get("on"):
       raise RuntimeError("judge crashed")
+
   _inject(monkeypatch, reward=reward, score=score)
   with pytest.raises(RuntimeError, match="judge crashed"):
     trainer.train(cfg, log=quiet)

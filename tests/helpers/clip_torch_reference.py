@@ -12,14 +12,17 @@ from PIL import Image
 from tests.helpers.torch_vq_reference import write_ckpt
 
 # A CLIP BPE vocabulary just big enough for GenEval's colour prompts (and a few objects).
-WORDS = ("a photo of an the red orange yellow green blue purple pink brown black white - colored "
-         "object dog cat car bus train apple bird").split()
+WORDS = (
+    "a photo of an the red orange yellow green blue purple pink brown black white - colored "
+    "object dog cat car bus train apple bird"
+).split()
 
 
 def write_clip_tokenizer(path):
   """A ``CLIPTokenizer`` over ``WORDS`` (every word one BPE token, letters as fallbacks) saved to
   ``path``; its EOS (``<|endoftext|>``) is the largest id and doubles as padding, as in OpenAI's."""
   from transformers import CLIPTokenizer
+
   letters = "abcdefghijklmnopqrstuvwxyz-"
   vocab = {}
   for c in letters:
@@ -50,25 +53,44 @@ def write_clip_tokenizer(path):
 
 def hf_text_vision(vocab=128, eos=2, act="quick_gelu", image_size=32, patch=8, max_len=16):
   """``(text_config, vision_config)`` dicts of a tiny HF CLIP."""
-  text = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-              intermediate_size=64, max_position_embeddings=max_len, hidden_act=act, eos_token_id=eos,
-              bos_token_id=min(vocab - 2, 49406), pad_token_id=1)
-  vision = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=80,
-                patch_size=patch, image_size=image_size, hidden_act=act)
+  text = dict(
+      vocab_size=vocab,
+      hidden_size=32,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      intermediate_size=64,
+      max_position_embeddings=max_len,
+      hidden_act=act,
+      eos_token_id=eos,
+      bos_token_id=min(vocab - 2, 49406),
+      pad_token_id=1,
+  )
+  vision = dict(
+      hidden_size=48,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      intermediate_size=80,
+      patch_size=patch,
+      image_size=image_size,
+      hidden_act=act,
+  )
   return text, vision
 
 
 def tiny_hf_clip(seed=0, **kw):
   from transformers import CLIPConfig, CLIPModel
+
   text, vision = hf_text_vision(**kw)
   torch.manual_seed(seed)
   return randomize(CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)), seed)
 
 
 def open_clip_cfg(vocab=128):
-  return dict(embed_dim=24,
-              vision_cfg=dict(image_size=32, layers=2, width=48, patch_size=8, head_width=12, mlp_ratio=2.0),
-              text_cfg=dict(context_length=16, vocab_size=vocab, width=32, heads=4, layers=2))
+  return dict(
+      embed_dim=24,
+      vision_cfg=dict(image_size=32, layers=2, width=48, patch_size=8, head_width=12, mlp_ratio=2.0),
+      text_cfg=dict(context_length=16, vocab_size=vocab, width=32, heads=4, layers=2),
+  )
 
 
 def import_open_clip():
@@ -113,7 +135,7 @@ def random_ids(rng, batch, length, eos, vocab_lo=0, bos=None, pad=None):
     if bos is not None:
       ids[b, 0] = bos
     ids[b, end] = eos
-    ids[b, end + 1:] = eos if pad is None else pad
+    ids[b, end + 1 :] = eos if pad is None else pad
   return ids
 
 
@@ -139,13 +161,23 @@ def save_tiny_clip_dir(d, seed=3):
   """A random tiny HF ``CLIPModel`` sized for ``write_clip_tokenizer``'s vocabulary, saved with
   that tokenizer in ``d``; returns (model, tokenizer)."""
   from transformers import CLIPConfig, CLIPModel
+
   tok = write_clip_tokenizer(d)
   eos = tok.convert_tokens_to_ids("<|endoftext|>")
-  text = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-              intermediate_size=64, max_position_embeddings=16, eos_token_id=eos, bos_token_id=eos - 1,
-              pad_token_id=eos)
-  vision = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=80,
-                patch_size=8, image_size=32)
+  text = dict(
+      vocab_size=len(tok),
+      hidden_size=32,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      intermediate_size=64,
+      max_position_embeddings=16,
+      eos_token_id=eos,
+      bos_token_id=eos - 1,
+      pad_token_id=eos,
+  )
+  vision = dict(
+      hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=80, patch_size=8, image_size=32
+  )
   torch.manual_seed(seed)
   model = randomize(CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)), seed)
   model.save_pretrained(str(d))
@@ -156,13 +188,22 @@ def save_tiny_owl_dir(d, kind="owlv2", seed=5):
   """A random tiny HF OWL detector (4 x 4 patches of a 32 px input) sized for
   ``write_clip_tokenizer``'s vocabulary, saved with that tokenizer in ``d``; returns (model, tokenizer)."""
   from transformers import OwlViTConfig, OwlViTForObjectDetection, Owlv2Config, Owlv2ForObjectDetection
+
   tok = write_clip_tokenizer(d)
-  text = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-              intermediate_size=64, max_position_embeddings=16)
-  vision = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=80, image_size=32,
-                patch_size=8)
-  cfg_cls, model_cls = ((Owlv2Config, Owlv2ForObjectDetection) if kind == "owlv2"
-                        else (OwlViTConfig, OwlViTForObjectDetection))
+  text = dict(
+      vocab_size=len(tok),
+      hidden_size=32,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      intermediate_size=64,
+      max_position_embeddings=16,
+  )
+  vision = dict(
+      hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=80, image_size=32, patch_size=8
+  )
+  cfg_cls, model_cls = (
+      (Owlv2Config, Owlv2ForObjectDetection) if kind == "owlv2" else (OwlViTConfig, OwlViTForObjectDetection)
+  )
   torch.manual_seed(seed)
   model = randomize(model_cls(cfg_cls(text_config=text, vision_config=vision, projection_dim=32)), seed)
   model.save_pretrained(str(d))

@@ -1,4 +1,5 @@
 """The config a launch script gets from its command line, parsed in-process by the real flags."""
+
 import sys
 
 from absl import flags

@@ -1,4 +1,5 @@
 """The tiny training config the trainer tests run, under a test's tmp folder."""
+
 import os
 
 from htgrpo_jax import tasks
@@ -31,8 +32,12 @@ def set_keys(cfg, **over):
 # The toy DiMOO backbone of the 8B-path tests (tests/models/test_t2i_task.py, test_no_torch.py).
 TINY_LLADA = dict(d_model=32, n_layers=1, n_heads=2, mlp_hidden=64, dtype="float32")
 # (caption, GenEval tag) rows of the toy t2i prompt files.
-T2I_PROMPTS = [("a red circle", "single_object"), ("two blue square", "counting"),
-               ("a green triangle left of a red square", "position"), ("a blue circle", "colors")]
+T2I_PROMPTS = [
+    ("a red circle", "single_object"),
+    ("two blue square", "counting"),
+    ("a green triangle left of a red square", "position"),
+    ("a blue circle", "colors"),
+]
 
 
 def toy_dimoo_config(*, workdir, prompts, url, tokenizer, checkpoint, vq):
@@ -44,7 +49,7 @@ def toy_dimoo_config(*, workdir, prompts, url, tokenizer, checkpoint, vq):
   c.world.train_prompts, c.world.eval_prompts = prompts
   c.world.reward_url, c.world.score_url = url + "/reward", url + "/strict"
   c.model.tokenizer = tokenizer
-  c.model.image_size = 32                      # 2 x 2 codes, a newline after each row
+  c.model.image_size = 32  # 2 x 2 codes, a newline after each row
   c.model.overrides = dict(TINY_LLADA)
   c.model.checkpoint = checkpoint
   c.model.vq_checkpoint = vq

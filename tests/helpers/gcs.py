@@ -1,5 +1,6 @@
 """A local folder standing in for a bucket: ``gs://<name>/...`` is served from ``<root>/<name>/...``
 through ``etils.epath``, so the URL code path of ``htgrpo_jax.paths`` runs for real, offline."""
+
 import os
 
 from etils import epath
@@ -17,7 +18,7 @@ def serve(root, monkeypatch):
     path = os.fspath(path)
     assert path.startswith("gs://"), path
     SEEN.append(path)
-    return epath.Path(root / path[len("gs://"):])
+    return epath.Path(root / path[len("gs://") :])
 
   monkeypatch.setattr(paths, "_epath", fake)
   return root

@@ -1,4 +1,5 @@
 """A toy LLaDA checkpoint in the HF key layout (safetensors shards + index), written with torch."""
+
 import json
 import os
 
@@ -15,15 +16,26 @@ def write_llada_checkpoint(path, cfg, seed=0, dtype=torch.float32, drop=(), add=
   g = torch.Generator().manual_seed(seed)
   d, m, v = cfg.d_model, cfg.mlp_hidden, cfg.vocab_size
   rnd = lambda *s: (torch.randn(*s, generator=g) * 0.2)
-  sd = {"model.transformer.wte.weight": rnd(v, d), "model.transformer.ln_f.weight": 1 + rnd(d),
-        "model.transformer.ff_out.weight": rnd(v, d)}
+  sd = {
+      "model.transformer.wte.weight": rnd(v, d),
+      "model.transformer.ln_f.weight": 1 + rnd(d),
+      "model.transformer.ff_out.weight": rnd(v, d),
+  }
   for i in range(cfg.n_layers):
     p = f"model.transformer.blocks.{i}."
-    sd.update({p + "attn_norm.weight": 1 + rnd(d), p + "ff_norm.weight": 1 + rnd(d),
-               p + "q_proj.weight": rnd(d, d), p + "k_proj.weight": rnd(d, d),
-               p + "v_proj.weight": rnd(d, d), p + "attn_out.weight": rnd(d, d),
-               p + "ff_proj.weight": rnd(m, d), p + "up_proj.weight": rnd(m, d),
-               p + "ff_out.weight": rnd(d, m)})
+    sd.update(
+        {
+            p + "attn_norm.weight": 1 + rnd(d),
+            p + "ff_norm.weight": 1 + rnd(d),
+            p + "q_proj.weight": rnd(d, d),
+            p + "k_proj.weight": rnd(d, d),
+            p + "v_proj.weight": rnd(d, d),
+            p + "attn_out.weight": rnd(d, d),
+            p + "ff_proj.weight": rnd(m, d),
+            p + "up_proj.weight": rnd(m, d),
+            p + "ff_out.weight": rnd(d, m),
+        }
+    )
   for k in drop:
     del sd[k]
   for k in add:

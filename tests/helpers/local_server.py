@@ -1,5 +1,6 @@
 """HTTP servers on 127.0.0.1 for the reward-client tests: a quiet handler base and a threaded server
 on a free port, shut down when the test is done."""
+
 from __future__ import annotations
 
 import contextlib

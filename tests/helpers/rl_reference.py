@@ -1,5 +1,6 @@
 """Independent NumPy references of the rl building blocks (float64, loops where the JAX code
 vectorises), shared by the rl tests."""
+
 import math
 
 import numpy as np
@@ -8,8 +9,8 @@ import numpy as np
 def np_group_advantages(r, g, eps, ddof):
   out = np.empty_like(r, dtype=np.float64)
   for i in range(0, len(r), g):
-    grp = r[i:i + g].astype(np.float64)
-    out[i:i + g] = (grp - grp.mean()) / (grp.std(ddof=ddof) + eps)
+    grp = r[i : i + g].astype(np.float64)
+    out[i : i + g] = (grp - grp.mean()) / (grp.std(ddof=ddof) + eps)
   return out
 
 
@@ -46,8 +47,12 @@ def np_loss(logp, old, ref, adv, mask, eps, beta):
   grad = np.where(active, -adv * rho, 0.0) + beta * (1 - np.exp(ref - logp))
   m = mask.astype(np.float64)
   clipped = np.where(adv > 0, rho > 1 + eps, np.where(adv < 0, rho < 1 - eps, False))
-  extra = {"ratio_mean": (rho * m).sum(), "clip_frac": (clipped * m).sum(),
-           "approx_kl": ((rho - 1 - np.log(rho)) * m).sum(), "kl": (kl * m).sum()}
+  extra = {
+      "ratio_mean": (rho * m).sum(),
+      "clip_frac": (clipped * m).sum(),
+      "approx_kl": ((rho - 1 - np.log(rho)) * m).sum(),
+      "kl": (kl * m).sum(),
+  }
   return ((pg + beta * kl) * m).sum(), m.sum(), grad * m, extra
 
 
@@ -55,6 +60,7 @@ def rollout_record(seed, b=4, n=24, c=6, t=6):
   """A random rollout record: (tokens int32[b, n] in [0, c), commit_step int32[b, n] in [0, t),
   entropy float32[b, n] in [0, 1))."""
   import jax.numpy as jnp
+
   rng = np.random.default_rng(seed)
   tokens = jnp.asarray(rng.integers(0, c, (b, n)), jnp.int32)
   step = jnp.asarray(rng.integers(0, t, (b, n)), jnp.int32)

@@ -4,6 +4,7 @@ The sampler is deliberately simple (not htgrpo_jax.sampling): every step it draw
 from softmax(logits) and commits the ``per_step`` still-masked slots of highest ``priority`` (ties by index),
 recording commit step, entropy and log-prob, as the rollout contract asks.
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,6 +20,7 @@ from htgrpo_jax.rl.rollout import MASK, Rollout
 
 class ToyPolicy(nn.Module):
   """Embeds prompt + canvas, mixes positions through one dense layer, per-slot codebook logits."""
+
   num_codes: int
   num_tokens: int
   vocab: int = 16
@@ -77,8 +79,12 @@ def sample(logits_fn, params, prompt_tokens, priority, key, *, num_steps, start=
   b, n = priority.shape
   per_step = n // num_steps
   if init is None:
-    init = (jnp.full((b, n), MASK, jnp.int32), jnp.full((b, n), -1, jnp.int32),
-            jnp.zeros((b, n), jnp.float32), jnp.zeros((b, n), jnp.float32))
+    init = (
+        jnp.full((b, n), MASK, jnp.int32),
+        jnp.full((b, n), -1, jnp.int32),
+        jnp.zeros((b, n), jnp.float32),
+        jnp.zeros((b, n), jnp.float32),
+    )
   canvas, step_rec, ent_rec, lp_rec = init
   for s in range(start, num_steps if stop is None else stop):
     logits = logits_fn(params, prompt_tokens, canvas).astype(jnp.float32)
@@ -106,8 +112,16 @@ def sample_branched(logits_fn, params, prompt_tokens, priority, key, *, num_step
   k_sketch, k_paint = jax.random.split(key)
   sk = sample(logits_fn, params, prompt_tokens, priority, k_sketch, num_steps=num_steps, stop=sketch_steps)
   rep = lambda x: jnp.repeat(x, paints, axis=0)
-  return sample(logits_fn, params, rep(prompt_tokens), rep(priority), k_paint, num_steps=num_steps,
-                start=sketch_steps, init=tuple(map(rep, sk)))
+  return sample(
+      logits_fn,
+      params,
+      rep(prompt_tokens),
+      rep(priority),
+      k_paint,
+      num_steps=num_steps,
+      start=sketch_steps,
+      init=tuple(map(rep, sk)),
+  )
 
 
 def random_rollout(rng: np.random.Generator, b: int, n: int, c: int, t: int, lp: int = 3) -> Rollout:
@@ -118,7 +132,8 @@ def random_rollout(rng: np.random.Generator, b: int, n: int, c: int, t: int, lp:
       commit_step=jnp.asarray(rng.integers(0, t, (b, n)), jnp.int32),
       commit_entropy=jnp.asarray(rng.uniform(0, np.log(c), (b, n)), jnp.float32),
       commit_logp=jnp.asarray(-rng.uniform(0, 3, (b, n)), jnp.float32),
-      rewards=jnp.asarray(rng.normal(size=(b,)), jnp.float32))
+      rewards=jnp.asarray(rng.normal(size=(b,)), jnp.float32),
+  )
 
 
 # Struct-stage gradient of one step on toy rollouts (shared by the branching and context tests).
@@ -132,6 +147,7 @@ def struct_grad_norm(m_rollout, m_cfg, seed=0, **cfg_kw):
   num_sketches=m_cfg (and any other HTGRPOConfig fields in ``cfg_kw``)."""
   import optax
   from htgrpo_jax import rl
+
   model = ToyPolicy(TC, TN, dim=16)
   fn = linen_logits_fn(model)
   key = jax.random.key(seed)
@@ -140,21 +156,42 @@ def struct_grad_norm(m_rollout, m_cfg, seed=0, **cfg_kw):
   params = model.init(jax.random.fold_in(key, 0), prompts, jnp.zeros((TP * TG, TN), jnp.int32))["params"]
   priority = np.linspace(1.0, 0.0, TN, dtype=np.float32)
   if m_rollout is None:
-    img, cs, ent, lp = sample(fn, params, prompts, jnp.asarray(np.tile(priority, (TP * TG, 1))),
-                              jax.random.fold_in(key, 1), num_steps=TT)
+    img, cs, ent, lp = sample(
+        fn, params, prompts, jnp.asarray(np.tile(priority, (TP * TG, 1))), jax.random.fold_in(key, 1), num_steps=TT
+    )
   else:
     sk_prompts = jnp.asarray(np.repeat(prompt_ids, m_rollout)[:, None] * np.ones((1, 2), int), jnp.int32)
-    img, cs, ent, lp = sample_branched(fn, params, sk_prompts,
-                                       jnp.asarray(np.tile(priority, (TP * m_rollout, 1))),
-                                       jax.random.fold_in(key, 1), num_steps=TT, sketch_steps=TSK,
-                                       paints=TG // m_rollout)
+    img, cs, ent, lp = sample_branched(
+        fn,
+        params,
+        sk_prompts,
+        jnp.asarray(np.tile(priority, (TP * m_rollout, 1))),
+        jax.random.fold_in(key, 1),
+        num_steps=TT,
+        sketch_steps=TSK,
+        paints=TG // m_rollout,
+    )
   # A reward that depends on the sketch (code 0 on the first slots) and on the paint, plus noise.
-  rewards = ((img[:, :4] == 0).mean(-1) + 0.5 * (img[:, 8:] == 1).mean(-1)
-             + 0.1 * jax.random.normal(jax.random.fold_in(key, 2), (TP * TG,))).astype(jnp.float32)
+  rewards = (
+      (img[:, :4] == 0).mean(-1)
+      + 0.5 * (img[:, 8:] == 1).mean(-1)
+      + 0.1 * jax.random.normal(jax.random.fold_in(key, 2), (TP * TG,))
+  ).astype(jnp.float32)
   ro = rl.Rollout(prompts, img, cs, ent, lp, rewards)
-  cfg = rl.HTGRPOConfig(group_size=TG, num_sketches=m_cfg, num_sampler_steps=TT, n_global=0, n_struct=1,
-                        n_refine=0, sketch_fraction=TSK / TT, structure_ratio=0.25,
-                        update_schedule="constant", update_fraction=1.0, beta=0.0, **cfg_kw)
+  cfg = rl.HTGRPOConfig(
+      group_size=TG,
+      num_sketches=m_cfg,
+      num_sampler_steps=TT,
+      n_global=0,
+      n_struct=1,
+      n_refine=0,
+      sketch_fraction=TSK / TT,
+      structure_ratio=0.25,
+      update_schedule="constant",
+      update_fraction=1.0,
+      beta=0.0,
+      **cfg_kw,
+  )
   opt = optax.sgd(0.0)
   step = rl.make_train_step(fn, opt, cfg, donate=False)
   _, met = step(rl.TrainState.create(params, opt, with_reference=False), ro, jax.random.key(3))

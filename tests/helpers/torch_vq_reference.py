@@ -19,6 +19,7 @@ VQG = vqgan.PRESETS["tiny"]
 
 
 class TResnet(nn.Module):
+
   def __init__(self, cin, cout, groups, shortcut):
     super().__init__()
     self.norm1 = nn.GroupNorm(groups, cin, eps=1e-6)
@@ -36,6 +37,7 @@ class TResnet(nn.Module):
 
 
 class TAttn(nn.Module):
+
   def __init__(self, c, groups):
     super().__init__()
     self.norm = nn.GroupNorm(groups, c, eps=1e-6)
@@ -44,13 +46,14 @@ class TAttn(nn.Module):
   def forward(self, x):
     b, c, h, w = x.shape
     n = self.norm(x)
-    q, k, v = (m(n).flatten(2) for m in (self.q, self.k, self.v))        # [B, C, HW]
-    att = torch.softmax(torch.einsum("bci,bcj->bij", q, k) / c ** 0.5, dim=-1)
+    q, k, v = (m(n).flatten(2) for m in (self.q, self.k, self.v))  # [B, C, HW]
+    att = torch.softmax(torch.einsum("bci,bcj->bij", q, k) / c**0.5, dim=-1)
     out = torch.einsum("bij,bcj->bci", att, v).reshape(b, c, h, w)
     return x + self.proj_out(out)
 
 
 class TUp(nn.Module):
+
   def __init__(self, c):
     super().__init__()
     self.conv = nn.Conv2d(c, c, 3, padding=1)
@@ -66,8 +69,7 @@ class TMagvit(nn.Module):
     super().__init__()
     g, top = c.norm_groups, c.ch * c.ch_mult[-1]
     self.quantize = nn.Module()
-    bits = [[float(ch == "1") * 2 - 1 for ch in format(i, f"0{c.code_bits}b")]
-            for i in range(2 ** c.code_bits)]
+    bits = [[float(ch == "1") * 2 - 1 for ch in format(i, f"0{c.code_bits}b")] for i in range(2**c.code_bits)]
     self.quantize.register_buffer("embedding", torch.tensor(bits))
     self.quantize.register_buffer("power_vals", 2 ** torch.arange(c.code_bits - 1, -1, -1))
     d = self.decoder = nn.Module()
@@ -92,7 +94,7 @@ class TMagvit(nn.Module):
     d.norm_out = nn.GroupNorm(g, cin, eps=1e-6)
     d.conv_out = nn.Conv2d(cin, 3, 3, padding=1)
 
-  def forward(self, codes):                                               # [B, h, w] long
+  def forward(self, codes):  # [B, h, w] long
     d = self.decoder
     x = self.quantize.embedding[codes].permute(0, 3, 1, 2)
     x = d.conv_in(d.post_quant_conv(x))
@@ -103,7 +105,7 @@ class TMagvit(nn.Module):
       if lvl:
         x = d.up[lvl].upsample(x)
     x = d.conv_out(F.silu(d.norm_out(x)))
-    return ((x + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)                  # [B, H, W, 3] in [0, 1]
+    return ((x + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)  # [B, H, W, 3] in [0, 1]
 
 
 class TVQGAN(nn.Module):
@@ -124,8 +126,9 @@ class TVQGAN(nn.Module):
     prev = rev[0]
     for i, out in enumerate(rev):
       blk = nn.Module()
-      blk.resnets = nn.ModuleList([TResnet(prev if j == 0 else out, out, g, "conv_shortcut")
-                                   for j in range(c.layers_per_block + 1)])
+      blk.resnets = nn.ModuleList(
+          [TResnet(prev if j == 0 else out, out, g, "conv_shortcut") for j in range(c.layers_per_block + 1)]
+      )
       if i < len(rev) - 1:
         blk.upsamplers = nn.ModuleList([TUp(out)])
       d.up_blocks.append(blk)

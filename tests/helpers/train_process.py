@@ -10,6 +10,7 @@ and judge (``{name: [calls, rows]}``; a reward server or a remote scorer sees on
 Started by ``tests.helpers.multiprocess`` (the coordinator environment set), so the trainer joins
 the other processes through ``jax.distributed``.
 """
+
 import ast
 import builtins
 import json
@@ -31,6 +32,7 @@ def _watch_writes(workdir: str) -> list[str]:
       if path.startswith(root) and not path.startswith(skip):
         seen.append(os.path.relpath(path, root))
     return real_open(file, mode, *a, **k)
+
   builtins.open = open_
   return seen
 
@@ -53,6 +55,7 @@ def _count_host_calls() -> dict:
   """Wraps the reward, scorer and judge of every task ``tasks.build_task`` builds in this process."""
   from htgrpo_jax import tasks
   from htgrpo_jax.rewards.base import WeightedReward
+
   calls: dict = {}
   build = tasks.build_task
 
@@ -64,6 +67,7 @@ def _count_host_calls() -> dict:
       if getattr(task, key) is not None:
         setattr(task, key, _Counted(getattr(task, key), key, calls))
     return task
+
   tasks.build_task = build_counted
   return calls
 
@@ -71,19 +75,31 @@ def _count_host_calls() -> dict:
 def main(argv: list[str]) -> None:
   root, name, *over = argv
   from tests.helpers.configs import tiny_config
-  cfg = tiny_config(pathlib.Path(root), name, **{
-      k: ast.literal_eval(v) for k, v in (o.split("=", 1) for o in over)})
+
+  cfg = tiny_config(pathlib.Path(root), name, **{k: ast.literal_eval(v) for k, v in (o.split("=", 1) for o in over)})
   writes = _watch_writes(cfg.workdir)
   calls = _count_host_calls()
   from htgrpo_jax import checkpoint, trainer
+
   out = trainer.train(cfg)  # log=print: process 0's lines only
   import jax
+
   sums = checkpoint.leaf_checksums(out["params"])
-  print("RESULT " + json.dumps(dict(process=jax.process_index(), processes=jax.process_count(),
-                                    step=out["step"], checksums=sums, writes=sorted(set(writes)),
-                                    host_calls=calls,
-                                    evals={str(k): v for k, v in out["evals"].items()})),
-        flush=True)
+  print(
+      "RESULT "
+      + json.dumps(
+          dict(
+              process=jax.process_index(),
+              processes=jax.process_count(),
+              step=out["step"],
+              checksums=sums,
+              writes=sorted(set(writes)),
+              host_calls=calls,
+              evals={str(k): v for k, v in out["evals"].items()},
+          )
+      ),
+      flush=True,
+  )
 
 
 if __name__ == "__main__":

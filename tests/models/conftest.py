@@ -1,12 +1,15 @@
 """Fixtures for model tests: tiny local tokenizers written with the `tokenizers` library."""
+
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from tests.helpers import local_server
 
-WORDS = ("a red blue green circle square triangle above below left of right two three "
-         "Generate an image according to the text prompt .").split()
+WORDS = (
+    "a red blue green circle square triangle above below left of right two three "
+    "Generate an image according to the text prompt ."
+).split()
 # DiMOO's prompt template uses these literal strings; the real tokenizer has them as tokens.
 DIMOO_SPECIALS = ["<system>", "</system>", "<user>", "</user>", "<uncondition>"]
 
@@ -18,8 +21,9 @@ def write_word_tokenizer(path, specials=()):
     vocab.setdefault(w, len(vocab))
   tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                 additional_special_tokens=list(specials) or None)
+  fast = PreTrainedTokenizerFast(
+      tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", additional_special_tokens=list(specials) or None
+  )
   fast.save_pretrained(str(path))
   return fast
 

@@ -1,6 +1,7 @@
 """The sharded MMaDA-shaped forward (bench/aot_forward.py) and the MMaDA training config's sampler
 (htgrpo_jax.aot, the launch/aot_compile.py driver) AOT-compile for a TPU topology description on
 this CPU box."""
+
 import importlib.util
 import os
 

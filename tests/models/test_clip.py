@@ -9,8 +9,17 @@ import pytest
 import torch
 
 from htgrpo_jax.models import clip, clip_convert, clip_image
-from tests.helpers.clip_torch_reference import (geneval_crop, hf_text_vision, import_open_clip, open_clip_cfg,
-                                  random_ids, randomize, save_state_dict, tiny_hf_clip, write_clip_tokenizer)
+from tests.helpers.clip_torch_reference import (
+    geneval_crop,
+    hf_text_vision,
+    import_open_clip,
+    open_clip_cfg,
+    random_ids,
+    randomize,
+    save_state_dict,
+    tiny_hf_clip,
+    write_clip_tokenizer,
+)
 
 TOL = 1e-5
 
@@ -50,8 +59,10 @@ def test_hf_clip_matches_torch(tmp_path, eos, act):
     ref_txt = model.get_text_features(input_ids=torch.as_tensor(ids)).pooler_output.numpy()
   img, txt = _features(config, params, pixels.transpose(0, 2, 3, 1), ids.astype(np.int32))
   e_img, e_txt = np.abs(img - ref_img).max(), np.abs(txt - ref_txt).max()
-  print(f"HF CLIP tiny ({act}, eos={eos}) max|diff| image {e_img:.2e} text {e_txt:.2e} "
-        f"(|ref| max {np.abs(ref_img).max():.2f} / {np.abs(ref_txt).max():.2f})")
+  print(
+      f"HF CLIP tiny ({act}, eos={eos}) max|diff| image {e_img:.2e} text {e_txt:.2e} "
+      f"(|ref| max {np.abs(ref_img).max():.2f} / {np.abs(ref_txt).max():.2f})"
+  )
   assert e_img < TOL and e_txt < TOL
   assert ref_img.std() > 0.1 and ref_txt.std() > 0.1  # not a degenerate random net
   np.testing.assert_allclose(float(params["logit_scale"]), float(model.logit_scale.detach()), rtol=1e-7)
@@ -95,6 +106,7 @@ def test_open_clip_transform_matches_jax_preprocess():
   """open_clip's own eval transform (torchvision on PIL) vs ``clip_image.preprocess``."""
   open_clip = import_open_clip()
   from PIL import Image
+
   tf = open_clip.image_transform(224, is_train=False)
   rng = np.random.default_rng(3)
   for h, w in ((300, 517), (512, 512), (97, 64)):
@@ -102,8 +114,10 @@ def test_open_clip_transform_matches_jax_preprocess():
     ref = tf(Image.fromarray(img)).numpy().transpose(1, 2, 0)
     got = np.asarray(clip_image.preprocess(img[None], 224))[0]
     diff = np.abs((got - ref) * np.asarray(clip_image.OPENAI_STD)) * 255  # in uint8 steps
-    print(f"open_clip transform vs JAX, {h}x{w}: max|diff| {diff.max():.3f} uint8 steps, share off by "
-          f">0.5: {(diff > 0.5).mean():.4f}")
+    print(
+        f"open_clip transform vs JAX, {h}x{w}: max|diff| {diff.max():.3f} uint8 steps, share off by "
+        f">0.5: {(diff > 0.5).mean():.4f}"
+    )
     # PIL rounds fixed-point sums after each pass; a tie rounded the other way in the first pass
     # can move the second by up to 2 steps (upsampling, where the bicubic lobes sum above 1).
     assert diff.max() <= 2.01 and (diff > 0.5).mean() < 0.01, (h, w)
@@ -111,15 +125,22 @@ def test_open_clip_transform_matches_jax_preprocess():
 
 def test_presets_match_hf_and_open_clip_sizes():
   from transformers import CLIPConfig, CLIPModel
+
   hf = {
-      "vit_b32": CLIPConfig(projection_dim=512, text_config=dict(hidden_size=512, num_attention_heads=8,
-                                                                 intermediate_size=2048, eos_token_id=2),
-                            vision_config=dict(patch_size=32, hidden_size=768, intermediate_size=3072,
-                                               num_attention_heads=12, num_hidden_layers=12)),
-      "vit_l14": CLIPConfig(projection_dim=768, text_config=dict(hidden_size=768, num_attention_heads=12,
-                                                                 intermediate_size=3072, eos_token_id=2),
-                            vision_config=dict(patch_size=14, hidden_size=1024, intermediate_size=4096,
-                                               num_attention_heads=16, num_hidden_layers=24)),
+      "vit_b32": CLIPConfig(
+          projection_dim=512,
+          text_config=dict(hidden_size=512, num_attention_heads=8, intermediate_size=2048, eos_token_id=2),
+          vision_config=dict(
+              patch_size=32, hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12
+          ),
+      ),
+      "vit_l14": CLIPConfig(
+          projection_dim=768,
+          text_config=dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072, eos_token_id=2),
+          vision_config=dict(
+              patch_size=14, hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24
+          ),
+      ),
   }
   for name, cfg in hf.items():
     ours = clip.from_hf_config(cfg)
@@ -131,11 +152,17 @@ def test_presets_match_hf_and_open_clip_sizes():
     n_ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
     assert n_ours == n_torch, (name, n_ours, n_torch)
   # open_clip's ViT-L-14.json (GenEval's classifier, pretrained="openai" => QuickGELU).
-  l14 = dict(embed_dim=768, vision_cfg=dict(image_size=224, layers=24, width=1024, patch_size=14),
-             text_cfg=dict(context_length=77, vocab_size=49408, width=768, heads=12, layers=12))
+  l14 = dict(
+      embed_dim=768,
+      vision_cfg=dict(image_size=224, layers=24, width=1024, patch_size=14),
+      text_cfg=dict(context_length=77, vocab_size=49408, width=768, heads=12, layers=12),
+  )
   assert clip.from_open_clip_config(l14, quick_gelu=True) == clip.PRESETS["vit_l14"]
-  b32 = dict(embed_dim=512, vision_cfg=dict(image_size=224, layers=12, width=768, patch_size=32),
-             text_cfg=dict(context_length=77, vocab_size=49408, width=512, heads=8, layers=12))
+  b32 = dict(
+      embed_dim=512,
+      vision_cfg=dict(image_size=224, layers=12, width=768, patch_size=32),
+      text_cfg=dict(context_length=77, vocab_size=49408, width=512, heads=8, layers=12),
+  )
   assert clip.from_open_clip_config(b32, quick_gelu=True) == clip.PRESETS["vit_b32"]
   assert clip.from_open_clip_config(b32).vision.act == "gelu"  # LAION weights: no QuickGELU
   with pytest.raises(ValueError, match="vision_cfg.ls_init_value"):
@@ -144,6 +171,7 @@ def test_presets_match_hf_and_open_clip_sizes():
 
 def dataclass_replace(x, **kw):
   import dataclasses
+
   return dataclasses.replace(x, **kw)
 
 
@@ -183,11 +211,13 @@ def test_crops_match_pil_geneval_pipeline():
   h, w = 96, 128
   image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
   image[20:70, 30:90] = (200, 40, 40)  # a flat region, where bicubic overshoot must clip
-  boxes = np.array([[30.4, 20.0, 90.0, 70.0], [0, 0, 128, 96], [5.6, 7.2, 17.1, 60.0], [100, 3, 127, 9],
-                    [10, 10, 250, 60]], np.float32)  # upsampled, downsampled, tall, wide, past the edge
+  boxes = np.array(
+      [[30.4, 20.0, 90.0, 70.0], [0, 0, 128, 96], [5.6, 7.2, 17.1, 60.0], [100, 3, 127, 9], [10, 10, 250, 60]],
+      np.float32,
+  )  # upsampled, downsampled, tall, wide, past the edge
   masks = np.zeros((len(boxes), h, w), bool)
   for k, (x0, y0, x1, y1) in enumerate(boxes.astype(int)):
-    masks[k, y0:min(y1, h), x0:(x0 + x1) // 2] = True
+    masks[k, y0 : min(y1, h), x0 : (x0 + x1) // 2] = True
   got = np.asarray(clip_image.preprocess_boxes(image[None], boxes[None], masks[None]))[0]
   got_u8 = (got * np.asarray(clip_image.OPENAI_STD) + np.asarray(clip_image.OPENAI_MEAN)) * 255
   for k, box in enumerate(boxes):
@@ -235,6 +265,7 @@ def test_loading_and_scoring_need_no_torch(tmp_path):
   import subprocess
   import sys
   import textwrap
+
   model = tiny_hf_clip(seed=4, vocab=131, eos=130)  # the tokenizer's size and EOS
   d = str(tmp_path / "ckpt")
   model.save_pretrained(d)
@@ -256,8 +287,13 @@ def test_loading_and_scoring_need_no_torch(tmp_path):
       assert "torch" not in sys.modules
       print("ok")
       """)
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                       env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+  out = subprocess.run(
+      [sys.executable, "-c", code],
+      capture_output=True,
+      text=True,
+      timeout=600,
+      env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
@@ -267,10 +303,12 @@ def test_crop_resize_identities():
   rng = np.random.default_rng(4)
   img = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
   # Shortest side already 40: no resize, centre crop of the width at round((50 - 40) / 2) = 5.
-  np.testing.assert_array_equal(np.asarray(clip_image.crop_resize(img, np.array([0, 0, 50, 40.]), 40)),
-                                img[:, 5:45].astype(np.float32))
-  np.testing.assert_array_equal(np.asarray(clip_image.crop_resize(img, np.array([7, 3, 39, 35.]), 32)),
-                                img[3:35, 7:39].astype(np.float32))
+  np.testing.assert_array_equal(
+      np.asarray(clip_image.crop_resize(img, np.array([0, 0, 50, 40.0]), 40)), img[:, 5:45].astype(np.float32)
+  )
+  np.testing.assert_array_equal(
+      np.asarray(clip_image.crop_resize(img, np.array([7, 3, 39, 35.0]), 32)), img[3:35, 7:39].astype(np.float32)
+  )
   wy, wx = clip_image.box_weights(jnp.asarray([7.4, 3.0, 20.6, 35.0]), 40, 50, 24)
   np.testing.assert_allclose(np.asarray(wx).sum(1), 1.0, rtol=1e-6)
   assert np.abs(np.asarray(wx)[:, :7]).max() == 0 and np.abs(np.asarray(wx)[:, 21:]).max() == 0  # box 7..21

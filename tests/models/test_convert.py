@@ -1,5 +1,6 @@
 """HF LLaDA checkpoint conversion: parity with an independent PyTorch (transformers Llama) forward,
 key/shape validation, sharded placement and the Orbax round trip."""
+
 import dataclasses
 import json
 import os
@@ -23,19 +24,39 @@ PAD = 0
 def torch_llama_logits(sd, cfg, tokens, pad_mask):
   """Logits of transformers' Llama with LLaDA's weights and a bidirectional (pairwise pad) mask."""
   from transformers import LlamaConfig, LlamaForCausalLM
-  hf = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_hidden,
-                   num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                   num_key_value_heads=cfg.n_heads, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-                   max_position_embeddings=256, tie_word_embeddings=False, mlp_bias=False,
-                   attention_bias=False, attn_implementation="eager")
+
+  hf = LlamaConfig(
+      vocab_size=cfg.vocab_size,
+      hidden_size=cfg.d_model,
+      intermediate_size=cfg.mlp_hidden,
+      num_hidden_layers=cfg.n_layers,
+      num_attention_heads=cfg.n_heads,
+      num_key_value_heads=cfg.n_heads,
+      rms_norm_eps=cfg.norm_eps,
+      rope_theta=cfg.rope_theta,
+      max_position_embeddings=256,
+      tie_word_embeddings=False,
+      mlp_bias=False,
+      attention_bias=False,
+      attn_implementation="eager",
+  )
   model = LlamaForCausalLM(hf).eval()
-  names = {"attn_norm": "input_layernorm", "ff_norm": "post_attention_layernorm",
-           "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
-           "attn_out": "self_attn.o_proj", "ff_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
-           "ff_out": "mlp.down_proj"}
-  mapped = {"model.embed_tokens.weight": sd["model.transformer.wte.weight"],
-            "model.norm.weight": sd["model.transformer.ln_f.weight"],
-            "lm_head.weight": sd["model.transformer.ff_out.weight"]}
+  names = {
+      "attn_norm": "input_layernorm",
+      "ff_norm": "post_attention_layernorm",
+      "q_proj": "self_attn.q_proj",
+      "k_proj": "self_attn.k_proj",
+      "v_proj": "self_attn.v_proj",
+      "attn_out": "self_attn.o_proj",
+      "ff_proj": "mlp.gate_proj",
+      "up_proj": "mlp.up_proj",
+      "ff_out": "mlp.down_proj",
+  }
+  mapped = {
+      "model.embed_tokens.weight": sd["model.transformer.wte.weight"],
+      "model.norm.weight": sd["model.transformer.ln_f.weight"],
+      "lm_head.weight": sd["model.transformer.ff_out.weight"],
+  }
   for k, t in sd.items():
     if ".blocks." in k:
       i, name = k.split(".blocks.")[1].split(".")[:2]
@@ -87,15 +108,20 @@ def test_bf16_checkpoint_sharded_and_orbax_round_trip(tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), restored, params)
 
 
-@pytest.mark.parametrize("kind,match", [
-    ("missing", "missing tensor.*blocks.1.up_proj.weight"),
-    ("extra", "unexpected tensor.*blocks.0.q_proj.bias"),
-    ("shape", r"blocks.0.ff_out.weight has shape \(32, 40\)"),
-])
+@pytest.mark.parametrize(
+    "kind,match",
+    [
+        ("missing", "missing tensor.*blocks.1.up_proj.weight"),
+        ("extra", "unexpected tensor.*blocks.0.q_proj.bias"),
+        ("shape", r"blocks.0.ff_out.weight has shape \(32, 40\)"),
+    ],
+)
 def test_bad_checkpoint_names_the_tensor(tmp_path, kind, match):
-  kw = {"missing": dict(drop=["model.transformer.blocks.1.up_proj.weight"]),
-        "extra": dict(add=["model.transformer.blocks.0.q_proj.bias"]),
-        "shape": dict(reshape=("model.transformer.blocks.0.ff_out.weight", (32, 40)))}[kind]
+  kw = {
+      "missing": dict(drop=["model.transformer.blocks.1.up_proj.weight"]),
+      "extra": dict(add=["model.transformer.blocks.0.q_proj.bias"]),
+      "shape": dict(reshape=("model.transformer.blocks.0.ff_out.weight", (32, 40))),
+  }[kind]
   write_llada_checkpoint(tmp_path / "hf", CFG, **kw)
   with pytest.raises(ValueError, match=match):
     convert.load_llada_params(str(tmp_path / "hf"), CFG)
@@ -115,10 +141,18 @@ def test_cli_writes_checkpoint(tmp_path):
   write_llada_checkpoint(tmp_path / "hf", CFG)
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
-  cmd = [sys.executable, os.path.join(root, "launch", "convert_checkpoint.py"),
-         f"--hf_dir={tmp_path / 'hf'}", f"--out_dir={tmp_path / 'out'}", "--preset=tiny",
-         "--override=vocab_size=96", "--override=d_model=32", "--override=mlp_hidden=48",
-         "--override=scan_layers=true", "--tensor=2"]
+  cmd = [
+      sys.executable,
+      os.path.join(root, "launch", "convert_checkpoint.py"),
+      f"--hf_dir={tmp_path / 'hf'}",
+      f"--out_dir={tmp_path / 'out'}",
+      "--preset=tiny",
+      "--override=vocab_size=96",
+      "--override=d_model=32",
+      "--override=mlp_hidden=48",
+      "--override=scan_layers=true",
+      "--tensor=2",
+  ]
   res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
   assert res.returncode == 0, res.stderr[-2000:]
   cfg = dataclasses.replace(CFG, scan_layers=True)
@@ -128,15 +162,35 @@ def test_cli_writes_checkpoint(tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), restored, ref)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64,
-                                   torch.float8_e4m3fn, torch.float8_e5m2, torch.int64, torch.int32,
-                                   torch.int16, torch.int8, torch.uint8, torch.bool])
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        torch.bfloat16,
+        torch.float16,
+        torch.float32,
+        torch.float64,
+        torch.float8_e4m3fn,
+        torch.float8_e5m2,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    ],
+)
 def test_safetensors_reader_matches_safetensors_bit_for_bit(tmp_path, dtype):
   """The torch-free reader gives every tensor's exact bits, as safetensors' torch reader does."""
   from safetensors import safe_open
+
   g = torch.Generator().manual_seed(3)
-  sd = {"a": torch.randn(5, 7, generator=g) * 300, "b": torch.randn(3, generator=g),
-        "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4), "c": torch.randn(2, 3, 4, generator=g)}
+  sd = {
+      "a": torch.randn(5, 7, generator=g) * 300,
+      "b": torch.randn(3, generator=g),
+      "scalar": torch.tensor(2.5),
+      "empty": torch.zeros(0, 4),
+      "c": torch.randn(2, 3, 4, generator=g),
+  }
   sd = {k: v.to(dtype).contiguous() for k, v in sd.items()}
   path = str(tmp_path / "t.safetensors")
   save_file(sd, path, metadata={"format": "pt"})
@@ -153,15 +207,23 @@ def test_safetensors_reader_matches_safetensors_bit_for_bit(tmp_path, dtype):
       np.testing.assert_array_equal(f.get_tensor("a").astype(np.float32), sd["a"].float().numpy())
 
 
-@pytest.mark.parametrize("damage,match", [
-    ("truncate", "truncated"), ("header_len", "header length"), ("json", "not JSON"),
-    ("dtype", "bad header entry"), ("size", "bytes for shape"), ("tiny", "shorter than")])
+@pytest.mark.parametrize(
+    "damage,match",
+    [
+        ("truncate", "truncated"),
+        ("header_len", "header length"),
+        ("json", "not JSON"),
+        ("dtype", "bad header entry"),
+        ("size", "bytes for shape"),
+        ("tiny", "shorter than"),
+    ],
+)
 def test_safetensors_reader_names_a_damaged_file(tmp_path, damage, match):
   path = tmp_path / "t.safetensors"
   save_file({"w": torch.ones(4, 4), "v": torch.ones(8)}, str(path))
   raw = bytearray(path.read_bytes())
   n = int.from_bytes(raw[:8], "little")
-  header = json.loads(raw[8:8 + n])
+  header = json.loads(raw[8 : 8 + n])
   if damage == "truncate":
     raw = raw[:-10]
   elif damage == "header_len":
@@ -174,7 +236,7 @@ def test_safetensors_reader_names_a_damaged_file(tmp_path, damage, match):
     header["w"]["dtype" if damage == "dtype" else "shape"] = "Q7" if damage == "dtype" else [4, 5]
     text = json.dumps(header, separators=(",", ":")).encode().ljust(n)
     assert len(text) == n
-    raw[8:8 + n] = text
+    raw[8 : 8 + n] = text
   path.write_bytes(bytes(raw))
   with pytest.raises(ValueError, match=f"{path}.*unreadable.*{match}"):
     safetensors_io.open_safetensors(str(path))

@@ -1,5 +1,6 @@
 """HF export: ``convert.save_hf`` is the converter's exact inverse (keys, shapes, bits, shards), checked
 against safetensors' own torch reader on a checkpoint written by torch."""
+
 import dataclasses
 import json
 import os

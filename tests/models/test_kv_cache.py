@@ -5,6 +5,7 @@ tokens), the partial forward at any subset of positions gives the full forward's
 every layer layout, pad masking, LoRA adapters and compute dtype; stale keys and values are then the
 only way a cached step can differ from the plain one.
 """
+
 import dataclasses
 import functools
 
@@ -16,8 +17,7 @@ import pytest
 from htgrpo_jax.contracts import MASK, Adapted, CachedLogits
 from htgrpo_jax.models import layouts, llada, lora, policy
 
-TINY = llada.get_config("tiny", vocab_size=64, d_model=32, n_heads=4, mlp_hidden=48, init_std=0.2,
-                        learned_pos_emb=16)
+TINY = llada.get_config("tiny", vocab_size=64, d_model=32, n_heads=4, mlp_hidden=48, init_std=0.2, learned_pos_emb=16)
 HEAD = (8, 40)  # a codebook slice of the LM head, as the policy uses it
 
 
@@ -43,9 +43,16 @@ def _positions(rng, b, length, k):
   return jnp.asarray(np.stack([rng.permutation(length)[:k] for _ in range(b)]), jnp.int32)
 
 
-@pytest.mark.parametrize("over", [dict(), dict(scan_layers=True), dict(use_pad_mask=True, pad_id=0),
-                                  dict(scan_layers=True, remat="full", use_pad_mask=True, pad_id=0)],
-                         ids=["unrolled", "scan", "pad_mask", "scan_remat_pad"])
+@pytest.mark.parametrize(
+    "over",
+    [
+        dict(),
+        dict(scan_layers=True),
+        dict(use_pad_mask=True, pad_id=0),
+        dict(scan_layers=True, remat="full", use_pad_mask=True, pad_id=0),
+    ],
+    ids=["unrolled", "scan", "pad_mask", "scan_remat_pad"],
+)
 def test_partial_forward_with_a_fresh_cache_equals_the_full_forward(over):
   cfg = dataclasses.replace(TINY, **over)
   full, plain, part = _fns(cfg)
@@ -117,9 +124,18 @@ def test_partial_forward_errors_name_the_argument():
 @pytest.fixture(scope="module")
 def embedded(word_tokenizer_dir):
   lay = layouts.EmbeddedLayout(word_tokenizer_dir, grid=(2, 4), codebook_size=16, prompt_length=5)
-  cfg = llada.get_config("tiny", vocab_size=lay.vocab_size, d_model=32, n_heads=4, mlp_hidden=64,
-                         use_pad_mask=True, pad_id=lay.pad_id, learned_pos_emb=16, init_std=0.2,
-                         scan_layers=True)
+  cfg = llada.get_config(
+      "tiny",
+      vocab_size=lay.vocab_size,
+      d_model=32,
+      n_heads=4,
+      mlp_hidden=64,
+      use_pad_mask=True,
+      pad_id=lay.pad_id,
+      learned_pos_emb=16,
+      init_std=0.2,
+      scan_layers=True,
+  )
   return lay, cfg
 
 
@@ -134,8 +150,11 @@ def test_cached_logits_of_the_policy_match_its_canvas_logits(embedded, adapters)
     ad = policy.init_adapters(cfg, lay, jax.random.key(1))
     # B starts at zero (the base policy); random B makes the adapters change the logits.
     ad = jax.tree_util.tree_map_with_path(
-        lambda path, x: (0.3 * jax.random.normal(jax.random.key(2), x.shape, x.dtype)
-                         if str(path[-1].key).endswith("_b") else x), ad)
+        lambda path, x: (
+            0.3 * jax.random.normal(jax.random.key(2), x.shape, x.dtype) if str(path[-1].key).endswith("_b") else x
+        ),
+        ad,
+    )
     params = Adapted(params, ad)
   cl = policy.make_cached_logits(cfg, lay)
   assert isinstance(cl, CachedLogits) and cl.seq_len == lay.seq_len
@@ -152,5 +171,5 @@ def test_cached_logits_of_the_policy_match_its_canvas_logits(embedded, adapters)
   sub, _ = jax.jit(cl.partial)(params, prompts, canvas, pos, kv)
   np.testing.assert_allclose(sub, jnp.take_along_axis(logits, pos[..., None], 1), atol=1e-5)
   sel = np.asarray(cl.selectable(prompts))
-  np.testing.assert_array_equal(sel[:, :lay.prompt_length], np.asarray(prompts) != lay.pad_id)
-  assert sel[:, lay.prompt_length:].all()
+  np.testing.assert_array_equal(sel[:, : lay.prompt_length], np.asarray(prompts) != lay.pad_id)
+  assert sel[:, lay.prompt_length :].all()

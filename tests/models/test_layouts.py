@@ -1,4 +1,5 @@
 """Layouts: reference positions of MMaDA / DiMOO sequences, round trips, CFG prompt shapes, errors."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,19 +47,19 @@ def test_dimoo_512_has_32_rows_ending_in_newline(word_tokenizer_dir):
   canvas = jnp.asarray(np.random.default_rng(0).integers(0, 8192, (1, 1024)), jnp.int32)
   seq = np.asarray(lay.assemble(jnp.asarray(prompts), canvas))[0]
   np.testing.assert_array_equal(seq[40:42], [126354, 126349])  # <answer> <boi>
-  rows = seq[42:42 + 32 * 33].reshape(32, 33)
+  rows = seq[42 : 42 + 32 * 33].reshape(32, 33)
   assert np.all(rows[:, 32] == 126084)
   np.testing.assert_array_equal(rows[:, :32].reshape(-1), np.asarray(canvas)[0] + 126356)
   np.testing.assert_array_equal(seq[-2:], [126350, 126355])
   np.testing.assert_array_equal(seq[lay.image_positions], np.asarray(canvas)[0] + 126356)
   # The prompt is the tokenizer's encoding of the system/user template, left-padded.
   ids = lay.tokenizer(layouts.DIMOO_SYSTEM + "<user>a red circle</user>")["input_ids"]
-  np.testing.assert_array_equal(prompts[0, -len(ids):], ids)
-  assert np.all(prompts[0, :-len(ids)] == 126081)
+  np.testing.assert_array_equal(prompts[0, -len(ids) :], ids)
+  assert np.all(prompts[0, : -len(ids)] == 126081)
   u = lay.unconditional_prompts(2)
   uids = lay.tokenizer(layouts.DIMOO_SYSTEM + "<user><uncondition></user>")["input_ids"]
   assert u.shape == (2, 40)
-  np.testing.assert_array_equal(u[1, -len(uids):], uids)
+  np.testing.assert_array_equal(u[1, -len(uids) :], uids)
 
 
 def test_dimoo_non_square_and_bad_resolution(word_tokenizer_dir):

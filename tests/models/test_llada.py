@@ -1,4 +1,5 @@
 """LLaDA backbone + policy glue: contract, invariances, 8B shapes without allocation, sharding."""
+
 import dataclasses
 import functools
 
@@ -45,14 +46,16 @@ def test_scan_and_remat_match_unrolled():
   tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, 64)
   scan_full = dataclasses.replace(TINY, scan_layers=True, remat="full")
   # A loss that touches every logit non-linearly, so any wrong logit shows in value or gradient.
-  loss = lambda cfg: jax.jit(jax.value_and_grad(
-      lambda p: jnp.sum(jnp.sin(llada.LLaDA(cfg).apply({"params": p}, tokens)))))
+  loss = lambda cfg: jax.jit(
+      jax.value_and_grad(lambda p: jnp.sum(jnp.sin(llada.LLaDA(cfg).apply({"params": p}, tokens))))
+  )
   v_ref, g_ref = loss(TINY)(params)
   v_scan, g_scan = loss(scan_full)(_stack(params, TINY.n_layers))
   np.testing.assert_allclose(v_scan, v_ref, rtol=1e-5)
   assert g_scan["blocks"]["q_proj"].shape == (2, 32, 4, 8)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4),
-               _stack(g_ref, TINY.n_layers), g_scan)
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4), _stack(g_ref, TINY.n_layers), g_scan
+  )
 
 
 def test_head_rows_and_select_equal_sliced_full_logits():
@@ -85,8 +88,7 @@ def test_left_padding_with_pad_mask_equals_unpadded():
   unpadded = _apply(cfg, params, real)
   padded = _apply(cfg, params, jnp.concatenate([jnp.zeros((1, 5), jnp.int32), real], axis=1))
   np.testing.assert_allclose(padded[:, 5:], unpadded, atol=1e-5)
-  nomask = _apply(dataclasses.replace(TINY), params,
-                  jnp.concatenate([jnp.zeros((1, 5), jnp.int32), real], axis=1))
+  nomask = _apply(dataclasses.replace(TINY), params, jnp.concatenate([jnp.zeros((1, 5), jnp.int32), real], axis=1))
   assert float(jnp.max(jnp.abs(nomask[:, 5:] - unpadded))) > 1e-4  # the mask matters
   assert bool(jnp.all(jnp.isfinite(padded)))
 
@@ -136,9 +138,19 @@ def test_config_errors():
 def embedded(word_tokenizer_dir):
   lay = layouts.EmbeddedLayout(word_tokenizer_dir, grid=(2, 4), codebook_size=16, prompt_length=5)
   vocab = -(-lay.vocab_size // 8) * 8  # tensor/fsdp axes must divide the vocab dimension
-  cfg = llada.get_config("shapes", vocab_size=vocab, d_model=32, n_heads=4, mlp_hidden=64,
-                         n_layers=2, use_pad_mask=True, pad_id=lay.pad_id, learned_pos_emb=16,
-                         scan_layers=True, init_std=0.2)
+  cfg = llada.get_config(
+      "shapes",
+      vocab_size=vocab,
+      d_model=32,
+      n_heads=4,
+      mlp_hidden=64,
+      n_layers=2,
+      use_pad_mask=True,
+      pad_id=lay.pad_id,
+      learned_pos_emb=16,
+      scan_layers=True,
+      init_std=0.2,
+  )
   return lay, cfg
 
 
@@ -151,7 +163,7 @@ def test_logits_fn_contract(embedded):
   logits = jax.jit(policy.make_logits_fn(cfg, lay))(params, tokens)
   assert logits.shape == (2, 8, 16) and logits.dtype == jnp.float32
   full = _apply(cfg, params, tokens)
-  np.testing.assert_allclose(logits, full[:, 5:13, lay.image_offset:lay.image_offset + 16], atol=1e-5)
+  np.testing.assert_allclose(logits, full[:, 5:13, lay.image_offset : lay.image_offset + 16], atol=1e-5)
   via_canvas = policy.make_canvas_logits_fn(cfg, lay)(params, prompts, canvas)
   np.testing.assert_allclose(via_canvas, logits, atol=1e-6)
   with pytest.raises(ValueError, match="tokens shape"):
@@ -199,8 +211,9 @@ def test_sharded_init_and_forward_match_single_device(embedded, single_device_re
   assert abstract["lm_head"].sharding == params["lm_head"].sharding
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b), params, local)
   shard = parallel.batch_sharding(mesh, 2)
-  step = jax.jit(jax.value_and_grad(_loss_fn(cfg, lay)),
-                 in_shardings=(policy.param_shardings(cfg, lay, mesh), shard, shard))
+  step = jax.jit(
+      jax.value_and_grad(_loss_fn(cfg, lay)), in_shardings=(policy.param_shardings(cfg, lay, mesh), shard, shard)
+  )
   with jax.set_mesh(mesh):
     val, grad = step(params, prompts, canvas)
   np.testing.assert_allclose(val, ref_val, rtol=1e-5)

@@ -1,6 +1,7 @@
 """LoRA on the LLaDA backbone: a fresh adapter is the base to the bit, adapters-off is the base,
 dropout only in gradient passes, the merge, the update trains the adapters alone and its KL to the
 adapter-off base is the KL to an explicit reference copy."""
+
 import dataclasses
 
 import jax
@@ -24,9 +25,20 @@ def layout(word_tokenizer_dir):
 
 def _cfg(layout, scan=True, **lora_kw):
   vocab = -(-layout.vocab_size // 8) * 8
-  return llada.get_config("shapes", vocab_size=vocab, d_model=32, n_heads=4, mlp_hidden=64, n_layers=2,
-                          use_pad_mask=True, pad_id=layout.pad_id, learned_pos_emb=16, scan_layers=scan,
-                          init_std=0.2, lora=dataclasses.replace(LORA, **lora_kw))
+  return llada.get_config(
+      "shapes",
+      vocab_size=vocab,
+      d_model=32,
+      n_heads=4,
+      mlp_hidden=64,
+      n_layers=2,
+      use_pad_mask=True,
+      pad_id=layout.pad_id,
+      learned_pos_emb=16,
+      scan_layers=scan,
+      init_std=0.2,
+      lora=dataclasses.replace(LORA, **lora_kw),
+  )
 
 
 def _inputs(layout):
@@ -72,7 +84,11 @@ def test_adapters_sit_on_the_targeted_projections_and_shard_like_their_kernels(l
   cfg = _cfg(layout, targets="q_proj|up_proj")
   shapes = policy.abstract_adapters(cfg, layout)
   assert {k: v.shape for k, v in shapes["blocks"].items()} == {
-      "q_proj_a": (2, 32, 4), "q_proj_b": (2, 4, 4, 8), "up_proj_a": (2, 32, 4), "up_proj_b": (2, 4, 64)}
+      "q_proj_a": (2, 32, 4),
+      "q_proj_b": (2, 4, 4, 8),
+      "up_proj_a": (2, 32, 4),
+      "up_proj_b": (2, 4, 64),
+  }
   mesh = parallel.make_mesh(data=1, fsdp=2, tensor=4)
   sh = policy.adapter_shardings(cfg, layout, mesh)["blocks"]
   # A's input dim like the kernel's (embed -> fsdp), B's output dims like the kernel's (-> tensor)
@@ -117,11 +133,18 @@ def test_merged_weights_give_the_adapted_logits(layout, scan):
   np.testing.assert_allclose(np.asarray(fn(merged, prompts, canvas)), want, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("over,match", [
-    (dict(rank=-1), "model.lora.rank"), (dict(rank=2.5), "model.lora.rank"),
-    (dict(rank=4, alpha=0.0), "model.lora.alpha"), (dict(rank=4, dropout=1.0), "model.lora.dropout"),
-    (dict(rank=4, targets="q_proj("), "model.lora.targets"),
-    (dict(rank=4, targets="wte"), "matches none"), (dict(rank=4, ranks=2), "model.lora.ranks")])
+@pytest.mark.parametrize(
+    "over,match",
+    [
+        (dict(rank=-1), "model.lora.rank"),
+        (dict(rank=2.5), "model.lora.rank"),
+        (dict(rank=4, alpha=0.0), "model.lora.alpha"),
+        (dict(rank=4, dropout=1.0), "model.lora.dropout"),
+        (dict(rank=4, targets="q_proj("), "model.lora.targets"),
+        (dict(rank=4, targets="wte"), "matches none"),
+        (dict(rank=4, ranks=2), "model.lora.ranks"),
+    ],
+)
 def test_bad_lora_settings_are_named(over, match):
   with pytest.raises(ValueError, match=match):
     lora.from_config({"lora": dict(dict(alpha=8.0, dropout=0.0, targets="q_proj"), **over)})
@@ -136,8 +159,9 @@ def test_rank_zero_or_none_is_off():
 # ------------------------------------------------------------------------------------------------
 # The update.
 
-RL = rl.HTGRPOConfig(group_size=4, num_sampler_steps=4, n_global=1, n_struct=1, n_refine=1, beta=0.5,
-                     estimator="htgrpo")
+RL = rl.HTGRPOConfig(
+    group_size=4, num_sampler_steps=4, n_global=1, n_struct=1, n_refine=1, beta=0.5, estimator="htgrpo"
+)
 
 
 def _rollouts(layout, steps=2):
@@ -182,8 +206,9 @@ def test_update_trains_the_adapters_alone_with_the_base_as_reference(layout):
   assert jax.tree.structure(mu) == jax.tree.structure(adapters)
   n_opt = llada.count_params(lora_state.opt_state)
   n_ad, n_base = llada.count_params(adapters), llada.count_params(base)
-  print(f"adapters {n_ad}, optimizer state {n_opt}, frozen base {n_base} scalars (not in the state's "
-        f"trainable part)")
+  print(
+      f"adapters {n_ad}, optimizer state {n_opt}, frozen base {n_base} scalars (not in the state's " f"trainable part)"
+  )
   assert n_opt == 2 * n_ad + 1  # Adam's two moments of the adapters and its count
 
   # The same update with an explicit reference copy of the base (the full fine-tuning layout of

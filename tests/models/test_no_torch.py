@@ -3,6 +3,7 @@ find it, as on a TPU VM without the [torch] extra), launch/convert_checkpoint.py
 LLaDA checkpoint in the HF layout (DiMOO preset at toy size) and configs/lumina_dimoo_geneval.py
 trains two steps on it with a VQ-GAN decoder read from safetensors and a reward server. The
 checkpoints are written here, with torch, in the test process; only the reading side is torch-free."""
+
 import json
 import os
 import subprocess
@@ -67,8 +68,14 @@ TRAIN = textwrap.dedent("""
 
 def _run_without_torch(code, *args, timeout=900):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  out = subprocess.run([sys.executable, "-c", BLOCK_TORCH + code, *args], env=env, cwd=REPO,
-                       capture_output=True, text=True, timeout=timeout)
+  out = subprocess.run(
+      [sys.executable, "-c", BLOCK_TORCH + code, *args],
+      env=env,
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+  )
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
   return out
 
@@ -85,8 +92,13 @@ def test_convert_and_train_the_dimoo_path_without_torch(tmp_path, word_tokenizer
 
   # 1. The converter CLI, torch blocked.
   orbax_dir = tmp_path / "dimoo_orbax"
-  argv = ["launch/convert_checkpoint.py", "--preset=lumina_dimoo_8b", f"--hf_dir={tmp_path / 'hf'}",
-          f"--out_dir={orbax_dir}", "--tensor=2"] + [f"--override={k}={v}" for k, v in TINY.items()]
+  argv = [
+      "launch/convert_checkpoint.py",
+      "--preset=lumina_dimoo_8b",
+      f"--hf_dir={tmp_path / 'hf'}",
+      f"--out_dir={orbax_dir}",
+      "--tensor=2",
+  ] + [f"--override={k}={v}" for k, v in TINY.items()]
   out = _run_without_torch(
       "import runpy, sys\n"
       f"sys.argv = {argv!r}\n"
@@ -94,15 +106,18 @@ def test_convert_and_train_the_dimoo_path_without_torch(tmp_path, word_tokenizer
       "  runpy.run_path('launch/convert_checkpoint.py', run_name='__main__')\n"
       "except SystemExit as e:\n"
       "  assert not e.code, e.code\n"
-      "assert not [m for m in sys.modules if m.split('.')[0] == 'torch']\n")
+      "assert not [m for m in sys.modules if m.split('.')[0] == 'torch']\n"
+  )
   assert f"wrote {orbax_dir}" in out.stdout
 
   # The Orbax params equal the BF16 tensors, read here independently through torch.
   import jax
   from safetensors.torch import load_file
+
   ref = convert.load_llada_params(str(tmp_path / "hf"), model_cfg)
-  restored = convert.restore_params(str(orbax_dir), jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), ref))
+  restored = convert.restore_params(
+      str(orbax_dir), jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), ref)
+  )
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored, ref)
   sd = {}
   for name in sorted(os.listdir(tmp_path / "hf")):
@@ -114,9 +129,15 @@ def test_convert_and_train_the_dimoo_path_without_torch(tmp_path, word_tokenizer
   np.testing.assert_array_equal(q.reshape(q.shape[0], -1), q0.T)
 
   # 2. Two RL steps of the DiMOO config on the converted backbone, torch blocked.
-  args = dict(repo=REPO, workdir=str(tmp_path / "run"), prompts=str(tmp_path / "prompts.jsonl"),
-              url=local_server.url(server), tokenizer=word_tokenizer_dir,
-              checkpoint=str(orbax_dir), vq=vq)
+  args = dict(
+      repo=REPO,
+      workdir=str(tmp_path / "run"),
+      prompts=str(tmp_path / "prompts.jsonl"),
+      url=local_server.url(server),
+      tokenizer=word_tokenizer_dir,
+      checkpoint=str(orbax_dir),
+      vq=vq,
+  )
   out = _run_without_torch(TRAIN, json.dumps(args))
   result = json.loads([ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][-1][7:])
   assert result == {"step": 2, "finite": True, "torch_loaded": []}

@@ -15,12 +15,21 @@ TOL = 1e-4
 
 def tiny_hf_owl(kind, seed=0):
   from transformers import OwlViTConfig, OwlViTForObjectDetection, Owlv2Config, Owlv2ForObjectDetection
-  text = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-              max_position_embeddings=16)
-  vision = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=80, image_size=32,
-                patch_size=8)
-  cfg_cls, model_cls = ((Owlv2Config, Owlv2ForObjectDetection) if kind == "owlv2"
-                        else (OwlViTConfig, OwlViTForObjectDetection))
+
+  text = dict(
+      vocab_size=128,
+      hidden_size=32,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      intermediate_size=64,
+      max_position_embeddings=16,
+  )
+  vision = dict(
+      hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=80, image_size=32, patch_size=8
+  )
+  cfg_cls, model_cls = (
+      (Owlv2Config, Owlv2ForObjectDetection) if kind == "owlv2" else (OwlViTConfig, OwlViTForObjectDetection)
+  )
   torch.manual_seed(seed)
   return randomize(model_cls(cfg_cls(text_config=text, vision_config=vision, projection_dim=32)), seed)
 
@@ -39,7 +48,8 @@ def test_owl_matches_torch(tmp_path, kind):
   with torch.no_grad():
     ref = model(input_ids=torch.as_tensor(ids), pixel_values=torch.as_tensor(pixels))
   got = jax.jit(lambda p, x, t: owl.OwlDetector(config).apply({"params": p}, x, t))(
-      params, pixels.transpose(0, 2, 3, 1), ids.astype(np.int32))
+      params, pixels.transpose(0, 2, 3, 1), ids.astype(np.int32)
+  )
   r_logits, r_boxes = ref.logits.numpy(), ref.pred_boxes.numpy()
   g_logits, g_boxes = np.asarray(got["logits"]), np.asarray(got["boxes"])
   valid = r_logits > np.finfo(np.float32).min
@@ -76,6 +86,7 @@ def test_owl_converter_names_bad_tensors(tmp_path):
 
 def test_presets_match_hf_sizes():
   from transformers import Owlv2Config, Owlv2ForObjectDetection
+
   hf = Owlv2Config(vision_config=dict(image_size=960, patch_size=16))  # google/owlv2-base-patch16
   assert owl.from_hf_config(hf) == owl.PRESETS["owlv2_b16"]
   with torch.device("meta"):
@@ -83,11 +94,20 @@ def test_presets_match_hf_sizes():
   shapes = jax.eval_shape(lambda: owl.init_params(owl.PRESETS["owlv2_b16"]))
   assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == n_torch
   from transformers import OwlViTConfig
+
   assert owl.from_hf_config(OwlViTConfig()) == owl.PRESETS["owlvit_b32"]
-  l14 = Owlv2Config(vision_config=dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
-                                       num_hidden_layers=24, image_size=1008, patch_size=14),
-                    text_config=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12),
-                    projection_dim=768)
+  l14 = Owlv2Config(
+      vision_config=dict(
+          hidden_size=1024,
+          intermediate_size=4096,
+          num_attention_heads=16,
+          num_hidden_layers=24,
+          image_size=1008,
+          patch_size=14,
+      ),
+      text_config=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12),
+      projection_dim=768,
+  )
   assert owl.from_hf_config(l14) == owl.PRESETS["owlv2_l14"]
 
 
@@ -100,9 +120,12 @@ def test_detections_feed_geneval():
   assert [o["box"] for o in det["dog"]] == [(0.0, 0.0, 50.0, 50.0), (50.0, 0.0, 100.0, 50.0)]
   np.testing.assert_allclose([o["score"] for o in det["dog"]], 1 / (1 + np.exp([-2.0, -0.5])))
   assert len(det["cat"]) == 1 and det["car"] == []
-  meta = {"tag": "position", "include": [{"class": "cat", "count": 1},
-                                         {"class": "dog", "count": 1, "position": ["above", 0]}],
-          "exclude": [], "prompt": "a photo of a dog above a cat"}
+  meta = {
+      "tag": "position",
+      "include": [{"class": "cat", "count": 1}, {"class": "dog", "count": 1, "position": ["above", 0]}],
+      "exclude": [],
+      "prompt": "a photo of a dog above a cat",
+  }
   assert geneval.evaluate(det, meta).correct
   assert not geneval.evaluate(owl.detections(logits, boxes, ["cat", "dog", "car"], 100.0), meta).correct
   assert len(owl.nms(det["dog"], 0.5)) == 2 and len(owl.nms(det["dog"] * 2, 0.5)) == 2

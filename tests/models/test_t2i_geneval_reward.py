@@ -3,6 +3,7 @@ with the registered on-device rewards: the GenEval-style ``geneval_owl`` (a rand
 CLIP, HF safetensors + tokenizers written here) and ``clipscore``, through ``config.rewards`` and
 ``world.score_reward``, and the same reward served by ``launch/reward_server.py`` to a trainer that
 uses it as a remote reward."""
+
 import json
 import os
 import subprocess
@@ -27,11 +28,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # GenEval records (evaluation_metadata.jsonl's fields) in the toy tokenizer's words.
 RECORDS = [
     {"prompt": "a red circle", "tag": "colors", "include": [{"class": "circle", "count": 1, "color": "red"}]},
-    {"prompt": "two blue square", "tag": "counting", "include": [{"class": "square", "count": 2}],
-     "exclude": [{"class": "square", "count": 3}]},
-    {"prompt": "a green triangle left of a red square", "tag": "position",
-     "include": [{"class": "square", "count": 1},
-                 {"class": "triangle", "count": 1, "position": ["left of", 0]}]},
+    {
+        "prompt": "two blue square",
+        "tag": "counting",
+        "include": [{"class": "square", "count": 2}],
+        "exclude": [{"class": "square", "count": 3}],
+    },
+    {
+        "prompt": "a green triangle left of a red square",
+        "tag": "position",
+        "include": [{"class": "square", "count": 1}, {"class": "triangle", "count": 1, "position": ["left of", 0]}],
+    },
     {"prompt": "a blue circle", "tag": "single_object", "include": [{"class": "circle", "count": 1}]},
 ]
 
@@ -58,9 +65,11 @@ def _images(b, seed=0):
 
 def test_registered_rewards_build_from_config_and_score_the_trainers_columns(models):
   owl_dir, clip_dir = models
-  entries = {"geneval": dict(kind="geneval_owl", detector=owl_dir, clip=clip_dir, mode="dense"),
-             "strict": dict(kind="geneval_owl", detector=owl_dir, clip=clip_dir, mode="strict"),
-             "clip": dict(kind="clipscore", checkpoint=clip_dir, scale=2.5, weight=0.5)}
+  entries = {
+      "geneval": dict(kind="geneval_owl", detector=owl_dir, clip=clip_dir, mode="dense"),
+      "strict": dict(kind="geneval_owl", detector=owl_dir, clip=clip_dir, mode="strict"),
+      "clip": dict(kind="clipscore", checkpoint=clip_dir, scale=2.5, weight=0.5),
+  }
   reward = registry.weighted_from_config(entries, world=None, group_size=2)
   prompts = [r["prompt"] for r in RECORDS] * 2
   meta = [json.dumps(r) for r in RECORDS] * 2  # what the trainer passes: the prompt file's lines
@@ -92,21 +101,32 @@ def test_registered_rewards_build_from_config_and_score_the_trainers_columns(mod
 def test_listing_the_rewards_loads_no_model_library():
   # launch/reward_server.py --list and every config load import the registering modules; the
   # tokenizer and checkpoint libraries load only when a reward is built.
-  code = ("import sys; from htgrpo_jax.rewards import registry; names = registry.load_rewards().names(); "
-          "libs = ('transformers', 'torch', 'tokenizers', 'safetensors'); "
-          "print(names, sorted(m for m in libs if m in sys.modules))")
-  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"))
+  code = (
+      "import sys; from htgrpo_jax.rewards import registry; names = registry.load_rewards().names(); "
+      "libs = ('transformers', 'torch', 'tokenizers', 'safetensors'); "
+      "print(names, sorted(m for m in libs if m in sys.modules))"
+  )
+  out = subprocess.run(
+      [sys.executable, "-c", code],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"),
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   assert "'clipscore'" in out.stdout and "'geneval_owl'" in out.stdout, out.stdout
   assert out.stdout.strip().endswith("[]"), out.stdout
 
 
-@pytest.mark.parametrize("entry, match", [
-    (dict(kind=""), r"world.score_reward.kind='': must name a registered reward"),
-    (dict(mode="strict"), r"world.score_reward.kind=None: must name a registered reward"),
-    (dict(kind="geneval_owl", weight=1.0), r"world.score_reward.weight: the evaluation scorer is one reward"),
-])
+@pytest.mark.parametrize(
+    "entry, match",
+    [
+        (dict(kind=""), r"world.score_reward.kind='': must name a registered reward"),
+        (dict(mode="strict"), r"world.score_reward.kind=None: must name a registered reward"),
+        (dict(kind="geneval_owl", weight=1.0), r"world.score_reward.weight: the evaluation scorer is one reward"),
+    ],
+)
 def test_score_reward_entry_errors_name_the_key(entry, match):
   c = toy_dimoo_config(workdir="w", prompts=("a", "b"), url="http://h", tokenizer="t", checkpoint="c", vq="v")
   c.world.score_url = ""
@@ -132,8 +152,14 @@ def toy(tmp_path_factory, word_tokenizer_dir):
 
   def make(workdir, url=""):
     files = (str(root / "train.jsonl"), str(root / "eval.jsonl"))
-    c = toy_dimoo_config(workdir=str(root / workdir), prompts=files, url=url, tokenizer=word_tokenizer_dir,
-                         checkpoint=str(root / "policy"), vq=str(root / "vqvae.safetensors"))
+    c = toy_dimoo_config(
+        workdir=str(root / workdir),
+        prompts=files,
+        url=url,
+        tokenizer=word_tokenizer_dir,
+        checkpoint=str(root / "policy"),
+        vq=str(root / "vqvae.safetensors"),
+    )
     c.world.reward_url = c.world.score_url = ""
     c.rl.beta = 0.0  # the update moves the params only through the rewards' advantages
     c.rl.group_size = 4  # 16 images a step: groups whose images score differently are likely
@@ -141,8 +167,9 @@ def toy(tmp_path_factory, word_tokenizer_dir):
 
   c = make("init")
   layout = tasks.build_layout(c)
-  base = jax.device_get(policy.init_params(llada.get_config(c.model.preset, **TINY_LLADA), layout,
-                                           jax.random.PRNGKey(0)))
+  base = jax.device_get(
+      policy.init_params(llada.get_config(c.model.preset, **TINY_LLADA), layout, jax.random.PRNGKey(0))
+  )
   base = _draws_decodable_codes(base, layout)
   convert.save_params(base, c.model.checkpoint)
   return make, base
@@ -158,7 +185,7 @@ def _draws_decodable_codes(params, layout):
   wte, head = p["wte"], p["lm_head"]  # [V, d], [d, V]
   wte[layout.mask_id] = 0.0
   wte[layout.mask_id, 0] = 50.0
-  head[0, layout.image_offset:layout.image_offset + VQG.num_vq_embeddings] += 2.0
+  head[0, layout.image_offset : layout.image_offset + VQG.num_vq_embeddings] += 2.0
   return p
 
 
@@ -168,8 +195,10 @@ def _check_trained(out, base, workdir, names):
   assert np.isfinite(rewards).all() and all(0 <= r <= 1 for r in rewards), rewards
   params = jax.device_get(out["params"])
   assert all(np.isfinite(v).all() for v in jax.tree.leaves(params))
-  moved = max(float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max())
-              for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(base)))
+  moved = max(
+      float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max())
+      for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(base))
+  )
   assert moved > 0, "the params did not change"
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f if line.strip()]
@@ -215,10 +244,19 @@ def test_t2i_toy_trains_against_the_reward_server_serving_geneval_owl(models, to
   port = 18000 + os.getpid() % 1000
   opts = f"detector={owl_dir},clip={clip_dir}"
   proc = subprocess.Popen(
-      [sys.executable, "launch/reward_server.py", f"--port={port}",
-       f"--serve=g=geneval_owl,mode=dense,{opts}", f"--serve=strict=geneval_owl,mode=strict,{opts}"],
-      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-      env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"))
+      [
+          sys.executable,
+          "launch/reward_server.py",
+          f"--port={port}",
+          f"--serve=g=geneval_owl,mode=dense,{opts}",
+          f"--serve=strict=geneval_owl,mode=strict,{opts}",
+      ],
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"),
+  )
   try:
     url = f"http://127.0.0.1:{port}"
     assert _wait_health(url, proc)["rewards"] == ["g", "strict"]

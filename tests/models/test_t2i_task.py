@@ -1,6 +1,7 @@
 """The 8B path end to end at toy size: configs/lumina_dimoo_geneval.py with a tiny DiMOO-layout
 backbone (Orbax params), a tiny VQ-GAN in the HF key layout, a local tokenizer, JSONL prompt files and
 a reward server on 127.0.0.1. Sampled codes decode on device to the pixels the reward client sends."""
+
 import dataclasses
 import json
 import os
@@ -31,10 +32,14 @@ def dimoo_config(tmp_path_factory, word_tokenizer_dir, server):
         f.write(json.dumps({"prompt": text, "tag": tag}) + "\n")
   write_ckpt(root / "vqvae.safetensors", randomize(TVQGAN(VQG), seed=7))
   url = local_server.url(server)
-  c = toy_dimoo_config(workdir=str(root / "run"),
-                       prompts=(str(root / "train.jsonl"), str(root / "eval.jsonl")), url=url,
-                       tokenizer=word_tokenizer_dir, checkpoint=str(root / "policy"),
-                       vq=str(root / "vqvae.safetensors"))
+  c = toy_dimoo_config(
+      workdir=str(root / "run"),
+      prompts=(str(root / "train.jsonl"), str(root / "eval.jsonl")),
+      url=url,
+      tokenizer=word_tokenizer_dir,
+      checkpoint=str(root / "policy"),
+      vq=str(root / "vqvae.safetensors"),
+  )
   # The converted backbone: random tiny params written as launch/convert_checkpoint.py writes them.
   layout = tasks.build_layout(c)
   model_cfg = llada.get_config(c.model.preset, **TINY)
@@ -47,8 +52,12 @@ def test_rollout_codes_decode_to_the_pixels_the_reward_server_receives(dimoo_con
   p = trainer.plan(dimoo_config)
   mesh = parallel.make_mesh(**dict(dimoo_config.mesh))
   params = task.load_base_params(policy.abstract_params(task.model_cfg, task.layout, mesh))
-  sampler = trainer.make_sampler(policy.make_canvas_logits_fn(task.model_cfg, task.layout), p.sampler,
-                                 num_tokens=task.layout.num_image_tokens, mesh=mesh)
+  sampler = trainer.make_sampler(
+      policy.make_canvas_logits_fn(task.model_cfg, task.layout),
+      p.sampler,
+      num_tokens=task.layout.num_image_tokens,
+      mesh=mesh,
+  )
   prompts = parallel.global_batch(task.layout.encode_prompts([t for t, _ in PROMPTS] * 2), mesh)
   uncond = parallel.global_batch(task.layout.unconditional_prompts(8), mesh)
   record = sampler.sample(params, prompts, uncond, jax.random.PRNGKey(1))
@@ -61,7 +70,7 @@ def test_rollout_codes_decode_to_the_pixels_the_reward_server_receives(dimoo_con
   # (clipped to the tiny decoder's 64 codes, as the decoder clips the layout's 8192).
   seq = np.asarray(task.layout.assemble(prompts, np.minimum(codes, VQG.num_vq_embeddings - 1)))
   start = task.layout.image_positions[0]
-  grid = vqgan.strip_newlines(seq[:, start:start + 2 * 3], 2, 2, VQG)
+  grid = vqgan.strip_newlines(seq[:, start : start + 2 * 3], 2, 2, VQG)
   np.testing.assert_array_equal(images, np.asarray(vqgan.decode(task.decode_params, grid, VQG)))
 
   before = len(server.requests)
@@ -86,6 +95,7 @@ def test_every_t2i_path_may_be_a_gs_url(dimoo_config, bucket, tmp_path, monkeypa
   import orbax.checkpoint as ocp
 
   from tests.helpers.gcs import SEEN
+
   b = bucket / "b"
   shutil.copytree(dimoo_config.model.tokenizer, b / "tok")
   shutil.copytree(dimoo_config.model.checkpoint, b / "policy")
@@ -96,13 +106,14 @@ def test_every_t2i_path_may_be_a_gs_url(dimoo_config, bucket, tmp_path, monkeypa
   orbax_saw = []
 
   class Routed(ocp.Checkpointer):
+
     def restore(self, directory, *a, **k):
       path = os.fspath(directory)
       if "gs:" not in path:  # the local task's
         return super().restore(directory, *a, **k)
       orbax_saw.append(path)
       assert path.startswith("gs://b/"), f"mangled: {path}"
-      return super().restore(bucket / path[len("gs://"):], *a, **k)
+      return super().restore(bucket / path[len("gs://") :], *a, **k)
 
   monkeypatch.setattr(ocp, "Checkpointer", Routed)
   c = dimoo_config.copy_and_resolve_references()
@@ -117,8 +128,9 @@ def test_every_t2i_path_may_be_a_gs_url(dimoo_config, bucket, tmp_path, monkeypa
   jax.tree.map(np.testing.assert_array_equal, url_task.decode_params, local_task.decode_params)
   mesh = parallel.make_mesh(**dict(c.mesh))
   abstract = policy.abstract_params(url_task.model_cfg, url_task.layout, mesh)
-  jax.tree.map(np.testing.assert_array_equal, url_task.load_base_params(abstract),
-               local_task.load_base_params(abstract))
+  jax.tree.map(
+      np.testing.assert_array_equal, url_task.load_base_params(abstract), local_task.load_base_params(abstract)
+  )
   assert orbax_saw == ["gs://b/policy"]
   assert {"gs://b/train.jsonl", "gs://b/eval.jsonl", "gs://b/tok", "gs://b/vqvae.safetensors"} <= set(SEEN)
   assert all(s.startswith("gs://b/") for s in SEEN)

@@ -40,8 +40,7 @@ def _float_parity(module, config, model, params, codes) -> tuple[np.ndarray, np.
   the reference's on a non-square 3 x 5 grid (x4 upsampling)."""
   with torch.no_grad():
     ref = model(torch.as_tensor(codes, dtype=torch.long)).numpy()
-  got, img = jax.jit(lambda p, c: (module.decode_float(p, c, config), module.decode(p, c, config)))(
-      params, codes)
+  got, img = jax.jit(lambda p, c: (module.decode_float(p, c, config), module.decode(p, c, config)))(params, codes)
   got, img = np.asarray(got), np.asarray(img)
   assert got.shape == (2, 12, 20, 3) and ref.shape == got.shape
   diff = np.abs(got - ref).max()
@@ -70,8 +69,8 @@ def test_vqgan_matches_torch(vqgan_pair):
 def test_lfq_bits_msb_first():
   e = np.asarray(magvit2.lfq_embed(jnp.array([0, 1, 4096, 8191, 5]), 13))
   assert (e[0] == -1).all() and (e[3] == 1).all()
-  assert e[1, -1] == 1 and (e[1, :-1] == -1).all()          # code 1 sets the last bit
-  assert e[2, 0] == 1 and (e[2, 1:] == -1).all()            # 4096 sets the first
+  assert e[1, -1] == 1 and (e[1, :-1] == -1).all()  # code 1 sets the last bit
+  assert e[2, 0] == 1 and (e[2, 1:] == -1).all()  # 4096 sets the first
   assert list(e[4, -3:]) == [1, -1, 1]
 
 
@@ -79,10 +78,13 @@ def test_lfq_bits_msb_first():
 # Full-size parameter counts: eval_shape vs the torch decoders built on the meta device.
 
 
-@pytest.mark.parametrize("mod,preset,tmod,approx", [
-    (magvit2, "mmada", TMagvit, 40e6),
-    (vqgan, "dimoo", TVQGAN, 88e6),
-])
+@pytest.mark.parametrize(
+    "mod,preset,tmod,approx",
+    [
+        (magvit2, "mmada", TMagvit, 40e6),
+        (vqgan, "dimoo", TVQGAN, 88e6),
+    ],
+)
 def test_full_size_param_counts(mod, preset, tmod, approx):
   cfg = mod.PRESETS[preset]
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(mod.abstract_params(cfg)))
@@ -109,8 +111,11 @@ def test_converter_names_bad_tensor(tmp_path, kind, case):
     model, load, cfg = TVQGAN(VQG), convert.load_vqgan_params, VQG
     key = "decoder.up_blocks.2.resnets.0.conv_shortcut.weight"
   assert key in model.state_dict()
-  bad = {"missing": dict(drop=[key]), "extra": dict(add=["decoder.up.9.block.0.conv1.bias"]),
-         "shape": dict(reshape=(key, (2, 2, 1, 1)))}[case]
+  bad = {
+      "missing": dict(drop=[key]),
+      "extra": dict(add=["decoder.up.9.block.0.conv1.bias"]),
+      "shape": dict(reshape=(key, (2, 2, 1, 1))),
+  }[case]
   name = bad["add"][0] if case == "extra" else key
   path = write_ckpt(tmp_path / "model.safetensors", model, **bad)
   with pytest.raises(ValueError, match=name.replace(".", r"\.")):
@@ -179,15 +184,21 @@ def test_build_decoder_reads_dimoo_canvas_rows(vqgan_pair, word_tokenizer_dir):
   pixels, equal to stripping the newlines by hand and decoding the [B, h, w] grid."""
   from htgrpo_jax.models import vq
   from htgrpo_jax.models.layouts import DiMOOLayout
+
   _, path, params = vqgan_pair
-  layout = DiMOOLayout(word_tokenizer_dir, height=32, width=48, prompt_length=40,
-                       codebook_size=VQG.num_vq_embeddings, image_offset=VQG.code_offset)
+  layout = DiMOOLayout(
+      word_tokenizer_dir,
+      height=32,
+      width=48,
+      prompt_length=40,
+      codebook_size=VQG.num_vq_embeddings,
+      image_offset=VQG.code_offset,
+  )
   h, w = layout.grid
   codes = _codes(2, h, w, VQG.num_vq_embeddings, seed=5)
-  seq = np.asarray(layout.assemble(jnp.asarray(layout.unconditional_prompts(2)),
-                                   jnp.asarray(codes.reshape(2, h * w))))
+  seq = np.asarray(layout.assemble(jnp.asarray(layout.unconditional_prompts(2)), jnp.asarray(codes.reshape(2, h * w))))
   start = layout.image_positions[0]
-  by_hand = vqgan.strip_newlines(seq[:, start:start + h * (w + 1)], h, w, VQG)
+  by_hand = vqgan.strip_newlines(seq[:, start : start + h * (w + 1)], h, w, VQG)
   decode, loaded = vq.build_decoder("vqgan", path, layout.grid, config=VQG)
   got = jax.jit(decode)(loaded, layout.codes_from_tokens(jnp.asarray(seq)))
   np.testing.assert_array_equal(np.asarray(got), np.asarray(vqgan.decode(params, by_hand, VQG)))
@@ -196,6 +207,7 @@ def test_build_decoder_reads_dimoo_canvas_rows(vqgan_pair, word_tokenizer_dir):
 
 def test_build_decoder_names_the_config_key(tmp_path, magvit_pair):
   from htgrpo_jax.models import vq
+
   with pytest.raises(ValueError, match=r"model\.vq_checkpoint: .* does not exist"):
     vq.build_decoder("magvit2", str(tmp_path / "nope"), (2, 2), key="model.vq_checkpoint")
   with pytest.raises(ValueError, match="model.vq_kind='vqvae'"):

@@ -1,4 +1,5 @@
 """The reward protocol: validation and the weighted combinator."""
+
 import numpy as np
 import pytest
 

@@ -69,8 +69,13 @@ def test_color_classifier_is_geneval_torch_argmax(tiny):
   model, tok, bundle = tiny
   clf = clip_rewards.ColorClassifier(bundle)
   images = _images(1, b=2)
-  boxes = np.array([[[0, 0, 31, 24], [16.4, 8, 63, 40], [40, 0, 64, 48], [3, 30, 20, 47]],
-                    [[8, 8, 24, 40], [0, 0, 64, 48], [33, 5, 60, 20], [1, 1, 9, 47]]], np.float32)
+  boxes = np.array(
+      [
+          [[0, 0, 31, 24], [16.4, 8, 63, 40], [40, 0, 64, 48], [3, 30, 20, 47]],
+          [[8, 8, 24, 40], [0, 0, 64, 48], [33, 5, 60, 20], [1, 1, 9, 47]],
+      ],
+      np.float32,
+  )
   classes = [["dog", "car", "bus", "apple"], ["cat", "train", "bird", "dog"]]
   masks = np.zeros((2, 4, 48, 64), bool)
   rng = np.random.default_rng(2)
@@ -86,14 +91,14 @@ def test_color_classifier_is_geneval_torch_argmax(tiny):
   for name in {n for row in classes for n in row}:
     w = []
     for c in COLORS:
-      t = _torch_text_features(model, tok, [f"a photo of a {c} {name}", f"a photo of a {c}-colored {name}",
-                                            f"a photo of a {c} object"])
+      t = _torch_text_features(
+          model, tok, [f"a photo of a {c} {name}", f"a photo of a {c}-colored {name}", f"a photo of a {c} object"]
+      )
       m = t.mean(0)
       w.append(m / np.linalg.norm(m))
     weights[name] = np.asarray(w)
   for b in range(2):
-    crops = [geneval_crop(images[b], tuple(int(round(v)) for v in boxes[b, k]), masks[b, k], size=32)
-             for k in range(4)]
+    crops = [geneval_crop(images[b], tuple(int(round(v)) for v in boxes[b, k]), masks[b, k], size=32) for k in range(4)]
     feats = _torch_image_features(model, crops)
     for k in range(4):
       ref[b, k] = 100.0 * weights[classes[b][k]] @ feats[k]
@@ -114,22 +119,25 @@ def test_color_classifier_masks_and_background(tiny):
   images = _images(3, b=1)
   boxes = np.array([[[4, 4, 60, 44]]], np.float32)
   full = np.ones((1, 1, 48, 64), bool)
-  np.testing.assert_allclose(clf.logits(images, boxes, [["dog"]], full), clf.logits(images, boxes, [["dog"]]),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+      clf.logits(images, boxes, [["dog"]], full), clf.logits(images, boxes, [["dog"]]), atol=1e-5
+  )
   part = np.zeros_like(full)
   part[..., 10:30, 10:30] = True
   other = images.copy()
   other[:, ~part[0, 0]] = 0  # change only pixels outside the mask
-  np.testing.assert_allclose(clf.logits(images, boxes, [["dog"]], part), clf.logits(other, boxes, [["dog"]], part),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+      clf.logits(images, boxes, [["dog"]], part), clf.logits(other, boxes, [["dog"]], part), atol=1e-5
+  )
   assert np.abs(clf.logits(images, boxes, [["dog"]], part) - clf.logits(images, boxes, [["dog"]])).max() > 1e-2
   # GenEval's per-image, per-class call (``color_classification``): the argmax colour per box.
   one = clf.logits(images, boxes, [["dog"]], part)
   assert clf(images[0], "dog", boxes[0], part[0]) == [COLORS[int(one[0, 0].argmax())]]
   assert clf(images[0], "dog", np.zeros((0, 4))) == []
   grey = np.full((1, 48, 64, 3), 153, np.uint8)
-  np.testing.assert_allclose(clf.logits(grey, boxes, [["dog"]]), clf.logits(images, boxes, [["dog"]],
-                                                                             np.zeros_like(full)), atol=1e-5)
+  np.testing.assert_allclose(
+      clf.logits(grey, boxes, [["dog"]]), clf.logits(images, boxes, [["dog"]], np.zeros_like(full)), atol=1e-5
+  )
 
 
 def test_bad_inputs_are_named(tiny, tmp_path):
@@ -146,8 +154,11 @@ def test_bad_inputs_are_named(tiny, tmp_path):
     clip_rewards.load_clip(str(tmp_path), layout="bogus")
   with pytest.raises(ValueError, match="needs config="):
     clip_rewards.load_clip(str(tmp_path), layout="open_clip")
-  small = clip_rewards.CLIPBundle(dataclasses.replace(bundle.config, text=dataclasses.replace(
-      bundle.config.text, vocab_size=50)), bundle.params, bundle.tokenizer)
+  small = clip_rewards.CLIPBundle(
+      dataclasses.replace(bundle.config, text=dataclasses.replace(bundle.config.text, vocab_size=50)),
+      bundle.params,
+      bundle.tokenizer,
+  )
   with pytest.raises(ValueError, match="reward 'clipscore': the tokenizer gives id .* vocab_size is 50"):
     clip_rewards.CLIPScore(small)(["a red dog"], images)
   with pytest.raises(ValueError, match="no {color} field"):

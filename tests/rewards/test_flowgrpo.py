@@ -1,6 +1,7 @@
 """The Flow-GRPO GenEval reward-server client: its pickle protocol against a real local server
 written here the way ``yifan123/reward-server``'s ``app_geneval.py`` answers, and the restricted
 unpickler that reads the replies (nothing a malicious pickle asks for runs)."""
+
 import copyreg
 import io
 import json
@@ -60,9 +61,18 @@ class _FlowGRPOHandler(local_server.Handler):
       for t in TAGS:
         groups[t].append(rewards[-1] if t == meta["tag"] else -10.0)
         gstrict[t].append(s if t == meta["tag"] else -10.0)
-    self.reply(200, pickle.dumps({"scores": scores, "rewards": rewards, "strict_rewards": strict,
-                                  "group_rewards": groups, "group_strict_rewards": gstrict}))
-
+    self.reply(
+        200,
+        pickle.dumps(
+            {
+                "scores": scores,
+                "rewards": rewards,
+                "strict_rewards": strict,
+                "group_rewards": groups,
+                "group_strict_rewards": gstrict,
+            }
+        ),
+    )
 
 
 @pytest.fixture
@@ -76,8 +86,12 @@ def _batch(n=5, seed=0):
   # Flat colours: JPEG keeps their means within a grey level, far from the fake's thresholds.
   levels = rng.choice([20, 90, 140, 170, 230], size=n)
   images = np.broadcast_to(levels[:, None, None, None], (n, 32, 32, 3)).astype(np.uint8).copy()
-  metas = [json.dumps({"tag": TAGS[i % 6], "include": [{"class": "cat", "count": 1 + i % 3}],
-                       "prompt": f"a photo of cat {i}"}) for i in range(n)]
+  metas = [
+      json.dumps(
+          {"tag": TAGS[i % 6], "include": [{"class": "cat", "count": 1 + i % 3}], "prompt": f"a photo of cat {i}"}
+      )
+      for i in range(n)
+  ]
   return [f"a photo of cat {i}" for i in range(n)], images, metas
 
 
@@ -99,8 +113,9 @@ def test_scores_come_back_in_order_and_the_request_is_flowgrpos(fake):
   strict = FlowGRPOGenEval(url, field="strict_rewards")(prompts, images, meta=metas)
   np.testing.assert_array_equal(strict, [_fake_scores(im, json.loads(m))[2] for im, m in zip(decoded, metas)])
   geneval = build_reward("flowgrpo_geneval", dict(url=url, field="rewards", only_strict=False), "rewards.g")
-  np.testing.assert_array_equal(geneval(prompts, images, meta=metas),
-                                [_fake_scores(im, json.loads(m))[1] for im, m in zip(decoded, metas)])
+  np.testing.assert_array_equal(
+      geneval(prompts, images, meta=metas), [_fake_scores(im, json.loads(m))[1] for im, m in zip(decoded, metas)]
+  )
   assert srv.requests[-1]["only_strict"] is False
 
 
@@ -182,6 +197,7 @@ def test_the_t2i_world_speaks_flowgrpo_when_configured(fake):
   """``world.reward_protocol='flowgrpo'``: RL asks for the dense ``scores``, evaluation for
   GenEval's own 0/1 ``rewards`` (with only_strict=False), both from the configured server."""
   from htgrpo_jax import tasks
+
   repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   c = tasks.load_config_file(os.path.join(repo, "configs", "mmada_geneval.py"))
   srv, url = fake
@@ -190,8 +206,7 @@ def test_the_t2i_world_speaks_flowgrpo_when_configured(fake):
   assert isinstance(reward, FlowGRPOGenEval) and (reward.field, reward.only_strict) == ("scores", True)
   assert isinstance(strict, FlowGRPOGenEval) and (strict.field, strict.only_strict) == ("rewards", False)
   prompts, images, metas = _batch(4)
-  np.testing.assert_array_equal(reward(prompts, images, meta=metas),
-                                FlowGRPOGenEval(url)(prompts, images, meta=metas))
+  np.testing.assert_array_equal(reward(prompts, images, meta=metas), FlowGRPOGenEval(url)(prompts, images, meta=metas))
   assert reward.timeout == c.world.reward_timeout
   c.world.reward_protocol = "grpc"
   with pytest.raises(ValueError, match=r"world\.reward_protocol='grpc'"):

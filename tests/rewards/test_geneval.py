@@ -1,4 +1,5 @@
 """GenEval's decision rules on hand-made detections: golden values for every rule and edge."""
+
 import pytest
 
 from htgrpo_jax.rewards import geneval as G
@@ -16,8 +17,9 @@ def meta(tag, include, exclude=()):
   return {"tag": tag, "include": list(include), "exclude": list(exclude), "prompt": "test"}
 
 
-BUS_RIGHT_OF_TRAIN = meta("position", [{"class": "train", "count": 1},
-                                       {"class": "bus", "count": 1, "position": ["right of", 0]}])
+BUS_RIGHT_OF_TRAIN = meta(
+    "position", [{"class": "train", "count": 1}, {"class": "bus", "count": 1, "position": ["right of", 0]}]
+)
 
 
 # ----------------------------------------------------------------------------------- geometry
@@ -46,8 +48,8 @@ def test_relative_position_diagonals():
 def test_relative_position_dimension_margin():
   # Two 8 px boxes: margin 0.1 * (8 + 8) = 1.6 px per axis. Purely horizontal offset d gives
   # dx = (d - 1.6) / d, which passes 0.5 only for d > 3.2.
-  assert G.relative_position((0, 0, 8, 8), (3, 0, 11, 8)) == frozenset()   # dx = 0.467
-  assert G.relative_position((0, 0, 8, 8), (4, 0, 12, 8)) == {"left of"}   # dx = 0.6
+  assert G.relative_position((0, 0, 8, 8), (3, 0, 11, 8)) == frozenset()  # dx = 0.467
+  assert G.relative_position((0, 0, 8, 8), (4, 0, 12, 8)) == {"left of"}  # dx = 0.6
   # Wider boxes widen the margin: 20 px boxes 4 px apart have revised offset 0: no relation.
   assert G.relative_position((0, 0, 20, 8), (4, 0, 24, 8)) == frozenset()
   assert G.relation_strength((0, 0, 20, 8), (4, 0, 24, 8), "left of") == 0.0
@@ -61,8 +63,7 @@ def test_relative_position_dimension_margin():
 
 
 def test_diagonal_position_clause_fails_with_genevals_reason():
-  m = meta("position", [{"class": "dog", "count": 1},
-                        {"class": "cat", "count": 1, "position": ["above", 0]}])
+  m = meta("position", [{"class": "dog", "count": 1}, {"class": "cat", "count": 1, "position": ["above", 0]}])
   v = G.evaluate({"dog": [obj(24, 4, 32, 12)], "cat": [obj(0, 0, 8, 8)]}, m)
   assert not v.correct and v.strict == 0.0
   assert v.reason == "expected cat above target, found left of target"
@@ -83,18 +84,17 @@ def test_score_thresholds_are_strict_and_tag_dependent():
   assert not v.correct and v.reason == "expected cat>=2, found 1"
   assert G.evaluate({"cat": two}, counting, counting_threshold=0.8).correct
   # A low-scored third cat does not trip the exclude clause either.
-  assert G.evaluate({"cat": [sq(0, 0, score=0.95), sq(20, 0, score=0.91), sq(40, 0, score=0.5)]},
-                    counting).correct
+  assert G.evaluate({"cat": [sq(0, 0, score=0.95), sq(20, 0, score=0.91), sq(40, 0, score=0.5)]}, counting).correct
 
 
 def test_at_most_16_objects_per_class():
   many = {"cat": [sq(20 * i, 0, score=0.5 + i / 100) for i in range(20)]}
-  v = G.evaluate(many, meta("counting", [{"class": "cat", "count": 17}],
-                            [{"class": "cat", "count": 18}]), counting_threshold=0.3)
+  v = G.evaluate(
+      many, meta("counting", [{"class": "cat", "count": 17}], [{"class": "cat", "count": 18}]), counting_threshold=0.3
+  )
   assert not v.correct and v.reason == "expected cat>=17, found 16"
   # The exclude clause sees 16 too: "< 17" holds with 20 detections.
-  v = G.evaluate(many, meta("two_object", [{"class": "cat", "count": 1}],
-                            [{"class": "cat", "count": 17}]))
+  v = G.evaluate(many, meta("two_object", [{"class": "cat", "count": 1}], [{"class": "cat", "count": 17}]))
   assert v.correct
   # The 16 kept are the highest scores: the colour of the top one decides.
   cats = [sq(0, 0, score=0.4, color="red")] + [sq(20, 0, score=0.5, color="blue")] * 16
@@ -169,12 +169,11 @@ def test_colour_probabilities_top_one_is_the_colour():
 def test_position_checks_every_found_object_against_every_target():
   v = G.evaluate({"train": [obj(0, 0, 10, 10)], "bus": [obj(20, 0, 30, 10)]}, BUS_RIGHT_OF_TRAIN)
   assert v.correct and [c.kind for c in v.checks] == ["count", "count", "position"]
-  v = G.evaluate({"train": [obj(0, 0, 10, 10)], "bus": [obj(20, 0, 30, 10, 0.9),
-                                                        obj(-20, 0, -10, 10, 0.8)]},
-                 BUS_RIGHT_OF_TRAIN)
+  v = G.evaluate(
+      {"train": [obj(0, 0, 10, 10)], "bus": [obj(20, 0, 30, 10, 0.9), obj(-20, 0, -10, 10, 0.8)]}, BUS_RIGHT_OF_TRAIN
+  )
   assert v.correct  # only the top-1 bus is looked at
-  m2 = meta("position", [{"class": "train", "count": 2},
-                         {"class": "bus", "count": 1, "position": ["right of", 0]}])
+  m2 = meta("position", [{"class": "train", "count": 2}, {"class": "bus", "count": 1, "position": ["right of", 0]}])
   trains = [obj(0, 0, 10, 10), obj(40, 0, 50, 10)]
   v = G.evaluate({"train": trains, "bus": [obj(20, 0, 30, 10)]}, m2)
   assert not v.correct and v.reason == "expected bus right of target, found left of target"
@@ -186,9 +185,10 @@ def test_position_without_a_target_fails():
   assert v.reason == "expected train>=1, found 0\nno target for bus to be right of"
   assert v.dense == pytest.approx(1 / 3)  # train count 0, bus count 1, position 0
   # A clause whose own colour fails is not checked for position (and earns nothing for it).
-  m = meta("position", [{"class": "train", "count": 1},
-                        {"class": "bus", "count": 1, "color": "red",
-                         "position": ["right of", 0]}])
+  m = meta(
+      "position",
+      [{"class": "train", "count": 1}, {"class": "bus", "count": 1, "color": "red", "position": ["right of", 0]}],
+  )
   v = G.evaluate({"train": [obj(0, 0, 10, 10)], "bus": [obj(20, 0, 30, 10, color="blue")]}, m)
   assert v.reason == "expected red bus>=1, found 0 red; and 1 blue"
   assert [c.credit for c in v.checks] == [1.0, 1.0, 0.0, 0.0]
@@ -203,14 +203,13 @@ def test_adversarial_ties_kill_colour_hedging():
   assert G.evaluate(hedge, m).correct  # 'first': the red one is listed first
   v = G.evaluate(hedge, m, ties="adversarial")
   assert not v.correct and v.dense == pytest.approx(0.5)
-  assert v.reason == ("expected red circle>=1, found 0 red of 3 tie-ambiguous candidates; and "
-                      "1 red, 1 green, 1 blue")
+  assert v.reason == (
+      "expected red circle>=1, found 0 red of 3 tie-ambiguous candidates; and " "1 red, 1 green, 1 blue"
+  )
   # A strictly higher score is no tie.
-  assert G.evaluate({"circle": [sq(0, 0, 1.0, "red"), sq(20, 0, 0.9, "blue")]}, m,
-                    ties="adversarial").correct
+  assert G.evaluate({"circle": [sq(0, 0, 1.0, "red"), sq(20, 0, 0.9, "blue")]}, m, ties="adversarial").correct
   # Extra objects of the asked colour are fine (GenEval is "at least").
-  assert G.evaluate({"circle": [sq(0, 0, 1.0, "red"), sq(20, 0, 1.0, "red")]}, m,
-                    ties="adversarial").correct
+  assert G.evaluate({"circle": [sq(0, 0, 1.0, "red"), sq(20, 0, 1.0, "red")]}, m, ties="adversarial").correct
 
 
 def test_adversarial_ties_cover_the_16_cap():
@@ -221,8 +220,7 @@ def test_adversarial_ties_cover_the_16_cap():
 
 
 def test_adversarial_position_needs_every_tied_pair():
-  m = meta("position", [{"class": "train", "count": 1},
-                        {"class": "bus", "count": 1, "position": ["right of", 0]}])
+  m = meta("position", [{"class": "train", "count": 1}, {"class": "bus", "count": 1, "position": ["right of", 0]}])
   d = {"train": [obj(0, 0, 10, 10)], "bus": [obj(20, 0, 30, 10), obj(-20, 0, -10, 10)]}
   assert G.evaluate(d, m).correct
   v = G.evaluate(d, m, ties="adversarial")
@@ -231,9 +229,13 @@ def test_adversarial_position_needs_every_tied_pair():
 
 def test_same_class_clauses_of_different_colours():
   # ShapeEval's "a red circle below a green circle" as GenEval metadata.
-  m = meta("position", [{"class": "circle", "count": 1, "color": "green"},
-                        {"class": "circle", "count": 1, "color": "red",
-                         "position": ["below", 0]}])
+  m = meta(
+      "position",
+      [
+          {"class": "circle", "count": 1, "color": "green"},
+          {"class": "circle", "count": 1, "color": "red", "position": ["below", 0]},
+      ],
+  )
   green, red = sq(0, 0, color="green"), sq(0, 30, color="red")
   for ties in G.TIES:
     assert G.evaluate({"circle": [green, red]}, m, ties=ties).correct
@@ -246,8 +248,7 @@ def test_same_class_clauses_of_different_colours():
   assert not v.correct and "expected green circle>=1" in v.reason
   assert "expected red circle>=1" in v.reason
   # Only the colour clauses split the class: an extra green circle is just another green one.
-  assert G.evaluate({"circle": [green, red, sq(40, 0, color="green")]}, m,
-                    ties="adversarial").correct
+  assert G.evaluate({"circle": [green, red, sq(40, 0, color="green")]}, m, ties="adversarial").correct
   assert G.pool_admits(m, 0, "green") and G.pool_admits(m, 0, "blue")
   assert not G.pool_admits(m, 0, "red") and G.pool_admits(m, 0, None)
 
@@ -268,8 +269,7 @@ def test_flow_grpo_variant_exact_counts_and_dense():
   assert not v.correct and v.dense == pytest.approx((1 + 0.5) / 2)
   # Every found object is used, not the top-count: a low-scored wrong colour counts.
   col1 = meta("colors", [{"class": "cat", "count": 1, "color": "red"}])
-  v = G.evaluate({"cat": [sq(0, 0, 0.9, "red"), sq(20, 0, 0.5, "blue")]}, col1,
-                 variant="flow_grpo")
+  v = G.evaluate({"cat": [sq(0, 0, 0.9, "red"), sq(20, 0, 0.5, "blue")]}, col1, variant="flow_grpo")
   assert not v.correct and [c.credit for c in v.checks] == [0.0, 0.0]
   # A failing position is one 0 term (Flow-GRPO's code would append a 1.0 after it).
   d = {"train": [obj(0, 0, 10, 10)], "bus": [obj(-20, 0, -10, 10)]}
@@ -280,11 +280,12 @@ def test_flow_grpo_variant_exact_counts_and_dense():
 
 
 def test_dense_is_one_exactly_when_correct():
-  cases = [({"cat": [sq(0, 0)]}, meta("s", [{"class": "cat", "count": 1}])),
-           ({"cat": [sq(0, 0)]}, meta("s", [{"class": "cat", "count": 2}])),
-           ({}, meta("empty", [])),
-           ({"cat": [sq(0, 0, color="red")]}, meta("c", [{"class": "cat", "count": 1,
-                                                         "color": "blue"}]))]
+  cases = [
+      ({"cat": [sq(0, 0)]}, meta("s", [{"class": "cat", "count": 1}])),
+      ({"cat": [sq(0, 0)]}, meta("s", [{"class": "cat", "count": 2}])),
+      ({}, meta("empty", [])),
+      ({"cat": [sq(0, 0, color="red")]}, meta("c", [{"class": "cat", "count": 1, "color": "blue"}])),
+  ]
   for d, m in cases:
     for variant in G.VARIANTS:
       for ties in G.TIES:
@@ -298,8 +299,7 @@ def test_dense_is_one_exactly_when_correct():
 
 def test_detection_formats_and_bad_inputs():
   m = meta("single_object", [{"class": "cat", "count": 1}])
-  for o in (G.DetectedObject((0, 0, 5, 5), 0.9), {"box": [0, 0, 5, 5], "score": 0.9},
-            [0, 0, 5, 5, 0.9]):
+  for o in (G.DetectedObject((0, 0, 5, 5), 0.9), {"box": [0, 0, 5, 5], "score": 0.9}, [0, 0, 5, 5, 0.9]):
     assert G.evaluate({"cat": [o]}, m).correct
   with pytest.raises(ValueError, match="x0 <= x1"):
     G.evaluate({"cat": [obj(5, 0, 0, 5)]}, m)

@@ -31,13 +31,17 @@ def _images(b, seed=0):
 
 def test_random_models_give_valid_scores(models):
   owl_bundle, colors = models
-  meta = [_rec("single_object", [{"class": "dog", "count": 1}]),
-          _rec("two_object", [{"class": "dog", "count": 1}, {"class": "cat", "count": 1}]),
-          _rec("counting", [{"class": "car", "count": 3}], [{"class": "car", "count": 4}]),
-          _rec("colors", [{"class": "bus", "count": 1, "color": "red"}]),
-          _rec("position", [{"class": "train", "count": 1}, {"class": "bird", "count": 1, "position": ["above", 0]}]),
-          _rec("color_attr", [{"class": "apple", "count": 1, "color": "green"},
-                              {"class": "dog", "count": 1, "color": "white"}])]
+  meta = [
+      _rec("single_object", [{"class": "dog", "count": 1}]),
+      _rec("two_object", [{"class": "dog", "count": 1}, {"class": "cat", "count": 1}]),
+      _rec("counting", [{"class": "car", "count": 3}], [{"class": "car", "count": 4}]),
+      _rec("colors", [{"class": "bus", "count": 1, "color": "red"}]),
+      _rec("position", [{"class": "train", "count": 1}, {"class": "bird", "count": 1, "position": ["above", 0]}]),
+      _rec(
+          "color_attr",
+          [{"class": "apple", "count": 1, "color": "green"}, {"class": "dog", "count": 1, "color": "white"}],
+      ),
+  ]
   prompts = [m["tag"] for m in meta]
   for mode in ("dense", "strict"):
     reward = gr.GenEvalReward(owl_bundle, colors, mode=mode)
@@ -48,6 +52,7 @@ def test_random_models_give_valid_scores(models):
       assert set(np.unique(s)) <= {0.0, 1.0}
   # JSON strings (the t2i world's prompt records) are accepted too.
   import json
+
   assert gr.GenEvalReward(owl_bundle, colors)(prompts[:1], _images(1), meta=[json.dumps(meta[0])]).shape == (1,)
 
 
@@ -106,6 +111,7 @@ def test_runs_data_parallel_on_a_mesh(models, tmp_path):
   """On an 8-device mesh (params replicated, a batch of 3 padded to 8) the reward, the colour
   logits and CLIPScore equal the single-device results."""
   from htgrpo_jax import parallel
+
   owl_bundle, colors = models
   mesh = parallel.make_mesh(data=-1)
   save_tiny_owl_dir(tmp_path / "owl")
@@ -117,17 +123,26 @@ def test_runs_data_parallel_on_a_mesh(models, tmp_path):
   meta = [_rec("colors", [{"class": "dog", "count": 1, "color": c}]) for c in ("red", "blue", "green")]
   images = _images(3, seed=5)
   forced, forced_m = _forced(owl_bundle, 5.0), _forced(owl_m, 5.0)
-  forced_m = gr.OwlBundle(forced_m.config, jax.device_put(forced_m.params, parallel.replicated(
-      parallel.auto_mesh(mesh))), forced_m.tokenizer)
+  forced_m = gr.OwlBundle(
+      forced_m.config,
+      jax.device_put(forced_m.params, parallel.replicated(parallel.auto_mesh(mesh))),
+      forced_m.tokenizer,
+  )
   single = gr.GenEvalReward(forced, colors)
   sharded = gr.GenEvalReward(forced_m, colors_m, mesh=mesh)
   np.testing.assert_array_equal(sharded(["x"] * 3, images, meta=meta), single(["x"] * 3, images, meta=meta))
   boxes = np.tile(np.asarray([[[2, 2, 20, 30], [10, 0, 32, 12]]], np.float32), (3, 1, 1))
-  np.testing.assert_allclose(colors_m.logits(images, boxes, [["dog", "cat"]] * 3),
-                             colors.logits(images, boxes, [["dog", "cat"]] * 3), atol=1e-4)
+  np.testing.assert_allclose(
+      colors_m.logits(images, boxes, [["dog", "cat"]] * 3),
+      colors.logits(images, boxes, [["dog", "cat"]] * 3),
+      atol=1e-4,
+  )
   prompts = ["a red dog", "a cat", "a photo of a bus"]
-  np.testing.assert_allclose(clip_rewards.CLIPScore(clip_m, mesh=mesh, weight=1.0).cosine(prompts, images),
-                             clip_rewards.CLIPScore(colors.bundle, weight=1.0).cosine(prompts, images), atol=1e-5)
+  np.testing.assert_allclose(
+      clip_rewards.CLIPScore(clip_m, mesh=mesh, weight=1.0).cosine(prompts, images),
+      clip_rewards.CLIPScore(colors.bundle, weight=1.0).cosine(prompts, images),
+      atol=1e-5,
+  )
 
 
 def jax_devices(tree):

@@ -1,4 +1,5 @@
 """The remote reward client against a real HTTP server on 127.0.0.1."""
+
 import json
 
 import numpy as np
@@ -89,9 +90,11 @@ def test_client_errors_and_bad_replies_fail_fast(server):
 def test_unreachable_server_and_bad_arguments():
   with pytest.raises(ValueError, match="failed after 2 attempts"):
     remote.RemoteReward("http://127.0.0.1:9/", max_retries=1, backoff=0.01, timeout=1)(
-        ["a photo of a circle"], np.zeros((1, 32, 32, 3), np.uint8))
+        ["a photo of a circle"], np.zeros((1, 32, 32, 3), np.uint8)
+    )
   with pytest.raises(ValueError, match="url"):
     remote.RemoteReward("ftp://x")
   with pytest.raises(ValueError, match="'meta' was not passed"):
     remote.RemoteReward("http://127.0.0.1:9/", metadata_keys=("meta",))(
-        ["a photo of a circle"], np.zeros((1, 32, 32, 3), np.uint8))
+        ["a photo of a circle"], np.zeros((1, 32, 32, 3), np.uint8)
+    )

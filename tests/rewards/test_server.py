@@ -1,4 +1,5 @@
 """The reward server: the project's own client scores through it exactly as the local reward does."""
+
 import json
 import threading
 import urllib.request
@@ -26,8 +27,9 @@ def test_remote_scores_equal_local_scores_and_health_counts_batches(served):
   url, local = served
   rng = np.random.default_rng(0)
   ps = G.balanced_prompts("eval", 12, seed=1)
-  imgs = W.render_batch([G.scene_for(p.meta, rng) for p in ps[:6]] +
-                        [G.scene_for(p.meta, rng) for p in ps[:6]])  # 6 right, 6 wrong scenes
+  imgs = W.render_batch(
+      [G.scene_for(p.meta, rng) for p in ps[:6]] + [G.scene_for(p.meta, rng) for p in ps[:6]]
+  )  # 6 right, 6 wrong scenes
   texts, metas = [p.text for p in ps], [p.meta.to_json() for p in ps]
   for mode in ("dense", "strict"):
     remote = RemoteReward(f"{url}/{mode}", name=mode, metadata_keys=("meta",))
@@ -50,7 +52,10 @@ def test_registered_rewards_are_built_by_name_and_options_are_named():
   served = server.registered_rewards(["d=shapeeval,mode=dense,canvas=32", "s=shapeeval,mode=strict"])
   assert set(served) == {"d", "s"} and served["d"].mode == "dense" and served["s"].mode == "strict"
   assert server.parse_serve_spec("c=clipscore,scale=2.5,path=/x,on=true") == (
-      "c", "clipscore", {"scale": 2.5, "path": "/x", "on": True})
+      "c",
+      "clipscore",
+      {"scale": 2.5, "path": "/x", "on": True},
+  )
   with pytest.raises(ValueError, match="must be one of"):
     server.registered_rewards(["x=no_such_reward"])
   with pytest.raises(ValueError, match=r"--serve x\.colour: not an option of reward kind 'shapeeval'"):
@@ -69,11 +74,21 @@ def test_launch_script_serves_the_registry_on_a_port():
   import re
   import subprocess
   import sys
+
   repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  proc = subprocess.Popen([sys.executable, os.path.join(repo, "launch/reward_server.py"), "--port=0",
-                           "--serve=dense=shapeeval,mode=dense", "--serve=gt=shapeeval,mode=strict"],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  proc = subprocess.Popen(
+      [
+          sys.executable,
+          os.path.join(repo, "launch/reward_server.py"),
+          "--port=0",
+          "--serve=dense=shapeeval,mode=dense",
+          "--serve=gt=shapeeval,mode=strict",
+      ],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
   try:
     line = proc.stdout.readline()
     m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
@@ -85,7 +100,8 @@ def test_launch_script_serves_the_registry_on_a_port():
     ps = G.balanced_prompts("eval", 6, seed=2)
     imgs = W.render_batch([G.scene_for(p.meta, rng) for p in ps])
     got = RemoteReward(f"{url}/gt", name="gt", metadata_keys=("meta",))(
-        [p.text for p in ps], imgs, meta=[p.meta.to_json() for p in ps])
+        [p.text for p in ps], imgs, meta=[p.meta.to_json() for p in ps]
+    )
     np.testing.assert_array_equal(got, np.ones(6, np.float32))  # ground-truth scenes pass
     health = json.loads(urllib.request.urlopen(f"{url}/health", timeout=30).read())
     assert health["requests"] == {"dense": 0, "gt": 1} and health["images"]["gt"] == 6

@@ -1,4 +1,5 @@
 """rl building blocks against independent NumPy references (hypothesis), plus their invariants."""
+
 import functools
 import math
 
@@ -13,7 +14,6 @@ from htgrpo_jax import rl
 from htgrpo_jax.rl import MASK
 from tests.helpers.rl_reference import rollout_record
 from tests.helpers.rl_reference import np_credit, np_group_advantages, np_loss, np_partition
-
 
 # A few shapes only: every new shape compiles, and the profile runs 20 examples per test.
 shape = st.sampled_from([(1, 5), (3, 8), (2, 13)])
@@ -38,20 +38,24 @@ def test_group_advantages_rejects_bad_batch():
 
 
 # ----------------------------------------------------------------------------- partition & credit
-_partition = jax.jit(rl.partition_tokens, static_argnames=("num_steps", "sketch_fraction", "structure_ratio",
-                                                           "mode"))
+_partition = jax.jit(rl.partition_tokens, static_argnames=("num_steps", "sketch_fraction", "structure_ratio", "mode"))
 _update_set = jax.jit(rl.sample_update_set)
 
 
-@given(shape, st.integers(1, 8), st.sampled_from([0.25, 0.5, 1.0]), st.sampled_from([0.1, 0.3, 1.0]),
-       st.sampled_from(["entropy", "step"]), st.integers(0, 2**31 - 1))
+@given(
+    shape,
+    st.integers(1, 8),
+    st.sampled_from([0.25, 0.5, 1.0]),
+    st.sampled_from([0.1, 0.3, 1.0]),
+    st.sampled_from(["entropy", "step"]),
+    st.integers(0, 2**31 - 1),
+)
 def test_partition_matches_numpy(bn, t, sf, sr, mode, seed):
   b, n = bn
   rng = np.random.default_rng(seed)
   step = rng.integers(0, t, (b, n)).astype(np.int32)
   ent = rng.integers(0, 4, (b, n)).astype(np.float32) * 0.5  # few distinct values: many ties
-  got = _partition(jnp.asarray(step), jnp.asarray(ent), num_steps=t, sketch_fraction=sf,
-                   structure_ratio=sr, mode=mode)
+  got = _partition(jnp.asarray(step), jnp.asarray(ent), num_steps=t, sketch_fraction=sf, structure_ratio=sr, mode=mode)
   np.testing.assert_array_equal(np.asarray(got), np_partition(step, ent, t, sf, sr, mode))
 
 
@@ -73,8 +77,7 @@ def test_partition_random_mode_is_keyed_and_inside_candidates():
 @given(shape, st.floats(0.0, 5.0), st.floats(0.01, 5.0), st.booleans(), st.integers(0, 2**31 - 1))
 def test_credit_matches_numpy_and_normalizes(bn, sw, rw, normalize, seed):
   is_s = np.random.default_rng(seed).random(bn) < 0.3
-  got = np.asarray(rl.credit_weights(jnp.asarray(is_s), structure_weight=sw, refine_weight=rw,
-                                     normalize=normalize))
+  got = np.asarray(rl.credit_weights(jnp.asarray(is_s), structure_weight=sw, refine_weight=rw, normalize=normalize))
   np.testing.assert_allclose(got, np_credit(is_s, sw, rw, normalize), rtol=1e-5, atol=1e-6)
   if normalize:
     np.testing.assert_allclose(got.mean(axis=1), 1.0, rtol=1e-5)
@@ -115,8 +118,9 @@ def test_loss_matches_numpy(bn, eps, beta, seed):
   old = (logp + rng.normal(0, 0.3, bn)).astype(np.float32)
   adv = rng.normal(size=bn).astype(np.float32)
   mask = rng.random(bn) < 0.7
-  (s, c, met), grad = _loss_and_grad(jnp.asarray(logp), jnp.asarray(old), jnp.asarray(ref), jnp.asarray(adv),
-                                     jnp.asarray(mask), eps, beta)
+  (s, c, met), grad = _loss_and_grad(
+      jnp.asarray(logp), jnp.asarray(old), jnp.asarray(ref), jnp.asarray(adv), jnp.asarray(mask), eps, beta
+  )
   s_ref, c_ref, g_ref, extra = np_loss(logp, old, ref, adv, mask, eps, beta)
   np.testing.assert_allclose(float(s), s_ref, rtol=1e-4, atol=1e-4)
   assert float(c) == c_ref
@@ -131,21 +135,37 @@ def test_loss_ratio_one_and_zero_advantage():
   s, c, met = rl.ht_grpo_loss(lp, lp, lp, jnp.zeros((1, 3)), jnp.ones((1, 3), bool), clip_eps=0.2, beta=0.0)
   assert float(s) == 0.0 and float(c) == 3.0
   assert float(met["ratio_min"]) == float(met["ratio_max"]) == 1.0 and float(met["approx_kl"]) == 0.0
-  g = jax.grad(lambda x: rl.ht_grpo_loss(x, lp, None, jnp.zeros((1, 3)), jnp.ones((1, 3), bool),
-                                         clip_eps=0.2, beta=0.0)[0])(lp)
+  g = jax.grad(
+      lambda x: rl.ht_grpo_loss(x, lp, None, jnp.zeros((1, 3)), jnp.ones((1, 3), bool), clip_eps=0.2, beta=0.0)[0]
+  )(lp)
   assert np.all(np.asarray(g) == 0)
 
 
 # ----------------------------------------------------------------------------- estimators
-@given(st.sampled_from(rl.ESTIMATORS), st.sampled_from(["structure", "none"]),
-       st.sampled_from(["constant", "ramp"]), st.integers(1, 2), st.integers(0, 2**31 - 1))
+@given(
+    st.sampled_from(rl.ESTIMATORS),
+    st.sampled_from(["structure", "none"]),
+    st.sampled_from(["constant", "ramp"]),
+    st.integers(1, 2),
+    st.integers(0, 2**31 - 1),
+)
 def test_estimator_invariants(estimator, ctx, sched, tg, seed):
-  cfg = rl.HTGRPOConfig(group_size=2, num_sampler_steps=6, n_global=1, n_struct=2, n_refine=2,
-                        estimator=estimator, refine_context=ctx, update_schedule=sched, update_fraction=0.5,
-                        trajectory_group=tg)
+  cfg = rl.HTGRPOConfig(
+      group_size=2,
+      num_sampler_steps=6,
+      n_global=1,
+      n_struct=2,
+      n_refine=2,
+      estimator=estimator,
+      refine_context=ctx,
+      update_schedule=sched,
+      update_fraction=0.5,
+      trajectory_group=tg,
+  )
   tokens, step, ent = rollout_record(seed)
-  is_s = rl.partition_tokens(step, ent, num_steps=6, sketch_fraction=cfg.sketch_fraction,
-                             structure_ratio=cfg.structure_ratio)
+  is_s = rl.partition_tokens(
+      step, ent, num_steps=6, sketch_fraction=cfg.sketch_fraction, structure_ratio=cfg.structure_ratio
+  )
   key = jax.random.key(seed)
   canv, loss = rl.all_canvases(cfg, key, tokens, step, is_s)
   canv2, loss2 = rl.all_canvases(cfg, key, tokens, step, is_s)  # same key -> same canvases (old/ref/new)
@@ -191,24 +211,27 @@ def test_canvas_groups_dedup():
 
 
 # ----------------------------------------------------------------------------- config
-@pytest.mark.parametrize("kw,field", [
-    (dict(num_iterations=5), "num_iterations"),
-    (dict(group_size=1), "group_size"),
-    (dict(sketch_fraction=0.0), "sketch_fraction"),
-    (dict(structure_ratio=1.5), "structure_ratio"),
-    (dict(update_fraction=-0.1), "update_fraction"),
-    (dict(estimator="ppo"), "estimator"),
-    (dict(partition_mode="bogus"), "partition_mode"),
-    (dict(refine_context="all"), "refine_context"),
-    (dict(sketch_context="prefix"), "sketch_context"),
-    (dict(estimator="trajectory", sketch_context="trajectory"), "sketch_context"),
-    (dict(estimator="random_remask", refine_context="trajectory"), "refine_context"),
-    (dict(min_mask_rate=1.0), "min_mask_rate"),
-    (dict(clip_eps=0.0), "clip_eps"),
-    (dict(beta=-1.0), "beta"),
-    (dict(structure_weight=0.0, refine_weight=0.0), "structure_weight"),
-    (dict(micro_batch_size=-2), "micro_batch_size"),
-])
+@pytest.mark.parametrize(
+    "kw,field",
+    [
+        (dict(num_iterations=5), "num_iterations"),
+        (dict(group_size=1), "group_size"),
+        (dict(sketch_fraction=0.0), "sketch_fraction"),
+        (dict(structure_ratio=1.5), "structure_ratio"),
+        (dict(update_fraction=-0.1), "update_fraction"),
+        (dict(estimator="ppo"), "estimator"),
+        (dict(partition_mode="bogus"), "partition_mode"),
+        (dict(refine_context="all"), "refine_context"),
+        (dict(sketch_context="prefix"), "sketch_context"),
+        (dict(estimator="trajectory", sketch_context="trajectory"), "sketch_context"),
+        (dict(estimator="random_remask", refine_context="trajectory"), "refine_context"),
+        (dict(min_mask_rate=1.0), "min_mask_rate"),
+        (dict(clip_eps=0.0), "clip_eps"),
+        (dict(beta=-1.0), "beta"),
+        (dict(structure_weight=0.0, refine_weight=0.0), "structure_weight"),
+        (dict(micro_batch_size=-2), "micro_batch_size"),
+    ],
+)
 def test_bad_config_raises_naming_field(kw, field):
   with pytest.raises(ValueError, match=f"HTGRPOConfig.{field}"):
     rl.HTGRPOConfig(**kw)

@@ -1,6 +1,7 @@
 """Estimator guidance: with 'guided' the step scores tokens under the same CFG'd, tempered distribution the
 sampler drew them from (ratio 1 at k=0, zero behaviour gap on comparable tokens); with the plain
 conditional policy ('none') the logged behaviour gap shows the mismatch."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,8 +16,11 @@ C, NP, N, LP = 6, 4, 16, 3  # codebook, prompt ids (0 = unconditional), slots, p
 
 def _params(seed=0):
   k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
-  return {"tab": 1.5 * jax.random.normal(k1, (NP, N, C)), "emb": jax.random.normal(k2, (C + 1, 5)),
-          "w": 0.7 * jax.random.normal(k3, (5, C))}
+  return {
+      "tab": 1.5 * jax.random.normal(k1, (NP, N, C)),
+      "emb": jax.random.normal(k2, (C + 1, 5)),
+      "w": 0.7 * jax.random.normal(k3, (5, C)),
+  }
 
 
 def canvas_fn(params, prompt_tokens, canvas):
@@ -32,8 +36,9 @@ def _prompts(b):
 
 
 UNCOND = np.zeros((LP,), np.int32)
-SCFG = SamplerConfig(num_steps=4, sketch_steps=2, rule="maskgit", cfg_scale=1.5, temperature=0.8,
-                     temperature_mode="constant")
+SCFG = SamplerConfig(
+    num_steps=4, sketch_steps=2, rule="maskgit", cfg_scale=1.5, temperature=0.8, temperature_mode="constant"
+)
 
 
 def test_guided_logits_fn_is_the_sampling_distribution():
@@ -45,8 +50,9 @@ def test_guided_logits_fn_is_the_sampling_distribution():
   zc = np.asarray(canvas_fn(params, p, canvas), np.float64)
   zu = np.asarray(canvas_fn(params, jnp.zeros_like(p), canvas), np.float64)
   want = special.log_softmax(((1 + 1.5) * zc - 1.5 * zu) / 0.8, axis=-1)
-  np.testing.assert_allclose(np.asarray(logp), np.take_along_axis(want, np.asarray(tokens)[..., None], -1)[..., 0],
-                             atol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(logp), np.take_along_axis(want, np.asarray(tokens)[..., None], -1)[..., 0], atol=1e-5
+  )
   with pytest.raises(ValueError, match="uncond_prompt"):
     guided_canvas_logits_fn(canvas_fn, SCFG, np.zeros((2, LP), np.int32))
 
@@ -62,13 +68,20 @@ def test_guided_estimator_scores_the_behaviour_policy(guidance):
   rec = sampler.sample(params, p, jnp.broadcast_to(jnp.asarray(UNCOND), p.shape), jax.random.key(1))
   rewards = jnp.asarray(np.random.default_rng(0).normal(size=b), jnp.float32)
   ro = rec.to_rollout(p, rewards)
-  cfg = rl.HTGRPOConfig(group_size=g, num_sampler_steps=4, n_global=1, n_struct=1, n_refine=1,
-                        update_schedule="constant", update_fraction=1.0, refine_context="none",
-                        estimator_guidance=guidance)
+  cfg = rl.HTGRPOConfig(
+      group_size=g,
+      num_sampler_steps=4,
+      n_global=1,
+      n_struct=1,
+      n_refine=1,
+      update_schedule="constant",
+      update_fraction=1.0,
+      refine_context="none",
+      estimator_guidance=guidance,
+  )
   fn = guided_canvas_logits_fn(canvas_fn, SCFG, UNCOND) if guidance == "guided" else canvas_fn
   opt = rl.make_optimizer(1e-2)
-  _, met = rl.make_train_step(fn, opt, cfg, donate=False)(rl.TrainState.create(params, opt), ro,
-                                                          jax.random.key(2))
+  _, met = rl.make_train_step(fn, opt, cfg, donate=False)(rl.TrainState.create(params, opt), ro, jax.random.key(2))
   it = met["iter"]
   np.testing.assert_allclose([float(it["ratio_min"][0]), float(it["ratio_max"][0])], 1.0, rtol=2e-7)
   gap, count = float(met["behaviour_gap"]), float(met["behaviour_gap_tokens"])

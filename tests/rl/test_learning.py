@@ -9,6 +9,7 @@ optimizer and seed; only (structure_weight, refine_weight) differ: (4, 1) vs (1,
 mean 1 per image. Under uniform credit the 12 detail tokens feed the shared layers an advantage that is
 pure noise with respect to their own values; hierarchical credit moves that weight onto the layout tokens.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,9 +28,19 @@ FN = linen_logits_fn(MODEL)  # one function object: the jitted test sampler comp
 
 def steps_to_threshold(structure_weight, refine_weight, seed=0, max_steps=40):
   model, fn = MODEL, FN
-  cfg = rl.HTGRPOConfig(group_size=G, num_sampler_steps=T, n_global=1, n_struct=1, n_refine=1,
-                        sketch_fraction=0.25, structure_ratio=NS / N, structure_weight=structure_weight,
-                        refine_weight=refine_weight, beta=0.0, clip_eps=0.2)
+  cfg = rl.HTGRPOConfig(
+      group_size=G,
+      num_sampler_steps=T,
+      n_global=1,
+      n_struct=1,
+      n_refine=1,
+      sketch_fraction=0.25,
+      structure_ratio=NS / N,
+      structure_weight=structure_weight,
+      refine_weight=refine_weight,
+      beta=0.0,
+      clip_eps=0.2,
+  )
   opt = rl.make_optimizer(2e-3)
   key = jax.random.key(seed)
   prompts = jnp.asarray(np.repeat(np.arange(PROMPTS), G)[:, None] * np.ones((1, 2), int), jnp.int32)
@@ -40,8 +51,9 @@ def steps_to_threshold(structure_weight, refine_weight, seed=0, max_steps=40):
   priority = jnp.broadcast_to(priority, (B, N))
   history = []
   for i in range(max_steps):
-    img, cstep, cent, clogp = sample(fn, state.params, prompts, priority, jax.random.fold_in(key, 1000 + i),
-                                     num_steps=T)
+    img, cstep, cent, clogp = sample(
+        fn, state.params, prompts, priority, jax.random.fold_in(key, 1000 + i), num_steps=T
+    )
     reward = (img[:, :NS] == 0).mean(-1).astype(jnp.float32)
     history.append(float(reward.mean()))
     if len(history) >= 3 and np.mean(history[-3:]) >= THRESHOLD:
@@ -68,8 +80,7 @@ def test_hierarchical_credit_is_faster_across_seeds():
   """The comparison above is one seed; over five more (new inits and sampling noise) hierarchical
   credit reaches the threshold in fewer steps on at least four and on average (measured on this
   CPU: HT 8/6/7/9/6 vs uniform 9/8/8/12/7 steps for seeds 1-5)."""
-  pairs = [(steps_to_threshold(4.0, 1.0, seed=s)[0], steps_to_threshold(1.0, 1.0, seed=s)[0])
-           for s in range(1, 6)]
+  pairs = [(steps_to_threshold(4.0, 1.0, seed=s)[0], steps_to_threshold(1.0, 1.0, seed=s)[0]) for s in range(1, 6)]
   print("(HT, uniform) steps per seed:", pairs)
   assert all(ht < 40 and uni < 40 for ht, uni in pairs), pairs  # every run learns it
   assert sum(ht < uni for ht, uni in pairs) >= 4, pairs

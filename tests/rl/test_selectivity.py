@@ -3,6 +3,7 @@
 Measured on the real sampler with configs/geneval.py's settings (emerge rule, cosine, T = 12, N = 8 x 8):
 which slots commit in the sketch phase does not depend on the logits under the emerge rule, so a constant
 policy gives the exact candidate counts. The step's selectivity metrics are checked against NumPy."""
+
 import os
 
 import jax
@@ -18,10 +19,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def _selectivity(commit_step, entropy, t, sketch_fraction, structure_ratio):
   """(mean |S| / |candidates|, fraction of images with S == candidates) of a partition."""
-  s = np.asarray(rl.partition_tokens(commit_step, entropy, num_steps=t, sketch_fraction=sketch_fraction,
-                                     structure_ratio=structure_ratio))
-  cand = (np.asarray(commit_step) >= 0) & (np.asarray(commit_step) < rl.HTGRPOConfig(
-      num_sampler_steps=t, sketch_fraction=sketch_fraction).sketch_steps)
+  s = np.asarray(
+      rl.partition_tokens(
+          commit_step, entropy, num_steps=t, sketch_fraction=sketch_fraction, structure_ratio=structure_ratio
+      )
+  )
+  cand = (np.asarray(commit_step) >= 0) & (
+      np.asarray(commit_step) < rl.HTGRPOConfig(num_sampler_steps=t, sketch_fraction=sketch_fraction).sketch_steps
+  )
   n_s, n_c = s.sum(1), cand.sum(1)
   return float(np.mean(n_s / np.maximum(n_c, 1))), float(np.mean(n_s == n_c))
 
@@ -40,14 +45,18 @@ def test_default_partition_selects_within_the_sketch_candidates():
   ent = jax.random.uniform(jax.random.key(1), (b, n))
   t = p.rl.num_sampler_steps
   assert p.rl.sketch_steps == p.sampler.sketch_steps
-  old = _selectivity(rec.commit_step, ent, t, 0.5, 0.25)   # the earlier defaults
+  old = _selectivity(rec.commit_step, ent, t, 0.5, 0.25)  # the earlier defaults
   new = _selectivity(rec.commit_step, ent, t, p.rl.sketch_fraction, p.rl.structure_ratio)
   cand = float(np.mean((np.asarray(rec.commit_step) < p.rl.sketch_steps).sum(1)))
-  print(f"configs/geneval.py sampler ({p.sampler.rule}, {p.sampler.schedule}, T={t}, N={n}): "
-        f"{cand:.1f} sketch-phase candidates per image")
+  print(
+      f"configs/geneval.py sampler ({p.sampler.rule}, {p.sampler.schedule}, T={t}, N={n}): "
+      f"{cand:.1f} sketch-phase candidates per image"
+  )
   print(f"  sketch_fraction 0.5, structure_ratio 0.25: |S|/|cand| {old[0]:.3f}, S == cand in {old[1]:.1%}")
-  print(f"  sketch_fraction {p.rl.sketch_fraction}, structure_ratio {p.rl.structure_ratio}: "
-        f"|S|/|cand| {new[0]:.3f}, S == cand in {new[1]:.1%}")
+  print(
+      f"  sketch_fraction {p.rl.sketch_fraction}, structure_ratio {p.rl.structure_ratio}: "
+      f"|S|/|cand| {new[0]:.3f}, S == cand in {new[1]:.1%}"
+  )
   assert old[0] > 0.75 and old[1] > 0.15  # the defect as measured: S takes nearly every candidate
   assert new[0] < 0.6 and new[1] < 0.02
 
@@ -59,11 +68,20 @@ def test_step_logs_structure_selectivity():
   ro = ro.replace(commit_step=ro.commit_step.at[0].set(jnp.asarray([0, 1] + [3] * (n - 2), jnp.int32)))
   model = ToyPolicy(c, n, dim=8)
   params = model.init(jax.random.key(0), ro.prompt_tokens, ro.image_tokens)["params"]
-  cfg = rl.HTGRPOConfig(group_size=g, num_sampler_steps=t, n_global=1, n_struct=1, n_refine=1,
-                        sketch_fraction=0.5, structure_ratio=0.25, beta=0.0)
+  cfg = rl.HTGRPOConfig(
+      group_size=g,
+      num_sampler_steps=t,
+      n_global=1,
+      n_struct=1,
+      n_refine=1,
+      sketch_fraction=0.5,
+      structure_ratio=0.25,
+      beta=0.0,
+  )
   opt = rl.make_optimizer(1e-3)
   _, met = rl.make_train_step(linen_logits_fn(model), opt, cfg, donate=False)(
-      rl.TrainState.create(params, opt, with_reference=False), ro, jax.random.key(0))
+      rl.TrainState.create(params, opt, with_reference=False), ro, jax.random.key(0)
+  )
   sel, frac = _selectivity(ro.commit_step, ro.commit_entropy, t, 0.5, 0.25)
   np.testing.assert_allclose(float(met["structure_selectivity"]), sel, rtol=1e-6)
   np.testing.assert_allclose(float(met["structure_all_candidates_frac"]), frac, rtol=1e-6)

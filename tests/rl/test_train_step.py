@@ -1,5 +1,6 @@
 """The compiled HT-GRPO step: invariants, an independent gradient reference, NaN skipping, Linen/NNX
 models, and a 2x2x2 (data, fsdp, tensor) mesh against one device."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,9 +34,15 @@ def _tree_close(a, b, **tol):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol), a, b)
 
 
-@pytest.mark.parametrize("estimator", [
-    "htgrpo", "random_remask",
-    pytest.param("trajectory", marks=pytest.mark.slow), pytest.param("uni", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "estimator",
+    [
+        "htgrpo",
+        "random_remask",
+        pytest.param("trajectory", marks=pytest.mark.slow),
+        pytest.param("uni", marks=pytest.mark.slow),
+    ],
+)
 def test_first_iteration_ratio_is_one_and_kl_zero(toy, estimator):
   """Old, reference and current passes of k=0 see the same canvas: rho == 1 and k3-KL == 0 exactly."""
   model, params, ro = toy
@@ -57,8 +64,16 @@ def test_step_matches_independent_gradient(toy, micro_batch_size):
   with A, S and w from the NumPy references (at rho == 1 and ref == params the clip and KL terms have
   zero slope). Micro-batching must not change it."""
   model, params, ro = toy
-  cfg = _cfg(n_refine=0, update_schedule="constant", update_fraction=1.0, structure_weight=3.0,
-             refine_weight=0.5, sketch_fraction=0.5, structure_ratio=0.25, micro_batch_size=micro_batch_size)
+  cfg = _cfg(
+      n_refine=0,
+      update_schedule="constant",
+      update_fraction=1.0,
+      structure_weight=3.0,
+      refine_weight=0.5,
+      sketch_fraction=0.5,
+      structure_ratio=0.25,
+      micro_batch_size=micro_batch_size,
+  )
   opt = optax.sgd(1.0)
   step = rl.make_train_step(linen_logits_fn(model), opt, cfg, donate=False)
   state, _ = step(rl.TrainState.create(params, opt), ro, jax.random.key(0))
@@ -117,7 +132,8 @@ def test_linen_and_nnx_models_agree(toy):
   cfg = _cfg(n_struct=1)
   opt = rl.make_optimizer(1e-2, weight_decay=0.01)
   s_linen, m_linen = rl.make_train_step(linen_logits_fn(model), opt, cfg)(
-      rl.TrainState.create(jax.tree.map(jnp.copy, params), opt), ro, jax.random.key(5))
+      rl.TrainState.create(jax.tree.map(jnp.copy, params), opt), ro, jax.random.key(5)
+  )
   s_nnx, m_nnx = rl.make_train_step(nnx_fn, opt, cfg)(rl.TrainState.create(nstate, opt), ro, jax.random.key(5))
   _tree_close(nnx.to_pure_dict(s_nnx.params), s_linen.params, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(float(m_nnx["total"]["loss"]), float(m_linen["total"]["loss"]), rtol=1e-5)
@@ -141,7 +157,8 @@ def test_mesh_2x2x2_matches_single_device(toy):
   opt = rl.make_optimizer(1e-2)
   fn = linen_logits_fn(model)
   s_one, m_one = rl.make_train_step(fn, opt, _cfg(n_struct=1), donate=False)(
-      rl.TrainState.create(params, opt), ro, jax.random.key(7))
+      rl.TrainState.create(params, opt), ro, jax.random.key(7)
+  )
   mesh = parallel.make_mesh(2, 2, 2)
   state = rl.TrainState.create(jax.tree.map(jnp.copy, params), opt)
   shardings = jax.tree.map(lambda x: _shard_rule(mesh, x), state)

@@ -6,6 +6,7 @@ loss set lies, that the group is drawn uniformly among the groups holding a cand
 do not move, that the step scores each replayed canvas with its own old/reference pass, and that the
 struct stage's gradient is alive.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,19 +28,20 @@ def _cfg(**kw):
 
 
 def _partition(step, ent, cfg):
-  return rl.partition_tokens(step, ent, num_steps=T, sketch_fraction=cfg.sketch_fraction,
-                             structure_ratio=cfg.structure_ratio)
+  return rl.partition_tokens(
+      step, ent, num_steps=T, sketch_fraction=cfg.sketch_fraction, structure_ratio=cfg.structure_ratio
+  )
 
 
-@pytest.mark.parametrize("sketch_ctx,refine_ctx", [("trajectory", "structure"), ("all_mask", "trajectory"),
-                                                   ("trajectory", "trajectory")])
+@pytest.mark.parametrize(
+    "sketch_ctx,refine_ctx", [("trajectory", "structure"), ("all_mask", "trajectory"), ("trajectory", "trajectory")]
+)
 @pytest.mark.parametrize("tg,fraction", [(1, 1.0), (2, 0.5)])
 def test_replayed_canvases_reveal_only_earlier_groups(sketch_ctx, refine_ctx, tg, fraction):
   """A replayed canvas reveals exactly the tokens committed before the drawn group (plus S in refine);
   the loss set lies inside the stage's candidates and inside that one group, and with fraction 1 it is
   every candidate committed there."""
-  cfg = _cfg(sketch_context=sketch_ctx, refine_context=refine_ctx, trajectory_group=tg,
-             update_fraction=fraction)
+  cfg = _cfg(sketch_context=sketch_ctx, refine_context=refine_ctx, trajectory_group=tg, update_fraction=fraction)
   sched = rl.stage_schedule(1, 2, 2)
   for seed in range(4):
     tokens, step, ent = rollout_record(seed, b=6, t=T)
@@ -72,8 +74,13 @@ def test_replayed_canvases_reveal_only_earlier_groups(sketch_ctx, refine_ctx, tg
           np.testing.assert_array_equal(loss[k, i], in_group)
 
 
-@pytest.mark.parametrize("stage_kw", [dict(n_global=0, n_struct=1, n_refine=0, sketch_context="trajectory"),
-                                      dict(n_global=0, n_struct=0, n_refine=1, refine_context="trajectory")])
+@pytest.mark.parametrize(
+    "stage_kw",
+    [
+        dict(n_global=0, n_struct=1, n_refine=0, sketch_context="trajectory"),
+        dict(n_global=0, n_struct=0, n_refine=1, refine_context="trajectory"),
+    ],
+)
 def test_drawn_group_is_uniform_over_groups_with_a_candidate(stage_kw):
   """Over 600 step keys the drawn group of one image hits every group holding a candidate of the stage
   about equally often, and never a group without one."""
@@ -146,8 +153,16 @@ def test_step_scores_each_iteration_on_its_own_canvas(sketch_ctx, refine_ctx):
   model = ToyPolicy(C, N, dim=8)
   ro = random_rollout(np.random.default_rng(1), B, N, C, T, lp=2)
   params = model.init(jax.random.key(0), ro.prompt_tokens, ro.image_tokens)["params"]
-  cfg = rl.HTGRPOConfig(group_size=G, num_sampler_steps=T, n_global=1, n_struct=2, n_refine=2, beta=0.05,
-                        sketch_context=sketch_ctx, refine_context=refine_ctx)
+  cfg = rl.HTGRPOConfig(
+      group_size=G,
+      num_sampler_steps=T,
+      n_global=1,
+      n_struct=2,
+      n_refine=2,
+      beta=0.05,
+      sketch_context=sketch_ctx,
+      refine_context=refine_ctx,
+  )
   opt = optax.sgd(0.0)
   step = rl.make_train_step(linen_logits_fn(model), opt, cfg, donate=False)
   _, met = step(rl.TrainState.create(params, opt), ro, jax.random.key(2))

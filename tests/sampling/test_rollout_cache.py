@@ -6,6 +6,7 @@ changes the images only through stale keys/values, keeps the sampler's invariant
 committed tokens frozen, ``paint(sketch) == sample``) and on a mesh draws what one device draws;
 and a training config cannot turn it on for rollouts.
 """
+
 import functools
 
 import jax
@@ -32,13 +33,21 @@ def tiny_policy():
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
   tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
   layout = layouts.EmbeddedLayout(tok, grid=(4, 4), codebook_size=16, prompt_length=4)
-  cfg = llada.get_config("tiny", vocab_size=32, d_model=32, n_heads=4, mlp_hidden=64, init_std=0.2,
-                         use_pad_mask=True, pad_id=layout.pad_id, scan_layers=True)
+  cfg = llada.get_config(
+      "tiny",
+      vocab_size=32,
+      d_model=32,
+      n_heads=4,
+      mlp_hidden=64,
+      init_std=0.2,
+      use_pad_mask=True,
+      pad_id=layout.pad_id,
+      scan_layers=True,
+  )
   params = policy.init_params(cfg, layout, jax.random.key(0))
   p = jnp.asarray(layout.encode_prompts(["a red circle", "blue square", "a blue circle", "red"]))
   u = jnp.asarray(layout.unconditional_prompts(B))
-  return (policy.make_canvas_logits_fn(cfg, layout), policy.make_cached_logits(cfg, layout), params,
-          p, u, layout)
+  return (policy.make_canvas_logits_fn(cfg, layout), policy.make_cached_logits(cfg, layout), params, p, u, layout)
 
 
 def samplers(cache=None, mesh=None, **kw):
@@ -46,8 +55,7 @@ def samplers(cache=None, mesh=None, **kw):
   base = dict(num_steps=8, sketch_steps=3, rule="maskgit", cfg_scale=2.0, temperature=1.0)
   base.update(kw)
   plain = make_sampler(fn, SamplerConfig(**base), num_tokens=N, mesh=mesh)
-  cached_s = make_sampler(fn, SamplerConfig(**base, cache=cache), num_tokens=N, mesh=mesh,
-                          cached_logits=cached)
+  cached_s = make_sampler(fn, SamplerConfig(**base, cache=cache), num_tokens=N, mesh=mesh, cached_logits=cached)
   return plain, cached_s
 
 
@@ -128,10 +136,14 @@ def test_cached_sampler_on_the_8_device_mesh_draws_what_one_device_draws():
 
 
 def test_bad_cache_settings_raise_naming_the_key():
-  for kw, key in ((dict(ratio=1.0), "cache.ratio"), (dict(ratio=-0.1), "cache.ratio"),
-                  (dict(warmup_ratio=1.5), "cache.warmup_ratio"),
-                  (dict(refresh_interval=0), "cache.refresh_interval"),
-                  (dict(refresh_interval=2.0), "cache.refresh_interval"), (dict(enabled="yes"), "cache.enabled")):
+  for kw, key in (
+      (dict(ratio=1.0), "cache.ratio"),
+      (dict(ratio=-0.1), "cache.ratio"),
+      (dict(warmup_ratio=1.5), "cache.warmup_ratio"),
+      (dict(refresh_interval=0), "cache.refresh_interval"),
+      (dict(refresh_interval=2.0), "cache.refresh_interval"),
+      (dict(enabled="yes"), "cache.enabled"),
+  ):
     with pytest.raises(ValueError, match=key):
       CacheConfig(**kw)
   with pytest.raises(ValueError, match="unknown keys \\['size'\\]"):
@@ -146,6 +158,7 @@ def test_bad_cache_settings_raise_naming_the_key():
 def _train_config(**sampler_cache):
   from htgrpo_jax.config_util import load_config_file
   import os
+
   c = load_config_file(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "geneval.py"), "tiny")
   for k, v in sampler_cache.items():
     c.eval.sampler_cache[k] = v
@@ -157,7 +170,7 @@ def test_plan_keeps_the_cache_off_training_rollouts():
   assert not p.sampler.cache.enabled and not p.rollout_sampler.cache.enabled
   p = run_config.plan(_train_config(enabled=True, ratio=0.8))
   assert p.sampler.cache == CacheConfig(enabled=True, ratio=0.8)  # evaluations use it
-  assert not p.rollout_sampler.cache.enabled                        # rollouts never do
+  assert not p.rollout_sampler.cache.enabled  # rollouts never do
   c = _train_config()
   c.sampler.cache = dict(enabled=True)
   with pytest.raises(ValueError, match="sampler.cache.enabled=True: training rollouts.*eval.sampler_cache"):

@@ -1,4 +1,5 @@
 """Mask schedules and SamplerConfig: validation and the static per-step tables (no compilation)."""
+
 import math
 
 import hypothesis.strategies as st
@@ -25,7 +26,7 @@ def test_schedule_formulas():
   r = np.array([0.25, 0.5])
   np.testing.assert_allclose(get_schedule("cosine")(r), np.cos(np.pi / 2 * r))
   np.testing.assert_allclose(get_schedule("linear")(r), 1 - r)
-  np.testing.assert_allclose(get_schedule("pow3")(r), 1 - r ** 3)
+  np.testing.assert_allclose(get_schedule("pow3")(r), 1 - r**3)
   np.testing.assert_allclose(get_schedule("sigmoid")(np.array([0.5])), [0.5], atol=1e-12)  # symmetric
 
 
@@ -37,19 +38,22 @@ def test_unknown_schedules_raise_naming_the_field(name):
     SamplerConfig(schedule=name)
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(num_steps=12, sketch_steps=13), "sketch_steps"),
-    (dict(sketch_steps=0), "sketch_steps"),
-    (dict(num_steps=0, sketch_steps=0), "num_steps"),
-    (dict(num_steps=True), "num_steps"),
-    (dict(num_steps=12.0), "num_steps"),
-    (dict(rule="greedy"), "rule"),
-    (dict(temperature_mode="annealed"), "temperature_mode"),
-    (dict(cfg_scale=-1.0), "cfg_scale"),
-    (dict(cfg_scale=float("nan")), "cfg_scale"),
-    (dict(temperature=0.0, temperature_mode="constant"), "temperature"),
-    (dict(temperature=-1.0, temperature_mode="mmada_annealed"), "temperature"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(num_steps=12, sketch_steps=13), "sketch_steps"),
+        (dict(sketch_steps=0), "sketch_steps"),
+        (dict(num_steps=0, sketch_steps=0), "num_steps"),
+        (dict(num_steps=True), "num_steps"),
+        (dict(num_steps=12.0), "num_steps"),
+        (dict(rule="greedy"), "rule"),
+        (dict(temperature_mode="annealed"), "temperature_mode"),
+        (dict(cfg_scale=-1.0), "cfg_scale"),
+        (dict(cfg_scale=float("nan")), "cfg_scale"),
+        (dict(temperature=0.0, temperature_mode="constant"), "temperature"),
+        (dict(temperature=-1.0, temperature_mode="mmada_annealed"), "temperature"),
+    ],
+)
 def test_bad_config_raises_naming_the_field(kwargs, field):
   with pytest.raises(ValueError, match=f"SamplerConfig.{field}"):
     SamplerConfig(**kwargs)

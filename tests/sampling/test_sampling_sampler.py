@@ -7,6 +7,7 @@ Two toy policies with known behaviour stand in for the model:
   * ``canvas_fn``: adds a term that depends on the committed tokens (left neighbour and canvas
     mean), so replaying the trajectory really needs the recorded canvases.
 """
+
 import functools
 
 import jax
@@ -17,19 +18,27 @@ from scipy import special, stats
 
 from htgrpo_jax import parallel
 from htgrpo_jax.contracts import MASK
-from htgrpo_jax.sampling import (CanvasState, SampleRecord, SamplerConfig, make_sampler,
-                                 replay_commit_stats, trajectory_canvas)
+from htgrpo_jax.sampling import (
+    CanvasState,
+    SampleRecord,
+    SamplerConfig,
+    make_sampler,
+    replay_commit_stats,
+    trajectory_canvas,
+)
 
-C = 6          # codebook
+C = 6  # codebook
 NUM_PROMPTS = 4  # prompt id 0 is the unconditional prompt
 D = 5
 
 
 def make_params(seed=0, n=16):
   k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
-  return {"tab": 1.5 * jax.random.normal(k1, (NUM_PROMPTS, n, C)),
-          "emb": jax.random.normal(k2, (C + 1, D)),
-          "w": 0.7 * jax.random.normal(k3, (D, C))}
+  return {
+      "tab": 1.5 * jax.random.normal(k1, (NUM_PROMPTS, n, C)),
+      "emb": jax.random.normal(k2, (C + 1, D)),
+      "w": 0.7 * jax.random.normal(k3, (D, C)),
+  }
 
 
 def table_fn(params, prompt_tokens, canvas):
@@ -38,8 +47,8 @@ def table_fn(params, prompt_tokens, canvas):
 
 
 def canvas_fn(params, prompt_tokens, canvas):
-  e = params["emb"][canvas + 1]                              # MASK (-1) -> row 0
-  left = jnp.pad(e, ((0, 0), (1, 0), (0, 0)))[:, :-1]         # left neighbour's embedding
+  e = params["emb"][canvas + 1]  # MASK (-1) -> row 0
+  left = jnp.pad(e, ((0, 0), (1, 0), (0, 0)))[:, :-1]  # left neighbour's embedding
   h = left + e.mean(axis=1, keepdims=True)
   return params["tab"][prompt_tokens[:, 0]] + h @ params["w"]
 
@@ -57,10 +66,10 @@ def sampler_for(fn, n, mesh_shape=None, **cfg):
 
 # The shared sampler most tests use (compiles once per entry point for the whole module).
 SHARED_N, SHARED_B = 16, 8
-SHARED = dict(num_steps=5, sketch_steps=2, rule="maskgit", cfg_scale=1.5, temperature=0.8,
-              temperature_mode="constant")
-EMERGE = dict(num_steps=5, sketch_steps=2, rule="emerge", cfg_scale=0.0, temperature=1.0,
-              temperature_mode="mmada_annealed")
+SHARED = dict(num_steps=5, sketch_steps=2, rule="maskgit", cfg_scale=1.5, temperature=0.8, temperature_mode="constant")
+EMERGE = dict(
+    num_steps=5, sketch_steps=2, rule="emerge", cfg_scale=0.0, temperature=1.0, temperature_mode="mmada_annealed"
+)
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,6 +85,7 @@ def analytic_logq(params, prompt_ids, cfg_scale, temperature):
 
 
 # ---- commit counts and frozen tokens ---------------------------------------------------------
+
 
 def test_maskgit_commits_exact_counts_and_never_changes_committed_tokens():
   n, b, t = SHARED_N, SHARED_B, SHARED["num_steps"]
@@ -106,15 +116,13 @@ def test_maskgit_commits_the_most_confident_first_without_noise():
   # Annealed mode with temperature 0: no remasking noise, so the near-certain slots (one logit far
   # above the rest) must be exactly the first step's commits; the others are uniform over C.
   n, b, t = 16, 2, 4
-  kw = dict(num_steps=t, sketch_steps=1, rule="maskgit", temperature=0.0,
-            temperature_mode="mmada_annealed")
-  first = n - SamplerConfig(**kw).masked_after(n)[0]   # floor(16 cos(pi/8)) = 14 -> 2 commits
+  kw = dict(num_steps=t, sketch_steps=1, rule="maskgit", temperature=0.0, temperature_mode="mmada_annealed")
+  first = n - SamplerConfig(**kw).masked_after(n)[0]  # floor(16 cos(pi/8)) = 14 -> 2 commits
   assert first == 2
   certain = [5, 11]
   sure = np.zeros((NUM_PROMPTS, n, C), np.float32)
   sure[:, certain, 2] = 30.0
-  rec = sampler_for(table_fn, n, **kw).sample({"tab": jnp.asarray(sure)}, *prompts(b),
-                                              jax.random.key(0))
+  rec = sampler_for(table_fn, n, **kw).sample({"tab": jnp.asarray(sure)}, *prompts(b), jax.random.key(0))
   step0 = np.asarray(rec.commit_step) == 0
   np.testing.assert_array_equal(np.nonzero(step0)[1], certain * b)
   np.testing.assert_array_equal(np.asarray(rec.image_tokens)[:, certain], 2)
@@ -144,19 +152,31 @@ def test_emerge_commits_each_masked_token_with_the_schedule_probability():
 
 # ---- known distributions, CFG ----------------------------------------------------------------
 
-@pytest.mark.parametrize("rule, t, cfg_scale, temperature, mode", [
-    ("maskgit", 1, 0.0, 0.7, "constant"),
-    ("maskgit", 1, 2.0, 0.7, "constant"),
-    ("emerge", 3, 1.5, 5.0, "mmada_annealed"),   # temperature must not touch the distribution
-])
+
+@pytest.mark.parametrize(
+    "rule, t, cfg_scale, temperature, mode",
+    [
+        ("maskgit", 1, 0.0, 0.7, "constant"),
+        ("maskgit", 1, 2.0, 0.7, "constant"),
+        ("emerge", 3, 1.5, 5.0, "mmada_annealed"),  # temperature must not touch the distribution
+    ],
+)
 def test_sampled_frequencies_match_the_guided_distribution(rule, t, cfg_scale, temperature, mode):
   n, b = 64, 24
   params = make_params(seed=1, n=n)
   # Position-independent logits per prompt so each row's N draws share one distribution.
   params["tab"] = jnp.broadcast_to(params["tab"][:, :1], params["tab"].shape)
   p, u = prompts(b)
-  s = sampler_for(table_fn, n, num_steps=t, sketch_steps=1, rule=rule, cfg_scale=cfg_scale,
-                  temperature=temperature, temperature_mode=mode)
+  s = sampler_for(
+      table_fn,
+      n,
+      num_steps=t,
+      sketch_steps=1,
+      rule=rule,
+      cfg_scale=cfg_scale,
+      temperature=temperature,
+      temperature_mode=mode,
+  )
   rec = s.sample(params, p, u, jax.random.key(11))
   temp = temperature if mode == "constant" else 1.0
   ids = np.asarray(p[:, 0])
@@ -216,6 +236,7 @@ def test_cfg_scale_zero_equals_the_conditional_sampler():
 
 # ---- trajectory record, sketch/paint/sample, branch -------------------------------------------
 
+
 def test_paint_of_sketch_equals_sample():
   s = sampler_for(canvas_fn, SHARED_N, **SHARED)
   params, (p, u), key = make_params(n=SHARED_N), prompts(SHARED_B), jax.random.key(9)
@@ -266,13 +287,12 @@ def test_branch_repeats_sketches_contiguously_and_paints_diverge():
   br = s.branch(st, g)
   assert isinstance(br, CanvasState) and br.canvas.shape == (b * g, n)
   for f in ("canvas", "commit_step", "commit_entropy", "commit_logp", "prompt_tokens", "uncond_tokens"):
-    np.testing.assert_array_equal(np.asarray(getattr(br, f)),
-                                  np.repeat(np.asarray(getattr(st, f)), g, axis=0))
+    np.testing.assert_array_equal(np.asarray(getattr(br, f)), np.repeat(np.asarray(getattr(st, f)), g, axis=0))
   assert int(br.step) == 2
   rec = s.paint(params, br, key)
   assert isinstance(rec, SampleRecord) and rec.image_tokens.shape == (b * g, n)
   img = np.asarray(rec.image_tokens).reshape(b, g, n)
-  sketched = (np.asarray(st.canvas) != MASK)
+  sketched = np.asarray(st.canvas) != MASK
   for i in range(b):  # the group shares the sketch ...
     for j in range(g):
       np.testing.assert_array_equal(img[i, j][sketched[i]], np.asarray(st.canvas)[i][sketched[i]])
@@ -282,6 +302,7 @@ def test_branch_repeats_sketches_contiguously_and_paints_diverge():
 
 
 # ---- sharding ----------------------------------------------------------------------------------
+
 
 def test_same_key_same_images_on_one_device_and_on_the_8_device_mesh():
   n, b = SHARED_N, SHARED_B
@@ -304,12 +325,13 @@ def test_same_key_same_images_on_one_device_and_on_the_8_device_mesh():
 
 # ---- bad input -----------------------------------------------------------------------------------
 
+
 def test_bad_inputs_raise_naming_the_argument():
   n = SHARED_N
   s = sampler_for(canvas_fn, n, **SHARED)
   params, (p, u), key = make_params(n=n), prompts(4), jax.random.key(0)
   with pytest.raises(ValueError, match="uncond_tokens"):
-    s.sample(params, p, None, key)              # CFG needs the unconditional prompt
+    s.sample(params, p, None, key)  # CFG needs the unconditional prompt
   with pytest.raises(ValueError, match="uncond_tokens"):
     s.sketch(params, p, u[:, :2], key)
   with pytest.raises(ValueError, match="prompt_tokens"):
@@ -323,14 +345,14 @@ def test_bad_inputs_raise_naming_the_argument():
   with pytest.raises(ValueError, match="g: group size"):
     s.branch(CanvasState(*(jnp.zeros((4, n), jnp.int32) for _ in range(4)), jnp.int32(2), p, u), 0)
   with pytest.raises(ValueError, match="state.canvas"):
-    s.paint(params, CanvasState(*(jnp.zeros((4, n + 1), jnp.int32) for _ in range(4)),
-                                jnp.int32(2), p, u), key)
+    s.paint(params, CanvasState(*(jnp.zeros((4, n + 1), jnp.int32) for _ in range(4)), jnp.int32(2), p, u), key)
   eight = sampler_for(canvas_fn, n, mesh_shape=(4, 2, 1), **SHARED)
   with pytest.raises(ValueError, match="multiple of data\\*fsdp = 8"):
     eight.sample(params, *prompts(4), key)
 
 
 # ---- the real policy on a 3-axis mesh (slow: compiles a transformer twice) -------------------------
+
 
 @pytest.mark.slow
 def test_llada_policy_sharded_params_match_single_device():
@@ -344,16 +366,16 @@ def test_llada_policy_sharded_params_match_single_device():
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
   tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
   layout = layouts.EmbeddedLayout(tok, grid=(4, 4), codebook_size=16, prompt_length=4)
-  cfg = llada.get_config("tiny", vocab_size=64, d_model=32, n_heads=4, mlp_hidden=64,
-                         use_pad_mask=True, pad_id=layout.pad_id)
+  cfg = llada.get_config(
+      "tiny", vocab_size=64, d_model=32, n_heads=4, mlp_hidden=64, use_pad_mask=True, pad_id=layout.pad_id
+  )
   fn = policy.make_canvas_logits_fn(cfg, layout)
   b = 8
   p = jnp.asarray(layout.encode_prompts(["red circle", "blue square"] * (b // 2)))
   u = jnp.asarray(layout.unconditional_prompts(b))
   kw = SamplerConfig(num_steps=4, sketch_steps=2, rule="maskgit", cfg_scale=2.0, temperature=0.9)
   key = jax.random.key(1)
-  one = make_sampler(fn, kw, num_tokens=16).sample(
-      policy.init_params(cfg, layout, jax.random.key(0)), p, u, key)
+  one = make_sampler(fn, kw, num_tokens=16).sample(policy.init_params(cfg, layout, jax.random.key(0)), p, u, key)
   mesh = parallel.make_mesh(2, 2, 2)
   params = policy.init_params(cfg, layout, jax.random.key(0), mesh=mesh)
   s = make_sampler(fn, kw, num_tokens=16, mesh=mesh)

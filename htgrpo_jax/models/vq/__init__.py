@@ -6,6 +6,7 @@
 decoder families (``model.vq_kind``): each ``VQKind`` names its module, its released checkpoint's
 preset and its loader.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,6 +33,7 @@ class VQKind:
     load: ``(checkpoint, config, *, mesh) -> params`` (``vq.convert``'s loader, imported when called:
       the converters need the checkpoint readers, decoding does not).
   """
+
   module: Any
   default_preset: str
   load: Callable[..., Any]
@@ -39,11 +41,13 @@ class VQKind:
 
 def _load_magvit2(checkpoint, config, *, mesh=None):
   from htgrpo_jax.models.vq import convert
+
   return convert.load_magvit2_params(checkpoint, config, mesh=mesh)
 
 
 def _load_vqgan(checkpoint, config, *, mesh=None):
   from htgrpo_jax.models.vq import convert
+
   return convert.load_vqgan_params(checkpoint, config, mesh=mesh)
 
 
@@ -61,8 +65,16 @@ def _decode_canvas(params: Any, canvas: jax.Array, *, module, config, grid: tupl
   return module.decode(params, codes, config)
 
 
-def build_decoder(kind: str, checkpoint: str, grid: tuple[int, int], *, key: str = "vq_checkpoint",
-                  preset: str | None = None, config: Any = None, mesh=None) -> tuple[DecodeFn, Any]:
+def build_decoder(
+    kind: str,
+    checkpoint: str,
+    grid: tuple[int, int],
+    *,
+    key: str = "vq_checkpoint",
+    preset: str | None = None,
+    config: Any = None,
+    mesh=None,
+) -> tuple[DecodeFn, Any]:
   """Loads a VQ decoder checkpoint for a layout's code grid.
 
   Args:
@@ -95,6 +107,5 @@ def build_decoder(kind: str, checkpoint: str, grid: tuple[int, int], *, key: str
     params = family.load(paths.local_copy(checkpoint), config, mesh=mesh)
   except ValueError as e:
     raise ValueError(f"{key}={checkpoint!r}: {e}") from None
-  fn = functools.partial(_decode_canvas, module=module, config=config,
-                         grid=(int(grid[0]), int(grid[1])))
+  fn = functools.partial(_decode_canvas, module=module, config=config, grid=(int(grid[0]), int(grid[1])))
   return fn, params

@@ -25,6 +25,7 @@ Encoder tensors (``encoder.*``, ``quant_conv.*``) are for image encoding and are
 any other key the decoder does not consume, a missing key or a wrong shape raises ``ValueError``
 naming the tensor, before any tensor data is read. Tensors are then read one at a time.
 """
+
 from __future__ import annotations
 
 import json
@@ -111,8 +112,9 @@ def vqgan_param_map(c: vqgan.VQGANConfig) -> ParamMap:
   ups = c.up_channels()
   for i, (cin, cout) in enumerate(ups):
     for j in range(c.layers_per_block + 1):
-      _add_resblock(m, (f"up_{i}_res_{j}",), f"decoder.up_blocks.{i}.resnets.{j}",
-                    cin if j == 0 else cout, cout, "conv_shortcut")
+      _add_resblock(
+          m, (f"up_{i}_res_{j}",), f"decoder.up_blocks.{i}.resnets.{j}", cin if j == 0 else cout, cout, "conv_shortcut"
+      )
     if i < len(ups) - 1:
       _add_conv(m, (f"up_{i}_upsample", "conv"), f"decoder.up_blocks.{i}.upsamplers.0.conv", cout, cout, 3)
   last = ups[-1][1]
@@ -127,18 +129,21 @@ def tensor_files(path: str) -> dict[str, str]:
   if os.path.isfile(path):
     with safetensors_io.open_safetensors(path) as f:
       return {k: path for k in f.keys()}
-  for index, single in ((llada_convert.INDEX_FILE, llada_convert.SINGLE_FILE),
-                        (DIFFUSERS_INDEX, DIFFUSERS_SINGLE)):
+  for index, single in ((llada_convert.INDEX_FILE, llada_convert.SINGLE_FILE), (DIFFUSERS_INDEX, DIFFUSERS_SINGLE)):
     if any(os.path.exists(os.path.join(path, n)) for n in (index, single)):
       return llada_convert.read_index(path, index, single)
-  raise ValueError(f"{path!r} is not a safetensors file and has no {llada_convert.SINGLE_FILE}, "
-                   f"{DIFFUSERS_SINGLE} or their index")
+  raise ValueError(
+      f"{path!r} is not a safetensors file and has no {llada_convert.SINGLE_FILE}, "
+      f"{DIFFUSERS_SINGLE} or their index"
+  )
 
 
-def _check_keys(path: str, files: dict[str, str], expected: dict[str, tuple[int, ...]],
-                optional: dict[str, tuple[int, ...]], reader) -> None:
-  llada_convert.check_names("VQ checkpoint", path, files, expected,
-                            skip=lambda k: k in optional or k.startswith(ENCODER_PREFIXES))
+def _check_keys(
+    path: str, files: dict[str, str], expected: dict[str, tuple[int, ...]], optional: dict[str, tuple[int, ...]], reader
+) -> None:
+  llada_convert.check_names(
+      "VQ checkpoint", path, files, expected, skip=lambda k: k in optional or k.startswith(ENCODER_PREFIXES)
+  )
   for key, shape in {**expected, **{k: s for k, s in optional.items() if k in files}}.items():
     got = reader.shape(key)
     if got != shape:
@@ -170,10 +175,17 @@ def check_vqgan_config(path: str, c: vqgan.VQGANConfig) -> None:
     return
   with open(cfg) as f:
     hf = json.load(f)
-  want = {"block_out_channels": list(c.block_out_channels), "layers_per_block": c.layers_per_block,
-          "latent_channels": c.latent_channels, "num_vq_embeddings": c.num_vq_embeddings,
-          "norm_num_groups": c.norm_num_groups, "out_channels": c.out_channels,
-          "norm_type": "group", "mid_block_add_attention": False, "act_fn": "silu"}
+  want = {
+      "block_out_channels": list(c.block_out_channels),
+      "layers_per_block": c.layers_per_block,
+      "latent_channels": c.latent_channels,
+      "num_vq_embeddings": c.num_vq_embeddings,
+      "norm_num_groups": c.norm_num_groups,
+      "out_channels": c.out_channels,
+      "norm_type": "group",
+      "mid_block_add_attention": False,
+      "act_fn": "silu",
+  }
   for key, val in want.items():
     if key in hf and hf[key] != val:
       raise ValueError(f"config.json {key}={hf[key]!r} does not match the decoder config ({val!r})")
@@ -181,8 +193,7 @@ def check_vqgan_config(path: str, c: vqgan.VQGANConfig) -> None:
     raise ValueError(f"config.json vq_embed_dim={hf['vq_embed_dim']!r} != latent_channels {c.latent_channels}")
 
 
-def load_magvit2_params(path: str, config: magvit2.Magvit2Config = magvit2.PRESETS["mmada"],
-                        mesh=None) -> Any:
+def load_magvit2_params(path: str, config: magvit2.Magvit2Config = magvit2.PRESETS["mmada"], mesh=None) -> Any:
   """MAGVIT-v2 checkpoint (file or dir) -> ``Magvit2Decoder`` params in ``config.param_dtype``.
 
   With ``mesh`` every param is replicated over it. Raises ValueError on a missing, unexpected or
@@ -191,8 +202,10 @@ def load_magvit2_params(path: str, config: magvit2.Magvit2Config = magvit2.PRESE
   b = config.code_bits
   codes = np.arange(config.codebook_size)
   table = np.asarray(magvit2.lfq_embed(jnp.asarray(codes), b), np.float64)
-  optional = {"quantize.embedding": ((config.codebook_size, b), table),
-              "quantize.power_vals": ((b,), 2.0 ** np.arange(b - 1, -1, -1))}
+  optional = {
+      "quantize.embedding": ((config.codebook_size, b), table),
+      "quantize.power_vals": ((b,), 2.0 ** np.arange(b - 1, -1, -1)),
+  }
   return _load(path, magvit2_param_map(config), np.dtype(config.param_dtype), mesh, optional)
 
 

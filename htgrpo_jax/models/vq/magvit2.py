@@ -11,6 +11,7 @@ Decode path (docs/models.md, MAGVIT-v2), codes ``[B, h, w]`` -> pixels ``[B, 16h
   x = conv_out(silu(GroupNorm(x)))                      3x3, 128 -> 3, range [-1, 1]
   image = uint8(floor(clip((x + 1) / 2, 0, 1) * 255))   (the reference's truncating cast)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,6 +38,7 @@ class Magvit2Config:
     code_offset: MMaDA token id of code 0.
     dtype / param_dtype: compute and storage dtypes.
   """
+
   ch: int = 128
   ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
   num_res_blocks: tuple[int, ...] = (4, 4, 3, 4, 3)
@@ -54,15 +56,16 @@ class Magvit2Config:
     object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
     object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
     if len(self.ch_mult) != len(self.num_res_blocks):
-      raise ValueError(f"Magvit2Config: ch_mult {self.ch_mult} and num_res_blocks "
-                       f"{self.num_res_blocks} differ in length")
+      raise ValueError(
+          f"Magvit2Config: ch_mult {self.ch_mult} and num_res_blocks " f"{self.num_res_blocks} differ in length"
+      )
     for m in self.ch_mult:
       if (self.ch * m) % self.norm_groups:
         raise ValueError(f"Magvit2Config: channels {self.ch * m} not divisible by norm_groups={self.norm_groups}")
 
   @property
   def codebook_size(self) -> int:
-    return 2 ** self.code_bits
+    return 2**self.code_bits
 
   @property
   def scale(self) -> int:
@@ -94,6 +97,7 @@ class Magvit2Decoder(nn.Module):
   ``up_{l}_block_{j}``, ``up_{l}_upsample`` (l > 0), ``norm_out``, ``conv_out``.
   Codes are clipped to ``[0, 2**bits)`` as MMaDA clamps sampled ids before decoding.
   """
+
   config: Magvit2Config
 
   @nn.compact
@@ -108,8 +112,7 @@ class Magvit2Decoder(nn.Module):
     x = ResBlock(x.shape[-1], g, eps, "nin_shortcut", d, pd, name="mid_block_2")(x)
     for level in reversed(range(len(c.ch_mult))):
       for j in range(c.num_res_blocks[level]):
-        x = ResBlock(c.ch * c.ch_mult[level], g, eps, "nin_shortcut", d, pd,
-                     name=f"up_{level}_block_{j}")(x)
+        x = ResBlock(c.ch * c.ch_mult[level], g, eps, "nin_shortcut", d, pd, name=f"up_{level}_block_{j}")(x)
       if level:
         x = Upsample(d, pd, name=f"up_{level}_upsample")(x)
     x = nn.silu(group_norm(g, eps, "norm_out", d, pd)(x))
@@ -148,8 +151,7 @@ def make_decode(config: Magvit2Config = PRESETS["mmada"], mesh=None):
   return jit_decode(functools.partial(decode, config=config), mesh)
 
 
-def tokens_to_codes(tokens: jax.Array, h: int = 32, w: int = 32,
-                    config: Magvit2Config = PRESETS["mmada"]) -> jax.Array:
+def tokens_to_codes(tokens: jax.Array, h: int = 32, w: int = 32, config: Magvit2Config = PRESETS["mmada"]) -> jax.Array:
   """MMaDA image-slot ids ``[B, h*w]`` -> codes ``[B, h, w] int32`` (minus the offset, clamped to
   the codebook as ``t2i_generate`` does)."""
   codes = tokens.astype(jnp.int32).reshape(tokens.shape[0], h, w) - config.code_offset

@@ -16,6 +16,7 @@ Decode path (docs/models.md, aMUSEd-style VQ-GAN), codes ``[B, h, w]`` -> pixels
 DiMOO's image slots carry a newline token (126084) after every row of codes; ``strip_newlines``
 turns such a slot sequence into the ``[B, h, w]`` grid ``decode`` wants.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-
 # --------------------------------------------------------------------------------------------
 # Shared taming-VQGAN blocks (NHWC).
 
@@ -36,15 +36,15 @@ def group_norm(groups: int, eps: float, name: str, dtype, param_dtype) -> nn.Gro
   """torch ``GroupNorm(groups, C, eps, affine=True)`` over NHWC; params ``scale, bias [C]``."""
   # Two-pass variance as torch does: decoder activations reach |x| ~ 1e2, where E[x^2]-E[x]^2
   # loses digits in fp32.
-  return nn.GroupNorm(num_groups=groups, epsilon=eps, use_fast_variance=False, dtype=dtype,
-                      param_dtype=param_dtype, name=name)
+  return nn.GroupNorm(
+      num_groups=groups, epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, name=name
+  )
 
 
 def conv(features: int, k: int, name: str, dtype, param_dtype) -> nn.Conv:
   """Stride-1 ``k x k`` conv with torch's ``padding=k//2``; kernel ``[k, k, in, out]`` (HWIO)."""
   p = k // 2
-  return nn.Conv(features, (k, k), padding=((p, p), (p, p)), dtype=dtype, param_dtype=param_dtype,
-                 name=name)
+  return nn.Conv(features, (k, k), padding=((p, p), (p, p)), dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class ResBlock(nn.Module):
@@ -53,6 +53,7 @@ class ResBlock(nn.Module):
   ``shortcut`` names the 1x1 conv (``nin_shortcut`` in MAGVIT-v2, ``conv_shortcut`` in diffusers).
   Input ``[B, H, W, Cin]``, output ``[B, H, W, out_ch]`` in ``dtype``.
   """
+
   out_ch: int
   groups: int
   eps: float
@@ -77,6 +78,7 @@ class AttnBlock(nn.Module):
 
   ``[B, H, W, C] -> [B, H, W, C]`` (residual).
   """
+
   groups: int
   eps: float
   dtype: Any = jnp.float32
@@ -104,6 +106,7 @@ def upsample_nearest2x(x: jax.Array) -> jax.Array:
 
 class Upsample(nn.Module):
   """Nearest 2x then 3x3 conv (``<prefix>.conv``), channels kept."""
+
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -132,6 +135,7 @@ class VQGANConfig:
     dtype: compute dtype (fp32 as the reference; bf16 halves activation memory on TPU).
     param_dtype: parameter storage dtype.
   """
+
   block_out_channels: tuple[int, ...] = (128, 256, 256, 512, 768)
   layers_per_block: int = 2
   latent_channels: int = 64
@@ -172,8 +176,9 @@ PRESETS: dict[str, VQGANConfig] = {
     # Lumina-DiMOO vqvae (= amused-512): ~88M decoder params.
     "dimoo": VQGANConfig(),
     # Unit tests: 3 levels (4x), few channels.
-    "tiny": VQGANConfig(block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=8,
-                        num_vq_embeddings=64, norm_num_groups=8),
+    "tiny": VQGANConfig(
+        block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=8, num_vq_embeddings=64, norm_num_groups=8
+    ),
 }
 
 
@@ -184,14 +189,14 @@ class VQGANDecoder(nn.Module):
   ``up_{i}_res_{j}``, ``up_{i}_upsample`` (i < n-1), ``conv_norm_out``, ``conv_out``.
   Codes outside ``[0, K)`` are clipped (a real rollout never produces them).
   """
+
   config: VQGANConfig
 
   @nn.compact
   def __call__(self, codes):
     c = self.config
     d, pd, g, eps = c.dtype, c.param_dtype, c.norm_num_groups, c.norm_eps
-    table = self.param("codebook", nn.initializers.normal(1.0),
-                       (c.num_vq_embeddings, c.latent_channels), pd)
+    table = self.param("codebook", nn.initializers.normal(1.0), (c.num_vq_embeddings, c.latent_channels), pd)
     z = jnp.take(table, jnp.clip(codes, 0, c.num_vq_embeddings - 1), axis=0).astype(d)
     z = conv(c.latent_channels, 1, "post_quant_conv", d, pd)(z)
     x = conv(c.block_out_channels[-1], 3, "conv_in", d, pd)(z)
@@ -245,9 +250,13 @@ def jit_decode(fn, mesh=None):
   if mesh is None:
     return jax.jit(fn)
   from htgrpo_jax import parallel
+
   mesh = parallel.auto_mesh(mesh)
-  return jax.jit(fn, in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh, 3)),
-                 out_shardings=parallel.batch_sharding(mesh, 4))
+  return jax.jit(
+      fn,
+      in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh, 3)),
+      out_shardings=parallel.batch_sharding(mesh, 4),
+  )
 
 
 def strip_newlines(tokens: jax.Array, h: int, w: int, config: VQGANConfig = PRESETS["dimoo"]) -> jax.Array:
@@ -274,14 +283,18 @@ def strip_newlines(tokens: jax.Array, h: int, w: int, config: VQGANConfig = PRES
     bad = np.argwhere(g[:, :, w] != config.newline_id)
     if bad.size:
       i, r = (int(v) for v in bad[0])
-      raise ValueError(f"strip_newlines: row {r} of batch {i} ends in {int(g[i, r, w])}, "
-                       f"not newline {config.newline_id}")
-    bad = np.argwhere((g[:, :, :w] < config.code_offset)
-                      | (g[:, :, :w] >= config.code_offset + config.num_vq_embeddings))
+      raise ValueError(
+          f"strip_newlines: row {r} of batch {i} ends in {int(g[i, r, w])}, " f"not newline {config.newline_id}"
+      )
+    bad = np.argwhere(
+        (g[:, :, :w] < config.code_offset) | (g[:, :, :w] >= config.code_offset + config.num_vq_embeddings)
+    )
     if bad.size:
       i, r, j = (int(v) for v in bad[0])
-      raise ValueError(f"strip_newlines: slot (batch {i}, row {r}, col {j}) holds id "
-                       f"{int(g[i, r, j])}, not an image id in [{config.code_offset}, "
-                       f"{config.code_offset + config.num_vq_embeddings})")
+      raise ValueError(
+          f"strip_newlines: slot (batch {i}, row {r}, col {j}) holds id "
+          f"{int(g[i, r, j])}, not an image id in [{config.code_offset}, "
+          f"{config.code_offset + config.num_vq_embeddings})"
+      )
   codes = grid[:, :, :w].astype(jnp.int32) - config.code_offset
   return jnp.clip(codes, 0, config.num_vq_embeddings - 1)

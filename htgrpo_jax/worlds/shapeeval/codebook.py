@@ -9,6 +9,7 @@ occur, so K = 128 reconstructs rendered scenes exactly.
 The fit runs Lloyd's k-means in JAX on the *distinct* patches weighted by their counts (exact
 same objective as on all patches, orders of magnitude fewer points), after a k-means++ init.
 """
+
 from __future__ import annotations
 
 import io
@@ -55,7 +56,7 @@ def unpatchify(patches: jax.Array, p: int) -> jax.Array:
 
 def _sq_dists(x: jax.Array, c: jax.Array) -> jax.Array:
   """float32[M, K] squared distances between rows of x [M, D] and c [K, D]."""
-  return (jnp.sum(x * x, -1)[:, None] - 2.0 * x @ c.T + jnp.sum(c * c, -1)[None, :])
+  return jnp.sum(x * x, -1)[:, None] - 2.0 * x @ c.T + jnp.sum(c * c, -1)[None, :]
 
 
 @jax.jit
@@ -92,8 +93,9 @@ def _lloyd_step(points: jax.Array, weights: jax.Array, cents: jax.Array) -> jax.
   return jnp.where(mass[:, None] > 0, new, cents)  # empty clusters keep their centre
 
 
-def fit_codebook(images: np.ndarray, num_codes: int = 128, key: jax.Array | None = None,
-                 patch: int = 4, iters: int = 25) -> jax.Array:
+def fit_codebook(
+    images: np.ndarray, num_codes: int = 128, key: jax.Array | None = None, patch: int = 4, iters: int = 25
+) -> jax.Array:
   """Learns a patch codebook with weighted k-means (k-means++ init, Lloyd steps).
 
   Args:

@@ -17,6 +17,7 @@ GenEval's rule, see ``scenes.relation_holds``) and the name also carries a diges
 world's geometry, so a data_dir built by an older generator or another world is rebuilt next to
 the old records instead of being silently reused.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,6 +50,7 @@ def world_digest(world: WorldConfig) -> str:
 @dataclasses.dataclass(frozen=True)
 class WorldAssets:
   """Paths and handles of a built world."""
+
   data_dir: str
   codebook: jax.Array  # float32[K, p*p*3]
   tokenizer: Any  # transformers tokenizer
@@ -67,26 +69,37 @@ class ShapeEval(tfds.core.GeneratorBasedBuilder):
   # resource path through ``importlib_resources``, which is not installed (and not needed).
   code_path = None
 
-  def __init__(self, *, world: WorldConfig = WorldConfig(), num_train: int = 10000,
-               num_eval: int = 1000, seed: int = 0, codebook: jax.Array | None = None,
-               **kwargs):
+  def __init__(
+      self,
+      *,
+      world: WorldConfig = WorldConfig(),
+      num_train: int = 10000,
+      num_eval: int = 1000,
+      seed: int = 0,
+      codebook: jax.Array | None = None,
+      **kwargs,
+  ):
     # Set before super().__init__, which may read the info.
     self._world, self._num = world, {"train": num_train, "eval": num_eval}
     self._seed, self._codebook = seed, codebook
     config = tfds.core.BuilderConfig(
         name=f"c{world.canvas}p{world.patch}{'s' if world.snap else 'u'}_n{num_train}_{num_eval}"
-             f"_seed{seed}_g{GENERATOR_REVISION}w{world_digest(world)}")
+        f"_seed{seed}_g{GENERATOR_REVISION}w{world_digest(world)}"
+    )
     super().__init__(config=config, file_format="array_record", **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "caption": tfds.features.Text(),
-            "codes": tfds.features.Tensor(shape=(self._world.num_tokens,), dtype=np.int32),
-            "meta": tfds.features.Text(),
-        }))
+        features=tfds.features.FeaturesDict(
+            {
+                "caption": tfds.features.Text(),
+                "codes": tfds.features.Tensor(shape=(self._world.num_tokens,), dtype=np.int32),
+                "meta": tfds.features.Text(),
+            }
+        ),
+    )
 
   def _split_generators(self, dl_manager):
     del dl_manager
@@ -102,25 +115,27 @@ class ShapeEval(tfds.core.GeneratorBasedBuilder):
     ps = [ps[i] for i in order]
     chunk = 1024  # encode in batches: one jitted call per chunk
     for s in range(0, len(ps), chunk):
-      part = ps[s:s + chunk]
-      imgs = scenes.render_batch([grammar.scene_for(p.meta, rng, self._world) for p in part],
-                                     self._world)
+      part = ps[s : s + chunk]
+      imgs = scenes.render_batch([grammar.scene_for(p.meta, rng, self._world) for p in part], self._world)
       codes = np.asarray(patch_vq.encode(codebook, imgs))
       for j, (p, c) in enumerate(zip(part, codes)):
         yield s + j, {"caption": p.text, "codes": c, "meta": p.meta.to_json()}
 
 
-def _fit_world_codebook(cfg: WorldConfig, seed: int, num_codes: int, num_images: int = 1000
-                        ) -> jax.Array:
+def _fit_world_codebook(cfg: WorldConfig, seed: int, num_codes: int, num_images: int = 1000) -> jax.Array:
   rng = np.random.default_rng([seed, 7])
-  sampled = [scenes.sample_scene(rng, [(None, None)] * int(rng.integers(1, 5)), cfg)
-            for _ in range(num_images)]
-  return patch_vq.fit_codebook(scenes.render_batch(sampled, cfg), num_codes,
-                         jax.random.PRNGKey(seed), patch=cfg.patch)
+  sampled = [scenes.sample_scene(rng, [(None, None)] * int(rng.integers(1, 5)), cfg) for _ in range(num_images)]
+  return patch_vq.fit_codebook(scenes.render_batch(sampled, cfg), num_codes, jax.random.PRNGKey(seed), patch=cfg.patch)
 
 
-def build_world(data_dir: str | os.PathLike, cfg: WorldConfig = WorldConfig(), seed: int = 0,
-                num_codes: int = 128, num_train: int = 10000, num_eval: int = 1000) -> WorldAssets:
+def build_world(
+    data_dir: str | os.PathLike,
+    cfg: WorldConfig = WorldConfig(),
+    seed: int = 0,
+    num_codes: int = 128,
+    num_train: int = 10000,
+    num_eval: int = 1000,
+) -> WorldAssets:
   """Builds (or reuses) the codebook, tokenizer and TFDS dataset under ``data_dir`` (a local path
   or a URL)."""
   data_dir = os.fspath(data_dir)
@@ -129,8 +144,10 @@ def build_world(data_dir: str | os.PathLike, cfg: WorldConfig = WorldConfig(), s
   if paths.exists(cb_path):
     codebook = patch_vq.load(cb_path)
     if patch_vq.patch_size(codebook) != cfg.patch or codebook.shape[0] != num_codes:
-      raise ValueError(f"{cb_path}: codebook {tuple(codebook.shape)} does not match "
-                       f"num_codes={num_codes}, patch={cfg.patch}; use another data_dir")
+      raise ValueError(
+          f"{cb_path}: codebook {tuple(codebook.shape)} does not match "
+          f"num_codes={num_codes}, patch={cfg.patch}; use another data_dir"
+      )
   else:
     codebook = _fit_world_codebook(cfg, seed, num_codes)
     if paths.is_url(cb_path):
@@ -143,17 +160,32 @@ def build_world(data_dir: str | os.PathLike, cfg: WorldConfig = WorldConfig(), s
   if not paths.exists(paths.join(tok_dir, "tokenizer.json")):
     text_tokenizer.save_tokenizer(text_tokenizer.build_tokenizer(grammar.vocabulary(cfg)), tok_dir)
   tokenizer = text_tokenizer.load_tokenizer(tok_dir)
-  builder = ShapeEval(world=cfg, num_train=num_train, num_eval=num_eval, seed=seed,
-                      codebook=codebook, data_dir=paths.join(data_dir, "tfds"))
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      verify_ssl=False, download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+  builder = ShapeEval(
+      world=cfg,
+      num_train=num_train,
+      num_eval=num_eval,
+      seed=seed,
+      codebook=codebook,
+      data_dir=paths.join(data_dir, "tfds"),
+  )
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(
+          verify_ssl=False, download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+      )
+  )
   return WorldAssets(data_dir, codebook, tokenizer, builder)
 
 
-def make_dataset(assets: WorldAssets, split: str, batch_size: int, seed: int = 0,
-                 max_len: int = 16, shuffle: bool = True, num_epochs: int | None = None,
-                 encode_prompts: Callable[[list[str]], np.ndarray] | None = None
-                 ) -> grain.IterDataset:
+def make_dataset(
+    assets: WorldAssets,
+    split: str,
+    batch_size: int,
+    seed: int = 0,
+    max_len: int = 16,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    encode_prompts: Callable[[list[str]], np.ndarray] | None = None,
+) -> grain.IterDataset:
   """A grain pipeline of batches.
 
   Each batch is a dict: ``prompt_tokens`` int32[B, L], ``codes`` int32[B, N], ``caption``
@@ -181,10 +213,17 @@ def make_dataset(assets: WorldAssets, split: str, batch_size: int, seed: int = 0
   def to_example(rec: dict[str, Any]) -> dict[str, Any]:
     caption = rec["caption"].decode() if isinstance(rec["caption"], bytes) else rec["caption"]
     meta = rec["meta"].decode() if isinstance(rec["meta"], bytes) else rec["meta"]
-    tokens = (encode_prompts([caption]) if encode_prompts is not None else
-              text_tokenizer.encode_prompts(tok, [caption], max_len))
-    return {"prompt_tokens": np.asarray(tokens[0], np.int32),
-            "codes": np.asarray(rec["codes"], np.int32), "caption": caption, "meta": meta}
+    tokens = (
+        encode_prompts([caption])
+        if encode_prompts is not None
+        else text_tokenizer.encode_prompts(tok, [caption], max_len)
+    )
+    return {
+        "prompt_tokens": np.asarray(tokens[0], np.int32),
+        "codes": np.asarray(rec["codes"], np.int32),
+        "caption": caption,
+        "meta": meta,
+    }
 
   ds = grain.MapDataset.source(source).seed(seed)
   if shuffle:

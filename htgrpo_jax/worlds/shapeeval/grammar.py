@@ -18,6 +18,7 @@ triples (position), held-out (shape, count) pairs (counting), held-out orderings
 single_object has nothing to hold out (3 prompts), so it is evaluation-only: the policy learns
 "a circle" from the compositional prompts that contain it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,20 +37,36 @@ PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles"}
 SPLITS = ("train", "eval")
 
 # Held-out compositions (fixed so every run and every machine agrees on the split).
-HELDOUT_COLOR_SHAPE = frozenset({("red", "triangle"), ("green", "circle"), ("blue", "square"),
-                                 ("yellow", "circle"), ("purple", "square"),
-                                 ("orange", "triangle")})
+HELDOUT_COLOR_SHAPE = frozenset(
+    {
+        ("red", "triangle"),
+        ("green", "circle"),
+        ("blue", "square"),
+        ("yellow", "circle"),
+        ("purple", "square"),
+        ("orange", "triangle"),
+    }
+)
 HELDOUT_COUNTS = frozenset({("circle", 3), ("square", 4), ("triangle", 2)})
-HELDOUT_RELATIONS = frozenset({("circle", "left of", "square"), ("square", "above", "triangle"),
-                               ("triangle", "right of", "circle"), ("circle", "below", "circle"),
-                               ("triangle", "left of", "triangle"),
-                               ("square", "below", "circle"), ("square", "right of", "square"),
-                               ("triangle", "above", "square"), ("circle", "above", "triangle")})
+HELDOUT_RELATIONS = frozenset(
+    {
+        ("circle", "left of", "square"),
+        ("square", "above", "triangle"),
+        ("triangle", "right of", "circle"),
+        ("circle", "below", "circle"),
+        ("triangle", "left of", "triangle"),
+        ("square", "below", "circle"),
+        ("square", "right of", "square"),
+        ("triangle", "above", "square"),
+        ("circle", "above", "triangle"),
+    }
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class ObjectReq:
   """A required object: ``count`` instances of ``shape`` (of ``color`` when not None)."""
+
   shape: str
   color: str | None = None
   count: int = 1
@@ -58,6 +75,7 @@ class ObjectReq:
 @dataclasses.dataclass(frozen=True)
 class PromptMeta:
   """What a prompt asks for. ``relation`` (if any) relates objects[0] to objects[1]."""
+
   tag: str
   objects: tuple[ObjectReq, ...]
   relation: str | None = None
@@ -113,15 +131,23 @@ def all_prompts(cfg: WorldConfig = WorldConfig()) -> list[Prompt]:
   shapes, colors = cfg.shapes, cfg.color_names
   metas: list[PromptMeta] = []
   metas += [PromptMeta("single_object", (ObjectReq(s),)) for s in shapes]
-  metas += [PromptMeta("two_object", (ObjectReq(a), ObjectReq(b)))
-            for a, b in itertools.permutations(shapes, 2)]
+  metas += [PromptMeta("two_object", (ObjectReq(a), ObjectReq(b))) for a, b in itertools.permutations(shapes, 2)]
   metas += [PromptMeta("counting", (ObjectReq(s, None, n),)) for s in shapes for n in NUMBER_WORDS]
   metas += [PromptMeta("colors", (ObjectReq(s, c),)) for s in shapes for c in colors]
   pairs = [(c, s) for s in shapes for c in colors]
-  metas += [PromptMeta("position", (ObjectReq(a[1], a[0]), ObjectReq(b[1], b[0])), r)
-            for r in RELATIONS for a in pairs for b in pairs if a != b]
-  metas += [PromptMeta("color_attr", (ObjectReq(a[1], a[0]), ObjectReq(b[1], b[0])))
-            for a in pairs for b in pairs if a[1] != b[1] and a[0] != b[0]]
+  metas += [
+      PromptMeta("position", (ObjectReq(a[1], a[0]), ObjectReq(b[1], b[0])), r)
+      for r in RELATIONS
+      for a in pairs
+      for b in pairs
+      if a != b
+  ]
+  metas += [
+      PromptMeta("color_attr", (ObjectReq(a[1], a[0]), ObjectReq(b[1], b[0])))
+      for a in pairs
+      for b in pairs
+      if a[1] != b[1] and a[0] != b[0]
+  ]
   return [Prompt(describe(m), m) for m in metas]
 
 
@@ -132,8 +158,7 @@ def split_prompts(split: str, cfg: WorldConfig = WorldConfig()) -> list[Prompt]:
   return [p for p in all_prompts(cfg) if split_of(p.meta) == split]
 
 
-def balanced_prompts(split: str, n: int, seed: int = 0,
-                     cfg: WorldConfig = WorldConfig()) -> list[Prompt]:
+def balanced_prompts(split: str, n: int, seed: int = 0, cfg: WorldConfig = WorldConfig()) -> list[Prompt]:
   """``n`` prompts of ``split`` balanced over the tags present (round-robin, shuffled per tag).
 
   Small tags repeat their prompts, as GenEval repeats prompts across samples.
@@ -157,11 +182,11 @@ def geneval_metadata(meta: PromptMeta) -> dict:
   Shapes are the classes. Counting is include N + exclude N+1 (exactly N); a position prompt
   "A rel B" lists B first and puts ``position: [rel, 0]`` on A, as GenEval's own records do.
   """
+
   def clause(o: ObjectReq) -> dict:
     return {"class": o.shape, "count": o.count, **({"color": o.color} if o.color else {})}
 
-  rec: dict = {"tag": meta.tag, "include": [clause(o) for o in meta.objects], "exclude": [],
-               "prompt": describe(meta)}
+  rec: dict = {"tag": meta.tag, "include": [clause(o) for o in meta.objects], "exclude": [], "prompt": describe(meta)}
   if meta.tag == "counting":
     o = meta.objects[0]
     rec["exclude"] = [{"class": o.shape, "count": o.count + 1}]
@@ -171,8 +196,7 @@ def geneval_metadata(meta: PromptMeta) -> dict:
   return rec
 
 
-def scene_for(meta: PromptMeta, rng: np.random.Generator,
-              cfg: WorldConfig = WorldConfig()) -> Scene:
+def scene_for(meta: PromptMeta, rng: np.random.Generator, cfg: WorldConfig = WorldConfig()) -> Scene:
   """A ground-truth scene satisfying ``meta`` (unspecified colours drawn at random).
 
   Position scenes satisfy GenEval's rule with ``cfg.relation_margin`` to spare

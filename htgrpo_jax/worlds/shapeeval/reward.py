@@ -3,6 +3,7 @@
 Built by the reward server (``launch/reward_server.py --serve=dense=shapeeval,mode=dense``) and by
 the config's weighted rewards (``config.rewards.<name>.kind='shapeeval'``).
 """
+
 from __future__ import annotations
 
 from htgrpo_jax.rewards.registry import REWARDS
@@ -11,10 +12,10 @@ from htgrpo_jax.worlds.shapeeval.verifier import ShapeEvalReward
 
 
 @REWARDS.register("shapeeval")
-def build_shapeeval(mode: str = "dense", canvas: int = 32, patch: int = 4, snap: bool = True,
-                    on_invalid: str = "raise") -> ShapeEvalReward:
+def build_shapeeval(
+    mode: str = "dense", canvas: int = 32, patch: int = 4, snap: bool = True, on_invalid: str = "raise"
+) -> ShapeEvalReward:
   """The pixel verifier of the world ``(canvas, patch, snap)``: ``mode`` 'dense' (RL's partial
   score) or 'strict' (GenEval 0/1); ``on_invalid`` 'raise' or 'zero' for prompts outside the
   grammar."""
-  return ShapeEvalReward(WorldConfig(canvas=canvas, patch=patch, snap=snap), mode=mode,
-                         on_invalid=on_invalid)
+  return ShapeEvalReward(WorldConfig(canvas=canvas, patch=patch, snap=snap), mode=mode, on_invalid=on_invalid)

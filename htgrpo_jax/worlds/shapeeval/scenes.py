@@ -13,6 +13,7 @@ Relations ("A left of B") are GenEval's (``rewards.geneval.relative_position``) 
 footprint boxes, the tight boxes of their drawn pixels, which is what the verifier detects; the
 sampler asks for ``relation_margin`` beyond GenEval's 0.5 so ground truth passes robustly.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,6 +58,7 @@ class WorldConfig:
     colors: colour name -> RGB.
     background: background RGB.
   """
+
   canvas: int = 32
   patch: int = 4
   sizes: tuple[int, ...] = (8, 12)
@@ -73,8 +75,7 @@ class WorldConfig:
     if not self.sizes or max(self.sizes) > self.canvas:
       raise ValueError(f"WorldConfig.sizes={self.sizes} must be non-empty and <= canvas")
     if self.snap and any(s % self.patch for s in self.sizes):
-      raise ValueError(f"WorldConfig.sizes={self.sizes} must be multiples of patch={self.patch} "
-                       "when snap=True")
+      raise ValueError(f"WorldConfig.sizes={self.sizes} must be multiples of patch={self.patch} " "when snap=True")
     if len(self.colors) < 2 or len(set(dict(self.colors))) != len(self.colors):
       raise ValueError("WorldConfig.colors needs >= 2 distinct names")
     if not 0 <= self.relation_margin < 0.5:
@@ -111,6 +112,7 @@ def unaligned_config(canvas: int = 48) -> WorldConfig:
 @dataclasses.dataclass(frozen=True)
 class ShapeObject:
   """One object: ``shape`` of ``color`` in the box [y, y+size) x [x, x+size) (px)."""
+
   shape: str
   color: str
   x: int
@@ -185,14 +187,13 @@ def render(scene: Scene, cfg: WorldConfig = WorldConfig()) -> np.ndarray:
     if o.x < 0 or o.y < 0 or o.x + o.size > cfg.canvas or o.y + o.size > cfg.canvas:
       raise ValueError(f"object {o} leaves the {cfg.canvas}px canvas")
     m = shape_mask(o.shape, o.size)
-    img[o.y:o.y + o.size, o.x:o.x + o.size][m] = cfg.rgb(o.color)
+    img[o.y : o.y + o.size, o.x : o.x + o.size][m] = cfg.rgb(o.color)
   return img
 
 
 def render_batch(scenes: Sequence[Scene], cfg: WorldConfig = WorldConfig()) -> np.ndarray:
   """uint8[B, H, W, 3]."""
-  return np.stack([render(s, cfg) for s in scenes]) if scenes else np.zeros(
-      (0, cfg.canvas, cfg.canvas, 3), np.uint8)
+  return np.stack([render(s, cfg) for s in scenes]) if scenes else np.zeros((0, cfg.canvas, cfg.canvas, 3), np.uint8)
 
 
 def relation_holds(a: ShapeObject, b: ShapeObject, relation: str, margin: float = 0.0) -> bool:
@@ -206,18 +207,25 @@ def relation_holds(a: ShapeObject, b: ShapeObject, relation: str, margin: float 
     raise ValueError(f"relation {relation!r} is not one of {RELATIONS}")
   if margin == 0:
     return relation in geneval.relative_position(a.footprint_box, b.footprint_box)
-  return all(geneval.relation_strength(p, q, relation) >= 0.5 + margin
-             for p, q in ((a.footprint_box, b.footprint_box), (a.box, b.box)))
+  return all(
+      geneval.relation_strength(p, q, relation) >= 0.5 + margin
+      for p, q in ((a.footprint_box, b.footprint_box), (a.box, b.box))
+  )
 
 
 def _boxes_clear(a: ShapeObject, b: ShapeObject, gap: int) -> bool:
-  return (a.x + a.size + gap <= b.x or b.x + b.size + gap <= a.x or
-          a.y + a.size + gap <= b.y or b.y + b.size + gap <= a.y)
+  return (
+      a.x + a.size + gap <= b.x or b.x + b.size + gap <= a.x or a.y + a.size + gap <= b.y or b.y + b.size + gap <= a.y
+  )
 
 
-def sample_scene(rng: np.random.Generator, spec: Sequence[tuple[str | None, str | None]],
-                 cfg: WorldConfig = WorldConfig(), relation: str | None = None,
-                 max_tries: int = 2000) -> Scene:
+def sample_scene(
+    rng: np.random.Generator,
+    spec: Sequence[tuple[str | None, str | None]],
+    cfg: WorldConfig = WorldConfig(),
+    relation: str | None = None,
+    max_tries: int = 2000,
+) -> Scene:
   """Samples a scene with one object per ``spec`` entry.
 
   Args:
@@ -249,13 +257,14 @@ def sample_scene(rng: np.random.Generator, spec: Sequence[tuple[str | None, str 
     for shape, color in resolved:
       size = int(cfg.sizes[rng.integers(len(cfg.sizes))])
       slots = (cfg.canvas - size) // step + 1
-      o = ShapeObject(shape, color, int(rng.integers(slots)) * step,
-                      int(rng.integers(slots)) * step, size)
+      o = ShapeObject(shape, color, int(rng.integers(slots)) * step, int(rng.integers(slots)) * step, size)
       if not all(_boxes_clear(o, p, cfg.min_gap) for p in objs):
         break
       objs.append(o)
     else:
       if relation is None or relation_holds(objs[0], objs[1], relation, cfg.relation_margin):
         return Scene(tuple(objs))
-  raise ValueError(f"could not place {len(spec)} objects on a {cfg.canvas}px canvas "
-                   f"in {max_tries} tries (spec={list(spec)}, relation={relation})")
+  raise ValueError(
+      f"could not place {len(spec)} objects on a {cfg.canvas}px canvas "
+      f"in {max_tries} tries (spec={list(spec)}, relation={relation})"
+  )

@@ -8,6 +8,7 @@ the pixel verifier (``verifier.ShapeEvalReward``), in process or behind a reward
 ``tasks.build_task`` imports this module (lazily: it imports ``htgrpo_jax.tasks`` for the ``Task``
 interface and the registry), which registers the builder.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -46,8 +47,7 @@ def base_params_path(config: ml_collections.ConfigDict) -> str:
 
 
 @WORLDS.register("shapes")
-def build_shapes_task(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = print
-                      ) -> Task:
+def build_shapes_task(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = print) -> Task:
   from htgrpo_jax import pretrain
   from htgrpo_jax.worlds.shapeeval import codebook as patch_vq
   from htgrpo_jax.worlds.shapeeval import dataset as world_data
@@ -61,45 +61,58 @@ def build_shapes_task(config: ml_collections.ConfigDict, *, log: Callable[[str],
   ckpt = base_params_path(config)
   if not paths.isdir(ckpt):
     if not config.model.pretrain_if_missing:
-      raise ValueError(f"model.checkpoint: no base policy at {ckpt} and model.pretrain_if_missing "
-                       "is False; run launch/pretrain.py or set it True")
-    log(f"No base policy at {ckpt}: pretraining it first ({pcfg.num_steps} steps, at most "
-        f"{pcfg.max_minutes:g} min; python launch/pretrain.py does this alone).")
+      raise ValueError(
+          f"model.checkpoint: no base policy at {ckpt} and model.pretrain_if_missing "
+          "is False; run launch/pretrain.py or set it True"
+      )
+    log(
+        f"No base policy at {ckpt}: pretraining it first ({pcfg.num_steps} steps, at most "
+        f"{pcfg.max_minutes:g} min; python launch/pretrain.py does this alone)."
+    )
     from tqdm import tqdm
+
     bar = {}
 
     def progress(it):
       bar["t"] = tqdm(it, total=pcfg.num_steps, desc="pretrain base", dynamic_ncols=True)
       return bar["t"]
 
-    out = pretrain.pretrain(pcfg, progress=progress,
-                            log=lambda s, m: bar["t"].set_postfix(loss=f"{m['loss']:.3f}"))
+    out = pretrain.pretrain(pcfg, progress=progress, log=lambda s, m: bar["t"].set_postfix(loss=f"{m['loss']:.3f}"))
     bar["t"].close()
     log(f"Base policy: {out['steps_done']} steps in {out['seconds']:.0f} s -> {out['checkpoint']}")
-  assets = world_data.build_world(config.world.data_dir, world, seed=config.seed,
-                                  num_codes=config.world.num_codes,
-                                  num_train=config.world.num_train, num_eval=config.world.num_eval)
+  assets = world_data.build_world(
+      config.world.data_dir,
+      world,
+      seed=config.seed,
+      num_codes=config.world.num_codes,
+      num_train=config.world.num_train,
+      num_eval=config.world.num_eval,
+  )
   model_cfg, layout = pretrain.build_policy(pcfg, assets)
   model_cfg = lora.attach(model_cfg, config.model)  # the RL run's adapters (the base has none)
   codebook = assets.codebook
 
   def train_dataset(batch_size: int, seed: int) -> grain.IterDataset:
-    return world_data.make_dataset(assets, "train", batch_size, seed=seed,
-                                   encode_prompts=layout.encode_prompts)
+    return world_data.make_dataset(assets, "train", batch_size, seed=seed, encode_prompts=layout.encode_prompts)
 
   eval_seed = config.eval.get("seed")  # one held-out list for every run, whatever its seed
-  evals = grammar.balanced_prompts("eval", config.eval.num_prompts,
-                                   seed=config.seed if eval_seed is None else eval_seed, cfg=world)
+  evals = grammar.balanced_prompts(
+      "eval", config.eval.num_prompts, seed=config.seed if eval_seed is None else eval_seed, cfg=world
+  )
   strict = ShapeEvalReward(world, mode="strict")
   task = Task(
-      name="shapes", model_cfg=model_cfg, layout=layout,
+      name="shapes",
+      model_cfg=model_cfg,
+      layout=layout,
       load_base_params=lambda abstract: pretrain.load_params(ckpt, abstract),
       train_dataset=train_dataset,
       eval_prompts=[EvalPrompt(p.text, p.meta.tag, p.meta.to_json()) for p in evals],
-      decode=patch_vq.decode, decode_params=codebook,
+      decode=patch_vq.decode,
+      decode_params=codebook,
       reward=ShapeEvalReward(world, mode=config.world.reward_mode),
       score=lambda prompts, images, meta: strict(prompts, images, meta=meta),
-      judge=lambda prompts, images, meta: strict.details(prompts, images, meta))
+      judge=lambda prompts, images, meta: strict.details(prompts, images, meta),
+  )
   if config.world.get("reward_url"):  # the same verifier behind a reward server (the 8B path's shape)
     task.reward, remote_strict = remote_rewards(config)
     task.score = lambda prompts, images, meta: remote_strict(prompts, images, meta=meta)

@@ -8,6 +8,7 @@ anywhere with ``AutoTokenizer.from_pretrained(dir)``. Ids: [PAD]=0, [UNK]=1, [BO
 ``encode_prompts`` refuses words outside the vocabulary (ValueError naming them) instead of
 silently mapping them to [UNK]; the empty string is allowed only as the unconditional prompt.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,16 +32,25 @@ def build_tokenizer(words: Sequence[str] | None = None) -> transformers.PreTrain
   words = list(grammar.vocabulary(WorldConfig()) if words is None else words)
   bad = [w for w in words if not w or any(c.isspace() for c in w) or w in SPECIALS]
   if bad or len(set(words)) != len(words):
-    raise ValueError(f"build_tokenizer: words must be unique, non-empty, without spaces and not "
-                     f"special tokens; offending: {bad or 'duplicates'}")
+    raise ValueError(
+        f"build_tokenizer: words must be unique, non-empty, without spaces and not "
+        f"special tokens; offending: {bad or 'duplicates'}"
+    )
   vocab = {t: i for i, t in enumerate(list(SPECIALS) + words)}
   tok = tokenizers.Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
   tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
   tok.post_processor = processors.TemplateProcessing(
-      single="[BOS] $A [EOS]", special_tokens=[("[BOS]", vocab["[BOS]"]), ("[EOS]", vocab["[EOS]"])])
+      single="[BOS] $A [EOS]", special_tokens=[("[BOS]", vocab["[BOS]"]), ("[EOS]", vocab["[EOS]"])]
+  )
   return transformers.PreTrainedTokenizerFast(
-      tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
-      eos_token="[EOS]", mask_token="[MASK]", padding_side="right")
+      tokenizer_object=tok,
+      pad_token="[PAD]",
+      unk_token="[UNK]",
+      bos_token="[BOS]",
+      eos_token="[EOS]",
+      mask_token="[MASK]",
+      padding_side="right",
+  )
 
 
 def save_tokenizer(tokenizer: transformers.PreTrainedTokenizerFast, path: str | os.PathLike) -> None:
@@ -62,8 +72,9 @@ def load_tokenizer(path: str | os.PathLike) -> transformers.PreTrainedTokenizerB
   return transformers.AutoTokenizer.from_pretrained(paths.local_copy(os.fspath(path)))
 
 
-def encode_prompts(tokenizer: transformers.PreTrainedTokenizerBase, texts: Sequence[str],
-                   max_len: int = 16, allow_empty: bool = False) -> np.ndarray:
+def encode_prompts(
+    tokenizer: transformers.PreTrainedTokenizerBase, texts: Sequence[str], max_len: int = 16, allow_empty: bool = False
+) -> np.ndarray:
   """Token ids padded to ``max_len``.
 
   Args:
@@ -94,5 +105,5 @@ def encode_prompts(tokenizer: transformers.PreTrainedTokenizerBase, texts: Seque
       raise ValueError(f"encode_prompts: prompt {i} {t!r} has unknown word(s) {bad}")
     if len(ids) > max_len:
       raise ValueError(f"encode_prompts: prompt {i} {t!r} has {len(ids)} tokens > max_len={max_len}")
-    out[i, :len(ids)] = ids
+    out[i, : len(ids)] = ids
   return out

@@ -63,6 +63,7 @@ Both are property-tested over random scenes with random junk and hedges.
 Prompts without metadata are parsed against the grammar; an unknown word or an empty prompt
 raises ValueError naming it, or scores 0 when the reward was built with ``on_invalid='zero'``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -92,6 +93,7 @@ class VerifierConfig:
       object.
     junk_half_life: malformed px that halve the dense reward.
   """
+
   max_color_dist: float = 80.0
   min_area: int = 4
   shape_tolerance: int = 0
@@ -99,8 +101,9 @@ class VerifierConfig:
 
   def __post_init__(self):
     if self.min_area < 1 or self.shape_tolerance < 0 or not self.junk_half_life > 0:
-      raise ValueError(f"VerifierConfig: min_area >= 1, shape_tolerance >= 0 and "
-                       f"junk_half_life > 0 required, got {self}")
+      raise ValueError(
+          f"VerifierConfig: min_area >= 1, shape_tolerance >= 0 and " f"junk_half_life > 0 required, got {self}"
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +120,7 @@ class Detection:
     mismatch: px differing from the matched footprint.
     reason: why the component is malformed ('' for objects).
   """
+
   shape: str | None
   color: str | None
   cx: float
@@ -150,6 +154,7 @@ class Judgement:
     malformed_area: their px.
     reason: GenEval's reasons and one line per malformed component ('' when strict is 1).
   """
+
   strict: float
   dense: float
   verdict: geneval.Verdict
@@ -196,7 +201,7 @@ def _pixel_labels(images: np.ndarray, cfg: WorldConfig, vcfg: VerifierConfig) ->
   x = images.astype(np.float32)
   d2 = np.stack([((x - c) ** 2).sum(-1) for c in pal], -1)  # [B, H, W, C+1]
   idx = d2.argmin(-1)
-  far = np.take_along_axis(d2, idx[..., None], -1)[..., 0] > vcfg.max_color_dist ** 2
+  far = np.take_along_axis(d2, idx[..., None], -1)[..., 0] > vcfg.max_color_dist**2
   return np.where(far, -1, idx).astype(np.int8)
 
 
@@ -222,31 +227,47 @@ def _components(labels: np.ndarray, cfg: WorldConfig, vcfg: VerifierConfig) -> l
           m = int(np.count_nonzero(crop != t.mask))
           if miss is None or m < miss:
             best, miss = t, m
-      common = dict(color=color, cx=(x0 + x1) / 2, cy=(y0 + y1) / 2, area=area,
-                    bbox=(int(y0), int(x0), int(y1), int(x1)))
+      common = dict(
+          color=color, cx=(x0 + x1) / 2, cy=(y0 + y1) / 2, area=area, bbox=(int(y0), int(x0), int(y1), int(x1))
+      )
       where = f"{y1 - y0}x{x1 - x0} px at (x={x0}, y={y0})"
       if best is not None and miss <= vcfg.shape_tolerance:
         out.append(Detection(best.shape, size=best.size, mismatch=miss, **common))
       elif color is None:
         out.append(Detection(None, reason=f"malformed: {area} off-palette px, {where}", **common))
       elif best is None:
-        out.append(Detection(None, reason=f"malformed: {color} component of {area} px, {where}: "
-                             "no world shape has this extent", **common))
+        out.append(
+            Detection(
+                None,
+                reason=f"malformed: {color} component of {area} px, {where}: " "no world shape has this extent",
+                **common,
+            )
+        )
       else:
-        out.append(Detection(None, mismatch=miss, reason=(
-            f"malformed: {color} component of {area} px, {where}: {miss} px off a "
-            f"{best.size} px {best.shape}"), **common))
+        out.append(
+            Detection(
+                None,
+                mismatch=miss,
+                reason=(
+                    f"malformed: {color} component of {area} px, {where}: {miss} px off a "
+                    f"{best.size} px {best.shape}"
+                ),
+                **common,
+            )
+        )
   return sorted(out, key=lambda d: (d.color or "~", d.cy, d.cx))
 
 
 def _check_canvas(images: np.ndarray, cfg: WorldConfig, name: str) -> None:
   if images.shape[1:3] != (cfg.canvas, cfg.canvas):
-    raise ValueError(f"reward {name!r}: images are {images.shape[1]}x{images.shape[2]}, "
-                     f"the world's canvas is {cfg.canvas}")
+    raise ValueError(
+        f"reward {name!r}: images are {images.shape[1]}x{images.shape[2]}, " f"the world's canvas is {cfg.canvas}"
+    )
 
 
-def detect(image: np.ndarray, cfg: WorldConfig = WorldConfig(),
-           vcfg: VerifierConfig = VerifierConfig()) -> list[Detection]:
+def detect(
+    image: np.ndarray, cfg: WorldConfig = WorldConfig(), vcfg: VerifierConfig = VerifierConfig()
+) -> list[Detection]:
   """Objects and malformed components in one image.
 
   Args:
@@ -259,8 +280,12 @@ def detect(image: np.ndarray, cfg: WorldConfig = WorldConfig(),
   return _components(_pixel_labels(image[None], cfg, vcfg)[0], cfg, vcfg)
 
 
-def judge(meta: PromptMeta, dets: Sequence[Detection], cfg: WorldConfig = WorldConfig(),
-          vcfg: VerifierConfig = VerifierConfig()) -> Judgement:
+def judge(
+    meta: PromptMeta,
+    dets: Sequence[Detection],
+    cfg: WorldConfig = WorldConfig(),
+    vcfg: VerifierConfig = VerifierConfig(),
+) -> Judgement:
   """Strict and dense scores of one image's detections against a prompt."""
   objects = [d for d in dets if not d.malformed]
   junk = [d for d in dets if d.malformed]
@@ -282,11 +307,16 @@ def judge(meta: PromptMeta, dets: Sequence[Detection], cfg: WorldConfig = WorldC
       return any(could_hold(j, rec["exclude"][c.clause]) for j in junk)
     own = include[c.clause]
     if c.kind == "color":
-      return any(j.color != own.get("color") and could_hold(j, own) and
-                 geneval.pool_admits(rec, c.clause, j.color) for j in junk)
+      return any(
+          j.color != own.get("color") and could_hold(j, own) and geneval.pool_admits(rec, c.clause, j.color)
+          for j in junk
+      )
     tgt = include[c.target]
-    return any((could_hold(j, own) and geneval.pool_admits(rec, c.clause, j.color)) or
-               (could_hold(j, tgt) and geneval.pool_admits(rec, c.target, j.color)) for j in junk)
+    return any(
+        (could_hold(j, own) and geneval.pool_admits(rec, c.clause, j.color))
+        or (could_hold(j, tgt) and geneval.pool_admits(rec, c.target, j.color))
+        for j in junk
+    )
 
   credits = [0.0 if junk and spoiled(c) else c.credit for c in verdict.checks]
   p = float(np.mean(credits)) if credits else 1.0
@@ -297,8 +327,12 @@ def judge(meta: PromptMeta, dets: Sequence[Detection], cfg: WorldConfig = WorldC
   return Judgement(strict, float(dense), verdict, len(junk), area, reason)
 
 
-def score(meta: PromptMeta, dets: Sequence[Detection], cfg: WorldConfig = WorldConfig(),
-          vcfg: VerifierConfig = VerifierConfig()) -> tuple[float, float]:
+def score(
+    meta: PromptMeta,
+    dets: Sequence[Detection],
+    cfg: WorldConfig = WorldConfig(),
+    vcfg: VerifierConfig = VerifierConfig(),
+) -> tuple[float, float]:
   """(strict, dense) of one image's detections; strict in {0., 1.}, dense in [0, 1]."""
   j = judge(meta, dets, cfg, vcfg)
   return j.strict, j.dense
@@ -321,12 +355,13 @@ def parse_prompt(text: str, cfg: WorldConfig = WorldConfig()) -> PromptMeta:
   words = text.split()
   unknown = [w for w in words if w not in vocab]
   if unknown:
-    raise ValueError(f"ShapeEval prompt {text!r}: unknown word(s) {unknown}; "
-                     f"the vocabulary is {sorted(vocab)}")
+    raise ValueError(f"ShapeEval prompt {text!r}: unknown word(s) {unknown}; " f"the vocabulary is {sorted(vocab)}")
   meta = table.get(" ".join(words))
   if meta is None:
-    raise ValueError(f"ShapeEval prompt {text!r} uses known words but is not a sentence of the "
-                     "grammar (see htgrpo_jax.worlds.shapeeval.grammar)")
+    raise ValueError(
+        f"ShapeEval prompt {text!r} uses known words but is not a sentence of the "
+        "grammar (see htgrpo_jax.worlds.shapeeval.grammar)"
+    )
   return meta
 
 
@@ -343,8 +378,13 @@ class ShapeEvalReward:
     vcfg: detector settings.
   """
 
-  def __init__(self, cfg: WorldConfig = WorldConfig(), mode: str = "strict",
-               on_invalid: str = "raise", vcfg: VerifierConfig = VerifierConfig()):
+  def __init__(
+      self,
+      cfg: WorldConfig = WorldConfig(),
+      mode: str = "strict",
+      on_invalid: str = "raise",
+      vcfg: VerifierConfig = VerifierConfig(),
+  ):
     if mode not in ("strict", "dense"):
       raise ValueError(f"ShapeEvalReward mode={mode!r}; expected 'strict' or 'dense'")
     if on_invalid not in ("raise", "zero"):
@@ -367,8 +407,9 @@ class ShapeEvalReward:
         out.append(None)
     return out
 
-  def details(self, prompts: Sequence[str], images: np.ndarray, meta: Sequence[Any] | None = None
-              ) -> list[dict[str, Any]]:
+  def details(
+      self, prompts: Sequence[str], images: np.ndarray, meta: Sequence[Any] | None = None
+  ) -> list[dict[str, Any]]:
     """Per image, for logging and debugging.
 
     Returns:
@@ -386,16 +427,37 @@ class ShapeEvalReward:
       dets = _components(lab, self.cfg, self.vcfg)
       junk = [d for d in dets if d.malformed]
       if m is None:
-        out.append(dict(prompt=p, meta=None, detections=dets, strict=0.0, dense=0.0,
-                        malformed=len(junk), malformed_area=sum(d.area for d in junk),
-                        reason="prompt does not parse", verdict=None))
+        out.append(
+            dict(
+                prompt=p,
+                meta=None,
+                detections=dets,
+                strict=0.0,
+                dense=0.0,
+                malformed=len(junk),
+                malformed_area=sum(d.area for d in junk),
+                reason="prompt does not parse",
+                verdict=None,
+            )
+        )
         continue
       j = judge(m, dets, self.cfg, self.vcfg)
-      out.append(dict(prompt=p, meta=m, detections=dets, strict=j.strict, dense=j.dense,
-                      malformed=j.malformed, malformed_area=j.malformed_area, reason=j.reason,
-                      verdict=j.verdict))
+      out.append(
+          dict(
+              prompt=p,
+              meta=m,
+              detections=dets,
+              strict=j.strict,
+              dense=j.dense,
+              malformed=j.malformed,
+              malformed_area=j.malformed_area,
+              reason=j.reason,
+              verdict=j.verdict,
+          )
+      )
     return out
 
-  def __call__(self, prompts: Sequence[str], images: np.ndarray, meta: Sequence[Any] | None = None,
-               **unused: Any) -> np.ndarray:
+  def __call__(
+      self, prompts: Sequence[str], images: np.ndarray, meta: Sequence[Any] | None = None, **unused: Any
+  ) -> np.ndarray:
     return np.array([r[self.mode] for r in self.details(prompts, images, meta)], np.float32)

@@ -1,4 +1,5 @@
 """The ShapeEval VQ tokenizer: k-means codebook, encode/decode, save/load."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,8 +12,7 @@ from htgrpo_jax.worlds.shapeeval import scenes as W
 
 def _scenes(n, seed, cfg=W.WorldConfig()):
   rng = np.random.default_rng(seed)
-  return W.render_batch([W.sample_scene(rng, [(None, None)] * int(rng.integers(1, 5)), cfg)
-                         for _ in range(n)], cfg)
+  return W.render_batch([W.sample_scene(rng, [(None, None)] * int(rng.integers(1, 5)), cfg) for _ in range(n)], cfg)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 """The TFDS ArrayRecord dataset of (caption, codes, meta) and its grain pipeline."""
+
 import numpy as np
 import pytest
 
@@ -25,8 +26,7 @@ def test_records_decode_to_scenes_that_match_their_captions(assets):
     imgs = np.asarray(patch_vq.decode(assets.codebook, batch["codes"]))
     scores = rew(list(batch["caption"]), imgs, meta=list(batch["meta"]))
     assert scores.min() == 1.0
-    np.testing.assert_array_equal(
-        batch["prompt_tokens"], T.encode_prompts(assets.tokenizer, list(batch["caption"])))
+    np.testing.assert_array_equal(batch["prompt_tokens"], T.encode_prompts(assets.tokenizer, list(batch["caption"])))
 
 
 def test_iterator_state_restores_the_stream(assets):
@@ -61,8 +61,9 @@ def test_a_generator_or_world_change_rebuilds_instead_of_reusing(assets, monkeyp
   same = D.ShapeEval(num_train=256, num_eval=96, codebook=assets.codebook, data_dir=tfds_dir)
   assert same.data_dir == b.data_dir
   assert D.world_digest(W.WorldConfig(relation_margin=0.2)) != D.world_digest(W.WorldConfig())
-  other_world = D.ShapeEval(world=W.WorldConfig(min_gap=8), num_train=256, num_eval=96,
-                            codebook=assets.codebook, data_dir=tfds_dir)
+  other_world = D.ShapeEval(
+      world=W.WorldConfig(min_gap=8), num_train=256, num_eval=96, codebook=assets.codebook, data_dir=tfds_dir
+  )
   monkeypatch.setattr(D, "GENERATOR_REVISION", D.GENERATOR_REVISION + 1)
   newer = D.ShapeEval(num_train=256, num_eval=96, codebook=assets.codebook, data_dir=tfds_dir)
   assert len({b.data_dir, other_world.data_dir, newer.data_dir}) == 3

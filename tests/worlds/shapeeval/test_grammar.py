@@ -1,4 +1,5 @@
 """The prompt grammar, its compositional splits and ground-truth scenes."""
+
 import collections
 
 import numpy as np
@@ -34,9 +35,15 @@ def test_held_out_compositions_never_reach_training():
 
 def test_phrasing_is_geneval_like():
   texts = {p.text for p in G.all_prompts()}
-  for t in ("a photo of a circle", "a photo of a circle and a square", "a photo of three triangles",
-            "a photo of a red circle", "a photo of a blue circle left of a green triangle",
-            "a photo of a red circle and a blue square", "a photo of an orange square"):
+  for t in (
+      "a photo of a circle",
+      "a photo of a circle and a square",
+      "a photo of three triangles",
+      "a photo of a red circle",
+      "a photo of a blue circle left of a green triangle",
+      "a photo of a red circle and a blue square",
+      "a photo of an orange square",
+  ):
     assert t in texts
   vocab = set(G.vocabulary())
   assert all(w in vocab for t in texts for w in t.split())
@@ -66,18 +73,30 @@ def test_scene_for_satisfies_its_prompt():
 def test_geneval_metadata_records():
   meta = {p.text: p.meta for p in G.all_prompts()}
   assert G.geneval_metadata(meta["a photo of three triangles"]) == {
-      "tag": "counting", "include": [{"class": "triangle", "count": 3}],
-      "exclude": [{"class": "triangle", "count": 4}], "prompt": "a photo of three triangles"}
+      "tag": "counting",
+      "include": [{"class": "triangle", "count": 3}],
+      "exclude": [{"class": "triangle", "count": 4}],
+      "prompt": "a photo of three triangles",
+  }
   # GenEval lists the target first and puts the relation on the object related to it.
   text = "a photo of a blue circle left of a green triangle"
   assert G.geneval_metadata(meta[text]) == {
-      "tag": "position", "exclude": [], "prompt": text,
-      "include": [{"class": "triangle", "count": 1, "color": "green"},
-                  {"class": "circle", "count": 1, "color": "blue", "position": ["left of", 0]}]}
+      "tag": "position",
+      "exclude": [],
+      "prompt": text,
+      "include": [
+          {"class": "triangle", "count": 1, "color": "green"},
+          {"class": "circle", "count": 1, "color": "blue", "position": ["left of", 0]},
+      ],
+  }
   text = "a photo of a red circle and a blue square"
   assert G.geneval_metadata(meta[text])["include"] == [
-      {"class": "circle", "count": 1, "color": "red"}, {"class": "square", "count": 1,
-                                                        "color": "blue"}]
+      {"class": "circle", "count": 1, "color": "red"},
+      {"class": "square", "count": 1, "color": "blue"},
+  ]
   assert G.geneval_metadata(meta["a photo of a circle"]) == {
-      "tag": "single_object", "include": [{"class": "circle", "count": 1}], "exclude": [],
-      "prompt": "a photo of a circle"}
+      "tag": "single_object",
+      "include": [{"class": "circle", "count": 1}],
+      "exclude": [],
+      "prompt": "a photo of a circle",
+  }

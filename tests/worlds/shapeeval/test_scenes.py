@@ -1,4 +1,5 @@
 """The ShapeEval renderer and scene sampler."""
+
 import numpy as np
 import pytest
 
@@ -8,13 +9,17 @@ from htgrpo_jax.worlds.shapeeval import scenes as W
 
 def test_render_draws_exact_colours_and_footprints():
   cfg = W.WorldConfig()
-  scene = W.Scene((W.ShapeObject("square", "red", 0, 0, 8),
-                   W.ShapeObject("circle", "blue", 16, 4, 12),
-                   W.ShapeObject("triangle", "yellow", 4, 20, 8)))
+  scene = W.Scene(
+      (
+          W.ShapeObject("square", "red", 0, 0, 8),
+          W.ShapeObject("circle", "blue", 16, 4, 12),
+          W.ShapeObject("triangle", "yellow", 4, 20, 8),
+      )
+  )
   img = W.render(scene, cfg)
   assert img.dtype == np.uint8 and img.shape == (32, 32, 3)
   for o in scene.objects:
-    box = img[o.y:o.y + o.size, o.x:o.x + o.size]
+    box = img[o.y : o.y + o.size, o.x : o.x + o.size]
     m = W.shape_mask(o.shape, o.size)
     assert (box[m] == cfg.rgb(o.color)).all()
     assert (box[~m] == cfg.background).all()
@@ -46,7 +51,7 @@ def test_sample_scene_respects_spec_grid_gap_and_relation():
     for k, o in enumerate(s.objects):
       assert o.x % cfg.patch == 0 and o.y % cfg.patch == 0 and o.size in cfg.sizes
       assert o.x + o.size <= cfg.canvas and o.y + o.size <= cfg.canvas
-      for p in s.objects[k + 1:]:
+      for p in s.objects[k + 1 :]:
         assert W._boxes_clear(o, p, cfg.min_gap)
 
 
@@ -100,9 +105,15 @@ def test_unaligned_variant_places_objects_off_grid():
   assert W.render(W.sample_scene(rng, [(None, None)], cfg), cfg).shape == (48, 48, 3)
 
 
-@pytest.mark.parametrize("kwargs, word", [
-    (dict(canvas=30), "canvas"), (dict(sizes=(6,)), "sizes"), (dict(shapes=("star",)), "shapes"),
-    (dict(relation_margin=0.5), "relation_margin")])
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        (dict(canvas=30), "canvas"),
+        (dict(sizes=(6,)), "sizes"),
+        (dict(shapes=("star",)), "shapes"),
+        (dict(relation_margin=0.5), "relation_margin"),
+    ],
+)
 def test_bad_world_config_names_the_field(kwargs, word):
   with pytest.raises(ValueError, match=word):
     W.WorldConfig(**kwargs)

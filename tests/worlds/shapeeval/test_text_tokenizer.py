@@ -1,4 +1,5 @@
 """The word-level text tokenizer (tokenizers + transformers)."""
+
 import numpy as np
 import pytest
 import transformers

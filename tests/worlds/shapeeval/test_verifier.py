@@ -1,4 +1,5 @@
 """The ShapeEval verifier: detection from pixels, GenEval-style scoring, bad prompts."""
+
 import collections
 
 import jax
@@ -35,8 +36,7 @@ def test_detects_shapes_colours_and_centroids_at_every_size():
 
 def test_ground_truth_after_vq_round_trip_is_perfect_per_tag():
   rng = np.random.default_rng(0)
-  train = W.render_batch([W.sample_scene(rng, [(None, None)] * int(rng.integers(1, 5)))
-                          for _ in range(300)])
+  train = W.render_batch([W.sample_scene(rng, [(None, None)] * int(rng.integers(1, 5))) for _ in range(300)])
   cb = patch_vq.fit_codebook(train, 128, jax.random.PRNGKey(0))
   ps = G.balanced_prompts("eval", 180, seed=4) + G.balanced_prompts("train", 150, seed=4)
   imgs = W.render_batch([G.scene_for(p.meta, rng) for p in ps])
@@ -71,8 +71,7 @@ def test_unaligned_world_renders_are_judged_exactly():
   # Off-grid objects, other sizes: the templates come from the world, so ground truth passes.
   cfg = W.unaligned_config(48)
   rng = np.random.default_rng(2)
-  ps = G.balanced_prompts("eval", 60, seed=2, cfg=cfg) + G.balanced_prompts("train", 60, seed=2,
-                                                                             cfg=cfg)
+  ps = G.balanced_prompts("eval", 60, seed=2, cfg=cfg) + G.balanced_prompts("train", 60, seed=2, cfg=cfg)
   imgs = W.render_batch([G.scene_for(p.meta, rng, cfg) for p in ps], cfg)
   reward = S.ShapeEvalReward(cfg, mode="strict")
   assert reward([p.text for p in ps], imgs).min() == 1.0
@@ -80,11 +79,9 @@ def test_unaligned_world_renders_are_judged_exactly():
 
 
 def test_touching_objects_of_different_colours_are_separate():
-  img = _img(Obj("square", "red", 4, 4, 8), Obj("circle", "blue", 12, 4, 8),
-             Obj("triangle", "green", 4, 12, 8))
+  img = _img(Obj("square", "red", 4, 4, 8), Obj("circle", "blue", 12, 4, 8), Obj("triangle", "green", 4, 12, 8))
   dets = S.detect(img)
-  assert sorted((d.shape, d.color) for d in dets) == [
-      ("circle", "blue"), ("square", "red"), ("triangle", "green")]
+  assert sorted((d.shape, d.color) for d in dets) == [("circle", "blue"), ("square", "red"), ("triangle", "green")]
   assert _strict("a photo of a red square left of a blue circle", img) == 1.0
 
 
@@ -100,8 +97,7 @@ def test_same_colour_objects_count_when_apart_and_merge_when_touching():
 
 
 def test_counting_fails_on_extra_instances():
-  three = _img(Obj("circle", "red", 0, 0, 8), Obj("circle", "blue", 12, 0, 8),
-               Obj("circle", "green", 24, 0, 8))
+  three = _img(Obj("circle", "red", 0, 0, 8), Obj("circle", "blue", 12, 0, 8), Obj("circle", "green", 24, 0, 8))
   assert _strict("a photo of three circles", three) == 1.0
   assert _strict("a photo of two circles", three) == 0.0
   assert _strict("a photo of four circles", three) == 0.0
@@ -131,7 +127,7 @@ def test_specks_are_ignored_and_attached_pixels_make_objects_malformed():
     clean = _img(Obj(shape, "purple", 8, 8, 12))
     img = clean.copy()
     for y, x in rng.integers(0, 32, (6, 2)):  # isolated one-pixel specks of another colour
-      if (img[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2] == W.BACKGROUND).all():
+      if (img[max(y - 1, 0) : y + 2, max(x - 1, 0) : x + 2] == W.BACKGROUND).all():
         img[y, x] = W.COLORS["orange"]
     img[0:1, 0:3] = (128, 128, 128)  # 3 off-palette px: below the 4 px noise area
     dets = S.detect(img)
@@ -179,14 +175,17 @@ def test_blank_image_scores_zero_everywhere():
 def test_bad_prompts_raise_or_score_zero():
   img = _img(Obj("circle", "red", 8, 8, 8))[None]
   strict = S.ShapeEvalReward(mode="strict")
-  for text, word in [("a photo of a pink circle", "pink"), ("", "empty"),
-                     ("a photo of a hexagon", "hexagon"), ("circle a photo of", "grammar")]:
+  for text, word in [
+      ("a photo of a pink circle", "pink"),
+      ("", "empty"),
+      ("a photo of a hexagon", "hexagon"),
+      ("circle a photo of", "grammar"),
+  ]:
     with pytest.raises(ValueError, match=word):
       strict([text], img)
   lenient = S.ShapeEvalReward(mode="dense", on_invalid="zero")
   imgs = np.concatenate([img, img])
-  np.testing.assert_array_equal(lenient(["a photo of a pink circle", "a photo of a red circle"],
-                                        imgs), [0.0, 1.0])
+  np.testing.assert_array_equal(lenient(["a photo of a pink circle", "a photo of a red circle"], imgs), [0.0, 1.0])
   with pytest.raises(ValueError, match="2 images but 1 prompts"):
     strict(["a photo of a circle"], imgs)
   with pytest.raises(ValueError, match="canvas"):
@@ -207,4 +206,4 @@ def test_details_report_detections_and_the_hacking_watch():
   assert r["strict"] == 0.0 and r["malformed"] == 1 and r["malformed_area"] == 16
   assert r["verdict"].correct  # GenEval alone would pass it; the junk makes it fail
   assert "malformed: red component of 16 px, 4x4 px at (x=28, y=0)" in r["reason"]
-  assert r["dense"] == pytest.approx(0.5 ** 0.5)  # 16 px of junk, half-life 32 px
+  assert r["dense"] == pytest.approx(0.5**0.5)  # 16 px of junk, half-life 32 px

@@ -4,6 +4,7 @@ Every exploit measured on the old verifier is reproduced here and must fail; the
 print their counts (run with -s). Patches are the world's own: the 15 distinct non-empty 4x4
 patterns of its renders (per colour), which is everything an aligned-world codebook can emit.
 """
+
 import collections
 import itertools
 import time
@@ -33,7 +34,7 @@ def blank():
 
 
 def paint(img, mask, y, x, rgb):
-  img[y:y + mask.shape[0], x:x + mask.shape[1]][mask] = rgb
+  img[y : y + mask.shape[0], x : x + mask.shape[1]][mask] = rgb
   return img
 
 
@@ -57,7 +58,7 @@ def patterns():
       m = W.shape_mask(shape, size)
       for i in range(0, size, P):
         for j in range(0, size, P):
-          c = m[i:i + P, j:j + P]
+          c = m[i : i + P, j : j + P]
           if c.any():
             seen.setdefault(c.tobytes(), c.copy())
   return [seen[k] for k in sorted(seen)]
@@ -69,8 +70,12 @@ PATTERNS = patterns()
 def cells(shape, size):
   """{(row, col): pattern} of a render's non-empty patches."""
   m = W.shape_mask(shape, size)
-  return {(i // P, j // P): m[i:i + P, j:j + P] for i in range(0, size, P)
-          for j in range(0, size, P) if m[i:i + P, j:j + P].any()}
+  return {
+      (i // P, j // P): m[i : i + P, j : j + P]
+      for i in range(0, size, P)
+      for j in range(0, size, P)
+      if m[i : i + P, j : j + P].any()
+  }
 
 
 def from_cells(pats, y=8, x=8, rgb=W.COLORS["red"], img=None):
@@ -128,8 +133,11 @@ def test_every_patch_blob_in_a_3x3_grid_is_malformed_unless_it_is_a_true_render(
   # with the patch of a 12 px (8 px) circle / triangle / square at that cell: only exact renders
   # are objects. (On the 218 4-connected solid blobs alone the old verifier found 30 circles and
   # 13 triangles; the issue counted 18 and 11 on its 111 blobs.)
-  sources = {n: [("solid", {(i, j): np.ones((P, P), bool) for i in range(n) for j in range(n)})]
-             + [(f"{s}{n * P}", cells(s, n * P)) for s in CFG.shapes] for n in (2, 3)}
+  sources = {
+      n: [("solid", {(i, j): np.ones((P, P), bool) for i in range(n) for j in range(n)})]
+      + [(f"{s}{n * P}", cells(s, n * P)) for s in CFG.shapes]
+      for n in (2, 3)
+  }
   accepted = collections.Counter()
   blobs = 0
   for n in (2, 3):
@@ -145,16 +153,25 @@ def test_every_patch_blob_in_a_3x3_grid_is_malformed_unless_it_is_a_true_render(
             assert is_true_render(img, d), (name, g.astype(int).tolist(), d)
             accepted[(d.shape, d.size, name)] += 1
   solid_subsets = len(_connected_subsets(3))
-  print(f"\n{blobs} patch blobs ({solid_subsets} connected 3x3 subsets x 4 fillings + 2x2 ones); "
-        f"accepted: {dict(accepted)}")
+  print(
+      f"\n{blobs} patch blobs ({solid_subsets} connected 3x3 subsets x 4 fillings + 2x2 ones); "
+      f"accepted: {dict(accepted)}"
+  )
   # Exactly the true renders: solid 2x2 blocks are 8 px squares (4 places in 3x3, 1 in 2x2), the
   # full 3x3 block the 12 px square; the 12 px triangle's two empty top corners make 4 subsets
   # draw it, and its top two patch rows are pixel for pixel an 8 px triangle (4 subsets again).
-  assert accepted == {("square", 8, "solid"): 5, ("square", 12, "solid"): 1,
-                      ("square", 8, "square8"): 1, ("square", 8, "square12"): 4,
-                      ("square", 12, "square12"): 1, ("circle", 8, "circle8"): 1,
-                      ("circle", 12, "circle12"): 1, ("triangle", 8, "triangle8"): 1,
-                      ("triangle", 12, "triangle12"): 4, ("triangle", 8, "triangle12"): 4}
+  assert accepted == {
+      ("square", 8, "solid"): 5,
+      ("square", 12, "solid"): 1,
+      ("square", 8, "square8"): 1,
+      ("square", 8, "square12"): 4,
+      ("square", 12, "square12"): 1,
+      ("circle", 8, "circle8"): 1,
+      ("circle", 12, "circle12"): 1,
+      ("triangle", 8, "triangle8"): 1,
+      ("triangle", 12, "triangle12"): 4,
+      ("triangle", 8, "triangle12"): 4,
+  }
 
 
 def test_single_patch_edits_of_true_renders_are_all_malformed():
@@ -173,8 +190,7 @@ def test_single_patch_edits_of_true_renders_are_all_malformed():
           new = dict(base_cells)
           new[(r, c)] = pat
           new = {k: v for k, v in new.items() if v.any()}
-          if {k: v.tobytes() for k, v in new.items()} == {k: v.tobytes() for k, v in
-                                                           base_cells.items()}:
+          if {k: v.tobytes() for k, v in new.items()} == {k: v.tobytes() for k, v in base_cells.items()}:
             continue
           img = from_cells(new, y=0, x=0, img=base.copy())
           edits += 1
@@ -183,8 +199,10 @@ def test_single_patch_edits_of_true_renders_are_all_malformed():
             if d.malformed and d.mismatch:
               hist[d.mismatch] += 1
   small = {k: hist[k] for k in sorted(hist)[:4]}
-  print(f"\n{edits} single-patch edits of true renders; malformed components at the smallest "
-        f"pixel distances to a footprint: {small}")
+  print(
+      f"\n{edits} single-patch edits of true renders; malformed components at the smallest "
+      f"pixel distances to a footprint: {small}"
+  )
   assert min(hist) == 1  # why any tolerance >= 1 would accept patch-edited shapes
 
 
@@ -202,8 +220,9 @@ def test_position_sweep_passes_exactly_what_genevals_rule_accepts():
   # footprint boxes. The old single-axis centroid rule is counted for comparison.
   total = agree = geneval_yes = old_yes_geneval_no = 0
   for sa, sb in [(8, 8), (12, 8), (8, 12)]:
-    for ax, ay, bx, by in itertools.product(range(0, 33 - sa, P), range(0, 33 - sa, P),
-                                            range(0, 33 - sb, P), range(0, 33 - sb, P)):
+    for ax, ay, bx, by in itertools.product(
+        range(0, 33 - sa, P), range(0, 33 - sa, P), range(0, 33 - sb, P), range(0, 33 - sb, P)
+    ):
       a, b = Obj("circle", "red", ax, ay, sa), Obj("triangle", "blue", bx, by, sb)
       if not W._boxes_clear(a, b, 0):
         continue
@@ -212,20 +231,22 @@ def test_position_sweep_passes_exactly_what_genevals_rule_accepts():
       ca = np.argwhere(W.shape_mask("circle", sa)).mean(0) + (ay + 0.5, ax + 0.5)
       cb = np.argwhere(W.shape_mask("triangle", sb)).mean(0) + (by + 0.5, bx + 0.5)
       for rel in W.RELATIONS:
-        meta = PromptMeta("position", (ObjectReq("circle", "red"), ObjectReq("triangle", "blue")),
-                          rel)
+        meta = PromptMeta("position", (ObjectReq("circle", "red"), ObjectReq("triangle", "blue")), rel)
         got = S.judge(meta, dets).strict == 1.0
         want = rel in geneval.relative_position(a.footprint_box, b.footprint_box)
-        old = {"left of": cb[1] - ca[1], "right of": ca[1] - cb[1], "above": cb[0] - ca[0],
-               "below": ca[0] - cb[0]}[rel] > 0.1 * CFG.canvas
+        old = {"left of": cb[1] - ca[1], "right of": ca[1] - cb[1], "above": cb[0] - ca[0], "below": ca[0] - cb[0]}[
+            rel
+        ] > 0.1 * CFG.canvas
         total += 1
         agree += got == want
         geneval_yes += want
         old_yes_geneval_no += old and not want
         assert got == want, (a, b, rel)
-  print(f"\nposition sweep: {total} (placement, relation) cases, GenEval accepts {geneval_yes}, "
-        f"verifier agrees on {agree}; the old single-axis rule accepted {old_yes_geneval_no} that "
-        "GenEval rejects")
+  print(
+      f"\nposition sweep: {total} (placement, relation) cases, GenEval accepts {geneval_yes}, "
+      f"verifier agrees on {agree}; the old single-axis rule accepted {old_yes_geneval_no} that "
+      "GenEval rejects"
+  )
   assert old_yes_geneval_no > 0 and agree == total
 
 
@@ -235,8 +256,11 @@ def test_counting_sees_fragments_and_extra_objects():
   assert strict(text, two) == 1.0 and dense(text, two) == 1.0
   # Three half-triangles (the left / right halves of a 12 px triangle) next to them.
   tri = cells("triangle", 12)
-  halves = [{k: v for k, v in tri.items() if k[1] < 1}, {k: v for k, v in tri.items() if k[1] > 1},
-            {k: v for k, v in tri.items() if k[1] < 1}]
+  halves = [
+      {k: v for k, v in tri.items() if k[1] < 1},
+      {k: v for k, v in tri.items() if k[1] > 1},
+      {k: v for k, v in tri.items() if k[1] < 1},
+  ]
   img = two.copy()
   for h, (y, x) in zip(halves, [(20, 0), (20, 0), (20, 16)]):  # columns 0-3, 8-11, 16-19
     from_cells(h, y=y, x=x, rgb=W.COLORS["green"], img=img)
@@ -258,11 +282,14 @@ def test_counting_sees_fragments_and_extra_objects():
           for d in S.detect(img):
             assert d.malformed or (is_true_render(img, d) and d.size < size), (shape, keep, d)
             smaller[(shape, size, d.shape, d.size)] += not d.malformed
-  print(f"\n{n} proper patch fragments of renders: all malformed except smaller true renders "
-        f"{ {k: v for k, v in smaller.items() if v} }")
+  print(
+      f"\n{n} proper patch fragments of renders: all malformed except smaller true renders "
+      f"{ {k: v for k, v in smaller.items() if v} }"
+  )
   # An extra well-formed triangle: GenEval's exclude clause.
-  three = render(Obj("triangle", "red", 0, 0, 12), Obj("triangle", "blue", 20, 0, 12),
-                 Obj("triangle", "green", 0, 20, 8))
+  three = render(
+      Obj("triangle", "red", 0, 0, 12), Obj("triangle", "blue", 20, 0, 12), Obj("triangle", "green", 0, 20, 8)
+  )
   assert strict(text, three) == 0.0 and dense(text, three) == 0.5
 
 
@@ -279,14 +306,12 @@ def test_colour_hedging_fails_and_never_beats_committing():
   pos = "a photo of a red circle left of a blue square"
   ok = render(Obj("circle", "red", 0, 12, 8), Obj("square", "blue", 16, 12, 8))
   assert strict(pos, ok) == 1.0
-  both_sides = render(Obj("circle", "red", 0, 12, 8), Obj("square", "blue", 12, 12, 8),
-                      Obj("circle", "red", 24, 12, 8))
+  both_sides = render(Obj("circle", "red", 0, 12, 8), Obj("square", "blue", 12, 12, 8), Obj("circle", "red", 24, 12, 8))
   assert strict(pos, both_sides) == 0.0 and dense(pos, both_sides) < 1
   same = "a photo of a red circle below a green circle"
   ok = render(Obj("circle", "green", 8, 0, 8), Obj("circle", "red", 8, 20, 8))
   assert strict(same, ok) == 1.0
-  extra = render(Obj("circle", "green", 8, 0, 8), Obj("circle", "red", 8, 20, 8),
-                 Obj("circle", "yellow", 24, 8, 8))
+  extra = render(Obj("circle", "green", 8, 0, 8), Obj("circle", "red", 8, 20, 8), Obj("circle", "yellow", 24, 8, 8))
   assert strict(same, extra) == 0.0 and dense(same, extra) < dense(same, ok)
 
 
@@ -298,23 +323,17 @@ def test_other_malformations_a_patch_policy_could_try():
       "16 px circle footprint": paint(blank(), W.shape_mask("circle", 16), 8, 8, red),
       "upside-down triangle": paint(blank(), W.shape_mask("triangle", 12)[::-1], 8, 8, red),
       "sideways triangle": paint(blank(), W.shape_mask("triangle", 12).T.copy(), 8, 8, red),
-      "two red squares sharing an edge": render(Obj("square", "red", 0, 0, 8),
-                                                Obj("square", "red", 8, 0, 8)),
-      "two red squares touching at a corner": render(Obj("square", "red", 0, 0, 8),
-                                                     Obj("square", "red", 8, 8, 8)),
-      "red square touching a red triangle": render(Obj("square", "red", 0, 0, 8),
-                                                   Obj("triangle", "red", 8, 0, 8)),
-      "circle with a patch missing": from_cells(
-          {k: v for k, v in cells("circle", 12).items() if k != (1, 1)}),
-      "square with the centre patch missing": from_cells(
-          {k: v for k, v in cells("square", 12).items() if k != (1, 1)}),
+      "two red squares sharing an edge": render(Obj("square", "red", 0, 0, 8), Obj("square", "red", 8, 0, 8)),
+      "two red squares touching at a corner": render(Obj("square", "red", 0, 0, 8), Obj("square", "red", 8, 8, 8)),
+      "red square touching a red triangle": render(Obj("square", "red", 0, 0, 8), Obj("triangle", "red", 8, 0, 8)),
+      "circle with a patch missing": from_cells({k: v for k, v in cells("circle", 12).items() if k != (1, 1)}),
+      "square with the centre patch missing": from_cells({k: v for k, v in cells("square", 12).items() if k != (1, 1)}),
       "circle half red, half blue": from_cells(
           {k: v for k, v in cells("circle", 8).items() if k[1] == 1},
-          img=from_cells({k: v for k, v in cells("circle", 8).items() if k[1] == 0},
-                         rgb=W.COLORS["blue"])),
+          img=from_cells({k: v for k, v in cells("circle", 8).items() if k[1] == 0}, rgb=W.COLORS["blue"]),
+      ),
       "off-palette circle": paint(blank(), W.shape_mask("circle", 8), 8, 8, GREY),
-      "overlapping red squares": paint(render(Obj("square", "red", 0, 0, 12)),
-                                       np.ones((12, 12), bool), 4, 4, red),
+      "overlapping red squares": paint(render(Obj("square", "red", 0, 0, 12)), np.ones((12, 12), bool), 4, 4, red),
   }
   prompts = [p.text for p in G.all_prompts() if p.meta.tag in ("single_object", "colors")]
   for name, img in cases.items():
@@ -338,7 +357,7 @@ def _random_junk(rng, img):
   r, c = rng.integers(CFG.grid, size=2)
   for _ in range(int(rng.integers(1, 5))):
     pat = PATTERNS[rng.integers(len(PATTERNS))] if rng.random() < 0.7 else np.ones((P, P), bool)
-    box = out[r * P:(r + 1) * P, c * P:(c + 1) * P]
+    box = out[r * P : (r + 1) * P, c * P : (c + 1) * P]
     free = (box == BG).all(-1) & pat
     box[free] = rgb
     dr, dc = rng.integers(-1, 2, size=2)
@@ -392,9 +411,11 @@ def test_junk_never_raises_dense_over_random_scenes(half_life):
     if b["malformed_area"] > a["malformed_area"] and a["dense"] > 0:
       assert b["dense"] < a["dense"]
       lowered += 1
-  print(f"\njunk (half-life {half_life:g} px): {cases} random scene + junk cases, dense never "
-        f"rose, strictly fell in {lowered}; "
-        f"{repairs} paints completed a shape and were skipped")
+  print(
+      f"\njunk (half-life {half_life:g} px): {cases} random scene + junk cases, dense never "
+      f"rose, strictly fell in {lowered}; "
+      f"{repairs} paints completed a shape and were skipped"
+  )
   assert cases > 400 and lowered > 200
 
 
@@ -416,8 +437,10 @@ def test_hedged_extra_objects_never_raise_dense():
     assert b["dense"] <= a["dense"] + 1e-12, (p.text, s, h)
     assert b["strict"] <= a["strict"]
     lowered += b["dense"] < a["dense"]
-  print(f"\nhedges: {cases} scenes + an extra object of an asked shape in a random colour; dense "
-        f"never rose, fell in {lowered}")
+  print(
+      f"\nhedges: {cases} scenes + an extra object of an asked shape in a random colour; dense "
+      f"never rose, fell in {lowered}"
+  )
   assert cases > 400 and lowered > 100
 
 
@@ -430,12 +453,11 @@ def test_specks_change_nothing():
     for _ in range(int(rng.integers(1, 6))):
       y, x = rng.integers(2, CFG.canvas - 4, size=2)
       k = int(rng.integers(1, S.VerifierConfig().min_area))  # 1..3 px in a row
-      if (specked[y - 2:y + 3, x - 2:x + k + 2] == BG).all():  # isolated from every colour
+      if (specked[y - 2 : y + 3, x - 2 : x + k + 2] == BG).all():  # isolated from every colour
         rgb = GREY if rng.random() < 0.3 else CFG.rgb(CFG.color_names[rng.integers(6)])
-        specked[y, x:x + k] = rgb
+        specked[y, x : x + k] = rgb
     (a,), (b,) = DENSE.details([p.text], img[None]), DENSE.details([p.text], specked[None])
-    assert (a["strict"], a["dense"], a["detections"]) == (b["strict"], b["dense"],
-                                                           b["detections"])
+    assert (a["strict"], a["dense"], a["detections"]) == (b["strict"], b["dense"], b["detections"])
 
 
 # ----------------------------------------------------------------------------------- speed
@@ -444,9 +466,14 @@ def test_specks_change_nothing():
 def test_speed_per_image():
   rng = np.random.default_rng(3)
   ps = G.balanced_prompts("eval", 800, seed=3)
-  imgs = np.stack([render(*G.scene_for(p.meta, rng).objects) if i % 2 else
-                   _random_junk(rng, render(*G.scene_for(p.meta, rng).objects))
-                   for i, p in enumerate(ps)])
+  imgs = np.stack(
+      [
+          render(*G.scene_for(p.meta, rng).objects)
+          if i % 2
+          else _random_junk(rng, render(*G.scene_for(p.meta, rng).objects))
+          for i, p in enumerate(ps)
+      ]
+  )
   texts = [p.text for p in ps]
   DENSE(texts[:8], imgs[:8])  # warm caches
   t = time.perf_counter()
