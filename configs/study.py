@@ -65,7 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 600-step base scores ~0.01-0.07 held-out (every sampler setting), too little to compare arms on.
   c.shared = "total_steps=60; eval_every=20; model.pretrain.num_steps=2000; model.pretrain.max_minutes=0"
   c.arms = ml_collections.ConfigDict({name: dict(preset=p, overrides=o) for name, (p, o) in ARMS.items()})
-  c.main_arms = "htgrpo,maskgrpo,tracegrpo,uni"
+  c.main_arms = "htgrpo,maskgrpo,tracegrpo,uni,ht_traj_sketch"
   c.main_seeds = 3
   c.ablation_arms = ",".join(a for a in ARMS if a not in c.main_arms.split(","))  # every other arm
   c.ablation_seeds = 1
