@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # the bench runs; the cache's exactness is tests/sampling/test_rollout_cache.py
 def test_sampler_cache_comparison_prints_medians_and_ratio(tmp_path):
   env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="")  # one CPU device, as a user runs it
   out = subprocess.run(

@@ -139,7 +139,7 @@ def embedded(word_tokenizer_dir):
   return lay, cfg
 
 
-@pytest.mark.parametrize("adapters", [False, True], ids=["base", "lora"])
+@pytest.mark.parametrize("adapters", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["base", "lora"])
 def test_cached_logits_of_the_policy_match_its_canvas_logits(embedded, adapters):
   """``policy.make_cached_logits``: full logits at the slots = the CanvasLogitsFn's, pads are not
   selectable, and the partial forward reads the same params (LoRA adapters included)."""

@@ -136,6 +136,7 @@ def test_every_t2i_path_may_be_a_gs_url(dimoo_config, bucket, tmp_path, monkeypa
   assert all(s.startswith("gs://b/") for s in SEEN)
 
 
+@pytest.mark.slow  # the t2i trainer end to end; its parts (decode, rewards, URLs) stay in the default run
 def test_dimoo_config_trains_two_steps_and_scores_with_the_strict_endpoint(dimoo_config, server):
   out = trainer.train(dimoo_config, log=lambda s: None)
   assert out["step"] == 2 and len(out["history"]) == 2

@@ -58,6 +58,7 @@ def _run(model, params, ro, **kw):
   return step(rl.TrainState.create(params, opt, with_reference=False), ro, jax.random.key(0))
 
 
+@pytest.mark.slow  # the option's numbers; image normalisation (the default) is checked in the default run
 def test_stage_normalisation_gives_each_stage_mean_credit_one(toy):
   model, params, ro = toy
   is_s = np_partition(np.asarray(ro.commit_step), np.asarray(ro.commit_entropy), T, 0.5, 0.25, "entropy")

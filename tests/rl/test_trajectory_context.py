@@ -145,7 +145,10 @@ def test_canvas_groups_with_replayed_stages():
 B, N, C, G = 8, 12, 4, 4
 
 
-@pytest.mark.parametrize("sketch_ctx,refine_ctx", [("trajectory", "structure"), ("all_mask", "trajectory")])
+@pytest.mark.parametrize(
+    "sketch_ctx,refine_ctx",
+    [("trajectory", "structure"), pytest.param("all_mask", "trajectory", marks=pytest.mark.slow)],
+)
 def test_step_scores_each_iteration_on_its_own_canvas(sketch_ctx, refine_ctx):
   """With a zero learning rate the policy never moves, so every iteration's ratio is exactly 1 and its
   k3-KL exactly 0 only if the old and reference passes scored that iteration's own canvas: a replayed
