@@ -114,6 +114,7 @@ def test_sigkill_mid_run_then_restart_resumes(full_run, root):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # the default run restores a 2-process checkpoint on 1 process (test_multihost.py)
 def test_checkpoint_from_8_devices_restores_on_1(full_run, root):
   assert len(jax.devices()) == 8
   cfg = tiny_config(root, "one_device", **{"mesh.num_devices": 1, "eval.at_start": False})
@@ -262,7 +263,9 @@ def test_rollout_groups_are_prompt_major_then_sketch_then_paint(root):
   )
 
 
-@pytest.mark.parametrize("guidance", [pytest.param("guided", marks=pytest.mark.slow), "unguided_rollouts"])
+# Slow: the branching maths is tests/rl/test_hierarchical_groups.py (default run); this is the trainer around it.
+@pytest.mark.slow
+@pytest.mark.parametrize("guidance", ["guided", "unguided_rollouts"])
 def test_branched_rollouts_train_and_log_the_behaviour_gap(root, guidance):
   """One tiny step with 2 sketches x 2 paints per prompt runs end to end, the selectivity and
   behaviour-gap metrics are logged, and with either on-policy choice ('guided' CFG-2 scoring, or
