@@ -47,20 +47,7 @@ import train_step as ts  # noqa: E402
 from htgrpo_jax.models import llada  # noqa: E402
 from htgrpo_jax.rl.loss import ht_grpo_loss, token_logp_entropy  # noqa: E402
 
-SHAPES = argparse.Namespace(
-    d=128,
-    layers=4,
-    heads=4,
-    mlp=512,
-    tokens=64,
-    codebook=128,
-    prompt_len=16,
-    batch=64,
-    group=8,
-    stages=(2, 2, 2),
-    sampler_steps=12,
-    micro_batch_size=0,
-)
+SHAPES = argparse.Namespace(**ts.SHAPES, micro_batch_size=0)
 
 
 def profile(grad, params, calls=3):

@@ -43,20 +43,7 @@ def main():
   import train_step as ts  # noqa: PLC0415
   from htgrpo_jax import rl  # noqa: PLC0415
 
-  bench_args = argparse.Namespace(
-      d=128,
-      layers=4,
-      heads=4,
-      mlp=512,
-      tokens=64,
-      codebook=128,
-      prompt_len=16,
-      batch=64,
-      group=8,
-      stages=(2, 2, 2),
-      sampler_steps=12,
-      micro_batch_size=0,
-  )
+  bench_args = argparse.Namespace(**ts.SHAPES, micro_batch_size=0)
   config = ts.make_config(bench_args, args.estimator, args.beta)
   _, fn, params = ts.make_policy(bench_args)
   opt = rl.make_optimizer(1e-4, clip_norm=1.0, weight_decay=0.01)

@@ -156,6 +156,23 @@ def time_vs_torch(args, config, model_cfg, params, compiled, state, rollout, key
   return times, threads
 
 
+# The `shapes` policy and batch (configs/geneval.py's model and step); bench/loss_grad.py and
+# bench/profile_step.py time the same size.
+SHAPES = dict(
+    d=128,
+    layers=4,
+    heads=4,
+    mlp=512,
+    tokens=64,
+    codebook=128,
+    prompt_len=16,
+    batch=64,
+    group=8,
+    stages=(2, 2, 2),
+    sampler_steps=12,
+)
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--quick", action="store_true")
@@ -174,21 +191,7 @@ def main():
       "'both': with --vs_torch, also time the einsum form in the same rotation",
   )
   args = ap.parse_args()
-  big = dict(
-      d=128,
-      layers=4,
-      heads=4,
-      mlp=512,
-      tokens=64,
-      codebook=128,
-      prompt_len=16,
-      batch=64,
-      group=8,
-      stages=(2, 2, 2),
-      sampler_steps=12,
-      repeats=5,
-      matmul=2048,
-  )
+  big = dict(SHAPES, repeats=5, matmul=2048)
   quick = dict(
       d=64,
       layers=2,
