@@ -244,42 +244,14 @@ class HTGRPOConfig:
 
 
 _UNIFORM = dict(structure_weight=1.0, refine_weight=1.0)
+# The baselines: one global stage of K = 6 iterations, uniform credit, PPO clip 0.2, KL 0.01.
+_ONE_STAGE = dict(n_global=6, n_struct=0, n_refine=0, clip_eps=0.2, beta=0.01, **_UNIFORM)
 
 PRESETS: dict[str, dict] = {
     "htgrpo": dict(update_schedule="constant", update_fraction=1.0),
-    "maskgrpo": dict(
-        n_global=6,
-        n_struct=0,
-        n_refine=0,
-        estimator="random_remask",
-        update_schedule="ramp",
-        min_mask_rate=0.6,
-        clip_eps=0.2,
-        beta=0.01,
-        **_UNIFORM,
-    ),
-    "tracegrpo": dict(
-        n_global=6,
-        n_struct=0,
-        n_refine=0,
-        estimator="trajectory",
-        update_schedule="constant",
-        update_fraction=1.0,
-        clip_eps=0.2,
-        beta=0.01,
-        **_UNIFORM,
-    ),
-    "uni": dict(
-        n_global=6,
-        n_struct=0,
-        n_refine=0,
-        estimator="uni",
-        update_schedule="constant",
-        update_fraction=1.0,
-        clip_eps=0.2,
-        beta=0.01,
-        **_UNIFORM,
-    ),
+    "maskgrpo": dict(estimator="random_remask", update_schedule="ramp", min_mask_rate=0.6, **_ONE_STAGE),
+    "tracegrpo": dict(estimator="trajectory", update_schedule="constant", update_fraction=1.0, **_ONE_STAGE),
+    "uni": dict(estimator="uni", update_schedule="constant", update_fraction=1.0, **_ONE_STAGE),
 }
 
 

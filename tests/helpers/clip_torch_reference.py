@@ -184,14 +184,13 @@ def save_tiny_clip_dir(d, seed=3):
   return model, tok
 
 
-def save_tiny_owl_dir(d, kind="owlv2", seed=5):
-  """A random tiny HF OWL detector (4 x 4 patches of a 32 px input) sized for
-  ``write_clip_tokenizer``'s vocabulary, saved with that tokenizer in ``d``; returns (model, tokenizer)."""
+def tiny_hf_owl(kind="owlv2", seed=0, vocab_size=128):
+  """A random tiny HF OWLv2 / OWL-ViT detector (4 x 4 patches of a 32 px input, text vocab
+  ``vocab_size``), weights randomised by ``randomize`` with ``seed``."""
   from transformers import OwlViTConfig, OwlViTForObjectDetection, Owlv2Config, Owlv2ForObjectDetection
 
-  tok = write_clip_tokenizer(d)
   text = dict(
-      vocab_size=len(tok),
+      vocab_size=vocab_size,
       hidden_size=32,
       num_hidden_layers=2,
       num_attention_heads=4,
@@ -205,6 +204,13 @@ def save_tiny_owl_dir(d, kind="owlv2", seed=5):
       (Owlv2Config, Owlv2ForObjectDetection) if kind == "owlv2" else (OwlViTConfig, OwlViTForObjectDetection)
   )
   torch.manual_seed(seed)
-  model = randomize(model_cls(cfg_cls(text_config=text, vision_config=vision, projection_dim=32)), seed)
+  return randomize(model_cls(cfg_cls(text_config=text, vision_config=vision, projection_dim=32)), seed)
+
+
+def save_tiny_owl_dir(d, kind="owlv2", seed=5):
+  """A random tiny HF OWL detector (``tiny_hf_owl``) sized for ``write_clip_tokenizer``'s
+  vocabulary, saved with that tokenizer in ``d``; returns (model, tokenizer)."""
+  tok = write_clip_tokenizer(d)
+  model = tiny_hf_owl(kind, seed, vocab_size=len(tok))
   model.save_pretrained(str(d))
   return model, tok

@@ -8,30 +8,9 @@ import torch
 
 from htgrpo_jax.models import clip_convert, owl
 from htgrpo_jax.rewards import geneval
-from tests.helpers.clip_torch_reference import random_ids, randomize, save_state_dict
+from tests.helpers.clip_torch_reference import random_ids, save_state_dict, tiny_hf_owl
 
 TOL = 1e-4
-
-
-def tiny_hf_owl(kind, seed=0):
-  from transformers import OwlViTConfig, OwlViTForObjectDetection, Owlv2Config, Owlv2ForObjectDetection
-
-  text = dict(
-      vocab_size=128,
-      hidden_size=32,
-      num_hidden_layers=2,
-      num_attention_heads=4,
-      intermediate_size=64,
-      max_position_embeddings=16,
-  )
-  vision = dict(
-      hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=80, image_size=32, patch_size=8
-  )
-  cfg_cls, model_cls = (
-      (Owlv2Config, Owlv2ForObjectDetection) if kind == "owlv2" else (OwlViTConfig, OwlViTForObjectDetection)
-  )
-  torch.manual_seed(seed)
-  return randomize(model_cls(cfg_cls(text_config=text, vision_config=vision, projection_dim=32)), seed)
 
 
 @pytest.mark.parametrize("kind", ["owlv2", "owlvit"])
