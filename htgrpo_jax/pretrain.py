@@ -11,6 +11,7 @@ layout's unconditional prompt, so the same network serves classifier-free guidan
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -34,6 +35,40 @@ _now = time.monotonic  # the safety cap's clock (a module attribute so tests can
 # The learner state is the package's one ``TrainState`` (contracts.py); pretraining keeps no
 # reference policy (``ref_params`` None: ``TrainState.create(params, opt, with_reference=False)``).
 # Only the params are written to disk (``save_params``), so the state's layout is not a file format.
+
+
+RECIPE_FILE = "pretrain.json"  # next to {workdir}/params: what made the base policy
+
+
+def recipe(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The settings of a pretraining config that decide the base policy's params (not where it is
+  written, logged or evaluated): seed, steps, batch, optimizer, prompt dropout, model and world."""
+  world = {k: v for k, v in cfg.world.to_dict().items() if k != "data_dir"}
+  model = dict(cfg.model.to_dict(), overrides=dict(cfg.model.get("overrides") or {}))
+  keys = ("seed", "num_steps", "batch_size", "p_uncond")
+  return json.loads(json.dumps(dict({k: cfg[k] for k in keys}, optim=cfg.optim.to_dict(), model=model, world=world)))
+
+
+def recipe_mismatch(cfg: ml_collections.ConfigDict) -> list[str] | None:
+  """How the base policy already at ``{cfg.workdir}`` was made differently from ``cfg``, the seed
+  aside: one 'key: recorded -> asked' line per differing setting ([] when the same); None when the
+  checkpoint has no record (pretrained before records were written, or not by ``pretrain``)."""
+  path = paths.join(cfg.workdir, RECIPE_FILE)
+  if not paths.isfile(path):
+    return None
+  with paths.open(path) as f:
+    made = json.load(f)["recipe"]
+
+  def flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+      out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+  # Not the seed: a training run's seed is its own (a study trains every seed from one frozen base).
+  made, asked = flat(made), flat(recipe(cfg))
+  keys = sorted((made.keys() | asked.keys()) - {"seed"})
+  return [f"{k}: {made.get(k, '(unset)')} -> {asked.get(k, '(unset)')}" for k in keys if made.get(k) != asked.get(k)]
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -272,7 +307,11 @@ def pretrain(
       break
   params = jax.block_until_ready(state.params)
   seconds = _now() - t0
-  ckpt = save_params(paths.join(cfg.workdir, "params"), params) if cfg.workdir else None
+  ckpt = None
+  if cfg.workdir:
+    ckpt = save_params(paths.join(cfg.workdir, "params"), params)
+    record = dict(recipe=recipe(cfg), steps_done=done, cut_short=cut_short, seconds=round(seconds, 1))
+    paths.write_text_atomic(paths.join(cfg.workdir, RECIPE_FILE), json.dumps(record, indent=2))
   return dict(
       params=params,
       model_cfg=model_cfg,

@@ -275,6 +275,13 @@ def reach_lines(data: dict[str, Any], arms: Sequence[str], ref: str, n_boot: int
   observed = np.asarray([[evaluate.tag_scores(tags, a)["overall"]] for a in arrays])  # [A, 1]
   ref_obs, ref_draw = mean_curves(ref, observed), mean_curves(ref, draws)
   target_obs, budget = ref_obs[0, -1, 1], ref_obs[0, -1, 0]
+  if target_obs <= ref_obs[0, 0, 1]:
+    # Every curve starts at the base: "images to reach" a final at or below it is 0 for every arm.
+    return [
+        f"`{ref}`'s final score ({target_obs:.3f}) is not above the base's ({ref_obs[0, 0, 1]:.3f}): "
+        "there is no rollout budget to compare arms against (no sample-efficiency table).",
+        "",
+    ]
   lines = [
       f"Rollout images to reach `{ref}`'s final score ({target_obs:.3f}, its seed mean after "
       f"{budget:.0f} images), linear between evaluations, with 95 % intervals (prompts and "
@@ -288,7 +295,9 @@ def reach_lines(data: dict[str, Any], arms: Sequence[str], ref: str, n_boot: int
     cur = mean_curves(a, draws)
     x = np.asarray([images_to_reach(cur[b], ref_draw[b, -1, 1]) for b in range(n_boot)])
     lo, hi = np.percentile(x, [2.5, 97.5])
-    ratio = budget / x  # inf images -> 0x
+    # inf images -> 0x; a draw whose target is at or below its own base needs 0 images -> inf x
+    with np.errstate(divide="ignore"):
+      ratio = budget / x
     rlo, rhi = np.percentile(ratio, [2.5, 97.5])
     img = lambda v: "never" if not np.isfinite(v) else f"{v:.0f}"
     lines.append(f"| {a} | {img(obs)} [{img(lo)}, {img(hi)}] | " f"{budget / obs:.2f}x [{rlo:.2f}x, {rhi:.2f}x] |")

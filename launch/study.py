@@ -31,10 +31,22 @@ _SHARD = flags.DEFINE_string(
 )
 
 
+def without_workers_flag(argv: list[str]) -> list[str]:
+  """argv with ``--workers`` removed in every spelling absl accepts (``--workers=N``, ``--workers N``,
+  one dash), so the shard processes do not start workers of their own."""
+  out, skip = [], False
+  for a in argv:
+    flag = a.lstrip("-").split("=")[0] if a.startswith("-") else ""
+    if not skip and flag != "workers":
+      out.append(a)
+    skip = flag == "workers" and "=" not in a
+  return out
+
+
 def _run_workers(n: int) -> int:
   """Starts n shard processes with this process's flags; SIGTERM/SIGINT reach them all (each
   trainer saves and stops). Returns the number of workers that failed."""
-  args = [a for a in sys.argv[1:] if not a.startswith("--workers")]
+  args = without_workers_flag(sys.argv[1:])
   procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *args, f"--shard={i}/{n}"]) for i in range(n)]
 
   def forward(signum, _):

@@ -1,6 +1,7 @@
 """Base-policy pretraining: the host-side learning-rate schedule and the jitted masked-diffusion step."""
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -148,3 +149,28 @@ def test_the_safety_cap_stops_loudly(tmp_path, monkeypatch):
   with pytest.warns(UserWarning, match="safety cap"):
     out = pretrain.pretrain(cfg)
   assert out["cut_short"] and out["steps_done"] < cfg.num_steps
+
+
+def test_a_reused_base_must_have_been_pretrained_as_the_config_asks(tmp_path):
+  """``pretrain.json`` records how a base was made; a training config asking for other pretraining
+  settings is refused, naming the setting (an old base is never silently reused), while another
+  seed (each RL seed from one frozen base) and a base with no record are accepted."""
+  from htgrpo_jax.worlds.shapeeval import task
+
+  cfg = _tiny_pretrain_cfg(tmp_path, "r")
+  assert pretrain.recipe_mismatch(cfg) is None  # nothing there yet
+  pretrain.pretrain(cfg)
+  assert pretrain.recipe_mismatch(cfg) == []
+  other_seed = ml_collections.ConfigDict(cfg.to_dict())
+  other_seed.seed = 7
+  assert pretrain.recipe_mismatch(other_seed) == []
+  lr = cfg.optim.learning_rate
+  cfg.num_steps, cfg.optim.learning_rate = 12, 5e-3
+  assert pretrain.recipe_mismatch(cfg) == ["num_steps: 6 -> 12", f"optim.learning_rate: {lr} -> 0.005"]
+  train = ml_collections.ConfigDict(dict(model=dict(checkpoint=cfg.workdir)))
+  with pytest.raises(ValueError, match=r"model.checkpoint: .*num_steps: 6 -> 12"):
+    task._check_base_recipe(train, cfg, cfg.workdir + "/params", print)
+  os.remove(os.path.join(cfg.workdir, pretrain.RECIPE_FILE))
+  logged = []
+  task._check_base_recipe(train, cfg, cfg.workdir + "/params", logged.append)
+  assert "not recorded" in logged[0]

@@ -255,6 +255,31 @@ def test_report_says_how_many_rollout_images_each_arm_needs_to_reach_the_referen
   assert row.startswith(f"| htgrpo | {half:.0f} [") and row.endswith(" | 2.00x [2.00x, 2.00x] |")
 
 
+def test_reach_table_says_so_when_the_reference_never_rose_above_the_base(tmp_path):
+  """A reference arm that ends at the base's score gives no budget to compare against: one sentence,
+  not a table of ``infx [nanx, nanx]``."""
+  cfg = _report_study(tmp_path, "htgrpo,maskgrpo", 1, base_acc=0.3)
+  for i, r in enumerate(study.plan_runs(cfg)):
+    final = study._final_step(study.train_config(cfg, r.arm, r.seed, r.workdir))
+    writer.write_eval(r.workdir, final, _eval_res({"htgrpo": 0.8, "maskgrpo": 0.0}[r.arm], 60, 4), "t", 0)
+  md = study.write_report(cfg)
+  assert "is not above the base's" in md and "nanx" not in md and "infx" not in md
+
+
+def test_study_workers_flag_is_not_passed_on_to_the_shards():
+  """Every spelling absl accepts of ``--workers`` is dropped from the shards' argv (a leftover value
+  of ``--workers 2`` would be an unexpected positional argument; a leftover flag, nested workers)."""
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("_launch_study", os.path.join(REPO, "launch", "study.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  keep = ["--config=configs/study.py:long", "--max_runs=3", "--config.workdir=w"]
+  for workers in (["--workers=4"], ["--workers", "4"], ["-workers=4"], ["-workers", "4"]):
+    assert mod.without_workers_flag(keep[:1] + workers + keep[1:]) == keep
+  assert mod.without_workers_flag(keep) == keep
+
+
 def test_every_arm_plans(cfg):
   """Each arm's overrides reach a valid training plan (a typo in an arm fails here, not hours into a
   study); the trajectory-context arms set what their names say."""

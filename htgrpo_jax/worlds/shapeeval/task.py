@@ -42,6 +42,24 @@ def pretrain_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   return p
 
 
+def _check_base_recipe(config, pcfg, ckpt: str, log: Callable[[str], None]) -> None:
+  """An existing base policy is reused only if it was pretrained the way ``config`` asks (the
+  recorded ``pretrain.json``), so a changed ``model.pretrain.*``, model or world setting never
+  silently trains from another base (the seed may differ: every RL seed may share one frozen base).
+  A checkpoint without a record is used with a notice."""
+  from htgrpo_jax import pretrain
+
+  diff = pretrain.recipe_mismatch(pcfg)
+  if diff is None:
+    log(f"Base policy: {ckpt} (no {pretrain.RECIPE_FILE} beside it: how it was pretrained is not recorded).")
+  elif diff:
+    raise ValueError(
+        f"model.checkpoint: the base policy at {ckpt} was pretrained with other settings than this config "
+        f"asks for (model.pretrain.*, model.*, world.*; recorded -> asked): {'; '.join(diff)}. Point "
+        f"model.checkpoint at another folder to pretrain a new base there, or delete {config.model.checkpoint}."
+    )
+
+
 def base_params_path(config: ml_collections.ConfigDict) -> str:
   return paths.resolve(paths.join(config.model.checkpoint, "params"))
 
@@ -80,6 +98,8 @@ def build_shapes_task(config: ml_collections.ConfigDict, *, log: Callable[[str],
     out = pretrain.pretrain(pcfg, progress=progress, log=lambda s, m: bar["t"].set_postfix(loss=f"{m['loss']:.3f}"))
     bar["t"].close()
     log(f"Base policy: {out['steps_done']} steps in {out['seconds']:.0f} s -> {out['checkpoint']}")
+  else:
+    _check_base_recipe(config, pcfg, ckpt, log)
   assets = world_data.build_world(
       config.world.data_dir,
       world,
