@@ -5,6 +5,7 @@
       --config.ablation_arms= --config.main_seeds=3
   python launch/study.py --config=configs/study.py:tiny                  # a 2-minute smoke study
   python launch/study.py --config=configs/study.py:long --workers=9      # 5x the budget (a GPU host)
+  python launch/study.py --config=configs/study.py:default               # the default command's base
 
 Every run starts from one frozen base policy and trains the same number of steps of the same
 prompts x G, so arms see equal rollout budgets; see htgrpo_jax/study.py.
@@ -50,9 +51,9 @@ ARMS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  if arg not in (None, "", "tiny", "long"):
-    raise ValueError(f"configs/study.py: unknown argument {arg!r}; use '', 'tiny' or 'long'")
-  tiny, long = arg == "tiny", arg == "long"
+  if arg not in (None, "", "tiny", "long", "default"):
+    raise ValueError(f"configs/study.py: unknown argument {arg!r}; use '', 'tiny', 'long' or 'default'")
+  tiny, long, default = arg == "tiny", arg == "long", arg == "default"
   c = ml_collections.ConfigDict()
   c.title = "ShapeEval efficacy study"
   c.workdir = "runs/study" + ("_tiny" if tiny else "")
@@ -61,8 +62,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.base_seed = 0  # the frozen base policy's pretraining seed
   c.base_checkpoint = ""  # the frozen base ("": {workdir}/base, pretrained when missing)
   # Overrides every run shares ("key=value; ..."): the budget and the evaluation.
-  # A longer-pretrained base than the default command's 600 steps: under the strict judge the
-  # 600-step base scores ~0.01-0.07 held-out (every sampler setting), too little to compare arms on.
+  # A longer-pretrained base than the default command's 1500 steps (0.087 held-out; 600 steps gave
+  # ~0.01, too little to compare arms on): 2000 steps, 0.102.
   c.shared = "total_steps=60; eval_every=20; model.pretrain.num_steps=2000; model.pretrain.max_minutes=0"
   c.arms = ml_collections.ConfigDict({name: dict(preset=p, overrides=o) for name, (p, o) in ARMS.items()})
   c.main_arms = "htgrpo,maskgrpo,tracegrpo,uni,ht_traj_sketch"
@@ -84,6 +85,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ablation_arms = "ht_traj_sketch,ht_traj_refine," "htgrpo_lr3e-4,maskgrpo_lr3e-4,htgrpo_lr3e-5,maskgrpo_lr3e-5"
     c.results_md = "docs/results_long.md"
     c.curves_png = "docs/results_long_curves.png"
+    c.readme = ""
+  if default:
+    # What the default command gives: its own 1500-step base (configs/pretrain_shapes.py) and budget,
+    # HT-GRPO as shipped against the trajectory-replayed sketch stages, paired.
+    c.workdir = "runs/study_dc"
+    c.shared = "total_steps=60; eval_every=20; model.pretrain.num_steps=1500; model.pretrain.max_minutes=0"
+    c.main_arms, c.ablation_arms = "htgrpo,ht_traj_sketch", ""
+    c.reference_arm = "htgrpo"
+    c.results_md = "docs/results_default.md"
+    c.curves_png = "docs/results_default_curves.png"
     c.readme = ""
   if tiny:
     c.train_variant = "tiny"

@@ -60,6 +60,23 @@ def test_every_run_shares_the_frozen_base_and_the_budget(cfg):
     study.train_config(cfg, "htgrpo", 0, "/tmp/z")
 
 
+def test_the_default_command_study_trains_from_the_default_commands_base(monkeypatch):
+  """``configs/study.py:default`` measures what ``launch/train.py --config=configs/geneval.py`` gives:
+  the pretraining steps and the RL budget of the default command, HT-GRPO as shipped as the reference."""
+  monkeypatch.chdir(REPO)
+  cfg = load_config_file("configs/study.py", "default")
+  shipped = load_config_file("configs/geneval.py")
+  pre = load_config_file(shipped.model.pretrain_config)
+  c = study.train_config(cfg, "htgrpo", 1, "/tmp/x")
+  assert c.model.pretrain.num_steps == pre.num_steps and c.total_steps == shipped.total_steps
+  assert (c.rl.preset, c.prompts_per_step, c.rl.group_size) == (
+      "htgrpo",
+      shipped.prompts_per_step,
+      shipped.rl.group_size,
+  )
+  assert cfg.reference_arm == "htgrpo" and "htgrpo" in cfg.main_arms.split(",")
+
+
 def _eval(acc, n_prompts=60, samples=4, seed=0):
   r = np.random.default_rng(seed)
   tags = np.repeat(["colors", "counting", "position"], n_prompts // 3 * samples)
