@@ -46,6 +46,10 @@ def _early_threads() -> int | None:
 
 
 if __name__ == "__main__":
+  if "--reuse_host_memory" in sys.argv:  # before JAX starts its threads (htgrpo_jax.runtime imports nothing heavy)
+    from htgrpo_jax import runtime
+
+    print(f"reuse_host_memory applied: {runtime.reuse_host_memory()}")
   _n = _early_threads() or len(os.sched_getaffinity(0))
   os.environ["XLA_FLAGS"] = (
       os.environ.get("XLA_FLAGS", "") + f" --xla_cpu_multi_thread_eigen={str(_n > 1).lower()}"
@@ -194,6 +198,11 @@ def main():
   ap.add_argument("--matmul", type=int, default=None, help="matmul size M (M x M @ M x M, fp32)")
   ap.add_argument("--vs_torch", action="store_true", help="also time bench/torch_reference.py, interleaved")
   ap.add_argument("--threads", type=int, default=0, help="intra-op threads for XLA and torch (0 = all CPUs)")
+  ap.add_argument(
+      "--reuse_host_memory",
+      action="store_true",
+      help="htgrpo_jax.runtime.reuse_host_memory() before JAX starts (process-wide: both frameworks)",
+  )
   ap.add_argument(
       "--dense",
       default="flat",
