@@ -24,7 +24,9 @@ tests/test_flops.py checks the count against the traced program's matmuls.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import resource
 import statistics
 import sys
 import time
@@ -44,6 +46,10 @@ def _early_threads() -> int | None:
 
 
 if __name__ == "__main__":
+  if "--reuse_host_memory" in sys.argv:  # before JAX starts its threads (htgrpo_jax.runtime imports nothing heavy)
+    from htgrpo_jax import runtime
+
+    print(f"reuse_host_memory applied: {runtime.reuse_host_memory()}")
   _n = _early_threads() or len(os.sched_getaffinity(0))
   os.environ["XLA_FLAGS"] = (
       os.environ.get("XLA_FLAGS", "") + f" --xla_cpu_multi_thread_eigen={str(_n > 1).lower()}"
@@ -117,7 +123,8 @@ def time_vs_torch(args, config, model_cfg, params, compiled, state, rollout, key
   """Median JAX and eager-PyTorch update times, alternating, after one warm-up each.
 
   ``einsum``: an optional second compiled step (the einsum projections) timed in the same rotation.
-  Returns ({name: [seconds per repeat]}, threads).
+  Returns ({name: [seconds per repeat]}, {name: [(user s, system s, minor page faults) per repeat]}, threads):
+  the process's CPU time and page faults over each call (``getrusage``; the other framework is idle then).
   """
   import torch  # noqa: PLC0415 (bench-only dependency)
   import torch_reference  # noqa: PLC0415
@@ -144,16 +151,24 @@ def time_vs_torch(args, config, model_cfg, params, compiled, state, rollout, key
     )
     states["jax_einsum"], _ = einsum(states["jax_einsum"], rollout, key)
   times = {name: [] for name in list(runs) + ["torch"]}
+  usage = {name: [] for name in times}  # (user s, system s, minor page faults) of each call
+
+  def timed(name, call):
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    call()
+    t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+    times[name].append(t1 - t0)
+    usage[name].append((r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime, r1.ru_minflt - r0.ru_minflt))
+
+  def jax_call(name, fn):
+    states[name], _ = fn(states[name], rollout, key)
+    jax.block_until_ready(states[name])
+
   for _ in range(args.repeats):
     for name, fn in runs.items():
-      t0 = time.perf_counter()
-      states[name], _ = fn(states[name], rollout, key)
-      jax.block_until_ready(states[name])
-      times[name].append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    upd.run(inputs)
-    times["torch"].append(time.perf_counter() - t0)
-  return times, threads
+      timed(name, functools.partial(jax_call, name, fn))
+    timed("torch", functools.partial(upd.run, inputs))
+  return times, usage, threads
 
 
 # The `shapes` policy and batch (configs/geneval.py's model and step); bench/loss_grad.py and
@@ -183,6 +198,11 @@ def main():
   ap.add_argument("--matmul", type=int, default=None, help="matmul size M (M x M @ M x M, fp32)")
   ap.add_argument("--vs_torch", action="store_true", help="also time bench/torch_reference.py, interleaved")
   ap.add_argument("--threads", type=int, default=0, help="intra-op threads for XLA and torch (0 = all CPUs)")
+  ap.add_argument(
+      "--reuse_host_memory",
+      action="store_true",
+      help="htgrpo_jax.runtime.reuse_host_memory() before JAX starts (process-wide: both frameworks)",
+  )
   ap.add_argument(
       "--dense",
       default="flat",
@@ -282,12 +302,14 @@ def main():
   print(f"ratio step/matmul FLOP/s {step_fps / mm_fps:.3f}")
   print(f"final loss {float(metrics['total']['loss']):.4f}  skipped {int(metrics['skipped'])}")
   if args.vs_torch:
-    times, threads = time_vs_torch(args, config, model_cfg, params_np, compiled, state, rollout, key, einsum)
+    times, usage, threads = time_vs_torch(args, config, model_cfg, params_np, compiled, state, rollout, key, einsum)
     print(f"vs eager PyTorch ({threads} intra-op threads each, {args.repeats} alternating repeats):")
     for name, ts_ in times.items():
+      user, system, faults = (statistics.median(u[i] for u in usage[name]) for i in range(3))
       print(
           f"  {name + '_update_s':22s} (median) {statistics.median(ts_):.4f}   "
-          f"(min {min(ts_):.4f}, max {max(ts_):.4f})"
+          f"(min {min(ts_):.4f}, max {max(ts_):.4f})   user {user:.3f} s  system {system:.3f} s  "
+          f"page faults {faults:.0f}"
       )
     tt = times["torch"]
     for name in [n for n in times if n != "torch"]:

@@ -172,3 +172,42 @@ def test_entry_points_set_up_the_runtime_first(tmp_path, script, args):
   )
   assert out.returncode != 0 and "world.train_prompts" in out.stderr, out.stderr[-2000:]
   assert cache.is_dir()
+
+
+_REUSE_SCRIPT = r"""
+import os, resource, sys
+os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+if sys.argv[1] == "reuse":
+  from htgrpo_jax import runtime
+  assert runtime.reuse_host_memory()
+import jax, jax.numpy as jnp
+x = jnp.ones((8192, 256), jnp.float32)
+w = [jnp.full((256, 1024), 0.01), jnp.full((1024, 256), 0.01)]
+f = jax.jit(jax.grad(lambda w, x: jnp.tanh(jnp.tanh(x @ w[0]) @ w[1]).sum()))
+for _ in range(2):
+  g = jax.block_until_ready(f(w, x))
+r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+h = jax.block_until_ready(f(w, x))
+print("RESULT", resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0, float(abs(g[0] - h[0]).max()))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_reuse_host_memory_stops_xla_cpu_faulting_its_temp_buffer_in_on_every_call():
+  # The grad program's temp buffer (> 32 MB: two [8192, 1024] fp32 activations) is malloc'ed per call;
+  # by default glibc maps it afresh each time (every page faulted in again), after the call reuses it.
+  faults = {}
+  for mode in ("default", "reuse"):
+    # As bench/train_step.py runs (JAX_PLATFORMS unset): with JAX_PLATFORMS=cpu this program still faults
+    # ~18k pages per call with the setting on, through no mmap of glibc's (docs/performance.md).
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    env["PYTHONPATH"] = REPO
+    out = subprocess.run(
+        [sys.executable, "-c", _REUSE_SCRIPT, mode], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    n, diff = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")][-1].split()[1:]
+    faults[mode] = int(n)
+    assert float(diff) == 0.0  # same program, same results
+  assert faults["default"] > 8192, faults  # > 32 MB of 4 KiB pages faulted in by one call
+  assert faults["reuse"] < faults["default"] // 10, faults
