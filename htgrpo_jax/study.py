@@ -294,11 +294,12 @@ def reach_lines(data: dict[str, Any], arms: Sequence[str], ref: str, n_boot: int
     obs = images_to_reach(mean_curves(a, observed)[0], target_obs)
     cur = mean_curves(a, draws)
     x = np.asarray([images_to_reach(cur[b], ref_draw[b, -1, 1]) for b in range(n_boot)])
-    lo, hi = np.percentile(x, [2.5, 97.5])
-    # inf images -> 0x; a draw whose target is at or below its own base needs 0 images -> inf x
-    with np.errstate(divide="ignore"):
+    # inf images ('never') -> 0x; a draw whose target is at or below its own base needs 0 images -> inf x.
+    # Percentiles between two infinite draws are inf (numpy computes inf - inf on the way).
+    with np.errstate(divide="ignore", invalid="ignore"):
+      lo, hi = np.percentile(x, [2.5, 97.5])
       ratio = budget / x
-    rlo, rhi = np.percentile(ratio, [2.5, 97.5])
+      rlo, rhi = np.percentile(ratio, [2.5, 97.5])
     img = lambda v: "never" if not np.isfinite(v) else f"{v:.0f}"
     lines.append(f"| {a} | {img(obs)} [{img(lo)}, {img(hi)}] | " f"{budget / obs:.2f}x [{rlo:.2f}x, {rhi:.2f}x] |")
   return lines + [""]
