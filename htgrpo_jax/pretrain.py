@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from htgrpo_jax import contracts, paths
 from htgrpo_jax.contracts import MASK, CanvasLogitsFn, TrainState
@@ -59,14 +60,8 @@ def recipe_mismatch(cfg: ml_collections.ConfigDict) -> list[str] | None:
   with paths.open(path) as f:
     made = json.load(f)["recipe"]
 
-  def flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-      out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
   # Not the seed: a training run's seed is its own (a study trains every seed from one frozen base).
-  made, asked = flat(made), flat(recipe(cfg))
+  made, asked = (traverse_util.flatten_dict(d, sep=".") for d in (made, recipe(cfg)))
   keys = sorted((made.keys() | asked.keys()) - {"seed"})
   return [f"{k}: {made.get(k, '(unset)')} -> {asked.get(k, '(unset)')}" for k in keys if made.get(k) != asked.get(k)]
 
