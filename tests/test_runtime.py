@@ -193,9 +193,12 @@ print("RESULT", resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0, float(a
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
-def test_reuse_host_memory_stops_xla_cpu_faulting_its_temp_buffer_in_on_every_call():
-  # The grad program's temp buffer (> 32 MB: two [8192, 1024] fp32 activations) is malloc'ed per call;
-  # by default glibc maps it afresh each time (every page faulted in again), after the call reuses it.
+def test_reuse_host_memory_changes_no_result():
+  # The grad program's temp buffer (> 32 MB: two [8192, 1024] fp32 activations) is malloc'ed per call.
+  # How many page faults the setting saves depends on the environment (docs/performance.md: 113k -> ~0
+  # per update in one, 35k -> 29k per call of this program in a fresh CI virtualenv), so only the
+  # faults of the default and the unchanged results are asserted here; bench/train_step.py --vs_torch
+  # --reuse_host_memory prints the faults where it runs.
   faults = {}
   for mode in ("default", "reuse"):
     # As bench/train_step.py runs (JAX_PLATFORMS unset): with JAX_PLATFORMS=cpu this program still faults
@@ -210,4 +213,3 @@ def test_reuse_host_memory_stops_xla_cpu_faulting_its_temp_buffer_in_on_every_ca
     faults[mode] = int(n)
     assert float(diff) == 0.0  # same program, same results
   assert faults["default"] > 8192, faults  # > 32 MB of 4 KiB pages faulted in by one call
-  assert faults["reuse"] < faults["default"] // 10, faults
