@@ -7,7 +7,6 @@ of everything outside loops. docs/performance.md's per-phase table rests on this
 
 import re
 import sys
-import types
 from pathlib import Path
 
 import jax
@@ -19,21 +18,9 @@ import profile_step  # noqa: E402
 import train_step as bench_train_step  # noqa: E402
 
 from htgrpo_jax import rl  # noqa: E402
+from tests.helpers.bench_args import tiny_bench_args  # noqa: E402
 
-ARGS = types.SimpleNamespace(
-    d=32,
-    layers=1,
-    heads=2,
-    mlp=64,
-    tokens=16,
-    codebook=16,
-    prompt_len=4,
-    batch=8,
-    group=4,
-    sampler_steps=4,
-    stages=(1, 1, 1),
-    micro_batch_size=0,
-)
+ARGS = tiny_bench_args()
 
 
 def test_op_phases_split_the_step_by_loop():

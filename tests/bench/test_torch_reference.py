@@ -7,7 +7,6 @@ iterations (which run on weights each update moved), and the same final weights,
 
 import dataclasses
 import sys
-import types
 from pathlib import Path
 
 import jax
@@ -23,22 +22,10 @@ import torch_reference  # noqa: E402
 import train_step as bench_train_step  # noqa: E402
 
 from htgrpo_jax import rl  # noqa: E402
+from tests.helpers.bench_args import tiny_bench_args  # noqa: E402
 from htgrpo_jax.rl.loss import ht_grpo_loss, token_logp_entropy  # noqa: E402
 
-ARGS = types.SimpleNamespace(
-    d=32,
-    layers=2,
-    heads=2,
-    mlp=64,
-    tokens=16,
-    codebook=16,
-    prompt_len=4,
-    batch=8,
-    group=4,
-    sampler_steps=4,
-    stages=(1, 1, 1),
-    micro_batch_size=0,
-)
+ARGS = tiny_bench_args(layers=2)
 LR = 1e-3
 
 
