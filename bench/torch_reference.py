@@ -132,7 +132,7 @@ class TorchLLaDA(torch.nn.Module):
   def flax_grads(self) -> dict:
     """The ``.grad`` of every weight, in the Flax params' layout (numpy), for comparisons."""
     cfg, d = self.cfg, self.cfg.d_model
-    g = lambda p: p.grad.detach().numpy().copy()  # clipping scales .grad in place
+    g = lambda p: p.grad.detach().cpu().numpy().copy()  # clipping scales .grad in place
     heads = (d, cfg.n_heads, cfg.head_dim)
     out = {"wte": g(self.wte), "wpe": g(self.wpe), "ln_f": {"scale": g(self.ln_f)}, "lm_head": g(self.lm_head).T}
     for i, b in enumerate(self.blocks):
@@ -164,9 +164,10 @@ class TorchLLaDA(torch.nn.Module):
       dh = self.cfg.head_dim
       inv = 1.0 / (self.cfg.rope_theta ** (np.arange(0, dh, 2, dtype=np.float64) / dh))
       emb = np.concatenate([np.outer(np.arange(length), inv)] * 2, axis=-1)
+      dev = self.wte.device
       self._rope[length] = (
-          torch.from_numpy(np.cos(emb).astype(np.float32)),
-          torch.from_numpy(np.sin(emb).astype(np.float32)),
+          torch.from_numpy(np.cos(emb).astype(np.float32)).to(dev),
+          torch.from_numpy(np.sin(emb).astype(np.float32)).to(dev),
       )
     return self._rope[length]
 
@@ -232,16 +233,18 @@ class TorchUpdate:
   def _clip(self):
     grads = [p.grad for p in self.params]
     norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    if norm >= self.clip_norm:  # optax.clip_by_global_norm: g * max / |g| when |g| >= max
-      torch._foreach_mul_(grads, self.clip_norm / norm)
+    # optax.clip_by_global_norm: g * max / |g| when |g| >= max. As a clamped factor rather than an
+    # `if` on the norm, so a GPU run does not wait for the device once per iteration.
+    torch._foreach_mul_(grads, torch.clamp(self.clip_norm / norm, max=1.0))
     return norm
 
   def run(self, inputs: UpdateInputs, grad_hook=None) -> list[float]:
     """K inner iterations. ``grad_hook(k, model)``, when given, sees the raw gradients of iteration k."""
-    c = self.config
-    prompt = torch.from_numpy(inputs.prompt_tokens.astype(np.int64))
-    tokens = torch.from_numpy(inputs.image_tokens.astype(np.int64))
-    canvases = torch.from_numpy(inputs.canvases.astype(np.int64))
+    c, dev = self.config, self.model.wte.device
+    on = lambda a, dtype: torch.from_numpy(np.array(a, dtype)).to(dev)  # a writable copy
+    prompt = on(inputs.prompt_tokens, np.int64)
+    tokens = on(inputs.image_tokens, np.int64)
+    canvases = on(inputs.canvases, np.int64)
     with torch.no_grad():
       old = [_token_logp(self.model(prompt, canvases[d]), tokens)[0] for d in inputs.representative]
       ref = (
@@ -252,9 +255,9 @@ class TorchUpdate:
     losses = []
     for k in range(c.num_iterations):
       g = inputs.groups[k]
-      mask = torch.from_numpy(inputs.loss_masks[k].astype(np.float32))
-      adv = torch.from_numpy(inputs.token_adv[k].copy())
-      denom = max(float(mask.sum()), 1.0)
+      mask = on(inputs.loss_masks[k], np.float32)
+      adv = on(inputs.token_adv[k], np.float32)
+      denom = max(float(inputs.loss_masks[k].sum()), 1.0)  # from the host copy: no device sync
       self.opt.zero_grad(set_to_none=True)
       logp, logp_all = _token_logp(self.model(prompt, canvases[k]), tokens)
       rho = torch.exp(logp - old[g])
@@ -271,8 +274,8 @@ class TorchUpdate:
         grad_hook(k, self.model)
       self._clip()
       self.opt.step()
-      losses.append(float(loss.detach()))
-    return losses
+      losses.append(loss.detach())
+    return torch.stack(losses).tolist()  # one device sync per update, as a careful eager loop logs
 
 
 def build(
@@ -287,10 +290,14 @@ def build(
     lr: float,
     weight_decay: float = 0.01,
     clip_norm: float = 1.0,
+    device: str = "cpu",
 ) -> TorchUpdate:
-  """A ``TorchUpdate`` whose policy (and frozen reference, when beta > 0) start from Flax ``params``."""
-  make = lambda: TorchLLaDA(cfg, prompt_len=prompt_len, mask_id=mask_id, offset=offset, codebook=codebook).load_flax(
-      params
+  """A ``TorchUpdate`` whose policy (and frozen reference, when beta > 0) start from Flax ``params``,
+  on ``device`` ('cpu', 'cuda')."""
+  make = lambda: (
+      TorchLLaDA(cfg, prompt_len=prompt_len, mask_id=mask_id, offset=offset, codebook=codebook)
+      .load_flax(params)
+      .to(device)
   )
   ref = None
   if config.beta > 0:

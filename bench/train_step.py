@@ -4,6 +4,7 @@
   python bench/train_step.py --quick    # a small smoke run (d=64, 2 layers, B=16, K=3)
   python bench/train_step.py --estimator=random_remask --beta=0
   python bench/train_step.py --vs_torch --estimator=random_remask   # JAX vs eager PyTorch, same update
+  python bench/train_step.py --vs_torch --torch_device=cuda --size=medium --precision=tf32   # on one GPU
 
 With ``--vs_torch`` the same update also runs in eager PyTorch (``bench/torch_reference.py``: same weights,
 canvases, loss, clipping and AdamW) and the two are timed alternately; both use the same intra-op thread
@@ -131,6 +132,7 @@ def time_vs_torch(args, config, model_cfg, params, compiled, state, rollout, key
 
   threads = args.threads or len(os.sched_getaffinity(0))
   torch.set_num_threads(threads)
+  torch.set_float32_matmul_precision(TORCH_PRECISION[args.precision])
   inputs = torch_reference.prepare_update(config, rollout, key, step=0)
   upd = torch_reference.build(
       model_cfg,
@@ -141,6 +143,7 @@ def time_vs_torch(args, config, model_cfg, params, compiled, state, rollout, key
       offset=TEXT_VOCAB + 1,
       codebook=args.codebook,
       lr=1e-4,
+      device=args.torch_device,
   )
   upd.run(inputs)  # warm-up (allocator, kernels)
   runs = {"jax": compiled} if einsum is None else {"jax": compiled, "jax_einsum": einsum}
@@ -186,6 +189,13 @@ SHAPES = dict(
     stages=(2, 2, 2),
     sampler_steps=12,
 )
+# An accelerator-sized policy for --torch_device=cuda: d 1024, 8 layers, a 16x16 image (256 tokens) over
+# MMaDA's 8192-entry codebook; the shapes model is too small to occupy a GPU (launch-bound).
+MEDIUM = dict(SHAPES, d=1024, layers=8, heads=16, mlp=2816, tokens=256, codebook=8192, prompt_len=32)
+# --precision: fp32 matmuls at full precision for both frameworks, or both in TF32 (GPU tensor cores).
+# The frameworks' defaults differ on a GPU (JAX may use TF32, PyTorch does not), so the bench sets both.
+JAX_PRECISION = {"highest": "highest", "tf32": "tensorfloat32"}
+TORCH_PRECISION = {"highest": "highest", "tf32": "high"}
 
 
 def main():
@@ -198,6 +208,9 @@ def main():
   ap.add_argument("--matmul", type=int, default=None, help="matmul size M (M x M @ M x M, fp32)")
   ap.add_argument("--vs_torch", action="store_true", help="also time bench/torch_reference.py, interleaved")
   ap.add_argument("--threads", type=int, default=0, help="intra-op threads for XLA and torch (0 = all CPUs)")
+  ap.add_argument("--torch_device", default="cpu", help="where the PyTorch update runs ('cpu', 'cuda')")
+  ap.add_argument("--size", default="shapes", choices=("shapes", "medium"), help="the policy and batch timed")
+  ap.add_argument("--precision", default="highest", choices=tuple(JAX_PRECISION), help="fp32 matmul precision")
   ap.add_argument(
       "--reuse_host_memory",
       action="store_true",
@@ -211,7 +224,8 @@ def main():
       "'both': with --vs_torch, also time the einsum form in the same rotation",
   )
   args = ap.parse_args()
-  big = dict(SHAPES, repeats=5, matmul=2048)
+  jax.config.update("jax_default_matmul_precision", JAX_PRECISION[args.precision])
+  big = dict(SHAPES if args.size == "shapes" else MEDIUM, repeats=5, matmul=2048)
   quick = dict(
       d=64,
       layers=2,
@@ -249,6 +263,7 @@ def main():
   t0 = time.perf_counter()
   compiled = step.lower(state, rollout, key).compile()
   compile_s = time.perf_counter() - t0
+  print(f"compiled the step in {compile_s:.2f} s; timing...", flush=True)
   einsum = None
   if args.dense == "both" and args.vs_torch:
     llada.flat_matmul = einsum_form  # traced now: the step's canvas_logits_fn calls the module global
@@ -286,7 +301,10 @@ def main():
       f"model: d={model_cfg.d_model} layers={model_cfg.n_layers} heads={model_cfg.n_heads} "
       f"mlp={model_cfg.mlp_hidden} L={length} N={args.tokens} C={args.codebook} B={args.batch}"
   )
-  print(f"dense: {args.dense}   threads: {args.threads or len(os.sched_getaffinity(0))}")
+  print(
+      f"dense: {args.dense}   threads: {args.threads or len(os.sched_getaffinity(0))}   "
+      f"precision: {args.precision}   torch device: {args.torch_device}"
+  )
   print(
       f"config: estimator={config.estimator} K={config.num_iterations} stages={args.stages} beta={config.beta} "
       f"micro_batch={config.micro_batch_size} distinct_canvases={n_distinct} forward_passes={passes} "

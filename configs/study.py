@@ -4,7 +4,7 @@
   python launch/study.py --config=configs/study.py --config.main_arms=htgrpo,maskgrpo \
       --config.ablation_arms= --config.main_seeds=3
   python launch/study.py --config=configs/study.py:tiny                  # a 2-minute smoke study
-  python launch/study.py --config=configs/study.py:long --workers=9      # 5x the budget (a GPU host)
+  python launch/study.py --config=configs/study.py:long --workers=16     # 5x the budget (a GPU host)
   python launch/study.py --config=configs/study.py:default               # the default command's base
 
 Every run starts from one frozen base policy and trains the same number of steps of the same
@@ -77,12 +77,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.progress = True
   if long:
     # The same base and evaluation as the main study, five times its rollout budget (19200 images
-    # per run). About 40 h of the 2-core CPU for the main arms; minutes on one GPU with --workers.
+    # per run): 4 arms x 3 seeds and the same learning-rate grid for HT-GRPO and MaskGRPO, 16 runs.
+    # About 40 h of the 2-core CPU for the main arms; on one H200 with --workers=16 all 16 ran at
+    # once in 6 min (0.31-0.33 s per step each; docs/results_long.md).
     c.workdir = "runs/study_long"
     c.base_checkpoint = "runs/study/base"
     c.shared = c.shared.replace("total_steps=60; eval_every=20", "total_steps=300; eval_every=50; save_every=50")
-    c.main_arms += ",ht_traj_context"
-    c.ablation_arms = "ht_traj_sketch,ht_traj_refine," "htgrpo_lr3e-4,maskgrpo_lr3e-4,htgrpo_lr3e-5,maskgrpo_lr3e-5"
+    c.title = "ShapeEval efficacy study: five times the rollout budget (300 steps)"
+    c.main_arms = "htgrpo,maskgrpo,ht_traj_sketch,tracegrpo"
+    c.ablation_arms = "htgrpo_lr3e-5,maskgrpo_lr3e-5,htgrpo_lr3e-4,maskgrpo_lr3e-4"
     c.results_md = "docs/results_long.md"
     c.curves_png = "docs/results_long_curves.png"
     c.readme = ""

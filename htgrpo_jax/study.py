@@ -153,8 +153,8 @@ def run_study(
     c.progress = cfg.get("progress", True)
     t0 = time.time()
     out = trainer.train(c, log=log)
-    paths.write_text_atomic(
-        paths.join(r.workdir, "wall.json"), json.dumps(dict(seconds=time.time() - t0))  # this call's wall time
+    paths.write_text_atomic(  # this call's wall time, and where it ran (the report names the hardware)
+        paths.join(r.workdir, "wall.json"), json.dumps(dict(seconds=time.time() - t0, device=device_name()))
     )
     if out["interrupted"]:  # SIGTERM/SIGINT: the run saved its step; the study stops with it
       log(f"{out['interrupted']}: study stopped in {r.arm} seed {r.seed} at step {out['step']}")
@@ -166,6 +166,27 @@ def run_study(
 # ------------------------------------------------------------------------------------------------
 # Report
 # ------------------------------------------------------------------------------------------------
+
+
+def device_name() -> str:
+  """'NVIDIA H200 x1', 'cpu x1': what this process trains on (kind and count of JAX devices)."""
+  import jax
+
+  return f"{jax.devices()[0].device_kind} x{jax.device_count()}"
+
+
+def trained_on(runs: Sequence[str]) -> str:
+  """'NVIDIA H200 x1 (16 runs)': the devices the given run workdirs recorded in their wall.json
+  ('' when none recorded one)."""
+  counts: dict[str, int] = {}
+  for w in runs:
+    path = paths.join(w, "wall.json")
+    if paths.exists(path):
+      with paths.open(path, encoding="utf-8") as f:
+        dev = json.load(f).get("device")
+      if dev:
+        counts[dev] = counts.get(dev, 0) + 1
+  return ", ".join(f"{d} ({n} run{'s' * (n != 1)})" for d, n in sorted(counts.items()))
 
 
 def _eval_curve(workdir: str) -> list[tuple[int, dict[str, np.ndarray]]]:
@@ -366,7 +387,8 @@ def write_report(cfg: ml_collections.ConfigDict) -> str:
           "that excludes 0 separates the two)."
           if ref
           else "."
-      ),
+      )
+      + (f" Trained on: {hw}." if (hw := trained_on([r.workdir for r in plan_runs(cfg)])) else ""),
       "",
       "| arm | seeds | base overall | final overall | change | "
       + (f"vs {ref} | " if ref else "")

@@ -120,6 +120,8 @@ def test_tiny_study_end_to_end_resumes_and_reports(tmp_path, monkeypatch):
   study.run_study(cfg, shard=(0, 2), report=False, log=lambda s: None)
   md = study.write_report(cfg)
   assert "| htgrpo | 1 |" in md and "| maskgrpo | 1 |" in md and os.path.exists(cfg.curves_png)
+  # Each run records where it trained, and the report says so (a GPU study must not read as a CPU one).
+  assert f"Trained on: {study.device_name()} (2 runs)." in md
 
 
 @pytest.mark.slow
