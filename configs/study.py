@@ -6,6 +6,7 @@
   python launch/study.py --config=configs/study.py:tiny                  # a 2-minute smoke study
   python launch/study.py --config=configs/study.py:long --workers=16     # 5x the budget (a GPU host)
   python launch/study.py --config=configs/study.py:default               # the default command's base
+  python launch/study.py --config=configs/study.py:base4k                # a base pretrained twice as long
 
 Every run starts from one frozen base policy and trains the same number of steps of the same
 prompts x G, so arms see equal rollout budgets; see htgrpo_jax/study.py.
@@ -51,9 +52,9 @@ ARMS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  if arg not in (None, "", "tiny", "long", "default"):
-    raise ValueError(f"configs/study.py: unknown argument {arg!r}; use '', 'tiny', 'long' or 'default'")
-  tiny, long, default = arg == "tiny", arg == "long", arg == "default"
+  if arg not in (None, "", "tiny", "long", "default", "base4k"):
+    raise ValueError(f"configs/study.py: unknown argument {arg!r}; use '', 'tiny', 'long', 'default' or 'base4k'")
+  tiny, long, default, base4k = arg == "tiny", arg == "long", arg == "default", arg == "base4k"
   c = ml_collections.ConfigDict()
   c.title = "ShapeEval efficacy study"
   c.workdir = "runs/study" + ("_tiny" if tiny else "")
@@ -98,6 +99,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.reference_arm = "htgrpo"
     c.results_md = "docs/results_default.md"
     c.curves_png = "docs/results_default_curves.png"
+    c.readme = ""
+  if base4k:
+    # Does RL gain more from a stronger base? Twice the study's pretraining (4000 steps, ~32 min of
+    # the 2-core CPU), the main study's RL budget, two seeds of the default, the baseline and the
+    # trajectory-replayed sketch stages (docs/findings.md, section 9).
+    c.workdir = "runs/study_b4k"
+    c.shared = "total_steps=60; eval_every=20; model.pretrain.num_steps=4000; model.pretrain.max_minutes=0"
+    c.main_arms, c.main_seeds, c.ablation_arms = "htgrpo,maskgrpo,ht_traj_sketch", 2, ""
+    c.results_md = "docs/results_base4k.md"
+    c.curves_png = "docs/results_base4k_curves.png"
     c.readme = ""
   if tiny:
     c.train_variant = "tiny"
