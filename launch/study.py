@@ -1,12 +1,13 @@
 """Runs (or resumes) an efficacy study: RL arms x seeds from one frozen base, equal rollout budgets.
 
   python launch/study.py --config=configs/study.py [--config.key=value ...] [--max_runs=N]
-  python launch/study.py --config=configs/study.py:long --workers=9    # 9 runs at once (one GPU)
+  python launch/study.py --config=configs/study.py:long --workers=16   # 16 runs at once (one GPU)
 
 Writes the study's Markdown table with 95 % intervals and its PNG curves (configs/study.py says
 where) after every finished run; a stopped study resumes where it was. ``--workers=N`` scores the
 base, then trains the unfinished runs in N processes (every N-th run each) and writes the report
-once they end: for an accelerator host whose chip a single small run leaves idle.
+once they end: for a GPU host whose chip a single small run leaves idle (each worker is a JAX
+process of its own, and a TPU chip admits only one process: --workers is for GPU and CPU hosts).
 """
 
 import os
@@ -43,11 +44,22 @@ def without_workers_flag(argv: list[str]) -> list[str]:
   return out
 
 
+def worker_env(environ: dict[str, str]) -> dict[str, str]:
+  """The shard processes' environment: ``environ`` with JAX's GPU memory preallocation off (unless
+  it was set), since by default each process takes 75 % of the GPU's memory and the second of
+  N workers on one GPU would run out. One H200 trained 16 at once this way (docs/findings.md, 8)."""
+  return {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", **environ}
+
+
 def _run_workers(n: int) -> int:
   """Starts n shard processes with this process's flags; SIGTERM/SIGINT reach them all (each
   trainer saves and stops). Returns the number of workers that failed."""
   args = without_workers_flag(sys.argv[1:])
-  procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *args, f"--shard={i}/{n}"]) for i in range(n)]
+  env = worker_env(dict(os.environ))
+  procs = [
+      subprocess.Popen([sys.executable, os.path.abspath(__file__), *args, f"--shard={i}/{n}"], env=env)
+      for i in range(n)
+  ]
 
   def forward(signum, _):
     for p in procs:

@@ -1,6 +1,7 @@
 """Efficacy studies: run planning, per-run configs, the seed x prompt bootstrap, and (slow) a tiny
 study end to end."""
 
+import functools
 import os
 
 import numpy as np
@@ -285,18 +286,34 @@ def test_reach_table_says_so_when_the_reference_never_rose_above_the_base(tmp_pa
   assert "is not above the base's" in md and "nanx" not in md and "infx" not in md
 
 
-def test_study_workers_flag_is_not_passed_on_to_the_shards():
-  """Every spelling absl accepts of ``--workers`` is dropped from the shards' argv (a leftover value
-  of ``--workers 2`` would be an unexpected positional argument; a leftover flag, nested workers)."""
+@functools.cache
+def _launch_study():
+  """launch/study.py as a module, loaded once (it defines absl flags, which a second load would
+  define again)."""
   import importlib.util
 
   spec = importlib.util.spec_from_file_location("_launch_study", os.path.join(REPO, "launch", "study.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
+  return mod
+
+
+def test_study_workers_flag_is_not_passed_on_to_the_shards():
+  """Every spelling absl accepts of ``--workers`` is dropped from the shards' argv (a leftover value
+  of ``--workers 2`` would be an unexpected positional argument; a leftover flag, nested workers)."""
+  mod = _launch_study()
   keep = ["--config=configs/study.py:long", "--max_runs=3", "--config.workdir=w"]
   for workers in (["--workers=4"], ["--workers", "4"], ["-workers=4"], ["-workers", "4"]):
     assert mod.without_workers_flag(keep[:1] + workers + keep[1:]) == keep
   assert mod.without_workers_flag(keep) == keep
+
+
+def test_study_workers_share_one_gpu_without_preallocating_its_memory():
+  """Each shard is a JAX process; JAX's default takes 75 % of a GPU's memory per process, so the
+  workers' environment turns that off, unless the user chose a setting."""
+  mod = _launch_study()
+  assert mod.worker_env({"PATH": "/bin"}) == {"PATH": "/bin", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+  assert mod.worker_env({"XLA_PYTHON_CLIENT_PREALLOCATE": "true"})["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"
 
 
 def test_every_arm_plans(cfg):
