@@ -102,11 +102,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.readme = ""
   if base4k:
     # Does RL gain more from a stronger base? Twice the study's pretraining (4000 steps, ~32 min of
-    # the 2-core CPU), the main study's RL budget, two seeds of the default, the baseline and the
+    # the 2-core CPU), the main study's RL budget, three seeds of the default, the baseline and the
     # trajectory-replayed sketch stages (docs/findings.md, section 9).
     c.workdir = "runs/study_b4k"
     c.shared = "total_steps=60; eval_every=20; model.pretrain.num_steps=4000; model.pretrain.max_minutes=0"
-    c.main_arms, c.main_seeds, c.ablation_arms = "htgrpo,maskgrpo,ht_traj_sketch", 2, ""
+    c.main_arms, c.main_seeds, c.ablation_arms = "htgrpo,maskgrpo,ht_traj_sketch", 3, ""
     c.results_md = "docs/results_base4k.md"
     c.curves_png = "docs/results_base4k_curves.png"
     c.readme = ""
