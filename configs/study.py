@@ -106,7 +106,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # trajectory-replayed sketch stages (docs/findings.md, section 9).
     c.workdir = "runs/study_b4k"
     c.shared = "total_steps=60; eval_every=20; model.pretrain.num_steps=4000; model.pretrain.max_minutes=0"
-    c.main_arms, c.main_seeds, c.ablation_arms = "htgrpo,maskgrpo,ht_traj_sketch", 3, ""
+    c.main_arms, c.main_seeds = "htgrpo,maskgrpo,ht_traj_sketch", 3
+    c.ablation_arms = "maskgrpo_lr3e-5,htgrpo_lr3e-5"  # MaskGRPO peaked mid-run at 1e-4 (section 9)
     c.results_md = "docs/results_base4k.md"
     c.curves_png = "docs/results_base4k_curves.png"
     c.readme = ""
