@@ -43,6 +43,9 @@ ARMS = {
     "maskgrpo_lr1e-3": ("maskgrpo", "optim.learning_rate=1e-3"),
     "htgrpo_lr3e-5": ("htgrpo", "optim.learning_rate=3e-5"),
     "maskgrpo_lr3e-5": ("maskgrpo", "optim.learning_rate=3e-5"),
+    # Larger groups at the same rollout budget: G = 16 over 4 prompts per step (64 images a step).
+    "htgrpo_g16": ("htgrpo", "rl.group_size=16; prompts_per_step=4"),
+    "maskgrpo_g16": ("maskgrpo", "rl.group_size=16; prompts_per_step=4"),
     # LoRA (issue 16) against full fine-tuning at the same budget: adapters on q/k/v/up only.
     "htgrpo_lora_r32": ("htgrpo", "model.lora.rank=32; model.lora.alpha=64.0; optim.learning_rate=3e-4"),
     # The RL reward: the strict 0/1 verdict the judge gives instead of the dense partial score.

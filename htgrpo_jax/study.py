@@ -357,6 +357,24 @@ def seed_prompt_bootstrap(
   return out
 
 
+def base_recipe_lines(cfg: ml_collections.ConfigDict) -> list[str]:
+  """How the frozen base was pretrained, from its ``pretrain.json`` (none when it has no record)."""
+  from htgrpo_jax import pretrain
+
+  path = paths.join(cfg.get("base_checkpoint") or paths.join(cfg.workdir, "base"), pretrain.RECIPE_FILE)
+  if not paths.isfile(path):
+    return []
+  with paths.open(path) as f:
+    rec = json.load(f)
+  r = rec["recipe"]
+  held = f", held-out masked-token loss {rec['heldout_loss']:.4f}" if "heldout_loss" in rec else ""
+  return [
+      f"Base policy: {rec['steps_done']} pretraining steps of batch {r['batch_size']} at peak learning "
+      f"rate {r['optim']['learning_rate']:g} (seed {r['seed']}){held}.",
+      "",
+  ]
+
+
 def write_report(cfg: ml_collections.ConfigDict) -> str:
   """Writes the study's Markdown table and PNG curves; returns the Markdown."""
   data = collect(cfg)
@@ -421,6 +439,7 @@ def write_report(cfg: ml_collections.ConfigDict) -> str:
     )
   lines += (
       ["", "| base | " + " | ".join(f"{t} {base_acc[t]:.3f}" for t in tags + ["overall"]) + " |", ""]
+      + base_recipe_lines(cfg)
       + (reach_lines(data, list(arms), ref) if ref else [])
       + [
           "Arms: "

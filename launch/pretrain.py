@@ -112,7 +112,10 @@ def main(argv):
   with open(os.path.join(cfg.workdir, "history.json"), "w") as f:
     json.dump(out["history"], f)
   logging.info("trained %d steps in %.0f s; params at %s", out["steps_done"], out["seconds"], out["checkpoint"])
-  print(f"trained {out['steps_done']} steps in {out['seconds']:.0f} s -> {out['checkpoint']}")
+  print(
+      f"trained {out['steps_done']} steps in {out['seconds']:.0f} s -> {out['checkpoint']} "
+      f"(held-out masked-token loss {out['heldout_loss']:.4f})"
+  )
   if cfg.eval.num_prompts > 0:
     summary = run_eval(cfg, out)
     print(summary["table"])

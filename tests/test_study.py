@@ -123,6 +123,26 @@ def test_tiny_study_end_to_end_resumes_and_reports(tmp_path, monkeypatch):
   assert "| htgrpo | 1 |" in md and "| maskgrpo | 1 |" in md and os.path.exists(cfg.curves_png)
   # Each run records where it trained, and the report says so (a GPU study must not read as a CPU one).
   assert f"Trained on: {study.device_name()} (2 runs)." in md
+  assert "Base policy: 30 pretraining steps of batch 16 at peak learning rate 0.002 (seed 0), held-out" in md
+
+
+def test_the_report_says_how_its_base_was_pretrained(tmp_path):
+  """Studies from different bases are told apart by the report: the base's recorded recipe and
+  held-out loss (``pretrain.json``), and nothing when the base has no record."""
+  import json
+
+  cfg = load_config_file("configs/study.py", "tiny")
+  cfg.workdir = str(tmp_path / "s")
+  assert study.base_recipe_lines(cfg) == []
+  os.makedirs(tmp_path / "s" / "base")
+  rec = dict(recipe=dict(seed=1, batch_size=32, optim=dict(learning_rate=2e-3)), steps_done=3000, heldout_loss=0.30634)
+  (tmp_path / "s" / "base" / "pretrain.json").write_text(json.dumps(rec))
+  assert study.base_recipe_lines(cfg)[0] == (
+      "Base policy: 3000 pretraining steps of batch 32 at peak learning rate 0.002 (seed 1), "
+      "held-out masked-token loss 0.3063."
+  )
+  cfg.base_checkpoint = str(tmp_path / "elsewhere")
+  assert study.base_recipe_lines(cfg) == []
 
 
 @pytest.mark.slow

@@ -97,7 +97,10 @@ def build_shapes_task(config: ml_collections.ConfigDict, *, log: Callable[[str],
 
     out = pretrain.pretrain(pcfg, progress=progress, log=lambda s, m: bar["t"].set_postfix(loss=f"{m['loss']:.3f}"))
     bar["t"].close()
-    log(f"Base policy: {out['steps_done']} steps in {out['seconds']:.0f} s -> {out['checkpoint']}")
+    log(
+        f"Base policy: {out['steps_done']} steps in {out['seconds']:.0f} s -> {out['checkpoint']} "
+        f"(held-out masked-token loss {out['heldout_loss']:.4f})"
+    )
   else:
     _check_base_recipe(config, pcfg, ckpt, log)
   assets = world_data.build_world(
