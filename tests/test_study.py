@@ -4,6 +4,7 @@ study end to end."""
 import functools
 import os
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -347,3 +348,23 @@ def test_every_arm_plans(cfg):
   assert ctx["ht_traj_context"] == ("htgrpo", "trajectory", "trajectory")
   assert ctx["ht_traj_sketch"] == ("htgrpo", "trajectory", "structure")
   assert ctx["ht_traj_refine"] == ("htgrpo", "all_mask", "trajectory")
+
+
+def test_a_study_can_pretrain_its_base_with_another_batch_and_learning_rate(monkeypatch):
+  """The base-recipe comparison (docs/findings.md, section 10) sets the pretraining batch and peak
+  learning rate through ``model.pretrain``; the optimizer's other settings stay the file's, and a
+  setting the pretraining config does not have is refused by name."""
+  from htgrpo_jax.worlds.shapeeval.task import pretrain_config
+
+  monkeypatch.chdir(REPO)
+  cfg = load_config_file("configs/study.py", "default")
+  cfg.shared += "; model.pretrain.batch_size=32; model.pretrain.num_steps=3000; model.pretrain.optim.learning_rate=1e-3"
+  p = pretrain_config(study.train_config(cfg, "htgrpo", 0, "/tmp/x"))
+  shipped = load_config_file("configs/pretrain_shapes.py")
+  assert (p.batch_size, p.num_steps, p.optim.learning_rate) == (32, 3000, 1e-3)
+  assert p.optim.to_dict() == dict(shipped.optim.to_dict(), learning_rate=1e-3)
+  c = study.train_config(load_config_file("configs/study.py", "default"), "htgrpo", 0, "/tmp/x")
+  assert pretrain_config(c).to_dict() == dict(shipped.to_dict(), workdir=c.model.checkpoint, seed=0, max_minutes=0.0)
+  c.model.pretrain.optim = ml_collections.ConfigDict(dict(learning_rat=1e-3))
+  with pytest.raises(ValueError, match=r"model.pretrain.optim.learning_rat: not a setting"):
+    pretrain_config(c)

@@ -34,12 +34,19 @@ def pretrain_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     p.world[k] = config.world[k]
   p.model.preset = config.model.preset
   p.model.overrides = ml_collections.ConfigDict(dict(config.model.get("overrides") or {}))
-  for k, v in (config.model.get("pretrain") or {}).items():
-    if k not in p:
-      raise ValueError(f"model.pretrain.{k}: not a setting of {config.model.pretrain_config}")
-    if v is not None:
-      p[k] = v
+  _apply_pretrain_settings(p, config.model.get("pretrain") or {}, "model.pretrain", config.model.pretrain_config)
   return p
+
+
+def _apply_pretrain_settings(dst: ml_collections.ConfigDict, src, prefix: str, file: str) -> None:
+  """Copies the non-None settings of ``src`` onto ``dst``, into nested groups (``optim``) too."""
+  for k, v in src.items():
+    if k not in dst:
+      raise ValueError(f"{prefix}.{k}: not a setting of {file}")
+    if isinstance(v, (dict, ml_collections.ConfigDict)):
+      _apply_pretrain_settings(dst[k], v, f"{prefix}.{k}", file)
+    elif v is not None:
+      dst[k] = v
 
 
 def _check_base_recipe(config, pcfg, ckpt: str, log: Callable[[str], None]) -> None:
