@@ -121,6 +121,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # batch 32: a base that scores higher (0.139 against 0.087) but leaves RL less to add within the
     # default's RL budget (docs/findings.md, section 10).
     c.workdir = "runs/study_bs32"
+    c.title = "ShapeEval efficacy study: the default's pretraining compute at batch 32"
     c.shared = (
         "total_steps=60; eval_every=20; model.pretrain.num_steps=3000; model.pretrain.batch_size=32; "
         "model.pretrain.max_minutes=0"

@@ -316,14 +316,23 @@ def reach_lines(data: dict[str, Any], arms: Sequence[str], ref: str, n_boot: int
     cur = mean_curves(a, draws)
     x = np.asarray([images_to_reach(cur[b], ref_draw[b, -1, 1]) for b in range(n_boot)])
     # inf images ('never') -> 0x; a draw whose target is at or below its own base needs 0 images -> inf x.
-    # Percentiles between two infinite draws are inf (numpy computes inf - inf on the way).
-    with np.errstate(divide="ignore", invalid="ignore"):
-      lo, hi = np.percentile(x, [2.5, 97.5])
-      ratio = budget / x
-      rlo, rhi = np.percentile(ratio, [2.5, 97.5])
+    with np.errstate(divide="ignore"):
+      lo, hi = interval_with_inf(x)
+      rlo, rhi = interval_with_inf(budget / x)
     img = lambda v: "never" if not np.isfinite(v) else f"{v:.0f}"
-    lines.append(f"| {a} | {img(obs)} [{img(lo)}, {img(hi)}] | " f"{budget / obs:.2f}x [{rlo:.2f}x, {rhi:.2f}x] |")
+    rat = lambda v: "inf" if not np.isfinite(v) else f"{v:.2f}x"
+    lines.append(f"| {a} | {img(obs)} [{img(lo)}, {img(hi)}] | {rat(budget / obs)} [{rat(rlo)}, {rat(rhi)}] |")
   return lines + [""]
+
+
+def interval_with_inf(draws: np.ndarray) -> tuple[float, float]:
+  """The 95 % percentile interval of bootstrap draws that may hold +inf. Linear interpolation
+  meets inf - inf (or inf x 0) at a bound next to an infinite draw and gives nan there; such a
+  bound is taken from the nearest draw instead, so it reads inf or a finite value, never nan."""
+  with np.errstate(invalid="ignore"):
+    q = np.percentile(draws, [2.5, 97.5])
+  near = np.percentile(draws, [2.5, 97.5], method="nearest")
+  return tuple(float(n if np.isnan(v) else v) for v, n in zip(q, near))
 
 
 def seed_prompt_bootstrap(

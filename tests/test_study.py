@@ -274,6 +274,20 @@ def test_images_to_reach_interpolates_between_evaluations_and_reports_never():
   assert study.images_to_reach(curve, 0.41) == float("inf")
 
 
+def test_reach_intervals_read_inf_not_nan_when_draws_are_infinite():
+  """Bootstrap draws where the target sits at the base (0 images: an infinite ratio) made numpy's
+  interpolation print 'nanx' in docs/results_bs32.md; the bound is inf, and finite bounds are the
+  usual linear percentiles."""
+  with np.errstate(divide="ignore"):
+    ratios = 3840.0 / np.asarray([0.0] * 30 + [400.0 + i for i in range(970)])
+  lo, hi = study.interval_with_inf(ratios)
+  assert hi == float("inf") and lo == pytest.approx(np.percentile(ratios[30:], 2.5), rel=0.01)
+  never = np.asarray([100.0 * i for i in range(900)] + [np.inf] * 100)
+  assert study.interval_with_inf(never)[1] == float("inf")
+  finite = np.arange(1000.0)
+  assert study.interval_with_inf(finite) == tuple(np.percentile(finite, [2.5, 97.5]))
+
+
 def test_report_says_how_many_rollout_images_each_arm_needs_to_reach_the_reference(tmp_path):
   """An arm evaluated at the same steps that is ahead at every evaluation reaches the reference's
   final score earlier, and the table says how many times fewer images it took."""
