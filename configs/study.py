@@ -118,8 +118,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.readme = ""
   if bs32:
     # The default command's pretraining compute (1500 x 64 examples, ~12 min) spent as 3000 steps of
-    # batch 32: a lower held-out loss, a base scoring 0.139 against the default's 0.087 (seed 0; their
-    # second seeds score 0.072 and 0.056), and less for RL to add within the default's RL budget
+    # batch 32: a lower held-out loss, a base scoring 0.139 against the default's 0.087 (seed 0; seed 1 of
+    # each scores 0.072 and 0.056), and less for RL to add within the default's RL budget
     # (docs/findings.md, section 10).
     c.workdir = "runs/study_bs32"
     c.title = "ShapeEval efficacy study: the default's pretraining compute at batch 32"
