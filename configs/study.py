@@ -8,6 +8,7 @@
   python launch/study.py --config=configs/study.py:default               # the default command's base
   python launch/study.py --config=configs/study.py:base4k                # a base pretrained twice as long
   python launch/study.py --config=configs/study.py:bs32                  # the default's compute, batch 32
+  python launch/study.py --config=configs/study.py:base4k_long --workers=2  # 5x the budget, 4000-step base
 
 Every run starts from one frozen base policy and trains the same number of steps of the same
 prompts x G, so arms see equal rollout budgets; see htgrpo_jax/study.py.
@@ -56,10 +57,10 @@ ARMS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variants = ("tiny", "long", "default", "base4k", "bs32")
+  variants = ("tiny", "long", "default", "base4k", "bs32", "base4k_long")
   if arg not in (None, "", *variants):
     raise ValueError(f"configs/study.py: unknown argument {arg!r}; use '' or one of {variants}")
-  tiny, long, default, base4k, bs32 = (arg == v for v in variants)
+  tiny, long, default, base4k, bs32, base4k_long = (arg == v for v in variants)
   c = ml_collections.ConfigDict()
   c.title = "ShapeEval efficacy study"
   c.workdir = "runs/study" + ("_tiny" if tiny else "")
@@ -115,6 +116,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ablation_arms = "maskgrpo_lr3e-5,htgrpo_lr3e-5"  # MaskGRPO peaked mid-run at 1e-4 (section 9)
     c.results_md = "docs/results_base4k.md"
     c.curves_png = "docs/results_base4k_curves.png"
+    c.readme = ""
+  if base4k_long:
+    # Base + 0.25 needs more than the main budget (docs/findings.md, "Open"): the long study's five
+    # times the rollout budget (300 steps) from the 4000-step base of `base4k`, scored on the same
+    # evaluation. Its seed-0 runs first (seed-major), one per arm.
+    c.workdir = "runs/study_b4k_long"
+    c.base_checkpoint = "runs/study_b4k/base"
+    c.title = "ShapeEval efficacy study: five times the rollout budget from the 4000-step base"
+    c.shared = (
+        "total_steps=300; eval_every=50; save_every=50; model.pretrain.num_steps=4000; model.pretrain.max_minutes=0"
+    )
+    c.main_arms, c.main_seeds = "ht_traj_sketch,maskgrpo,htgrpo", 3
+    c.ablation_arms = ""
+    c.results_md = "docs/results_base4k_long.md"
+    c.curves_png = "docs/results_base4k_long_curves.png"
     c.readme = ""
   if bs32:
     # The default command's pretraining compute (1500 x 64 examples, ~12 min) spent as 3000 steps of
