@@ -366,6 +366,85 @@ def seed_prompt_bootstrap(
   return out
 
 
+def pooled_difference(
+    studies: dict[str, ml_collections.ConfigDict], arm: str, ref: str, n_boot: int = 4000, seed: int = 0
+) -> dict[str, Any]:
+  """``arm`` minus ``ref`` (seed-mean overall strict accuracy) in each study and averaged over the
+  studies with equal weight: no single study may separate two arms that every study puts in the
+  same order. Each study's bootstrap (prompts, then seeds; ``seed_prompt_bootstrap`` on those two
+  arms alone) is drawn independently of the others', and the pooled draws are the studies' draws
+  averaged draw by draw. Studies that share a base are not independent; ``leave_one_out`` shows
+  how much any one study carries.
+
+  Returns:
+    dict(per_study={name: dict(point, draws float64[n_boot], seeds=(n_arm, n_ref), base, workdir)},
+    pooled=dict(point, draws), leave_one_out={name: dict(point, draws)}).
+  """
+  if len(studies) < 1:
+    raise ValueError("pooled_difference: no studies given")
+  per: dict[str, dict[str, Any]] = {}
+  for i, (name, cfg) in enumerate(studies.items()):
+    data = collect(cfg)
+    missing = [a for a in (arm, ref) if a not in data["finals"]]
+    if data["base"] is None or missing:
+      what = "its base evaluation" if data["base"] is None else f"a finished run of {', '.join(missing)}"
+      raise ValueError(f"pooled_difference: study {name!r} ({cfg.workdir}) has no {what}")
+    finals = {a: data["finals"][a] for a in (arm, ref)}
+    boot = seed_prompt_bootstrap(data["base"], finals, n_boot=n_boot, seed=seed + 2 * i)  # independent draws
+    overall = lambda e: evaluate.tag_scores(e["tags"], e["strict"])["overall"]
+    mean = lambda a: float(np.mean([overall(x) for x in finals[a].values()]))
+    per[name] = dict(
+        point=mean(arm) - mean(ref),
+        draws=boot[arm]["overall"] - boot[ref]["overall"],
+        seeds=(len(finals[arm]), len(finals[ref])),
+        base=overall(data["base"]),
+        workdir=cfg.workdir,
+    )
+
+  def pool(names: Sequence[str]) -> dict[str, Any]:
+    return dict(
+        point=float(np.mean([per[n]["point"] for n in names])),
+        draws=np.mean([per[n]["draws"] for n in names], axis=0),
+    )
+
+  names = list(per)
+  return dict(
+      per_study=per,
+      pooled=pool(names),
+      leave_one_out={n: pool([m for m in names if m != n]) for n in names} if len(names) > 2 else {},
+  )
+
+
+def pooled_report(result: dict[str, Any], arm: str, ref: str, command: str = "") -> str:
+  """``pooled_difference``'s result as Markdown: one row per study, the pooled row, and the pooled
+  difference without each study in turn."""
+
+  def fmt(r: dict[str, Any]) -> str:
+    lo, hi = evaluate.interval(r["draws"])
+    return f"{r['point']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+  n = len(result["per_study"])
+  lines = [
+      f"# `{arm}` against `{ref}`, pooled over {n} studies",
+      "",
+      f"Each study's paired difference in held-out strict accuracy (`{arm}` minus `{ref}`, seed means, "
+      "overall), with a 95 % bootstrap interval over prompts and seeds, then their equal-weight mean, "
+      "each study's bootstrap drawn independently and averaged draw by draw. Studies that share a "
+      "base policy are not independent, so the table also gives the pooled difference without each "
+      "study." + (f" Written by `{command}`." if command else ""),
+      "",
+      f"| study | workdir | base overall | seeds ({arm} / {ref}) | {arm} - {ref} |",
+      "|---|---|---:|---:|---:|",
+  ]
+  for name, r in result["per_study"].items():
+    lines.append(f"| {name} | `{r['workdir']}` | {r['base']:.3f} | {r['seeds'][0]} / {r['seeds'][1]} | {fmt(r)} |")
+  lines.append(f"| **pooled (equal weight)** | | | | **{fmt(result['pooled'])}** |")
+  if result["leave_one_out"]:
+    lines += ["", "| pooled without | difference |", "|---|---:|"]
+    lines += [f"| {name} | {fmt(r)} |" for name, r in result["leave_one_out"].items()]
+  return "\n".join(lines) + "\n"
+
+
 def base_recipe_lines(cfg: ml_collections.ConfigDict) -> list[str]:
   """How the frozen base was pretrained, from its ``pretrain.json`` (none when it has no record)."""
   from htgrpo_jax import pretrain

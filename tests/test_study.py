@@ -382,3 +382,38 @@ def test_a_study_can_pretrain_its_base_with_another_batch_and_learning_rate(monk
   c.model.pretrain.optim = ml_collections.ConfigDict(dict(learning_rat=1e-3))
   with pytest.raises(ValueError, match=r"model.pretrain.optim.learning_rat: not a setting"):
     pretrain_config(c)
+
+
+def _pooled_study(tmp_path, name, acc, seeds=2):
+  """A finished two-arm study (htgrpo, maskgrpo) in ``tmp_path/name`` at final accuracies ``acc``."""
+  cfg = _report_study(tmp_path / name, "htgrpo,maskgrpo", seeds, base_acc=0.2)
+  for i, r in enumerate(study.plan_runs(cfg)):
+    final = study._final_step(study.train_config(cfg, r.arm, r.seed, r.workdir))
+    writer.write_eval(r.workdir, final, _eval_res(acc[r.arm], 60, 4, seed=1000 + 10 * ord(name[0]) + i), "t", 0)
+  return cfg
+
+
+def test_pooling_studies_narrows_a_difference_no_single_study_separates(tmp_path):
+  """Four small studies with the same true gap (+0.07): most studies' intervals include 0, the
+  equal-weight pool over the four excludes it, and the Markdown names every study and the pool."""
+  studies = {n: _pooled_study(tmp_path, n, {"htgrpo": 0.37, "maskgrpo": 0.30}) for n in "abcd"}
+  res = study.pooled_difference(studies, "htgrpo", "maskgrpo", n_boot=1000)
+  widths = {n: np.subtract(*evaluate.interval(r["draws"])[::-1]) for n, r in res["per_study"].items()}
+  assert sum(evaluate.interval(r["draws"])[0] < 0 for r in res["per_study"].values()) >= 3
+  pooled_lo, pooled_hi = evaluate.interval(res["pooled"]["draws"])
+  assert pooled_hi - pooled_lo < min(widths.values())
+  assert res["pooled"]["point"] == pytest.approx(np.mean([r["point"] for r in res["per_study"].values()]))
+  assert pooled_lo > 0, (pooled_lo, pooled_hi)
+  assert set(res["leave_one_out"]) == set("abcd")
+  md = study.pooled_report(res, "htgrpo", "maskgrpo")
+  assert "| **pooled (equal weight)** |" in md and all(f"| {n} |" in md for n in "abcd")
+
+
+def test_pooling_refuses_a_study_without_one_of_the_arms(tmp_path):
+  ok = _pooled_study(tmp_path, "ok", {"htgrpo": 0.4, "maskgrpo": 0.3})
+  half = _report_study(tmp_path / "half", "htgrpo,maskgrpo", 1, base_acc=0.2)
+  r = next(r for r in study.plan_runs(half) if r.arm == "htgrpo")
+  final = study._final_step(study.train_config(half, r.arm, r.seed, r.workdir))
+  writer.write_eval(r.workdir, final, _eval_res(0.4, 60, 4), "t", 0)
+  with pytest.raises(ValueError, match="study 'half'.*maskgrpo"):
+    study.pooled_difference({"ok": ok, "half": half}, "htgrpo", "maskgrpo", n_boot=100)
