@@ -60,6 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.world.kind = "shapes"
   c.world.data_dir = "runs/shapeworld"  # world assets (codebook, tokenizer, prompt records), built once
   c.world.reward_mode = "dense"  # RL reward: dense partial score; eval is always strict 0/1
+  c.world.junk_half_life = 32.0  # dense reward: malformed px that halve it (the strict judge ignores it)
   c.world.reward_url = ""  # "": the verifier in-process; else a reward server's
   c.world.score_url = ""  #   /dense and /strict (python launch/reward_server.py)
   c.world.reward_timeout = 30.0

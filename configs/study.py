@@ -48,6 +48,11 @@ ARMS = {
     # Larger groups at the same rollout budget: G = 16 over 4 prompts per step (64 images a step).
     "htgrpo_g16": ("htgrpo", "rl.group_size=16; prompts_per_step=4"),
     "maskgrpo_g16": ("maskgrpo", "rl.group_size=16; prompts_per_step=4"),
+    # A dense reward that punishes malformed junk harder: 16 px of junk (one stray patch) keep 0.25
+    # of the reward instead of 0.71, so a right scene with a stray patch pays less than a clean one
+    # in a wrong colour (0.5). The strict judge is unchanged.
+    "htgrpo_junk8": ("htgrpo", "world.junk_half_life=8.0"),
+    "maskgrpo_junk8": ("maskgrpo", "world.junk_half_life=8.0"),
     # LoRA (issue 16) against full fine-tuning at the same budget: adapters on q/k/v/up only.
     "htgrpo_lora_r32": ("htgrpo", "model.lora.rank=32; model.lora.alpha=64.0; optim.learning_rate=3e-4"),
     # The RL reward: the strict 0/1 verdict the judge gives instead of the dense partial score.

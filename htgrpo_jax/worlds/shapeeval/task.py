@@ -11,6 +11,8 @@ interface and the registry), which registers the builder.
 
 from __future__ import annotations
 
+import math
+
 from typing import Callable
 
 import grain
@@ -77,10 +79,19 @@ def build_shapes_task(config: ml_collections.ConfigDict, *, log: Callable[[str],
   from htgrpo_jax.worlds.shapeeval import codebook as patch_vq
   from htgrpo_jax.worlds.shapeeval import dataset as world_data
   from htgrpo_jax.worlds.shapeeval import grammar
-  from htgrpo_jax.worlds.shapeeval.verifier import ShapeEvalReward
+  from htgrpo_jax.worlds.shapeeval.verifier import ShapeEvalReward, VerifierConfig
 
   if config.world.reward_mode not in ("dense", "strict"):
     raise ValueError(f"world.reward_mode={config.world.reward_mode!r} must be 'dense' or 'strict'")
+  junk_half_life = config.world.get("junk_half_life", VerifierConfig.junk_half_life)
+  if not (isinstance(junk_half_life, (int, float)) and junk_half_life > 0 and math.isfinite(junk_half_life)):
+    raise ValueError(f"world.junk_half_life={junk_half_life!r}: want a finite number of px > 0")
+  if config.world.get("reward_url") and junk_half_life != VerifierConfig.junk_half_life:
+    raise ValueError(
+        f"world.junk_half_life={junk_half_life}: applies to the in-process verifier only; with "
+        "world.reward_url the server's reward decides (launch/reward_server.py "
+        f"--serve=dense=shapeeval,mode=dense,junk_half_life={junk_half_life})"
+    )
   pcfg = pretrain_config(config)
   world = pretrain.world_config(pcfg)
   ckpt = base_params_path(config)
@@ -139,7 +150,9 @@ def build_shapes_task(config: ml_collections.ConfigDict, *, log: Callable[[str],
       eval_prompts=[EvalPrompt(p.text, p.meta.tag, p.meta.to_json()) for p in evals],
       decode=patch_vq.decode,
       decode_params=codebook,
-      reward=ShapeEvalReward(world, mode=config.world.reward_mode),
+      reward=ShapeEvalReward(
+          world, mode=config.world.reward_mode, vcfg=VerifierConfig(junk_half_life=float(junk_half_life))
+      ),
       score=lambda prompts, images, meta: strict(prompts, images, meta=meta),
       judge=lambda prompts, images, meta: strict.details(prompts, images, meta),
   )
