@@ -103,10 +103,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.readme = ""
   if default:
     # What the default command gives: its own 1500-step base (configs/pretrain_shapes.py) and budget,
-    # HT-GRPO as shipped against the trajectory-replayed sketch stages, paired; one seed of G = 16.
+    # HT-GRPO as shipped against the trajectory-replayed sketch stages and a junk-harsher dense reward,
+    # paired; one seed of G = 16.
     c.workdir = "runs/study_dc"
     c.shared = "total_steps=60; eval_every=20; model.pretrain.num_steps=1500; model.pretrain.max_minutes=0"
-    c.main_arms, c.ablation_arms = "htgrpo,ht_traj_sketch", "htgrpo_g16"
+    c.main_arms, c.ablation_arms = "htgrpo,ht_traj_sketch,htgrpo_junk8", "htgrpo_g16"
     c.reference_arm = "htgrpo"
     c.results_md = "docs/results_default.md"
     c.curves_png = "docs/results_default_curves.png"
