@@ -88,9 +88,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.checkpoint = "runs/shapes_base"  # base policy (Orbax params under {checkpoint}/params)
   c.model.pretrain_if_missing = True  # pretrain it first (launch/pretrain.py's job) when missing
   c.model.pretrain_config = "configs/pretrain_shapes.py"
-  # Pretraining settings (None keeps configs/pretrain_shapes.py's value).
+  # Pretraining settings (None keeps configs/pretrain_shapes.py's value). Typed placeholders, so
+  # that --config.model.pretrain.num_steps=2000 works on the command line.
+  unset = ml_collections.config_dict.placeholder
   c.model.pretrain = ml_collections.ConfigDict(
-      dict(num_steps=None, max_minutes=None, batch_size=None, optim=dict(learning_rate=None))
+      dict(
+          num_steps=unset(int),
+          max_minutes=unset(float),
+          batch_size=unset(int),
+          optim=dict(learning_rate=unset(float)),
+      )
   )
   # LoRA (htgrpo_jax/models/lora.py): rank 0 = off (full fine-tuning). On, the state trains the
   # adapters only, the base is frozen and the KL reference is the base with the adapters off.
@@ -166,9 +173,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.world.num_train, c.world.num_eval = 512, 64
     c.model.checkpoint = "runs/shapes_base_tiny"
     c.model.overrides = ml_collections.ConfigDict(dict(d_model=32, n_layers=1, n_heads=2, mlp_hidden=64))
-    c.model.pretrain = ml_collections.ConfigDict(
-        dict(num_steps=30, max_minutes=None, batch_size=16, optim=dict(learning_rate=None))
-    )
+    c.model.pretrain.num_steps, c.model.pretrain.batch_size = 30, 16
     c.sampler.num_steps = 4
     c.rl.group_size = 4
     c.rl.n_global, c.rl.n_struct, c.rl.n_refine = 1, 1, 1

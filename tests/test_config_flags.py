@@ -67,3 +67,26 @@ def test_every_rl_and_sampler_field_is_a_typed_flag(monkeypatch):
     assert isinstance(got, kind) and not (kind is int and isinstance(got, bool)), (name, got)
   for name, value in config.sampler.items():
     assert value is not None, f"sampler.{name} defaults to None: the flag parser cannot type it"
+
+
+def test_the_base_policys_pretraining_settings_are_command_line_flags(monkeypatch):
+  """``model.pretrain.*`` default to None (keep configs/pretrain_shapes.py's value) and still take
+  typed command-line overrides, which reach the base policy's pretraining config."""
+  from htgrpo_jax.worlds.shapeeval import task
+
+  monkeypatch.chdir(REPO)
+  default = task.pretrain_config(parse(["--config=configs/geneval.py"]))
+  config = parse(
+      [
+          "--config=configs/geneval.py",
+          "--config.model.pretrain.num_steps=2000",
+          "--config.model.pretrain.batch_size=32",
+          "--config.model.pretrain.max_minutes=0",
+          "--config.model.pretrain.optim.learning_rate=1e-3",
+      ]
+  )
+  p = task.pretrain_config(config)
+  assert (p.num_steps, p.batch_size, p.max_minutes, p.optim.learning_rate) == (2000, 32, 0.0, 1e-3)
+  assert (default.num_steps, default.batch_size) == (1500, 64)
+  with pytest.raises(Exception, match="num_steps"):
+    parse(["--config=configs/geneval.py", "--config.model.pretrain.num_steps=many"])
