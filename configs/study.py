@@ -9,6 +9,7 @@
   python launch/study.py --config=configs/study.py:base4k                # a base pretrained twice as long
   python launch/study.py --config=configs/study.py:bs32                  # the default's compute, batch 32
   python launch/study.py --config=configs/study.py:base4k_long --workers=2  # 5x the budget, 4000-step base
+  python launch/study.py --config=configs/study.py:default_maskgit --workers=2  # the default's base, maskgit CFG 1
 
 Every run starts from one frozen base policy and trains the same number of steps of the same
 prompts x G, so arms see equal rollout budgets; see htgrpo_jax/study.py.
@@ -62,10 +63,10 @@ ARMS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variants = ("tiny", "long", "default", "base4k", "bs32", "base4k_long")
+  variants = ("tiny", "long", "default", "base4k", "bs32", "base4k_long", "default_maskgit")
   if arg not in (None, "", *variants):
     raise ValueError(f"configs/study.py: unknown argument {arg!r}; use '' or one of {variants}")
-  tiny, long, default, base4k, bs32, base4k_long = (arg == v for v in variants)
+  tiny, long, default, base4k, bs32, base4k_long, default_maskgit = (arg == v for v in variants)
   c = ml_collections.ConfigDict()
   c.title = "ShapeEval efficacy study"
   c.workdir = "runs/study" + ("_tiny" if tiny else "")
@@ -137,6 +138,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ablation_arms = ""
     c.results_md = "docs/results_base4k_long.md"
     c.curves_png = "docs/results_base4k_long_curves.png"
+    c.readme = ""
+  if default_maskgit:
+    # The default command's base and budget with another sampler for rollouts and evaluation alike:
+    # confidence-ordered unmasking (maskgit) without guidance. The same base params score 0.210
+    # with it against 0.087 with emerge at CFG 2 (docs/findings.md, section 11).
+    c.workdir = "runs/study_dc_maskgit"
+    c.base_checkpoint = "runs/study_dc/base"
+    c.title = "ShapeEval efficacy study: the default command's base, maskgit sampler at CFG 1"
+    c.shared = (
+        "total_steps=60; eval_every=20; model.pretrain.num_steps=1500; model.pretrain.max_minutes=0; "
+        "sampler.rule='maskgit'; sampler.cfg_scale=1.0"
+    )
+    c.main_arms, c.main_seeds, c.ablation_arms = "htgrpo,maskgrpo,ht_traj_sketch", 3, ""
+    c.results_md = "docs/results_default_maskgit.md"
+    c.curves_png = "docs/results_default_maskgit_curves.png"
     c.readme = ""
   if bs32:
     # The default command's pretraining compute (1500 x 64 examples, ~12 min) spent as 3000 steps of
