@@ -46,6 +46,8 @@ ARMS = {
     "maskgrpo_lr1e-3": ("maskgrpo", "optim.learning_rate=1e-3"),
     "htgrpo_lr3e-5": ("htgrpo", "optim.learning_rate=3e-5"),
     "maskgrpo_lr3e-5": ("maskgrpo", "optim.learning_rate=3e-5"),
+    "ht_traj_sketch_lr3e-4": ("htgrpo", "rl.sketch_context=trajectory; optim.learning_rate=3e-4"),
+    "ht_traj_sketch_lr3e-5": ("htgrpo", "rl.sketch_context=trajectory; optim.learning_rate=3e-5"),
     # Larger groups at the same rollout budget: G = 16 over 4 prompts per step (64 images a step).
     "htgrpo_g16": ("htgrpo", "rl.group_size=16; prompts_per_step=4"),
     "maskgrpo_g16": ("maskgrpo", "rl.group_size=16; prompts_per_step=4"),
@@ -150,7 +152,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "total_steps=60; eval_every=20; model.pretrain.num_steps=1500; model.pretrain.max_minutes=0; "
         "sampler.rule='maskgit'; sampler.cfg_scale=1.0"
     )
-    c.main_arms, c.main_seeds, c.ablation_arms = "htgrpo,maskgrpo,ht_traj_sketch", 3, ""
+    c.main_arms, c.main_seeds = "htgrpo,maskgrpo,ht_traj_sketch", 3
+    # The learning-rate grid, the same for the baseline and for our best setting.
+    c.ablation_arms = "maskgrpo_lr3e-4,ht_traj_sketch_lr3e-4,maskgrpo_lr3e-5,ht_traj_sketch_lr3e-5"
     c.results_md = "docs/results_default_maskgit.md"
     c.curves_png = "docs/results_default_maskgit_curves.png"
     c.readme = ""
