@@ -3,12 +3,19 @@
   python launch/train.py --config=configs/geneval.py                 # HT-GRPO
   python launch/train.py --config=configs/geneval.py:maskgrpo        # a baseline in the same trainer
   python launch/train.py --config=configs/geneval.py:htgrpo,tiny     # a 1-minute smoke run
+  python launch/train.py --config=configs/geneval.py:htgrpo,emerge   # the earlier default
   python launch/train.py --config=configs/geneval.py --config.total_steps=20 --config.workdir=/tmp/run
 
-The argument after ':' is ``preset[,tiny]``: the RL preset (htgrpo (default), maskgrpo, tracegrpo,
-uni) and optionally ``tiny`` (a small model, world and run for tests, Colab and smoke checks).
+The argument after ':' is ``preset[,tiny][,emerge]``: the RL preset (htgrpo (default), maskgrpo,
+tracegrpo, uni), optionally ``tiny`` (a small model, world and run for tests, Colab and smoke checks)
+and ``emerge`` (the settings every study before docs/findings.md section 12 ran: MaskGRPO's emerge
+sampler at CFG 2 for rollouts and evaluation, and HT-GRPO's sketch stages on the paper's all-mask
+canvas).
 Any ``HTGRPOConfig`` field can be overridden under ``rl``, e.g. ``--config.rl.beta=0.0``
 (the fields are read from the dataclass, typed, so the flag parser knows each one's type).
+Switch presets with the argument, not ``--config.rl.preset``: the default sets
+``rl.sketch_context='trajectory'``, which only the htgrpo estimator has (another preset or
+estimator on the command line needs ``--config.rl.sketch_context=all_mask`` too, and says so).
 """
 
 import dataclasses
@@ -45,11 +52,12 @@ def rl_fields() -> dict[str, type]:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   parts = [a for a in (arg or "htgrpo").split(",") if a]
   preset = parts[0] if parts and parts[0] != "tiny" else "htgrpo"
-  tiny = "tiny" in parts
-  unknown = [a for a in parts if a not in RL_PRESETS + ("tiny",)]
+  tiny, emerge = "tiny" in parts, "emerge" in parts
+  unknown = [a for a in parts if a not in RL_PRESETS + ("tiny", "emerge")]
   if unknown:
     raise ValueError(
-        f"configs/geneval.py: unknown argument(s) {unknown}; use " f"'<preset>[,tiny]' with a preset from {RL_PRESETS}"
+        f"configs/geneval.py: unknown argument(s) {unknown}; use '<preset>[,tiny][,emerge]' with a preset "
+        f"from {RL_PRESETS}"
     )
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -110,9 +118,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sampler.num_steps = 12
   # 0: ceil(rl.sketch_fraction * num_steps), the algorithm's sketch phase (any other value must equal it).
   c.sampler.sketch_steps = 0
-  c.sampler.rule = "emerge"  # MaskGRPO's random-order unmasking (maskgit: confidence order)
+  # Confidence-ordered unmasking (MMaDA's and Lumina-DiMOO's own samplers) at CFG 1 for rollouts and
+  # evaluation. The default base scores 0.210 with it, against 0.087 with MaskGRPO's random-order
+  # emerge sampler at CFG 2 (the earlier default), and RL gains more from it (docs/findings.md, 11-12).
+  c.sampler.rule = "maskgit"
   c.sampler.schedule = "cosine"
-  c.sampler.cfg_scale = 2.0  # measured: base held-out 0.13 at 0, 0.23 at 1, 0.27 at 2
+  c.sampler.cfg_scale = 1.0  # maskgit: 0.129 at 0, 0.210 at 1, 0.184 at 2 (192 prompts x 4)
   c.sampler.temperature = 1.0
   c.sampler.temperature_mode = "constant"
   # True: rl.num_sketches (>= 2) sketches per prompt, each branched into G / M paints.
@@ -125,6 +136,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.group_size = 8
   for field, kind in rl_fields().items():
     c.rl[field] = config_dict.placeholder(kind)
+  if preset == "htgrpo" and not emerge:
+    # HT-GRPO's global and struct iterations score the sketch tokens on the canvases the sampler
+    # saw (TraceGRPO's context under HT-GRPO's stages, partition and credit), not on the paper's
+    # prompt-only all-mask canvas: ahead of it in five of six ShapeEval studies, level in one (pooled,
+    # +0.039 [0.017, 0.061]; +0.071 [0.013, 0.127] with this sampler; docs/findings.md, section 12).
+    c.rl.sketch_context = "trajectory"
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 1e-4
@@ -168,6 +185,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.log_level = "info"  # absl verbosity of process 0 (debug/info/warning/error); others: warning
   c.profile_steps = ""  # "start,stop": jax.profiler trace of RL steps [start, stop)
 
+  if emerge:
+    c.sampler.rule, c.sampler.cfg_scale = "emerge", 2.0
   if tiny:
     c.world.data_dir = "runs/shapeworld_tiny"
     c.world.num_train, c.world.num_eval = 512, 64

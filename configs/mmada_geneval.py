@@ -60,6 +60,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sampler.cfg_scale = 3.5
   c.sampler.temperature = 1.0
   c.sampler.temperature_mode = "mmada_annealed"
+  # The paper's estimator: HT-GRPO's sketch stages on the prompt-only all-mask canvas (None: the
+  # preset's). ShapeEval's default replays the trajectory instead; untested at this scale.
+  c.rl.sketch_context = None
 
   c.rl.group_size = 8
   c.rl.micro_batch_size = 32  # rows per gradient micro-batch (memory, not maths):

@@ -5,13 +5,13 @@
       --config.ablation_arms= --config.main_seeds=3
   python launch/study.py --config=configs/study.py:tiny                  # a 2-minute smoke study
   python launch/study.py --config=configs/study.py:long --workers=16     # 5x the budget (a GPU host)
-  python launch/study.py --config=configs/study.py:default               # the default command's base
+  python launch/study.py --config=configs/study.py:default --workers=2  # the default command vs MaskGRPO
+  python launch/study.py --config=configs/study.py:default_long --workers=2  # ... 5x its budget
+  python launch/study.py --config=configs/study.py:default_emerge        # the earlier default command
+  python launch/study.py --config=configs/study.py:default_maskgit --workers=2  # ... with maskgit CFG 1
   python launch/study.py --config=configs/study.py:base4k                # a base pretrained twice as long
-  python launch/study.py --config=configs/study.py:bs32                  # the default's compute, batch 32
   python launch/study.py --config=configs/study.py:base4k_long --workers=2  # 5x the budget, 4000-step base
-  python launch/study.py --config=configs/study.py:default_maskgit --workers=2  # the default's base, maskgit CFG 1
-  python launch/study.py --config=configs/study.py:default_maskgit_90 --workers=2  # ... 90 steps
-  python launch/study.py --config=configs/study.py:default_maskgit_long --workers=2  # ... 5x the budget
+  python launch/study.py --config=configs/study.py:bs32                  # the default's compute, batch 32
 
 Every run starts from one frozen base policy and trains the same number of steps of the same
 prompts x G, so arms see equal rollout budgets; see htgrpo_jax/study.py.
@@ -66,28 +66,30 @@ ARMS = {
 }
 
 
+VARIANTS = (
+    "tiny",
+    "long",
+    "default",
+    "default_long",
+    "default_emerge",
+    "default_maskgit",
+    "base4k",
+    "base4k_long",
+    "bs32",
+)
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variants = (
-      "tiny",
-      "long",
-      "default",
-      "base4k",
-      "bs32",
-      "base4k_long",
-      "default_maskgit",
-      "default_maskgit_90",
-      "default_maskgit_long",
-  )
-  if arg not in (None, "", *variants):
-    raise ValueError(f"configs/study.py: unknown argument {arg!r}; use '' or one of {variants}")
-  tiny, long, default, base4k, bs32, base4k_long, default_maskgit, maskgit_90, maskgit_long = (
-      arg == v for v in variants
-  )
+  v = arg or ""
+  if v not in ("", *VARIANTS):
+    raise ValueError(f"configs/study.py: unknown argument {arg!r}; use '' or one of {VARIANTS}")
   c = ml_collections.ConfigDict()
   c.title = "ShapeEval efficacy study"
-  c.workdir = "runs/study" + ("_tiny" if tiny else "")
+  c.workdir = "runs/study" + ("_tiny" if v == "tiny" else "")
   c.train_config = "configs/geneval.py"
-  c.train_variant = ""  # appended to each arm's preset: "tiny" -> "htgrpo,tiny"
+  # Appended to each arm's preset ("emerge" -> "htgrpo,emerge"). Every study before docs/findings.md
+  # section 12 ran the earlier default, which configs/geneval.py:<preset>,emerge keeps.
+  c.train_variant = "emerge"
   c.base_seed = 0  # the frozen base policy's pretraining seed
   c.base_checkpoint = ""  # the frozen base ("": {workdir}/base, pretrained when missing)
   # Overrides every run shares ("key=value; ..."): the budget and the evaluation.
@@ -104,7 +106,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.curves_png = "docs/results_curves.png"
   c.readme = "README.md"  # its study block is rewritten from the results ("" = leave it)
   c.progress = True
-  if long:
+  if v:
+    c.readme = ""  # only the main study writes README's table
+    c.results_md, c.curves_png = f"docs/results_{v}.md", f"docs/results_{v}_curves.png"
+  if v == "long":
     # The same base and evaluation as the main study, five times its rollout budget (19200 images
     # per run): 4 arms x 3 seeds and the same learning-rate grid for HT-GRPO and MaskGRPO, 16 runs.
     # About 40 h of the 2-core CPU for the main arms; on one H200 with --workers=16 all 16 ran at
@@ -115,21 +120,45 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.title = "ShapeEval efficacy study: five times the rollout budget (300 steps)"
     c.main_arms = "htgrpo,maskgrpo,ht_traj_sketch,tracegrpo"
     c.ablation_arms = "htgrpo_lr3e-5,maskgrpo_lr3e-5,htgrpo_lr3e-4,maskgrpo_lr3e-4"
-    c.results_md = "docs/results_long.md"
-    c.curves_png = "docs/results_long_curves.png"
-    c.readme = ""
-  if default:
-    # What the default command gives: its own 1500-step base (configs/pretrain_shapes.py) and budget,
-    # HT-GRPO as shipped against the trajectory-replayed sketch stages and a junk-harsher dense reward,
-    # paired; one seed of G = 16.
+  if v in ("default", "default_long"):
+    # What the default command gives (`launch/train.py --config=configs/geneval.py`, as shipped: its
+    # 1500-step base, maskgit at CFG 1, the sketch stages on the sampler's canvases, its budget)
+    # against MaskGRPO in the same trainer; `default_long` runs the same runs on to five times the
+    # budget, for base + 0.25 (the RL learning rate is constant after warm-up, so a longer run's
+    # first steps are a shorter one's). Seed-major: seed 0 of each arm comes first.
+    c.workdir = "runs/study_default"
+    c.base_checkpoint = "runs/study_dc/base"
+    c.train_variant = ""
+    c.title = "ShapeEval efficacy study: the default command" + (", five times its budget" if v != "default" else "")
+    c.shared = "model.pretrain.num_steps=1500; model.pretrain.max_minutes=0; save_every=30; keep_checkpoints=12"
+    if v == "default_long":
+      c.shared += "; total_steps=300; eval_every=50"
+    c.main_arms, c.main_seeds, c.ablation_arms = "htgrpo,maskgrpo", 3, ""
+  if v == "default_emerge":
+    # The earlier default command (emerge at CFG 2, the paper's all-mask sketch canvas): its own
+    # 1500-step base (configs/pretrain_shapes.py) and budget, HT-GRPO as it shipped against the
+    # trajectory-replayed sketch stages and a junk-harsher dense reward, paired; one seed of G = 16.
     c.workdir = "runs/study_dc"
+    c.title = "ShapeEval efficacy study: the earlier default command (emerge at CFG 2)"
     c.shared = "total_steps=60; eval_every=20; model.pretrain.num_steps=1500; model.pretrain.max_minutes=0"
     c.main_arms, c.ablation_arms = "htgrpo,ht_traj_sketch,htgrpo_junk8", "htgrpo_g16"
     c.reference_arm = "htgrpo"
-    c.results_md = "docs/results_default.md"
-    c.curves_png = "docs/results_default_curves.png"
-    c.readme = ""
-  if base4k:
+  if v == "default_maskgit":
+    # The earlier default command's base and budget with another sampler for rollouts and evaluation
+    # alike: confidence-ordered unmasking (maskgit) at CFG 1. The same base params score 0.210 with
+    # it against 0.087 with emerge at CFG 2 (docs/findings.md, section 11).
+    c.workdir = "runs/study_dc_maskgit"
+    c.base_checkpoint = "runs/study_dc/base"
+    c.title = "ShapeEval efficacy study: the default command's base, maskgit sampler at CFG 1"
+    c.shared = (
+        "total_steps=60; eval_every=20; model.pretrain.num_steps=1500; model.pretrain.max_minutes=0; "
+        "sampler.rule='maskgit'; sampler.cfg_scale=1.0"
+    )
+    # The learning-rate grid, the same for the baseline and for our best setting (one seed each),
+    # and three seeds of MaskGRPO at 3e-4, level with its 1e-4 on seed 0.
+    c.main_arms, c.main_seeds = "htgrpo,maskgrpo,ht_traj_sketch,maskgrpo_lr3e-4", 3
+    c.ablation_arms = "ht_traj_sketch_lr3e-4,maskgrpo_lr3e-5,ht_traj_sketch_lr3e-5"
+  if v == "base4k":
     # Does RL gain more from a stronger base? Twice the study's pretraining (4000 steps, ~32 min of
     # the 2-core CPU), the main study's RL budget, three seeds of the default, the baseline and the
     # trajectory-replayed sketch stages (docs/findings.md, section 9).
@@ -137,10 +166,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.shared = "total_steps=60; eval_every=20; model.pretrain.num_steps=4000; model.pretrain.max_minutes=0"
     c.main_arms, c.main_seeds = "htgrpo,maskgrpo,ht_traj_sketch", 3
     c.ablation_arms = "maskgrpo_lr3e-5,htgrpo_lr3e-5"  # MaskGRPO peaked mid-run at 1e-4 (section 9)
-    c.results_md = "docs/results_base4k.md"
-    c.curves_png = "docs/results_base4k_curves.png"
-    c.readme = ""
-  if base4k_long:
+  if v == "base4k_long":
     # Base + 0.25 needs more than the main budget (docs/findings.md, "Open"): the long study's five
     # times the rollout budget (300 steps) from the 4000-step base of `base4k`, scored on the same
     # evaluation. Its seed-0 runs first (seed-major), one per arm.
@@ -150,49 +176,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.shared = (
         "total_steps=300; eval_every=50; save_every=50; model.pretrain.num_steps=4000; model.pretrain.max_minutes=0"
     )
-    c.main_arms, c.main_seeds = "ht_traj_sketch,maskgrpo,htgrpo", 3
-    c.ablation_arms = ""
-    c.results_md = "docs/results_base4k_long.md"
-    c.curves_png = "docs/results_base4k_long_curves.png"
-    c.readme = ""
-  if default_maskgit:
-    # The default command's base and budget with another sampler for rollouts and evaluation alike:
-    # confidence-ordered unmasking (maskgit) without guidance. The same base params score 0.210
-    # with it against 0.087 with emerge at CFG 2 (docs/findings.md, section 11).
-    c.workdir = "runs/study_dc_maskgit"
-    c.base_checkpoint = "runs/study_dc/base"
-    c.title = "ShapeEval efficacy study: the default command's base, maskgit sampler at CFG 1"
-    c.shared = (
-        "total_steps=60; eval_every=20; model.pretrain.num_steps=1500; model.pretrain.max_minutes=0; "
-        "sampler.rule='maskgit'; sampler.cfg_scale=1.0"
-    )
-    c.main_arms, c.main_seeds = "htgrpo,maskgrpo,ht_traj_sketch", 3
-    # The learning-rate grid, the same for the baseline and for our best setting.
-    c.ablation_arms = "maskgrpo_lr3e-4,ht_traj_sketch_lr3e-4,maskgrpo_lr3e-5,ht_traj_sketch_lr3e-5"
-    c.results_md = "docs/results_default_maskgit.md"
-    c.curves_png = "docs/results_default_maskgit_curves.png"
-    c.readme = ""
-  if maskgit_90 or maskgit_long:
-    # `default_maskgit` run on (its runs pass through the same states: the RL learning rate is
-    # constant after warm-up, so a longer run's first steps are a shorter one's). 90 steps: what
-    # the default command's spare minutes buy (it took 20 min of its 25 with 60 steps); 300 steps:
-    # five times the budget, for base + 0.25. The two share their runs, seed-major, so seed 0 of
-    # each arm comes first; a run copied from `default_maskgit` resumes at its step 60.
-    steps = 90 if maskgit_90 else 300
-    name = "default_maskgit_90" if maskgit_90 else "default_maskgit_long"
-    c.workdir = "runs/study_dc_maskgit_long"
-    c.base_checkpoint = "runs/study_dc/base"
-    c.title = f"ShapeEval efficacy study: the default command's base, maskgit at CFG 1, {steps} steps"
-    c.shared = (
-        f"total_steps={steps}; eval_every=50; save_every=30; keep_checkpoints=12; "
-        "model.pretrain.num_steps=1500; model.pretrain.max_minutes=0; sampler.rule='maskgit'; "
-        "sampler.cfg_scale=1.0"
-    )
-    c.main_arms, c.main_seeds, c.ablation_arms = "ht_traj_sketch,maskgrpo", 3, ""
-    c.results_md = f"docs/results_{name}.md"
-    c.curves_png = f"docs/results_{name}_curves.png"
-    c.readme = ""
-  if bs32:
+    c.main_arms, c.main_seeds, c.ablation_arms = "ht_traj_sketch,maskgrpo,htgrpo", 3, ""
+  if v == "bs32":
     # The default command's pretraining compute (1500 x 64 examples, ~12 min) spent as 3000 steps of
     # batch 32: a lower held-out loss, a base scoring 0.139 against the default's 0.087 (seed 0; seed 1 of
     # each scores 0.072 and 0.056), and less for RL to add within the default's RL budget
@@ -205,15 +190,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     c.main_arms, c.ablation_arms = "htgrpo,ht_traj_sketch", ""
     c.reference_arm = "htgrpo"
-    c.results_md = "docs/results_bs32.md"
-    c.curves_png = "docs/results_bs32_curves.png"
-    c.readme = ""
-  if tiny:
+  if v == "tiny":
     c.train_variant = "tiny"
     c.shared = "total_steps=2; eval_every=1; save_every=1; eval.grid_size=0"
     c.main_arms, c.main_seeds = "htgrpo,maskgrpo", 2
     c.ablation_arms, c.ablation_seeds = "ht_partition_random", 1
     c.results_md = c.workdir + "/results.md"
     c.curves_png = c.workdir + "/results_curves.png"
-    c.readme = ""
   return c

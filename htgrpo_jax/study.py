@@ -225,7 +225,9 @@ def collect(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   for r in plan_runs(cfg):
     c = train_config(cfg, r.arm, r.seed, r.workdir)
     f = trainer.load_eval_samples(r.workdir, _final_step(c))
-    curve = _eval_curve(r.workdir)
+    # A study may read runs that a longer study sharing them has trained on: its curves end at
+    # its own budget.
+    curve = [(step, s) for step, s in _eval_curve(r.workdir) if step <= c.total_steps]
     if curve:
       curves.setdefault(r.arm, {})[r.seed] = (curve, _step_seconds(r.workdir), c.prompts_per_step * c.rl.group_size)
     if f is not None:
@@ -525,6 +527,7 @@ def write_report(cfg: ml_collections.ConfigDict) -> str:
         + " | ".join(f"{acc[a][t]:.3f}" for t in tags)
         + " |"
     )
+  variant = f",{cfg.train_variant}" if cfg.get("train_variant") else ""
   lines += (
       ["", "| base | " + " | ".join(f"{t} {base_acc[t]:.3f}" for t in tags + ["overall"]) + " |", ""]
       + base_recipe_lines(cfg)
@@ -532,9 +535,11 @@ def write_report(cfg: ml_collections.ConfigDict) -> str:
       + [
           "Arms: "
           + "; ".join(
-              f"`{a}` = preset {s['preset']}" + (f" with {s['overrides']}" if s["overrides"] else "")
+              f"`{a}` = `{cfg.train_config}:{s['preset']}{variant}`"
+              + (f" with {s['overrides']}" if s["overrides"] else "")
               for a, s in arms.items()
-          ),
+          )
+          + f". Every run: `{cfg.shared}`.",
           "",
           f"![held-out accuracy vs rollout images and wall time]({os.path.basename(cfg.curves_png)})",
           "",

@@ -1,6 +1,6 @@
 """Pools one arm's paired difference from another over several finished studies.
 
-  python launch/pool_studies.py --studies=main,default,base4k,long,bs32 \
+  python launch/pool_studies.py --studies=main,default_emerge,default_maskgit,base4k,long,bs32 \
       --arm=ht_traj_sketch --ref=htgrpo --out=docs/results_pooled.md
 
 Each name is a variant of ``--study_config`` (``main`` is its default, ''); every study must have
@@ -17,7 +17,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 _STUDY_CONFIG = flags.DEFINE_string("study_config", "configs/study.py", "The studies' config file.")
-_STUDIES = flags.DEFINE_list("studies", "main,default,base4k,long,bs32", "Variants of --study_config ('main' = '').")
+_STUDIES = flags.DEFINE_list(
+    "studies", "main,default_emerge,default_maskgit,base4k,long,bs32", "Variants of --study_config ('main' = '')."
+)
 _ARM = flags.DEFINE_string("arm", "ht_traj_sketch", "The arm whose difference is pooled.")
 _REF = flags.DEFINE_string("ref", "htgrpo", "The arm it is measured against.")
 _N_BOOT = flags.DEFINE_integer("n_boot", 4000, "Bootstrap draws per study.")

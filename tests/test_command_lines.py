@@ -274,6 +274,10 @@ COMPANIONS = {
     "rl.num_sketches": ["--config.sampler.share_sketch=true"],
     "sampler.share_sketch": ["--config.rl.num_sketches=2"],
     "sampler.sketch_steps": ["--config.rl.sketch_fraction=0.25"],
+    # The default's trajectory-replayed sketch canvas belongs to the 'htgrpo' estimator only
+    # (configs/geneval.py:<preset> sets it for htgrpo alone).
+    "rl.estimator": ["--config.rl.sketch_context=all_mask"],
+    "rl.preset": ["--config.rl.sketch_context=all_mask"],
 }
 
 

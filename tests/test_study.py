@@ -62,21 +62,57 @@ def test_every_run_shares_the_frozen_base_and_the_budget(cfg):
     study.train_config(cfg, "htgrpo", 0, "/tmp/z")
 
 
-def test_the_default_command_study_trains_from_the_default_commands_base(monkeypatch):
-  """``configs/study.py:default`` measures what ``launch/train.py --config=configs/geneval.py`` gives:
-  the pretraining steps and the RL budget of the default command, HT-GRPO as shipped as the reference."""
+def _flat(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+  return out
+
+
+def test_the_default_command_study_trains_what_the_default_command_trains(monkeypatch):
+  """``configs/study.py:default`` measures ``launch/train.py --config=configs/geneval.py`` as shipped:
+  its HT-GRPO runs train the shipped config but for the study's bookkeeping (seed, workdir, the frozen
+  base, checkpoints), and MaskGRPO runs with the same sampler, budget and evaluation."""
   monkeypatch.chdir(REPO)
   cfg = load_config_file("configs/study.py", "default")
-  shipped = load_config_file("configs/geneval.py")
-  pre = load_config_file(shipped.model.pretrain_config)
-  c = study.train_config(cfg, "htgrpo", 1, "/tmp/x")
-  assert c.model.pretrain.num_steps == pre.num_steps and c.total_steps == shipped.total_steps
-  assert (c.rl.preset, c.prompts_per_step, c.rl.group_size) == (
-      "htgrpo",
-      shipped.prompts_per_step,
-      shipped.rl.group_size,
+  shipped = _flat(load_config_file("configs/geneval.py").to_dict())
+  ht = _flat(study.train_config(cfg, "htgrpo", 1, "/tmp/x").to_dict())
+  bookkeeping = {"seed", "workdir", "model.checkpoint", "eval.at_start", "save_every", "keep_checkpoints"}
+  # Pretraining pinned to what the shipped file leaves to configs/pretrain_shapes.py, without its
+  # wall-clock cap: the base is the 1500-step one.
+  bookkeeping |= {"model.pretrain.max_minutes", "model.pretrain.num_steps"}
+  assert load_config_file("configs/pretrain_shapes.py").num_steps == 1500
+  assert {k for k in shipped.keys() | ht.keys() if shipped.get(k) != ht.get(k)} <= bookkeeping
+  assert (ht["sampler.rule"], ht["rl.sketch_context"], ht["model.pretrain.num_steps"]) == (
+      "maskgit",
+      "trajectory",
+      1500,
   )
-  assert cfg.reference_arm == "htgrpo" and "htgrpo" in cfg.main_arms.split(",")
+  mg = _flat(study.train_config(cfg, "maskgrpo", 1, "/tmp/x").to_dict())
+  assert {k for k in mg if mg[k] != ht[k]} == {"rl.preset", "rl.sketch_context"}
+  assert cfg.reference_arm == "maskgrpo" and cfg.main_arms.split(",") == ["htgrpo", "maskgrpo"]
+  long = load_config_file("configs/study.py", "default_long")
+  assert long.workdir == cfg.workdir and study.train_config(long, "htgrpo", 1, "/tmp/x").total_steps == 300
+
+
+def test_the_studies_before_the_switch_keep_the_earlier_default(monkeypatch):
+  """Every study but the default command's own ran with the earlier default (emerge at CFG 2, the
+  paper's all-mask sketch canvas), so their runs resume and their tables regenerate unchanged."""
+  monkeypatch.chdir(REPO)
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("_study_config", os.path.join(REPO, "configs", "study.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  variants = [v for v in ("",) + mod.VARIANTS if v not in ("tiny", "default", "default_long")]
+  for v in variants:
+    cfg = load_config_file("configs/study.py", v or None)
+    c = study.train_config(cfg, "htgrpo", 0, "/tmp/x")
+    assert c.rl.sketch_context is None, v
+    if "sampler." not in cfg.shared:
+      assert (c.sampler.rule, c.sampler.cfg_scale) == ("emerge", 2.0), v
+  earlier = load_config_file("configs/geneval.py", "htgrpo,emerge")
+  assert (earlier.sampler.rule, earlier.sampler.cfg_scale, earlier.rl.sketch_context) == ("emerge", 2.0, None)
 
 
 def _eval(acc, n_prompts=60, samples=4, seed=0):
@@ -297,6 +333,9 @@ def test_report_says_how_many_rollout_images_each_arm_needs_to_reach_the_referen
     c = study.train_config(cfg, r.arm, r.seed, r.workdir)
     for step, acc in zip((c.total_steps // 2, c.total_steps), curve[r.arm]):
       writer.write_eval(r.workdir, f"step{step:05d}", _eval_res(acc, 60, 4), "t", 0)
+  # An evaluation past the budget (a longer study training the same runs on) is not this study's.
+  ref = [r for r in study.plan_runs(cfg) if r.arm == "maskgrpo"][0]
+  writer.write_eval(ref.workdir, f"step{2 * c.total_steps:05d}", _eval_res(0.0, 60, 4), "t", 0)
   # A second htgrpo seed still running (no final evaluation) must not cut the arm's curve short.
   cfg.main_seeds = 2
   running = [r for r in study.plan_runs(cfg) if r.arm == "htgrpo" and r.seed == 1][0]

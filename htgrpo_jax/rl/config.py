@@ -198,9 +198,13 @@ class HTGRPOConfig:
     ):
       if getattr(self, f) not in allowed:
         bad(f, f"must be one of {allowed}")
-    for f in ("sketch_context", "refine_context"):
+    for f, other in (("sketch_context", "all_mask"), ("refine_context", "structure")):
       if getattr(self, f) == "trajectory" and self.estimator != "htgrpo":
-        bad(f, f"applies to estimator='htgrpo' only (estimator={self.estimator!r} picks its own canvases)")
+        bad(
+            f,
+            f"applies to estimator='htgrpo' only (estimator={self.estimator!r} picks its own canvases; "
+            f"set {f}={other!r} with it)",
+        )
     for f in ("structure_weight", "refine_weight"):
       if not getattr(self, f) >= 0.0:
         bad(f, "must be >= 0")
