@@ -121,9 +121,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Confidence-ordered unmasking (MMaDA's and Lumina-DiMOO's own samplers) at CFG 1 for rollouts and
   # evaluation. The default base scores 0.210 with it, against 0.087 with MaskGRPO's random-order
   # emerge sampler at CFG 2 (the earlier default), and RL gains more from it (docs/findings.md, 11-12).
-  c.sampler.rule = "maskgit"
+  c.sampler.rule = "emerge" if emerge else "maskgit"
   c.sampler.schedule = "cosine"
-  c.sampler.cfg_scale = 1.0  # maskgit: 0.129 at 0, 0.210 at 1, 0.184 at 2 (192 prompts x 4)
+  c.sampler.cfg_scale = 2.0 if emerge else 1.0  # maskgit: 0.129 at 0, 0.210 at 1, 0.184 at 2 (192 x 4)
   c.sampler.temperature = 1.0
   c.sampler.temperature_mode = "constant"
   # True: rl.num_sketches (>= 2) sketches per prompt, each branched into G / M paints.
@@ -185,8 +185,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.log_level = "info"  # absl verbosity of process 0 (debug/info/warning/error); others: warning
   c.profile_steps = ""  # "start,stop": jax.profiler trace of RL steps [start, stop)
 
-  if emerge:
-    c.sampler.rule, c.sampler.cfg_scale = "emerge", 2.0
   if tiny:
     c.world.data_dir = "runs/shapeworld_tiny"
     c.world.num_train, c.world.num_eval = 512, 64
