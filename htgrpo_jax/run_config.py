@@ -248,19 +248,25 @@ def check_mesh(p: Plan, mesh: jax.sharding.Mesh) -> None:
 
 
 OPTIM_KEYS = ("learning_rate", "warmup_steps", "max_grad_norm", "weight_decay", "b1", "b2", "eps")
+# Optional, with these defaults: after warm-up the learning rate stays constant, or decays on a
+# cosine to ``final_lr_fraction`` x the peak at ``total_steps``.
+OPTIM_DEFAULTS = dict(eps=1e-8, decay="constant", final_lr_fraction=0.0)
+DECAYS = ("constant", "cosine")
 
 
 def validate_optim(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Checks every ``optim.*`` key (unknown ones too); returns them (``eps`` defaults to 1e-8).
+  """Checks every ``optim.*`` key (unknown ones too); returns them, ``OPTIM_DEFAULTS`` filled in.
 
   Raises:
     ValueError: naming the key, its value and the constraint it breaks.
   """
   o = dict(config.optim)
-  unknown = sorted(set(o) - set(OPTIM_KEYS))
+  unknown = sorted(set(o) - set(OPTIM_KEYS) - set(OPTIM_DEFAULTS))
   if unknown:
-    raise ValueError(f"optim.{unknown[0]}: not an optimizer setting (known: {', '.join(OPTIM_KEYS)})")
-  o.setdefault("eps", 1e-8)
+    known = ", ".join(OPTIM_KEYS + tuple(k for k in OPTIM_DEFAULTS if k not in OPTIM_KEYS))
+    raise ValueError(f"optim.{unknown[0]}: not an optimizer setting (known: {known})")
+  for key, value in OPTIM_DEFAULTS.items():
+    o.setdefault(key, value)
   for key in OPTIM_KEYS[:-1]:
     if key not in o:
       raise ValueError(f"optim.{key}: missing (every config needs {', '.join(OPTIM_KEYS[:-1])})")
@@ -286,6 +292,17 @@ def validate_optim(config: ml_collections.ConfigDict) -> dict[str, Any]:
   for key in ("b1", "b2"):
     need(number(key) and 0 <= o[key] < 1, key, "must be a number in [0, 1)")
   need(number("eps") and o["eps"] > 0, "eps", "must be a finite number > 0")
+  need(o["decay"] in DECAYS, "decay", f"must be one of {DECAYS}")
+  need(
+      number("final_lr_fraction") and 0 <= o["final_lr_fraction"] <= 1,
+      "final_lr_fraction",
+      "must be a number in [0, 1] (the last step's learning rate over the peak)",
+  )
+  if o["decay"] != "constant" and o["warmup_steps"] >= config.total_steps:
+    raise ValueError(
+        f"optim.warmup_steps={o['warmup_steps']}: a {o['decay']} decay needs it below "
+        f"total_steps={config.total_steps}"
+    )
   return o
 
 
@@ -329,11 +346,25 @@ def profile_window(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
   return start, stop
 
 
-def make_optimizer(config: ml_collections.ConfigDict, p: Plan) -> optax.GradientTransformation:
-  """AdamW on a linear-warmup-then-constant schedule counted in inner updates (K per RL step)."""
+def learning_rate(config: ml_collections.ConfigDict, p: Plan) -> float | optax.Schedule:
+  """The RL learning rate, counted in inner updates (K per RL step): a linear warm-up over
+  ``optim.warmup_steps`` RL steps, then constant (``optim.decay='constant'``) or a cosine down to
+  ``final_lr_fraction`` x the peak at ``total_steps`` (``'cosine'``; the schedule is tied to
+  ``total_steps``, so a resumed run may not extend it: ``workdir.compare_configs``)."""
   o = validate_optim(config)
-  warm = o["warmup_steps"] * p.rl.num_iterations
-  lr = optax.linear_schedule(0.0, o["learning_rate"], warm) if warm else o["learning_rate"]
+  k, peak = p.rl.num_iterations, o["learning_rate"]
+  warm = o["warmup_steps"] * k
+  if o["decay"] == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        0.0, peak, warm, config.total_steps * k, end_value=peak * o["final_lr_fraction"]
+    )
+  return optax.linear_schedule(0.0, peak, warm) if warm else peak
+
+
+def make_optimizer(config: ml_collections.ConfigDict, p: Plan) -> optax.GradientTransformation:
+  """AdamW on ``learning_rate(config, p)``, clipped by global norm."""
+  o = validate_optim(config)
+  lr = learning_rate(config, p)
   return rl.make_optimizer(
       lr, clip_norm=o["max_grad_norm"] or None, weight_decay=o["weight_decay"], b1=o["b1"], b2=o["b2"], eps=o["eps"]
   )

@@ -11,8 +11,9 @@
 ``check_config`` compares a resumed run's config with the one its checkpoints were written under
                  (``config.json``): a change to what the run means (seed, optimizer, algorithm,
                  data, model, ...) is refused unless ``allow_config_change=True``; bookkeeping keys
-                 (``HARMLESS_KEYS``) and a larger ``total_steps`` pass. Every start appends its
-                 config and changes to ``config_history.jsonl``; ``config.json`` is the current one.
+                 (``HARMLESS_KEYS``) and a larger ``total_steps`` (on a constant learning rate)
+                 pass. Every start appends its config and changes to ``config_history.jsonl``;
+                 ``config.json`` is the current one.
 
 Both take local paths or URLs (``htgrpo_jax.paths``).
 
@@ -220,6 +221,7 @@ def compare_configs(
   are not a change the user made to this run.
   """
   a, b = flatten(saved), flatten(current)
+  decays = a.get("optim.decay", "constant") != "constant"
   refused, allowed = {}, {}
   for key in sorted(set(a) | set(b)):
     old, new = a.get(key, "<absent>"), b.get(key, "<absent>")
@@ -227,7 +229,9 @@ def compare_configs(
       continue
     if key not in a or key not in b or _harmless(key):
       allowed[key] = (old, new)
-    elif key == "total_steps" and isinstance(old, int) and isinstance(new, int) and new > old:
+    elif key == "total_steps" and isinstance(old, int) and isinstance(new, int) and new > old and not decays:
+      # Longer is fine on a constant learning rate: a longer run passes through the shorter one's
+      # states. A decaying schedule is written for its total_steps, so extending it is a new run.
       allowed[key] = (old, new)
     elif (
         isinstance(old, (int, float))
@@ -275,7 +279,9 @@ def check_config(
       changes = {**refused, **allowed}
       fmt = lambda d: ", ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in d.items())
       if refused and not allow:
-        hint = " (total_steps may only grow)" if "total_steps" in refused else ""
+        hint = ""
+        if "total_steps" in refused:
+          hint = " (total_steps may only grow, and only on optim.decay='constant')"
         raise ConfigChangedError(
             f"resuming {workdir} with a different config: {fmt(refused)}{hint}. These settings "
             f"change what the run means; its checkpoints were written under {path}. Restore them, "

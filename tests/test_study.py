@@ -104,7 +104,8 @@ def test_the_studies_before_the_switch_keep_the_earlier_default(monkeypatch):
   spec = importlib.util.spec_from_file_location("_study_config", os.path.join(REPO, "configs", "study.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  variants = [v for v in ("",) + mod.VARIANTS if v not in ("tiny", "default", "default_long")]
+  variants = [v for v in ("",) + mod.VARIANTS if v not in ("tiny",) + mod.OF_THE_DEFAULT]
+  assert set(mod.OF_THE_DEFAULT) < set(mod.VARIANTS) and len(variants) >= 7
   for v in variants:
     cfg = load_config_file("configs/study.py", v or None)
     c = study.train_config(cfg, "htgrpo", 0, "/tmp/x")
@@ -395,12 +396,15 @@ def test_every_arm_plans(cfg):
   study); the trajectory-context arms set what their names say."""
   from htgrpo_jax import trainer
 
+  main = cfg.main_arms.split(",")
+  cfg.ablation_arms = ",".join(a for a in cfg.arms if a not in main)  # every arm any study names
   plans = {arm: trainer.plan(study.train_config(cfg, arm, 0, "/tmp/x")) for arm in cfg.arms}
   ctx = {arm: (p.rl.estimator, p.rl.sketch_context, p.rl.refine_context) for arm, p in plans.items()}
   assert ctx["htgrpo"] == ("htgrpo", "all_mask", "structure")
   assert ctx["ht_traj_context"] == ("htgrpo", "trajectory", "trajectory")
   assert ctx["ht_traj_sketch"] == ("htgrpo", "trajectory", "structure")
   assert ctx["ht_traj_refine"] == ("htgrpo", "all_mask", "trajectory")
+  assert plans["ht_cosine"].rl.estimator == "htgrpo" and plans["maskgrpo_cosine"].rl.estimator != "htgrpo"
 
 
 def test_a_study_can_pretrain_its_base_with_another_batch_and_learning_rate(monkeypatch):

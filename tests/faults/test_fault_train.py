@@ -229,6 +229,8 @@ def _abstract_state(cfg):
         ("optim.warmup_steps", -1, "optim.warmup_steps=-1"),
         ("optim.weight_decay", float("nan"), "optim.weight_decay=nan"),
         ("optim.weight_decay", -0.1, "optim.weight_decay=-0.1"),
+        ("optim.decay", "linear", r"optim.decay='linear': .*constant.*cosine"),
+        ("optim.final_lr_fraction", 1.5, r"optim.final_lr_fraction=1.5: .*\[0, 1\]"),
         ("save_every_minutes", -1.0, "save_every_minutes=-1.0"),
         ("max_consecutive_skips", -1, "max_consecutive_skips=-1"),
     ],
@@ -244,6 +246,43 @@ def test_bad_optim_and_loop_values_fail_in_plan(root, monkeypatch, key, value, m
   monkeypatch.setattr(tasks, "build_task", never)
   with pytest.raises(ValueError, match=match):
     trainer.train(cfg, log=quiet)
+
+
+def test_cosine_decay_warms_up_then_falls_to_its_floor_at_total_steps(root):
+  """``optim.decay='cosine'``: 0 -> peak over the warm-up, then down to final_lr_fraction x peak at
+  the last inner update of step total_steps (K inner updates per RL step), never below it."""
+  from htgrpo_jax import run_config
+
+  over = {"optim.learning_rate": 1e-3, "optim.warmup_steps": 1, "optim.decay": "cosine"}
+  cfg = tiny_config(root, "cosine", **over, **{"optim.final_lr_fraction": 0.1})
+  p = trainer.plan(cfg)
+  k, total = p.rl.num_iterations, cfg.total_steps
+  lr = run_config.learning_rate(cfg, p)
+  values = np.array([float(lr(i)) for i in range(total * k + 1)])
+  assert values[0] == 0.0 and values[k] == pytest.approx(1e-3)
+  assert values[-1] == pytest.approx(1e-4) and values.min() >= 0.0
+  assert np.all(np.diff(values[k:]) <= 1e-12) and np.all(values[k:] >= 1e-4 - 1e-12)
+  # The constant default is what it was: the same warm-up, then the peak for good.
+  const = run_config.learning_rate(tiny_config(root, "const", **{"optim.learning_rate": 1e-3}), p)
+  assert float(const(0)) == 0.0 and float(const(total * k * 10)) == pytest.approx(1e-3)
+  # A decay needs room after its warm-up.
+  with pytest.raises(ValueError, match=r"optim.warmup_steps=4: a cosine decay needs it below total_steps=4"):
+    trainer.plan(tiny_config(root, "cosine", **dict(over, **{"optim.warmup_steps": 4})))
+
+
+def test_a_decaying_run_may_not_be_extended_on_resume(root):
+  """A cosine schedule is written for its total_steps: resuming it with a larger one would jump
+  the learning rate back up, so the config check refuses it (a constant rate may grow)."""
+  from htgrpo_jax import workdir
+
+  def js(**over):
+    return json.loads(tiny_config(root, "grow", **over).to_json_best_effort())
+
+  cos = {"optim.decay": "cosine"}
+  refused, _ = workdir.compare_configs(js(**cos), js(total_steps=8, **cos))
+  assert "total_steps" in refused
+  refused, allowed = workdir.compare_configs(js(), js(total_steps=8))
+  assert not refused and "total_steps" in allowed
 
 
 def test_unknown_optim_key_is_named(root):
