@@ -8,7 +8,9 @@ TFDS 4.9.10 needs no TensorFlow for this path: ``GeneratorBasedBuilder`` with
   vq.npz            the patch codebook (k-means on freshly rendered scenes)
   tokenizer/        the word-level text tokenizer (AutoTokenizer.from_pretrained)
   shape_eval/...    the TFDS dataset: 'train' (train-split prompts) and 'eval' (held-out prompts)
-Later calls reuse what exists. Each record: caption (str), codes (int32[N]) and meta (PromptMeta
+Later calls reuse what exists; concurrent calls on one local data_dir (a study's workers starting
+their seeds at once) take turns on ``.build.lock``, so the second reuses what the first built.
+Each record: caption (str), codes (int32[N]) and meta (PromptMeta
 JSON). Train examples are balanced over the tags of the split, each paired with a fresh scene.
 
 Records depend on the scene generator, so the builder's version and config name change whenever
@@ -20,7 +22,9 @@ the old records instead of being silently reused.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import os
 from typing import Any, Callable
@@ -137,9 +141,31 @@ def build_world(
     num_eval: int = 1000,
 ) -> WorldAssets:
   """Builds (or reuses) the codebook, tokenizer and TFDS dataset under ``data_dir`` (a local path
-  or a URL)."""
+  or a URL). Processes building one local ``data_dir`` at once wait for each other (``BUILD_LOCK``);
+  on a URL nothing can lock, so build it once before starting several."""
   data_dir = os.fspath(data_dir)
   paths.makedirs(data_dir, exist_ok=True)
+  with _build_lock(data_dir):
+    return _build_world(data_dir, cfg, seed, num_codes, num_train, num_eval)
+
+
+BUILD_LOCK = ".build.lock"
+
+
+@contextlib.contextmanager
+def _build_lock(data_dir: str):
+  """An exclusive ``flock`` on ``<data_dir>/.build.lock`` while the world is built: without it, two
+  builders of one TFDS dataset race to rename their ``incomplete.*`` folder onto the same version
+  folder and the second fails with FileExistsError (seen with ``launch/study.py --workers=2``)."""
+  if paths.is_url(data_dir):
+    yield
+    return
+  with open(os.path.join(data_dir, BUILD_LOCK), "a+") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)  # blocks until the other builder is done; released on close
+    yield
+
+
+def _build_world(data_dir, cfg, seed, num_codes, num_train, num_eval) -> WorldAssets:
   cb_path = paths.join(data_dir, CODEBOOK_FILE)
   if paths.exists(cb_path):
     codebook = patch_vq.load(cb_path)

@@ -67,3 +67,28 @@ def test_a_generator_or_world_change_rebuilds_instead_of_reusing(assets, monkeyp
   monkeypatch.setattr(D, "GENERATOR_REVISION", D.GENERATOR_REVISION + 1)
   newer = D.ShapeEval(num_train=256, num_eval=96, codebook=assets.codebook, data_dir=tfds_dir)
   assert len({b.data_dir, other_world.data_dir, newer.data_dir}) == 3
+
+
+def test_two_processes_building_one_world_at_once_both_get_it(assets):
+  """A study's workers start their seeds together and each builds that seed's records in the same
+  data_dir: the second must wait and reuse them, not fail renaming its copy onto the first's."""
+  import os
+  import subprocess
+  import sys
+
+  code = (
+      "import sys; from htgrpo_jax.worlds.shapeeval import dataset as D; "
+      "a = D.build_world(sys.argv[1], seed=7, num_train=256, num_eval=96); "
+      "print(len(a.builder.as_data_source()['train']))"
+  )
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  procs = [
+      subprocess.Popen(
+          [sys.executable, "-c", code, assets.data_dir], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+      )
+      for _ in range(2)
+  ]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err.decode()[-2000:]
+    assert out.decode().split()[-1] == "256"
