@@ -7,6 +7,8 @@
   python launch/study.py --config=configs/study.py:long --workers=16     # 5x the budget (a GPU host)
   python launch/study.py --config=configs/study.py:default --workers=2  # the default command vs MaskGRPO
   python launch/study.py --config=configs/study.py:default_long --workers=2  # ... 5x its budget
+  python launch/study.py --config=configs/study.py:default_long --config.main_seeds=2 --config.seeds=1 \
+      --workers=2  # ... only its seed 1
   python launch/study.py --config=configs/study.py:default_tune --workers=2  # its knobs at its cost
   python launch/study.py --config=configs/study.py:default_emerge        # the earlier default command
   python launch/study.py --config=configs/study.py:default_maskgit --workers=2  # ... with maskgit CFG 1
@@ -120,6 +122,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.main_seeds = 3
   c.ablation_arms = ",".join(a for a in ARMS if a not in c.main_arms.split(","))  # every other arm
   c.ablation_seeds = 1
+  c.seeds = ""  # "1" or "1,2": train and report only these seeds of the plan ("": every seed)
   c.reference_arm = "maskgrpo"  # the table's "vs" column: each arm's paired difference from it
   c.results_md = "docs/results.md"
   c.curves_png = "docs/results_curves.png"

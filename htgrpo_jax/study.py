@@ -80,15 +80,35 @@ def arm_table(cfg: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
   return out
 
 
+def only_seeds(cfg: ml_collections.ConfigDict) -> set[int] | None:
+  """``cfg.seeds`` ("1" or "1,2": train and report only those seeds; "" or absent: every seed).
+
+  Raises:
+    ValueError: naming ``seeds`` when it is not a comma list of ints >= 0.
+  """
+  text = str(cfg.get("seeds", "") or "").strip()
+  if not text:
+    return None
+  try:
+    out = {int(v) for v in text.split(",")}
+  except ValueError:
+    out = {-1}
+  if min(out) < 0:
+    raise ValueError(f"seeds={text!r}: want '' (every seed) or a comma list of seeds >= 0, e.g. '1,2'")
+  return out
+
+
 def plan_runs(cfg: ml_collections.ConfigDict) -> list[Run]:
-  """Seed-major order, so a study stopped part-way has every arm at the same number of seeds."""
+  """Seed-major order, so a study stopped part-way has every arm at the same number of seeds;
+  only ``cfg.seeds`` when set (``only_seeds``)."""
   arms = arm_table(cfg)
   seeds = {a: cfg.main_seeds if s["group"] == "main" else cfg.ablation_seeds for a, s in arms.items()}
+  keep = only_seeds(cfg)
   return [
       Run(a, k, paths.join(cfg.workdir, a, f"seed{k}"))
       for k in range(max(seeds.values(), default=0))
       for a in arms
-      if k < seeds[a]
+      if k < seeds[a] and (keep is None or k in keep)
   ]
 
 
@@ -496,7 +516,8 @@ def write_report(cfg: ml_collections.ConfigDict) -> str:
           if ref
           else "."
       )
-      + (f" Trained on: {hw}." if (hw := trained_on([r.workdir for r in plan_runs(cfg)])) else ""),
+      + (f" Trained on: {hw}." if (hw := trained_on([r.workdir for r in plan_runs(cfg)])) else "")
+      + (f" Seeds: {cfg.seeds} only (`seeds={cfg.seeds}`)." if only_seeds(cfg) is not None else ""),
       "",
       "| arm | seeds | base overall | final overall | change | "
       + (f"vs {ref} | " if ref else "")

@@ -49,6 +49,26 @@ def test_runs_are_seed_major_so_a_partial_study_is_balanced(cfg):
     study.plan_runs(cfg)
 
 
+def test_a_study_can_train_and_report_only_some_seeds(cfg):
+  """``seeds='1'`` plans (and so trains and reports) seed 1 of every arm and nothing else, e.g. a
+  later seed of a study whose seed-0 runs live elsewhere."""
+  cfg.main_arms, cfg.main_seeds = "htgrpo,maskgrpo", 3
+  cfg.ablation_arms, cfg.ablation_seeds = "ht_partition_step", 1
+  cfg.seeds = "1"
+  assert [(r.arm, r.seed) for r in study.plan_runs(cfg)] == [("htgrpo", 1), ("maskgrpo", 1)]
+  cfg.seeds = "2,0"
+  assert [(r.arm, r.seed) for r in study.plan_runs(cfg)] == [
+      ("htgrpo", 0),
+      ("maskgrpo", 0),
+      ("ht_partition_step", 0),
+      ("htgrpo", 2),
+      ("maskgrpo", 2),
+  ]
+  cfg.seeds = "one"
+  with pytest.raises(ValueError, match="seeds='one'"):
+    study.plan_runs(cfg)
+
+
 def test_every_run_shares_the_frozen_base_and_the_budget(cfg):
   a = study.train_config(cfg, "ht_global_only", 2, "/tmp/x")
   b = study.train_config(cfg, "maskgrpo", 0, "/tmp/y")
