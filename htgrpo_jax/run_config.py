@@ -351,20 +351,20 @@ def learning_rate(config: ml_collections.ConfigDict, p: Plan) -> float | optax.S
   ``optim.warmup_steps`` RL steps, then constant (``optim.decay='constant'``) or a cosine down to
   ``final_lr_fraction`` x the peak at ``total_steps`` (``'cosine'``; the schedule is tied to
   ``total_steps``, so a resumed run may not extend it: ``workdir.compare_configs``)."""
-  o = validate_optim(config)
-  k, peak = p.rl.num_iterations, o["learning_rate"]
-  warm = o["warmup_steps"] * k
+  return _schedule(validate_optim(config), config.total_steps, p.rl.num_iterations)
+
+
+def _schedule(o: dict[str, Any], total_steps: int, k: int) -> float | optax.Schedule:
+  peak, warm = o["learning_rate"], o["warmup_steps"] * k
   if o["decay"] == "cosine":
-    return optax.warmup_cosine_decay_schedule(
-        0.0, peak, warm, config.total_steps * k, end_value=peak * o["final_lr_fraction"]
-    )
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warm, total_steps * k, end_value=peak * o["final_lr_fraction"])
   return optax.linear_schedule(0.0, peak, warm) if warm else peak
 
 
 def make_optimizer(config: ml_collections.ConfigDict, p: Plan) -> optax.GradientTransformation:
   """AdamW on ``learning_rate(config, p)``, clipped by global norm."""
   o = validate_optim(config)
-  lr = learning_rate(config, p)
+  lr = _schedule(o, config.total_steps, p.rl.num_iterations)
   return rl.make_optimizer(
       lr, clip_norm=o["max_grad_norm"] or None, weight_decay=o["weight_decay"], b1=o["b1"], b2=o["b2"], eps=o["eps"]
   )

@@ -10,8 +10,8 @@ TFDS 4.9.10 needs no TensorFlow for this path: ``GeneratorBasedBuilder`` with
   shape_eval/...    the TFDS dataset: 'train' (train-split prompts) and 'eval' (held-out prompts)
 Later calls reuse what exists; concurrent calls on one local data_dir (a study's workers starting
 their seeds at once) take turns on ``.build.lock``, so the second reuses what the first built.
-Each record: caption (str), codes (int32[N]) and meta (PromptMeta
-JSON). Train examples are balanced over the tags of the split, each paired with a fresh scene.
+Each record: caption (str), codes (int32[N]) and meta (PromptMeta JSON). Train examples are
+balanced over the tags of the split, each paired with a fresh scene.
 
 Records depend on the scene generator, so the builder's version and config name change whenever
 it does: ``GENERATOR_REVISION`` is bumped by hand with the generator (2: position scenes satisfy
