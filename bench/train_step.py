@@ -120,10 +120,11 @@ def make_config(args, estimator: str, beta: float) -> rl.HTGRPOConfig:
   )
 
 
-def time_vs_torch(args, config, model_cfg, params, compiled, state, rollout, key, einsum=None):
+def time_vs_torch(args, config, model_cfg, params, main, state, rollout, key, others=None):
   """Median JAX and eager-PyTorch update times, alternating, after one warm-up each.
 
-  ``einsum``: an optional second compiled step (the einsum projections) timed in the same rotation.
+  ``main``: {name: compiled step} run on ``state``; ``others``: more compiled steps (other projection
+  forms) timed in the same rotation, each on a fresh state from ``params``.
   Returns ({name: [seconds per repeat]}, {name: [(user s, system s, minor page faults) per repeat]}, threads):
   the process's CPU time and page faults over each call (``getrusage``; the other framework is idle then).
   """
@@ -146,13 +147,12 @@ def time_vs_torch(args, config, model_cfg, params, compiled, state, rollout, key
       device=args.torch_device,
   )
   upd.run(inputs)  # warm-up (allocator, kernels)
-  runs = {"jax": compiled} if einsum is None else {"jax": compiled, "jax_einsum": einsum}
-  states = {name: state for name in runs}
-  if einsum is not None:
-    states["jax_einsum"] = rl.TrainState.create(
-        jax.tree.map(jnp.asarray, params), args.opt, with_reference=config.beta > 0
-    )
-    states["jax_einsum"], _ = einsum(states["jax_einsum"], rollout, key)
+  others = others or {}
+  runs = {**main, **others}
+  states = {name: state for name in main}
+  for name, fn in others.items():
+    fresh = rl.TrainState.create(jax.tree.map(jnp.asarray, params), args.opt, with_reference=config.beta > 0)
+    states[name], _ = fn(fresh, rollout, key)  # warm-up
   times = {name: [] for name in list(runs) + ["torch"]}
   usage = {name: [] for name in times}  # (user s, system s, minor page faults) of each call
 
@@ -192,6 +192,21 @@ SHAPES = dict(
 # An accelerator-sized policy for --torch_device=cuda: d 1024, 8 layers, a 16x16 image (256 tokens) over
 # MMaDA's 8192-entry codebook; the shapes model is too small to occupy a GPU (launch-bound).
 MEDIUM = dict(SHAPES, d=1024, layers=8, heads=16, mlp=2816, tokens=256, codebook=8192, prompt_len=32)
+DENSE_FORMS = ("flat", "einsum", "openblas")
+
+
+def dense_form(name: str, flat, args):
+  """The projection function of one ``--dense`` form (``flat``: the package's own)."""
+  if name == "einsum":
+    return lambda x, kernel, n_in: jnp.tensordot(x, kernel, axes=n_in)  # the pre-flat_matmul form
+  if name == "openblas":
+    import openblas_gemm  # noqa: PLC0415 (bench/, compiled on first use)
+
+    openblas_gemm.load(threads=args.threads or len(os.sched_getaffinity(0)))
+    return openblas_gemm.flat_matmul
+  return flat
+
+
 # --precision: fp32 matmuls at full precision for both frameworks, or both in TF32 (GPU tensor cores).
 # The frameworks' defaults differ on a GPU (JAX may use TF32, PyTorch does not), so the bench sets both.
 JAX_PRECISION = {"highest": "highest", "tf32": "tensorfloat32"}
@@ -219,9 +234,9 @@ def main():
   ap.add_argument(
       "--dense",
       default="flat",
-      choices=("flat", "einsum", "both"),
-      help="'einsum': the projections as named-axis contractions (before docs/performance.md); "
-      "'both': with --vs_torch, also time the einsum form in the same rotation",
+      help="the projections' form, or a comma list of forms timed in one rotation with --vs_torch: 'flat' "
+      "(the package), 'einsum' (named-axis contractions, before docs/performance.md), 'openblas' (an FFI "
+      "call to OpenBLAS, bench/openblas_gemm.py); 'both' = 'flat,einsum'",
   )
   args = ap.parse_args()
   jax.config.update("jax_default_matmul_precision", JAX_PRECISION[args.precision])
@@ -248,10 +263,14 @@ def main():
   config = make_config(args, args.estimator, args.beta)
   from htgrpo_jax.models import llada  # noqa: PLC0415
 
+  forms = ["flat", "einsum"] if args.dense == "both" else args.dense.split(",")
+  unknown = [f for f in forms if f not in DENSE_FORMS]
+  if unknown:
+    raise SystemExit(f"--dense={args.dense}: unknown form(s) {unknown}; the forms are {DENSE_FORMS}")
+  if len(forms) > 1 and not args.vs_torch:
+    raise SystemExit(f"--dense={args.dense}: several forms are timed side by side only with --vs_torch")
   flat = llada.flat_matmul
-  einsum_form = lambda x, kernel, n_in: jnp.tensordot(x, kernel, axes=n_in)  # the pre-flat_matmul form
-  if args.dense == "einsum":
-    llada.flat_matmul = einsum_form
+  llada.flat_matmul = dense_form(forms[0], flat, args)  # traced by the step's canvas_logits_fn
   model_cfg, fn, params = make_policy(args)
   opt = args.opt = rl.make_optimizer(1e-4, clip_norm=1.0, weight_decay=0.01)
   step = rl.make_train_step(fn, opt, config)
@@ -264,11 +283,11 @@ def main():
   compiled = step.lower(state, rollout, key).compile()
   compile_s = time.perf_counter() - t0
   print(f"compiled the step in {compile_s:.2f} s; timing...", flush=True)
-  einsum = None
-  if args.dense == "both" and args.vs_torch:
-    llada.flat_matmul = einsum_form  # traced now: the step's canvas_logits_fn calls the module global
-    einsum = rl.make_train_step(fn, opt, config).lower(state, rollout, key).compile()
-    llada.flat_matmul = flat
+  others = {}
+  for form in forms[1:]:
+    llada.flat_matmul = dense_form(form, flat, args)
+    others[f"jax_{form}"] = rl.make_train_step(fn, opt, config).lower(state, rollout, key).compile()
+  llada.flat_matmul = flat
   state, _ = compiled(state, rollout, key)  # warm-up
   jax.block_until_ready(state)
 
@@ -320,7 +339,10 @@ def main():
   print(f"ratio step/matmul FLOP/s {step_fps / mm_fps:.3f}")
   print(f"final loss {float(metrics['total']['loss']):.4f}  skipped {int(metrics['skipped'])}")
   if args.vs_torch:
-    times, usage, threads = time_vs_torch(args, config, model_cfg, params_np, compiled, state, rollout, key, einsum)
+    main_name = "jax" if forms[0] == "flat" else f"jax_{forms[0]}"
+    times, usage, threads = time_vs_torch(
+        args, config, model_cfg, params_np, {main_name: compiled}, state, rollout, key, others
+    )
     print(f"vs eager PyTorch ({threads} intra-op threads each, {args.repeats} alternating repeats):")
     for name, ts_ in times.items():
       user, system, faults = (statistics.median(u[i] for u in usage[name]) for i in range(3))
