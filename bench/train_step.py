@@ -125,8 +125,9 @@ def time_vs_torch(args, config, model_cfg, params, main, state, rollout, key, ot
 
   ``main``: {name: compiled step} run on ``state``; ``others``: more compiled steps (other projection
   forms) timed in the same rotation, each on a fresh state from ``params``.
-  Returns ({name: [seconds per repeat]}, {name: [(user s, system s, minor page faults) per repeat]}, threads):
-  the process's CPU time and page faults over each call (``getrusage``; the other framework is idle then).
+  Returns ({name: [seconds per repeat]}, {name: [(user s, system s, minor page faults) per repeat]}, threads,
+  {library: median dense matmul FLOP/s}): the process's CPU time and page faults over each call
+  (``getrusage``; the other framework is idle then), and ``library_matmuls``' rates in the same rotation.
   """
   import torch  # noqa: PLC0415 (bench-only dependency)
   import torch_reference  # noqa: PLC0415
@@ -167,11 +168,39 @@ def time_vs_torch(args, config, model_cfg, params, main, state, rollout, key, ot
     states[name], _ = fn(states[name], rollout, key)
     jax.block_until_ready(states[name])
 
+  mm_calls = library_matmuls(args.matmul, threads) if args.torch_device == "cpu" else {}
+  mm_times = {name: [] for name in mm_calls}
   for _ in range(args.repeats):
     for name, fn in runs.items():
       timed(name, functools.partial(jax_call, name, fn))
     timed("torch", functools.partial(upd.run, inputs))
-  return times, usage, threads
+    for name, call in mm_calls.items():  # the libraries' own dense rate, under the same load
+      t0 = time.perf_counter()
+      call()
+      mm_times[name].append(time.perf_counter() - t0)
+  return times, usage, threads, {k: 2.0 * args.matmul**3 / statistics.median(v) for k, v in mm_times.items()}
+
+
+def library_matmuls(m: int, threads: int) -> dict:
+  """An m x m fp32 matmul in PyTorch (``torch.mm``) and in numpy's bundled OpenBLAS, each on ``threads``
+  threads: the dense rate a hand-scheduled update could at best run its matmul FLOPs at."""
+  import torch  # noqa: PLC0415
+
+  rng = np.random.default_rng(0)
+  a, b = (rng.standard_normal((m, m)).astype(np.float32) for _ in range(2))
+  ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+  calls = {"torch.mm": lambda: torch.mm(ta, tb)}
+  try:
+    import openblas_gemm  # noqa: PLC0415
+
+    blas, prefix = openblas_gemm._openblas()  # noqa: SLF001
+    getattr(blas, f"{prefix}openblas_set_num_threads64_")(threads)
+    calls["numpy (OpenBLAS)"] = lambda: a @ b
+  except RuntimeError as e:
+    print(f"numpy matmul rate not measured: {e}")
+  for call in calls.values():
+    call()  # warm-up
+  return calls
 
 
 # The `shapes` policy and batch (configs/geneval.py's model and step); bench/loss_grad.py and
@@ -340,7 +369,7 @@ def main():
   print(f"final loss {float(metrics['total']['loss']):.4f}  skipped {int(metrics['skipped'])}")
   if args.vs_torch:
     main_name = "jax" if forms[0] == "flat" else f"jax_{forms[0]}"
-    times, usage, threads = time_vs_torch(
+    times, usage, threads, mm_rates = time_vs_torch(
         args, config, model_cfg, params_np, {main_name: compiled}, state, rollout, key, others
     )
     print(f"vs eager PyTorch ({threads} intra-op threads each, {args.repeats} alternating repeats):")
@@ -357,6 +386,18 @@ def main():
       print(
           f"  speed {name}/torch {statistics.median(tt) / statistics.median(jt):.3f}x   (per-repeat: "
           f"{', '.join(f'{t / j:.2f}' for j, t in zip(jt, tt))})"
+      )
+    if mm_rates:
+      # Every update here runs the same matmul FLOPs, so none can beat PyTorch's by more than the best
+      # dense rate of the machine over PyTorch's achieved rate (the roofline of these FLOPs).
+      rates = {"XLA": mm_fps, **mm_rates}
+      torch_fps = step_flops / statistics.median(tt)
+      best = max(rates, key=rates.get)
+      print(
+          f"  dense {m}x{m} GFLOP/s: "
+          + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in rates.items())
+          + f"; torch update achieved {torch_fps / 1e9:.1f} GFLOP/s = {torch_fps / rates[best]:.2f} of {best}'s"
+          f" dense rate: at most {rates[best] / torch_fps:.2f}x PyTorch for any update of these FLOPs"
       )
 
 
