@@ -1,0 +1,63 @@
+"""colour_failures: each held-out colour failure is put in the kind the image shows, read back from an
+evaluation folder as training writes it (docs/findings.md, section 14 rests on these counts)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from htgrpo_jax import evaluate
+from htgrpo_jax.worlds.shapeeval import colour_failures as CF
+from htgrpo_jax.worlds.shapeeval import scenes as W
+from htgrpo_jax.worlds.shapeeval import verifier as S
+
+Obj = W.ShapeObject
+META = {"objects": [{"color": "yellow", "count": 1, "shape": "circle"}], "relation": None, "tag": "colors"}
+IMAGES = {  # "a photo of a yellow circle": the image, the judge's verdict, the kind
+    "pass": ((Obj("circle", "yellow", 8, 8, 8),), True),
+    "no_object": ((Obj("square", "yellow", 8, 8, 8),), False),
+    "wrong_colour": ((Obj("circle", "blue", 8, 8, 8),), False),
+    "extra_colour": ((Obj("circle", "yellow", 4, 4, 8), Obj("circle", "blue", 20, 20, 8)), False),
+}
+
+
+@pytest.mark.parametrize("want", list(IMAGES))
+def test_kind_of_one_image(want):
+  objs, correct = IMAGES[want]
+  assert CF.kind(correct, "circle", "yellow", S.detect(W.render(W.Scene(objs)))) == want
+
+
+def test_junk_beside_the_right_object_is_other():
+  image = W.render(W.Scene((Obj("circle", "yellow", 8, 8, 8),)))
+  image[20:28, 20:24] = W.WorldConfig().rgb("red")  # a 4 x 8 px bar: no world shape
+  dets = S.detect(image)
+  assert sorted(d.malformed for d in dets) == [False, True]
+  assert CF.kind(False, "circle", "yellow", dets) == "other"
+
+
+def test_tabulate_reads_an_evaluation_folder(tmp_path):
+  kinds = ["pass", "wrong_colour", "wrong_colour", "no_object", "extra_colour"]
+  images = [W.render(W.Scene(IMAGES[k][0])) for k in kinds]
+  res = dict(
+      images=np.stack(images),
+      prompt_index=np.arange(len(kinds)),
+      metas=[json.dumps(META)] * len(kinds),
+      captions=["a photo of a yellow circle"] * len(kinds),
+      tags=["colors"] * len(kinds),
+      strict=np.asarray([IMAGES[k][1] for k in kinds], np.float32),
+      reasons=[""] * len(kinds),
+      malformed=np.zeros(len(kinds), np.int32),
+  )
+  evaluate.write_samples(tmp_path, res)
+  t = CF.tabulate(str(tmp_path))
+  assert t["n"] == 5
+  assert t["kinds"] == {"pass": 1, "no_object": 1, "wrong_colour": 2, "extra_colour": 1, "other": 0}
+  assert t["drawn"] == {"yellow circle": {"blue": 2}}
+  table = CF.markdown({"run": t})
+  assert "| run | 5 | 0.200 | 0.200 | 0.400 | 0.200 | 0.000 |" in table
+
+
+def test_a_folder_without_colour_samples_is_refused(tmp_path):
+  (tmp_path / "samples.jsonl").write_text(json.dumps({"tag": "counting"}) + "\n")
+  with pytest.raises(ValueError, match="no 'colors' samples"):
+    CF.tabulate(str(tmp_path))
