@@ -22,13 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 if __name__ == "__main__":  # XLA reads its flags once, when the backend starts: set them before importing JAX
-  _n = next((int(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--threads=")), 0) or len(
-      os.sched_getaffinity(0)
-  )
-  os.environ["XLA_FLAGS"] = (
-      os.environ.get("XLA_FLAGS", "") + f" --xla_cpu_multi_thread_eigen={str(_n > 1).lower()}"
-      f" intra_op_parallelism_threads={_n}"
-  ).strip()
+  import cores  # bench/cores.py
+
+  cores.limit(cores.requested())
   if "--profile" in sys.argv:
     os.environ["XLA_FLAGS"] += " --xla_cpu_enable_xprof_traceme=true"
 

@@ -103,11 +103,12 @@ def main():
   ap.add_argument("--calls", type=int, default=2)
   ap.add_argument("--top", type=int, default=30)
   ap.add_argument("--hlo_dir", default="")
-  ap.add_argument("--threads", type=int, default=0, help="XLA:CPU intra-op threads (0 = all CPUs)")
+  ap.add_argument("--threads", type=int, default=0, help="cores (the process is pinned; 0 = all CPUs)")
   args = ap.parse_args()
-  n = args.threads or len(os.sched_getaffinity(0))
+  import cores  # noqa: PLC0415 (bench/cores.py)
+
+  n = cores.limit(args.threads)
   flags = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
-  flags += f" --xla_cpu_multi_thread_eigen={str(n > 1).lower()} intra_op_parallelism_threads={n}"
   if args.hlo_dir:
     flags += f" --xla_dump_to={args.hlo_dir} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*step_fn.*"
   os.environ["XLA_FLAGS"] = flags.strip()

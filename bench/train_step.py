@@ -7,9 +7,10 @@
   python bench/train_step.py --vs_torch --torch_device=cuda --size=medium --precision=tf32   # on one GPU
 
 With ``--vs_torch`` the same update also runs in eager PyTorch (``bench/torch_reference.py``: same weights,
-canvases, loss, clipping and AdamW) and the two are timed alternately; both use the same intra-op thread
-count (``--threads``, default all CPUs of the process: ``torch.set_num_threads`` and XLA:CPU's
-``intra_op_parallelism_threads`` / Eigen pool, set before JAX starts).
+canvases, loss, clipping and AdamW) and the two are timed alternately; both get the same cores
+(``--threads``, default all CPUs of the process: the process is pinned to that many CPUs, and
+``torch.set_num_threads`` and XLA:CPU's ``intra_op_parallelism_threads`` / Eigen pool are set to it
+before JAX starts; the flags alone do not hold XLA:CPU to one core).
 
 Prints the compile time of the step, its median wall time (steps/s), the achieved model FLOP/s, the FLOP/s of
 a large fp32 matmul timed in the same run (interleaved repeats, medians), and their ratio.
@@ -36,26 +37,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _early_threads() -> int | None:
-  """``--threads`` read before JAX starts (XLA reads its flags once, at backend creation)."""
-  for i, a in enumerate(sys.argv):
-    if a.startswith("--threads="):
-      return int(a.split("=", 1)[1])
-    if a == "--threads" and i + 1 < len(sys.argv):
-      return int(sys.argv[i + 1])
-  return None
-
+import cores  # noqa: E402  (bench/cores.py: imports nothing heavy)
 
 if __name__ == "__main__":
   if "--reuse_host_memory" in sys.argv:  # before JAX starts its threads (htgrpo_jax.runtime imports nothing heavy)
     from htgrpo_jax import runtime
 
     print(f"reuse_host_memory applied: {runtime.reuse_host_memory()}")
-  _n = _early_threads() or len(os.sched_getaffinity(0))
-  os.environ["XLA_FLAGS"] = (
-      os.environ.get("XLA_FLAGS", "") + f" --xla_cpu_multi_thread_eigen={str(_n > 1).lower()}"
-      f" intra_op_parallelism_threads={_n}"
-  ).strip()
+  cores.limit(cores.requested())  # before JAX starts
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -251,7 +240,12 @@ def main():
   ap.add_argument("--repeats", type=int, default=None)
   ap.add_argument("--matmul", type=int, default=None, help="matmul size M (M x M @ M x M, fp32)")
   ap.add_argument("--vs_torch", action="store_true", help="also time bench/torch_reference.py, interleaved")
-  ap.add_argument("--threads", type=int, default=0, help="intra-op threads for XLA and torch (0 = all CPUs)")
+  ap.add_argument(
+      "--threads",
+      type=int,
+      default=0,
+      help="cores for XLA and torch: the process is pinned to that many CPUs (0 = all)",
+  )
   ap.add_argument("--torch_device", default="cpu", help="where the PyTorch update runs ('cpu', 'cuda')")
   ap.add_argument("--size", default="shapes", choices=("shapes", "medium"), help="the policy and batch timed")
   ap.add_argument("--precision", default="highest", choices=tuple(JAX_PRECISION), help="fp32 matmul precision")
