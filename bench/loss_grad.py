@@ -8,8 +8,8 @@ The shapes-size model of ``bench/train_step.py`` (d 128, 4 layers, B 64, 16 + 64
 the first 'random_remask' iteration (PPO-clip + k3-KL over the loss set, token mean). Times, interleaved,
 medians: ``jax.grad`` of the loss with the projections as flat 2-D matmuls (the package's form), the same
 with the einsum form (``jnp.tensordot``, before docs/performance.md), the PyTorch reference's backward
-(``bench/torch_reference.py``) and both forwards. Threads as in ``train_step.py`` (``--threads``, set for
-XLA before JAX starts and with ``torch.set_num_threads``).
+(``bench/torch_reference.py``) and both forwards. Cores as in ``train_step.py`` (``--threads=N``: the process
+pinned to N CPUs and XLA's and PyTorch's intra-op pools set to N, ``bench/cores.py``).
 """
 
 from __future__ import annotations
