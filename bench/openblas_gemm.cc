@@ -1,8 +1,8 @@
 // One fp32 GEMM as an XLA FFI custom call on the CPU, computed by OpenBLAS (numpy's bundled
 // scipy-openblas): the experiment of docs/performance.md ("An OpenBLAS GEMM inside the step").
-// C[M, N] = op(A) op(B), row-major, op = transpose when the attribute is 1. The sgemm and
-// thread-count entry points are handed over at load time (htgrpo_gemm_init), so the library
-// links against nothing but the FFI headers.
+// C[M, N] = op(A) op(B), row-major, op = transpose when the attribute is 1. The sgemm entry point
+// is handed over at load time (htgrpo_gemm_init), so the library links against nothing but the FFI
+// headers.
 #include <cstdint>
 
 #include "xla/ffi/api/ffi.h"
@@ -12,18 +12,9 @@ namespace ffi = xla::ffi;
 using Sgemm = void (*)(int order, int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, float alpha,
                        const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
                        int64_t ldc);
-using SetThreads = void (*)(int n);
 static Sgemm sgemm = nullptr;
-static SetThreads set_threads = nullptr;
 
-extern "C" void htgrpo_gemm_init(void* gemm_fn, void* threads_fn) {
-  sgemm = reinterpret_cast<Sgemm>(gemm_fn);
-  set_threads = reinterpret_cast<SetThreads>(threads_fn);
-}
-
-extern "C" void htgrpo_gemm_set_threads(int n) {
-  if (set_threads) set_threads(n);
-}
+extern "C" void htgrpo_gemm_init(void* gemm_fn) { sgemm = reinterpret_cast<Sgemm>(gemm_fn); }
 
 static ffi::Error Gemm(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> c,
                        int32_t trans_a, int32_t trans_b) {

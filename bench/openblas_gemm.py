@@ -28,13 +28,18 @@ _TARGET = "htgrpo_openblas_gemm"
 _lib: ctypes.CDLL | None = None
 
 
-def _openblas() -> tuple[ctypes.CDLL, str]:
-  """numpy's bundled scipy-openblas and its symbol prefix; RuntimeError naming what is missing."""
+def _openblas() -> ctypes.CDLL:
+  """numpy's bundled scipy-openblas (64-bit ints; symbols ``scipy_*64_``); RuntimeError when missing."""
   libs = Path(np.__file__).resolve().parent.parent / "numpy.libs"
   found = sorted(glob.glob(str(libs / "libscipy_openblas64_*.so*")))
   if not found:
     raise RuntimeError(f"openblas_gemm: no libscipy_openblas64_*.so under {libs} (numpy without bundled OpenBLAS)")
-  return ctypes.CDLL(found[0]), "scipy_"
+  return ctypes.CDLL(found[0])
+
+
+def set_blas_threads(n: int) -> None:
+  """Threads of numpy's OpenBLAS (the FFI GEMM's and ``numpy.matmul``'s); needs no build."""
+  _openblas().scipy_openblas_set_num_threads64_(int(n))
 
 
 def _build() -> Path:
@@ -59,14 +64,11 @@ def load(threads: int = 1) -> None:
   """Builds (once), loads and registers the FFI target; OpenBLAS gets ``threads`` threads."""
   global _lib
   if _lib is None:
-    blas, prefix = _openblas()
     lib = ctypes.CDLL(str(_build()))
-    gemm = ctypes.cast(getattr(blas, f"{prefix}cblas_sgemm64_"), ctypes.c_void_p)
-    set_threads = ctypes.cast(getattr(blas, f"{prefix}openblas_set_num_threads64_"), ctypes.c_void_p)
-    lib.htgrpo_gemm_init(gemm, set_threads)
+    lib.htgrpo_gemm_init(ctypes.cast(_openblas().scipy_cblas_sgemm64_, ctypes.c_void_p))
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.HtgrpoGemm), platform="cpu")
     _lib = lib
-  _lib.htgrpo_gemm_set_threads(int(threads))
+  set_blas_threads(threads)
 
 
 def _gemm(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False) -> jax.Array:

@@ -182,8 +182,7 @@ def library_matmuls(m: int, threads: int) -> dict:
   try:
     import openblas_gemm  # noqa: PLC0415
 
-    blas, prefix = openblas_gemm._openblas()  # noqa: SLF001
-    getattr(blas, f"{prefix}openblas_set_num_threads64_")(threads)
+    openblas_gemm.set_blas_threads(threads)
     calls["numpy (OpenBLAS)"] = lambda: a @ b
   except RuntimeError as e:
     print(f"numpy matmul rate not measured: {e}")
