@@ -12,6 +12,7 @@ Bench-only: a CPU custom call has no sharding rule, so the package never uses it
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import hashlib
 import os
@@ -28,6 +29,7 @@ _TARGET = "htgrpo_openblas_gemm"
 _lib: ctypes.CDLL | None = None
 
 
+@functools.cache
 def _openblas() -> ctypes.CDLL:
   """numpy's bundled scipy-openblas (64-bit ints; symbols ``scipy_*64_``); RuntimeError when missing."""
   libs = Path(np.__file__).resolve().parent.parent / "numpy.libs"
