@@ -104,6 +104,13 @@ TUNING_ARMS = {
     # Its base is scored apart (the study's base evaluation is at 12 steps).
     "ht_t16": ("htgrpo", "sampler.num_steps=16"),
     "maskgrpo_t16": ("maskgrpo", "sampler.num_steps=16"),
+    # InstructGPT's PPO-ptx: the pretraining objective on the step's own prompts' ground-truth images
+    # mixed into every inner iteration (rl.supervised), to keep what pretraining taught about colour
+    # words on the pairs RL never sees.
+    "ht_ptx1": ("htgrpo", "rl.ptx_coef=1.0"),
+    "maskgrpo_ptx1": ("maskgrpo", "rl.ptx_coef=1.0"),
+    "ht_ptx03": ("htgrpo", "rl.ptx_coef=0.3"),
+    "maskgrpo_ptx03": ("maskgrpo", "rl.ptx_coef=0.3"),
 }
 
 
@@ -191,7 +198,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.main_arms, c.main_seeds = "htgrpo", 1
     c.ablation_arms = (
         "ht_cosine,ht_cosine_lr2e-4,ht_p16_g4,ht_beta0,ht_k9,ht_lr15e-5,ht_refine_traj,ht_beta5e-2,ht_beta2e-1,"
-        "ht_lora_r32,ht_lora_r32_lr6e-4,ht_t16,ht_structure_weight3"
+        "ht_lora_r32,ht_lora_r32_lr6e-4,ht_t16,ht_structure_weight3,ht_ptx1,ht_ptx03"
     )
     c.reference_arm = "htgrpo"
   if v == "default_tune3":

@@ -345,11 +345,18 @@ def lower_train_step(t: Target):
   """``rl.make_train_step`` as the trainer builds it (the 'guided' score function when the config
   asks for it; donated state), lowered on abstract inputs."""
   state, shardings = abstract_state(t)
-  fn = policy.make_canvas_logits_fn(t.model_cfg, t.layout)
+  bare = fn = policy.make_canvas_logits_fn(t.model_cfg, t.layout)
   if _guided(t):
     fn = guided_canvas_logits_fn(fn, t.plan.rollout_sampler, t.layout.unconditional_prompts(1)[0])
-  step = rl.make_train_step(fn, t.optimizer, t.plan.rl, mesh=t.mesh, state_shardings=shardings)
-  return step.lower(state, abstract_rollout(t), abstract_key(t.mesh))
+  step = rl.make_train_step(
+      fn, t.optimizer, t.plan.rl, mesh=t.mesh, state_shardings=shardings, supervised_logits_fn=bare
+  )
+  supervised = None
+  if t.plan.rl.ptx_coef > 0:  # the step's P ground-truth pairs, replicated
+    rep = parallel.replicated(t.mesh)
+    rows = lambda n: jax.ShapeDtypeStruct((t.plan.prompts_per_step, n), jnp.int32, sharding=rep)
+    supervised = rl.SupervisedBatch(rows(t.layout.prompt_length), rows(t.layout.num_image_tokens))
+  return step.lower(state, abstract_rollout(t), abstract_key(t.mesh), supervised)
 
 
 def lower_sampler(t: Target, program: str = "sampler"):

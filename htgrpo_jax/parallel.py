@@ -166,6 +166,13 @@ def global_batch(x: Any, mesh: Mesh) -> jax.Array:
   return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
+def global_replicated(x: Any, mesh: Mesh) -> jax.Array:
+  """A host array (identical on every process) as a global jax.Array replicated over ``mesh``;
+  works unchanged on one host and on a multi-host slice."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, replicated(mesh), lambda idx: x[idx])
+
+
 def to_host(x: jax.Array) -> np.ndarray:
   """The whole of a (possibly multi-host) global array as numpy on every process."""
   if jax.process_count() == 1 or x.is_fully_addressable:

@@ -27,8 +27,9 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from htgrpo_jax import contracts, paths
-from htgrpo_jax.contracts import MASK, CanvasLogitsFn, TrainState
+from htgrpo_jax.contracts import CanvasLogitsFn, TrainState
 from htgrpo_jax.models import layouts, llada, policy
+from htgrpo_jax.masking import mask_canvas, mask_random_slots, masked_token_nll  # noqa: F401 (re-exported)
 from htgrpo_jax.worlds.shapeeval import dataset as world_data
 from htgrpo_jax.worlds.shapeeval.scenes import WorldConfig
 
@@ -90,32 +91,6 @@ def lr_scale(step: int, progress: float, warmup_steps: int, final_fraction: floa
   warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
   cos = 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
   return warm * (final_fraction + (1.0 - final_fraction) * cos)
-
-
-def mask_canvas(codes: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Masks ceil(t * N) random slots per row, t ~ U(0, 1] per row.
-
-  Args:
-    codes: int32[B, N] clean codes.
-    key: PRNG key.
-
-  Returns:
-    (canvas int32[B, N] with MASK at masked slots, masked bool[B, N]); every row masks >= 1 slot.
-  """
-  b, n = codes.shape
-  k_t, k_order = jax.random.split(key)
-  t = 1.0 - jax.random.uniform(k_t, (b, 1))  # (0, 1]
-  return mask_random_slots(codes, k_order, jnp.clip(jnp.ceil(t * n), 1, n))
-
-
-def mask_random_slots(codes: jax.Array, key: jax.Array, num: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Masks ``num`` (int/float[B, 1] or scalar) slots per row, chosen uniformly at random by ``key``;
-  returns (canvas int32[B, N], masked bool[B, N])."""
-  b, n = codes.shape
-  # Rank of each slot in a random order: the ``num`` lowest-ranked slots are masked.
-  rank = jnp.argsort(jnp.argsort(jax.random.uniform(key, (b, n)), axis=1), axis=1)
-  masked = rank < num
-  return jnp.where(masked, MASK, codes), masked
 
 
 HELDOUT_MASK_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
@@ -193,10 +168,10 @@ def masked_diffusion_loss(
   drop = jax.random.bernoulli(k_drop, p_uncond, (codes.shape[0], 1))
   prompts = jnp.where(drop, uncond_tokens, prompt_tokens)
   logits = canvas_logits_fn(params, prompts, canvas).astype(jnp.float32)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, codes)
+  total, count = masked_token_nll(logits, codes, masked)
+  loss = total / count
   w = masked.astype(jnp.float32)
-  loss = jnp.sum(ce * w) / jnp.sum(w)
-  acc = jnp.sum((jnp.argmax(logits, -1) == codes) * w) / jnp.sum(w)
+  acc = jnp.sum((jnp.argmax(logits, -1) == codes) * w) / count
   return loss, {"loss": loss, "accuracy": acc, "mask_fraction": jnp.mean(w)}
 
 

@@ -117,7 +117,7 @@ class Programs(NamedTuple):
 
   sampler: Any  # the config's sampler: evaluations
   rollout_sampler: Any  # training rollouts (the same, or without CFG: 'unguided_rollouts')
-  train_step: Callable  # (state, rollout, key) -> (state, metrics)
+  train_step: Callable  # (state, rollout, key, supervised or None) -> (state, metrics)
   decode: Callable  # codes int32[B, N] -> uint8[B, H, W, 3], on device
   uncond: jax.Array  # the rollouts' unconditional prompt rows (rollouts.unconditional_rows)
 
@@ -154,7 +154,9 @@ def build_programs(task: tasks.Task, p: Plan, optimizer, shardings: rl.TrainStat
       if p.rl.estimator_guidance == "guided"
       else logits_fn
   )
-  step_fn = rl.make_train_step(score_fn, optimizer, p.rl, mesh=mesh, state_shardings=shardings)
+  step_fn = rl.make_train_step(
+      score_fn, optimizer, p.rl, mesh=mesh, state_shardings=shardings, supervised_logits_fn=logits_fn
+  )
   return Programs(
       sampler=sampler,
       rollout_sampler=roll_sampler,
@@ -225,6 +227,8 @@ def _train(
   # the base policy.
   ckpt = control.ckpt = RunCheckpointer(paths.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
   data = iter(task.train_dataset(p.prompts_per_step, config.seed))
+  if p.rl.ptx_coef > 0:
+    check_supervised(task, p)
   # A frozen base (LoRA) is never in a run checkpoint: it is read from the base checkpoint.
   if ckpt.latest_step() is not None:
     state, data_state, loop_json = ckpt.restore(abstract_state.without_frozen(), warn=lambda m: log(f"WARNING: {m}"))
@@ -294,7 +298,8 @@ def _train(
         reward=task.reward,
         mesh=mesh,
     )
-    state, metrics = programs.train_step(state, rollout, k_step)
+    supervised = supervised_batch(batch, mesh) if p.rl.ptx_coef > 0 else None
+    state, metrics = programs.train_step(state, rollout, k_step, supervised)
     done = step + 1
     loop.consecutive_skips = check_skips(config, done, metrics, loop.consecutive_skips)
     loop.history.append(dict(step=done, reward=info.reward_mean))
@@ -332,6 +337,26 @@ def _train(
       evals=dict(loop.evals),
       workdir=workdir,
       interrupted=control.stop_signal,
+  )
+
+
+def check_supervised(task: tasks.Task, p: Plan) -> None:
+  """``rl.ptx_coef > 0`` trains on the training batches' ground-truth image tokens: a task whose
+  batches carry none is refused before anything compiles."""
+  first = next(iter(task.train_dataset(p.prompts_per_step, 0)))
+  if "codes" not in first:
+    raise ValueError(
+        f"rl.ptx_coef={p.rl.ptx_coef} needs ground-truth image tokens ('codes') in the training batches; "
+        f"the {task.name!r} task's batches hold only {sorted(first)} (set rl.ptx_coef=0)"
+    )
+
+
+def supervised_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> rl.SupervisedBatch:
+  """The step's P prompts with their ground-truth codes, replicated on the mesh (the supervised
+  term of ``rl.ptx_coef``; every process holds the same batch)."""
+  return rl.SupervisedBatch(
+      prompt_tokens=parallel.global_replicated(np.asarray(batch["prompt_tokens"], np.int32), mesh),
+      codes=parallel.global_replicated(np.asarray(batch["codes"], np.int32), mesh),
   )
 
 

@@ -295,6 +295,34 @@ def test_branched_rollouts_train_and_log_the_behaviour_gap(root, guidance):
   assert rec["behaviour_gap_tokens"] > 0 and rec["behaviour_gap"] < 1e-4, rec["behaviour_gap"]
 
 
+@pytest.mark.slow
+def test_supervised_term_trains_through_the_trainer(root):
+  """``rl.ptx_coef`` > 0: one tiny step on the 8-device mesh with the 'guided' estimator (the
+  supervised term must train the bare conditional policy, not the guided logits) logs a finite
+  masked-token loss of the step's ground-truth images."""
+  cfg = tiny_config(
+      root,
+      "ptx",
+      **{"rl.ptx_coef": 0.5, "rl.estimator_guidance": "guided", "total_steps": 1, "eval.at_start": False},
+  )
+  out = trainer.train(cfg, log=lambda s: None)
+  (rec,) = [json.loads(ln) for ln in open(os.path.join(out["workdir"], "metrics.jsonl"))]
+  assert rec["skipped"] == 0 and 0 < rec["total/ptx_loss"] < 10, rec["total/ptx_loss"]
+
+
+def test_supervised_term_needs_ground_truth_in_the_training_batches(root):
+  """A task whose batches hold prompts only (the 8B tasks') is refused, naming rl.ptx_coef."""
+  cfg = tiny_config(root, "ptx_no_codes", **{"rl.ptx_coef": 0.5})
+  task = tasks.build_task(cfg, log=lambda s: None)
+  prompts_only = dataclasses.replace(
+      task, train_dataset=lambda b, s: task.train_dataset(b, s).map(lambda d: {k: d[k] for k in d if k != "codes"})
+  )
+  p = trainer.plan(cfg)
+  trainer.check_supervised(task, p)  # the ShapeEval batches carry their codes
+  with pytest.raises(ValueError, match=r"rl.ptx_coef=0.5 needs ground-truth image tokens \('codes'\)"):
+    trainer.check_supervised(prompts_only, p)
+
+
 # ---- the loop's bookkeeping: itstime, LoopState, profile_steps ----------------------------------
 
 

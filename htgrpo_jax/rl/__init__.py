@@ -33,6 +33,7 @@ from htgrpo_jax.rl.hierarchy import (
     update_fractions,
 )
 from htgrpo_jax.rl.loss import combine_metrics, finalize_metrics, ht_grpo_loss, token_logp_entropy
+from htgrpo_jax.rl.supervised import SupervisedBatch, mask_canvas, masked_token_nll
 from htgrpo_jax.rl.train_step import (TrainStep, behaviour_gap, make_optimizer, make_train_step, rollout_shardings)
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "CanvasLogitsFn",
     "HTGRPOConfig",
     "Rollout",
+    "SupervisedBatch",
     "TrainState",
     "TrainStep",
     "all_canvases",
@@ -63,6 +65,8 @@ __all__ = [
     "iteration_canvas",
     "loss_set_credit",
     "make_optimizer",
+    "mask_canvas",
+    "masked_token_nll",
     "make_train_step",
     "partition_tokens",
     "preset",

@@ -108,6 +108,10 @@ class HTGRPOConfig:
       step logs the gap either way (metric ``behaviour_gap``).
     clip_eps: PPO clip epsilon, > 0.
     beta: weight of the k3-KL to the reference policy, >= 0 (0 skips the reference pass).
+    ptx_coef: weight of a supervised term in every inner iteration (InstructGPT's PPO-ptx), >= 0:
+      the masked-token cross-entropy of ground-truth image tokens (``rl.supervised``; the base's
+      pretraining objective) on a ``SupervisedBatch`` the caller passes to the step with the
+      rollout. 0 (default): no term, and the step takes no batch.
     adv_eps: added to the group std, > 0.
     adv_std_ddof: 1 = unbiased group std (MaskGRPO, Tunix), 0 = population std.
     micro_batch_size: rows per gradient micro-batch; 0/None = whole batch. Must divide the batch.
@@ -137,6 +141,7 @@ class HTGRPOConfig:
   trajectory_group: int = 1
   clip_eps: float = 0.2
   beta: float = 0.01
+  ptx_coef: float = 0.0
   adv_eps: float = 1e-5
   adv_std_ddof: int = 1
   micro_batch_size: int | None = None
@@ -216,6 +221,8 @@ class HTGRPOConfig:
       bad("clip_eps", "must be > 0")
     if not self.beta >= 0.0:
       bad("beta", "must be >= 0")
+    if not (self.ptx_coef >= 0.0 and math.isfinite(self.ptx_coef)):
+      bad("ptx_coef", "must be a finite number >= 0")
     if not self.adv_eps > 0.0:
       bad("adv_eps", "must be > 0")
     if self.adv_std_ddof not in (0, 1):

@@ -1,6 +1,7 @@
 """One compiled HT-GRPO update: K inner policy-gradient iterations on one rollout batch.
 
-``make_train_step`` returns ``step(state, rollout, key) -> (state, metrics)``, a single jitted function:
+``make_train_step`` returns ``step(state, rollout, key[, supervised]) -> (state, metrics)``, a single
+jitted function:
 
 1. per-token advantages (flat group advantages, or sketch-/paint-level ones for M sketches x G / M
    paints per prompt), the sketch/paint partition, credit weights;
@@ -12,7 +13,9 @@
 3. ``lax.scan`` over the K updates; inside, ``lax.scan`` over micro-batches accumulates gradients of the
    unreduced loss sums divided by the iteration's total token count (exact token mean); the credit is
    normalised per image or per iteration's loss set (``credit_normalization``);
-4. a non-finite loss, gradient, new params or new optimizer state skips that update: params and
+4. with ``ptx_coef > 0``, each iteration adds ``ptx_coef`` x the gradient of the masked-token loss
+   on the ``supervised`` batch (ground truth, one fresh mask per iteration; ``rl.supervised``);
+5. a non-finite loss, gradient, new params or new optimizer state skips that update: params and
    optimizer state stay as they were and ``state.skipped`` counts it.
 
 With a frozen base (``state.frozen``, LoRA) ``state.params`` are the adapters: only they are
@@ -42,13 +45,14 @@ from htgrpo_jax.contracts import (
     make_optimizer,  # noqa: F401 (rl.make_optimizer)
     policy_params,
 )
-from htgrpo_jax.rl import estimators, hierarchy
+from htgrpo_jax.rl import estimators, hierarchy, supervised as sup_lib
 from htgrpo_jax.rl.advantages import token_advantages
 from htgrpo_jax.rl.config import STAGE_NAMES, HTGRPOConfig
 from htgrpo_jax.rl.loss import combine_metrics, finalize_metrics, ht_grpo_loss, token_logp_entropy
 
 _PARTITION_SALT = 0x7FFF_FFF1  # fold_in salt of the 'random' partition (never a valid k)
 _DROPOUT_SALT = 0x7FFF_FFF2  # fold_in salt of the adapters' dropout keys (never a valid k)
+_PTX_SALT = 0x7FFF_FFF4  # fold_in salt of the supervised term's masks (never a valid k)
 
 
 def rollout_shardings(mesh: Mesh) -> Rollout:
@@ -116,8 +120,9 @@ def _retarget(shardings: Any, mesh: Mesh) -> Any:
 class TrainStep:
   """The jitted step plus host-side input checks that run before anything compiles.
 
-  Call it as ``state, metrics = step(state, rollout, key)``; ``step.jitted`` is the raw ``jax.jit``
-  object (``.lower(...)`` for AOT compilation).
+  Call it as ``state, metrics = step(state, rollout, key)``, or with ``ptx_coef > 0``
+  ``step(state, rollout, key, supervised)`` (a ``SupervisedBatch``); ``step.jitted`` is the raw
+  ``jax.jit`` object (``.lower(...)`` for AOT compilation).
   """
 
   def __init__(self, jitted, config: HTGRPOConfig, mesh: Mesh | None = None):
@@ -125,28 +130,38 @@ class TrainStep:
     self.config = config
     self.mesh = mesh  # the Auto-axis mesh the step is compiled for (None: unsharded jit)
 
-  def _prepare(self, state, rollout):
-    self.check(state, rollout)
+  def _prepare(self, state, rollout, supervised):
+    self.check(state, rollout, supervised)
+    # No term: the program takes no batch. A plain (prompt_tokens, codes) tuple becomes the NamedTuple.
+    supervised = sup_lib.SupervisedBatch(*supervised) if self.config.ptx_coef > 0 else None
     if self.mesh is not None:
-      state, rollout = parallel.onto_mesh((state, rollout), self.mesh)
-    return state, rollout
+      state, rollout, supervised = parallel.onto_mesh((state, rollout, supervised), self.mesh)
+    return state, rollout, supervised
 
-  def check(self, state: TrainState, rollout: Rollout) -> None:
+  def check(self, state: TrainState, rollout: Rollout, supervised: sup_lib.SupervisedBatch | None = None) -> None:
     rollout.validate()
     self.config.validate_batch(rollout.batch_size)
+    if self.config.ptx_coef > 0:
+      if supervised is None:
+        raise ValueError(
+            f"HTGRPOConfig.ptx_coef={self.config.ptx_coef} > 0 but the step got no supervised batch: pass "
+            "step(state, rollout, key, SupervisedBatch(prompt_tokens, codes))"
+        )
+      supervised = sup_lib.SupervisedBatch(*supervised)
+      supervised.validate(prompt_len=rollout.prompt_tokens.shape[1], num_tokens=rollout.image_tokens.shape[1])
     if self.config.beta > 0 and state.ref_params is None and state.frozen is None:
       raise ValueError(
           f"TrainState.ref_params is None but HTGRPOConfig.beta={self.config.beta} > 0 "
           "(and there is no frozen base to serve as the reference)"
       )
 
-  def __call__(self, state: TrainState, rollout: Rollout, key: jax.Array):
-    state, rollout = self._prepare(state, rollout)
-    return self.jitted(state, rollout, key)
+  def __call__(self, state: TrainState, rollout: Rollout, key: jax.Array, supervised=None):
+    state, rollout, supervised = self._prepare(state, rollout, supervised)
+    return self.jitted(state, rollout, key, supervised)
 
-  def lower(self, state: TrainState, rollout: Rollout, key: jax.Array):
-    state, rollout = self._prepare(state, rollout)
-    return self.jitted.lower(state, rollout, key)
+  def lower(self, state: TrainState, rollout: Rollout, key: jax.Array, supervised=None):
+    state, rollout, supervised = self._prepare(state, rollout, supervised)
+    return self.jitted.lower(state, rollout, key, supervised)
 
 
 class UpdateSets(NamedTuple):
@@ -198,6 +213,7 @@ def make_train_step(
     mesh: Mesh | None = None,
     state_shardings: Any = None,
     donate: bool = True,
+    supervised_logits_fn: CanvasLogitsFn | None = None,
 ) -> TrainStep:
   """Builds the compiled HT-GRPO update.
 
@@ -213,6 +229,8 @@ def make_train_step(
       placed on either are accepted.
     state_shardings: a pytree (or prefix) of shardings matching ``TrainState``.
     donate: donate the input state's buffers.
+    supervised_logits_fn: the distribution the supervised term (``ptx_coef``) trains, the bare
+      conditional policy; default ``canvas_logits_fn`` (pass the unguided one when that is guided).
 
   Returns:
     A ``TrainStep``: ``(state, rollout, key) -> (state, metrics)``. ``metrics`` holds, for 'total' and
@@ -223,7 +241,9 @@ def make_train_step(
     'structure_frac' (|S| / N), 'structure_selectivity' (mean |S| / |sketch-phase candidates|) and
     'structure_all_candidates_frac' (images whose S is every candidate: no selection);
     'behaviour_gap' / 'behaviour_gap_tokens' (``behaviour_gap``); 'skipped' (this step) and
-    'skipped_total'.
+    'skipped_total'; with ``ptx_coef > 0`` each stage's 'ptx_loss' (nats per masked slot, mean over
+    its iterations) and ``iter['ptx_loss']``. The supervised batch is replicated on the mesh (it is
+    small: the step's P prompts).
   """
   if not isinstance(config, HTGRPOConfig):
     raise ValueError(f"config must be an HTGRPOConfig, got {type(config).__name__}")
@@ -232,6 +252,7 @@ def make_train_step(
   n_distinct = max(groups) + 1
   representative = tuple(groups.index(d) for d in range(n_distinct))
   use_ref = config.beta > 0
+  ptx_logits_fn = supervised_logits_fn or canvas_logits_fn
 
   def logp_passes(params, prompts_mb, tokens_mb, canvases, nmb):
     """Stop-gradient log-probs of the rollout tokens on each canvas: [D, B, N] from canvases [D, B, N]."""
@@ -246,7 +267,7 @@ def make_train_step(
 
     return jax.lax.stop_gradient(jax.lax.map(one, canvases))
 
-  def step_fn(state: TrainState, rollout: Rollout, key: jax.Array):
+  def step_fn(state: TrainState, rollout: Rollout, key: jax.Array, supervised=None):
     bsz, _ = rollout.image_tokens.shape
     nmb = config.micro_batches(bsz)
     tokens = rollout.image_tokens
@@ -311,16 +332,30 @@ def make_train_step(
 
         (grads, met), _ = jax.lax.scan(acc, (grads, met), jax.tree.map(lambda x: x[1:], mxs))
 
+      if supervised is not None:
+        ptx_key = jax.random.fold_in(jax.random.fold_in(step_key, k), _PTX_SALT)
+        ptx_rng = None if frozen is None else jax.random.fold_in(drop_key, nmb)  # after the micro-batches'
+
+        def ptx_fn(prm):
+          canvas, masked = sup_lib.mask_canvas(supervised.codes, ptx_key)
+          logits = ptx_logits_fn(policy_params(frozen, prm, ptx_rng), supervised.prompt_tokens, canvas)
+          total, n = sup_lib.masked_token_nll(logits, supervised.codes, masked)
+          return total / jnp.maximum(n, 1.0)
+
+        ptx_loss, ptx_grads = jax.value_and_grad(ptx_fn)(params)
+        grads = jax.tree.map(lambda g, h: g + config.ptx_coef * h.astype(g.dtype), grads, ptx_grads)
+      else:
+        ptx_loss = jnp.float32(0.0)
       grad_norm = optax.tree.norm(grads)
       updates, new_opt = optimizer.update(grads, opt_state, params)
       new_params = optax.apply_updates(params, updates)
       # A finite loss and gradient can still give a non-finite update (an infinite learning rate, a
       # NaN weight decay, a gradient whose square overflows Adam's second moment); writing it would
       # poison every later step, so what would be written is checked too.
-      ok = jnp.isfinite(met["loss"]) & _all_finite(grads) & _all_finite(new_params) & _all_finite(new_opt)
+      ok = jnp.isfinite(met["loss"] + ptx_loss) & _all_finite(grads) & _all_finite(new_params) & _all_finite(new_opt)
       keep = lambda new, old_: jax.tree.map(lambda n, o_: jnp.where(ok, n, o_), new, old_)
       params, opt_state = keep(new_params, params), keep(new_opt, opt_state)
-      met = dict(met, grad_norm=grad_norm, skipped=(~ok).astype(jnp.int32))
+      met = dict(met, grad_norm=grad_norm, ptx_loss=ptx_loss, skipped=(~ok).astype(jnp.int32))
       return (params, opt_state, skipped + (~ok).astype(jnp.int32)), met
 
     (params, opt_state, skipped), per_iter = jax.lax.scan(
@@ -334,11 +369,13 @@ def make_train_step(
         (STAGE_NAMES[s], tuple(k for k, st in enumerate(sched) if st == s)) for s in sorted(set(sched))
     ]:
       idx = jnp.asarray(ks)
-      sums = {k: v[idx].sum() for k, v in per_iter.items() if k not in ("ratio_min", "ratio_max")}
+      sums = {k: v[idx].sum() for k, v in per_iter.items() if k not in ("ratio_min", "ratio_max", "ptx_loss")}
       sums["ratio_min"], sums["ratio_max"] = per_iter["ratio_min"][idx].min(), per_iter["ratio_max"][idx].max()
       m = finalize_metrics(sums, counts[idx].sum())
       m["grad_norm"] = per_iter["grad_norm"][idx].mean()
       m["skipped"] = per_iter["skipped"][idx].sum()
+      if supervised is not None:
+        m["ptx_loss"] = per_iter["ptx_loss"][idx].mean()
       metrics[name] = m
     metrics["iter"] = {
         "ratio_min": per_iter["ratio_min"],
@@ -349,6 +386,8 @@ def make_train_step(
         "grad_norm": per_iter["grad_norm"],
         "skipped": per_iter["skipped"],
     }
+    if supervised is not None:
+      metrics["iter"]["ptx_loss"] = per_iter["ptx_loss"]
     metrics["reward_mean"] = rollout.rewards.mean()
     metrics["reward_std"] = rollout.rewards.std()
     # M == 1: every row is one advantage; its [B] mean keeps the metric bitwise as before.
@@ -374,6 +413,9 @@ def make_train_step(
     rep = parallel.replicated(mesh)
     st = _retarget(state_shardings, mesh) if state_shardings is not None else rep
     jitted = jax.jit(
-        step_fn, in_shardings=(st, rollout_shardings(mesh), rep), out_shardings=(st, rep), donate_argnums=donate_argnums
+        step_fn,
+        in_shardings=(st, rollout_shardings(mesh), rep, rep),
+        out_shardings=(st, rep),
+        donate_argnums=donate_argnums,
     )
   return TrainStep(jitted, config, mesh)
