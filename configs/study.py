@@ -198,7 +198,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.main_arms, c.main_seeds = "htgrpo", 1
     c.ablation_arms = (
         "ht_cosine,ht_cosine_lr2e-4,ht_p16_g4,ht_beta0,ht_k9,ht_lr15e-5,ht_refine_traj,ht_beta5e-2,ht_beta2e-1,"
-        "ht_lora_r32,ht_lora_r32_lr6e-4,ht_t16,ht_structure_weight3,ht_ptx1,ht_ptx03"
+        "ht_lora_r32,ht_lora_r32_lr6e-4,ht_ptx1,ht_ptx03,ht_t16,ht_structure_weight3"
     )
     c.reference_arm = "htgrpo"
   if v == "default_tune3":
