@@ -111,6 +111,8 @@ TUNING_ARMS = {
     "maskgrpo_ptx1": ("maskgrpo", "rl.ptx_coef=1.0"),
     "ht_ptx03": ("htgrpo", "rl.ptx_coef=0.3"),
     "maskgrpo_ptx03": ("maskgrpo", "rl.ptx_coef=0.3"),
+    "ht_ptx003": ("htgrpo", "rl.ptx_coef=0.03"),
+    "maskgrpo_ptx003": ("maskgrpo", "rl.ptx_coef=0.03"),
 }
 
 
@@ -198,7 +200,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.main_arms, c.main_seeds = "htgrpo", 1
     c.ablation_arms = (
         "ht_cosine,ht_cosine_lr2e-4,ht_p16_g4,ht_beta0,ht_k9,ht_lr15e-5,ht_refine_traj,ht_beta5e-2,ht_beta2e-1,"
-        "ht_lora_r32,ht_lora_r32_lr6e-4,ht_ptx1,ht_ptx03,ht_t16,ht_structure_weight3"
+        "ht_lora_r32,ht_lora_r32_lr6e-4,ht_ptx1,ht_ptx03,ht_t16,ht_structure_weight3,ht_ptx003"
     )
     c.reference_arm = "htgrpo"
   if v == "default_tune3":
