@@ -15,6 +15,9 @@ package ``rl/`` can all depend on it without depending on each other.
 * ``DecodeFn``: the VQ decoder protocol (codes -> pixels, on device).
 * ``EvalPrompt``: one held-out evaluation prompt.
 * ``TrainState``: the learner state of both the RL update and base-policy pretraining.
+* ``mask_canvas`` / ``mask_random_slots`` / ``masked_token_nll``: the masked-diffusion objective's
+  masking and loss (MaskGIT / LLaDA), shared by pretraining and the RL update's supervised term
+  (``HTGRPOConfig.ptx_coef``), which may not import each other.
 * ``Registry``: a name -> member table for the variants a config string selects (estimators,
   partition modes, sampler rules, mask schedules, layouts, VQ decoders, worlds). It lives here, not
   in a module of its own, because ``rl/`` and ``sampling/`` may import only the contracts.
@@ -363,3 +366,46 @@ class Registry(Generic[_T]):
 
   def __repr__(self) -> str:
     return f"Registry({self.key!r}, names={self.names()})"
+
+
+# ---- the masked-diffusion objective (pretraining and the RL update's supervised term) ----
+
+
+def mask_random_slots(codes: jax.Array, key: jax.Array, num: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Masks ``num`` (int/float[B, 1] or scalar) slots per row, chosen uniformly at random by ``key``;
+  returns (canvas int32[B, N], masked bool[B, N])."""
+  b, n = codes.shape
+  # Rank of each slot in a random order: the ``num`` lowest-ranked slots are masked.
+  rank = jnp.argsort(jnp.argsort(jax.random.uniform(key, (b, n)), axis=1), axis=1)
+  masked = rank < num
+  return jnp.where(masked, MASK, codes), masked
+
+
+def mask_canvas(codes: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Masks ceil(t * N) random slots per row, t ~ U(0, 1] per row.
+
+  Args:
+    codes: int32[B, N] clean codes.
+    key: PRNG key.
+
+  Returns:
+    (canvas int32[B, N] with MASK at masked slots, masked bool[B, N]); every row masks >= 1 slot.
+  """
+  b, n = codes.shape
+  k_t, k_order = jax.random.split(key)
+  t = 1.0 - jax.random.uniform(k_t, (b, 1))  # (0, 1]
+  return mask_random_slots(codes, k_order, jnp.clip(jnp.ceil(t * n), 1, n))
+
+
+def masked_token_nll(logits: jax.Array, codes: jax.Array, masked: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Cross-entropy of the true codes at the masked slots.
+
+  Args:
+    logits: float[B, N, C]; codes: int32[B, N]; masked: bool[B, N].
+
+  Returns:
+    (summed loss float32[], number of masked slots float32[]).
+  """
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), codes)
+  w = masked.astype(jnp.float32)
+  return jnp.sum(ce * w), jnp.sum(w)

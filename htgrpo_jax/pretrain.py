@@ -29,7 +29,7 @@ from flax import traverse_util
 from htgrpo_jax import contracts, paths
 from htgrpo_jax.contracts import CanvasLogitsFn, TrainState
 from htgrpo_jax.models import layouts, llada, policy
-from htgrpo_jax.masking import mask_canvas, mask_random_slots, masked_token_nll  # noqa: F401 (re-exported)
+from htgrpo_jax.contracts import mask_canvas, mask_random_slots, masked_token_nll  # noqa: F401 (re-exported)
 from htgrpo_jax.worlds.shapeeval import dataset as world_data
 from htgrpo_jax.worlds.shapeeval.scenes import WorldConfig
 

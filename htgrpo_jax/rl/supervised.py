@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from htgrpo_jax.contracts import MASK
-from htgrpo_jax.masking import mask_canvas, mask_random_slots, masked_token_nll  # noqa: F401 (the term's pieces)
+from htgrpo_jax.contracts import mask_canvas, mask_random_slots, masked_token_nll  # noqa: F401 (the term's pieces)
 
 
 class SupervisedBatch(NamedTuple):
