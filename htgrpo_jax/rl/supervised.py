@@ -36,22 +36,20 @@ class SupervisedBatch(NamedTuple):
       ValueError: a field is not a rank-2 integer array, the two disagree on P, the layout disagrees
         with the rollouts' (``prompt_len`` Lp, ``num_tokens`` N), or a code is negative or MASK.
     """
+    shapes = {}
     for name in ("prompt_tokens", "codes"):
-      x = getattr(self, name)
-      if np.ndim(x) != 2 or not jnp.issubdtype(jnp.result_type(x), jnp.integer):
-        raise ValueError(
-            f"SupervisedBatch.{name} must be an int32[P, ...] array, got shape {np.shape(x)} "
-            f"dtype {jnp.result_type(x)}"
-        )
-    p, lp = np.shape(self.prompt_tokens)
-    if np.shape(self.codes)[0] != p:
-      raise ValueError(f"SupervisedBatch: prompt_tokens has {p} rows but codes has {np.shape(self.codes)[0]}")
+      x = getattr(self, name)  # arrays or jax.ShapeDtypeStruct (AOT lowering)
+      shape, dtype = tuple(getattr(x, "shape", np.shape(x))), getattr(x, "dtype", np.asarray(x).dtype)
+      if len(shape) != 2 or not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"SupervisedBatch.{name} must be an int32[P, ...] array, got shape {shape} dtype {dtype}")
+      shapes[name] = shape
+    (p, lp), (pc, n) = shapes["prompt_tokens"], shapes["codes"]
+    if pc != p:
+      raise ValueError(f"SupervisedBatch: prompt_tokens has {p} rows but codes has {pc}")
     if prompt_len is not None and lp != prompt_len:
       raise ValueError(f"SupervisedBatch.prompt_tokens has length {lp}; the rollouts' prompts have {prompt_len}")
-    if num_tokens is not None and np.shape(self.codes)[1] != num_tokens:
-      raise ValueError(
-          f"SupervisedBatch.codes has {np.shape(self.codes)[1]} image tokens; the rollouts have {num_tokens}"
-      )
+    if num_tokens is not None and n != num_tokens:
+      raise ValueError(f"SupervisedBatch.codes has {n} image tokens; the rollouts have {num_tokens}")
     if isinstance(self.codes, np.ndarray) or getattr(self.codes, "is_fully_addressable", False):
       codes = np.asarray(self.codes)
       if (codes < 0).any() or (codes == MASK).any():

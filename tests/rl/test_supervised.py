@@ -142,3 +142,13 @@ def test_supervised_step_on_a_mesh_matches_one_device(toy):
   b, mb = sharded(rl.TrainState.create(params, opt, with_reference=False), ro, jax.random.key(2), on_mesh)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-5, atol=1e-6), a.params, b.params)
   np.testing.assert_allclose(float(ma["total"]["ptx_loss"]), float(mb["total"]["ptx_loss"]), rtol=1e-5)
+
+
+def test_supervised_step_lowers_on_abstract_inputs(toy):
+  """AOT pre-flight (``aot.lower_train_step``) lowers the step on ShapeDtypeStructs, batch included."""
+  model, params, ro, sup = toy
+  opt = rl.make_optimizer(3e-2)
+  step = rl.make_train_step(linen_logits_fn(model), opt, _cfg(ptx_coef=1.0), donate=False)
+  abstract = rl.SupervisedBatch(*(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in sup))
+  state = rl.TrainState.create(params, opt, with_reference=False)
+  assert step.lower(state, ro, jax.random.key(0), abstract).compile() is not None
