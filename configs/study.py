@@ -127,6 +127,7 @@ VARIANTS = (
     "default_tune",
     "default_tune3",
     "default_t16",
+    "default_500",
     "base4k",
     "base4k_long",
     "bs32",
@@ -135,7 +136,7 @@ VARIANTS = (
 
 # The studies of the default command as it ships (configs/geneval.py with no variant); every other
 # study ran the earlier default (train_variant 'emerge').
-OF_THE_DEFAULT = ("default", "default_long", "default_tune", "default_tune3", "default_t16")
+OF_THE_DEFAULT = ("default", "default_long", "default_tune", "default_tune3", "default_t16", "default_500")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -220,6 +221,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.title = "ShapeEval efficacy study: the default command with 16 sampler steps"
     c.shared += "; sampler.num_steps=16"
     c.main_arms, c.main_seeds = "htgrpo,maskgrpo", 3
+  if v == "default_500":
+    # The default command's base and settings run to 500 RL steps (32000 rollout images, 8.3x its
+    # budget), with a cosine decay of the learning rate over the run beside the constant rate, the
+    # same grid for HT-GRPO and MaskGRPO: for base + 0.25. Sized for one accelerator lease
+    # (--workers=14: every run at once); its own runs folder, the default study's base evaluation.
+    c.workdir = "runs/study_default_500"
+    c.title = "ShapeEval efficacy study: the default command to 500 RL steps, constant and cosine rates"
+    c.shared = c.shared.replace("save_every=30; keep_checkpoints=12", "save_every=100; keep_checkpoints=2")
+    c.shared += "; total_steps=500; eval_every=100"
+    c.main_arms, c.main_seeds = "htgrpo,maskgrpo,ht_cosine,maskgrpo_cosine", 3
+    c.ablation_arms = "ht_cosine_lr2e-4,maskgrpo_cosine_lr2e-4"
   if v == "default_emerge":
     # The earlier default command (emerge at CFG 2, the paper's all-mask sketch canvas): its own
     # 1500-step base (configs/pretrain_shapes.py) and budget, HT-GRPO as it shipped against the

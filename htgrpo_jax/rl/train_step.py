@@ -159,9 +159,41 @@ class TrainStep:
     state, rollout, supervised = self._prepare(state, rollout, supervised)
     return self.jitted(state, rollout, key, supervised)
 
-  def lower(self, state: TrainState, rollout: Rollout, key: jax.Array, supervised=None):
+  def lower(self, state: TrainState, rollout: Rollout, key: jax.Array, supervised=None) -> "LoweredStep":
+    """AOT: ``step.lower(state, rollout, key).compile()`` is called like the step itself."""
     state, rollout, supervised = self._prepare(state, rollout, supervised)
-    return self.jitted.lower(state, rollout, key, supervised)
+    return LoweredStep(self.jitted.lower(state, rollout, key, supervised), self._prepare)
+
+
+class LoweredStep:
+  """``jax.stages.Lowered`` of the step (``as_text``, ``cost_analysis``, ... pass through) whose
+  ``compile()`` is called like the step: ``(state, rollout, key[, supervised])``. The program itself
+  always takes the supervised slot (``None`` without the term), which a bare ``Compiled`` would make
+  every caller pass."""
+
+  def __init__(self, lowered, prepare):
+    self._lowered, self._prepare = lowered, prepare
+
+  def compile(self, *args, **kwargs) -> "CompiledStep":
+    return CompiledStep(self._lowered.compile(*args, **kwargs), self._prepare)
+
+  def __getattr__(self, name):
+    return getattr(self._lowered, name)
+
+
+class CompiledStep:
+  """``jax.stages.Compiled`` of the step, called as ``state, metrics = compiled(state, rollout, key)``
+  with the same host checks as the jitted step; other attributes pass through."""
+
+  def __init__(self, compiled, prepare):
+    self._compiled, self._prepare = compiled, prepare
+
+  def __call__(self, state: TrainState, rollout: Rollout, key: jax.Array, supervised=None):
+    state, rollout, supervised = self._prepare(state, rollout, supervised)
+    return self._compiled(state, rollout, key, supervised)
+
+  def __getattr__(self, name):
+    return getattr(self._compiled, name)
 
 
 class UpdateSets(NamedTuple):
