@@ -57,8 +57,10 @@ def prepare_update(config: rl.HTGRPOConfig, rollout: rl.Rollout, key: jax.Array,
   canvases, masks = sets.canvases, sets.loss_masks
   adv = jnp.stack(
       [
-          sets.token_adv * (hierarchy.loss_set_credit(sets.credit, m) if sets.stage_credit else sets.credit)
-          for m in masks
+          sets.token_adv
+          * (hierarchy.loss_set_credit(sets.credit, m) if sets.stage_credit else sets.credit)
+          * rw[:, None]
+          for m, rw in zip(masks, sets.replay_weights)
       ]
   )
   groups = estimators.canvas_groups(config)

@@ -114,6 +114,10 @@ TUNING_ARMS = {
     "maskgrpo_ptx03": ("maskgrpo", "rl.ptx_coef=0.3"),
     "ht_ptx003": ("htgrpo", "rl.ptx_coef=0.03"),
     "maskgrpo_ptx003": ("maskgrpo", "rl.ptx_coef=0.03"),
+    # The struct stage's replayed step group weighted by how many groups hold an S token
+    # (rl.replay_correction; docs/findings.md, section 17), at the constant rate and with a cosine decay.
+    "ht_replay_corr": ("htgrpo", "rl.replay_correction=True"),
+    "ht_replay_corr_cosine": ("htgrpo", "rl.replay_correction=True; optim.decay='cosine'"),
 }
 
 
@@ -128,6 +132,8 @@ VARIANTS = (
     "default_tune3",
     "default_t16",
     "default_500",
+    "default_500_fix",
+    "default_replay",
     "base4k",
     "base4k_long",
     "bs32",
@@ -136,7 +142,16 @@ VARIANTS = (
 
 # The studies of the default command as it ships (configs/geneval.py with no variant); every other
 # study ran the earlier default (train_variant 'emerge').
-OF_THE_DEFAULT = ("default", "default_long", "default_tune", "default_tune3", "default_t16", "default_500")
+OF_THE_DEFAULT = (
+    "default",
+    "default_long",
+    "default_tune",
+    "default_tune3",
+    "default_t16",
+    "default_500",
+    "default_500_fix",
+    "default_replay",
+)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -232,6 +247,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.shared += "; total_steps=500; eval_every=100"
     c.main_arms, c.main_seeds = "htgrpo,maskgrpo,ht_cosine,maskgrpo_cosine", 3
     c.ablation_arms = "ht_cosine_lr2e-4,maskgrpo_cosine_lr2e-4"
+  if v == "default_500_fix":
+    # default_500's runs folder and budget (its constant-rate HT-GRPO and MaskGRPO runs are this
+    # study's references): what stops HT-GRPO's collapse at the constant rate? The replay correction
+    # (rl.replay_correction), the structure set chosen at random instead of by entropy, and no extra
+    # credit on it; the correction with the cosine decay too. 12 new runs: one accelerator lease.
+    c.workdir = "runs/study_default_500"
+    c.title = "ShapeEval efficacy study: HT-GRPO's collapse at 500 RL steps, what stops it"
+    c.shared = c.shared.replace("save_every=30; keep_checkpoints=12", "save_every=100; keep_checkpoints=2")
+    c.shared += "; total_steps=500; eval_every=100"
+    c.main_arms = "htgrpo,maskgrpo,ht_replay_corr,ht_replay_corr_cosine,ht_partition_random,ht_structure_weight1"
+    c.main_seeds, c.ablation_arms = 3, ""
+  if v == "default_replay":
+    # The replay correction at the default command's cost on three seeds, beside the shipped default's
+    # three runs of default_tune3 (its runs folder).
+    c.workdir = "runs/study_default_tune3"
+    c.title = "ShapeEval efficacy study: the replay correction at the default command's cost"
+    c.main_arms, c.main_seeds, c.ablation_arms = "htgrpo,ht_replay_corr", 3, ""
+    c.reference_arm = "htgrpo"
   if v == "default_emerge":
     # The earlier default command (emerge at CFG 2, the paper's all-mask sketch canvas): its own
     # 1500-step base (configs/pretrain_shapes.py) and budget, HT-GRPO as it shipped against the

@@ -21,7 +21,7 @@ from htgrpo_jax.rl.config import (
     HTGRPOConfig,
     preset,
 )
-from htgrpo_jax.rl.estimators import all_canvases, canvas_groups, iteration_canvas
+from htgrpo_jax.rl.estimators import all_canvases, canvas_groups, iteration_canvas, replay_weights
 from htgrpo_jax.rl.hierarchy import (
     credit_weights,
     loss_set_credit,
@@ -70,6 +70,7 @@ __all__ = [
     "make_train_step",
     "partition_tokens",
     "preset",
+    "replay_weights",
     "rollout_shardings",
     "sample_update_set",
     "stage_candidates",

@@ -99,6 +99,14 @@ class HTGRPOConfig:
     min_mask_rate: m of the ramp, in [0, 1).
     trajectory_group: consecutive sampler steps merged into one replay group (TraceRL's shrink), >= 1:
       the 'trajectory' estimator and the 'trajectory' sketch/refine contexts.
+    replay_correction: iterations that replay a step group (the 'trajectory' estimator and contexts)
+      draw one group per image among the n_b groups holding a candidate of the stage, so a candidate
+      enters the loss with probability 1 / n_b and an image whose candidates sit in few groups weighs
+      more. True weights image b's loss set by n_b (normalised to mean 1 over the iteration's loss
+      tokens; ``estimators.replay_weights``): every candidate then counts once in expectation, as in
+      the sum over the stage's candidates. Under HT-GRPO's struct stage (S: a few tokens spread over a
+      varying number of steps) the uncorrected draw leans toward low-reward images (docs/findings.md,
+      section 17). False (default): the draw as TraceGRPO makes it.
     estimator_guidance: which distribution the ratios score when rollouts use CFG / temperature.
       Consumed by whoever builds ``canvas_logits_fn`` (rl/ itself never sees a model): 'none' (the
       MaskGRPO-compatible default): the bare conditional policy, although the tokens were drawn from
@@ -139,6 +147,7 @@ class HTGRPOConfig:
   update_fraction: float = 1.0
   min_mask_rate: float = 0.6
   trajectory_group: int = 1
+  replay_correction: bool = False
   clip_eps: float = 0.2
   beta: float = 0.01
   ptx_coef: float = 0.0
@@ -217,6 +226,8 @@ class HTGRPOConfig:
       bad("structure_weight", "and refine_weight must not both be 0")
     if self.trajectory_group < 1:
       bad("trajectory_group", "must be >= 1")
+    if not isinstance(self.replay_correction, bool):
+      bad("replay_correction", "must be a bool")
     if not self.clip_eps > 0.0:
       bad("clip_eps", "must be > 0")
     if not self.beta >= 0.0:

@@ -71,8 +71,22 @@ class Estimator:
   def canvas_kind(config: HTGRPOConfig, stage: int) -> str | None:
     return None
 
+  @staticmethod
+  def replays(config: HTGRPOConfig, stage: int) -> bool:
+    """Whether the stage's iterations replay one step group per image (``replay_step_group``)."""
+    return False
+
 
 ESTIMATOR_REGISTRY: Registry[type[Estimator]] = Registry("HTGRPOConfig.estimator")
+
+
+def _candidate_groups(config: HTGRPOConfig, candidates: jax.Array, commit_step: jax.Array):
+  """(group int32[B, N] of each token's commit step, has bool[B, n_groups]: the group holds a candidate)."""
+  g = config.trajectory_group
+  n_groups = -(-config.num_sampler_steps // g)
+  grp = jnp.clip(commit_step // g, 0, n_groups - 1)
+  has = (jax.nn.one_hot(grp, n_groups, dtype=jnp.float32) * candidates[..., None]).sum(axis=1) > 0
+  return grp, has
 
 
 def replay_step_group(
@@ -94,11 +108,8 @@ def replay_step_group(
   Returns:
     (canvas int32[B, N], loss_mask bool[B, N]).
   """
-  g = config.trajectory_group
-  n_groups = -(-config.num_sampler_steps // g)
   cand = it.candidates
-  grp = jnp.clip(it.commit_step // g, 0, n_groups - 1)
-  has = (jax.nn.one_hot(grp, n_groups, dtype=jnp.float32) * cand[..., None]).sum(axis=1) > 0  # [B, G]
+  grp, has = _candidate_groups(config, cand, it.commit_step)
   scores = jnp.where(has, jax.random.gumbel(it.k_mask, has.shape), -jnp.inf)
   s = jnp.argmax(scores, axis=-1)[:, None]  # uniform over groups with candidates
   loss = hierarchy.sample_update_set(it.k_sel, cand & (grp == s), it.fraction)
@@ -117,6 +128,10 @@ class FullyMaskedEstimator(Estimator):
     if stage == STAGE_REFINE:
       return {"structure": "refine", "none": "all_mask", "trajectory": None}[config.refine_context]
     return {"all_mask": "all_mask", "trajectory": None}[config.sketch_context]
+
+  @staticmethod
+  def replays(config, stage):
+    return (config.refine_context if stage == STAGE_REFINE else config.sketch_context) == "trajectory"
 
   @staticmethod
   def canvas(config, it):
@@ -150,6 +165,10 @@ class TrajectoryEstimator(Estimator):
   """TraceGRPO: the recorded canvas before a sampled step group; loss on that group's commits."""
 
   @staticmethod
+  def replays(config, stage):
+    return True
+
+  @staticmethod
   def canvas(config, it):
     return replay_step_group(config, it)
 
@@ -164,6 +183,35 @@ class UniEstimator(Estimator):
     k_total = config.num_iterations
     ratio = u + (1.0 - u) * (it.k / (k_total - 1) if k_total > 1 else 1.0)
     return _remask(it, ratio)
+
+
+def replay_weights(
+    config: HTGRPOConfig, commit_step: jax.Array, is_structure: jax.Array, loss_masks: jax.Array
+) -> jax.Array:
+  """Per-image loss weights of each iteration, float32[K, B] (``HTGRPOConfig.replay_correction``).
+
+  A replaying iteration draws one of the n_b step groups that hold a candidate of image b, so each
+  candidate is in the loss with probability 1 / n_b. With the correction, image b's loss tokens weigh
+  n_b x sum_j |L_j| / sum_j n_j |L_j| (|L_j| its loss-set size): proportional to n_b, so every candidate
+  counts once in expectation, and mean 1 over the iteration's loss tokens, so the step size of the
+  token-mean loss is unchanged. Other iterations, and every iteration without the correction, weigh 1.
+
+  Args:
+    commit_step: int32[B, N]; is_structure: bool[B, N]; loss_masks: bool[K, B, N] (``all_canvases``).
+  """
+  sched = hierarchy.stage_schedule(config.n_global, config.n_struct, config.n_refine)
+  estimator = ESTIMATOR_REGISTRY.get(config.estimator)
+  ones = jnp.ones(commit_step.shape[:1], jnp.float32)
+  out = []
+  for k, stage in enumerate(sched):
+    if not (config.replay_correction and estimator.replays(config, stage)):
+      out.append(ones)
+      continue
+    _, has = _candidate_groups(config, hierarchy.stage_candidates(stage, is_structure), commit_step)
+    n = has.sum(axis=-1).astype(jnp.float32)
+    size = loss_masks[k].sum(axis=-1).astype(jnp.float32)
+    out.append(n * size.sum() / jnp.maximum((n * size).sum(), 1.0))
+  return jnp.stack(out)
 
 
 def canvas_groups(config: HTGRPOConfig) -> tuple[int, ...]:

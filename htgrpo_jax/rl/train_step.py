@@ -202,7 +202,8 @@ class UpdateSets(NamedTuple):
   token_adv: float32[B, N] group advantage per token, before credit; is_structure: bool[B, N] the
   partition S; credit: float32[B, N] credit weights; stage_credit: credit normalised per loss set
   (``hierarchy.loss_set_credit``) rather than over all N; canvases: int32[K, B, N] (MASK where
-  masked); loss_masks: bool[K, B, N].
+  masked); loss_masks: bool[K, B, N]; replay_weights: float32[K, B] each image's weight in iteration k
+  (``estimators.replay_weights``: all 1 unless ``replay_correction``).
   """
 
   token_adv: jax.Array
@@ -211,6 +212,7 @@ class UpdateSets(NamedTuple):
   stage_credit: bool
   canvases: jax.Array
   loss_masks: jax.Array
+  replay_weights: jax.Array
 
 
 def update_sets(config: HTGRPOConfig, rollout: Rollout, step_key: jax.Array) -> UpdateSets:
@@ -234,7 +236,8 @@ def update_sets(config: HTGRPOConfig, rollout: Rollout, step_key: jax.Array) -> 
       normalize=config.normalize_credit and not stage_credit,
   )
   canvases, masks = estimators.all_canvases(config, step_key, rollout.image_tokens, rollout.commit_step, is_s)
-  return UpdateSets(tok_adv, is_s, w, stage_credit, canvases, masks)
+  rw = estimators.replay_weights(config, rollout.commit_step, is_s, masks)
+  return UpdateSets(tok_adv, is_s, w, stage_credit, canvases, masks, rw)
 
 
 def make_train_step(
@@ -306,7 +309,7 @@ def make_train_step(
     step_key = jax.random.fold_in(key, state.step)
     sets = update_sets(config, rollout, step_key)
     tok_adv, is_s, w, stage_credit = sets.token_adv, sets.is_structure, sets.credit, sets.stage_credit
-    canvases, loss_masks = sets.canvases, sets.loss_masks
+    canvases, loss_masks, replay_w = sets.canvases, sets.loss_masks, sets.replay_weights
 
     # Old/ref passes once per distinct canvas: for 'htgrpo' the global and struct iterations all score the
     # same all-mask canvas (and refine iterations the same S-revealed one), so this is 1-2 forwards, not K.
@@ -323,11 +326,11 @@ def make_train_step(
 
     def inner(carry, xs):
       params, opt_state, skipped = carry
-      canvas, lmask, old_k, ref_k, count, k = xs
+      canvas, lmask, old_k, ref_k, count, rw_k, k = xs
       drop_key = jax.random.fold_in(jax.random.fold_in(step_key, k), _DROPOUT_SALT)
       denom = jnp.maximum(count, 1.0)
       w_k = hierarchy.loss_set_credit(w, lmask) if stage_credit else w
-      token_adv = tok_adv * w_k
+      token_adv = tok_adv * w_k * rw_k[:, None]
 
       def mb_grad(mxs):
         p, c, t, lm, o, r, a, wk, m = mxs
@@ -393,7 +396,7 @@ def make_train_step(
     (params, opt_state, skipped), per_iter = jax.lax.scan(
         inner,
         (state.params, state.opt_state, state.skipped),
-        (canvases, loss_masks, old, ref, counts, jnp.arange(len(sched))),
+        (canvases, loss_masks, old, ref, counts, replay_w, jnp.arange(len(sched))),
     )
 
     metrics = {}

@@ -188,3 +188,93 @@ def test_struct_gradient_is_nonzero_on_replayed_canvases():
   replayed = struct_grad_norm(None, 1, sketch_context="trajectory")
   print(f"struct-stage grad norm, trajectory sketch context: {replayed:.4g}")
   assert replayed > 0.1
+
+
+def _spread_record(b=6, n=16, t=8):
+  """commit_step int32[b, n] where S (the first 4 tokens of every image) sits in 1, 2, 4, ... distinct
+  sampler steps depending on the image; R fills the other steps. Returns (commit_step, is_s, groups)."""
+  step = np.zeros((b, n), np.int32)
+  is_s = np.zeros((b, n), bool)
+  is_s[:, :4] = True
+  spread = [1, 2, 4, 1, 2, 4][:b]
+  for i, g in enumerate(spread):
+    step[i, :4] = np.arange(4) % g  # S over g groups
+    step[i, 4:] = np.arange(n - 4) % t
+  return jnp.asarray(step), jnp.asarray(is_s), np.asarray(spread, np.float32)
+
+
+def test_replay_correction_counts_every_candidate_once_in_expectation():
+  """The struct stage replays one group per image among those holding an S token: an image whose S sits
+  in n_b groups has, on average, |S| / n_b tokens in the loss. Weighted by ``replay_weights`` every
+  image's expected weighted loss-set size is the same (each S token counts once, up to the common
+  normalisation); without the correction it falls as 1 / n_b, the tilt docs/findings.md section 17
+  measures."""
+  step, is_s, spread = _spread_record()
+  tokens = jnp.zeros_like(step)
+  sizes = {False: [], True: []}
+  for corr in (False, True):
+    cfg = rl.HTGRPOConfig(
+        group_size=2,
+        num_sampler_steps=8,
+        n_global=0,
+        n_struct=1,
+        n_refine=0,
+        sketch_context="trajectory",
+        replay_correction=corr,
+    )
+    for seed in range(300):
+      _, loss = rl.all_canvases(cfg, jax.random.key(seed), tokens, step, is_s)
+      w = rl.replay_weights(cfg, step, is_s, loss)
+      sizes[corr].append(np.asarray(loss[0].sum(-1) * w[0]))
+  raw, fixed = (np.mean(sizes[c], axis=0) for c in (False, True))
+  np.testing.assert_allclose(raw, 4.0 / spread, rtol=0.15)  # the uncorrected tilt toward few groups
+  np.testing.assert_allclose(fixed / fixed.mean(), 1.0, atol=0.12)
+
+
+def test_replay_weights_mean_one_over_loss_tokens_and_ones_elsewhere():
+  """The weights keep the token-mean loss's scale (mean 1 over each replaying iteration's loss tokens);
+  every iteration that does not replay, and every iteration without the correction, weighs exactly 1."""
+  step, is_s, _ = _spread_record()
+  tokens = jnp.zeros_like(step)
+  base = dict(group_size=2, num_sampler_steps=8, n_global=1, n_struct=2, n_refine=1)
+  cfg = rl.HTGRPOConfig(**base, sketch_context="trajectory", replay_correction=True)
+  _, loss = rl.all_canvases(cfg, jax.random.key(0), tokens, step, is_s)
+  w = np.asarray(rl.replay_weights(cfg, step, is_s, loss))
+  loss = np.asarray(loss)
+  for k, stage in enumerate(rl.stage_schedule(1, 2, 1)):
+    if stage == rl.STAGE_REFINE:  # refine_context 'structure' does not replay
+      np.testing.assert_array_equal(w[k], 1.0)
+    else:
+      size = loss[k].sum(-1)
+      assert abs((w[k] * size).sum() / size.sum() - 1.0) < 1e-6
+  assert not np.allclose(w[1], 1.0)  # the struct iteration's weights do vary here
+  for off in (
+      rl.HTGRPOConfig(**base, sketch_context="trajectory"),  # the default: no correction
+      rl.HTGRPOConfig(**base, replay_correction=True),  # all-mask sketch canvases: nothing replays
+      rl.HTGRPOConfig(**{**base, "n_struct": 0}, estimator="random_remask", replay_correction=True),
+  ):
+    _, loss = rl.all_canvases(off, jax.random.key(0), tokens, step, is_s)
+    np.testing.assert_array_equal(np.asarray(rl.replay_weights(off, step, is_s, loss)), 1.0)
+
+
+def test_replay_correction_changes_the_update_only_when_on():
+  """On toy rollouts the corrected step differs from the uncorrected one, which is bit for bit the step
+  without the option (the weights are exactly 1); a non-bool value is refused by name."""
+  model = ToyPolicy(4, 8, dim=8)
+  ro = random_rollout(np.random.default_rng(3), 8, 8, 4, T, lp=2)
+  params = model.init(jax.random.key(0), ro.prompt_tokens, ro.image_tokens)["params"]
+  opt = optax.sgd(0.1)
+  outs = {}
+  for corr in (False, True):
+    cfg = _cfg(group_size=4, sketch_context="trajectory", replay_correction=corr, beta=0.0)
+    step = rl.make_train_step(linen_logits_fn(model), opt, cfg, donate=False)
+    outs[corr], _ = step(rl.TrainState.create(params, opt, with_reference=False), ro, jax.random.key(1))
+  plain = rl.make_train_step(
+      linen_logits_fn(model), opt, _cfg(group_size=4, sketch_context="trajectory", beta=0.0), donate=False
+  )
+  ref, _ = plain(rl.TrainState.create(params, opt, with_reference=False), ro, jax.random.key(1))
+  jax.tree.map(np.testing.assert_array_equal, outs[False].params, ref.params)
+  diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), outs[True].params, outs[False].params))
+  assert max(diffs) > 0
+  with pytest.raises(ValueError, match="replay_correction"):
+    _cfg(replay_correction=1)
