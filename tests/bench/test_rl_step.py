@@ -5,29 +5,15 @@ share growing with its step count (Lumina-DiMOO's T 64 vs MMaDA's T 15 at the sa
 (slow) must report every phase of the tiny config's step with shares summing to 100 %.
 """
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers.bench_args import run_bench
 
 
-def _run(*args: str, tmp_path: Path) -> str:
-  env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="")  # one CPU device, as a user runs it
-  out = subprocess.run(
-      [sys.executable, str(ROOT / "bench" / "rl_step.py"), *args],
-      cwd=tmp_path,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=900,
-  )
-  assert out.returncode == 0, out.stderr[-3000:]
-  return out.stdout
+def _run(*args: str, tmp_path) -> str:
+  return run_bench("rl_step.py", *args, cwd=tmp_path)
 
 
 def _rows(text: str, first: str) -> list[list[str]]:

@@ -1,40 +1,27 @@
 """bench/sampler.py --cache runs and prints what docs/performance.md ("Rollout cache") cites: both
 medians, the speed ratio and the cache's schedule (which steps are full, how many positions the others run)."""
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers.bench_args import run_bench
 
 
 @pytest.mark.slow  # the bench runs; the cache's exactness is tests/sampling/test_rollout_cache.py
 def test_sampler_cache_comparison_prints_medians_and_ratio(tmp_path):
-  env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="")  # one CPU device, as a user runs it
-  out = subprocess.run(
-      [
-          sys.executable,
-          str(ROOT / "bench" / "sampler.py"),
-          "--cache",
-          "--grid=4",
-          "--layers=1",
-          "--batch=4",
-          "--steps=6",
-          "--sketch-steps=2",
-          "--repeats=2",
-      ],
+  text = run_bench(
+      "sampler.py",
+      "--cache",
+      "--grid=4",
+      "--layers=1",
+      "--batch=4",
+      "--steps=6",
+      "--sketch-steps=2",
+      "--repeats=2",
       cwd=tmp_path,
-      env=env,
-      capture_output=True,
-      text=True,
       timeout=600,
   )
-  assert out.returncode == 0, out.stderr[-3000:]
-  text = out.stdout
   # T=6, warmup int(6 * 0.3) = 1: steps 0, 1 (warmup), 2 (first paint step) full; 3-5 cached, 2 of 32.
   assert "3 of 6 steps full, the others recompute 4 of 32 positions" in text, text
   med = {m[0]: float(m[1]) for m in re.findall(r"sample (plain|cached) \(median\): ([\d.]+) s", text)}
