@@ -10,7 +10,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-SUM_METRICS = ("loss", "pg_loss", "kl", "clip_frac", "approx_kl", "ratio_mean", "entropy", "advantage", "credit")
+SUM_METRICS = (
+    "loss",
+    "pg_loss",
+    "kl",
+    "clip_frac",
+    "approx_kl",
+    "ratio_mean",
+    "entropy",
+    "advantage",
+    "credit",
+    "logp",
+    "logp_adv",
+)
 
 
 def token_logp_entropy(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -88,6 +100,11 @@ def ht_grpo_loss(
       "entropy": s(jax.lax.stop_gradient(entropy)) if entropy is not None else jnp.float32(0.0),
       "advantage": s(token_adv),
       "credit": s(credit) if credit is not None else jnp.float32(0.0),
+      # Sums for the covariance of log pi(token) with its advantage (``finalize_metrics``): to first
+      # order a policy-gradient step changes the entropy by -lr * that covariance, so its sign says
+      # whether a stage is sharpening (> 0) or flattening (< 0) the tokens it trains.
+      "logp": s(jax.lax.stop_gradient(logp)),
+      "logp_adv": s(jax.lax.stop_gradient(logp) * token_adv),
       "ratio_min": jnp.where(loss_mask, ratio_sg, jnp.inf).min(),
       "ratio_max": jnp.where(loss_mask, ratio_sg, -jnp.inf).max(),
   }
@@ -103,9 +120,12 @@ def combine_metrics(a: dict, b: dict) -> dict:
 
 
 def finalize_metrics(sums: dict, count: jax.Array) -> dict:
-  """Token means of the summed metrics (0 when ``count`` is 0), min/max passed through."""
+  """Token means of the summed metrics (0 when ``count`` is 0), min/max passed through, and
+  ``logp_adv_cov``: the token covariance of log pi(token) with the token advantage,
+  mean(logp * A) - mean(logp) * mean(A)."""
   denom = jnp.maximum(count, 1.0)
   out = {k: sums[k] / denom for k in SUM_METRICS}
+  out["logp_adv_cov"] = out["logp_adv"] - out["logp"] * out["advantage"]
   out["ratio_min"], out["ratio_max"] = sums["ratio_min"], sums["ratio_max"]
   out["tokens"] = count
   return out

@@ -52,6 +52,8 @@ def np_loss(logp, old, ref, adv, mask, eps, beta):
       "clip_frac": (clipped * m).sum(),
       "approx_kl": ((rho - 1 - np.log(rho)) * m).sum(),
       "kl": (kl * m).sum(),
+      "logp": (logp * m).sum(),
+      "logp_adv": (logp * adv * m).sum(),
   }
   return ((pg + beta * kl) * m).sum(), m.sum(), grad * m, extra
 

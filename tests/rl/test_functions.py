@@ -141,6 +141,41 @@ def test_loss_ratio_one_and_zero_advantage():
   assert np.all(np.asarray(g) == 0)
 
 
+def test_logp_adv_cov_is_the_masked_token_covariance():
+  rng = np.random.default_rng(0)
+  logp = -rng.uniform(0.1, 3, (3, 7)).astype(np.float32)
+  adv = rng.normal(size=(3, 7)).astype(np.float32)
+  mask = rng.random((3, 7)) < 0.6
+  _, c, met = rl.ht_grpo_loss(
+      jnp.asarray(logp), jnp.asarray(logp), None, jnp.asarray(adv), jnp.asarray(mask), clip_eps=0.2, beta=0.0
+  )
+  got = rl.finalize_metrics(met, c)
+  lp, a = logp[mask].astype(np.float64), adv[mask].astype(np.float64)
+  np.testing.assert_allclose(float(got["logp_adv_cov"]), np.mean(lp * a) - lp.mean() * a.mean(), atol=1e-5)
+
+
+@pytest.mark.parametrize("reward_the_rare_token", [True, False])
+def test_logp_adv_cov_sign_says_which_way_a_step_moves_the_entropy(reward_the_rare_token):
+  """One softmax position, samples of a common and a rare token with zero-mean advantages: rewarding the
+  rare one (covariance < 0) flattens the distribution, rewarding the common one (> 0) sharpens it."""
+  logits = jnp.asarray([2.0, 0.0, 0.0])
+  tokens = jnp.asarray([[0, 0, 0, 1]])
+  adv = jnp.asarray([[-1.0, -1.0, -1.0, 3.0]]) if reward_the_rare_token else jnp.asarray([[1.0, 1.0, 1.0, -3.0]])
+  mask = jnp.ones((1, 4), bool)
+
+  def loss(z):
+    logp, _ = rl.token_logp_entropy(jnp.broadcast_to(z, (1, 4, 3)), tokens)
+    return rl.ht_grpo_loss(logp, jax.lax.stop_gradient(logp), None, adv, mask, clip_eps=0.2, beta=0.0)
+
+  g = jax.grad(lambda z: loss(z)[0] / 4)(logits)
+  entropy = lambda z: float(-(jax.nn.softmax(z) * jax.nn.log_softmax(z)).sum())
+  _, count, met = loss(logits)
+  cov = float(rl.finalize_metrics(met, count)["logp_adv_cov"])
+  change = entropy(logits - 0.1 * g) - entropy(logits)
+  assert (cov < 0) == reward_the_rare_token and (change > 0) == reward_the_rare_token
+  assert abs(cov) > 0.1 and abs(change) > 1e-3
+
+
 # ----------------------------------------------------------------------------- estimators
 @given(
     st.sampled_from(rl.ESTIMATORS),
