@@ -118,6 +118,12 @@ TUNING_ARMS = {
     # (rl.replay_correction; docs/findings.md, section 17), at the constant rate and with a cosine decay.
     "ht_replay_corr": ("htgrpo", "rl.replay_correction=True"),
     "ht_replay_corr_cosine": ("htgrpo", "rl.replay_correction=True; optim.decay='cosine'"),
+    # After section 18 (S drawn at random does not collapse at 500 steps, S by entropy does): S at
+    # random with the cosine decay, and a structure set twice as large (less extreme in entropy).
+    "ht_partition_random_cosine": ("htgrpo", "rl.partition_mode=random; optim.decay='cosine'"),
+    "ht_structure_ratio25": ("htgrpo", "rl.structure_ratio=0.25"),
+    # One struct iteration instead of two (K stays 6: the refine stage gets three).
+    "ht_struct1": ("htgrpo", "rl.n_struct=1; rl.n_refine=3"),
 }
 
 
@@ -133,7 +139,9 @@ VARIANTS = (
     "default_t16",
     "default_500",
     "default_500_fix",
+    "default_500_fix2",
     "default_replay",
+    "default_partition",
     "base4k",
     "base4k_long",
     "bs32",
@@ -150,7 +158,9 @@ OF_THE_DEFAULT = (
     "default_t16",
     "default_500",
     "default_500_fix",
+    "default_500_fix2",
     "default_replay",
+    "default_partition",
 )
 
 
@@ -258,12 +268,34 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.shared += "; total_steps=500; eval_every=100"
     c.main_arms = "htgrpo,maskgrpo,ht_replay_corr,ht_replay_corr_cosine,ht_partition_random,ht_structure_weight1"
     c.main_seeds, c.ablation_arms = 3, ""
+  if v == "default_500_fix2":
+    # Section 18's next step, in default_500's runs folder: S at random with the cosine decay; S by
+    # entropy with less weight per S token (S twice as large; one struct iteration of K = 6); S by
+    # commit step; a KL anchor 5x stronger, at the constant rate. 15 new runs: one accelerator lease
+    # (--workers=15). Every run logs each stage's logp_adv_cov.
+    c.workdir = "runs/study_default_500"
+    c.title = "ShapeEval efficacy study: HT-GRPO at 500 RL steps, the partition and the anchor"
+    c.shared = c.shared.replace("save_every=30; keep_checkpoints=12", "save_every=100; keep_checkpoints=2")
+    c.shared += "; total_steps=500; eval_every=100"
+    c.main_arms = (
+        "htgrpo,maskgrpo,ht_partition_random,ht_partition_random_cosine,ht_structure_ratio25,"
+        "ht_struct1,ht_partition_step,ht_beta5e-2"
+    )
+    c.main_seeds, c.ablation_arms = 3, ""
   if v == "default_replay":
     # The replay correction at the default command's cost on three seeds, beside the shipped default's
     # three runs of default_tune3 (its runs folder).
     c.workdir = "runs/study_default_tune3"
     c.title = "ShapeEval efficacy study: the replay correction at the default command's cost"
     c.main_arms, c.main_seeds, c.ablation_arms = "htgrpo,ht_replay_corr", 3, ""
+    c.reference_arm = "htgrpo"
+  if v == "default_partition":
+    # Section 18: S drawn at random does not collapse at 500 steps where S by entropy does. Does the
+    # entropy partition earn its place at the default command's cost? Three seeds beside the shipped
+    # default's three runs of default_tune3 (its runs folder).
+    c.workdir = "runs/study_default_tune3"
+    c.title = "ShapeEval efficacy study: the structure set by entropy or at random, at the default command's cost"
+    c.main_arms, c.main_seeds, c.ablation_arms = "htgrpo,ht_partition_random", 3, ""
     c.reference_arm = "htgrpo"
   if v == "default_emerge":
     # The earlier default command (emerge at CFG 2, the paper's all-mask sketch canvas): its own

@@ -293,6 +293,66 @@ def hacking_watch(res: dict[str, Any]) -> dict[str, float]:
   }
 
 
+def sample_diversity(images: np.ndarray, prompt_index: np.ndarray) -> float | None:
+  """How different a prompt's samples are from each other: the share of pixels (any channel) that
+  differ between two samples of one prompt, averaged over its pairs and then over the prompts with
+  two or more samples. 0 when a policy draws the same picture every time for a prompt; GenEval's
+  rules (and the strict judge) do not see that, so evaluations report it beside the score.
+
+  Args:
+    images: uint8[M, H, W, C].
+    prompt_index: int[M], the prompt of each sample.
+
+  Returns:
+    float in [0, 1], or None when no prompt has two samples.
+  """
+  images, prompt_index = np.asarray(images), np.asarray(prompt_index)
+  if len(images) != len(prompt_index):
+    raise ValueError(f"images has {len(images)} samples, prompt_index {len(prompt_index)}")
+  per_prompt = []
+  for p in np.unique(prompt_index):
+    x = images[prompt_index == p].reshape(int((prompt_index == p).sum()), -1, images.shape[-1])
+    if len(x) < 2:
+      continue
+    i, j = np.triu_indices(len(x), k=1)
+    per_prompt.append(float((x[i] != x[j]).any(axis=-1).mean()))
+  return float(np.mean(per_prompt)) if per_prompt else None
+
+
+def read_samples(eval_dir: str | os.PathLike) -> dict[str, Any]:
+  """An evaluation folder written by ``write_samples`` read back: ``images`` uint8[M, H, W, 3],
+  ``prompt_index`` int[M], ``strict`` float32[M], ``malformed`` int[M] and ``tags``."""
+  import json
+
+  path = paths.join(eval_dir, "samples.jsonl")
+  if not paths.exists(path):
+    raise FileNotFoundError(f"{path}: no samples.jsonl (an evaluation folder is <workdir>/evals/<name>)")
+  with paths.open(path, encoding="utf-8") as f:
+    recs = [json.loads(line) for line in f if line.strip()]
+
+  def image(name: str) -> np.ndarray:
+    with paths.open(paths.join(eval_dir, name), "rb") as f:
+      return np.asarray(Image.open(f).convert("RGB"))
+
+  return dict(
+      images=np.stack([image(r["filename"]) for r in recs]),
+      prompt_index=np.asarray([r["prompt_index"] for r in recs]),
+      strict=np.asarray([float(r["correct"]) for r in recs], np.float32),
+      malformed=np.asarray([int(r.get("malformed", -1)) for r in recs]),
+      tags=[r["tag"] for r in recs],
+  )
+
+
+def eval_watch(res: dict[str, Any]) -> dict[str, float]:
+  """What an evaluation reports beside its scores: ``hacking_watch`` and ``sample_diversity``
+  (when some prompt has two samples)."""
+  out = hacking_watch(res)
+  d = sample_diversity(res["images"], res["prompt_index"]) if len(res.get("images", ())) else None
+  if d is not None:
+    out["sample_diversity"] = d
+  return out
+
+
 def write_samples(out_dir: str | os.PathLike, res: dict[str, Any]) -> str:
   """Every evaluated sample as GenEval writes its results: ``images/<prompt>_<k>.png`` plus one
   ``samples.jsonl`` line per image (prompt, tag, metadata, image file, verdict, reason), so the

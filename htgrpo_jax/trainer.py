@@ -418,7 +418,7 @@ class _Evaluator:
     writer.write_eval(
         self.workdir, f"step{step:05d}", res, f"{self.task.name} held-out, {label}", config.eval.grid_size
     )
-    self.runlog.tb_scalars(step, {f"eval/{k}": v for k, v in {**res["scores"], **evaluate.hacking_watch(res)}.items()})
+    self.runlog.tb_scalars(step, {f"eval/{k}": v for k, v in {**res["scores"], **evaluate.eval_watch(res)}.items()})
     return res["scores"]  # the hacking watch lives in the eval table and TensorBoard
 
   def report(self, loop: LoopState) -> str:

@@ -53,7 +53,7 @@ def write_eval(out_dir: str, name: str, res: dict[str, Any], title: str, grid_si
   sample with its verdict under ``evals/{name}/`` (``samples.jsonl`` + PNGs); returns the table
   (on every process; only process 0 writes)."""
   table = evaluate.tag_table(res["tags"], res["strict"], title=title, clusters=res["prompt_index"])
-  watch = evaluate.hacking_watch(res)
+  watch = evaluate.eval_watch(res)
   if watch:
     table += "\n" + ", ".join(f"{k} {v:.3f}" for k, v in watch.items()) + "\n"
   if not parallel.is_primary():

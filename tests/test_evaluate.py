@@ -1,5 +1,7 @@
 """GenEval-style tables and image grids."""
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -94,3 +96,38 @@ def test_write_samples_records_every_image_with_its_verdict(tmp_path):
       "malformed_share": pytest.approx(2 / 6),
       "malformed_share_accepted": pytest.approx(1 / 3),
   }
+  back = E.read_samples(tmp_path)
+  np.testing.assert_array_equal(back["images"], imgs)
+  np.testing.assert_array_equal(back["prompt_index"], res["prompt_index"])
+  np.testing.assert_array_equal(back["strict"], res["strict"])
+  np.testing.assert_array_equal(back["malformed"], res["malformed"])
+  import subprocess
+  import sys
+
+  out = subprocess.run(
+      [sys.executable, "launch/diversity.py", f"--eval_dirs={tmp_path}"],
+      capture_output=True,
+      text=True,
+      check=True,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  ).stdout
+  want = E.sample_diversity(imgs, res["prompt_index"])
+  assert f"| 6 | 0.500 | {want:.3f} | 0.000 |" in out
+
+
+def test_sample_diversity_is_zero_for_repeated_pictures_and_counts_differing_pixels():
+  rng = np.random.default_rng(0)
+  a, b = rng.integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
+  c = a.copy()
+  c[0, :2] = a[0, :2] ^ 1  # 2 of a's 16 pixels changed
+  same = np.stack([a, a, a, b, b, b])
+  idx = np.repeat(np.arange(2), 3)
+  assert E.sample_diversity(same, idx) == 0.0
+  # prompt 0: pairs (a, c) differ in 2/16 pixels, (a, a) in 0 -> mean 1/24; prompt 1: b vs random images
+  d = E.sample_diversity(np.stack([a, a, c, b, b, b]), idx)
+  assert d == pytest.approx((2 / 16 * 2 + 0) / 3 / 2)
+  assert E.sample_diversity(same[:3], np.arange(3)) is None  # one sample per prompt
+  with pytest.raises(ValueError, match="prompt_index"):
+    E.sample_diversity(same, idx[:4])
+  res = dict(images=np.stack([a, a, c, b, b, b]), prompt_index=idx, malformed=np.zeros(6), strict=np.ones(6))
+  assert E.eval_watch(res)["sample_diversity"] == pytest.approx(d)
