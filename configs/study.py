@@ -142,6 +142,7 @@ VARIANTS = (
     "default_500_fix2",
     "default_replay",
     "default_partition",
+    "default_struct1",
     "base4k",
     "base4k_long",
     "bs32",
@@ -161,6 +162,7 @@ OF_THE_DEFAULT = (
     "default_500_fix2",
     "default_replay",
     "default_partition",
+    "default_struct1",
 )
 
 
@@ -296,6 +298,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.workdir = "runs/study_default_tune3"
     c.title = "ShapeEval efficacy study: the structure set by entropy or at random, at the default command's cost"
     c.main_arms, c.main_seeds, c.ablation_arms = "htgrpo,ht_partition_random", 3, ""
+    c.reference_arm = "htgrpo"
+  if v == "default_struct1":
+    # Section 18: less weight per S token without changing how S is chosen (one struct iteration of
+    # K = 6, the refine stage three), at the default command's cost: does it keep the entropy
+    # partition's early gain? Three seeds beside the shipped default's three runs of default_tune3.
+    c.workdir = "runs/study_default_tune3"
+    c.title = "ShapeEval efficacy study: one struct iteration instead of two, at the default command's cost"
+    c.main_arms, c.main_seeds, c.ablation_arms = "htgrpo,ht_struct1", 4, ""
     c.reference_arm = "htgrpo"
   if v == "default_emerge":
     # The earlier default command (emerge at CFG 2, the paper's all-mask sketch canvas): its own
