@@ -166,6 +166,26 @@ OF_THE_DEFAULT = (
 )
 
 
+def _in_default_500(c: ml_collections.ConfigDict, title: str, arms: str) -> None:
+  """A study in default_500's runs folder, budget and evaluation: 500 RL steps, an evaluation every
+  100, two checkpoints kept; ``arms`` on three seeds each (its constant-rate HT-GRPO and MaskGRPO
+  runs are shared by every such study)."""
+  c.workdir = "runs/study_default_500"
+  c.title = f"ShapeEval efficacy study: {title}"
+  c.shared = c.shared.replace("save_every=30; keep_checkpoints=12", "save_every=100; keep_checkpoints=2")
+  c.shared += "; total_steps=500; eval_every=100"
+  c.main_arms, c.main_seeds, c.ablation_arms = arms, 3, ""
+
+
+def _beside_the_default(c: ml_collections.ConfigDict, arm: str, what: str, seeds: int = 3) -> None:
+  """One arm at the default command's cost beside the shipped default's runs of default_tune3 (its
+  runs folder), ``seeds`` of each, reported against the default."""
+  c.workdir = "runs/study_default_tune3"
+  c.title = f"ShapeEval efficacy study: {what}, at the default command's cost"
+  c.main_arms, c.main_seeds, c.ablation_arms = f"htgrpo,{arm}", seeds, ""
+  c.reference_arm = "htgrpo"
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   v = arg or ""
   if v not in ("", *VARIANTS):
@@ -264,49 +284,36 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # study's references): what stops HT-GRPO's collapse at the constant rate? The replay correction
     # (rl.replay_correction), the structure set chosen at random instead of by entropy, and no extra
     # credit on it; the correction with the cosine decay too. 12 new runs: one accelerator lease.
-    c.workdir = "runs/study_default_500"
-    c.title = "ShapeEval efficacy study: HT-GRPO's collapse at 500 RL steps, what stops it"
-    c.shared = c.shared.replace("save_every=30; keep_checkpoints=12", "save_every=100; keep_checkpoints=2")
-    c.shared += "; total_steps=500; eval_every=100"
-    c.main_arms = "htgrpo,maskgrpo,ht_replay_corr,ht_replay_corr_cosine,ht_partition_random,ht_structure_weight1"
-    c.main_seeds, c.ablation_arms = 3, ""
+    _in_default_500(
+        c,
+        "HT-GRPO's collapse at 500 RL steps, what stops it",
+        "htgrpo,maskgrpo,ht_replay_corr,ht_replay_corr_cosine,ht_partition_random,ht_structure_weight1",
+    )
   if v == "default_500_fix2":
     # Section 18's next step, in default_500's runs folder: S at random with the cosine decay; S by
     # entropy with less weight per S token (S twice as large; one struct iteration of K = 6); S by
     # commit step; a KL anchor 5x stronger, at the constant rate. 15 new runs: one accelerator lease
     # (--workers=15). Every run logs each stage's logp_adv_cov.
-    c.workdir = "runs/study_default_500"
-    c.title = "ShapeEval efficacy study: HT-GRPO at 500 RL steps, the partition and the anchor"
-    c.shared = c.shared.replace("save_every=30; keep_checkpoints=12", "save_every=100; keep_checkpoints=2")
-    c.shared += "; total_steps=500; eval_every=100"
-    c.main_arms = (
+    _in_default_500(
+        c,
+        "HT-GRPO at 500 RL steps, the partition and the anchor",
         "htgrpo,maskgrpo,ht_partition_random,ht_partition_random_cosine,ht_structure_ratio25,"
-        "ht_struct1,ht_partition_step,ht_beta5e-2"
+        "ht_struct1,ht_partition_step,ht_beta5e-2",
     )
-    c.main_seeds, c.ablation_arms = 3, ""
   if v == "default_replay":
     # The replay correction at the default command's cost on three seeds, beside the shipped default's
     # three runs of default_tune3 (its runs folder).
-    c.workdir = "runs/study_default_tune3"
-    c.title = "ShapeEval efficacy study: the replay correction at the default command's cost"
-    c.main_arms, c.main_seeds, c.ablation_arms = "htgrpo,ht_replay_corr", 3, ""
-    c.reference_arm = "htgrpo"
+    _beside_the_default(c, "ht_replay_corr", "the replay correction")
   if v == "default_partition":
     # Section 18: S drawn at random does not collapse at 500 steps where S by entropy does. Does the
     # entropy partition earn its place at the default command's cost? Three seeds beside the shipped
     # default's three runs of default_tune3 (its runs folder).
-    c.workdir = "runs/study_default_tune3"
-    c.title = "ShapeEval efficacy study: the structure set by entropy or at random, at the default command's cost"
-    c.main_arms, c.main_seeds, c.ablation_arms = "htgrpo,ht_partition_random", 3, ""
-    c.reference_arm = "htgrpo"
+    _beside_the_default(c, "ht_partition_random", "the structure set by entropy or at random")
   if v == "default_struct1":
     # Section 18: less weight per S token without changing how S is chosen (one struct iteration of
     # K = 6, the refine stage three), at the default command's cost: does it keep the entropy
-    # partition's early gain? Three seeds beside the shipped default's three runs of default_tune3.
-    c.workdir = "runs/study_default_tune3"
-    c.title = "ShapeEval efficacy study: one struct iteration instead of two, at the default command's cost"
-    c.main_arms, c.main_seeds, c.ablation_arms = "htgrpo,ht_struct1", 4, ""
-    c.reference_arm = "htgrpo"
+    # partition's early gain? Four seeds of each (the default's seed 3 is new here).
+    _beside_the_default(c, "ht_struct1", "one struct iteration instead of two", seeds=4)
   if v == "default_emerge":
     # The earlier default command (emerge at CFG 2, the paper's all-mask sketch canvas): its own
     # 1500-step base (configs/pretrain_shapes.py) and budget, HT-GRPO as it shipped against the
