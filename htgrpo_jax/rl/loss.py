@@ -100,9 +100,10 @@ def ht_grpo_loss(
       "entropy": s(jax.lax.stop_gradient(entropy)) if entropy is not None else jnp.float32(0.0),
       "advantage": s(token_adv),
       "credit": s(credit) if credit is not None else jnp.float32(0.0),
-      # Sums for the covariance of log pi(token) with its advantage (``finalize_metrics``): to first
-      # order a policy-gradient step changes the entropy by -lr * that covariance, so its sign says
-      # whether a stage is sharpening (> 0) or flattening (< 0) the tokens it trains.
+      # Sums for the covariance of log pi(token) with its advantage (``finalize_metrics``): for a
+      # natural-gradient step on a softmax the first-order entropy change is -lr * that covariance,
+      # so its sign says whether a stage sharpens (> 0) or flattens (< 0) the positions it trains
+      # (for a plain step, in sign on the whole; not about tokens it does not train).
       "logp": s(jax.lax.stop_gradient(logp)),
       "logp_adv": s(jax.lax.stop_gradient(logp) * token_adv),
       "ratio_min": jnp.where(loss_mask, ratio_sg, jnp.inf).min(),
