@@ -143,6 +143,7 @@ VARIANTS = (
     "default_replay",
     "default_partition",
     "default_struct1",
+    "default_rebuilt",
     "base4k",
     "base4k_long",
     "bs32",
@@ -163,6 +164,7 @@ OF_THE_DEFAULT = (
     "default_replay",
     "default_partition",
     "default_struct1",
+    "default_rebuilt",
 )
 
 
@@ -243,6 +245,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if v == "default_long":
       c.shared += "; total_steps=300; eval_every=50"
     c.main_arms, c.main_seeds, c.ablation_arms = "htgrpo,maskgrpo", 3, ""
+  if v == "default_rebuilt":
+    # The `default` study again, from a base pretrained anew on another CPU kind: the same recipe and
+    # seed give other params there (floating-point sums in another order), so this is a replication
+    # of the default command's headline with an independent base, not a copy of it.
+    c.workdir = "runs/study_default_rebuilt"
+    c.title = "ShapeEval efficacy study: the default command, rebuilt from nothing on another CPU"
   if v == "default_tune":
     # The default command's knobs at its cost, from its base, in its runs folder (the `default`
     # study's htgrpo runs are this one's reference): one seed of each first.

@@ -26,7 +26,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from htgrpo_jax import contracts, paths
+from htgrpo_jax import contracts, paths, runtime
 from htgrpo_jax.contracts import CanvasLogitsFn, TrainState
 from htgrpo_jax.models import layouts, llada, policy
 from htgrpo_jax.contracts import mask_canvas, mask_random_slots, masked_token_nll  # noqa: F401 (re-exported)
@@ -338,6 +338,7 @@ def pretrain(
   if cfg.workdir:
     ckpt = save_params(paths.join(cfg.workdir, "params"), params)
     record = dict(recipe=recipe(cfg), steps_done=done, cut_short=cut_short, seconds=round(seconds, 1), **held)
+    record["made_on"] = runtime.machine()  # the same recipe gives other params on another CPU kind
     paths.write_text_atomic(paths.join(cfg.workdir, RECIPE_FILE), json.dumps(record, indent=2))
   return dict(
       params=params,

@@ -149,6 +149,38 @@ def reuse_host_memory() -> bool:
   return bool(mallopt(_M_ARENA_MAX, 1) & mallopt(_M_MMAP_MAX, 0) & mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+def cpu_model() -> str:
+  """The host CPU's model name ('AMD EPYC', 'Intel(R) Xeon(R) ...'; '' when the OS does not say)."""
+  import platform
+
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
+
+
+def machine() -> dict[str, str]:
+  """What this process computes on, for provenance records (a base's ``pretrain.json``, a run's
+  ``wall.json``): ``device`` ('cpu x1 (AMD EPYC)', 'NVIDIA H200 x1'), ``jax`` and ``jaxlib``.
+
+  The CPU's model is part of ``device`` on the CPU backend because XLA:CPU compiles for the host's
+  vector units: the same program, seed and software sum floating-point numbers in another order on
+  another CPU kind, so a pretraining run there gives other params (docs/findings.md, section 19).
+  Starts JAX's backend.
+  """
+  import jax
+  import jaxlib
+
+  dev = f"{jax.devices()[0].device_kind} x{jax.device_count()}"
+  if jax.default_backend() == "cpu" and (cpu := cpu_model()):
+    dev += f" ({cpu})"
+  return dict(device=dev, jax=jax.__version__, jaxlib=jaxlib.__version__)
+
+
 @dataclasses.dataclass(frozen=True)
 class DistributedFlags:
   """The command-line flags of an explicit multi-process setup (``define_distributed_flags``)."""

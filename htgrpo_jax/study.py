@@ -189,10 +189,11 @@ def run_study(
 
 
 def device_name() -> str:
-  """'NVIDIA H200 x1', 'cpu x1': what this process trains on (kind and count of JAX devices)."""
-  import jax
+  """'NVIDIA H200 x1', 'cpu x1 (AMD EPYC)': what this process trains on (kind and count of JAX
+  devices; the CPU's model on the CPU backend, ``runtime.machine``)."""
+  from htgrpo_jax import runtime
 
-  return f"{jax.devices()[0].device_kind} x{jax.device_count()}"
+  return runtime.machine()["device"]
 
 
 def trained_on(runs: Sequence[str]) -> str:
@@ -478,9 +479,10 @@ def base_recipe_lines(cfg: ml_collections.ConfigDict) -> list[str]:
     rec = json.load(f)
   r = rec["recipe"]
   held = f", held-out masked-token loss {rec['heldout_loss']:.4f}" if "heldout_loss" in rec else ""
+  on = f", made on {m['device']} with JAX {m['jax']}" if (m := rec.get("made_on")) else ""
   return [
       f"Base policy: {rec['steps_done']} pretraining steps of batch {r['batch_size']} at peak learning "
-      f"rate {r['optim']['learning_rate']:g} (seed {r['seed']}){held}.",
+      f"rate {r['optim']['learning_rate']:g} (seed {r['seed']}){held}{on}.",
       "",
   ]
 

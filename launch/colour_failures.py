@@ -3,9 +3,11 @@
   python launch/colour_failures.py \
       --eval_dirs=runs/study_default/base_eval/evals/base,runs/study_default/htgrpo/seed0/evals/step00060
 
-Prints a Markdown table (each failure kind's share of the folder's colour samples) and, with
---drawn, the colours drawn instead of the asked one. A folder is an evaluation's ``evals/<name>``
-(``samples.jsonl`` and its PNGs), as training and launch/evaluate.py write them.
+Prints a Markdown table (each failure kind's share of the folder's colour samples); with --drawn,
+the colours drawn instead of the asked one; with --prior, the colours each shape is drawn in on the
+prompts that name no colour (their entropy, and the share in the held-out pairs' colours). A folder
+is an evaluation's ``evals/<name>`` (``samples.jsonl`` and its PNGs), as training and
+launch/evaluate.py write them.
 """
 
 import os
@@ -17,6 +19,7 @@ from absl import app, flags  # noqa: E402
 
 _DIRS = flags.DEFINE_list("eval_dirs", None, "Evaluation folders (evals/<name>), comma-separated.", required=True)
 _DRAWN = flags.DEFINE_bool("drawn", False, "Also list the colours drawn on wrong_colour images.")
+_PRIOR = flags.DEFINE_bool("prior", False, "Also tabulate each shape's colours on prompts that name no colour.")
 
 
 def main(argv):
@@ -31,6 +34,8 @@ def main(argv):
       print(f"\n{d}: colours drawn for the asked pair on wrong_colour images")
       for pair, colours in t["drawn"].items():
         print(f"  {pair}: " + ", ".join(f"{c} {n}" for c, n in sorted(colours.items(), key=lambda kv: -kv[1])))
+  if _PRIOR.value:
+    print("\n" + colour_failures.prior_markdown({d: colour_failures.colour_prior(d) for d in _DIRS.value}), end="")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from htgrpo_jax import pretrain
+from htgrpo_jax import pretrain, runtime
 
 C, N, LP = 5, 6, 3
 
@@ -156,6 +156,8 @@ def test_the_heldout_loss_is_recorded_and_ranks_a_trained_base_above_its_init(tm
     rec = json.load(f)
   assert rec["heldout_loss"] == out["heldout_loss"]
   assert set(rec) >= {f"heldout_loss@{f:g}" for f in pretrain.HELDOUT_MASK_FRACTIONS}
+  # Where it was made: another CPU kind gives other params from the same recipe (findings, section 19).
+  assert rec["made_on"] == runtime.machine() and rec["made_on"]["jax"] == jax.__version__
   fn = policy.make_canvas_logits_fn(out["model_cfg"], out["layout"])
   init = policy.init_params(out["model_cfg"], out["layout"], jax.random.PRNGKey(0))
   h0 = pretrain.heldout_loss(init, fn, out["assets"], out["layout"], batch_size=16)

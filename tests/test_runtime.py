@@ -213,3 +213,17 @@ def test_reuse_host_memory_changes_no_result():
     faults[mode] = int(n)
     assert float(diff) == 0.0  # same program, same results
   assert faults["default"] > 8192, faults  # > 32 MB of 4 KiB pages faulted in by one call
+
+
+def test_machine_names_the_cpu_model_on_the_cpu_backend(monkeypatch):
+  """Provenance records name the CPU model (bases made on two CPU kinds differ) and the software."""
+  import jax
+  import jaxlib
+
+  m = runtime.machine()
+  assert m["jax"] == jax.__version__ and m["jaxlib"] == jaxlib.__version__
+  assert m["device"].startswith(f"{jax.devices()[0].device_kind} x{jax.device_count()}")
+  monkeypatch.setattr(runtime, "cpu_model", lambda: "Some CPU 9000")
+  assert runtime.machine()["device"] == f"cpu x{jax.device_count()} (Some CPU 9000)"
+  monkeypatch.setattr(runtime, "cpu_model", lambda: "")
+  assert runtime.machine()["device"] == f"cpu x{jax.device_count()}"

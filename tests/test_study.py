@@ -199,6 +199,9 @@ def test_the_report_says_how_its_base_was_pretrained(tmp_path):
       "Base policy: 3000 pretraining steps of batch 32 at peak learning rate 0.002 (seed 1), "
       "held-out masked-token loss 0.3063."
   )
+  rec["made_on"] = dict(device="cpu x1 (AMD EPYC)", jax="0.10.2", jaxlib="0.10.2")
+  (tmp_path / "s" / "base" / "pretrain.json").write_text(json.dumps(rec))
+  assert study.base_recipe_lines(cfg)[0].endswith("loss 0.3063, made on cpu x1 (AMD EPYC) with JAX 0.10.2.")
   cfg.base_checkpoint = str(tmp_path / "elsewhere")
   assert study.base_recipe_lines(cfg) == []
 

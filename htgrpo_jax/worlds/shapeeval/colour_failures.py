@@ -13,6 +13,12 @@ detections (``verifier.detect``), in one of five kinds:
 Held-out colour prompts name colour-shape pairs the training prompts never hold
 (``grammar.HELDOUT_COLOR_SHAPE``), so ``wrong_colour`` is the policy drawing a training pair's colour
 instead of the asked one (docs/findings.md, section 14).
+
+``colour_prior`` asks where those colours come from: on prompts that name no colour for an object
+(single objects, two objects, counting) the world draws the colour at random, held-out pairs
+included, so the base draws every colour for every shape. It tabulates, per shape, the colours of
+the well-formed objects the policy draws unasked: their entropy, and the share in the colours the
+held-out colour prompts ask of that shape.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from htgrpo_jax.worlds.shapeeval import verifier
+from htgrpo_jax.worlds.shapeeval import grammar, verifier
 from htgrpo_jax.worlds.shapeeval.scenes import WorldConfig
 
 KINDS = ("pass", "no_object", "wrong_colour", "extra_colour", "other")
@@ -44,6 +50,16 @@ def kind(correct: bool, shape: str, colour: str, dets: Sequence[verifier.Detecti
   return "extra_colour" if len(asked) < len(same) else "other"
 
 
+def _records(eval_dir: str) -> list[dict]:
+  with open(os.path.join(eval_dir, "samples.jsonl"), encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _detections(eval_dir: str, rec: dict, cfg: WorldConfig) -> list[verifier.Detection]:
+  image = np.asarray(Image.open(os.path.join(eval_dir, rec["filename"])).convert("RGB"))
+  return verifier.detect(image, cfg)
+
+
 def tabulate(eval_dir: str, cfg: WorldConfig = WorldConfig()) -> dict:
   """Counts of each kind over the ``colors`` samples of an evaluation folder (``samples.jsonl`` + PNGs),
   and, for ``wrong_colour`` images, which colours were drawn for each asked pair.
@@ -51,17 +67,14 @@ def tabulate(eval_dir: str, cfg: WorldConfig = WorldConfig()) -> dict:
   Returns:
     {"n": int, "kinds": {kind: count}, "drawn": {"<colour> <shape>": {drawn colour: count}}}.
   """
-  with open(os.path.join(eval_dir, "samples.jsonl"), encoding="utf-8") as f:
-    recs = [json.loads(line) for line in f if line.strip()]
-  recs = [r for r in recs if r["tag"] == "colors"]
+  recs = [r for r in _records(eval_dir) if r["tag"] == "colors"]
   if not recs:
     raise ValueError(f"{eval_dir}/samples.jsonl holds no 'colors' samples")
   kinds = collections.Counter({k: 0 for k in KINDS})
   drawn = collections.defaultdict(collections.Counter)
   for r in recs:
     (obj,) = r["metadata"]["objects"]
-    image = np.asarray(Image.open(os.path.join(eval_dir, r["filename"])).convert("RGB"))
-    dets = verifier.detect(image, cfg)
+    dets = _detections(eval_dir, r, cfg)
     k = kind(r["correct"], obj["shape"], obj["color"], dets)
     kinds[k] += 1
     if k == "wrong_colour":
@@ -76,4 +89,53 @@ def markdown(results: dict[str, dict]) -> str:
   lines = ["| evaluation | n | " + " | ".join(KINDS) + " |", "|---|---:|" + "---:|" * len(KINDS)]
   for name, t in results.items():
     lines.append(f"| {name} | {t['n']} | " + " | ".join(f"{t['kinds'][k] / t['n']:.3f}" for k in KINDS) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def colour_prior(eval_dir: str, cfg: WorldConfig = WorldConfig()) -> dict:
+  """The colours of the well-formed objects drawn on prompts that name no colour, per shape.
+
+  Reads the samples whose metadata names no colour for any object (single_object, two_object,
+  counting) and counts every well-formed detected object of an asked shape by colour.
+
+  Returns:
+    {shape: {"n": objects, "colours": {colour: count}, "entropy": nats of the colour shares,
+             "heldout_share": share drawn in a colour that grammar.HELDOUT_COLOR_SHAPE pairs with
+             the shape (the colours its held-out colour prompts ask for)}}.
+  """
+  counts = collections.defaultdict(collections.Counter)
+  for r in _records(eval_dir):
+    objs = r["metadata"]["objects"]
+    if any(o.get("color") for o in objs):
+      continue
+    shapes = {o["shape"] for o in objs}
+    for d in _detections(eval_dir, r, cfg):
+      if not d.malformed and d.shape in shapes and d.color is not None:
+        counts[d.shape][d.color] += 1
+  if not counts:
+    raise ValueError(f"{eval_dir}/samples.jsonl holds no well-formed object on a prompt without colours")
+  out = {}
+  for shape, c in sorted(counts.items()):
+    n = sum(c.values())
+    p = np.asarray(list(c.values()), np.float64) / n
+    held = {col for col, s in grammar.HELDOUT_COLOR_SHAPE if s == shape}
+    out[shape] = {
+        "n": n,
+        "colours": dict(c.most_common()),
+        "entropy": float(-(p * np.log(p)).sum()),
+        "heldout_share": sum(v for col, v in c.items() if col in held) / n,
+    }
+  return out
+
+
+def prior_markdown(results: dict[str, dict]) -> str:
+  """One row per (evaluation folder, shape): objects, colour entropy, held-out colours' share, top colours."""
+  lines = [
+      "| evaluation | shape | objects | colour entropy (nats) | held-out colours' share | colours (most drawn first) |",
+      "|---|---|---:|---:|---:|---|",
+  ]
+  for name, t in results.items():
+    for shape, r in t.items():
+      top = ", ".join(f"{c} {v / r['n']:.2f}" for c, v in r["colours"].items())
+      lines.append(f"| {name} | {shape} | {r['n']} | {r['entropy']:.3f} | {r['heldout_share']:.3f} | {top} |")
   return "\n".join(lines) + "\n"

@@ -61,3 +61,46 @@ def test_a_folder_without_colour_samples_is_refused(tmp_path):
   (tmp_path / "samples.jsonl").write_text(json.dumps({"tag": "counting"}) + "\n")
   with pytest.raises(ValueError, match="no 'colors' samples"):
     CF.tabulate(str(tmp_path))
+
+
+def _write(tmp_path, scenes_metas):
+  """An evaluation folder of the given (objects, metadata) samples, as training writes it."""
+  res = dict(
+      images=np.stack([W.render(W.Scene(objs)) for objs, _ in scenes_metas]),
+      prompt_index=np.arange(len(scenes_metas)),
+      metas=[json.dumps(m) for _, m in scenes_metas],
+      captions=["a photo"] * len(scenes_metas),
+      tags=[m["tag"] for _, m in scenes_metas],
+      strict=np.zeros(len(scenes_metas), np.float32),
+      reasons=[""] * len(scenes_metas),
+      malformed=np.zeros(len(scenes_metas), np.int32),
+  )
+  evaluate.write_samples(tmp_path, res)
+  return str(tmp_path)
+
+
+def test_colour_prior_counts_unasked_colours_per_shape(tmp_path):
+  two = {"objects": [{"color": None, "count": 2, "shape": "triangle"}], "relation": None, "tag": "counting"}
+  one = {"objects": [{"count": 1, "shape": "circle"}], "relation": None, "tag": "single_object"}
+  d = _write(
+      tmp_path,
+      [
+          ((Obj("triangle", "red", 4, 4, 8), Obj("triangle", "blue", 20, 20, 8)), two),  # red: held out
+          ((Obj("triangle", "blue", 4, 4, 8), Obj("triangle", "blue", 20, 20, 8)), two),
+          ((Obj("circle", "yellow", 8, 8, 8), Obj("square", "red", 20, 20, 8)), one),  # square not asked
+          ((Obj("circle", "yellow", 8, 8, 8),), META),  # names a colour: not counted
+      ],
+  )
+  t = CF.colour_prior(d)
+  assert set(t) == {"triangle", "circle"}
+  assert t["triangle"]["n"] == 4 and t["triangle"]["colours"] == {"blue": 3, "red": 1}
+  assert t["triangle"]["heldout_share"] == pytest.approx(0.25)  # red of {red, orange}
+  assert t["triangle"]["entropy"] == pytest.approx(-(0.75 * np.log(0.75) + 0.25 * np.log(0.25)))
+  assert t["circle"] == {"n": 1, "colours": {"yellow": 1}, "entropy": 0.0, "heldout_share": 1.0}
+  assert "| run | triangle | 4 | 0.562 | 0.250 | blue 0.75, red 0.25 |" in CF.prior_markdown({"run": t})
+
+
+def test_colour_prior_without_uncoloured_objects_is_refused(tmp_path):
+  d = _write(tmp_path, [((Obj("circle", "yellow", 8, 8, 8),), META)])
+  with pytest.raises(ValueError, match="no well-formed object on a prompt without colours"):
+    CF.colour_prior(d)
