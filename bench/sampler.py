@@ -5,9 +5,12 @@
   python bench/sampler.py --model=toy --rule=emerge --cfg=0
   python bench/sampler.py --cache                        # the rollout cache vs the plain sampler
   python bench/sampler.py --cache --grid=32 --layers=2 --batch=8   # 1024 image tokens, seq 1040
+  python bench/sampler.py --spread=1                     # also MaskGIT with spread commits, interleaved
 
 Prints images/s and the overhead ratio = sampler time / (T x time of one batched CFG forward of
-the same shape), both medians over interleaved repeats (target <= 1.15). The model is the
+the same shape), both medians over interleaved repeats (target <= 1.15). ``--spread=R`` times a
+second sampler, the same config with ``SamplerConfig.spread=R``, in the same loop and prints the
+ratio of the two medians. The model is the
 project's LLaDA policy (``htgrpo_jax.models``) with the ShapeEval layout; ``--model=toy`` uses a
 small Linen transformer defined here with the same sizes (only when asked: a broken models package
 fails the bench instead of silently timing another model).
@@ -20,6 +23,7 @@ and prints both medians, the speed ratio and how many tokens the two draw alike 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -130,6 +134,7 @@ def main(argv=None):
   ap.add_argument("--temperature", type=float, default=1.0)
   ap.add_argument("--temperature-mode", default="constant")
   ap.add_argument("--repeats", type=int, default=7)
+  ap.add_argument("--spread", type=int, default=0, help="also time SamplerConfig.spread=R (maskgit), interleaved")
   ap.add_argument("--grid", type=int, default=8, help="image grid side: N = grid^2 tokens")
   ap.add_argument("--layers", type=int, default=None, help="LLaDA blocks (default: the preset's 4)")
   ap.add_argument(
@@ -162,6 +167,7 @@ def main(argv=None):
       temperature_mode=args.temperature_mode,
   )
   sampler = make_sampler(fn, cfg, num_tokens=n)
+  spread = make_sampler(fn, dataclasses.replace(cfg, spread=args.spread), num_tokens=n) if args.spread else None
   rng = np.random.default_rng(0)
   b = args.batch
   p, u = jnp.asarray(prompts(b, rng)), jnp.asarray(uncond(b))
@@ -188,14 +194,18 @@ def main(argv=None):
   t_sample_compile = time.perf_counter() - t0
   jax.block_until_ready(sketch_paint(params, p, u, key))
   jax.block_until_ready(forward_loop(params, p, u, canvas))
+  if spread:
+    jax.block_until_ready(spread.sample(params, p, u, key))
 
-  fwd_t, sample_t, sp_t, loop_t = [], [], [], []
+  fwd_t, sample_t, sp_t, loop_t, spread_t = [], [], [], [], []
   for r in range(args.repeats):  # interleaved so load changes hit all four alike
     k = jax.random.fold_in(key, r)
     fwd_t.append(timed(forward, params, p, u, canvas))
     sample_t.append(timed(sampler.sample, params, p, u, k))
     sp_t.append(timed(sketch_paint, params, p, u, k))
     loop_t.append(timed(forward_loop, params, p, u, canvas))
+    if spread:
+      spread_t.append(timed(spread.sample, params, p, u, k))
   fwd, smp, sp, loop = (statistics.median(x) for x in (fwd_t, sample_t, sp_t, loop_t))
   rows = 2 * b if cfg.use_cfg else b
   print(f"model: {desc}")
@@ -211,6 +221,9 @@ def main(argv=None):
   print(f"overhead ratio sample / (T x forward) = {smp / (args.steps * fwd):.3f} (target <= 1.15)")
   print(f"overhead ratio sketch+paint / (T x forward) = {sp / (args.steps * fwd):.3f}")
   print(f"T forwards in one jitted loop (median): {loop:.3f} s; sample / loop = {smp / loop:.3f}")
+  if spread:
+    sp_med = statistics.median(spread_t)
+    print(f"sample with spread={args.spread} (median): {sp_med:.3f} s; spread / plain = {sp_med / smp:.3f}")
 
 
 def compare_cache(args, fn, cached_logits, params, n, prompts, uncond, desc, codebook, key):

@@ -126,6 +126,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sampler.cfg_scale = 2.0 if emerge else 1.0  # maskgit: 0.129 at 0, 0.210 at 1, 0.184 at 2 (192 x 4)
   c.sampler.temperature = 1.0
   c.sampler.temperature_mode = "constant"
+  # maskgit: no two slots committed in one step within this grid distance while a farther one is left
+  # (0: off; docs/findings.md, section 19).
+  c.sampler.spread = 0
   # True: rl.num_sketches (>= 2) sketches per prompt, each branched into G / M paints.
   c.sampler.share_sketch = False
 

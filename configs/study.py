@@ -144,6 +144,7 @@ VARIANTS = (
     "default_partition",
     "default_struct1",
     "default_rebuilt",
+    "default_spread",
     "base4k",
     "base4k_long",
     "bs32",
@@ -165,6 +166,7 @@ OF_THE_DEFAULT = (
     "default_partition",
     "default_struct1",
     "default_rebuilt",
+    "default_spread",
 )
 
 
@@ -251,6 +253,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # of the default command's headline with an independent base, not a copy of it.
     c.workdir = "runs/study_default_rebuilt"
     c.title = "ShapeEval efficacy study: the default command, rebuilt from nothing on another CPU"
+  if v == "default_spread":
+    # The default command with MaskGIT's commits spread apart on the token grid (sampler.spread=1, no
+    # two neighbours committed in one step while a farther slot is left), for rollouts and evaluation
+    # alike: parallel commits of one object's slots draw it in two colours, and under RL the policy
+    # avoids that by drawing each shape in one colour when the prompt names none, which is what breaks
+    # the held-out colour-shape pairs (docs/findings.md, section 19). Its own base evaluation (with
+    # the spread), HT-GRPO and MaskGRPO on 3 seeds.
+    c.workdir = "runs/study_default_spread"
+    c.title = "ShapeEval efficacy study: the default command with MaskGIT's commits spread apart"
+    c.shared += "; sampler.spread=1"
   if v == "default_tune":
     # The default command's knobs at its cost, from its base, in its runs folder (the `default`
     # study's htgrpo runs are this one's reference): one seed of each first.

@@ -35,7 +35,13 @@ def main(argv):
       for pair, colours in t["drawn"].items():
         print(f"  {pair}: " + ", ".join(f"{c} {n}" for c, n in sorted(colours.items(), key=lambda kv: -kv[1])))
   if _PRIOR.value:
-    print("\n" + colour_failures.prior_markdown({d: colour_failures.colour_prior(d) for d in _DIRS.value}), end="")
+    priors = {d: colour_failures.colour_prior(d) for d in _DIRS.value}
+    print("\n" + colour_failures.prior_markdown(priors))
+    for d in _DIRS.value:
+      hits, total = colour_failures.drawn_in_the_mode(results[d], priors[d])
+      print(f"{d}: {hits} of {total} wrong-colour objects are in their shape's most drawn unasked colour")
+      share = colour_failures.two_colour_share(d)
+      print(f"{d}: {share:.3f} of the images of prompts naming no colour draw two colours touching")
 
 
 if __name__ == "__main__":

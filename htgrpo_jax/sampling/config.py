@@ -111,6 +111,13 @@ class SamplerConfig:
       effect, as in MaskGRPO, whose emerge sampler ignores it.
     temperature_mode: ``'constant'`` or ``'mmada_annealed'``.
     cache: the rollout cache, ``CacheConfig`` (off by default); a mapping is converted.
+    spread: ``'maskgit'`` only, >= 0. 0 (default): MaskGIT's choice, the most confident slots.
+      r > 0: the same counts and confidence order, but a slot within Chebyshev distance r of one
+      already chosen this step, on the square token grid, is taken only when no farther slot is
+      left. Slots drawn in one step are sampled independently; neighbours on an image grid mostly
+      belong to one object, so two of them drawn at once can disagree (a shape in two colours).
+      Spreading a step's commits apart keeps those decisions sequential, at no extra forward
+      (docs/findings.md, section 19).
   """
 
   num_steps: int = 12
@@ -121,12 +128,13 @@ class SamplerConfig:
   temperature: float = 1.0
   temperature_mode: str = "constant"
   cache: CacheConfig = CacheConfig()
+  spread: int = 0
 
   def __post_init__(self):
     def fail(field, msg):
       raise ValueError(f"SamplerConfig.{field}: {msg}")
 
-    for f in ("num_steps", "sketch_steps"):
+    for f in ("num_steps", "sketch_steps", "spread"):
       v = getattr(self, f)
       if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
         fail(f, f"must be an int, got {v!r}")
@@ -138,6 +146,10 @@ class SamplerConfig:
       )
     if self.rule not in RULES:
       fail("rule", f"unknown {self.rule!r}; choose from {RULES}")
+    if self.spread < 0:
+      fail("spread", f"must be >= 0, got {self.spread}")
+    if self.spread and self.rule != "maskgit":
+      fail("spread", f"spreads MaskGIT's commits; rule={self.rule!r} commits at random (use spread=0)")
     if self.temperature_mode not in TEMPERATURE_MODES:
       fail("temperature_mode", f"unknown {self.temperature_mode!r}; choose from {TEMPERATURE_MODES}")
     for f in ("cfg_scale", "temperature"):
@@ -163,6 +175,7 @@ class SamplerConfig:
     # Normalise numeric types so equal configs hash equally (they key jit caches).
     object.__setattr__(self, "num_steps", int(self.num_steps))
     object.__setattr__(self, "sketch_steps", int(self.sketch_steps))
+    object.__setattr__(self, "spread", int(self.spread))
     object.__setattr__(self, "cfg_scale", float(self.cfg_scale))
     object.__setattr__(self, "temperature", float(self.temperature))
 
@@ -201,6 +214,19 @@ class SamplerConfig:
       m = min(max(int(math.floor(num_tokens * g[s + 1] + 1e-9)), 1), prev - 1)
       out[s] = prev = max(m, 0)
     return out
+
+  def grid_width(self, num_tokens: int) -> int:
+    """The side of the square token grid ``spread`` measures distance on (0 when spread is off).
+
+    Raises:
+      ValueError: spread > 0 and ``num_tokens`` is not a square.
+    """
+    if not self.spread:
+      return 0
+    w = math.isqrt(num_tokens)
+    if w * w != num_tokens:
+      raise ValueError(f"SamplerConfig.spread: needs a square token grid, got num_tokens={num_tokens}")
+    return w
 
   def noise_scales(self) -> np.ndarray:
     """float32[T]: scale of the Gumbel noise added to log-confidence when choosing commits."""

@@ -240,6 +240,7 @@ class RuleInputs(NamedTuple):
     temperature: the static sampling temperature of q.
     noise_scales, masked_after, unmask_probs: the config's static per-step tables
       (``SamplerConfig.noise_scales()``, ``.masked_after(N)``, ``.unmask_probs()``).
+    spread, grid_width: ``SamplerConfig.spread`` and the square grid's side (static; 0 when off).
   """
 
   s: jax.Array
@@ -252,6 +253,8 @@ class RuleInputs(NamedTuple):
   noise_scales: np.ndarray
   masked_after: np.ndarray
   unmask_probs: np.ndarray
+  spread: int = 0
+  grid_width: int = 0
 
 
 # ``SamplerConfig.rule`` -> ``RuleInputs -> commit bool[B, N]`` (which masked slots commit at step s).
@@ -275,9 +278,39 @@ def maskgit_commit(x: RuleInputs) -> jax.Array:
   score = log_conf + jnp.asarray(x.noise_scales)[x.s] * _gumbel_from(x.u_rule)
   # Committed slots rank last (never chosen to stay masked); masked ones by ascending score.
   score = jnp.where(x.masked, score, jnp.inf)
-  rank = jnp.argsort(jnp.argsort(score, axis=-1, stable=True), axis=-1, stable=True)
   keep = jnp.minimum(jnp.asarray(x.masked_after)[x.s], jnp.sum(x.masked, -1, dtype=jnp.int32))
+  if x.spread:
+    return _spread_commit(score, x.masked, jnp.sum(x.masked, -1, dtype=jnp.int32) - keep, x.grid_width, x.spread)
+  rank = jnp.argsort(jnp.argsort(score, axis=-1, stable=True), axis=-1, stable=True)
   return x.masked & (rank >= keep[:, None])
+
+
+def _spread_commit(score: jax.Array, masked: jax.Array, count: jax.Array, width: int, radius: int) -> jax.Array:
+  """bool[B, N]: ``count[b]`` masked slots of row b, chosen one at a time by descending ``score``
+  (float32[B, N], +inf on committed slots), where a slot within Chebyshev distance ``radius`` of one
+  already chosen (on the ``width``-wide grid) ranks below every slot that is not. With no
+  neighbour chosen this is MaskGIT's top-``count``."""
+  n = score.shape[-1]
+  pos = np.arange(n)
+  row, col = pos // width, pos % width
+  near = jnp.asarray(
+      (np.abs(row[:, None] - row[None, :]) <= radius) & (np.abs(col[:, None] - col[None, :]) <= radius)
+  )  # bool[N, N], static
+  # Two tiers: any slot far from this step's choices outranks any near one (scores are finite).
+  finite = jnp.where(masked, score, 0.0)
+  span = jnp.max(finite, -1, keepdims=True) - jnp.min(finite, -1, keepdims=True) + 1.0
+
+  def body(i, carry):
+    chosen, blocked = carry
+    pri = jnp.where(masked & ~chosen, finite - jnp.where(blocked, span, 0.0), -jnp.inf)
+    j = jnp.argmax(pri, -1)
+    take = (i < count)[:, None]
+    chosen = chosen | (take & (pos[None, :] == j[:, None]))
+    return chosen, blocked | (take & near[j])
+
+  zeros = jnp.zeros_like(masked)
+  chosen, _ = jax.lax.fori_loop(0, jnp.max(count), body, (zeros, zeros))
+  return chosen
 
 
 @COMMIT_RULES.register("emerge")
@@ -326,6 +359,7 @@ def make_sampler(
   masked_after = cfg.masked_after(num_tokens)
   noise_scales = cfg.noise_scales()
   unmask_probs = cfg.unmask_probs()
+  grid_width = cfg.grid_width(num_tokens)
   commit_rule = COMMIT_RULES.get(cfg.rule)
   use_cache = cfg.cache.enabled
   if use_cache:
@@ -395,6 +429,8 @@ def make_sampler(
             noise_scales=noise_scales,
             masked_after=masked_after,
             unmask_probs=unmask_probs,
+            spread=cfg.spread,
+            grid_width=grid_width,
         )
     )
 

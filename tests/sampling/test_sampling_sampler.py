@@ -128,6 +128,64 @@ def test_maskgit_commits_the_most_confident_first_without_noise():
   np.testing.assert_array_equal(np.asarray(rec.image_tokens)[:, certain], 2)
 
 
+def _neighbours_committed_together(commit_step, width, radius=1):
+  """Per row: how many pairs of slots within Chebyshev distance ``radius`` committed in one step."""
+  n = commit_step.shape[1]
+  r, c = np.divmod(np.arange(n), width)
+  near = (np.abs(r[:, None] - r[None]) <= radius) & (np.abs(c[:, None] - c[None]) <= radius) & ~np.eye(n, dtype=bool)
+  same = commit_step[:, :, None] == commit_step[:, None, :]
+  return (same & near[None]).sum((1, 2)) // 2
+
+
+def test_spread_keeps_maskgits_counts_and_commits_no_neighbours_together_while_far_slots_remain():
+  # 8 x 8 grid, 12 steps: every step commits at most 9 slots, and a 3 x 3 exclusion around each leaves
+  # a far slot for every one of them in the early steps, so those steps hold no neighbouring pair.
+  n, b, t = 64, 8, 12
+  kw = dict(num_steps=t, sketch_steps=6, rule="maskgit", temperature=1.0, temperature_mode="constant")
+  params, (p, u), key = make_params(n=n), prompts(b), jax.random.key(1)
+  plain = sampler_for(canvas_fn, n, **kw).sample(params, p, u, key)
+  spread = sampler_for(canvas_fn, n, **kw, spread=1).sample(params, p, u, key)
+  m = SamplerConfig(**kw).masked_after(n)
+  for rec in (plain, spread):
+    cs = np.asarray(rec.commit_step)
+    per_step = np.stack([(cs == i).sum(1) for i in range(t)], 1)
+    np.testing.assert_array_equal(per_step, np.broadcast_to(-np.diff(np.r_[n, m]), (b, t)))
+  cs_plain, cs_spread = np.asarray(plain.commit_step), np.asarray(spread.commit_step)
+  early = lambda cs: np.where(cs < 6, cs, -np.arange(n)[None] - 1)  # later steps made distinct
+  assert np.all(_neighbours_committed_together(early(cs_spread), 8) == 0)
+  assert _neighbours_committed_together(early(cs_plain), 8).sum() > 0  # plain MaskGIT does commit some
+  # The first step has no earlier choice to avoid: both pick the same most confident slot(s).
+  np.testing.assert_array_equal(cs_plain == 0, cs_spread == 0)
+
+
+def test_spread_without_a_neighbour_is_maskgits_top_k():
+  from htgrpo_jax.sampling import sampler as S
+
+  score = jnp.asarray([[5.0, 1.0, 4.0, 0.0, 3.0, 2.0, -1.0, 0.5, 0.2]])  # a 3 x 3 grid
+  masked = jnp.ones((1, 9), bool)
+  top2 = np.asarray(S._spread_commit(score, masked, jnp.asarray([2]), 3, 1))[0]
+  np.testing.assert_array_equal(np.nonzero(top2)[0], [0, 2])  # 0 and 2 are two apart: no conflict
+  # 0 and 2 block 1, 3, 4 and 5 (radius 1): the third pick skips 4 (3.0) and 5 (2.0) for 7 (0.5),
+  # the best of the bottom row ...
+  top3 = np.asarray(S._spread_commit(score, masked, jnp.asarray([3]), 3, 1))[0]
+  np.testing.assert_array_equal(np.nonzero(top3)[0], [0, 2, 7])
+  # ... and when only near slots are left they still fill the count, best first.
+  all9 = np.asarray(S._spread_commit(score, masked, jnp.asarray([9]), 3, 1))[0]
+  assert all9.all()
+  committed = masked.at[0, 0].set(False)
+  two = np.asarray(S._spread_commit(score, committed, jnp.asarray([2]), 3, 1))[0]
+  assert not two[0] and two.sum() == 2
+
+
+def test_spread_config_is_checked_by_name():
+  with pytest.raises(ValueError, match="SamplerConfig.spread: must be >= 0"):
+    SamplerConfig(spread=-1)
+  with pytest.raises(ValueError, match="SamplerConfig.spread: spreads MaskGIT's commits; rule='emerge'"):
+    SamplerConfig(rule="emerge", spread=1)
+  with pytest.raises(ValueError, match="SamplerConfig.spread: needs a square token grid, got num_tokens=12"):
+    make_sampler(table_fn, SamplerConfig(spread=1), num_tokens=12)
+
+
 def test_emerge_commits_each_masked_token_with_the_schedule_probability():
   n, b, t = 256, 16, 5
   cfg = dict(num_steps=t, sketch_steps=2, rule="emerge", temperature_mode="constant")

@@ -128,6 +128,42 @@ def colour_prior(eval_dir: str, cfg: WorldConfig = WorldConfig()) -> dict:
   return out
 
 
+def two_colour_share(eval_dir: str, uncoloured_only: bool = True) -> float:
+  """Share of an evaluation's images holding two palette colours in touching pixels.
+
+  Objects never touch in the world (``WorldConfig.min_gap``), so each such image drew one object in
+  two colours (or merged two), which the judge rejects; MaskGIT's parallel commits make them
+  (docs/findings.md, section 19). ``uncoloured_only``: only prompts that name no colour.
+  """
+  n = hits = 0
+  for r in _records(eval_dir):
+    if uncoloured_only and any(o.get("color") for o in r["metadata"]["objects"]):
+      continue
+    img = np.asarray(Image.open(os.path.join(eval_dir, r["filename"])).convert("RGB")).astype(np.int64)
+    key = (img[..., 0] << 16) | (img[..., 1] << 8) | img[..., 2]
+    fg = key != np.bincount(key.ravel()).argmax()  # the background is the commonest colour
+    h = fg[:, 1:] & fg[:, :-1] & (key[:, 1:] != key[:, :-1])
+    v = fg[1:] & fg[:-1] & (key[1:] != key[:-1])
+    n += 1
+    hits += bool(h.any() or v.any())
+  if not n:
+    raise ValueError(f"{eval_dir}/samples.jsonl holds no image of the asked kind")
+  return hits / n
+
+
+def drawn_in_the_mode(tab: dict, prior: dict) -> tuple[int, int]:
+  """(hits, total) over ``tabulate``'s wrong-colour objects: how many are in the colour ``colour_prior``
+  draws their shape in most often on prompts that name no colour (a held-out failure that is the
+  collapsed free colour, rather than another training colour)."""
+  mode = {shape: max(r["colours"], key=r["colours"].get) for shape, r in prior.items()}
+  hits = total = 0
+  for pair, colours in tab["drawn"].items():
+    shape = pair.split()[-1]
+    total += sum(colours.values())
+    hits += colours.get(mode.get(shape), 0)
+  return hits, total
+
+
 def prior_markdown(results: dict[str, dict]) -> str:
   """One row per (evaluation folder, shape): objects, colour entropy, held-out colours' share, top colours."""
   lines = [

@@ -98,9 +98,26 @@ def test_colour_prior_counts_unasked_colours_per_shape(tmp_path):
   assert t["triangle"]["entropy"] == pytest.approx(-(0.75 * np.log(0.75) + 0.25 * np.log(0.25)))
   assert t["circle"] == {"n": 1, "colours": {"yellow": 1}, "entropy": 0.0, "heldout_share": 1.0}
   assert "| run | triangle | 4 | 0.562 | 0.250 | blue 0.75, red 0.25 |" in CF.prior_markdown({"run": t})
+  # Wrong-colour failures of held-out pairs, against the colours each shape is drawn in unasked.
+  tab = {"drawn": {"red triangle": {"blue": 3, "green": 1}, "green circle": {"blue": 2}}}
+  assert CF.drawn_in_the_mode(tab, t) == (3, 6)  # triangles' mode is blue, circles' yellow
 
 
 def test_colour_prior_without_uncoloured_objects_is_refused(tmp_path):
   d = _write(tmp_path, [((Obj("circle", "yellow", 8, 8, 8),), META)])
   with pytest.raises(ValueError, match="no well-formed object on a prompt without colours"):
     CF.colour_prior(d)
+
+
+def test_two_colour_share_counts_objects_drawn_in_two_colours(tmp_path):
+  one = {"objects": [{"color": None, "count": 1, "shape": "square"}], "relation": None, "tag": "single_object"}
+  clean = (Obj("square", "blue", 8, 8, 8),)
+  d = _write(tmp_path, [(clean, one), (clean, one), (clean, META), (clean, one)])
+  split = W.render(W.Scene(clean))
+  split[8:16, 12:16] = W.WorldConfig().rgb("red")  # the square's right half in another colour
+  from PIL import Image
+
+  Image.fromarray(split).save(tmp_path / "images" / "00001_0.png")
+  Image.fromarray(split).save(tmp_path / "images" / "00002_0.png")  # a colour prompt: not counted
+  assert CF.two_colour_share(d) == pytest.approx(1 / 3)
+  assert CF.two_colour_share(d, uncoloured_only=False) == pytest.approx(2 / 4)
