@@ -389,6 +389,51 @@ def seed_prompt_bootstrap(
   return out
 
 
+def compare_evaluations(
+    base_dir: str, arms: dict[str, Sequence[str]], ref: str | None = None, n_boot: int = 2000
+) -> str:
+  """A Markdown table of evaluation folders scored on one key: each arm's seed-mean overall strict
+  accuracy, its change from the base and its difference from ``ref``, with 95 % intervals
+  (``seed_prompt_bootstrap``: prompts resampled within tags, one draw shared by every folder, then
+  seeds). For evaluations a study did not make, e.g. trained runs judged with another sampler.
+
+  Args:
+    base_dir: the base policy's evaluation folder (``evals/<name>``, ``samples.jsonl``).
+    arms: {arm: [one evaluation folder per seed]}, every folder on the base's prompts and samples.
+    ref: the arm the last column is against (None: no such column).
+  """
+  if ref is not None and ref not in arms:
+    raise ValueError(f"compare_evaluations: ref {ref!r} is not one of the arms {sorted(arms)}")
+  base = evaluate.read_samples(base_dir)
+  finals = {a: dict(enumerate(evaluate.read_samples(d) for d in dirs)) for a, dirs in arms.items()}
+  for a, runs in finals.items():
+    for k, r in runs.items():
+      if not np.array_equal(r["prompt_index"], base["prompt_index"]):
+        raise ValueError(f"compare_evaluations: {arms[a][k]} holds other prompts or samples than {base_dir}")
+  draws = seed_prompt_bootstrap(base, finals, n_boot=n_boot)
+  overall = lambda r: evaluate.tag_scores(r["tags"], r["strict"])["overall"]
+  point = {a: float(np.mean([overall(r) for r in runs.values()])) for a, runs in finals.items()}
+  b = overall(base)
+
+  def fmt(value: float, d: np.ndarray, sign: str = "+") -> str:
+    lo, hi = evaluate.interval(d)
+    return f"{value:{sign}.3f} [{lo:{sign}.3f}, {hi:{sign}.3f}]"
+
+  lines = [
+      f"| arm | seeds | each seed | overall | change from the base ({b:.3f}) |" + (f" vs {ref} |" if ref else ""),
+      "|---|---:|---|---:|---:|" + ("---:|" if ref else ""),
+  ]
+  for a, runs in finals.items():
+    each = " / ".join(f"{overall(r):.3f}" for r in runs.values())
+    row = f"| {a} | {len(runs)} | {each} | {fmt(point[a], draws[a]['overall'], '')} |"
+    row += f" {fmt(point[a] - b, draws[a + ':change']['overall'])} |"
+    if ref:
+      diff = draws[a]["overall"] - draws[ref]["overall"]
+      row += " - |" if a == ref else f" {fmt(point[a] - point[ref], diff)} |"
+    lines.append(row)
+  return "\n".join(lines) + "\n"
+
+
 def pooled_difference(
     studies: dict[str, ml_collections.ConfigDict], arm: str, ref: str, n_boot: int = 4000, seed: int = 0
 ) -> dict[str, Any]:

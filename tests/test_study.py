@@ -483,3 +483,46 @@ def test_pooling_refuses_a_study_without_one_of_the_arms(tmp_path):
   writer.write_eval(r.workdir, final, _eval_res(0.4, 60, 4), "t", 0)
   with pytest.raises(ValueError, match="study 'half'.*maskgrpo"):
     study.pooled_difference({"ok": ok, "half": half}, "htgrpo", "maskgrpo", n_boot=100)
+
+
+def test_compare_evaluations_reports_seed_means_changes_and_the_difference(tmp_path):
+  """Evaluations a study did not make (e.g. runs judged with another sampler) get the study's paired
+  intervals: point values are the seed means, and a folder on other prompts is refused."""
+  import subprocess
+  import sys
+
+  tags = ["single_object", "single_object", "counting", "counting"]  # 4 prompts, 1 sample each
+
+  def folder(name, strict, prompts=(0, 1, 2, 3)):
+    evaluate.write_samples(
+        tmp_path / name,
+        dict(
+            images=np.zeros((4, 4, 4, 3), np.uint8),
+            prompt_index=np.asarray(prompts),
+            metas=["{}"] * 4,
+            captions=["a photo"] * 4,
+            tags=tags,
+            strict=np.asarray(strict, np.float32),
+            reasons=[""] * 4,
+            malformed=np.zeros(4, np.int32),
+        ),
+    )
+    return str(tmp_path / name)
+
+  base = folder("base", [0, 0, 0, 0])
+  arms = {"a": [folder("a0", [1, 1, 1, 0]), folder("a1", [1, 0, 1, 1])], "b": [folder("b0", [1, 0, 0, 0])]}
+  md = study.compare_evaluations(base, arms, ref="b", n_boot=200)
+  # a: overall (mean over tags) 0.75 on each seed; b: 0.25.
+  assert "| a | 2 | 0.750 / 0.750 | 0.750 [" in md and "| +0.750 [" in md and "| +0.500 [" in md
+  assert "| b | 1 | 0.250 | 0.250 [0.000, 0.500] | +0.250 [+0.000, +0.500] | - |" in md
+  with pytest.raises(ValueError, match="ref 'c' is not one of the arms"):
+    study.compare_evaluations(base, arms, ref="c")
+  with pytest.raises(ValueError, match="holds other prompts or samples than"):
+    study.compare_evaluations(base, {"x": [folder("x0", [1, 1, 1, 1], prompts=(0, 1, 2, 4))]})
+  out = subprocess.run(
+      [sys.executable, "launch/compare_evals.py", f"--base={base}", f"--arm=b:{arms['b'][0]}"],
+      capture_output=True,
+      text=True,
+      check=True,
+  ).stdout
+  assert "| b | 1 | 0.250 |" in out
