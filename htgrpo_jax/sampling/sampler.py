@@ -291,11 +291,8 @@ def _spread_commit(score: jax.Array, masked: jax.Array, count: jax.Array, width:
   already chosen (on the ``width``-wide grid) ranks below every slot that is not. With no
   neighbour chosen this is MaskGIT's top-``count``."""
   n = score.shape[-1]
-  pos = np.arange(n)
+  pos = jnp.arange(n)
   row, col = pos // width, pos % width
-  near = jnp.asarray(
-      (np.abs(row[:, None] - row[None, :]) <= radius) & (np.abs(col[:, None] - col[None, :]) <= radius)
-  )  # bool[N, N], static
   # Two tiers: any slot far from this step's choices outranks any near one (scores are finite).
   finite = jnp.where(masked, score, 0.0)
   span = jnp.max(finite, -1, keepdims=True) - jnp.min(finite, -1, keepdims=True) + 1.0
@@ -306,7 +303,8 @@ def _spread_commit(score: jax.Array, masked: jax.Array, count: jax.Array, width:
     j = jnp.argmax(pri, -1)
     take = (i < count)[:, None]
     chosen = chosen | (take & (pos[None, :] == j[:, None]))
-    return chosen, blocked | (take & near[j])
+    near = (jnp.abs(row[None, :] - row[j][:, None]) <= radius) & (jnp.abs(col[None, :] - col[j][:, None]) <= radius)
+    return chosen, blocked | (take & near)
 
   zeros = jnp.zeros_like(masked)
   chosen, _ = jax.lax.fori_loop(0, jnp.max(count), body, (zeros, zeros))
