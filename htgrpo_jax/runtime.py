@@ -167,9 +167,9 @@ def machine() -> dict[str, str]:
   """What this process computes on, for provenance records (a base's ``pretrain.json``, a run's
   ``wall.json``): ``device`` ('cpu x1 (AMD EPYC)', 'NVIDIA H200 x1'), ``jax`` and ``jaxlib``.
 
-  The CPU's model is part of ``device`` on the CPU backend because XLA:CPU compiles for the host's
-  vector units: the same program, seed and software sum floating-point numbers in another order on
-  another CPU kind, so a pretraining run there gives other params (docs/findings.md, section 19).
+  The CPU's model is part of ``device`` on the CPU backend because a base pretrained with the same
+  recipe, seed and software on another CPU kind came out with other params (likely cause: XLA:CPU
+  compiles for the host's vector units and sums in another order; docs/findings.md, section 19).
   Starts JAX's backend.
   """
   import jax
