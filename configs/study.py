@@ -12,6 +12,8 @@
   python launch/study.py --config=configs/study.py:default_tune --workers=2  # its knobs at its cost
   python launch/study.py --config=configs/study.py:default_tune3 --workers=2  # the best on 3 seeds
   python launch/study.py --config=configs/study.py:default_t16 --workers=2  # 16 sampler steps, 3 seeds
+  python launch/study.py --config=configs/study.py:default_t64 --workers=2  # 64 sampler steps, 3 seeds
+  python launch/study.py --config=configs/study.py:default_entropy --workers=2  # an entropy bonus, 3 seeds
   python launch/study.py --config=configs/study.py:default_emerge        # the earlier default command
   python launch/study.py --config=configs/study.py:default_maskgit --workers=2  # ... with maskgit CFG 1
   python launch/study.py --config=configs/study.py:base4k                # a base pretrained twice as long
@@ -124,31 +126,16 @@ TUNING_ARMS = {
     "ht_structure_ratio25": ("htgrpo", "rl.structure_ratio=0.25"),
     # One struct iteration instead of two (K stays 6: the refine stage gets three).
     "ht_struct1": ("htgrpo", "rl.n_struct=1; rl.n_refine=3"),
+    # Under RL the free colour of uncoloured objects narrows to one per shape, which is what breaks
+    # the held-out colour-shape pairs (docs/findings.md, section 19): PPO's entropy bonus at its usual
+    # weight, on every loss token.
+    "ht_entropy1e-2": ("htgrpo", "rl.entropy_coef=0.01"),
+    # 64 sampler steps: the trajectory-replayed sketch stages score one replay group per iteration,
+    # and with one step per group (rl.trajectory_group=1, the default) a group of 64 steps holds about
+    # one token per image where one of 12 holds five. Five steps per group keep a group's share of
+    # the sketch phase (1/6 of it at 12 steps, 5/32 at 64) and the tokens each iteration trains.
+    "ht_tg5": ("htgrpo", "rl.trajectory_group=5"),
 }
-
-
-VARIANTS = (
-    "tiny",
-    "long",
-    "default",
-    "default_long",
-    "default_emerge",
-    "default_maskgit",
-    "default_tune",
-    "default_tune3",
-    "default_t16",
-    "default_500",
-    "default_500_fix",
-    "default_500_fix2",
-    "default_replay",
-    "default_partition",
-    "default_struct1",
-    "default_rebuilt",
-    "default_spread",
-    "base4k",
-    "base4k_long",
-    "bs32",
-)
 
 
 # The studies of the default command as it ships (configs/geneval.py with no variant); every other
@@ -167,6 +154,20 @@ OF_THE_DEFAULT = (
     "default_struct1",
     "default_rebuilt",
     "default_spread",
+    "default_t64",
+    "default_entropy",
+)
+
+
+VARIANTS = (
+    "tiny",
+    "long",
+    *OF_THE_DEFAULT,
+    "default_emerge",
+    "default_maskgit",
+    "base4k",
+    "base4k_long",
+    "bs32",
 )
 
 
@@ -263,6 +264,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.workdir = "runs/study_default_spread"
     c.title = "ShapeEval efficacy study: the default command with MaskGIT's commits spread apart"
     c.shared += "; sampler.spread=1"
+  if v == "default_t64":
+    # The default command with 64 sampler steps for rollouts and evaluation alike (the sketch phase is
+    # still the first half): at 12 steps HT-GRPO's lead over MaskGRPO is a lead at drawing under
+    # MaskGIT's parallel commits, and judged with 64 steps it is gone (docs/findings.md, section 19).
+    # Here neither arm's rollouts suffer those commits, so what is left between them is what they learn
+    # about the scene. The same base as default_rebuilt (0.411 judged with 64 steps), 3 seeds each.
+    c.workdir = "runs/study_default_t64"
+    c.title = "ShapeEval efficacy study: the default command with 64 sampler steps"
+    c.shared += "; sampler.num_steps=64"
+    # HT-GRPO as shipped (one sampler step per replay group) starves its sketch stages at 64 steps
+    # (about 2 tokens per image per iteration; seed 0 only), so the HT-GRPO arm merges 5 steps per
+    # group (ht_tg5, above), the share of the sketch phase one group had at 12 steps.
+    c.main_arms = "maskgrpo,ht_tg5"
+    c.ablation_arms, c.ablation_seeds = "htgrpo", 1
+  if v == "default_entropy":
+    # The entropy bonus at the default command's cost, three seeds beside default_rebuilt's HT-GRPO
+    # runs (its runs folder and base).
+    c.workdir = "runs/study_default_rebuilt"
+    c.title = "ShapeEval efficacy study: an entropy bonus at the default command's cost"
+    c.main_arms, c.reference_arm = "htgrpo,ht_entropy1e-2", "htgrpo"
   if v == "default_tune":
     # The default command's knobs at its cost, from its base, in its runs folder (the `default`
     # study's htgrpo runs are this one's reference): one seed of each first.

@@ -248,10 +248,9 @@ def load_params(path: str | os.PathLike, abstract: Any) -> Any:
   return ocp.StandardCheckpointer().restore(path, abstract)
 
 
-def load_pretrained(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The world assets, model config, layout and saved params of a finished pretraining run
-  (``{workdir}/params``), in the shape ``pretrain`` returns them (no history)."""
-  assets = world_data.build_world(
+def world_assets(cfg: ml_collections.ConfigDict) -> world_data.WorldAssets:
+  """The world a pretraining config names (built on first use, then read from ``cfg.world.data_dir``)."""
+  return world_data.build_world(
       cfg.world.data_dir,
       world_config(cfg),
       seed=cfg.seed,
@@ -259,6 +258,12 @@ def load_pretrained(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
       num_train=cfg.world.num_train,
       num_eval=cfg.world.num_eval,
   )
+
+
+def load_pretrained(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The world assets, model config, layout and saved params of a finished pretraining run
+  (``{workdir}/params``), in the shape ``pretrain`` returns them (no history)."""
+  assets = world_assets(cfg)
   model_cfg, layout = build_policy(cfg, assets)
   path = paths.join(cfg.workdir, "params")
   params = load_params(path, policy.abstract_params(model_cfg, layout))
@@ -284,14 +289,7 @@ def pretrain(
   """
   if cfg.batch_size < 1 or cfg.num_steps < 1:
     raise ValueError(f"batch_size={cfg.batch_size} and num_steps={cfg.num_steps} must be >= 1")
-  assets = world_data.build_world(
-      cfg.world.data_dir,
-      world_config(cfg),
-      seed=cfg.seed,
-      num_codes=cfg.world.num_codes,
-      num_train=cfg.world.num_train,
-      num_eval=cfg.world.num_eval,
-  )
+  assets = world_assets(cfg)
   model_cfg, layout = build_policy(cfg, assets)
   logits_fn = policy.make_canvas_logits_fn(model_cfg, layout)
   key = jax.random.PRNGKey(cfg.seed)

@@ -120,6 +120,9 @@ class HTGRPOConfig:
       the masked-token cross-entropy of ground-truth image tokens (``rl.supervised``; the base's
       pretraining objective) on a ``SupervisedBatch`` the caller passes to the step with the
       rollout. 0 (default): no term, and the step takes no batch.
+    entropy_coef: weight of an entropy bonus on every loss token, >= 0: the token loss becomes
+      pg + beta * kl - entropy_coef * H(pi_theta(. | canvas)), H the entropy (nats) over the codebook
+      (PPO's entropy term). 0 (default): the entropy is a metric only, as in the paper.
     adv_eps: added to the group std, > 0.
     adv_std_ddof: 1 = unbiased group std (MaskGRPO, Tunix), 0 = population std.
     micro_batch_size: rows per gradient micro-batch; 0/None = whole batch. Must divide the batch.
@@ -151,6 +154,7 @@ class HTGRPOConfig:
   clip_eps: float = 0.2
   beta: float = 0.01
   ptx_coef: float = 0.0
+  entropy_coef: float = 0.0
   adv_eps: float = 1e-5
   adv_std_ddof: int = 1
   micro_batch_size: int | None = None
@@ -234,6 +238,8 @@ class HTGRPOConfig:
       bad("beta", "must be >= 0")
     if not (self.ptx_coef >= 0.0 and math.isfinite(self.ptx_coef)):
       bad("ptx_coef", "must be a finite number >= 0")
+    if not (self.entropy_coef >= 0.0 and math.isfinite(self.entropy_coef)):
+      bad("entropy_coef", "must be a finite number >= 0")
     if not self.adv_eps > 0.0:
       bad("adv_eps", "must be > 0")
     if self.adv_std_ddof not in (0, 1):

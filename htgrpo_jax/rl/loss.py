@@ -52,11 +52,12 @@ def ht_grpo_loss(
     beta: float,
     entropy: jax.Array | None = None,
     credit: jax.Array | None = None,
+    entropy_coef: float = 0.0,
 ) -> tuple[jax.Array, jax.Array, dict]:
   """Unreduced PPO-clip + k3-KL loss over the loss-mask tokens.
 
   Per token: rho = exp(logp - old_logp); pg = -min(rho * A, clip(rho, 1 - eps, 1 + eps) * A);
-  kl = exp(ref - logp) - (ref - logp) - 1; loss = pg + beta * kl.
+  kl = exp(ref - logp) - (ref - logp) - 1; loss = pg + beta * kl - entropy_coef * entropy.
 
   Args:
     logp: float32[B, N] log pi_theta(token | canvas) (differentiable).
@@ -66,8 +67,10 @@ def ht_grpo_loss(
     loss_mask: bool[B, N] tokens in the loss.
     clip_eps: PPO epsilon.
     beta: KL weight.
-    entropy: optional float32[B, N] policy entropy per slot (metric only).
+    entropy: optional float32[B, N] policy entropy per slot: a metric, and with ``entropy_coef`` > 0
+      a bonus the gradient flows through (required then).
     credit: optional float32[B, N] the credit weight w inside ``token_adv`` (metric only).
+    entropy_coef: weight of the entropy bonus, >= 0 (0: the entropy is a metric only).
 
   Returns:
     (loss_sum float32[], count float32[], metrics): ``metrics`` holds sums over the mask for
@@ -86,6 +89,10 @@ def ht_grpo_loss(
   else:
     kl = jnp.zeros_like(logp)
   tok = pg + beta * kl if beta != 0.0 else pg
+  if entropy_coef != 0.0:
+    if entropy is None:
+      raise ValueError(f"ht_grpo_loss: entropy_coef={entropy_coef} needs the per-token entropy")
+    tok = tok - entropy_coef * entropy
   s = lambda x: (x * m).sum()
   ratio_sg = jax.lax.stop_gradient(rho)
   lr_sg = jax.lax.stop_gradient(log_ratio)

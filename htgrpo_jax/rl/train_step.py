@@ -340,7 +340,16 @@ def make_train_step(
           # Only ``params`` are differentiated: with a frozen base they are the adapters.
           logp, ent = token_logp_entropy(canvas_logits_fn(policy_params(frozen, prm, rng), p, c), t)
           lsum, _, met = ht_grpo_loss(
-              logp, o, r, a, lm, clip_eps=config.clip_eps, beta=config.beta, entropy=ent, credit=wk
+              logp,
+              o,
+              r,
+              a,
+              lm,
+              clip_eps=config.clip_eps,
+              beta=config.beta,
+              entropy=ent,
+              credit=wk,
+              entropy_coef=config.entropy_coef,
           )
           return lsum / denom, met
 

@@ -176,6 +176,38 @@ def test_logp_adv_cov_sign_says_which_way_a_step_moves_the_entropy(reward_the_ra
   assert abs(cov) > 0.1 and abs(change) > 1e-3
 
 
+def test_entropy_bonus_adds_minus_coef_times_entropy_and_its_gradient():
+  """entropy_coef > 0: the loss sum is the plain loss minus coef x the masked entropy sum, and the
+  gradient through the logits is the plain one minus coef x the entropy's gradient (the bonus is
+  not a stop-gradient metric); a step along it raises the entropy at fixed zero advantage."""
+  rng = np.random.default_rng(3)
+  logits = jnp.asarray(rng.normal(size=(2, 5, 6)).astype(np.float32) * 2.0)
+  tokens = jnp.asarray(rng.integers(0, 6, (2, 5)), jnp.int32)
+  mask = jnp.asarray(rng.random((2, 5)) < 0.7)
+  adv = jnp.asarray(rng.normal(size=(2, 5)).astype(np.float32))
+  coef = 0.3
+
+  def loss(z, c):
+    logp, ent = rl.token_logp_entropy(z, tokens)
+    return rl.ht_grpo_loss(
+        logp, jax.lax.stop_gradient(logp), None, adv, mask, clip_eps=0.2, beta=0.0, entropy=ent, entropy_coef=c
+    )[0]
+
+  ent_sum = lambda z: (rl.token_logp_entropy(z, tokens)[1] * mask).sum()
+  np.testing.assert_allclose(float(loss(logits, coef)), float(loss(logits, 0.0) - coef * ent_sum(logits)), rtol=1e-5)
+  g_bonus, g_plain, g_ent = jax.grad(loss)(logits, coef), jax.grad(loss)(logits, 0.0), jax.grad(ent_sum)(logits)
+  np.testing.assert_allclose(np.asarray(g_bonus), np.asarray(g_plain - coef * g_ent), rtol=1e-4, atol=1e-6)
+
+  def flat(z):  # zero advantage everywhere: only the bonus moves the logits
+    logp, ent = rl.token_logp_entropy(z, tokens)
+    zero = jnp.zeros_like(adv)
+    return rl.ht_grpo_loss(logp, logp, None, zero, mask, clip_eps=0.2, beta=0.0, entropy=ent, entropy_coef=coef)[0]
+
+  assert float(ent_sum(logits - 0.1 * jax.grad(flat)(logits))) > float(ent_sum(logits)) + 1e-3
+  with pytest.raises(ValueError, match="entropy_coef"):
+    rl.ht_grpo_loss(logits[..., 0], logits[..., 0], None, adv, mask, clip_eps=0.2, beta=0.0, entropy_coef=coef)
+
+
 # ----------------------------------------------------------------------------- estimators
 @given(
     st.sampled_from(rl.ESTIMATORS),
@@ -263,6 +295,8 @@ def test_canvas_groups_dedup():
         (dict(min_mask_rate=1.0), "min_mask_rate"),
         (dict(clip_eps=0.0), "clip_eps"),
         (dict(beta=-1.0), "beta"),
+        (dict(entropy_coef=-0.01), "entropy_coef"),
+        (dict(entropy_coef=float("nan")), "entropy_coef"),
         (dict(structure_weight=0.0, refine_weight=0.0), "structure_weight"),
         (dict(micro_batch_size=-2), "micro_batch_size"),
     ],

@@ -185,3 +185,22 @@ def test_bad_inputs_raise_before_compiling(toy):
   with pytest.raises(ValueError, match="HTGRPOConfig.n_refine"):
     _cfg(n_refine=-1)
   assert step.jitted._cache_size() == 0  # nothing was traced or compiled
+
+
+def test_entropy_coef_reaches_the_compiled_step(toy):
+  """HTGRPOConfig.entropy_coef is wired into the step: rewards equal within every group (zero
+  advantage) and no KL, so the coefficient is the only thing that moves the policy. At 0 the step
+  leaves the params as they were; at 0.5 it raises the entropy the step logs on its next call."""
+  model, params, ro = toy
+  flat = ro.replace(rewards=jnp.ones_like(ro.rewards))
+  opt = optax.sgd(0.5)
+  states = {}
+  for coef in (0.0, 0.5):
+    step = rl.make_train_step(linen_logits_fn(model), opt, _cfg(beta=0.0, entropy_coef=coef), donate=False)
+    s0 = rl.TrainState.create(params, opt, with_reference=False)
+    s1, m1 = step(s0, flat, jax.random.key(2))
+    _, m2 = step(s1, flat, jax.random.key(2))
+    states[coef] = (s1, float(m1["total"]["entropy"]), float(m2["total"]["entropy"]))
+  jax.tree.map(np.testing.assert_array_equal, states[0.0][0].params, params)
+  _, before, after = states[0.5]
+  assert after > before + 1e-3, (before, after)
