@@ -269,12 +269,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # still the first half): at 12 steps HT-GRPO's lead over MaskGRPO is a lead at drawing under
     # MaskGIT's parallel commits, and judged with 64 steps it is gone (docs/findings.md, section 19).
     # Here neither arm's rollouts suffer those commits, so what is left between them is what they learn
-    # about the scene. The same base as default_rebuilt (0.411 judged with 64 steps), 3 seeds each.
+    # about the scene. The same base params as default_rebuilt (0.392 judged with 64 steps, 192 x 4), 3 seeds each.
     c.workdir = "runs/study_default_t64"
     c.title = "ShapeEval efficacy study: the default command with 64 sampler steps"
     c.shared += "; sampler.num_steps=64"
     # HT-GRPO as shipped (one sampler step per replay group) starves its sketch stages at 64 steps
-    # (about 2 tokens per image per iteration; seed 0 only), so the HT-GRPO arm merges 5 steps per
+    # (about 1 token per image per iteration; seed 0 only), so the HT-GRPO arm merges 5 steps per
     # group (ht_tg5, above), the share of the sketch phase one group had at 12 steps.
     c.main_arms = "maskgrpo,ht_tg5"
     c.ablation_arms, c.ablation_seeds = "htgrpo", 1
